@@ -1,0 +1,3 @@
+from llm_iif.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,246 @@
+"""Recipes: YAML files with the sections model, lora, data, reward, ppo and run.
+
+`load_recipe(path, overrides)` reads a YAML file, applies `--set section.key=value` overrides and
+validates everything against the dataclasses below. Any problem raises `UserError` with one line
+naming the file and the key, e.g. ``recipes/x.yaml: ppo.learning_rate: expected a float, got 'fast'``.
+The dataclass defaults are the documented defaults; a recipe only lists what it changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from llm_iif.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str
+    """A hub id, a local directory, or ``builtin:tiny-sentiment`` for the offline tiny GPT-2."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    detach_value_head: bool = False
+    """Stop value-loss gradients at the value head so they do not reach the shared LoRA backbone."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: Optional[list[str]] = None
+    """None means peft's default for the architecture (e.g. c_attn for GPT-2, q_proj/v_proj for Llama)."""
+
+
+@dataclass
+class DataConfig:
+    source: str
+    """``builtin:review-prompts``, a local .json/.jsonl/.parquet/.txt file, or a `datasets` hub id."""
+    prompt_column: str = "prompt"
+    split: str = "train"
+    validation_fraction: float = 0.1
+    min_prompt_tokens: int = 1
+    max_prompt_tokens: int = 64
+    """Prompts outside [min_prompt_tokens, max_prompt_tokens] tokens are dropped, not truncated."""
+
+
+@dataclass
+class RewardConfig:
+    name: str
+    """A reward model registered in `reward_models` (``vader``, ``hf-classifier``)."""
+    name_or_path: Optional[str] = None
+    batch_size: int = 32
+
+
+@dataclass
+class PPOConfig:
+    learning_rate: float = 1e-4
+    epochs: int = 4
+    mini_batch_size: int = 16
+    forward_batch_size: int = 64
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.1
+    max_grad_norm: float = 1.0
+    init_kl_coef: float = 0.2
+    adaptive_kl: bool = True
+    target_kl: float = 6.0
+    kl_horizon: int = 10000
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 16
+    min_new_tokens: int = 1
+
+
+@dataclass
+class RunConfig:
+    rounds: int
+    seed: int = 0
+    batch_size: int = 64
+    """Rollouts per round across all processes; must divide evenly by the number of processes."""
+    output_dir: str = "runs/default"
+    save_every: int = 0
+    """Save a checkpoint every N rounds; 0 saves only the final one."""
+    log_samples: int = 5
+    """Responses per round written to samples.jsonl."""
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig
+    data: DataConfig
+    reward: RewardConfig
+    run: RunConfig
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe. Raises `UserError` naming the file and key on bad input."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    return recipe_from_dict(raw, source=str(path))
+
+
+def recipe_from_dict(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
+    """Validate a nested dict into a `Recipe`."""
+    recipe = _build(Recipe, raw, source, prefix="")
+    _check_values(recipe, source)
+    return recipe
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, value = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise UserError(f"--set {item}: expected section.key=value")
+    section, name = parts
+    if not isinstance(raw.setdefault(section, {}), dict):
+        raise UserError(f"--set {item}: section '{section}' is not a mapping")
+    raw[section][name] = yaml.safe_load(value) if value.strip() else None
+
+
+def _build(cls: type, raw: Any, source: str, prefix: str):
+    where = prefix.rstrip(".") or "recipe"
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: {where}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            known = ", ".join(fields)
+            raise UserError(f"{source}: {prefix}{key}: unknown key (expected one of: {known})")
+    values = {}
+    for name, f in fields.items():
+        key = f"{prefix}{name}"
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise UserError(f"{source}: {key}: required key is missing")
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, raw[name] if raw[name] is not None else {}, source, key + ".")
+        else:
+            values[name] = _coerce(raw[name], hint, source, key)
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, source: str, key: str):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, source, key)
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"{source}: {key}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{source}: {key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], source, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        # YAML 1.1 reads "3e-4" (no dot) as a string; accept any string that is a plain number.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif hint is str:
+        ok = isinstance(value, str)
+    else:
+        raise TypeError(f"unsupported recipe field type {hint!r}")
+    if not ok:
+        raise UserError(f"{source}: {key}: expected {_type_name(hint)}, got {value!r}")
+    return value
+
+
+def _type_name(hint: type) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
+
+
+def _check_values(recipe: Recipe, source: str) -> None:
+    """Range checks that types alone cannot express."""
+
+    def require(ok: bool, key: str, expected: str):
+        if not ok:
+            section, name = key.split(".")
+            value = getattr(getattr(recipe, section), name)
+            raise UserError(f"{source}: {key}: expected {expected}, got {value!r}")
+
+    require(recipe.lora.r > 0, "lora.r", "a positive integer")
+    require(0.0 <= recipe.lora.dropout < 1.0, "lora.dropout", "a value in [0, 1)")
+    require(0.0 <= recipe.data.validation_fraction < 1.0, "data.validation_fraction", "a value in [0, 1)")
+    require(recipe.data.min_prompt_tokens >= 1, "data.min_prompt_tokens", "at least 1")
+    require(recipe.data.max_prompt_tokens >= recipe.data.min_prompt_tokens, "data.max_prompt_tokens",
+            "at least data.min_prompt_tokens")
+    require(recipe.reward.batch_size > 0, "reward.batch_size", "a positive integer")
+    ppo = recipe.ppo
+    require(ppo.learning_rate > 0, "ppo.learning_rate", "a positive number")
+    for name in ("epochs", "mini_batch_size", "forward_batch_size", "kl_horizon", "max_new_tokens"):
+        require(getattr(ppo, name) > 0, f"ppo.{name}", "a positive integer")
+    require(0.0 <= ppo.gamma <= 1.0, "ppo.gamma", "a value in [0, 1]")
+    require(0.0 <= ppo.lam <= 1.0, "ppo.lam", "a value in [0, 1]")
+    for name in ("clip_range", "clip_range_value", "max_grad_norm", "target_kl", "temperature"):
+        require(getattr(ppo, name) > 0, f"ppo.{name}", "a positive number")
+    require(ppo.vf_coef >= 0, "ppo.vf_coef", "a non-negative number")
+    require(ppo.init_kl_coef >= 0, "ppo.init_kl_coef", "a non-negative number")
+    require(ppo.top_k >= 0, "ppo.top_k", "0 (off) or a positive integer")
+    require(0.0 < ppo.top_p <= 1.0, "ppo.top_p", "a value in (0, 1]")
+    require(0 <= ppo.min_new_tokens <= ppo.max_new_tokens, "ppo.min_new_tokens",
+            "a value in [0, ppo.max_new_tokens]")
+    run = recipe.run
+    require(run.rounds > 0, "run.rounds", "a positive integer")
+    require(run.batch_size > 0, "run.batch_size", "a positive integer")
+    require(run.save_every >= 0, "run.save_every", "0 (final only) or a positive integer")
+    require(run.log_samples >= 0, "run.log_samples", "a non-negative integer")

@@ -1,0 +1,88 @@
+"""Run outputs, each written so that an interrupted run never leaves a half-written file behind.
+
+- ``metrics.jsonl``: one JSON object per round, appended with a single flushed write;
+- ``samples.jsonl``: a few (prompt, response, reward) rows per round;
+- ``checkpoint-N/`` and ``final/``: the LoRA adapter (peft ``save_pretrained``), ``value_head.safetensors``,
+  the tokenizer and ``trainer_state.json``, built in a temporary directory and renamed into place;
+- ``reward_curve.png``: reward and KL per round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def save_checkpoint(policy, tokenizer, directory: Path, state: dict) -> None:
+    """Save adapter, value head, tokenizer and trainer state to ``directory``, replacing it atomically.
+
+    ``PeftModel.from_pretrained(base_model, directory)`` loads the adapter; the value head is a plain
+    safetensors file with the keys ``weight`` [1, H] and ``bias`` [1].
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    try:
+        policy.lm.save_pretrained(tmp)
+        save_file({k: v.detach().cpu().contiguous() for k, v in policy.value_head.state_dict().items()},
+                  tmp / "value_head.safetensors")
+        tokenizer.save_pretrained(tmp)
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}-old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(directory, old)
+            os.rename(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def plot_reward_curve(history: list[dict], path: Path, title: str) -> None:
+    """Mean reward (± one std) and KL to the reference per round, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [m["round"] for m in history]
+    mean = [m["reward_mean"] for m in history]
+    std = [m["reward_std"] for m in history]
+    fig, (ax_reward, ax_kl) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax_reward.plot(rounds, mean, label="mean reward")
+    ax_reward.fill_between(rounds, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                           alpha=0.2, label="± 1 std")
+    ax_reward.set_xlabel("round")
+    ax_reward.set_ylabel("reward")
+    ax_reward.legend(loc="lower right")
+    ax_kl.plot(rounds, [m["kl"] for m in history], color="tab:red")
+    ax_kl.set_xlabel("round")
+    ax_kl.set_ylabel("KL(π ‖ π_ref) per response")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}-", suffix=".png", dir=Path(path).parent)
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

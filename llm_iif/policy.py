@@ -1,0 +1,94 @@
+"""The policy: a causal LM with a LoRA adapter and a scalar value head on its last hidden state.
+
+The reference policy is the same module with the adapter disabled (`reference_logits`), never a copy.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llm_iif.config import LoraConfig, ModelConfig
+from llm_iif.errors import UserError
+from llm_iif.tiny import resolve_builtin
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class PolicyWithValueHead(nn.Module):
+    """``forward`` returns (logits [B, L, V], values [B, L]) for input ids [B, L].
+
+    The value head reads the LM's last hidden state, so value-loss gradients reach the shared LoRA
+    backbone unless ``detach_value_head`` stops them there.
+    """
+
+    def __init__(self, lm: nn.Module, detach_value_head: bool = False):
+        super().__init__()
+        self.lm = lm
+        self.detach_value_head = detach_value_head
+        self.value_head = nn.Linear(lm.config.get_text_config().hidden_size, 1, dtype=torch.float32)
+        # Start from V = 0 so the first advantages are the raw rewards, not noise from a random head.
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids_from_mask(attention_mask), output_hidden_states=True)
+        hidden = out.hidden_states[-1].float()
+        if self.detach_value_head:
+            hidden = hidden.detach()
+        return out.logits, self.value_head(hidden).squeeze(-1)
+
+    @torch.no_grad()
+    def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits [B, L, V] of the base model: the same weights with the LoRA adapter switched off."""
+        with self.lm.disable_adapter():
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=position_ids_from_mask(attention_mask)).logits
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding: [0 0 1 2 …] for mask [0 1 1 1 …], matching what `generate` uses."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def load_tokenizer(name_or_path: str):
+    """Tokenizer with left padding and a pad token (the EOS token when the model has none)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"model.name_or_path: cannot load a tokenizer from '{name_or_path}' "
+                        f"(not a local model directory, and not reachable on the hub)") from err
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig) -> tuple[PolicyWithValueHead, object]:
+    """Load the base model and tokenizer, wrap the model with a fresh LoRA adapter and add the value head."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    path = resolve_builtin(model_cfg.name_or_path)
+    tokenizer = load_tokenizer(path)
+    try:
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[model_cfg.dtype])
+    except (OSError, ValueError) as err:
+        raise UserError(f"model.name_or_path: cannot load '{model_cfg.name_or_path}' as a causal LM "
+                        f"({str(err).splitlines()[0]})") from err
+    base.generation_config.pad_token_id = tokenizer.pad_token_id
+    peft_config = PeftLoraConfig(
+        r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+        target_modules=lora_cfg.target_modules, task_type="CAUSAL_LM",
+        # GPT-2 style Conv1D layers store weights transposed.
+        fan_in_fan_out=any(isinstance(m, Conv1D) for m in base.modules()))
+    try:
+        lm = get_peft_model(base, peft_config)
+    except ValueError as err:
+        raise UserError(f"lora.target_modules: {str(err).splitlines()[0]}") from err
+    return PolicyWithValueHead(lm, detach_value_head=model_cfg.detach_value_head), tokenizer

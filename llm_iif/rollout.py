@@ -1,0 +1,115 @@
+"""Rollouts: sample responses to left-padded prompts, then score them token by token.
+
+A `Rollout` holds one round's samples on one process. P is the padded prompt length and T the response
+length; responses are right-padded after their first EOS, which stays in the response and in its mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+from llm_iif.config import PPOConfig
+
+
+@dataclass
+class Rollout:
+    prompts: list[str]
+    responses: list[str]
+    query_ids: torch.Tensor       # [B, P] left-padded prompt tokens
+    query_mask: torch.Tensor      # [B, P]
+    response_ids: torch.Tensor    # [B, T] sampled tokens, pad after the first EOS
+    response_mask: torch.Tensor   # [B, T] 1 up to and including the first EOS
+    scores: torch.Tensor          # [B] reward-model score of each response
+    logprobs: torch.Tensor        # [B, T] log π_θ(k) of each response token
+    ref_logprobs: torch.Tensor    # [B, T] log π_ref (adapter disabled)
+    values: torch.Tensor          # [B, T] V_θ(k) of the state before each response token
+    entropy: torch.Tensor         # [B, T] policy entropy at each response position
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def select(self, index: torch.Tensor) -> "Rollout":
+        """The samples at ``index`` (a [B] bool mask or a 1-D index tensor), in that order."""
+        if index.dtype == torch.bool:
+            index = index.nonzero().squeeze(-1)
+        picked = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                picked[f.name] = value[index.to(value.device)]
+            else:
+                picked[f.name] = [value[i] for i in index.tolist()]
+        return replace(self, **picked)
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.query_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.query_mask, self.response_mask], dim=1)
+
+
+def truncate_after_eos(response_ids: torch.Tensor, eos_token_id: int,
+                       pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep each row up to and including its first EOS; pad the rest.
+
+    response_ids: [B, T]. Returns (ids [B, T], mask [B, T] with 1 on kept tokens).
+    """
+    is_eos = response_ids == eos_token_id
+    # A token is kept when no EOS came strictly before it.
+    eos_before = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
+    mask = ~eos_before
+    return response_ids.masked_fill(~mask, pad_token_id), mask.long()
+
+
+@torch.no_grad()
+def sample_responses(lm, tokenizer, prompts: list[str], cfg: PPOConfig, device) -> tuple[torch.Tensor, ...]:
+    """Sample one response per prompt. Returns (query_ids [B, P], query_mask, response_ids [B, T], response_mask)."""
+    query = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False).to(device)
+    output = lm.generate(
+        input_ids=query["input_ids"], attention_mask=query["attention_mask"], do_sample=True,
+        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+        max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    response_ids, response_mask = truncate_after_eos(output[:, query["input_ids"].shape[1]:],
+                                                     tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return query["input_ids"], query["attention_mask"], response_ids, response_mask
+
+
+def response_logprobs(logits: torch.Tensor, response_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log π(y_t | x, y_<t) [B, T] from full-sequence logits [B, P+T, V].
+
+    Logits at position P-1+t predict response token t. They are divided by the sampling temperature, so
+    the ratio is taken under the distribution that actually sampled the tokens.
+    """
+    response_len = response_ids.shape[1]
+    return selective_log_softmax(at_response_positions(logits, response_len) / temperature, response_ids)
+
+
+def at_response_positions(full: torch.Tensor, response_len: int) -> torch.Tensor:
+    """The [B, T, ...] slice of a [B, P+T, ...] tensor whose position predicts each response token."""
+    return full[:, -response_len - 1:-1]
+
+
+@torch.no_grad()
+def score_tokens(policy, query_ids, query_mask, response_ids, response_mask, temperature: float,
+                 chunk_size: int) -> dict[str, torch.Tensor]:
+    """Per-token log-probs, reference log-probs, values and entropies [B, T] at the current parameters."""
+    input_ids = torch.cat([query_ids, response_ids], dim=1)
+    attention_mask = torch.cat([query_mask, response_mask], dim=1)
+    response_len = response_ids.shape[1]
+    parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": []}
+    for start in range(0, input_ids.shape[0], chunk_size):
+        ids, mask = input_ids[start:start + chunk_size], attention_mask[start:start + chunk_size]
+        resp = response_ids[start:start + chunk_size]
+        logits, values = policy(ids, mask)
+        ref_logits = policy.reference_logits(ids, mask)
+        parts["logprobs"].append(response_logprobs(logits, resp, temperature))
+        parts["ref_logprobs"].append(response_logprobs(ref_logits, resp, temperature))
+        parts["values"].append(at_response_positions(values, response_len))
+        parts["entropy"].append(entropy_from_logits(at_response_positions(logits, response_len) / temperature))
+    return {name: torch.cat(chunks) for name, chunks in parts.items()}

@@ -1,0 +1,169 @@
+"""The offline embedded default: a tiny GPT-2 and its tokenizer, built on first use from generated text.
+
+Nothing is downloaded. `review_corpus` writes short review-like sentences that mix positive, negative and
+neutral words in equal shares, so the warmed-up model's sentiment starts near zero. `ensure_tiny_model`
+trains a byte-level BPE tokenizer on that corpus, pre-trains a ~0.5M-parameter GPT-2 on it for a few hundred
+steps (seeded, deterministic), and caches the result under ``$LLM_IIF_CACHE`` (default ``~/.cache/llm_iif``).
+The trainer then loads it with the ordinary ``from_pretrained`` path, like any other local model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_PREFIX = "builtin:"
+TINY_MODEL_NAME = "tiny-sentiment"
+# Bump when the corpus, tokenizer or warm-up changes so stale caches are not reused.
+TINY_MODEL_VERSION = "v2"
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<pad>"
+
+NOUNS = ["movie", "film", "plot", "food", "service", "staff", "room", "hotel", "book", "story", "phone",
+         "battery", "screen", "price", "music", "ending", "menu", "coffee", "trip", "show", "game", "camera",
+         "bed", "view", "driver"]
+POSITIVE = ["great", "good", "wonderful", "excellent", "amazing", "lovely", "nice", "perfect", "fantastic",
+            "pleasant", "brilliant", "delightful", "fun", "beautiful", "friendly", "helpful"]
+NEGATIVE = ["bad", "terrible", "awful", "horrible", "boring", "poor", "disappointing", "ugly", "rude",
+            "dirty", "sad", "annoying", "weak", "broken", "useless", "painful"]
+NEUTRAL = ["long", "short", "small", "large", "quiet", "new", "old", "simple", "plain", "typical", "usual",
+           "early", "late", "busy", "cold", "expensive"]
+ADVERBS = ["", "", "very ", "really ", "quite ", "rather ", "a bit "]
+VERBS = ["watched", "ordered", "read", "bought", "visited", "tried", "used", "saw", "booked", "got"]
+# Each template is a prompt prefix and a continuation. {n} is a noun, {v} a verb, {a} an adjective phrase
+# of the sentence's polarity and {b} one of the opposite polarity (the clause after "but").
+TEMPLATES = [
+    ("the {n} was", " {a} ."),
+    ("the {n} was", " {a} and the {n} was {a} ."),
+    ("the {n} was", " {a} but the {n} was {b} ."),
+    ("i {v} the {n} and it was", " {a} ."),
+    ("i {v} the {n} and it was", " {a} , the {n} was {a} ."),
+    ("we {v} this {n} , it felt", " {a} and {a} ."),
+    ("overall the {n} is", " {a} ."),
+    ("overall the {n} is", " {a} , but the {n} is {b} ."),
+    ("my {n} seemed", " {a} and the {n} seemed {a} ."),
+    ("this {n} is", " {a} and the {n} is {a} ."),
+]
+
+
+def review_prompts() -> list[str]:
+    """Every distinct prompt prefix the corpus templates can start with (deterministic order)."""
+    prompts = set()
+    for prefix, _ in TEMPLATES:
+        for noun in NOUNS:
+            for verb in VERBS if "{v}" in prefix else [""]:
+                prompts.add(prefix.format(n=noun, v=verb))
+    return sorted(prompts)
+
+
+def review_corpus(num_sentences: int, seed: int) -> list[str]:
+    """``num_sentences`` review-like sentences, a third each positive, negative and neutral.
+
+    Clauses joined by "and" keep the sentence's polarity and clauses after "but" flip it, as real reviews
+    do. That coherence gives the warmed-up model an internal notion of sentiment for PPO to move along;
+    with words drawn independently it could only learn sixteen separate word preferences.
+    """
+    rng = random.Random(seed)
+    opposite = {"positive": NEGATIVE, "negative": POSITIVE, "neutral": None}
+    sentences = []
+    for _ in range(num_sentences):
+        prefix, rest = rng.choice(TEMPLATES)
+        polarity = rng.choice(["positive", "negative", "neutral"])
+        words = {"positive": POSITIVE, "negative": NEGATIVE, "neutral": NEUTRAL}[polarity]
+        contrast = opposite[polarity] or rng.choice([POSITIVE, NEGATIVE])
+        text = prefix + rest
+        while "{" in text:  # fill slots one at a time so repeated slots get independent words
+            text = (text.replace("{n}", rng.choice(NOUNS), 1).replace("{v}", rng.choice(VERBS), 1)
+                    .replace("{a}", rng.choice(ADVERBS) + rng.choice(words), 1)
+                    .replace("{b}", rng.choice(ADVERBS) + rng.choice(contrast), 1))
+        sentences.append(text)
+    return sentences
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LLM_IIF_CACHE", Path.home() / ".cache" / "llm_iif"))
+
+
+def resolve_builtin(name_or_path: str) -> str:
+    """Map ``builtin:tiny-sentiment`` to its cached directory, building it on first use; pass others through."""
+    if not name_or_path.startswith(BUILTIN_PREFIX):
+        return name_or_path
+    name = name_or_path[len(BUILTIN_PREFIX):]
+    if name != TINY_MODEL_NAME:
+        from llm_iif.errors import UserError
+        raise UserError(f"model.name_or_path: unknown built-in model '{name_or_path}' "
+                        f"(expected {BUILTIN_PREFIX}{TINY_MODEL_NAME})")
+    return str(ensure_tiny_model())
+
+
+def ensure_tiny_model(seed: int = 0) -> Path:
+    """Return the cached tiny model directory, building it atomically if it is missing."""
+    target = cache_dir() / f"{TINY_MODEL_NAME}-{TINY_MODEL_VERSION}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build_tiny_model(tmp, seed=seed)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first; its copy is identical
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def build_tiny_model(out_dir: Path, seed: int = 0, num_sentences: int = 20000, vocab_size: int = 1024,
+                     steps: int = 1200, batch_size: int = 64) -> None:
+    """Train the tokenizer and warm up the tiny GPT-2 on the generated corpus; save both to ``out_dir``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tqdm.auto import tqdm
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    torch.manual_seed(seed)
+    corpus = review_corpus(num_sentences, seed)
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS_TOKEN, PAD_TOKEN], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN,
+                                        unk_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=128, n_layer=2, n_head=4,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    model = GPT2LMHeadModel(config)
+    encoded = tokenizer([s + EOS_TOKEN for s in corpus], padding=True, return_tensors="pt")
+    ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    labels = ids.masked_fill(mask == 0, -100)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    bar = tqdm(range(steps), desc="warming up tiny-sentiment", leave=False)
+    for _ in bar:
+        idx = torch.randint(0, ids.shape[0], (batch_size,), generator=generator)
+        loss = model(input_ids=ids[idx], attention_mask=mask[idx], labels=labels[idx]).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    logger.info("tiny-sentiment warm-up finished at loss %.3f", loss.item())
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)

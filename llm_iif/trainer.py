@@ -1,0 +1,299 @@
+"""The PPO trainer for causal LMs with LoRA, run under `accelerate`.
+
+One round follows the paper's Algorithm 1:
+
+    rollout    = collect(prompts)           # Stage I:  sample, reward, score tokens at θ(k), GAE
+    keep       = select(rollout)            # Stage II: influence scoring and filtering plug in here
+    statistics = update(rollout[keep])      # Stage III: PPO epochs on the kept samples
+
+Every process runs the same code on its own slice of the batch. Statistics that must agree across
+processes (advantage whitening, KL for the controller, logged metrics) are all-reduced; the number of
+optimiser steps is agreed before the update so DDP never waits on a process that has finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+
+from llm_iif import ppo
+from llm_iif.config import Recipe
+from llm_iif.data import load_prompts
+from llm_iif.errors import UserError
+from llm_iif.outputs import append_jsonl, atomic_write_text, plot_reward_curve, save_checkpoint
+from llm_iif.policy import load_policy
+from llm_iif.rollout import Rollout, at_response_positions, response_logprobs, sample_responses, score_tokens
+from reward_models import load_reward_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Advantages:
+    """Per-token training targets for one rollout, all [B, T]."""
+    rewards: torch.Tensor
+    kl: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+class PPOTrainer:
+    """Train ``recipe`` with PPO. ``train()`` runs all rounds and returns the per-round metrics."""
+
+    def __init__(self, recipe: Recipe, accelerator: Accelerator | None = None):
+        self.recipe = recipe
+        self.cfg = recipe.ppo
+        self.accelerator = accelerator or Accelerator()
+        acc = self.accelerator
+        if recipe.run.batch_size % acc.num_processes:
+            raise UserError(f"run.batch_size: {recipe.run.batch_size} does not divide evenly over "
+                            f"{acc.num_processes} processes")
+        self.local_batch_size = recipe.run.batch_size // acc.num_processes
+        self.output_dir = Path(recipe.run.output_dir)
+
+        set_seed(recipe.run.seed)  # same LoRA and value-head init on every process
+        with acc.main_process_first():  # the built-in model is built once, by the main process
+            policy, self.tokenizer = load_policy(recipe.model, recipe.lora)
+        self.prompts = load_prompts(recipe.data, self.tokenizer, recipe.run.seed)
+        self.reward_model = load_reward_model(recipe.reward, device=acc.device)
+        # Rollout, scoring and update all run in eval mode: no dropout, as in the paper.
+        policy.eval()
+        trainable = [p for p in policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(trainable, lr=self.cfg.learning_rate)
+        self.policy, self.optimizer = acc.prepare(policy, optimizer)
+        self.trainable = trainable
+        self.kl_controller = (ppo.AdaptiveKLController(self.cfg.init_kl_coef, self.cfg.target_kl,
+                                                       self.cfg.kl_horizon)
+                              if self.cfg.adaptive_kl else ppo.FixedKLController(self.cfg.init_kl_coef))
+
+        # Sampling differs per process; the prompt order is shared so processes take disjoint slices.
+        set_seed(recipe.run.seed, device_specific=True)
+        self.minibatch_generator = torch.Generator().manual_seed(recipe.run.seed + acc.process_index)
+        self._prompt_rng = random.Random(recipe.run.seed)
+        self._prompt_queue: list[str] = []
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ the round loop
+
+    def train(self) -> list[dict]:
+        from tqdm.auto import tqdm
+
+        acc, run = self.accelerator, self.recipe.run
+        if acc.is_main_process:
+            self._start_outputs()
+        writer = self._tensorboard_writer()
+        bar = tqdm(range(run.rounds), desc="PPO rounds", disable=not acc.is_main_process)
+        for k in bar:
+            metrics = self.run_round(k)
+            self.history.append(metrics)
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.2f}")
+            if acc.is_main_process:
+                append_jsonl(self.output_dir / "metrics.jsonl", metrics)
+                for name, value in metrics.items():
+                    if name != "round" and isinstance(value, (int, float)):
+                        writer.add_scalar(name, value, k)
+            if run.save_every and (k + 1) % run.save_every == 0 and k + 1 < run.rounds:
+                self.save(self.output_dir / f"checkpoint-{k + 1}")
+        self.save(self.output_dir / "final")
+        if acc.is_main_process:
+            writer.close()
+            plot_reward_curve(self.history, self.output_dir / "reward_curve.png",
+                              title=f"{self.recipe.model.name_or_path} · {self.recipe.reward.name}")
+        return self.history
+
+    def run_round(self, k: int) -> dict:
+        """One round of Algorithm 1 at θ(k); returns the round's metrics."""
+        start = time.perf_counter()
+        rollout, timings, nonfinite = self.collect(self._next_prompts())
+        targets = self.estimate_advantages(rollout)
+        kl_coef = self.kl_controller.value
+        keep = self.select(rollout, targets)
+        t_update = time.perf_counter()
+        update_stats = self.update(rollout.select(keep), _select_targets(targets, keep))
+        timings["time_update_s"] = time.perf_counter() - t_update
+
+        metrics = self._round_metrics(k, rollout, targets, update_stats, nonfinite, kl_coef)
+        self.kl_controller.update(metrics["kl"], self.recipe.run.batch_size)
+        self._log_samples(k, rollout)
+        return {**metrics, **timings, "time_round_s": time.perf_counter() - start}
+
+    # ------------------------------------------------------------------ Stage I: collect
+
+    def collect(self, prompts: list[str]) -> tuple[Rollout, dict, int]:
+        """Sample responses, reward them and score every token at the round's start parameters θ(k).
+
+        Samples whose reward is NaN or inf are reported and dropped here, before they reach any statistic.
+        Returns (rollout, timings, number of dropped samples across processes).
+        """
+        acc, policy = self.accelerator, self.accelerator.unwrap_model(self.policy)
+        t0 = time.perf_counter()
+        query_ids, query_mask, response_ids, response_mask = sample_responses(
+            policy.lm, self.tokenizer, prompts, self.cfg, acc.device)
+        responses = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+        t1 = time.perf_counter()
+        scores = torch.tensor(self.reward_model(prompts, responses), dtype=torch.float32, device=acc.device)
+        if scores.shape != (len(prompts),):
+            raise UserError(f"reward.name: '{self.recipe.reward.name}' returned {tuple(scores.shape)} scores "
+                            f"for {len(prompts)} samples; expected one float per sample")
+        t2 = time.perf_counter()
+        tokens = score_tokens(policy, query_ids, query_mask, response_ids, response_mask,
+                              self.cfg.temperature, self.cfg.forward_batch_size)
+        t3 = time.perf_counter()
+        rollout = Rollout(prompts, responses, query_ids, query_mask, response_ids, response_mask, scores, **tokens)
+
+        finite = torch.isfinite(scores)
+        nonfinite = int(acc.reduce((~finite).sum(), "sum").item())
+        if nonfinite:
+            logger.warning("reward model returned NaN/inf for %d sample(s); they are dropped from this round",
+                           nonfinite)
+            if not finite.any():
+                raise UserError(f"reward.name: '{self.recipe.reward.name}' returned no finite score for any "
+                                "sample of this round")
+            rollout = rollout.select(finite)
+        timings = {"time_generate_s": t1 - t0, "time_reward_s": t2 - t1, "time_forward_s": t3 - t2}
+        return rollout, timings, nonfinite
+
+    def estimate_advantages(self, rollout: Rollout) -> Advantages:
+        """KL-penalised per-token rewards → GAE → advantages whitened with statistics over all processes."""
+        mask = rollout.response_mask
+        rewards, kl = ppo.kl_penalized_rewards(rollout.scores, rollout.logprobs, rollout.ref_logprobs, mask,
+                                               self.kl_controller.value)
+        advantages, returns = ppo.gae(rewards, rollout.values, mask, self.cfg.gamma, self.cfg.lam)
+        moments = self.accelerator.reduce(ppo.masked_moments(advantages, mask), "sum")
+        return Advantages(rewards, kl, ppo.masked_whiten(advantages, mask, moments), returns)
+
+    # ------------------------------------------------------------------ Stage II: select
+
+    def select(self, rollout: Rollout, targets: Advantages) -> torch.Tensor:
+        """Which samples the update trains on: a [B] bool mask. Influence-based filtering plugs in here;
+        without it every sample is kept."""
+        return torch.ones(len(rollout), dtype=torch.bool, device=rollout.scores.device)
+
+    # ------------------------------------------------------------------ Stage III: update
+
+    def update(self, rollout: Rollout, targets: Advantages) -> dict:
+        """``ppo.epochs`` passes of clipped-PPO minibatch steps over ``rollout``; returns mean statistics."""
+        acc, cfg = self.accelerator, self.cfg
+        n_local = len(rollout)
+        # Every process must take the same number of optimiser steps, even with uneven sample counts.
+        n_max = int(acc.reduce(torch.tensor(n_local, device=acc.device), "max").item())
+        n_minibatches = max(1, math.ceil(n_max / cfg.mini_batch_size))
+        response_len = rollout.response_ids.shape[1]
+        totals: dict[str, float] = defaultdict(float)
+        steps = 0
+        for _ in range(cfg.epochs):
+            order = torch.randperm(n_local, generator=self.minibatch_generator)
+            for index in torch.tensor_split(order, n_minibatches):
+                weight = 1.0
+                if len(index) == 0:  # this process ran out of samples: a zero-weight step keeps DDP in step
+                    index, weight = order[:1], 0.0
+                index = index.to(acc.device)
+                batch, mb = rollout.select(index), _select_targets(targets, index)
+                mask = batch.response_mask
+                logits, values = self.policy(batch.input_ids, batch.attention_mask)
+                logprobs = response_logprobs(logits, batch.response_ids, cfg.temperature)
+                values = at_response_positions(values, response_len)
+                pg_loss, pg_clipped = ppo.clipped_policy_loss(logprobs, batch.logprobs, mb.advantages,
+                                                              cfg.clip_range)
+                vf_loss, vf_clipped = ppo.clipped_value_loss(values, batch.values, mb.returns,
+                                                             cfg.clip_range_value)
+                policy_loss, value_loss = ppo.masked_mean(pg_loss, mask), ppo.masked_mean(vf_loss, mask)
+                acc.backward(weight * (policy_loss + cfg.vf_coef * value_loss))
+                acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if weight:
+                    steps += 1
+                    with torch.no_grad():
+                        totals["policy_loss"] += policy_loss.item()
+                        totals["value_loss"] += value_loss.item()
+                        totals["clipfrac"] += ppo.masked_mean(pg_clipped, mask).item()
+                        totals["value_clipfrac"] += ppo.masked_mean(vf_clipped, mask).item()
+                        totals["approx_kl"] += ppo.masked_mean(ppo.approx_kl(logprobs, batch.logprobs), mask).item()
+        local = torch.tensor([totals[k] for k in _UPDATE_STATS] + [steps], dtype=torch.float64, device=acc.device)
+        summed = acc.reduce(local, "sum")
+        return {k: (summed[i] / summed[-1].clamp(min=1)).item() for i, k in enumerate(_UPDATE_STATS)}
+
+    # ------------------------------------------------------------------ outputs
+
+    def save(self, directory: Path) -> None:
+        """Checkpoint the adapter, value head and tokenizer (main process only; all processes wait)."""
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            state = {"rounds_completed": len(self.history), "kl_coef": self.kl_controller.value,
+                     "base_model": self.recipe.model.name_or_path}
+            save_checkpoint(self.accelerator.unwrap_model(self.policy), self.tokenizer, directory, state)
+        self.accelerator.wait_for_everyone()
+
+    def _round_metrics(self, k, rollout, targets, update_stats, nonfinite, kl_coef) -> dict:
+        acc, mask = self.accelerator, rollout.response_mask
+        reward_mean, reward_var = ppo.mean_var_from_moments(
+            acc.reduce(ppo.masked_moments(rollout.scores, torch.ones_like(rollout.scores)), "sum"))
+        kl_per_sample = targets.kl.sum(dim=1)
+        count_kl_len = acc.reduce(torch.stack([
+            torch.tensor(float(len(rollout)), device=acc.device), kl_per_sample.sum(), mask.sum().float()]), "sum")
+        entropy = acc.reduce(torch.stack([(rollout.entropy * mask).sum(), mask.sum().float()]), "sum")
+        token_lists = gather_object([ids[m.bool()].tolist() for ids, m in zip(rollout.response_ids, mask)])
+        samples = int(count_kl_len[0].item())
+        return {
+            "round": k,
+            "samples": samples,
+            "reward_mean": reward_mean.item(),
+            "reward_std": reward_var.sqrt().item(),
+            "reward_nonfinite": nonfinite,
+            "kl": (count_kl_len[1] / samples).item(),
+            "kl_coef": kl_coef,
+            "entropy": (entropy[0] / entropy[1].clamp(min=1)).item(),
+            **update_stats,
+            "response_len_mean": (count_kl_len[2] / samples).item(),
+            "distinct_2": ppo.distinct_n(token_lists, 2),
+        }
+
+    def _next_prompts(self) -> list[str]:
+        """This process's slice of the next global batch, drawn without replacement from shuffled passes."""
+        global_batch = self.recipe.run.batch_size
+        while len(self._prompt_queue) < global_batch:
+            shuffled = list(self.prompts.train)
+            self._prompt_rng.shuffle(shuffled)
+            self._prompt_queue.extend(shuffled)
+        batch, self._prompt_queue = self._prompt_queue[:global_batch], self._prompt_queue[global_batch:]
+        start = self.accelerator.process_index * self.local_batch_size
+        return batch[start:start + self.local_batch_size]
+
+    def _start_outputs(self) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.output_dir / "recipe.yaml", yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            atomic_write_text(self.output_dir / name, "")
+
+    def _tensorboard_writer(self):
+        if not self.accelerator.is_main_process:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self.output_dir / "tensorboard"))
+
+    def _log_samples(self, k: int, rollout: Rollout) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        for i in range(min(self.recipe.run.log_samples, len(rollout))):
+            append_jsonl(self.output_dir / "samples.jsonl", {
+                "round": k, "prompt": rollout.prompts[i], "response": rollout.responses[i],
+                "reward": rollout.scores[i].item()})
+
+
+_UPDATE_STATS = ("policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl")
+
+
+def _select_targets(targets: Advantages, index: torch.Tensor) -> Advantages:
+    return Advantages(*(getattr(targets, f.name)[index] for f in dataclasses.fields(Advantages)))

@@ -1,0 +1,77 @@
+"""Prompt loading from local files, length limits and the train/validation split."""
+
+import json
+
+import pytest
+
+from llm_iif.config import DataConfig
+from llm_iif.data import load_prompts
+from llm_iif.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from llm_iif.policy import load_tokenizer
+
+    return load_tokenizer(str(tiny_model_dir))
+
+
+PROMPTS = [f"the movie was {'very ' * (i % 6)}" .strip() for i in range(40)]
+
+
+def test_jsonl_with_custom_column(tmp_path, tokenizer):
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps({"text": p, "id": i}) for i, p in enumerate(PROMPTS)))
+    splits = load_prompts(DataConfig(source=str(path), prompt_column="text", validation_fraction=0.25),
+                          tokenizer, seed=0)
+    assert len(splits.validation) == 10 and len(splits.train) == 30
+    assert sorted(splits.train + splits.validation) == sorted(PROMPTS)
+
+
+def test_split_is_seeded(tmp_path, tokenizer):
+    path = tmp_path / "p.txt"
+    path.write_text("\n".join(PROMPTS))
+    cfg = DataConfig(source=str(path))
+    assert load_prompts(cfg, tokenizer, seed=1).train == load_prompts(cfg, tokenizer, seed=1).train
+    assert load_prompts(cfg, tokenizer, seed=1).train != load_prompts(cfg, tokenizer, seed=2).train
+
+
+def test_parquet(tmp_path, tokenizer):
+    import datasets
+
+    path = tmp_path / "p.parquet"
+    datasets.Dataset.from_dict({"prompt": PROMPTS}).to_parquet(str(path))
+    splits = load_prompts(DataConfig(source=str(path), validation_fraction=0.0), tokenizer, seed=0)
+    assert len(splits.train) == 40 and splits.validation == []
+
+
+def test_length_limits_drop_long_prompts(tmp_path, tokenizer):
+    path = tmp_path / "p.txt"
+    path.write_text("\n".join(PROMPTS))
+    # "the movie was" is 3 tokens; every "very" adds one.
+    splits = load_prompts(DataConfig(source=str(path), max_prompt_tokens=4, validation_fraction=0.0),
+                          tokenizer, seed=0)
+    assert set(splits.train) == {"the movie was", "the movie was very"}
+    assert splits.dropped_by_length == 40 - len(splits.train)
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (DataConfig(source="missing.jsonl"), "data.source: file not found: missing.jsonl"),
+    (DataConfig(source="builtin:nope"), "data.source: unknown built-in prompt set"),
+    (DataConfig(source="no-such-org/no-such-dataset"), "data.source: cannot load 'no-such-org/no-such-dataset'"),
+])
+def test_bad_sources(cfg, message, tokenizer):
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        load_prompts(cfg, tokenizer, seed=0)
+
+
+def test_missing_column(tmp_path, tokenizer):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps([{"question": p} for p in PROMPTS]))
+    with pytest.raises(UserError, match="data.prompt_column: 'prompt' is not a column"):
+        load_prompts(DataConfig(source=str(path)), tokenizer, seed=0)
+
+
+def test_builtin_prompts(tokenizer):
+    splits = load_prompts(DataConfig(source="builtin:review-prompts"), tokenizer, seed=0)
+    assert len(splits.train) > 400 and len(splits.validation) > 40
