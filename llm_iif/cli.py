@@ -9,6 +9,7 @@ import argparse
 import logging
 import sys
 import time
+import warnings
 
 from llm_iif.errors import UserError
 
@@ -64,6 +65,8 @@ def _train(args) -> int:
 def _quiet_libraries() -> None:
     import transformers
 
+    # transformers warns about its own renamed attribute when peft wraps a model; nothing for users to do.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

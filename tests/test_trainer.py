@@ -1,0 +1,128 @@
+"""End to end on the built-in tiny model: a short run, its outputs, checkpoint reload, bad rewards."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import tiny_recipe_dict
+from llm_iif.config import recipe_from_dict
+from llm_iif.trainer import PPOTrainer
+
+REQUIRED_METRICS = {"round", "samples", "reward_mean", "reward_std", "kl", "kl_coef", "entropy", "policy_loss",
+                    "value_loss", "clipfrac", "approx_kl", "time_generate_s", "time_reward_s", "time_forward_s",
+                    "time_update_s", "time_round_s", "response_len_mean", "distinct_2"}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model_dir):
+    out = tmp_path_factory.mktemp("run")
+    trainer = PPOTrainer(recipe_from_dict(tiny_recipe_dict(out)))
+    history = trainer.train()
+    return out, trainer, history
+
+
+def test_two_rounds_write_metrics_samples_and_plot(finished_run):
+    out, _, history = finished_run
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in lines] == [0, 1]
+    assert lines == history
+    for m in lines:
+        assert REQUIRED_METRICS <= m.keys()
+        assert m["samples"] == 8
+        assert all(math.isfinite(v) for v in m.values() if isinstance(v, float))
+        assert 0.0 < m["distinct_2"] <= 1.0
+        assert 1 <= m["response_len_mean"] <= 8
+    assert lines[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # round 0: the adapter is still the identity
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and {"round", "prompt", "response", "reward"} <= samples[0].keys()
+    assert (out / "reward_curve.png").stat().st_size > 1000
+    assert any((out / "tensorboard").iterdir())
+
+
+def test_training_moves_the_adapter_and_the_reference_stays_put(finished_run, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    _, trainer, _ = finished_run
+    policy = trainer.accelerator.unwrap_model(trainer.policy)
+    ids = trainer.tokenizer(["the movie was great"], return_tensors="pt")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        base_logits = base(**ids).logits
+        ref_logits = policy.reference_logits(ids["input_ids"], ids["attention_mask"])
+        policy_logits, _ = policy(ids["input_ids"], ids["attention_mask"])
+    torch.testing.assert_close(ref_logits, base_logits)
+    assert (policy_logits - base_logits).abs().max() > 1e-4
+
+
+def test_saved_adapter_reloads_with_peft_and_generates(finished_run, tiny_model_dir):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, trainer, _ = finished_run
+    final = out / "final"
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), final).eval()
+    ids = tokenizer(["the movie was great"], return_tensors="pt")
+    policy = trainer.accelerator.unwrap_model(trainer.policy)
+    with torch.no_grad():
+        expected, _ = policy(ids["input_ids"], ids["attention_mask"])
+        torch.testing.assert_close(model(**ids).logits, expected)
+        generated = model.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert generated.shape[1] > ids["input_ids"].shape[1]
+    head = load_file(final / "value_head.safetensors")
+    torch.testing.assert_close(head["weight"], policy.value_head.weight.detach())
+    assert json.loads((final / "trainer_state.json").read_text())["rounds_completed"] == 2
+
+
+def test_same_seed_same_run(tmp_path, tiny_model_dir):
+    recipe = tiny_recipe_dict(tmp_path / "a")
+    recipe["run"]["rounds"] = 1
+    first = PPOTrainer(recipe_from_dict(recipe)).train()
+    recipe["run"]["output_dir"] = str(tmp_path / "b")
+    second = PPOTrainer(recipe_from_dict(recipe)).train()
+    keys = ["reward_mean", "kl", "policy_loss", "value_loss", "distinct_2"]
+    assert [first[0][k] for k in keys] == pytest.approx([second[0][k] for k in keys])
+
+
+def test_nonfinite_rewards_are_dropped_not_propagated(tmp_path, tiny_model_dir, caplog):
+    trainer = PPOTrainer(recipe_from_dict({**tiny_recipe_dict(tmp_path), "run": {
+        "rounds": 1, "batch_size": 8, "output_dir": str(tmp_path)}}))
+    clean = trainer.reward_model
+    trainer.reward_model = lambda prompts, responses: [
+        math.nan if i == 0 else math.inf if i == 1 else s for i, s in enumerate(clean(prompts, responses))]
+    history = trainer.train()
+    assert history[0]["reward_nonfinite"] == 2
+    assert history[0]["samples"] == 6
+    assert all(math.isfinite(v) for v in history[0].values() if isinstance(v, float))
+    assert "NaN/inf for 2 sample(s)" in caplog.text
+    policy = trainer.accelerator.unwrap_model(trainer.policy)
+    assert all(torch.isfinite(p).all() for p in policy.parameters())
+
+
+def test_detached_value_head_keeps_value_gradients_out_of_the_backbone(tmp_path, tiny_model_dir):
+    recipe = tiny_recipe_dict(tmp_path)
+    recipe["model"]["detach_value_head"] = True
+    trainer = PPOTrainer(recipe_from_dict(recipe))
+    policy = trainer.accelerator.unwrap_model(trainer.policy)
+    ids = trainer.tokenizer(["the movie was great"], return_tensors="pt")
+    _, values = policy(ids["input_ids"], ids["attention_mask"])
+    values.sum().backward()
+    lora_grads = [p.grad for n, p in policy.named_parameters() if "lora_" in n]
+    assert all(g is None or g.abs().max() == 0 for g in lora_grads)
+    assert policy.value_head.weight.grad.abs().max() > 0
+
+
+def test_unloadable_model_exits_2_with_one_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {name_or_path: no-such-org/no-such-model}\ndata: {source: builtin:review-prompts}\n"
+                      "reward: {name: vader}\nrun: {rounds: 1}\n")
+    proc = subprocess.run([sys.executable, "-m", "llm_iif", "train", str(recipe), "--output-dir", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "model.name_or_path: cannot load" in proc.stderr and "no-such-org/no-such-model" in proc.stderr
