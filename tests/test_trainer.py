@@ -126,3 +126,23 @@ def test_unloadable_model_exits_2_with_one_line(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "model.name_or_path: cannot load" in proc.stderr and "no-such-org/no-such-model" in proc.stderr
+
+
+def test_two_processes_share_one_batch(tmp_path, tiny_model_dir):
+    """`accelerate launch` with 2 CPU processes: one global batch, one set of metrics, one checkpoint."""
+    import os
+
+    import yaml
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tmp_path / "out")))
+    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    proc = subprocess.run(
+        [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "-m", "llm_iif", "train", str(recipe)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in lines] == [0, 1]
+    assert all(m["samples"] == 8 for m in lines)  # 4 per process, counted once
+    assert (tmp_path / "out" / "final" / "adapter_model.safetensors").is_file()
