@@ -112,7 +112,9 @@ def ensure_tiny_model(seed: int = 0) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        build_tiny_model(tmp, seed=seed)
+        # Leave the caller's RNG as it was, so a first run (which builds) and a cached run train alike.
+        with torch.random.fork_rng(devices=[]):
+            build_tiny_model(tmp, seed=seed)
         try:
             os.rename(tmp, target)
         except OSError:  # another process finished first; its copy is identical

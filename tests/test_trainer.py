@@ -146,3 +146,15 @@ def test_two_processes_share_one_batch(tmp_path, tiny_model_dir):
     assert [m["round"] for m in lines] == [0, 1]
     assert all(m["samples"] == 8 for m in lines)  # 4 per process, counted once
     assert (tmp_path / "out" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_building_the_tiny_model_leaves_the_global_rng_alone(tmp_path, monkeypatch):
+    from llm_iif import tiny
+
+    monkeypatch.setenv("LLM_IIF_CACHE", str(tmp_path))
+    monkeypatch.setattr(tiny, "build_tiny_model", lambda out, seed: (torch.rand(5), (out / "config.json").touch()))
+    torch.manual_seed(123)
+    tiny.ensure_tiny_model()
+    after_build = torch.rand(3)
+    torch.manual_seed(123)
+    torch.testing.assert_close(torch.rand(3), after_build)
