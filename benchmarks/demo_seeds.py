@@ -13,6 +13,7 @@ import argparse
 import tempfile
 import time
 
+from llm_iif.cli import quiet_libraries
 from llm_iif.config import load_recipe
 from llm_iif.trainer import PPOTrainer
 
@@ -23,10 +24,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
 
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    quiet_libraries()
     print(f"{'seed':>4} {'reward r0':>10} {'last 3':>8} {'rise':>7} {'d2 ratio':>9} {'max KL':>7} {'seconds':>8}")
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as out:

@@ -44,7 +44,7 @@ def _train(args) -> int:
     if args.output_dir:
         overrides.append(f"run.output_dir={args.output_dir}")
     recipe = load_recipe(args.recipe, overrides)
-    _quiet_libraries()
+    quiet_libraries()
 
     from accelerate import Accelerator
 
@@ -62,7 +62,8 @@ def _train(args) -> int:
     return 0
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
+    """Keep library chatter (per-load progress bars, upstream deprecation notes) out of training output."""
     import transformers
 
     # transformers warns about its own renamed attribute when peft wraps a model; nothing for users to do.

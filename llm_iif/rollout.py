@@ -33,16 +33,7 @@ class Rollout:
 
     def select(self, index: torch.Tensor) -> "Rollout":
         """The samples at ``index`` (a [B] bool mask or a 1-D index tensor), in that order."""
-        if index.dtype == torch.bool:
-            index = index.nonzero().squeeze(-1)
-        picked = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, torch.Tensor):
-                picked[f.name] = value[index.to(value.device)]
-            else:
-                picked[f.name] = [value[i] for i in index.tolist()]
-        return replace(self, **picked)
+        return select_rows(self, index)
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -51,6 +42,21 @@ class Rollout:
     @property
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.query_mask, self.response_mask], dim=1)
+
+
+def select_rows(record, index: torch.Tensor):
+    """A copy of a per-sample dataclass keeping the rows at ``index`` (a [B] bool mask or 1-D indices) of
+    every tensor and list field."""
+    if index.dtype == torch.bool:
+        index = index.nonzero().squeeze(-1)
+    picked = {}
+    for f in fields(record):
+        value = getattr(record, f.name)
+        if isinstance(value, torch.Tensor):
+            picked[f.name] = value[index.to(value.device)]
+        else:
+            picked[f.name] = [value[i] for i in index.tolist()]
+    return replace(record, **picked)
 
 
 def truncate_after_eos(response_ids: torch.Tensor, eos_token_id: int,

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from llm_iif.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
@@ -98,7 +100,6 @@ def resolve_builtin(name_or_path: str) -> str:
         return name_or_path
     name = name_or_path[len(BUILTIN_PREFIX):]
     if name != TINY_MODEL_NAME:
-        from llm_iif.errors import UserError
         raise UserError(f"model.name_or_path: unknown built-in model '{name_or_path}' "
                         f"(expected {BUILTIN_PREFIX}{TINY_MODEL_NAME})")
     return str(ensure_tiny_model())

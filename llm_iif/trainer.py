@@ -18,7 +18,6 @@ import logging
 import math
 import random
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -32,7 +31,8 @@ from llm_iif.data import load_prompts
 from llm_iif.errors import UserError
 from llm_iif.outputs import append_jsonl, atomic_write_text, plot_reward_curve, save_checkpoint
 from llm_iif.policy import load_policy
-from llm_iif.rollout import Rollout, at_response_positions, response_logprobs, sample_responses, score_tokens
+from llm_iif.rollout import (Rollout, at_response_positions, response_logprobs, sample_responses, score_tokens,
+                             select_rows)
 from reward_models import load_reward_model
 
 logger = logging.getLogger(__name__)
@@ -41,10 +41,12 @@ logger = logging.getLogger(__name__)
 @dataclasses.dataclass
 class Advantages:
     """Per-token training targets for one rollout, all [B, T]."""
-    rewards: torch.Tensor
     kl: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
+
+    def select(self, index: torch.Tensor) -> "Advantages":
+        return select_rows(self, index)
 
 
 class PPOTrainer:
@@ -119,7 +121,7 @@ class PPOTrainer:
         kl_coef = self.kl_controller.value
         keep = self.select(rollout, targets)
         t_update = time.perf_counter()
-        update_stats = self.update(rollout.select(keep), _select_targets(targets, keep))
+        update_stats = self.update(rollout.select(keep), targets.select(keep))
         timings["time_update_s"] = time.perf_counter() - t_update
 
         metrics = self._round_metrics(k, rollout, targets, update_stats, nonfinite, kl_coef)
@@ -170,7 +172,7 @@ class PPOTrainer:
                                                self.kl_controller.value)
         advantages, returns = ppo.gae(rewards, rollout.values, mask, self.cfg.gamma, self.cfg.lam)
         moments = self.accelerator.reduce(ppo.masked_moments(advantages, mask), "sum")
-        return Advantages(rewards, kl, ppo.masked_whiten(advantages, mask, moments), returns)
+        return Advantages(kl, ppo.masked_whiten(advantages, mask, moments), returns)
 
     # ------------------------------------------------------------------ Stage II: select
 
@@ -189,8 +191,8 @@ class PPOTrainer:
         n_max = int(acc.reduce(torch.tensor(n_local, device=acc.device), "max").item())
         n_minibatches = max(1, math.ceil(n_max / cfg.mini_batch_size))
         response_len = rollout.response_ids.shape[1]
-        totals: dict[str, float] = defaultdict(float)
-        steps = 0
+        # Statistics stay on the device until the end: one host sync per round, not five per step.
+        totals = torch.zeros(len(_UPDATE_STATS) + 1, dtype=torch.float64, device=acc.device)  # + step count
         for _ in range(cfg.epochs):
             order = torch.randperm(n_local, generator=self.minibatch_generator)
             for index in torch.tensor_split(order, n_minibatches):
@@ -198,7 +200,7 @@ class PPOTrainer:
                 if len(index) == 0:  # this process ran out of samples: a zero-weight step keeps DDP in step
                     index, weight = order[:1], 0.0
                 index = index.to(acc.device)
-                batch, mb = rollout.select(index), _select_targets(targets, index)
+                batch, mb = rollout.select(index), targets.select(index)
                 mask = batch.response_mask
                 logits, values = self.policy(batch.input_ids, batch.attention_mask)
                 logprobs = response_logprobs(logits, batch.response_ids, cfg.temperature)
@@ -212,16 +214,12 @@ class PPOTrainer:
                 acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                if weight:
-                    steps += 1
-                    with torch.no_grad():
-                        totals["policy_loss"] += policy_loss.item()
-                        totals["value_loss"] += value_loss.item()
-                        totals["clipfrac"] += ppo.masked_mean(pg_clipped, mask).item()
-                        totals["value_clipfrac"] += ppo.masked_mean(vf_clipped, mask).item()
-                        totals["approx_kl"] += ppo.masked_mean(ppo.approx_kl(logprobs, batch.logprobs), mask).item()
-        local = torch.tensor([totals[k] for k in _UPDATE_STATS] + [steps], dtype=torch.float64, device=acc.device)
-        summed = acc.reduce(local, "sum")
+                with torch.no_grad():  # ordered as _UPDATE_STATS, then the step count
+                    totals += weight * torch.stack([
+                        policy_loss, value_loss, ppo.masked_mean(pg_clipped, mask), ppo.masked_mean(vf_clipped, mask),
+                        ppo.masked_mean(ppo.approx_kl(logprobs, batch.logprobs), mask),
+                        torch.ones((), device=acc.device)]).double()
+        summed = acc.reduce(totals, "sum")
         return {k: (summed[i] / summed[-1].clamp(min=1)).item() for i, k in enumerate(_UPDATE_STATS)}
 
     # ------------------------------------------------------------------ outputs
@@ -236,26 +234,25 @@ class PPOTrainer:
         self.accelerator.wait_for_everyone()
 
     def _round_metrics(self, k, rollout, targets, update_stats, nonfinite, kl_coef) -> dict:
-        acc, mask = self.accelerator, rollout.response_mask
+        """The round's metrics over all processes' samples."""
+        acc, mask = self.accelerator, rollout.response_mask.float()
         reward_mean, reward_var = ppo.mean_var_from_moments(
             acc.reduce(ppo.masked_moments(rollout.scores, torch.ones_like(rollout.scores)), "sum"))
-        kl_per_sample = targets.kl.sum(dim=1)
-        count_kl_len = acc.reduce(torch.stack([
-            torch.tensor(float(len(rollout)), device=acc.device), kl_per_sample.sum(), mask.sum().float()]), "sum")
-        entropy = acc.reduce(torch.stack([(rollout.entropy * mask).sum(), mask.sum().float()]), "sum")
+        samples, kl_sum, tokens, entropy_sum = acc.reduce(torch.stack([
+            torch.tensor(float(len(rollout)), device=acc.device), targets.kl.sum(), mask.sum(),
+            (rollout.entropy * mask).sum()]), "sum").tolist()
         token_lists = gather_object([ids[m.bool()].tolist() for ids, m in zip(rollout.response_ids, mask)])
-        samples = int(count_kl_len[0].item())
         return {
             "round": k,
-            "samples": samples,
+            "samples": int(samples),
             "reward_mean": reward_mean.item(),
             "reward_std": reward_var.sqrt().item(),
             "reward_nonfinite": nonfinite,
-            "kl": (count_kl_len[1] / samples).item(),
+            "kl": kl_sum / samples,
             "kl_coef": kl_coef,
-            "entropy": (entropy[0] / entropy[1].clamp(min=1)).item(),
+            "entropy": entropy_sum / max(tokens, 1.0),
             **update_stats,
-            "response_len_mean": (count_kl_len[2] / samples).item(),
+            "response_len_mean": tokens / samples,
             "distinct_2": ppo.distinct_n(token_lists, 2),
         }
 
@@ -294,6 +291,3 @@ class PPOTrainer:
 
 _UPDATE_STATS = ("policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl")
 
-
-def _select_targets(targets: Advantages, index: torch.Tensor) -> Advantages:
-    return Advantages(*(getattr(targets, f.name)[index] for f in dataclasses.fields(Advantages)))

@@ -2,11 +2,13 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
+import yaml
 
 from conftest import tiny_recipe_dict
 from llm_iif.config import recipe_from_dict
@@ -130,10 +132,6 @@ def test_unloadable_model_exits_2_with_one_line(tmp_path):
 
 def test_two_processes_share_one_batch(tmp_path, tiny_model_dir):
     """`accelerate launch` with 2 CPU processes: one global batch, one set of metrics, one checkpoint."""
-    import os
-
-    import yaml
-
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tmp_path / "out")))
     launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
