@@ -1,4 +1,7 @@
-"""Command line: ``llm-iif train RECIPE [--set section.key=value ...] [--output-dir DIR] [--debug]``.
+"""Command line for llm_iif.
+
+    llm-iif train RECIPE [--set section.key=value ...] [--output-dir DIR] [--debug]
+    llm-iif compare RECIPE [--methods standard,iif,random] [--seeds 0,1,2] [--set ...] [--output-dir DIR]
 
 Bad input (a `UserError`) prints one line and exits with code 2; ``--debug`` shows the traceback instead.
 """
@@ -15,21 +18,26 @@ from llm_iif.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llm-iif", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="llm-iif", description="PPO with influence-based rollout filtering")
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="run PPO on a recipe")
-    train.add_argument("recipe", help="path to a YAML recipe, e.g. recipes/tiny-sentiment.yaml")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override a recipe value (repeatable); the value is parsed as YAML")
+    train = commands.add_parser("train", help="run PPO (with IIF when the recipe enables it) on a recipe")
+    compare = commands.add_parser("compare", help="train standard PPO, IIF and random filtering side by side")
+    for command in (train, compare):
+        command.add_argument("recipe", help="path to a YAML recipe, e.g. recipes/tiny-sentiment.yaml")
+        command.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                             help="override a recipe value (repeatable); the value is parsed as YAML")
+        command.add_argument("--debug", action="store_true", help="show full tracebacks for bad input")
     train.add_argument("--output-dir", help="where metrics, samples and checkpoints go (overrides run.output_dir)")
-    train.add_argument("--debug", action="store_true", help="show full tracebacks for bad input")
+    compare.add_argument("--output-dir", default="runs/compare", help="one sub-directory per method and seed")
+    compare.add_argument("--methods", default="standard,iif,random", help="comma-separated: standard, iif, random")
+    compare.add_argument("--seeds", default="0,1,2", help="comma-separated integer seeds")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return _train(args)
+        return _train(args) if args.command == "train" else _compare(args)
     except UserError as err:
         if args.debug:
             raise
@@ -62,6 +70,33 @@ def _train(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from pathlib import Path
+
+    from llm_iif.compare import run_compare
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds {args.seeds}: expected comma-separated integers, e.g. 0,1,2") from None
+    if not methods or not seeds:
+        raise UserError("--methods and --seeds each need at least one entry")
+    quiet_libraries()
+
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    try:
+        output_dir = Path(args.output_dir)
+        summary = run_compare(args.recipe, args.overrides, methods, seeds, output_dir, accelerator)
+        if accelerator.is_main_process:
+            _print_comparison(summary, output_dir)
+    finally:
+        accelerator.end_training()
+    return 0
+
+
 def quiet_libraries() -> None:
     """Keep library chatter (per-load progress bars, upstream deprecation notes) out of training output."""
     import transformers
@@ -81,3 +116,22 @@ def _print_summary(history: list[dict], output_dir: str, seconds: float) -> None
     print(f"  reward  round 0: {first['reward_mean']:+.3f}   last {len(tail)} rounds: {tail_reward:+.3f}")
     print(f"  distinct-2  round 0: {first['distinct_2']:.3f}   last round: {last['distinct_2']:.3f}")
     print(f"  outputs: {output_dir}/metrics.jsonl, samples.jsonl, reward_curve.png, final/")
+
+
+def _print_comparison(summary: dict, output_dir) -> None:
+    print(f"{'method':<10} {'s/round':>8} {'kept':>6} {'final reward':>13} {'SE_ave %':>10} {'SE_peak %':>10} "
+          f"{'RT_peak %':>10} {'rounds to std final':>20}")
+    for method, entry in summary["methods"].items():
+        row = (f"{method:<10} {entry['mean_round_s'][0]:>8.2f} {entry['mean_kept_fraction'][0]:>6.2f} "
+               f"{entry['final_reward'][0]:>+13.3f}")
+        vs = entry.get("vs_standard")
+        if vs:
+            row += (f" {_pm(vs['SE_ave'])} {_pm(vs['SE_peak'])} {_pm(vs['RT_peak'])}"
+                    f" {vs['rounds_to_standard_final'][0]:>20.2f}")
+        print(row)
+    print(f"outputs: {output_dir}/summary.json, reward_curves.png, influence.png")
+
+
+def _pm(stat) -> str:
+    mean, sem = stat
+    return f"{mean:>+5.0f}±{sem:<4.0f}"

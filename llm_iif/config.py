@@ -1,4 +1,4 @@
-"""Recipes: YAML files with the sections model, lora, data, reward, ppo and run.
+"""Recipes: YAML files with the sections model, lora, data, reward, ppo, iif and run.
 
 `load_recipe(path, overrides)` reads a YAML file, applies `--set section.key=value` overrides and
 validates everything against the dataclasses below. Any problem raises `UserError` with one line
@@ -82,6 +82,29 @@ class PPOConfig:
 
 
 @dataclass
+class IIFConfig:
+    """Iterative influence-based filtering: score every rollout sample against a target, drop the worst."""
+    enabled: bool = False
+    target: Literal["seq", "return", "reward", "gold"] = "seq"
+    """What the kept samples should improve, measured on validation responses generated each round:
+    ``seq`` Σ log-prob × last-token advantage (the paper's RLHF target), ``return`` token-level
+    advantage-weighted log-prob, ``reward`` Σ log-prob × whitened reward, ``gold`` log-likelihood of
+    reference responses (needs ``val_prompts`` with prompt and response columns)."""
+    mode: Literal["neg-bottom", "bottom", "neg-random", "random", "none"] = "neg-bottom"
+    p: float = 1.0
+    """Fraction dropped: of the negative-score samples (neg-*) or of all samples (bottom, random)."""
+    val_prompts: Optional[str] = None
+    """Validation prompt source (same formats as data.source); None uses the data's validation split."""
+    val_size: int = 256
+    """Validation responses generated per round (prompts are cycled when there are fewer)."""
+    score_batch_size: int = 64
+    train_grad: Literal["full", "policy"] = "full"
+    """Per-sample training gradient: the full PPO loss (policy + vf_coef × value) or the policy term only."""
+    min_split_cos: Optional[float] = None
+    """Filter only in rounds whose target_split_cos reaches this; None filters every round."""
+
+
+@dataclass
 class RunConfig:
     rounds: int
     seed: int = 0
@@ -102,6 +125,7 @@ class Recipe:
     run: RunConfig
     lora: LoraConfig = field(default_factory=LoraConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    iif: IIFConfig = field(default_factory=IIFConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -239,6 +263,12 @@ def _check_values(recipe: Recipe, source: str) -> None:
     require(0.0 < ppo.top_p <= 1.0, "ppo.top_p", "a value in (0, 1]")
     require(0 <= ppo.min_new_tokens <= ppo.max_new_tokens, "ppo.min_new_tokens",
             "a value in [0, ppo.max_new_tokens]")
+    iif = recipe.iif
+    require(0.0 <= iif.p <= 1.0, "iif.p", "a value in [0, 1]")
+    require(iif.val_size >= 2, "iif.val_size", "at least 2 (the target is split in halves)")
+    require(iif.score_batch_size > 0, "iif.score_batch_size", "a positive integer")
+    require(iif.min_split_cos is None or -1.0 <= iif.min_split_cos <= 1.0, "iif.min_split_cos",
+            "a value in [-1, 1] or null")
     run = recipe.run
     require(run.rounds > 0, "run.rounds", "a positive integer")
     require(run.batch_size > 0, "run.batch_size", "a positive integer")

@@ -4,6 +4,7 @@
 - ``samples.jsonl``: a few (prompt, response, reward) rows per round;
 - ``checkpoint-N/`` and ``final/``: the LoRA adapter (peft ``save_pretrained``), ``value_head.safetensors``,
   the tokenizer and ``trainer_state.json``, built in a temporary directory and renamed into place;
+- ``records/round_XXXX.parquet``: one row per rollout sample (prompt, response, reward, advantage, score, kept);
 - ``reward_curve.png``: reward and KL per round.
 """
 
@@ -23,6 +24,19 @@ def atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    os.replace(tmp, path)
+
+
+def write_parquet(path: Path, rows: list[dict]) -> None:
+    """Write ``rows`` (dicts with the same keys) as a parquet table, atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    os.close(fd)
+    pq.write_table(pa.Table.from_pylist(rows), tmp)
     os.replace(tmp, path)
 
 
@@ -61,11 +75,7 @@ def save_checkpoint(policy, tokenizer, directory: Path, state: dict) -> None:
 
 def plot_reward_curve(history: list[dict], path: Path, title: str) -> None:
     """Mean reward (± one std) and KL to the reference per round, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rounds = [m["round"] for m in history]
     mean = [m["reward_mean"] for m in history]
     std = [m["reward_std"] for m in history]
@@ -80,9 +90,25 @@ def plot_reward_curve(history: list[dict], path: Path, title: str) -> None:
     ax_kl.set_xlabel("round")
     ax_kl.set_ylabel("KL(π ‖ π_ref) per response")
     fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    """Save ``fig`` as a PNG at ``path`` atomically and close it."""
+    path = Path(path)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}-", suffix=".png", dir=Path(path).parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".png", dir=path.parent)
     os.close(fd)
     fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    pyplot().close(fig)
     os.replace(tmp, path)

@@ -86,6 +86,21 @@ def sample_responses(lm, tokenizer, prompts: list[str], cfg: PPOConfig, device) 
     return query["input_ids"], query["attention_mask"], response_ids, response_mask
 
 
+def tokenize_pairs(tokenizer, prompts: list[str], responses: list[str], device) -> tuple[torch.Tensor, ...]:
+    """Given (prompt, response) text pairs as a rollout would hold them: left-padded prompts and right-padded
+    responses ending in EOS. Returns (query_ids [B, P], query_mask, response_ids [B, T], response_mask)."""
+    query = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
+    encoded = [ids + [tokenizer.eos_token_id] for ids in tokenizer(responses, add_special_tokens=False)["input_ids"]]
+    width = max(len(ids) for ids in encoded)
+    response_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+    response_mask = torch.zeros_like(response_ids)
+    for row, ids in enumerate(encoded):
+        response_ids[row, :len(ids)] = torch.tensor(ids)
+        response_mask[row, :len(ids)] = 1
+    return (query["input_ids"].to(device), query["attention_mask"].to(device), response_ids.to(device),
+            response_mask.to(device))
+
+
 def response_logprobs(logits: torch.Tensor, response_ids: torch.Tensor, temperature: float) -> torch.Tensor:
     """log π(y_t | x, y_<t) [B, T] from full-sequence logits [B, P+T, V].
 

@@ -74,20 +74,36 @@ def review_corpus(num_sentences: int, seed: int) -> list[str]:
     with words drawn independently it could only learn sixteen separate word preferences.
     """
     rng = random.Random(seed)
-    opposite = {"positive": NEGATIVE, "negative": POSITIVE, "neutral": None}
     sentences = []
     for _ in range(num_sentences):
         prefix, rest = rng.choice(TEMPLATES)
-        polarity = rng.choice(["positive", "negative", "neutral"])
-        words = {"positive": POSITIVE, "negative": NEGATIVE, "neutral": NEUTRAL}[polarity]
-        contrast = opposite[polarity] or rng.choice([POSITIVE, NEGATIVE])
-        text = prefix + rest
-        while "{" in text:  # fill slots one at a time so repeated slots get independent words
-            text = (text.replace("{n}", rng.choice(NOUNS), 1).replace("{v}", rng.choice(VERBS), 1)
-                    .replace("{a}", rng.choice(ADVERBS) + rng.choice(words), 1)
-                    .replace("{b}", rng.choice(ADVERBS) + rng.choice(contrast), 1))
-        sentences.append(text)
+        sentences.append(_fill(prefix + rest, rng.choice(["positive", "negative", "neutral"]), rng))
     return sentences
+
+
+def positive_review_pairs(num_pairs: int = 512, seed: int = 1) -> dict[str, list[str]]:
+    """Reference (prompt, response) pairs whose responses are positive reviews: the offline data for the
+    ``gold`` influence target. Responses contain no "but", so they stay positive throughout."""
+    rng = random.Random(seed)
+    templates = [(prefix, rest) for prefix, rest in TEMPLATES if "{b}" not in rest]
+    pairs = {"prompt": [], "response": []}
+    for _ in range(num_pairs):
+        prefix, rest = rng.choice(templates)
+        pairs["prompt"].append(_fill(prefix, "positive", rng))
+        pairs["response"].append(_fill(rest, "positive", rng))
+    return pairs
+
+
+def _fill(template: str, polarity: str, rng: random.Random) -> str:
+    """Fill a template's slots one at a time, so repeated slots get independent words."""
+    words = {"positive": POSITIVE, "negative": NEGATIVE, "neutral": NEUTRAL}[polarity]
+    contrast = {"positive": NEGATIVE, "negative": POSITIVE, "neutral": None}[polarity] or rng.choice([POSITIVE, NEGATIVE])
+    text = template
+    while "{" in text:
+        text = (text.replace("{n}", rng.choice(NOUNS), 1).replace("{v}", rng.choice(VERBS), 1)
+                .replace("{a}", rng.choice(ADVERBS) + rng.choice(words), 1)
+                .replace("{b}", rng.choice(ADVERBS) + rng.choice(contrast), 1))
+    return text
 
 
 def cache_dir() -> Path:

@@ -3,12 +3,14 @@
 One round follows the paper's Algorithm 1:
 
     rollout    = collect(prompts)           # Stage I:  sample, reward, score tokens at θ(k), GAE
-    keep       = select(rollout)            # Stage II: influence scoring and filtering plug in here
+    keep       = select(rollout)            # Stage II: influence of each sample on a validation target
+                                            #           at θ(k), then drop the harmful ones (IIF)
     statistics = update(rollout[keep])      # Stage III: PPO epochs on the kept samples
 
 Every process runs the same code on its own slice of the batch. Statistics that must agree across
-processes (advantage whitening, KL for the controller, logged metrics) are all-reduced; the number of
-optimiser steps is agreed before the update so DDP never waits on a process that has finished.
+processes (advantage whitening, KL for the controller, the target gradient, logged metrics) are all-reduced;
+influence scores are gathered and filtered once over the whole batch; the number of optimiser steps is
+agreed before the update so DDP never waits on a process that has finished.
 """
 
 from __future__ import annotations
@@ -25,14 +27,15 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
-from llm_iif import ppo
+from llm_iif import influence, ppo
+from llm_iif.attribution import filter_mask, grad_cosine
 from llm_iif.config import Recipe
-from llm_iif.data import load_prompts
+from llm_iif.data import load_prompts, load_validation_set
 from llm_iif.errors import UserError
-from llm_iif.outputs import append_jsonl, atomic_write_text, plot_reward_curve, save_checkpoint
+from llm_iif.outputs import append_jsonl, atomic_write_text, plot_reward_curve, save_checkpoint, write_parquet
 from llm_iif.policy import load_policy
 from llm_iif.rollout import (Rollout, at_response_positions, response_logprobs, sample_responses, score_tokens,
-                             select_rows)
+                             select_rows, tokenize_pairs)
 from reward_models import load_reward_model
 
 logger = logging.getLogger(__name__)
@@ -67,6 +70,12 @@ class PPOTrainer:
         with acc.main_process_first():  # the built-in model is built once, by the main process
             policy, self.tokenizer = load_policy(recipe.model, recipe.lora)
         self.prompts = load_prompts(recipe.data, self.tokenizer, recipe.run.seed)
+        self.validation = None
+        if recipe.iif.enabled:
+            if recipe.iif.val_size % acc.num_processes:
+                raise UserError(f"iif.val_size: {recipe.iif.val_size} does not divide evenly over "
+                                f"{acc.num_processes} processes")
+            self.validation = load_validation_set(recipe.iif, self.prompts)
         self.reward_model = load_reward_model(recipe.reward, device=acc.device)
         # Rollout, scoring and update all run in eval mode: no dropout, as in the paper.
         policy.eval()
@@ -81,6 +90,7 @@ class PPOTrainer:
         # Sampling differs per process; the prompt order is shared so processes take disjoint slices.
         set_seed(recipe.run.seed, device_specific=True)
         self.minibatch_generator = torch.Generator().manual_seed(recipe.run.seed + acc.process_index)
+        self.filter_generator = torch.Generator().manual_seed(recipe.run.seed)  # the same on every process
         self._prompt_rng = random.Random(recipe.run.seed)
         self._prompt_queue: list[str] = []
         self.history: list[dict] = []
@@ -119,15 +129,17 @@ class PPOTrainer:
         rollout, timings, nonfinite = self.collect(self._next_prompts())
         targets = self.estimate_advantages(rollout)
         kl_coef = self.kl_controller.value
-        keep = self.select(rollout, targets)
+        keep, scores, select_metrics = self.select(rollout, targets)
         t_update = time.perf_counter()
         update_stats = self.update(rollout.select(keep), targets.select(keep))
         timings["time_update_s"] = time.perf_counter() - t_update
 
         metrics = self._round_metrics(k, rollout, targets, update_stats, nonfinite, kl_coef)
+        # The controller sees the whole batch's KL, filtered or not, as in the paper.
         self.kl_controller.update(metrics["kl"], self.recipe.run.batch_size)
         self._log_samples(k, rollout)
-        return {**metrics, **timings, "time_round_s": time.perf_counter() - start}
+        self._write_records(k, rollout, targets, scores, keep)
+        return {**metrics, **select_metrics, **timings, "time_round_s": time.perf_counter() - start}
 
     # ------------------------------------------------------------------ Stage I: collect
 
@@ -176,10 +188,78 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ Stage II: select
 
-    def select(self, rollout: Rollout, targets: Advantages) -> torch.Tensor:
-        """Which samples the update trains on: a [B] bool mask. Influence-based filtering plugs in here;
-        without it every sample is kept."""
-        return torch.ones(len(rollout), dtype=torch.bool, device=rollout.scores.device)
+    def select(self, rollout: Rollout, targets: Advantages) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+        """Which samples the update trains on.
+
+        Scores every sample's influence on the validation target at θ(k), then filters over the whole batch
+        (all processes) with ``iif.mode``. Returns this process's [B] bool keep-mask, its [B] scores (None
+        when nothing was scored: IIF off, or the score-blind ``random`` mode) and the stage's metrics.
+        """
+        iif, acc = self.recipe.iif, self.accelerator
+        if not iif.enabled:
+            return torch.ones(len(rollout), dtype=torch.bool, device=acc.device), None, {"kept_fraction": 1.0}
+        start = time.perf_counter()
+        metrics, scores, filtering = {}, None, True
+        if iif.mode != "random":
+            target, metrics["target_split_cos"], metrics["time_val_generate_s"] = self.target_gradient()
+            tokens, samples = acc.reduce(torch.stack([rollout.response_mask.sum().float(),
+                                                      torch.tensor(float(len(rollout)), device=acc.device)]),
+                                         "sum").tolist()
+            scores = influence.influence_scores(acc.unwrap_model(self.policy), rollout, targets.advantages,
+                                                targets.returns, target, self.cfg, iif.train_grad,
+                                                tokens / samples, iif.score_batch_size)
+            filtering = iif.min_split_cos is None or metrics["target_split_cos"] >= iif.min_split_cos
+        # One decision over every process's scores, so N processes filter exactly as one would.
+        local = scores if scores is not None else torch.zeros(len(rollout), device=acc.device)
+        counts = gather_object([len(rollout)])
+        all_scores = torch.tensor(gather_object(local.tolist()), dtype=torch.float32)
+        keep_all = filter_mask(all_scores, iif.mode if filtering else "none", iif.p, self.filter_generator)
+        offset = sum(counts[:acc.process_index])
+        keep = keep_all[offset:offset + len(rollout)].to(acc.device)
+
+        metrics["kept_fraction"] = keep_all.float().mean().item()
+        metrics["filtered"] = int(filtering)
+        if scores is not None:
+            metrics["score_mean"] = all_scores.mean().item()
+            metrics["score_neg_fraction"] = (all_scores < 0).float().mean().item()
+        metrics["time_influence_s"] = time.perf_counter() - start - metrics.get("time_val_generate_s", 0.0)
+        return keep, scores, metrics
+
+    def target_gradient(self) -> tuple[dict[str, torch.Tensor], float, float]:
+        """The target ∇L_val = -∇f over the LoRA parameters at θ(k), from this round's validation responses
+        on all processes. Returns (target, cosine between the two halves' gradients, seconds spent
+        generating and rewarding the validation responses)."""
+        acc, iif = self.accelerator, self.recipe.iif
+        policy = acc.unwrap_model(self.policy)
+        start = time.perf_counter()
+        prompts = self._validation_rows("prompt")
+        if iif.target == "gold":
+            ids = tokenize_pairs(self.tokenizer, prompts, self._validation_rows("response"), acc.device)
+            weights = influence.target_token_weights("gold", None, None, ids[3])
+        else:
+            rollout, _, _ = self.collect(prompts)
+            advantages = self.estimate_advantages(rollout).advantages
+            ones = torch.ones_like(rollout.scores)
+            rewards = ppo.masked_whiten(rollout.scores, ones, acc.reduce(ppo.masked_moments(rollout.scores, ones), "sum"))
+            ids = (rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask)
+            weights = influence.target_token_weights(iif.target, advantages, rewards, rollout.response_mask)
+        generate_seconds = time.perf_counter() - start
+        half_a, half_b = influence.target_gradient_halves(policy, *ids, weights, self.cfg.temperature,
+                                                          iif.score_batch_size)
+        names = list(half_a)
+        flat = acc.reduce(torch.cat([torch.cat([h[n].flatten() for n in names]) for h in (half_a, half_b)]), "sum")
+        flat_a, flat_b = flat.chunk(2)
+        half_a, half_b = _unflatten(flat_a, half_a), _unflatten(flat_b, half_b)
+        n_total = acc.reduce(torch.tensor(float(len(prompts)), device=acc.device), "sum").item()
+        target = {n: (half_a[n] + half_b[n]) / n_total for n in names}
+        return target, grad_cosine(half_a, half_b), generate_seconds
+
+    def _validation_rows(self, column: str) -> list[str]:
+        """This process's share of the round's ``iif.val_size`` validation rows, cycling the set as needed."""
+        rows = self.validation[column]
+        size = self.recipe.iif.val_size // self.accelerator.num_processes
+        start = self.accelerator.process_index * size
+        return [rows[i % len(rows)] for i in range(start, start + size)]
 
     # ------------------------------------------------------------------ Stage III: update
 
@@ -267,6 +347,20 @@ class PPOTrainer:
         start = self.accelerator.process_index * self.local_batch_size
         return batch[start:start + self.local_batch_size]
 
+    def _write_records(self, k: int, rollout: Rollout, targets: Advantages, scores: torch.Tensor | None,
+                       keep: torch.Tensor) -> None:
+        """records/round_XXXX.parquet: every sample of the round with its reward, last-token advantage,
+        influence score (NaN when not scored) and whether the update kept it."""
+        rows = torch.arange(len(rollout), device=rollout.scores.device)
+        last_advantage = targets.advantages[rows, ppo.last_token_index(rollout.response_mask)]
+        local = [{"prompt": rollout.prompts[i], "response": rollout.responses[i],
+                  "reward": rollout.scores[i].item(), "advantage": last_advantage[i].item(),
+                  "score": scores[i].item() if scores is not None else math.nan, "kept": bool(keep[i])}
+                 for i in range(len(rollout))]
+        records = gather_object(local)
+        if self.accelerator.is_main_process:
+            write_parquet(self.output_dir / "records" / f"round_{k:04d}.parquet", records)
+
     def _start_outputs(self) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.output_dir / "recipe.yaml", yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
@@ -287,6 +381,12 @@ class PPOTrainer:
             append_jsonl(self.output_dir / "samples.jsonl", {
                 "round": k, "prompt": rollout.prompts[i], "response": rollout.responses[i],
                 "reward": rollout.scores[i].item()})
+
+
+def _unflatten(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Split a flat vector back into tensors shaped as ``like``'s values, in its key order."""
+    parts = flat.split([t.numel() for t in like.values()])
+    return {name: part.view_as(t) for (name, t), part in zip(like.items(), parts)}
 
 
 _UPDATE_STATS = ("policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl")

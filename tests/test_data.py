@@ -57,7 +57,7 @@ def test_length_limits_drop_long_prompts(tmp_path, tokenizer):
 
 @pytest.mark.parametrize("cfg, message", [
     (DataConfig(source="missing.jsonl"), "data.source: file not found: missing.jsonl"),
-    (DataConfig(source="builtin:nope"), "data.source: unknown built-in prompt set"),
+    (DataConfig(source="builtin:nope"), "data.source: unknown built-in data set"),
     (DataConfig(source="no-such-org/no-such-dataset"), "data.source: cannot load 'no-such-org/no-such-dataset'"),
 ])
 def test_bad_sources(cfg, message, tokenizer):

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -131,9 +132,12 @@ def test_unloadable_model_exits_2_with_one_line(tmp_path):
 
 
 def test_two_processes_share_one_batch(tmp_path, tiny_model_dir):
-    """`accelerate launch` with 2 CPU processes: one global batch, one set of metrics, one checkpoint."""
+    """`accelerate launch` with 2 CPU processes and IIF on: one global batch, one filtering decision over all
+    scores, one set of metrics, one checkpoint."""
+    raw = tiny_recipe_dict(tmp_path / "out")
+    raw["iif"] = {"enabled": True, "val_size": 8, "mode": "bottom", "p": 0.25}
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tmp_path / "out")))
+    recipe.write_text(yaml.safe_dump(raw))
     launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
     proc = subprocess.run(
         [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
@@ -143,6 +147,12 @@ def test_two_processes_share_one_batch(tmp_path, tiny_model_dir):
     lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in lines] == [0, 1]
     assert all(m["samples"] == 8 for m in lines)  # 4 per process, counted once
+    for m in lines:
+        records = pq.read_table(tmp_path / "out" / "records" / f"round_{m['round']:04d}.parquet").to_pydict()
+        scores, kept = records["score"], records["kept"]
+        # The two lowest scores of all 8 were dropped, wherever they were generated.
+        assert m["kept_fraction"] == 0.75 and sum(kept) == 6
+        assert max(s for s, k in zip(scores, kept) if not k) <= min(s for s, k in zip(scores, kept) if k)
     assert (tmp_path / "out" / "final" / "adapter_model.safetensors").is_file()
 
 

@@ -1,0 +1,239 @@
+"""The attribution core: exact per-sample gradients from one batched backward, influence scores, filters.
+
+For a linear layer y = W x + b applied at every token t of sample i, the gradient of a sum-reduced loss
+L = Σ_i L_i splits exactly into per-sample parts, because sample i's activations only reach L_i:
+
+    ∇W L_i = Σ_t g_{i,t} x_{i,t}ᵀ        ∇b L_i = Σ_t g_{i,t}        (g = ∂L/∂y, x = the layer's input)
+
+A forward hook keeps x; a tensor hook on y receives g during backward, and the per-sample gradient (or its
+dot product with a target) is formed right there, one layer at a time. A peft LoRA update s·B(A x) is two
+such layers, ``lora_A`` and ``lora_B``, so the same rule gives ∇A_i and ∇B_i; the LoRA scaling s is already
+inside g. Results are stored per layer by overwrite, never appended, so hooks that fire twice (gradient
+checkpointing recomputes the forward) cannot double count.
+
+Public API (stable): `LoraGradientCapture`, `filter_mask`, `FILTER_MODES`, `grad_dot`, `grad_cosine`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from functools import partial
+
+import torch
+from torch import nn
+
+FILTER_MODES = ("neg-bottom", "bottom", "neg-random", "random", "none")
+
+
+class LinearGradientCapture:
+    """Capture per-sample gradients of the weights (and biases) of chosen ``nn.Linear`` layers.
+
+    Use as a context manager around one forward pass and one ``loss.backward()`` of a loss that sums
+    per-sample losses over the leading (batch) dimension of every captured layer's input. Inputs may be
+    [B, d] or [B, T, d]; positions whose output gradient is zero (padding, masked tokens) contribute nothing.
+
+    ``layers`` maps a layer's weight name (as in ``model.named_parameters()``) to the layer. With ``target``
+    (a dict of the same parameter names to tensors of the parameters' shapes) the capture runs in streaming
+    mode: it keeps only the [B] dot products ⟨∇L_i, target⟩, never the per-sample gradients.
+    """
+
+    def __init__(self, model: nn.Module, layers: dict[str, nn.Linear], target: dict[str, torch.Tensor] | None = None):
+        if not layers:
+            raise ValueError("no trainable layers to capture gradients for")
+        names = {id(p): n for n, p in model.named_parameters()}
+        self._params: dict[str, tuple[str, str | None]] = {}  # layer key -> (weight name, bias name or None)
+        self._layers = {}
+        for key, layer in layers.items():
+            if not isinstance(layer, nn.Linear):
+                raise TypeError(f"{key}: per-sample gradients are implemented for nn.Linear only, got "
+                                f"{type(layer).__name__}")
+            bias = layer.bias if layer.bias is not None and layer.bias.requires_grad else None
+            self._params[key] = (names[id(layer.weight)], names[id(bias)] if bias is not None else None)
+            self._layers[key] = layer
+        self.parameter_names = [n for pair in self._params.values() for n in pair if n is not None]
+        self.target = None
+        if target is not None:
+            self.target = _checked_target(target, {n: p for n, p in model.named_parameters()}, self.parameter_names)
+        self._inputs: dict[str, torch.Tensor] = {}
+        self._grads: dict[str, torch.Tensor] = {}
+        self._layer_scores: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> "LinearGradientCapture":
+        self._inputs.clear(), self._grads.clear(), self._layer_scores.clear()
+        for key, layer in self._layers.items():
+            self._handles.append(layer.register_forward_hook(partial(self._on_forward, key)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._inputs.clear()
+
+    # ---------------------------------------------------------------- results
+
+    def per_sample_grads(self) -> dict[str, torch.Tensor]:
+        """Per-sample gradients: parameter name -> [B, *param.shape] (fp32)."""
+        if self.target is not None:
+            raise RuntimeError("a streaming capture (constructed with target=) keeps scores, not gradients; "
+                               "call .scores()")
+        self._check_complete(self._grads)
+        return {name: self._grads[name] for name in self.parameter_names}
+
+    def dot(self, target: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B] inner products Σ_params ⟨∇L_i, target⟩ of every sample's gradient with ``target``."""
+        grads = self.per_sample_grads()
+        return sum(_batched_dot(grads[name], target[name]) for name in self.parameter_names)
+
+    def scores(self) -> torch.Tensor:
+        """Streaming mode: the [B] inner products with the target given at construction."""
+        if self.target is None:
+            raise RuntimeError("scores() needs a streaming capture: pass target= to the constructor")
+        self._check_complete(self._layer_scores, by_layer=True)
+        return sum(self._layer_scores.values())
+
+    # ---------------------------------------------------------------- hooks
+
+    def _on_forward(self, key: str, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        self._inputs[key] = inputs[0]
+        if output.requires_grad:  # under a no-grad forward (e.g. reentrant checkpointing) there is no backward
+            output.register_hook(partial(self._on_output_grad, key))
+
+    def _on_output_grad(self, key: str, grad_output: torch.Tensor) -> None:
+        x = self._inputs[key].detach()
+        g = grad_output.reshape(grad_output.shape[0], -1, grad_output.shape[-1]).float()  # [B, T, d_out]
+        x = x.reshape(x.shape[0], -1, x.shape[-1]).float()                                  # [B, T, d_in]
+        weight_name, bias_name = self._params[key]
+        if self.target is None:
+            self._grads[weight_name] = torch.einsum("bto,bti->boi", g, x)
+            if bias_name is not None:
+                self._grads[bias_name] = g.sum(dim=1)
+            return
+        # ⟨Σ_t g_t x_tᵀ, V⟩ = Σ_t g_tᵀ V x_t, contracted without forming the [B, d_out, d_in] gradient.
+        weight_target = self.target[weight_name].to(device=x.device, dtype=torch.float32)
+        if weight_target.shape[0] <= weight_target.shape[1]:
+            score = torch.einsum("bto,bto->b", g, x @ weight_target.T)
+        else:
+            score = torch.einsum("bti,bti->b", g @ weight_target, x)
+        if bias_name is not None:
+            score = score + g.sum(dim=1) @ self.target[bias_name].to(device=x.device, dtype=torch.float32)
+        self._layer_scores[key] = score
+
+    def _check_complete(self, results: dict, by_layer: bool = False) -> None:
+        expected = len(self._layers) if by_layer else len(self.parameter_names)
+        if len(results) != expected:
+            raise RuntimeError(f"gradients reached {len(results)} of {expected} captured "
+                               f"{'layers' if by_layer else 'parameters'}; run a forward pass and "
+                               "loss.backward() inside the capture, with the loss depending on every layer")
+
+
+class LoraGradientCapture(LinearGradientCapture):
+    """Per-sample gradients of every trainable peft LoRA parameter of ``model``.
+
+    ``model`` is a peft model, or any module containing one (e.g. a policy with a value head); the keys of
+    the results are exactly the LoRA parameter names in ``model.named_parameters()``, e.g.
+    ``...c_attn.lora_A.default.weight``. Works for any architecture whose LoRA layers are peft's linear
+    ``lora_A``/``lora_B`` pairs (GPT-2 Conv1D with fan_in_fan_out, Llama, GPT-NeoX, ...).
+
+        with LoraGradientCapture(model) as capture:
+            loss = per_sample_losses(model, batch).sum()   # [B] -> scalar, sum-reduced
+            loss.backward()
+        grads = capture.per_sample_grads()                  # {name: [B, *param.shape]}
+        scores = capture.dot(target)                        # [B]
+
+    Pass ``target=`` to run in streaming mode and read ``capture.scores()`` instead.
+    """
+
+    def __init__(self, model: nn.Module, target: dict[str, torch.Tensor] | None = None):
+        super().__init__(model, lora_layers(model), target)
+
+
+def lora_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    """The trainable ``lora_A``/``lora_B`` linear layers of ``model``, keyed by module name."""
+    layers = {}
+    for name, module in model.named_modules():
+        for factor in ("lora_A", "lora_B"):
+            adapters = getattr(module, factor, None)
+            if not isinstance(adapters, nn.ModuleDict):
+                continue
+            for adapter, layer in adapters.items():
+                if layer.weight.requires_grad:
+                    layers[f"{name}.{factor}.{adapter}"] = layer
+    if not layers:
+        raise ValueError("the model has no trainable peft LoRA layers (lora_A/lora_B)")
+    return layers
+
+
+def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The trainable LoRA parameters of ``model`` by name, in ``named_parameters()`` order."""
+    wanted = {id(p) for layer in lora_layers(model).values() for p in layer.parameters() if p.requires_grad}
+    return {n: p for n, p in model.named_parameters() if id(p) in wanted}
+
+
+def grad_dot(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Σ over parameters of ⟨a[name], b[name]⟩ for two gradients with the same keys (a scalar)."""
+    return sum((a[n].float() * b[n].float()).sum() for n in a)
+
+
+def grad_cosine(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Cosine similarity of two gradients flattened over all parameters (0.0 when either is zero)."""
+    norms = math.sqrt(grad_dot(a, a).item() * grad_dot(b, b).item())
+    return grad_dot(a, b).item() / norms if norms > 0 else 0.0
+
+
+def filter_mask(scores: torch.Tensor, mode: str, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The [N] bool keep-mask for influence ``scores`` [N] (score > 0: the sample helps the target).
+
+    Modes, with N_neg the number of negative scores:
+      ``neg-bottom``  drop the floor(p·N_neg) most negative samples; scores ≥ 0 are always kept (IIF).
+      ``bottom``      drop the floor(p·N) lowest-scoring samples.
+      ``neg-random``  drop floor(p·N_neg) negative samples chosen at random.
+      ``random``      drop floor(p·N) samples chosen at random (scores are ignored).
+      ``none``        keep everything.
+    Ties are broken by position (the earlier sample is dropped first). If every sample would be dropped,
+    the highest-scoring one is kept and a warning is issued: an update never runs on an empty batch.
+    """
+    if mode not in FILTER_MODES:
+        raise ValueError(f"filter mode '{mode}': expected one of {', '.join(FILTER_MODES)}")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"filter fraction p={p}: expected a value in [0, 1]")
+    if scores.dim() != 1 or len(scores) == 0:
+        raise ValueError(f"scores: expected a non-empty 1-D tensor, got shape {tuple(scores.shape)}")
+    if mode != "random" and not torch.isfinite(scores).all():
+        raise ValueError(f"scores: {int((~torch.isfinite(scores)).sum())} of {len(scores)} are NaN or inf")
+    n = len(scores)
+    keep = torch.ones(n, dtype=torch.bool, device=scores.device)
+    if mode == "none":
+        return keep
+    candidates = torch.arange(n, device=scores.device)
+    if mode.startswith("neg"):
+        candidates = candidates[scores < 0]
+    n_drop = math.floor(p * len(candidates) + 1e-9)  # the epsilon guards p·N landing just under an integer
+    if mode in ("neg-bottom", "bottom"):
+        order = torch.sort(scores[candidates], stable=True).indices
+    else:
+        order = torch.randperm(len(candidates), generator=generator).to(scores.device)
+    keep[candidates[order[:n_drop]]] = False
+    if not keep.any():
+        warnings.warn(f"filter_mask({mode}, p={p}) would drop all {n} samples; keeping the highest-scoring one",
+                      stacklevel=2)
+        keep[torch.argmax(scores)] = True
+    return keep
+
+
+def _batched_dot(per_sample: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[B] dot products of per-sample tensors [B, *shape] with one tensor of ``shape``."""
+    return per_sample.flatten(1) @ target.to(per_sample).flatten()
+
+
+def _checked_target(target: dict, params: dict, names: list[str]) -> dict[str, torch.Tensor]:
+    missing = [n for n in names if n not in target]
+    if missing:
+        raise KeyError(f"target has no tensor for {len(missing)} captured parameter(s), e.g. '{missing[0]}'")
+    for n in names:
+        if tuple(target[n].shape) != tuple(params[n].shape):
+            raise ValueError(f"target['{n}'] has shape {tuple(target[n].shape)}; the parameter has "
+                             f"{tuple(params[n].shape)}")
+    return {n: target[n] for n in names}
