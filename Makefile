@@ -12,8 +12,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -e ".[dev]"
 	touch $@
 
+# Standard PPO, IIF and random filtering side by side on the offline tiny recipe, 3 seeds (about 10 minutes).
 demo: $(VENV)/.installed
-	$(VENV)/bin/llm-iif train recipes/tiny-sentiment.yaml --output-dir runs/demo
+	$(VENV)/bin/llm-iif compare recipes/tiny-sentiment.yaml --methods standard,iif,random --seeds 0,1,2 \
+		--output-dir runs/demo
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest tests

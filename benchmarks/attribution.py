@@ -26,7 +26,7 @@ from llm_iif.config import PPOConfig
 from llm_iif.policy import PolicyWithValueHead
 from llm_iif.rollout import Rollout, score_tokens
 
-CHUNK = 64
+CHUNK = 64  # the trainer's default score_batch_size
 
 
 def lora_policy(base) -> PolicyWithValueHead:
