@@ -119,11 +119,11 @@ def _print_summary(history: list[dict], output_dir: str, seconds: float) -> None
 
 
 def _print_comparison(summary: dict, output_dir) -> None:
-    print(f"{'method':<10} {'s/round':>8} {'kept':>6} {'final reward':>13} {'SE_ave %':>10} {'SE_peak %':>10} "
+    print(f"{'method':<10} {'s/round':>8} {'kept':>6} {'final reward':>13} {'final KL':>9} {'SE_ave %':>10} {'SE_peak %':>10} "
           f"{'RT_peak %':>10} {'rounds to std final':>20}")
     for method, entry in summary["methods"].items():
         row = (f"{method:<10} {entry['mean_round_s'][0]:>8.2f} {entry['mean_kept_fraction'][0]:>6.2f} "
-               f"{entry['final_reward'][0]:>+13.3f}")
+               f"{entry['final_reward'][0]:>+13.3f} {entry['final_kl'][0]:>9.2f}")
         vs = entry.get("vs_standard")
         if vs:
             row += (f" {_pm(vs['SE_ave'])} {_pm(vs['SE_peak'])} {_pm(vs['RT_peak'])}"

@@ -11,6 +11,8 @@ reaches level v, a method's reduction at v is 1 - m_method(v) / m_standard(v):
 - ``SE_peak``: the reduction at standard's peak;
 - ``RT_peak``: the same in cumulative wall time instead of rounds;
 - ``rounds_to_standard_final``: m_method(standard's final reward) as a fraction of the run's rounds.
+Each run also reports ``final_reward`` and ``final_kl`` (trailing means at the last round): a reward bought by
+drifting from the reference model shows in the KL, not in the reward curve.
 Curves are trailing means over ``smooth`` rounds, since one round's mean reward is noisy. A level a method
 never reaches counts as reached one round after the budget (a bound that flatters the method), and
 ``unreached_levels`` says how often that happened. Each seed's method run is paired with the standard run
@@ -94,10 +96,13 @@ def summarize(histories: dict[str, dict[int, list[dict]]], smooth: int = 5) -> d
         entry = {"seeds": {}}
         for seed, history in by_seed.items():
             run = {"reward": [m["reward_mean"] for m in history],
+                   "kl": [m["kl"] for m in history],
                    "seconds": [m["time_round_s"] for m in history],
                    "kept_fraction": [m["kept_fraction"] for m in history],
                    "wall_time_s": sum(m["time_round_s"] for m in history)}
             run["final_reward"] = trailing_mean(run["reward"], smooth)[-1]
+            # A reward gained by drifting from the reference model shows up here, not in the reward curve.
+            run["final_kl"] = trailing_mean(run["kl"], smooth)[-1]
             if standard and method != "standard" and seed in standard:
                 base = standard[seed]
                 run["vs_standard"] = efficiency([m["reward_mean"] for m in base], run["reward"],
@@ -105,6 +110,7 @@ def summarize(histories: dict[str, dict[int, list[dict]]], smooth: int = 5) -> d
             entry["seeds"][str(seed)] = run
         runs = list(entry["seeds"].values())
         entry["final_reward"] = mean_and_sem([r["final_reward"] for r in runs])
+        entry["final_kl"] = mean_and_sem([r["final_kl"] for r in runs])
         entry["mean_round_s"] = mean_and_sem([r["wall_time_s"] / len(r["reward"]) for r in runs])
         entry["mean_kept_fraction"] = mean_and_sem([sum(r["kept_fraction"]) / len(r["kept_fraction"]) for r in runs])
         if all("vs_standard" in r for r in runs) and runs:
@@ -145,18 +151,22 @@ def run_compare(recipe_path: str, overrides: list[str], methods: list[str], seed
 
 
 def plot_reward_curves(summary: dict, path: Path) -> None:
-    """Mean reward per round over seeds with a ± one-standard-error band, one line per method."""
+    """Mean reward and KL per round over seeds with ± one-standard-error bands, one line per method."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (ax_reward, ax_kl) = plt.subplots(1, 2, figsize=(11, 4))
     for method, entry in summary["methods"].items():
-        curves = [run["reward"] for run in entry["seeds"].values()]
-        stats = [mean_and_sem([c[i] for c in curves]) for i in range(min(map(len, curves)))]
-        rounds = range(len(stats))
-        ax.plot(rounds, [m for m, _ in stats], label=f"{method} ({len(curves)} seeds)")
-        ax.fill_between(rounds, [m - s for m, s in stats], [m + s for m, s in stats], alpha=0.2)
-    ax.set_xlabel("round")
-    ax.set_ylabel("mean reward")
-    ax.legend(loc="lower right")
+        for ax, key in ((ax_reward, "reward"), (ax_kl, "kl")):
+            curves = [run[key] for run in entry["seeds"].values()]
+            stats = [mean_and_sem([c[i] for c in curves]) for i in range(min(map(len, curves)))]
+            rounds = range(len(stats))
+            ax.plot(rounds, [m for m, _ in stats], label=f"{method} ({len(curves)} seeds)")
+            ax.fill_between(rounds, [m - s for m, s in stats], [m + s for m, s in stats], alpha=0.2)
+    ax_reward.set_ylabel("mean reward")
+    ax_reward.legend(loc="lower right")
+    ax_kl.set_ylabel("KL to the reference (nats per response)")
+    ax_kl.set_yscale("symlog", linthresh=1.0)  # spikes of tens of nats beside a baseline near 1
+    for ax in (ax_reward, ax_kl):
+        ax.set_xlabel("round")
     save_figure(fig, path)
 
 
@@ -168,16 +178,14 @@ def plot_influence(iif_dir: Path, seeds: list[int], path: Path) -> None:
     records = sorted((iif_dir / f"seed-{seeds[0]}" / "records").glob("round_*.parquet"))
     picked = sorted({0, len(records) // 2, len(records) - 1})
     scores = {i: pq.read_table(records[i], columns=["score"]).column("score").to_pylist() for i in picked}
-    # Scores are heavy-tailed; bin the central 96% so the bulk stays visible, and say how many fell outside.
-    pooled = sorted(v for values in scores.values() for v in values)
-    low, high = pooled[int(0.02 * (len(pooled) - 1))], pooled[int(0.98 * (len(pooled) - 1))]
     fig, (ax_hist, ax_kept) = plt.subplots(1, 2, figsize=(11, 4))
+    # Score scales change by orders of magnitude over training; dividing by the round's largest |score|
+    # (as the paper does for its figures) puts the rounds on one axis.
     for index, values in scores.items():
-        outside = sum(not low <= v <= high for v in values)
-        ax_hist.hist(values, bins=40, range=(low, high), alpha=0.5,
-                     label=f"round {index} ({outside} outside the range)")
+        largest = max(abs(v) for v in values) or 1.0
+        ax_hist.hist([v / largest for v in values], bins=40, range=(-1, 1), alpha=0.5, label=f"round {index}")
     ax_hist.axvline(0.0, color="black", linewidth=0.8)
-    ax_hist.set_xlabel(f"influence score (seed {seeds[0]})")
+    ax_hist.set_xlabel(f"influence score / the round's largest |score| (seed {seeds[0]})")
     ax_hist.set_ylabel("samples")
     ax_hist.legend()
     for seed in seeds:

@@ -157,7 +157,7 @@ def test_a_method_that_never_gets_there_is_charged_the_whole_budget():
 
 def test_summary_pairs_each_seed_with_its_standard_run():
     def history(rewards, seconds):
-        return [{"reward_mean": r, "time_round_s": seconds, "kept_fraction": 1.0} for r in rewards]
+        return [{"reward_mean": r, "time_round_s": seconds, "kept_fraction": 1.0, "kl": 1.0} for r in rewards]
 
     summary = summarize({"standard": {0: history([0, 1, 2], 1.0), 1: history([0, 1, 2], 1.0)},
                          "iif": {0: history([0, 2, 2], 1.0), 1: history([0, 1, 2], 1.0)}}, smooth=1)
@@ -183,7 +183,7 @@ def test_compare_command_writes_summary_and_plots(tmp_path, tiny_model_dir):
     assert {"SE_ave", "SE_peak", "RT_peak"} <= summary["methods"]["iif"]["vs_standard"].keys()
     for name in ("reward_curves.png", "influence.png", "iif/seed-0/metrics.jsonl", "random/seed-0/final"):
         assert (out / name).exists(), name
-    assert "SE_peak" in proc.stdout
+    assert "SE_peak" in proc.stdout and "final KL" in proc.stdout
 
 
 def test_compare_rejects_unknown_methods(tmp_path):
