@@ -1,0 +1,138 @@
+"""IIF for Stable-Baselines3 PPO: score every transition of a rollout at θ(k), drop the harmful ones, train.
+
+``IIFPPO`` is a drop-in subclass of SB3's ``PPO``. Each round, after the rollout buffer is filled and before
+the PPO epochs, it scores every transition against the return target on the same buffer (the paper's
+classic-RL setting, §1.5 of its code):
+
+    target loss   L_val = -mean_j Â_j log π(a_j|s_j)            Â: raw GAE advantages of the buffer
+    sample loss   L_i   = -Â_i^norm log π(a_i|s_i) - c_ent H_i   Â^norm: normalised within random minibatches
+                                                               of SB3's batch_size, as its first epoch does
+    score         I_i   = ⟨∇L_val, ∇L_i⟩ over the policy network's Linear layers (value network excluded)
+
+At θ(k) the PPO ratio is 1 and clipping is inactive, so L_i is the first epoch's policy term for sample i.
+A score > 0 means a step on the sample lowers L_val. ``filter_mask`` then picks the kept transitions and
+SB3's usual epochs run on those only.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from stable_baselines3 import PPO
+from stable_baselines3.common.buffers import RolloutBuffer
+from torch import nn
+
+from llm_iif.attribution import FILTER_MODES, LinearGradientCapture, filter_mask
+
+CLASSIC_TARGETS = ("return",)
+
+
+class IIFPPO(PPO):
+    """SB3 ``PPO`` with iterative influence-based filtering of each rollout.
+
+    iif_mode, iif_p: the ``filter_mask`` rule (``neg-bottom`` with p = 0.5 drops the most negative half of the
+        negative-score transitions); ``none`` trains on everything, like ``PPO``.
+    iif_target: the objective the kept transitions should improve; ``return`` is the advantage-weighted
+        log-likelihood of the buffer itself.
+    All other arguments are ``PPO``'s.
+    """
+
+    def __init__(self, policy, env, iif_mode: str = "neg-bottom", iif_p: float = 0.5, iif_target: str = "return",
+                 **kwargs):
+        if iif_mode not in FILTER_MODES:
+            raise ValueError(f"iif_mode '{iif_mode}': expected one of {', '.join(FILTER_MODES)}")
+        if not 0.0 <= iif_p <= 1.0:
+            raise ValueError(f"iif_p={iif_p}: expected a value in [0, 1]")
+        if iif_target not in CLASSIC_TARGETS:
+            raise ValueError(f"iif_target '{iif_target}': expected one of {', '.join(CLASSIC_TARGETS)}")
+        self.iif_mode, self.iif_p, self.iif_target = iif_mode, iif_p, iif_target
+        super().__init__(policy, env, **kwargs)
+
+    def train(self) -> None:
+        start = time.perf_counter()
+        full_buffer = self.rollout_buffer
+        scores = None if self.iif_mode in ("random", "none") else self.influence_scores()
+        if scores is None:
+            scores = torch.zeros(full_buffer.buffer_size * full_buffer.n_envs)
+        keep = filter_mask(scores, self.iif_mode, self.iif_p)
+        self.logger.record("iif/kept_fraction", keep.float().mean().item())
+        self.logger.record("iif/score_neg_fraction", (scores < 0).float().mean().item())
+        self.logger.record("iif/time_influence_s", time.perf_counter() - start)
+        self.last_scores, self.last_keep = scores, keep
+        self.rollout_buffer = kept_transitions(full_buffer, keep.numpy())
+        try:
+            super().train()
+        finally:
+            self.rollout_buffer = full_buffer  # the next rollout refills the full-size buffer
+
+    def influence_scores(self) -> torch.Tensor:
+        """[N] influence of each transition of the filled rollout buffer (flattened env-major, as SB3's
+        ``RolloutBuffer.get`` orders them) on the return target, at the current parameters."""
+        buffer = self.rollout_buffer
+        observations, actions, advantages = (torch.as_tensor(buffer.swap_and_flatten(a), device=self.device)
+                                             for a in (buffer.observations, buffer.actions, buffer.advantages))
+        advantages = advantages.flatten().float()
+        layers = policy_layers(self.policy)
+        params = dict(self.policy.named_parameters())
+        names = [n for key in layers for n in (f"{key}.weight", f"{key}.bias") if n in params]
+        self.policy.set_training_mode(False)
+
+        log_prob, entropy = self._log_prob_and_entropy(observations, actions)
+        target_loss = -(advantages * log_prob).mean()
+        target = dict(zip(names, torch.autograd.grad(target_loss, [params[n] for n in names])))
+
+        with LinearGradientCapture(self.policy, {f"{key}.weight": layer for key, layer in layers.items()},
+                                   target=target) as capture:
+            log_prob, entropy = self._log_prob_and_entropy(observations, actions)
+            losses = -minibatch_normalized(advantages, self.batch_size, self.normalize_advantage) * log_prob
+            if entropy is not None:
+                losses = losses - self.ent_coef * entropy
+            torch.autograd.grad(losses.sum(), [params[n] for n in names])
+        return capture.scores().detach().cpu()
+
+    def _excluded_save_params(self) -> list[str]:
+        return [*super()._excluded_save_params(), "last_scores", "last_keep"]
+
+    def _log_prob_and_entropy(self, observations, actions):
+        if isinstance(self.action_space, spaces.Discrete):
+            actions = actions.long().flatten()
+        _, log_prob, entropy = self.policy.evaluate_actions(observations, actions)
+        return log_prob, entropy
+
+
+def policy_layers(policy: nn.Module) -> dict[str, nn.Linear]:
+    """The policy network's Linear layers by module name: every Linear whose name has no ``value_net``."""
+    layers = {name: m for name, m in policy.named_modules() if isinstance(m, nn.Linear) and "value_net" not in name}
+    if not layers:
+        raise ValueError("the policy has no Linear layers outside its value network to score")
+    return layers
+
+
+def minibatch_normalized(advantages: torch.Tensor, batch_size: int, normalize: bool) -> torch.Tensor:
+    """Advantages [N] normalised within random minibatches of ``batch_size``, as SB3's first epoch does.
+
+    The partition is drawn from numpy's global RNG, the one SB3's ``RolloutBuffer.get`` draws from.
+    """
+    if not normalize:
+        return advantages
+    out = advantages.clone()
+    for batch in np.array_split(np.random.permutation(len(advantages)),
+                                range(batch_size, len(advantages), batch_size)):
+        if len(batch) > 1:  # SB3 skips normalisation for a single-sample minibatch
+            chunk = advantages[batch]
+            out[batch] = (chunk - chunk.mean()) / (chunk.std() + 1e-8)
+    return out
+
+
+def kept_transitions(buffer: RolloutBuffer, keep: np.ndarray) -> RolloutBuffer:
+    """A filled ``RolloutBuffer`` holding only the transitions where ``keep`` [N] is True (flattened order)."""
+    kept = RolloutBuffer(int(keep.sum()), buffer.observation_space, buffer.action_space, device=buffer.device,
+                         gae_lambda=buffer.gae_lambda, gamma=buffer.gamma, n_envs=1)
+    for name in ("observations", "actions", "values", "log_probs", "advantages", "returns"):
+        flat = buffer.swap_and_flatten(getattr(buffer, name)) if not buffer.generator_ready else getattr(buffer, name)
+        setattr(kept, name, flat[keep])
+    kept.full, kept.generator_ready = True, True
+    return kept

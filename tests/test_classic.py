@@ -1,0 +1,132 @@
+"""IIF for Stable-Baselines3 PPO: exact scores, filtering reaches SB3's update, save/load, short runs."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from stable_baselines3 import PPO
+
+from llm_iif.attribution import grad_dot
+from llm_iif.classic import IIFPPO, kept_transitions, minibatch_normalized, policy_layers
+
+
+def frozen_lake_model(**kwargs) -> IIFPPO:
+    env = gym.make("FrozenLake-v1", is_slippery=False)
+    settings = dict(n_steps=128, batch_size=32, n_epochs=2, seed=0, ent_coef=0.01, **kwargs)
+    return IIFPPO("MlpPolicy", env, **settings)
+
+
+def filled_buffer(model: IIFPPO) -> None:
+    """Collect one rollout into the model's buffer, as ``learn`` does before ``train``."""
+    model._setup_learn(model.n_steps)
+    model.collect_rollouts(model.env, model._init_callback(None), model.rollout_buffer, model.n_steps)
+
+
+def test_scores_equal_a_per_transition_autograd_loop():
+    model = frozen_lake_model()
+    filled_buffer(model)
+    # Move away from the near-uniform initial policy, so the scores differ from sample to sample.
+    with torch.no_grad():
+        for p in model.policy.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    np.random.seed(1)
+    scores = model.influence_scores()
+
+    buffer = model.rollout_buffer
+    obs = torch.as_tensor(buffer.swap_and_flatten(buffer.observations))
+    actions = torch.as_tensor(buffer.swap_and_flatten(buffer.actions)).long().flatten()
+    advantages = torch.as_tensor(buffer.swap_and_flatten(buffer.advantages)).flatten().float()
+    np.random.seed(1)
+    normalized = minibatch_normalized(advantages, model.batch_size, True)
+    names = [n for n, _ in model.policy.named_parameters()
+             if "value_net" not in n and n.rsplit(".", 1)[0] in policy_layers(model.policy)]
+    params = dict(model.policy.named_parameters())
+
+    def grad(loss):
+        return dict(zip(names, torch.autograd.grad(loss, [params[n] for n in names])))
+
+    _, log_prob, _ = model.policy.evaluate_actions(obs, actions)
+    target = grad(-(advantages * log_prob).mean())
+    expected = []
+    for i in range(len(actions)):
+        _, log_prob_i, entropy_i = model.policy.evaluate_actions(obs[i:i + 1], actions[i:i + 1])
+        expected.append(grad_dot(grad(-(normalized[i] * log_prob_i).sum() - model.ent_coef * entropy_i.sum()),
+                                 target))
+    expected = torch.stack(expected)
+    assert len(scores) == 128 and (scores < 0).any() and (scores > 0).any()
+    assert ((scores - expected).norm() / expected.norm()).item() <= 1e-4
+
+
+def test_scored_layers_exclude_the_value_network():
+    names = set(policy_layers(frozen_lake_model().policy))
+    assert names == {"mlp_extractor.policy_net.0", "mlp_extractor.policy_net.2", "action_net"}
+
+
+def test_filtering_changes_what_sb3_trains_on(monkeypatch):
+    seen = []
+    original_train = PPO.train
+
+    def recording_train(self):
+        seen.append((self.rollout_buffer.buffer_size, self.rollout_buffer.observations.copy()))
+        original_train(self)
+
+    monkeypatch.setattr(PPO, "train", recording_train)
+    model = frozen_lake_model(iif_mode="bottom", iif_p=0.25)
+    model.learn(128)
+    size, observations = seen[0]
+    keep = model.last_keep.numpy()
+    assert size == 96 == keep.sum()
+    full = model.rollout_buffer
+    assert np.array_equal(observations, full.swap_and_flatten(full.observations)[keep]
+                          if not full.generator_ready else full.observations[keep])
+    # The dropped transitions are the 32 lowest scores.
+    assert model.last_scores[~model.last_keep].max() <= model.last_scores[model.last_keep].min()
+
+
+def test_mode_none_trains_like_ppo():
+    def trained(cls, **kwargs):
+        env = gym.make("FrozenLake-v1", is_slippery=False)
+        model = cls("MlpPolicy", env, n_steps=64, batch_size=16, n_epochs=2, seed=3, **kwargs)
+        model.learn(128)
+        return torch.cat([p.detach().flatten() for p in model.policy.parameters()])
+
+    assert torch.equal(trained(PPO), trained(IIFPPO, iif_mode="none"))
+
+
+def test_kept_transitions_keeps_the_selected_rows():
+    model = frozen_lake_model()
+    filled_buffer(model)
+    keep = np.zeros(128, dtype=bool)
+    keep[[0, 5, 127]] = True
+    kept = kept_transitions(model.rollout_buffer, keep)
+    flat_returns = model.rollout_buffer.swap_and_flatten(model.rollout_buffer.returns)
+    assert kept.buffer_size == 3 and np.array_equal(kept.returns, flat_returns[keep])
+    assert sum(len(batch.returns) for batch in kept.get(2)) == 3
+
+
+def test_save_and_load_keep_the_iif_settings(tmp_path):
+    model = frozen_lake_model(iif_mode="neg-random", iif_p=0.3)
+    model.learn(128)
+    model.save(tmp_path / "model")
+    loaded = IIFPPO.load(tmp_path / "model")
+    assert (loaded.iif_mode, loaded.iif_p, loaded.iif_target) == ("neg-random", 0.3, "return")
+    obs = np.arange(16)
+    assert np.array_equal(model.predict(obs, deterministic=True)[0], loaded.predict(obs, deterministic=True)[0])
+
+
+def test_iif_metrics_reach_the_logger():
+    model = frozen_lake_model()
+    model.learn(128)
+    # SB3 dumps its logger before each update, so the last round's values are still there.
+    logged = model.logger.name_to_value
+    assert logged["iif/kept_fraction"] == pytest.approx(model.last_keep.float().mean().item())
+    assert logged["iif/score_neg_fraction"] == pytest.approx((model.last_scores < 0).float().mean().item())
+    assert logged["iif/time_influence_s"] > 0
+
+
+@pytest.mark.parametrize("kwargs", [{"iif_mode": "worst"}, {"iif_p": 1.5}, {"iif_target": "seq"}])
+def test_bad_iif_arguments(kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        frozen_lake_model(**kwargs)
