@@ -17,6 +17,7 @@ SB3's usual epochs run on those only.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -136,3 +137,105 @@ def kept_transitions(buffer: RolloutBuffer, keep: np.ndarray) -> RolloutBuffer:
         setattr(kept, name, flat[keep])
     kept.full, kept.generator_ready = True, True
     return kept
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+
+# Random filtering drops about what neg-bottom drops when about half of the scores are negative.
+CLASSIC_METHODS = {
+    "standard": lambda iif: ("none", 0.0),
+    "iif": lambda iif: (iif.mode, iif.p),
+    "random": lambda iif: ("random", iif.p / 2),
+}
+
+
+def build_model(recipe, iif_mode: str, iif_p: float) -> IIFPPO:
+    """An ``IIFPPO`` for a `ClassicRecipe` with the given filter rule, on ``env.n_envs`` environments."""
+    from stable_baselines3.common.env_util import make_vec_env
+
+    from llm_iif.errors import UserError
+
+    ppo, env = recipe.ppo, recipe.env
+    try:
+        vec_env = make_vec_env(env.id, n_envs=env.n_envs, seed=recipe.run.seed, env_kwargs=env.kwargs)
+    except Exception as err:  # gymnasium raises several types for unknown ids and bad kwargs
+        raise UserError(f"env.id: cannot make '{env.id}' with kwargs {env.kwargs} ({err})") from err
+    optimizer = torch.optim.SGD if ppo.optimizer == "sgd" else torch.optim.Adam
+    return IIFPPO(ppo.policy, vec_env, iif_mode=iif_mode, iif_p=iif_p, iif_target=recipe.iif.target,
+                  n_steps=ppo.n_steps, batch_size=ppo.batch_size, n_epochs=ppo.n_epochs,
+                  learning_rate=ppo.learning_rate, ent_coef=ppo.ent_coef, clip_range=ppo.clip_range,
+                  gamma=ppo.gamma, gae_lambda=ppo.gae_lambda, vf_coef=ppo.vf_coef,
+                  max_grad_norm=ppo.max_grad_norm, policy_kwargs={"optimizer_class": optimizer},
+                  seed=recipe.run.seed, device="cpu")
+
+
+def evaluate_return(model: IIFPPO, recipe, episodes: int) -> float:
+    """Mean return of the stochastic policy over ``episodes`` episodes on fresh environments (the paper's
+    per-round evaluation)."""
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.evaluation import evaluate_policy
+
+    env = make_vec_env(recipe.env.id, n_envs=min(episodes, 10), seed=10_000 + recipe.run.seed,
+                       env_kwargs=recipe.env.kwargs)
+    mean, _ = evaluate_policy(model, env, n_eval_episodes=episodes, deterministic=False)
+    env.close()
+    return float(mean)
+
+
+def train_classic(recipe, iif_mode: str, iif_p: float, output_dir: Path) -> list[dict]:
+    """Train round by round, evaluating after each; writes metrics.jsonl and final.zip into ``output_dir``.
+
+    Each history entry has ``round``, ``reward_mean`` (the test return, so `compare.summarize` applies),
+    ``kept_fraction``, ``time_influence_s`` and ``time_round_s`` (training only, evaluation excluded).
+    """
+    from tqdm.auto import tqdm
+
+    from llm_iif.outputs import append_jsonl
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+    model = build_model(recipe, iif_mode, iif_p)
+    steps = recipe.ppo.n_steps * recipe.env.n_envs
+    history = []
+    bar = tqdm(range(recipe.run.rounds), desc=f"{recipe.env.id} rounds")
+    for k in bar:
+        start = time.perf_counter()
+        model.learn(steps, reset_num_timesteps=(k == 0))
+        seconds = time.perf_counter() - start
+        logged = model.logger.name_to_value
+        metrics = {"round": k, "reward_mean": evaluate_return(model, recipe, recipe.run.eval_episodes),
+                   "kept_fraction": logged["iif/kept_fraction"], "time_influence_s": logged["iif/time_influence_s"],
+                   "time_round_s": seconds}
+        history.append(metrics)
+        append_jsonl(output_dir / "metrics.jsonl", metrics)
+        bar.set_postfix(test_return=f"{metrics['reward_mean']:.3f}", kept=f"{metrics['kept_fraction']:.2f}")
+    model.save(output_dir / "final.zip")
+    return history
+
+
+def run_classic_compare(recipe_path: str, overrides: list[str], methods: list[str], seeds: list[int],
+                        output_dir: Path) -> dict:
+    """`llm-iif classic compare`: every (method, seed) pair into OUTPUT_DIR/METHOD/seed-S, then summary.json
+    and reward_curves.png with the paper's SE_ave / SE_peak / RT_peak (see `llm_iif.compare`)."""
+    import json
+
+    from llm_iif.compare import plot_reward_curves, summarize
+    from llm_iif.config import ClassicRecipe, load_recipe
+    from llm_iif.errors import UserError
+    from llm_iif.outputs import atomic_write_text
+
+    unknown = [m for m in methods if m not in CLASSIC_METHODS]
+    if unknown:
+        raise UserError(f"--methods: unknown method '{unknown[0]}' (expected some of: {', '.join(CLASSIC_METHODS)})")
+    histories: dict[str, dict[int, list[dict]]] = {m: {} for m in methods}
+    for seed in seeds:
+        recipe = load_recipe(recipe_path, [*overrides, f"run.seed={seed}"], kind=ClassicRecipe)
+        for method in methods:
+            run_dir = output_dir / method / f"seed-{seed}"
+            print(f"== {method}, seed {seed} -> {run_dir}", flush=True)
+            mode, p = CLASSIC_METHODS[method](recipe.iif)
+            histories[method][seed] = train_classic(recipe, mode, p, run_dir)
+    summary = summarize(histories)
+    atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2))
+    plot_reward_curves(summary, output_dir / "reward_curves.png", ylabel="test return (stochastic policy)")
+    return summary

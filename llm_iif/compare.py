@@ -96,13 +96,13 @@ def summarize(histories: dict[str, dict[int, list[dict]]], smooth: int = 5) -> d
         entry = {"seeds": {}}
         for seed, history in by_seed.items():
             run = {"reward": [m["reward_mean"] for m in history],
-                   "kl": [m["kl"] for m in history],
                    "seconds": [m["time_round_s"] for m in history],
                    "kept_fraction": [m["kept_fraction"] for m in history],
                    "wall_time_s": sum(m["time_round_s"] for m in history)}
             run["final_reward"] = trailing_mean(run["reward"], smooth)[-1]
-            # A reward gained by drifting from the reference model shows up here, not in the reward curve.
-            run["final_kl"] = trailing_mean(run["kl"], smooth)[-1]
+            if "kl" in history[0]:  # LM runs: a reward gained by drifting from the reference shows up here
+                run["kl"] = [m["kl"] for m in history]
+                run["final_kl"] = trailing_mean(run["kl"], smooth)[-1]
             if standard and method != "standard" and seed in standard:
                 base = standard[seed]
                 run["vs_standard"] = efficiency([m["reward_mean"] for m in base], run["reward"],
@@ -110,7 +110,8 @@ def summarize(histories: dict[str, dict[int, list[dict]]], smooth: int = 5) -> d
             entry["seeds"][str(seed)] = run
         runs = list(entry["seeds"].values())
         entry["final_reward"] = mean_and_sem([r["final_reward"] for r in runs])
-        entry["final_kl"] = mean_and_sem([r["final_kl"] for r in runs])
+        if all("final_kl" in r for r in runs):
+            entry["final_kl"] = mean_and_sem([r["final_kl"] for r in runs])
         entry["mean_round_s"] = mean_and_sem([r["wall_time_s"] / len(r["reward"]) for r in runs])
         entry["mean_kept_fraction"] = mean_and_sem([sum(r["kept_fraction"]) / len(r["kept_fraction"]) for r in runs])
         if all("vs_standard" in r for r in runs) and runs:
@@ -150,22 +151,27 @@ def run_compare(recipe_path: str, overrides: list[str], methods: list[str], seed
     return summary
 
 
-def plot_reward_curves(summary: dict, path: Path) -> None:
-    """Mean reward and KL per round over seeds with ± one-standard-error bands, one line per method."""
+def plot_reward_curves(summary: dict, path: Path, ylabel: str = "mean reward") -> None:
+    """Mean reward (and KL, when the runs logged it) per round over seeds with ± one-standard-error bands,
+    one line per method."""
     plt = pyplot()
-    fig, (ax_reward, ax_kl) = plt.subplots(1, 2, figsize=(11, 4))
+    with_kl = all("final_kl" in entry for entry in summary["methods"].values())
+    fig, axes = plt.subplots(1, 2 if with_kl else 1, figsize=(11 if with_kl else 7, 4), squeeze=False)
+    ax_reward, ax_kl = axes[0][0], axes[0][-1]
+    panels = ((ax_reward, "reward"), (ax_kl, "kl")) if with_kl else ((ax_reward, "reward"),)
     for method, entry in summary["methods"].items():
-        for ax, key in ((ax_reward, "reward"), (ax_kl, "kl")):
+        for ax, key in panels:
             curves = [run[key] for run in entry["seeds"].values()]
             stats = [mean_and_sem([c[i] for c in curves]) for i in range(min(map(len, curves)))]
             rounds = range(len(stats))
             ax.plot(rounds, [m for m, _ in stats], label=f"{method} ({len(curves)} seeds)")
             ax.fill_between(rounds, [m - s for m, s in stats], [m + s for m, s in stats], alpha=0.2)
-    ax_reward.set_ylabel("mean reward")
+    ax_reward.set_ylabel(ylabel)
     ax_reward.legend(loc="lower right")
-    ax_kl.set_ylabel("KL to the reference (nats per response)")
-    ax_kl.set_yscale("symlog", linthresh=1.0)  # spikes of tens of nats beside a baseline near 1
-    for ax in (ax_reward, ax_kl):
+    if with_kl:
+        ax_kl.set_ylabel("KL to the reference (nats per response)")
+        ax_kl.set_yscale("symlog", linthresh=1.0)  # spikes of tens of nats beside a baseline near 1
+    for ax, _ in panels:
         ax.set_xlabel("round")
     save_figure(fig, path)
 

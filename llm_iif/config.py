@@ -132,9 +132,87 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def check(self, source: str) -> None:
+        _check_values(self, source)
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Read, override and validate a recipe. Raises `UserError` naming the file and key on bad input."""
+
+# ---------------------------------------------------------------------------------------------- classic RL
+# recipes/classic/*.yaml: Stable-Baselines3 PPO (+ IIF) on a gymnasium environment. Defaults are the paper's.
+
+@dataclass
+class ClassicEnvConfig:
+    id: str
+    """A gymnasium environment id, e.g. FrozenLake-v1."""
+    kwargs: dict = field(default_factory=dict)
+    """Keyword arguments for gymnasium.make, e.g. {is_slippery: false}."""
+    n_envs: int = 1
+
+
+@dataclass
+class ClassicPPOConfig:
+    policy: str = "MlpPolicy"
+    n_steps: int = 2048
+    """Transitions per environment per round; the buffer holds n_steps × n_envs."""
+    batch_size: int = 64
+    n_epochs: int = 10
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    learning_rate: float = 5.0e-3
+    ent_coef: float = 0.0
+    clip_range: float = 0.2
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+
+
+@dataclass
+class ClassicIIFConfig:
+    mode: Literal["neg-bottom", "bottom", "neg-random", "random", "none"] = "neg-bottom"
+    p: float = 0.5
+    target: Literal["return"] = "return"
+
+
+@dataclass
+class ClassicRunConfig:
+    rounds: int
+    seed: int = 0
+    eval_episodes: int = 100
+    """Episodes of the stochastic policy played after every round for the test return."""
+    output_dir: str = "runs/classic"
+
+
+@dataclass
+class ClassicRecipe:
+    env: ClassicEnvConfig
+    run: ClassicRunConfig
+    ppo: ClassicPPOConfig = field(default_factory=ClassicPPOConfig)
+    iif: ClassicIIFConfig = field(default_factory=ClassicIIFConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def check(self, source: str) -> None:
+        def require(ok: bool, key: str, expected: str):
+            if not ok:
+                section, name = key.split(".")
+                raise UserError(f"{source}: {key}: expected {expected}, got "
+                                f"{getattr(getattr(self, section), name)!r}")
+
+        for key in ("env.n_envs", "ppo.n_steps", "ppo.batch_size", "ppo.n_epochs", "run.rounds", "run.eval_episodes"):
+            section, name = key.split(".")
+            require(getattr(getattr(self, section), name) > 0, key, "a positive integer")
+        for key in ("ppo.learning_rate", "ppo.clip_range", "ppo.max_grad_norm"):
+            section, name = key.split(".")
+            require(getattr(getattr(self, section), name) > 0, key, "a positive number")
+        require(0.0 <= self.ppo.gamma <= 1.0, "ppo.gamma", "a value in [0, 1]")
+        require(0.0 <= self.ppo.gae_lambda <= 1.0, "ppo.gae_lambda", "a value in [0, 1]")
+        require(0.0 <= self.iif.p <= 1.0, "iif.p", "a value in [0, 1]")
+
+
+def load_recipe(path: str | Path, overrides: list[str] = (), kind: type = Recipe):
+    """Read, override and validate a recipe of ``kind`` (`Recipe` or `ClassicRecipe`).
+
+    Raises `UserError` naming the file and key on bad input."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: recipe file not found")
@@ -148,13 +226,13 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise UserError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     for item in overrides:
         _apply_override(raw, item)
-    return recipe_from_dict(raw, source=str(path))
+    return recipe_from_dict(raw, source=str(path), kind=kind)
 
 
-def recipe_from_dict(raw: dict[str, Any], source: str = "<recipe>") -> Recipe:
-    """Validate a nested dict into a `Recipe`."""
-    recipe = _build(Recipe, raw, source, prefix="")
-    _check_values(recipe, source)
+def recipe_from_dict(raw: dict[str, Any], source: str = "<recipe>", kind: type = Recipe):
+    """Validate a nested dict into a recipe of ``kind``."""
+    recipe = _build(kind, raw, source, prefix="")
+    recipe.check(source)
     return recipe
 
 
@@ -204,6 +282,10 @@ def _coerce(value: Any, hint: Any, source: str, key: str):
     if origin is Literal:
         if value not in args:
             raise UserError(f"{source}: {key}: expected one of {list(args)}, got {value!r}")
+        return value
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{source}: {key}: expected a mapping, got {value!r}")
         return value
     if origin is list:
         if not isinstance(value, list):
