@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -130,3 +132,51 @@ def test_iif_metrics_reach_the_logger():
 def test_bad_iif_arguments(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         frozen_lake_model(**kwargs)
+
+
+REPO = Path(__file__).resolve().parents[1]
+SHORT = ["ppo.n_steps=128", "ppo.batch_size=32", "ppo.n_epochs=2", "run.rounds=2", "run.eval_episodes=5"]
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "recipes" / "classic").glob("*.yaml")), ids=lambda p: p.stem)
+def test_each_classic_recipe_runs_two_short_rounds(recipe, tmp_path):
+    from llm_iif.classic import train_classic
+    from llm_iif.config import ClassicRecipe, load_recipe
+
+    loaded = load_recipe(recipe, SHORT, kind=ClassicRecipe)
+    history = train_classic(loaded, loaded.iif.mode, loaded.iif.p, tmp_path)
+    assert [m["round"] for m in history] == [0, 1]
+    assert all(0.0 < m["kept_fraction"] <= 1.0 and np.isfinite(m["reward_mean"]) for m in history)
+    assert IIFPPO.load(tmp_path / "final.zip").iif_p == loaded.iif.p
+
+
+def test_classic_compare_command(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "cmp"
+    args = [sys.executable, "-m", "llm_iif", "classic", "compare", str(REPO / "recipes/classic/frozenlake.yaml"),
+            "--seeds", "0", "--output-dir", str(out)] + [a for s in SHORT for a in ("--set", s)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["methods"]) == {"standard", "iif", "random"}
+    assert summary["methods"]["standard"]["mean_kept_fraction"][0] == 1.0
+    assert {"SE_ave", "SE_peak", "RT_peak"} <= summary["methods"]["iif"]["vs_standard"].keys()
+    assert (out / "reward_curves.png").exists() and "test return" in proc.stdout
+
+
+@pytest.mark.parametrize("override, message", [
+    ("env.id=NoSuchEnv-v0", "env.id: cannot make 'NoSuchEnv-v0'"),
+    ("iif.p=2", "iif.p: expected a value in [0, 1]"),
+    ("env.kwargs=3", "env.kwargs: expected a mapping"),
+])
+def test_classic_bad_input_is_one_line_exit_2(tmp_path, override, message):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "llm_iif", "classic", "compare",
+                           str(REPO / "recipes/classic/frozenlake.yaml"), "--set", override, "--set", "run.rounds=1",
+                           "--output-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
