@@ -5,6 +5,9 @@ L = Σ_i L_i splits exactly into per-sample parts, because sample i's activation
 
     ∇W L_i = Σ_t g_{i,t} x_{i,t}ᵀ        ∇b L_i = Σ_t g_{i,t}        (g = ∂L/∂y, x = the layer's input)
 
+A Conv2d layer is the same linear map applied at every output position t to the unfolded input patch x_{i,t}
+(``F.unfold``), with W viewed as [C_out, C_in·kh·kw], so the same rule covers the CNNs of image policies.
+
 A forward hook keeps x; a tensor hook on y receives g during backward, and the per-sample gradient (or its
 dot product with a target) is formed right there, one layer at a time. A peft LoRA update s·B(A x) is two
 such layers, ``lora_A`` and ``lora_B``, so the same rule gives ∇A_i and ∇B_i; the LoRA scaling s is already
@@ -21,33 +24,38 @@ import warnings
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 FILTER_MODES = ("neg-bottom", "bottom", "neg-random", "random", "none")
 
 
-class LinearGradientCapture:
-    """Capture per-sample gradients of the weights (and biases) of chosen ``nn.Linear`` layers.
+class LayerGradientCapture:
+    """Capture per-sample gradients of the weights (and biases) of chosen ``nn.Linear`` / ``nn.Conv2d`` layers.
 
     Use as a context manager around one forward pass and one ``loss.backward()`` of a loss that sums
-    per-sample losses over the leading (batch) dimension of every captured layer's input. Inputs may be
-    [B, d] or [B, T, d]; positions whose output gradient is zero (padding, masked tokens) contribute nothing.
+    per-sample losses over the leading (batch) dimension of every captured layer's input. Linear inputs may
+    be [B, d] or [B, T, d]; positions whose output gradient is zero (padding, masked tokens) contribute
+    nothing. Conv2d layers must have groups = 1 and numeric padding.
 
     ``layers`` maps a layer's weight name (as in ``model.named_parameters()``) to the layer. With ``target``
     (a dict of the same parameter names to tensors of the parameters' shapes) the capture runs in streaming
     mode: it keeps only the [B] dot products ⟨∇L_i, target⟩, never the per-sample gradients.
     """
 
-    def __init__(self, model: nn.Module, layers: dict[str, nn.Linear], target: dict[str, torch.Tensor] | None = None):
+    def __init__(self, model: nn.Module, layers: dict[str, nn.Module], target: dict[str, torch.Tensor] | None = None):
         if not layers:
             raise ValueError("no trainable layers to capture gradients for")
         names = {id(p): n for n, p in model.named_parameters()}
         self._params: dict[str, tuple[str, str | None]] = {}  # layer key -> (weight name, bias name or None)
         self._layers = {}
         for key, layer in layers.items():
-            if not isinstance(layer, nn.Linear):
-                raise TypeError(f"{key}: per-sample gradients are implemented for nn.Linear only, got "
+            if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+                raise TypeError(f"{key}: per-sample gradients are implemented for nn.Linear and nn.Conv2d, got "
                                 f"{type(layer).__name__}")
+            if isinstance(layer, nn.Conv2d) and (layer.groups != 1 or isinstance(layer.padding, str)
+                                                 or layer.padding_mode != "zeros"):
+                raise TypeError(f"{key}: Conv2d per-sample gradients need groups=1 and numeric zero padding")
             bias = layer.bias if layer.bias is not None and layer.bias.requires_grad else None
             self._params[key] = (names[id(layer.weight)], names[id(bias)] if bias is not None else None)
             self._layers[key] = layer
@@ -60,7 +68,7 @@ class LinearGradientCapture:
         self._layer_scores: dict[str, torch.Tensor] = {}
         self._handles: list = []
 
-    def __enter__(self) -> "LinearGradientCapture":
+    def __enter__(self) -> "LayerGradientCapture":
         self._inputs.clear(), self._grads.clear(), self._layer_scores.clear()
         for key, layer in self._layers.items():
             self._handles.append(layer.register_forward_hook(partial(self._on_forward, key)))
@@ -102,17 +110,16 @@ class LinearGradientCapture:
             output.register_hook(partial(self._on_output_grad, key))
 
     def _on_output_grad(self, key: str, grad_output: torch.Tensor) -> None:
-        x = self._inputs[key].detach()
-        g = grad_output.reshape(grad_output.shape[0], -1, grad_output.shape[-1]).float()  # [B, T, d_out]
-        x = x.reshape(x.shape[0], -1, x.shape[-1]).float()                                  # [B, T, d_in]
+        layer = self._layers[key]
+        x, g = _positions(layer, self._inputs[key].detach(), grad_output)  # [B, T, d_in], [B, T, d_out]
         weight_name, bias_name = self._params[key]
         if self.target is None:
-            self._grads[weight_name] = torch.einsum("bto,bti->boi", g, x)
+            self._grads[weight_name] = torch.einsum("bto,bti->boi", g, x).reshape(-1, *layer.weight.shape)
             if bias_name is not None:
                 self._grads[bias_name] = g.sum(dim=1)
             return
         # ⟨Σ_t g_t x_tᵀ, V⟩ = Σ_t g_tᵀ V x_t, contracted without forming the [B, d_out, d_in] gradient.
-        weight_target = self.target[weight_name].to(device=x.device, dtype=torch.float32)
+        weight_target = self.target[weight_name].to(device=x.device, dtype=torch.float32).reshape(g.shape[-1], -1)
         if weight_target.shape[0] <= weight_target.shape[1]:
             score = torch.einsum("bto,bto->b", g, x @ weight_target.T)
         else:
@@ -129,7 +136,7 @@ class LinearGradientCapture:
                                "loss.backward() inside the capture, with the loss depending on every layer")
 
 
-class LoraGradientCapture(LinearGradientCapture):
+class LoraGradientCapture(LayerGradientCapture):
     """Per-sample gradients of every trainable peft LoRA parameter of ``model``.
 
     ``model`` is a peft model, or any module containing one (e.g. a policy with a value head); the keys of
@@ -221,6 +228,16 @@ def filter_mask(scores: torch.Tensor, mode: str, p: float, generator: torch.Gene
                       stacklevel=2)
         keep[torch.argmax(scores)] = True
     return keep
+
+
+def _positions(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's input and output gradient as [B, T, d_in] and [B, T, d_out] (fp32) over its T positions:
+    tokens for a Linear, output pixels (with unfolded input patches) for a Conv2d."""
+    if isinstance(layer, nn.Conv2d):
+        patches = F.unfold(x.float(), layer.kernel_size, dilation=layer.dilation, padding=layer.padding,
+                           stride=layer.stride)                                   # [B, C_in·kh·kw, T]
+        return patches.transpose(1, 2), g.float().flatten(2).transpose(1, 2)      # [B, T, ·], [B, T, C_out]
+    return x.reshape(x.shape[0], -1, x.shape[-1]).float(), g.reshape(g.shape[0], -1, g.shape[-1]).float()
 
 
 def _batched_dot(per_sample: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -24,9 +24,10 @@ import torch
 from gymnasium import spaces
 from stable_baselines3 import PPO
 from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
-from llm_iif.attribution import FILTER_MODES, LinearGradientCapture, filter_mask
+from llm_iif.attribution import FILTER_MODES, LayerGradientCapture, filter_mask
 
 CLASSIC_TARGETS = ("return",)
 
@@ -54,45 +55,72 @@ class IIFPPO(PPO):
 
     def train(self) -> None:
         start = time.perf_counter()
-        full_buffer = self.rollout_buffer
-        scores = None if self.iif_mode in ("random", "none") else self.influence_scores()
-        if scores is None:
-            scores = torch.zeros(full_buffer.buffer_size * full_buffer.n_envs)
+        n = self.rollout_buffer.buffer_size * self.rollout_buffer.n_envs
+        scores = torch.zeros(n) if self.iif_mode in ("random", "none") else self.influence_scores()
         keep = filter_mask(scores, self.iif_mode, self.iif_p)
         self.logger.record("iif/kept_fraction", keep.float().mean().item())
         self.logger.record("iif/score_neg_fraction", (scores < 0).float().mean().item())
         self.logger.record("iif/time_influence_s", time.perf_counter() - start)
         self.last_scores, self.last_keep = scores, keep
-        self.rollout_buffer = kept_transitions(full_buffer, keep.numpy())
+        self.train_on(keep.numpy())
+
+    def train_on(self, keep: np.ndarray) -> None:
+        """SB3's PPO epochs on the transitions of the filled rollout buffer where ``keep`` [N] is True."""
+        full_buffer = self.rollout_buffer
+        self.rollout_buffer = kept_transitions(full_buffer, keep)
         try:
             super().train()
         finally:
             self.rollout_buffer = full_buffer  # the next rollout refills the full-size buffer
 
-    def influence_scores(self) -> torch.Tensor:
+    def influence_scores(self, target: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """[N] influence of each transition of the filled rollout buffer (flattened env-major, as SB3's
-        ``RolloutBuffer.get`` orders them) on the return target, at the current parameters."""
-        buffer = self.rollout_buffer
-        observations, actions, advantages = (torch.as_tensor(buffer.swap_and_flatten(a), device=self.device)
-                                             for a in (buffer.observations, buffer.actions, buffer.advantages))
-        advantages = advantages.flatten().float()
-        layers = policy_layers(self.policy)
-        params = dict(self.policy.named_parameters())
-        names = [n for key in layers for n in (f"{key}.weight", f"{key}.bias") if n in params]
+        ``RolloutBuffer.get`` orders them) on a target, at the current parameters.
+
+        target: the gradient of the target *loss* (−f) over `scored_parameters`, e.g. from `action_target`;
+        None scores against the return target of the buffer itself.
+        """
+        observations, actions, advantages = self.flat_buffer()
         self.policy.set_training_mode(False)
-
-        log_prob, entropy = self._log_prob_and_entropy(observations, actions)
-        target_loss = -(advantages * log_prob).mean()
-        target = dict(zip(names, torch.autograd.grad(target_loss, [params[n] for n in names])))
-
-        with LinearGradientCapture(self.policy, {f"{key}.weight": layer for key, layer in layers.items()},
+        if target is None:
+            log_prob, _ = self._log_prob_and_entropy(observations, actions)
+            target = self._gradient(-(advantages * log_prob).mean())
+        layers = policy_layers(self.policy)
+        with LayerGradientCapture(self.policy, {f"{key}.weight": layer for key, layer in layers.items()},
                                    target=target) as capture:
             log_prob, entropy = self._log_prob_and_entropy(observations, actions)
             losses = -minibatch_normalized(advantages, self.batch_size, self.normalize_advantage) * log_prob
             if entropy is not None:
                 losses = losses - self.ent_coef * entropy
-            torch.autograd.grad(losses.sum(), [params[n] for n in names])
+            self._gradient(losses.sum())
         return capture.scores().detach().cpu()
+
+    def action_target(self, observation, action) -> dict[str, torch.Tensor]:
+        """The paper's action target f = log π(a|s) for one (s, a), as the gradient of its loss −f over
+        `scored_parameters`; pass it to `influence_scores` to rank transitions by how they raise π(a|s)."""
+        observation, _ = self.policy.obs_to_tensor(np.asarray(observation))
+        action = torch.as_tensor(np.asarray(action), device=self.device).reshape(1, -1)
+        self.policy.set_training_mode(False)
+        log_prob, _ = self._log_prob_and_entropy(observation, action)
+        return self._gradient(-log_prob.sum())
+
+    def scored_parameters(self) -> dict[str, nn.Parameter]:
+        """The parameters influence is computed over: weights and biases of `policy_layers`."""
+        params = dict(self.policy.named_parameters())
+        return {n: params[n] for key in policy_layers(self.policy) for n in (f"{key}.weight", f"{key}.bias")
+                if n in params}
+
+    def _gradient(self, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        params = self.scored_parameters()
+        return dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+
+    def flat_buffer(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The filled rollout buffer's observations [N, *obs], actions [N, *act] and raw GAE advantages [N],
+        flattened env-major (the order of `influence_scores`)."""
+        buffer = self.rollout_buffer
+        observations, actions, advantages = (torch.as_tensor(buffer.swap_and_flatten(a), device=self.device)
+                                             for a in (buffer.observations, buffer.actions, buffer.advantages))
+        return observations, actions, advantages.flatten().float()
 
     def _excluded_save_params(self) -> list[str]:
         return [*super()._excluded_save_params(), "last_scores", "last_keep"]
@@ -104,12 +132,31 @@ class IIFPPO(PPO):
         return log_prob, entropy
 
 
-def policy_layers(policy: nn.Module) -> dict[str, nn.Linear]:
-    """The policy network's Linear layers by module name: every Linear whose name has no ``value_net``."""
-    layers = {name: m for name, m in policy.named_modules() if isinstance(m, nn.Linear) and "value_net" not in name}
+def policy_layers(policy: nn.Module) -> dict[str, nn.Module]:
+    """The policy network's Linear and Conv2d layers by module name: every one outside the value network
+    (``value_net``, ``vf_features_extractor``). A features extractor shared with the value network is the
+    policy's too, as in the paper's MiniGrid CNN."""
+    layers = {name: m for name, m in policy.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+              and "value_net" not in name and not name.startswith("vf_features_extractor")}
     if not layers:
-        raise ValueError("the policy has no Linear layers outside its value network to score")
+        raise ValueError("the policy has no Linear or Conv2d layers outside its value network to score")
     return layers
+
+
+class SmallCNN(BaseFeaturesExtractor):
+    """The paper's MiniGrid network for small image observations [C, H, W]: conv 16 3×3 → conv 32 3×3 →
+    linear ``features_dim``, ReLU after each (SB3's NatureCNN needs images of at least 36×36)."""
+
+    def __init__(self, observation_space: spaces.Box, features_dim: int = 64):
+        super().__init__(observation_space, features_dim)
+        self.cnn = nn.Sequential(nn.Conv2d(observation_space.shape[0], 16, 3), nn.ReLU(),
+                                 nn.Conv2d(16, 32, 3), nn.ReLU(), nn.Flatten())
+        with torch.no_grad():
+            flat = self.cnn(torch.zeros(1, *observation_space.shape)).shape[1]
+        self.linear = nn.Sequential(nn.Linear(flat, features_dim), nn.ReLU())
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.cnn(observations))
 
 
 def minibatch_normalized(advantages: torch.Tensor, batch_size: int, normalize: bool) -> torch.Tensor:
@@ -151,32 +198,46 @@ CLASSIC_METHODS = {
 
 def build_model(recipe, iif_mode: str, iif_p: float) -> IIFPPO:
     """An ``IIFPPO`` for a `ClassicRecipe` with the given filter rule, on ``env.n_envs`` environments."""
-    from stable_baselines3.common.env_util import make_vec_env
-
-    from llm_iif.errors import UserError
-
-    ppo, env = recipe.ppo, recipe.env
-    try:
-        vec_env = make_vec_env(env.id, n_envs=env.n_envs, seed=recipe.run.seed, env_kwargs=env.kwargs)
-    except Exception as err:  # gymnasium raises several types for unknown ids and bad kwargs
-        raise UserError(f"env.id: cannot make '{env.id}' with kwargs {env.kwargs} ({err})") from err
-    optimizer = torch.optim.SGD if ppo.optimizer == "sgd" else torch.optim.Adam
+    ppo = recipe.ppo
+    vec_env = make_env(recipe, n_envs=recipe.env.n_envs, seed=recipe.run.seed)
+    policy_kwargs = {"optimizer_class": torch.optim.SGD if ppo.optimizer == "sgd" else torch.optim.Adam}
+    if ppo.features_extractor == "small-cnn":
+        policy_kwargs.update(features_extractor_class=SmallCNN, features_extractor_kwargs={"features_dim": 64})
     return IIFPPO(ppo.policy, vec_env, iif_mode=iif_mode, iif_p=iif_p, iif_target=recipe.iif.target,
                   n_steps=ppo.n_steps, batch_size=ppo.batch_size, n_epochs=ppo.n_epochs,
                   learning_rate=ppo.learning_rate, ent_coef=ppo.ent_coef, clip_range=ppo.clip_range,
                   gamma=ppo.gamma, gae_lambda=ppo.gae_lambda, vf_coef=ppo.vf_coef,
-                  max_grad_norm=ppo.max_grad_norm, policy_kwargs={"optimizer_class": optimizer},
-                  seed=recipe.run.seed, device="cpu")
+                  max_grad_norm=ppo.max_grad_norm, policy_kwargs=policy_kwargs, seed=recipe.run.seed, device="cpu")
+
+
+def make_env(recipe, n_envs: int, seed: int):
+    """The recipe's environment as an SB3 vectorised env of ``n_envs`` copies (with ``env.wrapper``)."""
+    import importlib
+
+    from stable_baselines3.common.env_util import make_vec_env
+
+    from llm_iif.errors import UserError
+
+    env = recipe.env
+    wrapper = None
+    if env.wrapper:
+        module, _, name = env.wrapper.partition(":")
+        try:
+            wrapper = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as err:
+            raise UserError(f"env.wrapper: cannot import '{env.wrapper}' ({err})") from err
+    try:
+        return make_vec_env(env.id, n_envs=n_envs, seed=seed, env_kwargs=env.kwargs, wrapper_class=wrapper)
+    except Exception as err:  # gymnasium raises several types for unknown ids and bad kwargs
+        raise UserError(f"env.id: cannot make '{env.id}' with kwargs {env.kwargs} ({err})") from err
 
 
 def evaluate_return(model: IIFPPO, recipe, episodes: int) -> float:
     """Mean return of the stochastic policy over ``episodes`` episodes on fresh environments (the paper's
     per-round evaluation)."""
-    from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.evaluation import evaluate_policy
 
-    env = make_vec_env(recipe.env.id, n_envs=min(episodes, 10), seed=10_000 + recipe.run.seed,
-                       env_kwargs=recipe.env.kwargs)
+    env = make_env(recipe, n_envs=min(episodes, 10), seed=10_000 + recipe.run.seed)
     mean, _ = evaluate_policy(model, env, n_eval_episodes=episodes, deterministic=False)
     env.close()
     return float(mean)

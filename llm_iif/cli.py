@@ -3,6 +3,8 @@
     llm-iif train RECIPE [--set section.key=value ...] [--output-dir DIR] [--debug]
     llm-iif compare RECIPE [--methods standard,iif,random] [--seeds 0,1,2] [--set ...] [--output-dir DIR]
     llm-iif classic compare RECIPE [--methods ...] [--seeds ...] [--set ...] [--output-dir DIR]
+    llm-iif classic diagnose RECIPE [--round K] [--action-target S,A] [--bottom N] [--set ...] [--output-dir DIR]
+    llm-iif classic intervene RECIPE [--rounds 1-10] [--seeds 0,1,2] [--set ...] [--output-dir DIR]
 
 Bad input (a `UserError`) prints one line and exits with code 2; ``--debug`` shows the traceback instead.
 """
@@ -25,9 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="run PPO (with IIF when the recipe enables it) on a recipe")
     compare = commands.add_parser("compare", help="train standard PPO, IIF and random filtering side by side")
     classic = commands.add_parser("classic", help="IIF for Stable-Baselines3 PPO on gymnasium environments")
-    classic_compare = classic.add_subparsers(dest="classic_command", required=True).add_parser(
+    classic_commands = classic.add_subparsers(dest="classic_command", required=True)
+    classic_compare = classic_commands.add_parser(
         "compare", help="standard PPO, IIF and random filtering side by side on a recipes/classic/ recipe")
-    for command in (train, compare, classic_compare):
+    diagnose = classic_commands.add_parser(
+        "diagnose", help="influence of round K's records against Monte-Carlo advantages (discrete states)")
+    intervene = classic_commands.add_parser(
+        "intervene", help="redo chosen rounds' updates without negative-influence or random records")
+    for command in (train, compare, classic_compare, diagnose, intervene):
         command.add_argument("recipe", help="path to a YAML recipe, e.g. recipes/tiny-sentiment.yaml")
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                              help="override a recipe value (repeatable); the value is parsed as YAML")
@@ -38,13 +45,22 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--methods", default="standard,iif,random",
                              help="comma-separated: standard, iif, random")
         command.add_argument("--seeds", default="0,1,2", help="comma-separated integer seeds")
+    diagnose.add_argument("--round", type=int, default=5, help="the round k whose buffer B(k) is analysed at θ(k)")
+    diagnose.add_argument("--bottom", type=int, default=20, help="how many bottom records to list")
+    diagnose.add_argument("--action-target", metavar="STATE,ACTION",
+                          help="also score every record's influence on log π(ACTION|STATE)")
+    diagnose.add_argument("--output-dir", default="runs/classic-diagnose")
+    intervene.add_argument("--rounds", default="1-10", help="rounds to intervene in: 1,2,5 or 1-10")
+    intervene.add_argument("--seeds", default="0,1,2", help="comma-separated integer seeds")
+    intervene.add_argument("--output-dir", default="runs/classic-intervene")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": _train, "compare": _compare, "classic": _classic_compare}[args.command](args)
+        command = args.command if args.command != "classic" else f"classic {args.classic_command}"
+        return COMMANDS[command](args)
     except UserError as err:
         if args.debug:
             raise
@@ -79,13 +95,9 @@ def _train(args) -> int:
 
 def _methods_and_seeds(args) -> tuple[list[str], list[int]]:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise UserError(f"--seeds {args.seeds}: expected comma-separated integers, e.g. 0,1,2") from None
-    if not methods or not seeds:
-        raise UserError("--methods and --seeds each need at least one entry")
-    return methods, seeds
+    if not methods:
+        raise UserError("--methods: expected at least one of standard, iif, random")
+    return methods, _integers(args.seeds, "--seeds", "comma-separated integers, e.g. 0,1,2")
 
 
 def _classic_compare(args) -> int:
@@ -96,6 +108,77 @@ def _classic_compare(args) -> int:
     summary = run_classic_compare(args.recipe, args.overrides, methods, seeds, output_dir)
     _print_comparison(summary, output_dir, reward_name="test return")
     return 0
+
+
+def _classic_diagnose(args) -> int:
+    from llm_iif.config import ClassicRecipe, load_recipe
+    from llm_iif.diagnosis import diagnose
+
+    recipe = load_recipe(args.recipe, args.overrides, kind=ClassicRecipe)
+    action_target = None
+    if args.action_target:
+        action_target = _integers(args.action_target, "--action-target", "STATE,ACTION, e.g. 14,2")
+        if len(action_target) != 2:
+            raise UserError(f"--action-target {args.action_target}: expected STATE,ACTION, e.g. 14,2")
+    output_dir = Path(args.output_dir)
+    result = diagnose(recipe, args.round, output_dir, bottom=args.bottom,
+                      action_target=tuple(action_target) if action_target else None)
+    print(f"{result['env']}, round {result['round']}: {result['records']} records with a Monte-Carlo advantage")
+    print(f"  sign mismatch (Ā·Â < 0)   top 20%: {result['sign_mismatch_top']:.0%}   "
+          f"bottom 20%: {result['sign_mismatch_bottom']:.0%}   all: {result['sign_mismatch_all']:.0%}")
+    print(f"  mean |Ā − Â|              top 20%: {result['mean_abs_gap_top']:.3f}   "
+          f"bottom 20%: {result['mean_abs_gap_bottom']:.3f}   all: {result['mean_abs_gap_all']:.3f}")
+    print(f"  Spearman(influence, Ā·Â) {result['spearman_influence_vs_mc_times_gae']:+.2f}  "
+          f"(against rank, as the paper reports it: {result['spearman_rank_vs_mc_times_gae']:+.2f})")
+    print(f"  bottom {len(result['bottom_records'])} records (state, action, Â, Ā, score):")
+    for row in result["bottom_records"]:
+        print(f"    {row['state']:>5} {row['action']:>6} {row['gae_advantage']:>+8.3f} {row['mc_advantage']:>+8.3f} "
+              f"{row['influence']:>+10.4f}")
+    written = ", ".join(path.name for path in sorted(output_dir.glob("*.*")))
+    print(f"outputs in {output_dir}: {written}")
+    return 0
+
+
+def _classic_intervene(args) -> int:
+    from llm_iif.config import ClassicRecipe, load_recipe
+    from llm_iif.diagnosis import intervene
+
+    recipe = load_recipe(args.recipe, args.overrides, kind=ClassicRecipe)
+    rounds = _round_list(args.rounds)
+    seeds = _integers(args.seeds, "--seeds", "comma-separated integers, e.g. 0,1,2")
+    output_dir = Path(args.output_dir)
+    summary = intervene(recipe, rounds, seeds, output_dir)
+    print(f"{summary['env']}: Δ test return against the update on all records, over {len(seeds)} seed(s)")
+    print(f"{'round':>5} {'drop negatives: median Δ':>25} {'Δ>0':>5} {'Δ<0':>5} {'drop random: median Δ':>22} "
+          f"{'Δ>0':>5} {'Δ<0':>5}")
+    for row in summary["per_round"]:
+        print(f"{row['round']:>5} {row['median_delta_influence']:>+25.3f} {row['share_positive_influence']:>5.0%} "
+              f"{row['share_negative_influence']:>5.0%} {row['median_delta_random']:>+22.3f} "
+              f"{row['share_positive_random']:>5.0%} {row['share_negative_random']:>5.0%}")
+    written = ", ".join(path.name for path in sorted(output_dir.glob("*.*")))
+    print(f"outputs in {output_dir}: {written}")
+    return 0
+
+
+def _integers(text: str, option: str, expected: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{option} {text}: expected {expected}") from None
+    if not values:
+        raise UserError(f"{option} {text}: expected {expected}")
+    return values
+
+
+def _round_list(text: str) -> list[int]:
+    """'1,2,5' or '1-10' (inclusive) -> a list of rounds."""
+    first, dash, last = text.partition("-")
+    try:
+        if dash and "," not in text:
+            return list(range(int(first), int(last) + 1))
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise UserError(f"--rounds {text}: expected 1,2,5 or 1-10") from None
 
 
 def _compare(args) -> int:
@@ -115,6 +198,10 @@ def _compare(args) -> int:
     finally:
         accelerator.end_training()
     return 0
+
+
+COMMANDS = {"train": _train, "compare": _compare, "classic compare": _classic_compare,
+            "classic diagnose": _classic_diagnose, "classic intervene": _classic_intervene}
 
 
 def quiet_libraries() -> None:

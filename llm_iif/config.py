@@ -145,12 +145,17 @@ class ClassicEnvConfig:
     """A gymnasium environment id, e.g. FrozenLake-v1."""
     kwargs: dict = field(default_factory=dict)
     """Keyword arguments for gymnasium.make, e.g. {is_slippery: false}."""
+    wrapper: Optional[str] = None
+    """A gymnasium wrapper class applied to every environment, as module:Class, e.g.
+    minigrid.wrappers:ImgObsWrapper."""
     n_envs: int = 1
 
 
 @dataclass
 class ClassicPPOConfig:
-    policy: str = "MlpPolicy"
+    policy: Literal["MlpPolicy", "CnnPolicy"] = "MlpPolicy"
+    features_extractor: Literal["default", "small-cnn"] = "default"
+    """default: SB3's for the policy; small-cnn: the paper's MiniGrid CNN (conv 16 3x3, conv 32 3x3, linear 64)."""
     n_steps: int = 2048
     """Transitions per environment per round; the buffer holds n_steps × n_envs."""
     batch_size: int = 64
@@ -207,6 +212,10 @@ class ClassicRecipe:
         require(0.0 <= self.ppo.gamma <= 1.0, "ppo.gamma", "a value in [0, 1]")
         require(0.0 <= self.ppo.gae_lambda <= 1.0, "ppo.gae_lambda", "a value in [0, 1]")
         require(0.0 <= self.iif.p <= 1.0, "iif.p", "a value in [0, 1]")
+        if self.env.wrapper is not None:
+            require(self.env.wrapper.count(":") == 1, "env.wrapper", "an import path module:Class")
+        require(self.ppo.features_extractor == "default" or self.ppo.policy == "CnnPolicy", "ppo.features_extractor",
+                "default with MlpPolicy (small-cnn needs ppo.policy: CnnPolicy)")
 
 
 def load_recipe(path: str | Path, overrides: list[str] = (), kind: type = Recipe):

@@ -5,7 +5,10 @@ import warnings
 import pytest
 import torch
 
-from llm_iif.attribution import (LoraGradientCapture, filter_mask, grad_cosine, grad_dot, lora_parameters)
+from torch import nn
+
+from llm_iif.attribution import (LayerGradientCapture, LoraGradientCapture, filter_mask, grad_cosine, grad_dot,
+                                 lora_parameters)
 from llm_iif.policy import position_ids_from_mask
 
 VOCAB = 40
@@ -101,6 +104,43 @@ def test_per_sample_grads_and_dots_match_autograd_loop(arch):
     assert relative_error(streaming.scores(), expected_dots) <= 1e-4
     with pytest.raises(RuntimeError, match="streaming"):
         streaming.per_sample_grads()
+
+
+def test_conv2d_and_linear_per_sample_grads_match_autograd_loop():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 2, stride=2, padding=1), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(5 * 3 * 3, 2))
+    images = torch.randn(6, 3, 7, 7)
+    layers = {name: m for name, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    params = dict(net.named_parameters())
+
+    def loss(x):  # [B] per-sample losses
+        return net(x).pow(2).sum(dim=1)
+
+    expected = {name: torch.stack([torch.autograd.grad(loss(images[i:i + 1]).sum(), p)[0] for i in range(6)])
+                for name, p in params.items()}
+    with LayerGradientCapture(net, layers) as capture:
+        loss(images).sum().backward()
+    grads = capture.per_sample_grads()
+    assert set(grads) == set(params)
+    for name in params:
+        assert grads[name].shape == (6, *params[name].shape)
+        assert relative_error(grads[name], expected[name]) <= 1e-4, name
+
+    target = {name: torch.randn_like(p) for name, p in params.items()}
+    expected_dots = torch.stack([sum((expected[n][i] * target[n]).sum() for n in target) for i in range(6)])
+    with LayerGradientCapture(net, layers, target=target) as streaming:
+        loss(images).sum().backward()
+    assert relative_error(streaming.scores(), expected_dots) <= 1e-4
+
+
+def test_unsupported_layers_are_rejected():
+    grouped = nn.Conv2d(4, 4, 3, groups=2)
+    with pytest.raises(TypeError, match="groups=1"):
+        LayerGradientCapture(grouped, {"conv": grouped})
+    embedding = nn.Embedding(5, 3)
+    with pytest.raises(TypeError, match="Embedding"):
+        LayerGradientCapture(embedding, {"embedding": embedding})
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])

@@ -26,8 +26,49 @@ def filled_buffer(model: IIFPPO) -> None:
     model.collect_rollouts(model.env, model._init_callback(None), model.rollout_buffer, model.n_steps)
 
 
-def test_scores_equal_a_per_transition_autograd_loop():
-    model = frozen_lake_model()
+def minigrid_model() -> IIFPPO:
+    from minigrid.wrappers import ImgObsWrapper
+
+    from llm_iif.classic import SmallCNN
+
+    env = ImgObsWrapper(gym.make("minigrid:MiniGrid-Empty-8x8-v0"))
+    return IIFPPO("CnnPolicy", env, n_steps=64, batch_size=16, n_epochs=2, seed=0,
+                  policy_kwargs={"features_extractor_class": SmallCNN})
+
+
+def per_transition_scores(model: IIFPPO, target_loss) -> torch.Tensor:
+    """Scores by one autograd call per transition: ⟨∇target_loss, ∇L_i⟩ over the scored layers."""
+    buffer = model.rollout_buffer
+    obs = torch.as_tensor(buffer.swap_and_flatten(buffer.observations))
+    actions = torch.as_tensor(buffer.swap_and_flatten(buffer.actions)).long().flatten()
+    advantages = torch.as_tensor(buffer.swap_and_flatten(buffer.advantages)).flatten().float()
+    np.random.seed(1)
+    normalized = minibatch_normalized(advantages, model.batch_size, True)
+    names = [n for n, _ in model.policy.named_parameters() if n.rsplit(".", 1)[0] in policy_layers(model.policy)]
+    params = dict(model.policy.named_parameters())
+
+    def grad(loss):
+        return dict(zip(names, torch.autograd.grad(loss, [params[n] for n in names])))
+
+    model.policy.set_training_mode(False)
+    target = grad(target_loss(obs, actions, advantages))
+    scores = []
+    for i in range(len(actions)):
+        _, log_prob_i, entropy_i = model.policy.evaluate_actions(obs[i:i + 1], actions[i:i + 1])
+        scores.append(grad_dot(grad(-(normalized[i] * log_prob_i).sum() - model.ent_coef * entropy_i.sum()),
+                               target))
+    return torch.stack(scores)
+
+
+def return_target_loss(model):
+    def loss(obs, actions, advantages):
+        return -(advantages * model.policy.evaluate_actions(obs, actions)[1]).mean()
+    return loss
+
+
+@pytest.mark.parametrize("make_model", [frozen_lake_model, minigrid_model], ids=["mlp", "small-cnn"])
+def test_scores_equal_a_per_transition_autograd_loop(make_model):
+    model = make_model()
     filled_buffer(model)
     # Move away from the near-uniform initial policy, so the scores differ from sample to sample.
     with torch.no_grad():
@@ -35,30 +76,30 @@ def test_scores_equal_a_per_transition_autograd_loop():
             p.add_(0.3 * torch.randn_like(p))
     np.random.seed(1)
     scores = model.influence_scores()
-
-    buffer = model.rollout_buffer
-    obs = torch.as_tensor(buffer.swap_and_flatten(buffer.observations))
-    actions = torch.as_tensor(buffer.swap_and_flatten(buffer.actions)).long().flatten()
-    advantages = torch.as_tensor(buffer.swap_and_flatten(buffer.advantages)).flatten().float()
-    np.random.seed(1)
-    normalized = minibatch_normalized(advantages, model.batch_size, True)
-    names = [n for n, _ in model.policy.named_parameters()
-             if "value_net" not in n and n.rsplit(".", 1)[0] in policy_layers(model.policy)]
-    params = dict(model.policy.named_parameters())
-
-    def grad(loss):
-        return dict(zip(names, torch.autograd.grad(loss, [params[n] for n in names])))
-
-    _, log_prob, _ = model.policy.evaluate_actions(obs, actions)
-    target = grad(-(advantages * log_prob).mean())
-    expected = []
-    for i in range(len(actions)):
-        _, log_prob_i, entropy_i = model.policy.evaluate_actions(obs[i:i + 1], actions[i:i + 1])
-        expected.append(grad_dot(grad(-(normalized[i] * log_prob_i).sum() - model.ent_coef * entropy_i.sum()),
-                                 target))
-    expected = torch.stack(expected)
-    assert len(scores) == 128 and (scores < 0).any() and (scores > 0).any()
+    expected = per_transition_scores(model, return_target_loss(model))
+    assert len(scores) == model.n_steps and (scores < 0).any() and (scores > 0).any()
     assert ((scores - expected).norm() / expected.norm()).item() <= 1e-4
+
+
+def test_action_target_scores_equal_a_per_transition_autograd_loop():
+    model = frozen_lake_model()
+    filled_buffer(model)
+    state, action = 14, 2
+
+    def minus_log_prob(obs, actions, advantages):
+        return -model.policy.evaluate_actions(torch.as_tensor([state]), torch.as_tensor([action]))[1].sum()
+
+    np.random.seed(1)
+    scores = model.influence_scores(model.action_target(state, action))
+    expected = per_transition_scores(model, minus_log_prob)
+    assert ((scores - expected).norm() / expected.norm()).item() <= 1e-4
+
+
+def test_small_cnn_layers_are_scored_and_the_value_network_is_not():
+    names = set(policy_layers(minigrid_model().policy))
+    assert {"features_extractor.cnn.0", "features_extractor.cnn.2", "features_extractor.linear.0",
+            "action_net"} <= names
+    assert not any("value_net" in name for name in names)
 
 
 def test_scored_layers_exclude_the_value_network():
