@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -53,9 +53,20 @@ class DataConfig:
 @dataclass
 class RewardConfig:
     name: str
-    """A reward model registered in `reward_models` (``vader``, ``hf-classifier``)."""
+    """A reward model registered in `reward_models` (``vader``, ``hf-classifier``, ``callable``)."""
     name_or_path: Optional[str] = None
+    """hf-classifier: a hub id or a local directory of a sequence-classification model."""
+    label: Optional[Union[int, str]] = None
+    """hf-classifier: the scored label, an index or a name from id2label (optional for a one-label model)."""
+    output: Literal["logit", "prob", "log_prob"] = "logit"
+    input: Literal["response", "prompt+response"] = "prompt+response"
     batch_size: int = 32
+    max_length: int = 512
+    device: Optional[str] = None
+    """hf-classifier: where it runs (default: the policy's device)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    function: Optional[str] = None
+    """callable: module:function taking (prompts, responses) and returning one float per response."""
 
 
 @dataclass
@@ -286,8 +297,14 @@ def _coerce(value: Any, hint: Any, source: str, key: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, source, key)
+        options = [a for a in args if a is not type(None)]
+        for option in options:
+            try:
+                return _coerce(value, option, source, key)
+            except UserError:
+                if len(options) == 1:
+                    raise
+        raise UserError(f"{source}: {key}: expected {' or '.join(_type_name(o) for o in options)}, got {value!r}")
     if origin is Literal:
         if value not in args:
             raise UserError(f"{source}: {key}: expected one of {list(args)}, got {value!r}")
@@ -342,6 +359,7 @@ def _check_values(recipe: Recipe, source: str) -> None:
     require(recipe.data.max_prompt_tokens >= recipe.data.min_prompt_tokens, "data.max_prompt_tokens",
             "at least data.min_prompt_tokens")
     require(recipe.reward.batch_size > 0, "reward.batch_size", "a positive integer")
+    require(recipe.reward.max_length > 0, "reward.max_length", "a positive integer")
     ppo = recipe.ppo
     require(ppo.learning_rate > 0, "ppo.learning_rate", "a positive number")
     for name in ("epochs", "mini_batch_size", "forward_batch_size", "kl_horizon", "max_new_tokens"):

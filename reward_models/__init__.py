@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable, Protocol
 
 from reward_models.hf_classifier import HFClassifierReward
+from reward_models.python_callable import CallableReward
 from reward_models.vader import VaderReward
 
 
@@ -22,10 +23,18 @@ def _vader(cfg, device) -> RewardModel:
 
 
 def _hf_classifier(cfg, device) -> RewardModel:
-    return HFClassifierReward(cfg.name_or_path, batch_size=cfg.batch_size, device=device)
+    import torch
+
+    return HFClassifierReward(cfg.name_or_path, label=cfg.label, output=cfg.output, input=cfg.input,
+                              batch_size=cfg.batch_size, max_length=cfg.max_length, device=cfg.device or device,
+                              dtype=getattr(torch, cfg.dtype))
 
 
-REWARD_MODELS: dict[str, Callable] = {"vader": _vader, "hf-classifier": _hf_classifier}
+def _callable(cfg, device) -> RewardModel:
+    return CallableReward(cfg.function)
+
+
+REWARD_MODELS: dict[str, Callable] = {"vader": _vader, "hf-classifier": _hf_classifier, "callable": _callable}
 
 
 def load_reward_model(cfg, device="cpu") -> RewardModel:

@@ -1,45 +1,88 @@
-"""A sequence-classification model (e.g. one trained with trl's RewardTrainer) as a reward model.
+"""Any ``AutoModelForSequenceClassification`` (a hub id or a local directory) as a reward model.
 
-It reads prompt + response with its own tokenizer, so it need not share the policy's vocabulary.
-One logit is the score; with two labels the score is logit[1] - logit[0].
+It reads the decoded text with its own tokenizer, so any policy pairs with any reward model. The score of
+sample i is one label's ``logit``, ``prob`` or ``log_prob`` (softmax over the labels; a sigmoid for a one-label
+model, e.g. one trained with trl's RewardTrainer) on the response alone or on prompt + response.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from llm_iif.errors import UserError
+
+OUTPUTS = ("logit", "prob", "log_prob")
+INPUTS = ("response", "prompt+response")
 
 
 class HFClassifierReward:
-    def __init__(self, name_or_path: str | None, batch_size: int = 32, device="cpu"):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    """Batched, no-grad classifier scores. ``label`` is an index or a name from the model's ``id2label``;
+    it may be left out for a one-label model."""
 
-        from llm_iif.errors import UserError
+    def __init__(self, name_or_path: str | None, label: int | str | None = None, output: str = "logit",
+                 input: str = "prompt+response", batch_size: int = 32, max_length: int = 512, device="cpu",
+                 dtype: torch.dtype = torch.float32):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         if not name_or_path:
             raise UserError("reward.name_or_path: required for reward.name 'hf-classifier'")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-            self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path).to(device).eval()
-        except OSError as err:
-            raise UserError(f"reward.name_or_path: cannot load '{name_or_path}' "
-                            f"(not a local model directory, and not reachable on the hub)") from err
-        if self.model.config.num_labels not in (1, 2):
-            raise UserError(f"reward.name_or_path: '{name_or_path}' has {self.model.config.num_labels} labels; "
-                            "expected 1 (a score) or 2 (negative, positive)")
+            self.model, info = AutoModelForSequenceClassification.from_pretrained(
+                name_or_path, dtype=dtype, output_loading_info=True)
+        except (OSError, ValueError) as err:
+            raise UserError(f"reward.name_or_path: cannot load '{name_or_path}' as a sequence classifier "
+                            f"({str(err).splitlines()[0]})") from err
+        if info["missing_keys"]:
+            raise UserError(f"reward.name_or_path: '{name_or_path}' is not a sequence classifier: its checkpoint "
+                            f"has no classification head (missing {sorted(info['missing_keys'])[0]})")
+        self.model.to(device).eval()
+        self.label = self._label_index(label, name_or_path)
+        self.output, self.input = output, input
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.batch_size = batch_size
-        self.device = device
+        self.batch_size, self.max_length, self.device = batch_size, max_length, device
+
+    def _label_index(self, label: int | str | None, name_or_path: str) -> int:
+        names = {int(i): str(name) for i, name in self.model.config.id2label.items()}
+        n = self.model.config.num_labels
+        if label is None:
+            if n != 1:
+                raise UserError(f"reward.label: required for '{name_or_path}', which has {n} labels "
+                                f"({', '.join(f'{i}={name}' for i, name in sorted(names.items()))})")
+            return 0
+        if isinstance(label, int) and 0 <= label < n:
+            return label
+        by_name = {name: i for i, name in names.items()}
+        if isinstance(label, str) and label in by_name:
+            return by_name[label]
+        raise UserError(f"reward.label: '{label}' is not a label of '{name_or_path}' "
+                        f"(labels: {', '.join(f'{i}={name}' for i, name in sorted(names.items()))})")
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        empty = [i for i, r in enumerate(responses) if not r.strip()]
+        if empty and self.input == "response":
+            raise UserError(f"reward: response {empty[0]} (of {len(responses)}) is empty, and a classifier cannot "
+                            "score empty text; set ppo.min_new_tokens >= 1 or reward.input: prompt+response")
+        texts = responses if self.input == "response" else [p + r for p, r in zip(prompts, responses)]
         scores: list[float] = []
-        texts = [p + r for p, r in zip(prompts, responses)]
         for start in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(texts[start:start + self.batch_size], padding=True, truncation=True,
-                                   return_tensors="pt").to(self.device)
-            logits = self.model(**batch).logits.float()
-            score = logits[:, 0] if logits.shape[1] == 1 else logits[:, 1] - logits[:, 0]
-            scores.extend(score.tolist())
+                                   max_length=self.max_length, return_tensors="pt").to(self.device)
+            scores.extend(label_score(self.model(**batch).logits.float(), self.label, self.output).tolist())
         return scores
+
+
+def label_score(logits: torch.Tensor, label: int, output: str) -> torch.Tensor:
+    """[B] score of ``label`` from classifier logits [B, num_labels]: the logit, its probability or its
+    log-probability (softmax over labels, or a sigmoid when there is one label)."""
+    if output == "logit":
+        return logits[:, label]
+    if logits.shape[1] == 1:
+        log_prob = F.logsigmoid(logits[:, 0])
+    else:
+        log_prob = logits.log_softmax(dim=-1)[:, label]
+    return log_prob if output == "log_prob" else log_prob.exp()

@@ -1,10 +1,12 @@
 """Reward models: one interface, chosen by name."""
 
 import pytest
+import torch
 
 from llm_iif.config import RewardConfig
 from llm_iif.errors import UserError
 from reward_models import load_reward_model
+from reward_models.hf_classifier import label_score
 
 
 def test_vader_scores_the_response_sentiment():
@@ -13,15 +15,24 @@ def test_vader_scores_the_response_sentiment():
     assert good > 0.5 and bad < -0.4 and flat == 0.0
 
 
-def test_hf_classifier_loads_a_local_directory(tmp_path, tiny_model_dir):
+def save_tiny_classifier(directory, tokenizer_dir, num_labels: int, names=None):
     from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = GPT2ForSequenceClassification(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32,
-                                                     n_layer=1, n_head=2, num_labels=1,
-                                                     pad_token_id=tokenizer.pad_token_id))
-    model.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=1, n_head=2,
+                        num_labels=num_labels, pad_token_id=tokenizer.pad_token_id)
+    if names:
+        config.id2label = dict(enumerate(names))
+        config.label2id = {name: i for i, name in enumerate(names)}
+    model = GPT2ForSequenceClassification(config).eval()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return model, tokenizer
+
+
+def test_hf_classifier_loads_a_local_directory(tmp_path, tiny_model_dir):
+    save_tiny_classifier(tmp_path, tiny_model_dir, num_labels=1)
     reward = load_reward_model(RewardConfig(name="hf-classifier", name_or_path=str(tmp_path), batch_size=2))
     scores = reward(["a", "b", "c"], [" great .", " awful .", " long and boring ."])
     assert len(scores) == 3 and all(isinstance(s, float) for s in scores)
@@ -29,10 +40,107 @@ def test_hf_classifier_loads_a_local_directory(tmp_path, tiny_model_dir):
     assert reward(["c"], [" long and boring ."])[0] == pytest.approx(scores[2], abs=1e-5)
 
 
+def test_hf_classifier_label_output_and_input(tmp_path, tiny_model_dir):
+    model, tokenizer = save_tiny_classifier(tmp_path, tiny_model_dir, num_labels=3,
+                                            names=["hate", "neutral", "offensive"])
+    prompts, responses = ["the film was", "i felt"], [" great and fun .", " dull ."]
+
+    def expected(texts):
+        logits = []
+        for text in texts:  # one at a time: no padding
+            with torch.no_grad():
+                logits.append(model(**tokenizer(text, return_tensors="pt")).logits[0])
+        return torch.stack(logits)
+
+    def scores(**options):
+        cfg = RewardConfig(name="hf-classifier", name_or_path=str(tmp_path), **options)
+        return torch.tensor(load_reward_model(cfg)(prompts, responses))
+
+    on_response = expected(responses)
+    on_both = expected([p + r for p, r in zip(prompts, responses)])
+    assert torch.allclose(scores(label="neutral", input="response"), on_response[:, 1], atol=1e-5)
+    assert torch.allclose(scores(label=1, input="response"), on_response[:, 1], atol=1e-5)
+    assert torch.allclose(scores(label="offensive"), on_both[:, 2], atol=1e-5)  # prompt+response by default
+    assert torch.allclose(scores(label=1, input="response", output="prob"), on_response.softmax(-1)[:, 1],
+                          atol=1e-5)
+    assert torch.allclose(scores(label=1, input="response", output="log_prob"),
+                          on_response.log_softmax(-1)[:, 1], atol=1e-5)
+
+
+def test_one_label_probability_is_a_sigmoid():
+    logits = torch.tensor([[0.0], [2.0]])
+    assert torch.allclose(label_score(logits, 0, "prob"), torch.sigmoid(logits[:, 0]))
+    assert torch.allclose(label_score(logits, 0, "log_prob"), torch.log(torch.sigmoid(logits[:, 0])))
+
+
+def test_hf_classifier_errors(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    three = tmp_path / "three"
+    save_tiny_classifier(three, tiny_model_dir, num_labels=3, names=["hate", "neutral", "offensive"])
+    with pytest.raises(UserError, match=r"reward.label: 'nice' is not a label of .* 0=hate, 1=neutral"):
+        load_reward_model(RewardConfig(name="hf-classifier", name_or_path=str(three), label="nice"))
+    with pytest.raises(UserError, match="reward.label: '3' is not a label"):
+        load_reward_model(RewardConfig(name="hf-classifier", name_or_path=str(three), label=3))
+    with pytest.raises(UserError, match="reward.label: required .* which has 3 labels"):
+        load_reward_model(RewardConfig(name="hf-classifier", name_or_path=str(three)))
+    reward = load_reward_model(RewardConfig(name="hf-classifier", name_or_path=str(three), label=0,
+                                            input="response"))
+    with pytest.raises(UserError, match="response 1 .* is empty"):
+        reward(["a", "b"], [" fine .", ""])
+    # A causal LM checkpoint has no classification head: loading it must not invent a random one.
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "lm")
+    save_tiny_classifier(tmp_path / "unused", tiny_model_dir, num_labels=1)[1].save_pretrained(tmp_path / "lm")
+    with pytest.raises(UserError, match="is not a sequence classifier"):
+        load_reward_model(RewardConfig(name="hf-classifier", name_or_path=str(tmp_path / "lm")))
+
+
+def length_reward(prompts, responses):
+    return [float(len(r.split())) for r in responses]
+
+
+def wrong_count(prompts, responses):
+    return [1.0]
+
+
+def not_numbers(prompts, responses):
+    return ["high"] * len(responses)
+
+
+def one_argument(responses):
+    return [0.0] * len(responses)
+
+
+def test_callable_reward():
+    reward = load_reward_model(RewardConfig(name="callable", function=f"{__name__}:length_reward"))
+    assert reward(["p", "q"], [" a b c", " d"]) == [3.0, 1.0]
+
+
+@pytest.mark.parametrize("function, message", [
+    (None, "reward.function: expected module:function"),
+    ("no_such_module:f", "reward.function: cannot import 'no_such_module:f'"),
+    (f"{__name__}:nothing_here", "cannot import"),
+    (f"{__name__}:one_argument", "must accept \\(prompts, responses\\)"),
+])
+def test_callable_reward_bad_function(function, message):
+    with pytest.raises(UserError, match=message):
+        load_reward_model(RewardConfig(name="callable", function=function))
+
+
+@pytest.mark.parametrize("function, message", [
+    ("wrong_count", "returned 1 values for 2 responses"),
+    ("not_numbers", "returned 'high'; expected a number"),
+])
+def test_callable_reward_bad_output(function, message):
+    reward = load_reward_model(RewardConfig(name="callable", function=f"{__name__}:{function}"))
+    with pytest.raises(UserError, match=message):
+        reward(["p", "q"], [" a", " b"])
+
+
 @pytest.mark.parametrize("cfg, message", [
     (RewardConfig(name="nope"), "reward.name: unknown reward model 'nope'"),
     (RewardConfig(name="hf-classifier"), "reward.name_or_path: required"),
-    (RewardConfig(name="hf-classifier", name_or_path="no/such-model"), "reward.name_or_path: cannot load"),
+    (RewardConfig(name="hf-classifier", name_or_path="no/such-model"), "reward.name_or_path: cannot load 'no/such-model'"),
 ])
 def test_bad_reward_config(cfg, message):
     with pytest.raises(UserError, match=message):
