@@ -5,6 +5,7 @@
     llm-iif classic compare RECIPE [--methods ...] [--seeds ...] [--set ...] [--output-dir DIR]
     llm-iif classic diagnose RECIPE [--round K] [--action-target S,A] [--bottom N] [--set ...] [--output-dir DIR]
     llm-iif classic intervene RECIPE [--rounds 1-10] [--seeds 0,1,2] [--set ...] [--output-dir DIR]
+    llm-iif reward train RECIPE [--set ...] [--output-dir DIR]
 
 Bad input (a `UserError`) prints one line and exits with code 2; ``--debug`` shows the traceback instead.
 """
@@ -34,12 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
         "diagnose", help="influence of round K's records against Monte-Carlo advantages (discrete states)")
     intervene = classic_commands.add_parser(
         "intervene", help="redo chosen rounds' updates without negative-influence or random records")
-    for command in (train, compare, classic_compare, diagnose, intervene):
+    reward = commands.add_parser("reward", help="reward models")
+    reward_train = reward.add_subparsers(dest="reward_command", required=True).add_parser(
+        "train", help="train a reward model on preference pairs with trl's RewardTrainer")
+    for command in (train, compare, classic_compare, diagnose, intervene, reward_train):
         command.add_argument("recipe", help="path to a YAML recipe, e.g. recipes/tiny-sentiment.yaml")
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                              help="override a recipe value (repeatable); the value is parsed as YAML")
         command.add_argument("--debug", action="store_true", help="show full tracebacks for bad input")
     train.add_argument("--output-dir", help="where metrics, samples and checkpoints go (overrides run.output_dir)")
+    reward_train.add_argument("--output-dir", help="where model/ and eval.json go (overrides run.output_dir)")
     for command, output_dir in ((compare, "runs/compare"), (classic_compare, "runs/classic-compare")):
         command.add_argument("--output-dir", default=output_dir, help="one sub-directory per method and seed")
         command.add_argument("--methods", default="standard,iif,random",
@@ -59,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        command = args.command if args.command != "classic" else f"classic {args.classic_command}"
+        sub = {"classic": "classic_command", "reward": "reward_command"}.get(args.command)
+        command = f"{args.command} {getattr(args, sub)}" if sub else args.command
         return COMMANDS[command](args)
     except UserError as err:
         if args.debug:
@@ -200,8 +206,28 @@ def _compare(args) -> int:
     return 0
 
 
+def _reward_train(args) -> int:
+    from llm_iif.config import RewardTrainRecipe, load_recipe
+
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"run.output_dir={args.output_dir}")
+    recipe = load_recipe(args.recipe, overrides, kind=RewardTrainRecipe)
+    quiet_libraries()
+
+    from llm_iif.reward_training import train_reward_model
+
+    metrics = train_reward_model(recipe)
+    print(f"held-out pairwise accuracy {metrics['heldout_accuracy']:.3f} on {metrics['heldout_pairs']} pairs "
+          f"(train {metrics['train_accuracy']:.3f}, {metrics['train_pairs']} training pairs)")
+    print(f"outputs in {recipe.run.output_dir}: model/ (load it with reward.name: hf-classifier, "
+          "input: prompt+response, append_eos: true), eval.json")
+    return 0
+
+
 COMMANDS = {"train": _train, "compare": _compare, "classic compare": _classic_compare,
-            "classic diagnose": _classic_diagnose, "classic intervene": _classic_intervene}
+            "classic diagnose": _classic_diagnose, "classic intervene": _classic_intervene,
+            "reward train": _reward_train}
 
 
 def quiet_libraries() -> None:

@@ -60,6 +60,9 @@ class RewardConfig:
     """hf-classifier: the scored label, an index or a name from id2label (optional for a one-label model)."""
     output: Literal["logit", "prob", "log_prob"] = "logit"
     input: Literal["response", "prompt+response"] = "prompt+response"
+    append_eos: bool = False
+    """hf-classifier: end every text with the tokenizer's EOS, as trl's RewardTrainer does in training
+    (true for reward models from `llm-iif reward train`)."""
     batch_size: int = 32
     max_length: int = 512
     device: Optional[str] = None
@@ -147,6 +150,70 @@ class Recipe:
         _check_values(self, source)
 
 
+# ---------------------------------------------------------------------------------------------- reward models
+# recipes/*-reward-model.yaml: `llm-iif reward train`, a sequence classifier trained on preference pairs.
+
+@dataclass
+class ClassifierBaseConfig:
+    name_or_path: str
+    """The model the reward model starts from (a one-label classification head is added): a hub id, a local
+    directory, or builtin:tiny-sentiment."""
+
+
+@dataclass
+class PreferenceDataConfig:
+    source: str
+    """builtin:tiny-preferences, a local .json/.jsonl/.parquet file, or a `datasets` hub id."""
+    split: str = "train"
+    prompt_column: Optional[str] = "prompt"
+    """null for pairs without a prompt; otherwise the prompt is put before both responses."""
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
+    validation_fraction: float = 0.1
+    """Held-out pairs for the pairwise accuracy."""
+
+
+@dataclass
+class RewardTrainingConfig:
+    epochs: float = 1.0
+    learning_rate: float = 1.0e-3
+    batch_size: int = 32
+    max_length: int = 128
+    """Pairs with a longer chosen or rejected text (in tokens) are left out, as trl's RewardTrainer does."""
+    use_lora: bool = False
+    """Train LoRA adapters (shaped by the lora section) plus the head, then merge them into the saved model."""
+
+
+@dataclass
+class RewardRunConfig:
+    output_dir: str = "runs/reward-model"
+    seed: int = 0
+
+
+@dataclass
+class RewardTrainRecipe:
+    model: ClassifierBaseConfig
+    data: PreferenceDataConfig
+    train: RewardTrainingConfig = field(default_factory=RewardTrainingConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    run: RewardRunConfig = field(default_factory=RewardRunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def check(self, source: str) -> None:
+        def require(ok: bool, key: str, expected: str):
+            if not ok:
+                section, name = key.split(".")
+                raise UserError(f"{source}: {key}: expected {expected}, got "
+                                f"{getattr(getattr(self, section), name)!r}")
+
+        require(0.0 < self.data.validation_fraction < 1.0, "data.validation_fraction", "a value in (0, 1)")
+        for key in ("train.epochs", "train.learning_rate", "train.batch_size", "train.max_length", "lora.r"):
+            section, name = key.split(".")
+            require(getattr(getattr(self, section), name) > 0, key, "a positive number")
+
+
 # ---------------------------------------------------------------------------------------------- classic RL
 # recipes/classic/*.yaml: Stable-Baselines3 PPO (+ IIF) on a gymnasium environment. Defaults are the paper's.
 
@@ -230,7 +297,7 @@ class ClassicRecipe:
 
 
 def load_recipe(path: str | Path, overrides: list[str] = (), kind: type = Recipe):
-    """Read, override and validate a recipe of ``kind`` (`Recipe` or `ClassicRecipe`).
+    """Read, override and validate a recipe of ``kind`` (`Recipe`, `ClassicRecipe` or `RewardTrainRecipe`).
 
     Raises `UserError` naming the file and key on bad input."""
     path = Path(path)

@@ -52,15 +52,24 @@ def save_checkpoint(policy, tokenizer, directory: Path, state: dict) -> None:
     ``PeftModel.from_pretrained(base_model, directory)`` loads the adapter; the value head is a plain
     safetensors file with the keys ``weight`` [1, H] and ``bias`` [1].
     """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
-    try:
+    def write(tmp: Path) -> None:
         policy.lm.save_pretrained(tmp)
         save_file({k: v.detach().cpu().contiguous() for k, v in policy.value_head.state_dict().items()},
                   tmp / "value_head.safetensors")
         tokenizer.save_pretrained(tmp)
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+
+    write_directory_atomically(directory, write)
+
+
+def write_directory_atomically(directory: Path, write) -> None:
+    """Call ``write(tmp)`` to fill a fresh temporary directory, then swap it in for ``directory``: a reader
+    never sees a half-written directory, and an interrupted write leaves the previous one in place."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    try:
+        write(tmp)
         if directory.exists():
             old = directory.with_name(f".{directory.name}-old")
             shutil.rmtree(old, ignore_errors=True)

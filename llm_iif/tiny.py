@@ -9,6 +9,7 @@ The trainer then loads it with the ordinary ``from_pretrained`` path, like any o
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -92,6 +93,44 @@ def positive_review_pairs(num_pairs: int = 512, seed: int = 1) -> dict[str, list
         pairs["prompt"].append(_fill(prefix, "positive", rng))
         pairs["response"].append(_fill(rest, "positive", rng))
     return pairs
+
+
+def hidden_preference_score(prompts: list[str], responses: list[str]) -> list[float]:
+    """The hidden rule behind ``builtin:tiny-preferences``: the response's VADER compound sentiment plus a
+    taste for detail, +0.1 per word up to 10 words. A reward model learned from the ranked pairs sees only
+    the rankings, so it approximates this rule imperfectly, as learned reward models do."""
+    analyzer = _vader()
+    return [analyzer.polarity_scores(r)["compound"] + 0.1 * min(len(r.split()), 10) for r in responses]
+
+
+def preference_pairs(num_pairs: int = 3000, seed: int = 2) -> dict[str, list[str]]:
+    """(prompt, chosen, rejected) triples: two generated continuations of the same prompt, the one that
+    `hidden_preference_score` rates higher chosen. Pairs the rule rates within 0.05 of each other are skipped."""
+    rng = random.Random(seed)
+    by_prefix: dict[str, list[str]] = {}
+    for prefix, rest in TEMPLATES:
+        by_prefix.setdefault(prefix, []).append(rest)
+    pairs = {"prompt": [], "chosen": [], "rejected": []}
+    while len(pairs["prompt"]) < num_pairs:
+        prefix = rng.choice(sorted(by_prefix))
+        prompt = _fill(prefix, "neutral", rng)
+        a, b = (_fill(rng.choice(by_prefix[prefix]), rng.choice(["positive", "negative", "neutral"]), rng)
+                for _ in range(2))
+        score_a, score_b = hidden_preference_score([prompt] * 2, [a, b])
+        if abs(score_a - score_b) < 0.05:
+            continue
+        chosen, rejected = (a, b) if score_a > score_b else (b, a)
+        pairs["prompt"].append(prompt)
+        pairs["chosen"].append(chosen)
+        pairs["rejected"].append(rejected)
+    return pairs
+
+
+@functools.lru_cache(maxsize=1)
+def _vader():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    return SentimentIntensityAnalyzer()
 
 
 def _fill(template: str, polarity: str, rng: random.Random) -> str:

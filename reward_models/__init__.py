@@ -26,7 +26,7 @@ def _hf_classifier(cfg, device) -> RewardModel:
     import torch
 
     return HFClassifierReward(cfg.name_or_path, label=cfg.label, output=cfg.output, input=cfg.input,
-                              batch_size=cfg.batch_size, max_length=cfg.max_length, device=cfg.device or device,
+                              append_eos=cfg.append_eos, batch_size=cfg.batch_size, max_length=cfg.max_length, device=cfg.device or device,
                               dtype=getattr(torch, cfg.dtype))
 
 

@@ -2,7 +2,8 @@
 
 It reads the decoded text with its own tokenizer, so any policy pairs with any reward model. The score of
 sample i is one label's ``logit``, ``prob`` or ``log_prob`` (softmax over the labels; a sigmoid for a one-label
-model, e.g. one trained with trl's RewardTrainer) on the response alone or on prompt + response.
+model, e.g. one trained with trl's RewardTrainer) on the response alone or on prompt + response. A model
+trained with trl's RewardTrainer saw every text end in EOS, so it is scored with ``append_eos``.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ class HFClassifierReward:
     it may be left out for a one-label model."""
 
     def __init__(self, name_or_path: str | None, label: int | str | None = None, output: str = "logit",
-                 input: str = "prompt+response", batch_size: int = 32, max_length: int = 512, device="cpu",
-                 dtype: torch.dtype = torch.float32):
+                 input: str = "prompt+response", append_eos: bool = False, batch_size: int = 32,
+                 max_length: int = 512, device="cpu", dtype: torch.dtype = torch.float32):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         if not name_or_path:
@@ -39,7 +40,7 @@ class HFClassifierReward:
                             f"has no classification head (missing {sorted(info['missing_keys'])[0]})")
         self.model.to(device).eval()
         self.label = self._label_index(label, name_or_path)
-        self.output, self.input = output, input
+        self.output, self.input, self.append_eos = output, input, append_eos
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
@@ -68,6 +69,8 @@ class HFClassifierReward:
             raise UserError(f"reward: response {empty[0]} (of {len(responses)}) is empty, and a classifier cannot "
                             "score empty text; set ppo.min_new_tokens >= 1 or reward.input: prompt+response")
         texts = responses if self.input == "response" else [p + r for p, r in zip(prompts, responses)]
+        if self.append_eos:  # trl's RewardTrainer trains on text + EOS and reads the score there
+            texts = [t + self.tokenizer.eos_token for t in texts]
         scores: list[float] = []
         for start in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(texts[start:start + self.batch_size], padding=True, truncation=True,

@@ -1,0 +1,101 @@
+"""`llm-iif reward train`: a reward model from preference pairs with trl's ``RewardTrainer``.
+
+The model is the base checkpoint with a one-label sequence-classification head, trained on
+prompt + chosen vs prompt + rejected (the Bradley-Terry loss of ``RewardTrainer``), optionally through LoRA
+adapters that are merged before saving. ``OUTPUT_DIR/model`` is a plain ``from_pretrained`` directory that
+the ``hf-classifier`` reward loads as it is (with ``input: prompt+response`` and ``append_eos: true``), and ``OUTPUT_DIR/eval.json``
+holds the pairwise accuracy on held-out pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+from pathlib import Path
+
+from llm_iif.data import read_text_columns
+from llm_iif.errors import UserError
+from llm_iif.outputs import atomic_write_text, write_directory_atomically
+from llm_iif.tiny import resolve_builtin
+
+
+def load_preference_pairs(recipe) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(train, held-out) pairs as {"chosen": [...], "rejected": [...]} texts, the prompt already in front."""
+    data = recipe.data
+    columns = {data.chosen_column: "data.chosen_column", data.rejected_column: "data.rejected_column"}
+    if data.prompt_column:
+        columns = {data.prompt_column: "data.prompt_column", **columns}
+    table = read_text_columns(data.source, "data.source", columns, data.split)
+    prompts = table[data.prompt_column] if data.prompt_column else [""] * len(table[data.chosen_column])
+    rows = [(p + c, p + r) for p, c, r in zip(prompts, table[data.chosen_column], table[data.rejected_column])]
+    random.Random(recipe.run.seed).shuffle(rows)
+    n_held_out = max(1, int(len(rows) * data.validation_fraction))
+    if n_held_out >= len(rows):
+        raise UserError(f"data.source: '{data.source}' has {len(rows)} pair(s); too few to hold out "
+                        f"{data.validation_fraction:.0%} and train on the rest")
+
+    def as_columns(part):
+        return {"chosen": [c for c, _ in part], "rejected": [r for _, r in part]}
+
+    return as_columns(rows[n_held_out:]), as_columns(rows[:n_held_out])
+
+
+def pairwise_accuracy(reward, pairs: dict[str, list[str]]) -> float:
+    """Share of pairs whose chosen text the reward model scores above the rejected one."""
+    empty = [""] * len(pairs["chosen"])
+    chosen, rejected = reward(empty, pairs["chosen"]), reward(empty, pairs["rejected"])
+    return sum(c > r for c, r in zip(chosen, rejected)) / len(chosen)
+
+
+def train_reward_model(recipe) -> dict:
+    """Train, save OUTPUT_DIR/model atomically, and return (and write) eval.json's content."""
+    import datasets
+    import peft
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    from reward_models.hf_classifier import HFClassifierReward
+
+    train_pairs, held_out = load_preference_pairs(recipe)
+    base = resolve_builtin(recipe.model.name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    except OSError as err:
+        raise UserError(f"model.name_or_path: cannot load '{recipe.model.name_or_path}' "
+                        f"({str(err).splitlines()[0]})") from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+    output_dir = Path(recipe.run.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    cfg = recipe.train
+    lora = recipe.lora
+    peft_config = (peft.LoraConfig(task_type="SEQ_CLS", r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                   target_modules=lora.target_modules) if cfg.use_lora else None)
+    with tempfile.TemporaryDirectory(prefix=".trainer-", dir=output_dir) as scratch:
+        args = RewardConfig(output_dir=scratch, num_train_epochs=cfg.epochs, learning_rate=cfg.learning_rate,
+                            per_device_train_batch_size=cfg.batch_size, max_length=cfg.max_length,
+                            seed=recipe.run.seed, save_strategy="no", report_to=[], logging_steps=10,
+                            use_cpu=not torch.cuda.is_available())
+        trainer = RewardTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict(train_pairs),
+                                processing_class=tokenizer, peft_config=peft_config)
+        result = trainer.train()
+    model = trainer.model
+    if isinstance(model, peft.PeftModel):
+        model = model.merge_and_unload()
+    write_directory_atomically(output_dir / "model",
+                               lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+
+    reward = HFClassifierReward(str(output_dir / "model"), input="prompt+response", append_eos=True,
+                                max_length=cfg.max_length)
+    sample = {k: v[:len(held_out["chosen"])] for k, v in train_pairs.items()}
+    metrics = {"heldout_accuracy": pairwise_accuracy(reward, held_out),
+               "train_accuracy": pairwise_accuracy(reward, sample),
+               "train_pairs": len(train_pairs["chosen"]), "heldout_pairs": len(held_out["chosen"]),
+               "train_loss": result.training_loss, "use_lora": cfg.use_lora}
+    atomic_write_text(output_dir / "eval.json", json.dumps(metrics, indent=2))
+    return metrics

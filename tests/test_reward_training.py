@@ -1,0 +1,71 @@
+"""`llm-iif reward train`: trl's RewardTrainer on preference pairs, saved for the hf-classifier reward."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llm_iif.config import RewardConfig
+from llm_iif.tiny import hidden_preference_score, preference_pairs
+from reward_models import load_reward_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_pairs(path: Path, n: int, columns=("prompt", "chosen", "rejected")) -> Path:
+    pairs = preference_pairs(num_pairs=n, seed=5)
+    path.write_text("".join(json.dumps({c: pairs[c][i] for c in columns}) + "\n" for i in range(n)))
+    return path
+
+
+def reward_train(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llm_iif", "reward", "train",
+                           str(REPO / "recipes/tiny-reward-model.yaml"), *args],
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_preference_pairs_follow_the_hidden_rule():
+    pairs = preference_pairs(num_pairs=50)
+    chosen = hidden_preference_score(pairs["prompt"], pairs["chosen"])
+    rejected = hidden_preference_score(pairs["prompt"], pairs["rejected"])
+    assert all(c > r for c, r in zip(chosen, rejected))
+
+
+def test_reward_train_learns_the_preferences_and_saves_a_loadable_model(tmp_path):
+    data = write_pairs(tmp_path / "pairs.jsonl", 600)
+    proc = reward_train("--set", f"data.source={data}", "--set", "train.epochs=1", "--set", "data.validation_fraction=0.2",
+                        "--output-dir", str(tmp_path / "rm"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metrics = json.loads((tmp_path / "rm" / "eval.json").read_text())
+    assert metrics["heldout_pairs"] == 120 and metrics["train_pairs"] == 480
+    assert metrics["heldout_accuracy"] >= 0.75  # chance is 0.5
+    # The saved directory is what the hf-classifier reward loads, as it is.
+    reward = load_reward_model(RewardConfig(name="hf-classifier", name_or_path=str(tmp_path / "rm" / "model"),
+                                            append_eos=True))
+    good, bad = reward(["the food was"] * 2, [" really wonderful and the staff was friendly .", " awful ."])
+    assert good > bad
+
+
+def test_reward_train_with_lora_saves_a_merged_model(tmp_path):
+    data = write_pairs(tmp_path / "pairs.jsonl", 80, columns=("chosen", "rejected"))
+    proc = reward_train("--set", f"data.source={data}", "--set", "data.prompt_column=null", "--set", "train.epochs=1",
+                        "--set", "train.use_lora=true", "--output-dir", str(tmp_path / "rm"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (tmp_path / "rm" / "model" / "adapter_config.json").exists()
+    assert json.loads((tmp_path / "rm" / "eval.json").read_text())["use_lora"] is True
+    load_reward_model(RewardConfig(name="hf-classifier", name_or_path=str(tmp_path / "rm" / "model")))
+
+
+@pytest.mark.parametrize("columns, override, message", [
+    (("prompt", "chosen"), [], "data.rejected_column: 'rejected' is not a column of"),
+    (("prompt", "chosen", "rejected"), ["--set", "data.chosen_column=better"],
+     "data.chosen_column: 'better' is not a column of"),
+])
+def test_preference_file_with_missing_columns(tmp_path, columns, override, message):
+    data = write_pairs(tmp_path / "pairs.jsonl", 10, columns=columns)
+    proc = reward_train("--set", f"data.source={data}", *override, "--output-dir", str(tmp_path / "rm"))
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
