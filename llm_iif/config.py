@@ -202,16 +202,10 @@ class RewardTrainRecipe:
         return dataclasses.asdict(self)
 
     def check(self, source: str) -> None:
-        def require(ok: bool, key: str, expected: str):
-            if not ok:
-                section, name = key.split(".")
-                raise UserError(f"{source}: {key}: expected {expected}, got "
-                                f"{getattr(getattr(self, section), name)!r}")
-
+        require = _requirement(self, source)
         require(0.0 < self.data.validation_fraction < 1.0, "data.validation_fraction", "a value in (0, 1)")
         for key in ("train.epochs", "train.learning_rate", "train.batch_size", "train.max_length", "lora.r"):
-            section, name = key.split(".")
-            require(getattr(getattr(self, section), name) > 0, key, "a positive number")
+            require(_value(self, key) > 0, key, "a positive number")
 
 
 # ---------------------------------------------------------------------------------------------- classic RL
@@ -275,18 +269,11 @@ class ClassicRecipe:
         return dataclasses.asdict(self)
 
     def check(self, source: str) -> None:
-        def require(ok: bool, key: str, expected: str):
-            if not ok:
-                section, name = key.split(".")
-                raise UserError(f"{source}: {key}: expected {expected}, got "
-                                f"{getattr(getattr(self, section), name)!r}")
-
+        require = _requirement(self, source)
         for key in ("env.n_envs", "ppo.n_steps", "ppo.batch_size", "ppo.n_epochs", "run.rounds", "run.eval_episodes"):
-            section, name = key.split(".")
-            require(getattr(getattr(self, section), name) > 0, key, "a positive integer")
+            require(_value(self, key) > 0, key, "a positive integer")
         for key in ("ppo.learning_rate", "ppo.clip_range", "ppo.max_grad_norm"):
-            section, name = key.split(".")
-            require(getattr(getattr(self, section), name) > 0, key, "a positive number")
+            require(_value(self, key) > 0, key, "a positive number")
         require(0.0 <= self.ppo.gamma <= 1.0, "ppo.gamma", "a value in [0, 1]")
         require(0.0 <= self.ppo.gae_lambda <= 1.0, "ppo.gae_lambda", "a value in [0, 1]")
         require(0.0 <= self.iif.p <= 1.0, "iif.p", "a value in [0, 1]")
@@ -410,14 +397,23 @@ def _type_name(hint: type) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
 
 
+def _value(recipe, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(recipe, section), name)
+
+
+def _requirement(recipe, source: str):
+    """``require(ok, key, expected)``: raise a UserError naming the file, ``key`` and its value unless ``ok``."""
+    def require(ok: bool, key: str, expected: str) -> None:
+        if not ok:
+            raise UserError(f"{source}: {key}: expected {expected}, got {_value(recipe, key)!r}")
+    return require
+
+
 def _check_values(recipe: Recipe, source: str) -> None:
     """Range checks that types alone cannot express."""
 
-    def require(ok: bool, key: str, expected: str):
-        if not ok:
-            section, name = key.split(".")
-            value = getattr(getattr(recipe, section), name)
-            raise UserError(f"{source}: {key}: expected {expected}, got {value!r}")
+    require = _requirement(recipe, source)
 
     require(recipe.lora.r > 0, "lora.r", "a positive integer")
     require(0.0 <= recipe.lora.dropout < 1.0, "lora.dropout", "a value in [0, 1)")

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from llm_iif.cli import main
-from llm_iif.config import load_recipe
+from llm_iif.config import Recipe, load_recipe
 from llm_iif.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,8 +27,13 @@ def write(tmp_path, recipe) -> Path:
 
 
 def test_shipped_recipes_load():
-    for path in (REPO / "recipes").glob("*.yaml"):
-        load_recipe(path)
+    from llm_iif.config import ClassicRecipe, RewardTrainRecipe
+
+    for folder, kind in (("", Recipe), ("classic", ClassicRecipe), ("reward", RewardTrainRecipe)):
+        paths = sorted((REPO / "recipes" / folder).glob("*.yaml"))
+        assert paths, folder
+        for path in paths:
+            load_recipe(path, kind=kind)
 
 
 def test_defaults_fill_missing_sections(tmp_path):

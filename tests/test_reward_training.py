@@ -24,7 +24,7 @@ def write_pairs(path: Path, n: int, columns=("prompt", "chosen", "rejected")) ->
 
 def reward_train(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "llm_iif", "reward", "train",
-                           str(REPO / "recipes/tiny-reward-model.yaml"), *args],
+                           str(REPO / "recipes/reward/tiny.yaml"), *args],
                           capture_output=True, text=True, timeout=900)
 
 
