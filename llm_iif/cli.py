@@ -265,6 +265,10 @@ def _print_comparison(summary: dict, output_dir, reward_name: str = "final rewar
             row += (f" {_pm(vs['SE_ave'])} {_pm(vs['SE_peak'])} {_pm(vs['RT_peak'])}"
                     f" {vs['rounds_to_standard_final'][0]:>20.2f}")
         print(row)
+    for key in sorted({k for entry in summary["methods"].values() for k in entry if k.startswith("final_reward/")}):
+        print(f"{key[len('final_'):]} (not trained on), last rounds: " + ", ".join(
+            f"{method} {entry[key][0]:+.3f}±{entry[key][1]:.3f}" for method, entry in summary["methods"].items()
+            if key in entry))
     written = ", ".join(path.name for path in sorted(Path(output_dir).glob("*.*")))
     print(f"outputs in {output_dir}: {written}")
 

@@ -88,6 +88,11 @@ def mean_and_sem(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
+def reported_rewards(history: list[dict]) -> list[str]:
+    """The ``reward/NAME`` metrics (`reward.report` scores) a run logged."""
+    return [key for key in history[0] if key.startswith("reward/")]
+
+
 def summarize(histories: dict[str, dict[int, list[dict]]], smooth: int = 5) -> dict:
     """summary.json's content from {method: {seed: per-round metrics}}."""
     summary = {"smooth": smooth, "levels": list(LEVELS), "methods": {}}
@@ -103,6 +108,8 @@ def summarize(histories: dict[str, dict[int, list[dict]]], smooth: int = 5) -> d
             if "kl" in history[0]:  # LM runs: a reward gained by drifting from the reference shows up here
                 run["kl"] = [m["kl"] for m in history]
                 run["final_kl"] = trailing_mean(run["kl"], smooth)[-1]
+            for key in reported_rewards(history):  # e.g. the hidden rule behind a learned reward model
+                run[f"final_{key}"] = trailing_mean([m[key] for m in history], smooth)[-1]
             if standard and method != "standard" and seed in standard:
                 base = standard[seed]
                 run["vs_standard"] = efficiency([m["reward_mean"] for m in base], run["reward"],
@@ -110,8 +117,9 @@ def summarize(histories: dict[str, dict[int, list[dict]]], smooth: int = 5) -> d
             entry["seeds"][str(seed)] = run
         runs = list(entry["seeds"].values())
         entry["final_reward"] = mean_and_sem([r["final_reward"] for r in runs])
-        if all("final_kl" in r for r in runs):
-            entry["final_kl"] = mean_and_sem([r["final_kl"] for r in runs])
+        for key in ["final_kl", *(f"final_{k}" for k in reported_rewards(next(iter(by_seed.values()))))]:
+            if all(key in r for r in runs):
+                entry[key] = mean_and_sem([r[key] for r in runs])
         entry["mean_round_s"] = mean_and_sem([r["wall_time_s"] / len(r["reward"]) for r in runs])
         entry["mean_kept_fraction"] = mean_and_sem([sum(r["kept_fraction"]) / len(r["kept_fraction"]) for r in runs])
         if all("vs_standard" in r for r in runs) and runs:

@@ -70,6 +70,9 @@ class RewardConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     function: Optional[str] = None
     """callable: module:function taking (prompts, responses) and returning one float per response."""
+    report: dict = field(default_factory=dict)
+    """Scores logged every round as reward/NAME but not trained on: NAME -> module:function, e.g. the hidden
+    rule a learned reward model approximates."""
 
 
 @dataclass

@@ -27,6 +27,8 @@ BUILTIN_PREFIX = "builtin:"
 TINY_MODEL_NAME = "tiny-sentiment"
 # Bump when the corpus, tokenizer or warm-up changes so stale caches are not reused.
 TINY_MODEL_VERSION = "v2"
+TINY_REWARD_MODEL_NAME = "tiny-reward-model"
+TINY_REWARD_MODEL_VERSION = "v1"
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<pad>"
 
@@ -149,15 +151,38 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LLM_IIF_CACHE", Path.home() / ".cache" / "llm_iif"))
 
 
-def resolve_builtin(name_or_path: str) -> str:
-    """Map ``builtin:tiny-sentiment`` to its cached directory, building it on first use; pass others through."""
+def resolve_builtin(name_or_path: str, key: str = "model.name_or_path") -> str:
+    """Map ``builtin:NAME`` to its cached directory, building it on first use; pass others through.
+
+    Built-ins: ``tiny-sentiment`` (the tiny GPT-2) and ``tiny-reward-model`` (a classifier trained on
+    ``builtin:tiny-preferences``). ``key`` names the recipe key in errors."""
     if not name_or_path.startswith(BUILTIN_PREFIX):
         return name_or_path
+    builders = {TINY_MODEL_NAME: ensure_tiny_model, TINY_REWARD_MODEL_NAME: ensure_tiny_reward_model}
     name = name_or_path[len(BUILTIN_PREFIX):]
-    if name != TINY_MODEL_NAME:
-        raise UserError(f"model.name_or_path: unknown built-in model '{name_or_path}' "
-                        f"(expected {BUILTIN_PREFIX}{TINY_MODEL_NAME})")
-    return str(ensure_tiny_model())
+    if name not in builders:
+        raise UserError(f"{key}: unknown built-in model '{name_or_path}' "
+                        f"(expected one of: {', '.join(BUILTIN_PREFIX + n for n in builders)})")
+    return str(builders[name]())
+
+
+def ensure_tiny_reward_model() -> Path:
+    """The cached tiny reward model directory, trained with `llm-iif reward train`'s code on first use: the
+    tiny GPT-2 with a one-label head, 1 epoch over the 2,700 training pairs of ``builtin:tiny-preferences``."""
+    from llm_iif.config import RewardTrainRecipe, recipe_from_dict
+    from llm_iif.reward_training import train_reward_model
+
+    target = cache_dir() / f"{TINY_REWARD_MODEL_NAME}-{TINY_REWARD_MODEL_VERSION}"
+    if not (target / "model" / "config.json").is_file():
+        recipe = recipe_from_dict({"model": {"name_or_path": BUILTIN_PREFIX + TINY_MODEL_NAME},
+                                   "data": {"source": "builtin:tiny-preferences"},
+                                   "train": {"epochs": 1, "max_length": 64},
+                                   "run": {"output_dir": str(target)}}, source="builtin:tiny-reward-model",
+                                  kind=RewardTrainRecipe)
+        logger.warning("building builtin:tiny-reward-model (once; cached in %s)", target)
+        with torch.random.fork_rng(devices=[]):
+            train_reward_model(recipe)
+    return target / "model"
 
 
 def ensure_tiny_model(seed: int = 0) -> Path:

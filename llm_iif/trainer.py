@@ -37,6 +37,7 @@ from llm_iif.policy import load_policy
 from llm_iif.rollout import (Rollout, at_response_positions, response_logprobs, sample_responses, score_tokens,
                              select_rows, tokenize_pairs)
 from reward_models import load_reward_model
+from reward_models.python_callable import CallableReward
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +68,9 @@ class PPOTrainer:
         self.output_dir = Path(recipe.run.output_dir)
 
         set_seed(recipe.run.seed)  # same LoRA and value-head init on every process
-        with acc.main_process_first():  # the built-in model is built once, by the main process
+        with acc.main_process_first():  # built-in models are built once, by the main process
             policy, self.tokenizer = load_policy(recipe.model, recipe.lora)
+            self.reward_model = load_reward_model(recipe.reward, device=acc.device)
         self.prompts = load_prompts(recipe.data, self.tokenizer, recipe.run.seed)
         self.validation = None
         if recipe.iif.enabled:
@@ -76,7 +78,8 @@ class PPOTrainer:
                 raise UserError(f"iif.val_size: {recipe.iif.val_size} does not divide evenly over "
                                 f"{acc.num_processes} processes")
             self.validation = load_validation_set(recipe.iif, self.prompts)
-        self.reward_model = load_reward_model(recipe.reward, device=acc.device)
+        self.report_rewards = {name: CallableReward(path, key=f"reward.report.{name}")
+                               for name, path in recipe.reward.report.items()}
         # Rollout, scoring and update all run in eval mode: no dropout, as in the paper.
         policy.eval()
         trainable = [p for p in policy.parameters() if p.requires_grad]
@@ -134,7 +137,8 @@ class PPOTrainer:
         update_stats = self.update(rollout.select(keep), targets.select(keep))
         timings["time_update_s"] = time.perf_counter() - t_update
 
-        metrics = self._round_metrics(k, rollout, targets, update_stats, nonfinite, kl_coef)
+        metrics = {**self._round_metrics(k, rollout, targets, update_stats, nonfinite, kl_coef),
+                   **self._report_metrics(rollout)}
         # The controller sees the whole batch's KL, filtered or not, as in the paper.
         self.kl_controller.update(metrics["kl"], self.recipe.run.batch_size)
         self._log_samples(k, rollout)
@@ -335,6 +339,15 @@ class PPOTrainer:
             "response_len_mean": tokens / samples,
             "distinct_2": ppo.distinct_n(token_lists, 2),
         }
+
+    def _report_metrics(self, rollout: Rollout) -> dict:
+        """reward/NAME: the mean of each `reward.report` score over all processes' samples."""
+        if not self.report_rewards:
+            return {}
+        sums = torch.tensor([sum(score(rollout.prompts, rollout.responses)) for score in self.report_rewards.values()]
+                            + [float(len(rollout))], dtype=torch.float64, device=self.accelerator.device)
+        sums = self.accelerator.reduce(sums, "sum").tolist()
+        return {f"reward/{name}": total / max(sums[-1], 1.0) for name, total in zip(self.report_rewards, sums)}
 
     def _next_prompts(self) -> list[str]:
         """This process's slice of the next global batch, drawn without replacement from shuffled passes."""

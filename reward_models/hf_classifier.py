@@ -26,8 +26,11 @@ class HFClassifierReward:
                  max_length: int = 512, device="cpu", dtype: torch.dtype = torch.float32):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from llm_iif.tiny import resolve_builtin
+
         if not name_or_path:
             raise UserError("reward.name_or_path: required for reward.name 'hf-classifier'")
+        name_or_path = resolve_builtin(name_or_path, key="reward.name_or_path")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
             self.model, info = AutoModelForSequenceClassification.from_pretrained(

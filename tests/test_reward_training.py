@@ -35,19 +35,43 @@ def test_preference_pairs_follow_the_hidden_rule():
     assert all(c > r for c, r in zip(chosen, rejected))
 
 
-def test_reward_train_learns_the_preferences_and_saves_a_loadable_model(tmp_path):
+@pytest.fixture(scope="module")
+def trained_reward_model(tmp_path_factory) -> Path:
+    """OUTPUT_DIR of `llm-iif reward train` on 600 pairs from a local jsonl file, one epoch (about 40 s)."""
+    tmp_path = tmp_path_factory.mktemp("reward-train")
     data = write_pairs(tmp_path / "pairs.jsonl", 600)
     proc = reward_train("--set", f"data.source={data}", "--set", "train.epochs=1", "--set", "data.validation_fraction=0.2",
                         "--output-dir", str(tmp_path / "rm"))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    metrics = json.loads((tmp_path / "rm" / "eval.json").read_text())
+    return tmp_path / "rm"
+
+
+def test_reward_train_learns_the_preferences_and_saves_a_loadable_model(trained_reward_model):
+    metrics = json.loads((trained_reward_model / "eval.json").read_text())
     assert metrics["heldout_pairs"] == 120 and metrics["train_pairs"] == 480
     assert metrics["heldout_accuracy"] >= 0.75  # chance is 0.5
     # The saved directory is what the hf-classifier reward loads, as it is.
-    reward = load_reward_model(RewardConfig(name="hf-classifier", name_or_path=str(tmp_path / "rm" / "model"),
+    reward = load_reward_model(RewardConfig(name="hf-classifier", name_or_path=str(trained_reward_model / "model"),
                                             append_eos=True))
     good, bad = reward(["the food was"] * 2, [" really wonderful and the staff was friendly .", " awful ."])
     assert good > bad
+
+
+def test_learned_reward_recipe_trains_and_reports_the_hidden_rule(trained_reward_model, tmp_path):
+    # The recipe's builtin:tiny-reward-model is the same training on more pairs; a smaller one stands in.
+    proc = subprocess.run([sys.executable, "-m", "llm_iif", "train", str(REPO / "recipes/tiny-learned-rm.yaml"),
+                           "--set", f"reward.name_or_path={trained_reward_model / 'model'}", "--set", "run.rounds=2",
+                           "--set", "run.batch_size=16", "--set", "iif.val_size=16", "--output-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import pyarrow.parquet as pq
+
+    rounds = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rounds) == 2 and all("kept_fraction" in m for m in rounds)
+    for k, metrics in enumerate(rounds):  # reward/hidden_rule is the rule's mean over the round's samples
+        records = pq.read_table(tmp_path / "records" / f"round_{k:04d}.parquet").to_pydict()
+        rule = hidden_preference_score(records["prompt"], records["response"])
+        assert metrics["reward/hidden_rule"] == pytest.approx(sum(rule) / len(rule), abs=1e-6)
 
 
 def test_reward_train_with_lora_saves_a_merged_model(tmp_path):
