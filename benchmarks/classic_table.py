@@ -101,20 +101,24 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="recipe override for every environment of this call, e.g. run.eval_episodes=20")
     parser.add_argument("--output-dir", default="runs/classic-table")
+    parser.add_argument("--table-only", action="store_true",
+                        help="rewrite classic.md from the runs already in OUTPUT_DIR without training")
     args = parser.parse_args()
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
     output_dir = Path(args.output_dir)
-    for env in args.envs.split(","):
+    results = REPO / "benchmarks" / "results"
+    results.mkdir(exist_ok=True)
+    for env in [] if args.table_only else args.envs.split(","):
         start = time.perf_counter()
         run_classic_compare(str(REPO / "recipes" / "classic" / f"{env}.yaml"), args.overrides,
                             ["standard", "iif", "random"], seeds, output_dir / env)
         atomic_write_text(output_dir / env / "benchmark.json",
                           json.dumps({"seeds": seeds, "overrides": args.overrides,
                                       "wall_time_s": time.perf_counter() - start}))
-        markdown = table(output_dir)
-        atomic_write_text(REPO / "benchmarks" / "results" / "classic.md", markdown)  # after every environment
-        print(markdown)
+    markdown = table(output_dir)
+    atomic_write_text(results / "classic.md", markdown)
+    print(markdown)
 
 
 if __name__ == "__main__":
