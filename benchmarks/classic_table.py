@@ -75,7 +75,9 @@ def table(output_dir: Path) -> str:
             continue
         run = json.loads((output_dir / env / "benchmark.json").read_text())
         settings = f" with {', '.join(run['overrides'])}" if run["overrides"] else ""
-        walls.append(f"{env}: seeds {', '.join(map(str, run['seeds']))}{settings}, {run['wall_time_s'] / 60:.0f} min")
+        note = f" ({run['note']})" if run.get("note") else ""  # e.g. a run stopped early, by hand
+        walls.append(f"{env}: seeds {', '.join(map(str, run['seeds']))}{settings}, {run['wall_time_s'] / 60:.0f} min"
+                     f"{note}")
         histories = load_histories(output_dir / env)
         smoothed += rows(env, histories, smooth=5, with_paper=True)
         raw += rows(env, histories, smooth=1, with_paper=False)
