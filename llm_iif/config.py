@@ -201,9 +201,6 @@ class RewardTrainRecipe:
     lora: LoraConfig = field(default_factory=LoraConfig)
     run: RewardRunConfig = field(default_factory=RewardRunConfig)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     def check(self, source: str) -> None:
         require = _requirement(self, source)
         require(0.0 < self.data.validation_fraction < 1.0, "data.validation_fraction", "a value in (0, 1)")
@@ -267,9 +264,6 @@ class ClassicRecipe:
     run: ClassicRunConfig
     ppo: ClassicPPOConfig = field(default_factory=ClassicPPOConfig)
     iif: ClassicIIFConfig = field(default_factory=ClassicIIFConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
     def check(self, source: str) -> None:
         require = _requirement(self, source)
