@@ -134,6 +134,9 @@ class RunConfig:
     """Save a checkpoint every N rounds; 0 saves only the final one."""
     log_samples: int = 5
     """Responses per round written to samples.jsonl."""
+    nonfinite_patience: int = 0
+    """Rounds in a row that may contain NaN/inf rewards; their samples are dropped and counted in
+    `reward_nonfinite`. One more such round stops the run. 0 stops at the first NaN or inf."""
 
 
 @dataclass
@@ -445,3 +448,4 @@ def _check_values(recipe: Recipe, source: str) -> None:
     require(run.batch_size > 0, "run.batch_size", "a positive integer")
     require(run.save_every >= 0, "run.save_every", "0 (final only) or a positive integer")
     require(run.log_samples >= 0, "run.log_samples", "a non-negative integer")
+    require(run.nonfinite_patience >= 0, "run.nonfinite_patience", "a non-negative integer")

@@ -97,6 +97,7 @@ class PPOTrainer:
         self._prompt_rng = random.Random(recipe.run.seed)
         self._prompt_queue: list[str] = []
         self.history: list[dict] = []
+        self._nonfinite_rounds_in_a_row = 0
 
     # ------------------------------------------------------------------ the round loop
 
@@ -150,7 +151,8 @@ class PPOTrainer:
     def collect(self, prompts: list[str]) -> tuple[Rollout, dict, int]:
         """Sample responses, reward them and score every token at the round's start parameters θ(k).
 
-        Samples whose reward is NaN or inf are reported and dropped here, before they reach any statistic.
+        NaN or inf rewards stop the run with the reward model's name and an offending sample; with
+        `run.nonfinite_patience` their samples are dropped here instead, before they reach any statistic.
         Returns (rollout, timings, number of dropped samples across processes).
         """
         acc, policy = self.accelerator, self.accelerator.unwrap_model(self.policy)
@@ -171,15 +173,30 @@ class PPOTrainer:
 
         finite = torch.isfinite(scores)
         nonfinite = int(acc.reduce((~finite).sum(), "sum").item())
+        self._check_nonfinite_rewards(nonfinite, len(prompts) * acc.num_processes, prompts, responses, finite)
         if nonfinite:
-            logger.warning("reward model returned NaN/inf for %d sample(s); they are dropped from this round",
-                           nonfinite)
-            if not finite.any():
-                raise UserError(f"reward.name: '{self.recipe.reward.name}' returned no finite score for any "
-                                "sample of this round")
             rollout = rollout.select(finite)
         timings = {"time_generate_s": t1 - t0, "time_reward_s": t2 - t1, "time_forward_s": t3 - t2}
         return rollout, timings, nonfinite
+
+    def _check_nonfinite_rewards(self, nonfinite: int, total: int, prompts, responses, finite) -> None:
+        """Stops the run on NaN/inf rewards, unless `run.nonfinite_patience` lets this round drop them."""
+        if not nonfinite:
+            self._nonfinite_rounds_in_a_row = 0
+            return
+        self._nonfinite_rounds_in_a_row += 1
+        where = ""
+        if not finite.all():  # show one offending sample from this process, to debug the reward model with
+            i = int((~finite).nonzero()[0])
+            where = f"; e.g. prompt {prompts[i]!r}, response {responses[i]!r}"
+        message = (f"reward.name: '{self.recipe.reward.name}' returned NaN or inf for {nonfinite} of {total} "
+                   f"samples{where}")
+        patience = self.recipe.run.nonfinite_patience
+        if self._nonfinite_rounds_in_a_row > patience or nonfinite == total:
+            hint = "" if nonfinite == total else "; run.nonfinite_patience > 0 drops such samples instead"
+            raise UserError(f"{message} ({self._nonfinite_rounds_in_a_row} round(s) in a row){hint}")
+        logger.warning("%s; dropped from this round (%d of run.nonfinite_patience=%d rounds in a row)",
+                       message, self._nonfinite_rounds_in_a_row, patience)
 
     def estimate_advantages(self, rollout: Rollout) -> Advantages:
         """KL-penalised per-token rewards → GAE → advantages whitened with statistics over all processes."""

@@ -57,6 +57,7 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
     (lambda r: r.update(extra={}), "extra: unknown key"),
     (lambda r: r["run"].update(rounds="ten"), "run.rounds: expected an integer, got 'ten'"),
     (lambda r: r["run"].update(rounds=2.5), "run.rounds: expected an integer"),
+    (lambda r: r["run"].update(nonfinite_patience=-1), "run.nonfinite_patience: expected a non-negative integer"),
     (lambda r: r["ppo"].update(adaptive_kl="yes please"), "ppo.adaptive_kl: expected true or false"),
     (lambda r: r["lora"].update(target_modules="c_attn"), "lora.target_modules: expected a list"),
     (lambda r: r["model"].update(dtype="float8"), "model.dtype: expected one of"),

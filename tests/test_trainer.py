@@ -13,6 +13,7 @@ import yaml
 
 from conftest import tiny_recipe_dict
 from llm_iif.config import recipe_from_dict
+from llm_iif.errors import UserError
 from llm_iif.trainer import PPOTrainer
 
 REQUIRED_METRICS = {"round", "samples", "reward_mean", "reward_std", "kl", "kl_coef", "entropy", "policy_loss",
@@ -92,19 +93,40 @@ def test_same_seed_same_run(tmp_path, tiny_model_dir):
     assert [first[0][k] for k in keys] == pytest.approx([second[0][k] for k in keys])
 
 
-def test_nonfinite_rewards_are_dropped_not_propagated(tmp_path, tiny_model_dir, caplog):
+def nan_and_inf_for_the_first_two(reward_model):
+    return lambda prompts, responses: [math.nan if i == 0 else math.inf if i == 1 else s
+                                       for i, s in enumerate(reward_model(prompts, responses))]
+
+
+def test_nonfinite_rewards_stop_the_run_by_default(tmp_path, tiny_model_dir):
     trainer = PPOTrainer(recipe_from_dict({**tiny_recipe_dict(tmp_path), "run": {
         "rounds": 1, "batch_size": 8, "output_dir": str(tmp_path)}}))
-    clean = trainer.reward_model
-    trainer.reward_model = lambda prompts, responses: [
-        math.nan if i == 0 else math.inf if i == 1 else s for i, s in enumerate(clean(prompts, responses))]
-    history = trainer.train()
-    assert history[0]["reward_nonfinite"] == 2
-    assert history[0]["samples"] == 6
-    assert all(math.isfinite(v) for v in history[0].values() if isinstance(v, float))
-    assert "NaN/inf for 2 sample(s)" in caplog.text
+    trainer.reward_model = nan_and_inf_for_the_first_two(trainer.reward_model)
+    with pytest.raises(UserError, match=r"reward.name: 'vader' returned NaN or inf for 2 of 8 samples; "
+                                        r"e.g. prompt .+, response .+ \(1 round\(s\) in a row\)"):
+        trainer.train()
+
+
+def test_nonfinite_rewards_within_patience_are_dropped_not_propagated(tmp_path, tiny_model_dir, caplog):
+    trainer = PPOTrainer(recipe_from_dict({**tiny_recipe_dict(tmp_path), "run": {
+        "rounds": 2, "batch_size": 8, "output_dir": str(tmp_path), "nonfinite_patience": 1}}))
+    trainer.reward_model = nan_and_inf_for_the_first_two(trainer.reward_model)
+    with pytest.raises(UserError, match=r"2 of 8 samples.*\(2 round\(s\) in a row\)"):
+        trainer.train()
+    first = trainer.history[0]  # round 0 dropped its two samples; round 1 exceeded the patience
+    assert first["reward_nonfinite"] == 2 and first["samples"] == 6
+    assert all(math.isfinite(v) for v in first.values() if isinstance(v, float))
+    assert "dropped from this round (1 of run.nonfinite_patience=1" in caplog.text
     policy = trainer.accelerator.unwrap_model(trainer.policy)
     assert all(torch.isfinite(p).all() for p in policy.parameters())
+
+
+def test_reward_count_mismatch_is_an_error(tmp_path, tiny_model_dir):
+    trainer = PPOTrainer(recipe_from_dict({**tiny_recipe_dict(tmp_path), "run": {
+        "rounds": 1, "batch_size": 8, "output_dir": str(tmp_path)}}))
+    trainer.reward_model = lambda prompts, responses: [0.0] * (len(responses) - 1)
+    with pytest.raises(UserError, match=r"reward.name: 'vader' returned \(7,\) scores for 8 samples"):
+        trainer.train()
 
 
 def test_detached_value_head_keeps_value_gradients_out_of_the_backbone(tmp_path, tiny_model_dir):
