@@ -59,6 +59,35 @@ def select_rows(record, index: torch.Tensor):
     return replace(record, **picked)
 
 
+def concat_rows(records: list):
+    """One per-sample dataclass holding the rows of ``records`` (same type and tensor widths) in order."""
+    joined = {}
+    for f in fields(records[0]):
+        values = [getattr(r, f.name) for r in records]
+        joined[f.name] = torch.cat(values) if isinstance(values[0], torch.Tensor) else sum(values, [])
+    return replace(records[0], **joined)
+
+
+def map_tensors(record, fn):
+    """A copy of a per-sample dataclass with ``fn(name, tensor)`` applied to every tensor field."""
+    return replace(record, **{f.name: fn(f.name, getattr(record, f.name)) for f in fields(record)
+                              if isinstance(getattr(record, f.name), torch.Tensor)})
+
+
+def pad_to_widths(record, query_width: int, response_width: int, pad_token_id: int):
+    """Pad a per-sample dataclass's [B, P] query fields on the left to ``query_width`` and its [B, T] fields
+    on the right to ``response_width``, so rows from different processes can be stacked. Padded ids are
+    ``pad_token_id``; padded masks and per-token values are 0, so masked statistics do not change."""
+    def pad(name, value):
+        if value.dim() != 2:
+            return value
+        fill = pad_token_id if name.endswith("_ids") else 0
+        if name.startswith("query_"):
+            return torch.nn.functional.pad(value, (query_width - value.shape[1], 0), value=fill)
+        return torch.nn.functional.pad(value, (0, response_width - value.shape[1]), value=fill)
+    return map_tensors(record, pad)
+
+
 def truncate_after_eos(response_ids: torch.Tensor, eos_token_id: int,
                        pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep each row up to and including its first EOS; pad the rest.

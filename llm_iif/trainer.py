@@ -34,8 +34,8 @@ from llm_iif.data import load_prompts, load_validation_set
 from llm_iif.errors import UserError
 from llm_iif.outputs import append_jsonl, atomic_write_text, plot_reward_curve, save_checkpoint, write_parquet
 from llm_iif.policy import load_policy
-from llm_iif.rollout import (Rollout, at_response_positions, response_logprobs, sample_responses, score_tokens,
-                             select_rows, tokenize_pairs)
+from llm_iif.rollout import (Rollout, at_response_positions, concat_rows, map_tensors, pad_to_widths,
+                             response_logprobs, sample_responses, score_tokens, select_rows, tokenize_pairs)
 from reward_models import load_reward_model
 from reward_models.python_callable import CallableReward
 
@@ -135,7 +135,7 @@ class PPOTrainer:
         kl_coef = self.kl_controller.value
         keep, scores, select_metrics = self.select(rollout, targets)
         t_update = time.perf_counter()
-        update_stats = self.update(rollout.select(keep), targets.select(keep))
+        update_stats = self.update(*self.rebalance(rollout.select(keep), targets.select(keep)))
         timings["time_update_s"] = time.perf_counter() - t_update
 
         metrics = {**self._round_metrics(k, rollout, targets, update_stats, nonfinite, kl_coef),
@@ -226,9 +226,10 @@ class PPOTrainer:
             tokens, samples = acc.reduce(torch.stack([rollout.response_mask.sum().float(),
                                                       torch.tensor(float(len(rollout)), device=acc.device)]),
                                          "sum").tolist()
-            scores = influence.influence_scores(acc.unwrap_model(self.policy), rollout, targets.advantages,
-                                                targets.returns, target, self.cfg, iif.train_grad,
-                                                tokens / samples, iif.score_batch_size)
+            with acc.no_sync(self.policy):  # scoring gradients are per process; DDP must not all-reduce them
+                scores = influence.influence_scores(acc.unwrap_model(self.policy), rollout, targets.advantages,
+                                                    targets.returns, target, self.cfg, iif.train_grad,
+                                                    tokens / samples, iif.score_batch_size)
             filtering = iif.min_split_cos is None or metrics["target_split_cos"] >= iif.min_split_cos
         # One decision over every process's scores, so N processes filter exactly as one would.
         local = scores if scores is not None else torch.zeros(len(rollout), device=acc.device)
@@ -265,8 +266,9 @@ class PPOTrainer:
             ids = (rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask)
             weights = influence.target_token_weights(iif.target, advantages, rewards, rollout.response_mask)
         generate_seconds = time.perf_counter() - start
-        half_a, half_b = influence.target_gradient_halves(policy, *ids, weights, self.cfg.temperature,
-                                                          iif.score_batch_size)
+        with acc.no_sync(self.policy):  # each process's part is summed by the explicit reduce below
+            half_a, half_b = influence.target_gradient_halves(policy, *ids, weights, self.cfg.temperature,
+                                                              iif.score_batch_size)
         names = list(half_a)
         flat = acc.reduce(torch.cat([torch.cat([h[n].flatten() for n in names]) for h in (half_a, half_b)]), "sum")
         flat_a, flat_b = flat.chunk(2)
@@ -284,8 +286,37 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ Stage III: update
 
-    def update(self, rollout: Rollout, targets: Advantages) -> dict:
-        """``ppo.epochs`` passes of clipped-PPO minibatch steps over ``rollout``; returns mean statistics."""
+    def rebalance(self, rollout: Rollout, targets: Advantages) -> tuple[Rollout, Advantages, bool]:
+        """Spread the kept samples evenly over the processes, so that each runs the same optimiser steps
+        however unevenly filtering kept them: the j-th kept sample of the whole batch (in process order)
+        goes to process j mod N. Returns (rollout, targets, placeholder); a process left with no sample
+        (fewer kept samples than processes) gets a copy of one and ``placeholder`` is True."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return rollout, targets, False
+        widths = acc.reduce(torch.tensor([rollout.query_ids.shape[1], rollout.response_ids.shape[1]],
+                                         device=acc.device), "max").tolist()
+
+        def to_cpu(record):
+            return map_tensors(pad_to_widths(record, *widths, self.tokenizer.pad_token_id), lambda _, t: t.cpu())
+
+        shards = gather_object([(to_cpu(rollout), to_cpu(targets))])
+        every_rollout, every_target = concat_rows([r for r, _ in shards]), concat_rows([t for _, t in shards])
+        mine = torch.arange(acc.process_index, len(every_rollout), acc.num_processes)
+        placeholder = len(mine) == 0
+        if placeholder:
+            mine = torch.tensor([acc.process_index % len(every_rollout)])
+
+        def mine_on_device(record):
+            return map_tensors(record.select(mine), lambda _, t: t.to(acc.device))
+
+        return mine_on_device(every_rollout), mine_on_device(every_target), placeholder
+
+    def update(self, rollout: Rollout, targets: Advantages, placeholder: bool = False) -> dict:
+        """``ppo.epochs`` passes of clipped-PPO minibatch steps over ``rollout``; returns mean statistics.
+
+        With ``placeholder`` every step has weight 0: this process only keeps DDP in step with the others.
+        """
         acc, cfg = self.accelerator, self.cfg
         n_local = len(rollout)
         # Every process must take the same number of optimiser steps, even with uneven sample counts.
@@ -297,7 +328,7 @@ class PPOTrainer:
         for _ in range(cfg.epochs):
             order = torch.randperm(n_local, generator=self.minibatch_generator)
             for index in torch.tensor_split(order, n_minibatches):
-                weight = 1.0
+                weight = 0.0 if placeholder else 1.0
                 if len(index) == 0:  # this process ran out of samples: a zero-weight step keeps DDP in step
                     index, weight = order[:1], 0.0
                 index = index.to(acc.device)

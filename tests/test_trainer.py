@@ -153,29 +153,63 @@ def test_unloadable_model_exits_2_with_one_line(tmp_path):
     assert "model.name_or_path: cannot load" in proc.stderr and "no-such-org/no-such-model" in proc.stderr
 
 
-def test_two_processes_share_one_batch(tmp_path, tiny_model_dir):
-    """`accelerate launch` with 2 CPU processes and IIF on: one global batch, one filtering decision over all
-    scores, one set of metrics, one checkpoint."""
-    raw = tiny_recipe_dict(tmp_path / "out")
-    raw["iif"] = {"enabled": True, "val_size": 8, "mode": "bottom", "p": 0.25}
-    recipe = tmp_path / "r.yaml"
+def run_fixed_rollouts(tmp_path, name, iif, processes):
+    """tests/fixed_rollout_run.py on the tiny recipe with IIF, as one process or under `accelerate launch`."""
+    raw = tiny_recipe_dict(tmp_path / name)
+    raw["iif"] = {"enabled": True, "val_size": 8, **iif}
+    recipe = tmp_path / f"{name}.yaml"
     recipe.write_text(yaml.safe_dump(raw))
-    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    proc = subprocess.run(
-        [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "-m", "llm_iif", "train", str(recipe)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "1"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    script = os.path.join(os.path.dirname(__file__), "fixed_rollout_run.py")
+    launch = [sys.executable, script]
+    if processes > 1:
+        launch = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu",
+                  "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+                  "--dynamo_backend", "no", script]
+    proc = subprocess.run([*launch, str(recipe), str(tmp_path / name)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp_path / name
+
+
+def records(run_dir, k):
+    return pq.read_table(run_dir / "records" / f"round_{k:04d}.parquet").to_pydict()
+
+
+def test_two_processes_filter_as_one_and_stay_in_step(tmp_path, tiny_model_dir):
+    """2 CPU processes with IIF on fixed rollouts: one global batch and one filtering decision, the same
+    kept set as a single process, one set of metrics and one checkpoint, and identical LoRA weights on
+    both ranks after 2 rounds."""
+    iif = {"mode": "bottom", "p": 0.5}
+    two = run_fixed_rollouts(tmp_path, "two", iif, processes=2)
+    one = run_fixed_rollouts(tmp_path, "one", iif, processes=1)
+
+    lines = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in lines] == [0, 1]
-    assert all(m["samples"] == 8 for m in lines)  # 4 per process, counted once
-    for m in lines:
-        records = pq.read_table(tmp_path / "out" / "records" / f"round_{m['round']:04d}.parquet").to_pydict()
-        scores, kept = records["score"], records["kept"]
-        # The two lowest scores of all 8 were dropped, wherever they were generated.
-        assert m["kept_fraction"] == 0.75 and sum(kept) == 6
-        assert max(s for s, k in zip(scores, kept) if not k) <= min(s for s, k in zip(scores, kept) if k)
-    assert (tmp_path / "out" / "final" / "adapter_model.safetensors").is_file()
+    assert all(m["samples"] == 8 and m["kept_fraction"] == 0.5 for m in lines)  # 4 per process, counted once
+    # Round 0 runs at the same θ(0) in both runs: same samples, same scores, same kept set.
+    by_prompt = {}
+    for run in (one, two):
+        rows = records(run, 0)
+        by_prompt[run.name] = {p: (s, k) for p, s, k in zip(rows["prompt"], rows["score"], rows["kept"])}
+    assert by_prompt["one"].keys() == by_prompt["two"].keys() and len(by_prompt["one"]) == 8
+    for prompt, (score, kept) in by_prompt["one"].items():
+        assert by_prompt["two"][prompt][1] == kept
+        assert by_prompt["two"][prompt][0] == pytest.approx(score, rel=1e-4, abs=1e-7)
+    rank0, rank1 = (torch.load(two / f"weights_rank{r}.pt") for r in (0, 1))
+    assert rank0.keys() == rank1.keys()
+    assert all(torch.equal(rank0[n], rank1[n]) for n in rank0)
+    start = PPOTrainer(recipe_from_dict(tiny_recipe_dict(tmp_path / "unused")))
+    initial = {n: p for n, p in start.accelerator.unwrap_model(start.policy).named_parameters() if p.requires_grad}
+    assert any(not torch.equal(rank0[n], initial[n]) for n in rank0)  # training did move the adapter
+    assert (two / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_two_processes_keeping_one_sample_do_not_deadlock(tmp_path, tiny_model_dir):
+    """Filtering keeps a single sample (p = 1): the process left without one takes zero-weight steps."""
+    two = run_fixed_rollouts(tmp_path, "two", {"mode": "bottom", "p": 1.0}, processes=2)
+    assert all(sum(records(two, k)["kept"]) == 1 for k in (0, 1))
+    rank0, rank1 = (torch.load(two / f"weights_rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(rank0[n], rank1[n]) for n in rank0)
 
 
 def test_building_the_tiny_model_leaves_the_global_rng_alone(tmp_path, monkeypatch):
@@ -188,3 +222,20 @@ def test_building_the_tiny_model_leaves_the_global_rng_alone(tmp_path, monkeypat
     after_build = torch.rand(3)
     torch.manual_seed(123)
     torch.testing.assert_close(torch.rand(3), after_build)
+
+
+def test_rows_padded_to_common_widths_stack_without_changing_masked_values():
+    from llm_iif.rollout import Rollout, concat_rows, pad_to_widths
+
+    def rollout(b, p, t, fill):
+        ones = torch.ones(b, t)
+        return Rollout([f"p{fill}"] * b, [f"r{fill}"] * b, torch.full((b, p), fill), torch.ones(b, p, dtype=torch.long),
+                       torch.full((b, t), fill), torch.ones(b, t, dtype=torch.long), torch.full((b,), float(fill)),
+                       ones * fill, ones, ones, ones)
+
+    short, long = rollout(2, 3, 4, 7), rollout(1, 5, 6, 9)
+    both = concat_rows([pad_to_widths(r, 5, 6, pad_token_id=0) for r in (short, long)])
+    assert both.prompts == ["p7", "p7", "p9"] and both.query_ids.shape == (3, 5) and both.response_ids.shape == (3, 6)
+    assert both.query_ids[0].tolist() == [0, 0, 7, 7, 7] and both.query_mask[0].tolist() == [0, 0, 1, 1, 1]
+    assert both.response_mask[0].tolist() == [1, 1, 1, 1, 0, 0] and both.logprobs[0].tolist()[-2:] == [0, 0]
+    assert (both.logprobs * both.response_mask).sum() == 2 * 4 * 7 + 6 * 9

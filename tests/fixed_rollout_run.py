@@ -1,0 +1,32 @@
+"""Train a recipe with fixed responses in place of sampled ones, then save this process's LoRA weights.
+
+``python tests/fixed_rollout_run.py RECIPE OUT_DIR``, as one process or under ``accelerate launch``. Each
+prompt always gets the same response, so runs with different process counts see the same rollouts and
+their filtering decisions can be compared sample by sample.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+from llm_iif import trainer as trainer_module
+from llm_iif.config import load_recipe
+from llm_iif.rollout import tokenize_pairs
+
+RESPONSES = [" great and fun .", " dull but fine , really .", " awful and slow .", " good .", " bad"]
+
+
+def fixed_responses(lm, tokenizer, prompts, cfg, device):
+    responses = [RESPONSES[sum(map(ord, prompt)) % len(RESPONSES)] for prompt in prompts]
+    return tokenize_pairs(tokenizer, prompts, responses, device)
+
+
+if __name__ == "__main__":
+    trainer_module.sample_responses = fixed_responses
+    trainer = trainer_module.PPOTrainer(load_recipe(sys.argv[1]))
+    trainer.train()
+    policy = trainer.accelerator.unwrap_model(trainer.policy)
+    weights = {name: p.detach().cpu() for name, p in policy.named_parameters() if p.requires_grad}
+    torch.save(weights, Path(sys.argv[2]) / f"weights_rank{trainer.accelerator.process_index}.pt")
+    trainer.accelerator.end_training()
