@@ -83,11 +83,9 @@ def _train(args) -> int:
     recipe = load_recipe(args.recipe, overrides)
     quiet_libraries()
 
-    from accelerate import Accelerator
+    from llm_iif.trainer import PPOTrainer, make_accelerator
 
-    from llm_iif.trainer import PPOTrainer
-
-    accelerator = Accelerator()
+    accelerator = make_accelerator(recipe)
     try:
         start = time.perf_counter()
         trainer = PPOTrainer(recipe, accelerator)
@@ -193,9 +191,10 @@ def _compare(args) -> int:
     methods, seeds = _methods_and_seeds(args)
     quiet_libraries()
 
-    from accelerate import Accelerator
+    from llm_iif.config import load_recipe
+    from llm_iif.trainer import make_accelerator
 
-    accelerator = Accelerator()
+    accelerator = make_accelerator(load_recipe(args.recipe, args.overrides))
     try:
         output_dir = Path(args.output_dir)
         summary = run_compare(args.recipe, args.overrides, methods, seeds, output_dir, accelerator)

@@ -1,6 +1,6 @@
-"""Recipes: YAML files with the sections model, lora, data, reward, ppo, iif and run.
+"""Recipes: YAML files with the sections model, lora, data, reward, ppo, iif, eval and run.
 
-`load_recipe(path, overrides)` reads a YAML file, applies `--set section.key=value` overrides and
+`load_recipe(path, overrides)` reads a YAML file, applies `--set section.key=value` overrides (any depth) and
 validates everything against the dataclasses below. Any problem raises `UserError` with one line
 naming the file and the key, e.g. ``recipes/x.yaml: ppo.learning_rate: expected a float, got 'fast'``.
 The dataclass defaults are the documented defaults; a recipe only lists what it changes.
@@ -9,8 +9,11 @@ The dataclass defaults are the documented defaults; a recipe only lists what it 
 from __future__ import annotations
 
 import dataclasses
+import operator
+import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -27,6 +30,13 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     detach_value_head: bool = False
     """Stop value-loss gradients at the value head so they do not reach the shared LoRA backbone."""
+    chat_template: bool = False
+    """Wrap each prompt as a user turn in the tokenizer's chat template before generating (instruct models).
+    Reward models and records still see the plain prompt."""
+    gradient_checkpointing: bool = False
+    """Recompute decoder-layer activations in the backward pass instead of keeping them (less memory)."""
+    quantization: Optional[Literal["8bit", "4bit"]] = None
+    """Load the frozen base model in 8 or 4 bits with bitsandbytes (GPU; `pip install llm_iif[quantization]`)."""
 
 
 @dataclass
@@ -48,6 +58,10 @@ class DataConfig:
     min_prompt_tokens: int = 1
     max_prompt_tokens: int = 64
     """Prompts outside [min_prompt_tokens, max_prompt_tokens] tokens are dropped, not truncated."""
+    filters: list[str] = field(default_factory=list)
+    """Keep only rows meeting every condition ``COLUMN OP NUMBER`` (OP one of > >= < <= == !=), e.g.
+    ``prompt.toxicity > 0.3``. A dotted column reads a field of a struct column, in filters and in
+    prompt_column alike."""
 
 
 @dataclass
@@ -96,6 +110,8 @@ class PPOConfig:
     top_p: float = 1.0
     max_new_tokens: int = 16
     min_new_tokens: int = 1
+    generation_batch_size: int = 64
+    """Prompts per `generate` call on each process, separate from the training mini_batch_size."""
 
 
 @dataclass
@@ -134,9 +150,25 @@ class RunConfig:
     """Save a checkpoint every N rounds; 0 saves only the final one."""
     log_samples: int = 5
     """Responses per round written to samples.jsonl."""
+    mixed_precision: Optional[Literal["no", "bf16", "fp16"]] = None
+    """Autocast the policy's forward passes; None takes the `accelerate launch` setting. Influence scores
+    are always accumulated in fp32."""
     nonfinite_patience: int = 0
     """Rounds in a row that may contain NaN/inf rewards; their samples are dropped and counted in
     `reward_nonfinite`. One more such round stops the run. 0 stops at the first NaN or inf."""
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation of the policy during training, logged as ``eval/<name>``."""
+    every: int = 0
+    """Evaluate after every N rounds' updates and after the last round; 0 turns evaluation off."""
+    data: Optional[DataConfig] = None
+    """The evaluation prompts (all of them, after filters; validation_fraction is ignored)."""
+    size: int = 64
+    """The first ``size`` prompts are evaluated, one sampled response each, split over the processes."""
+    rewards: dict[str, RewardConfig] = field(default_factory=dict)
+    """Name -> reward model scoring the responses; each is logged as the mean ``eval/<name>``."""
 
 
 @dataclass
@@ -148,6 +180,7 @@ class Recipe:
     lora: LoraConfig = field(default_factory=LoraConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     iif: IIFConfig = field(default_factory=IIFConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -311,14 +344,19 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<recipe>", kind: type =
 
 
 def _apply_override(raw: dict, item: str) -> None:
+    """``--set a.b=value`` or deeper (``eval.data.source=...``): the value is parsed as YAML."""
     key, sep, value = item.partition("=")
     parts = key.strip().split(".")
-    if not sep or len(parts) != 2 or not all(parts):
+    if not sep or len(parts) < 2 or not all(parts):
         raise UserError(f"--set {item}: expected section.key=value")
-    section, name = parts
-    if not isinstance(raw.setdefault(section, {}), dict):
-        raise UserError(f"--set {item}: section '{section}' is not a mapping")
-    raw[section][name] = yaml.safe_load(value) if value.strip() else None
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
+            raise UserError(f"--set {item}: '{'.'.join(parts[:depth + 1])}' is not a mapping")
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
 
 
 def _build(cls: type, raw: Any, source: str, prefix: str):
@@ -363,10 +401,14 @@ def _coerce(value: Any, hint: Any, source: str, key: str):
         if value not in args:
             raise UserError(f"{source}: {key}: expected one of {list(args)}, got {value!r}")
         return value
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, source, key + ".")
     if hint is dict or origin is dict:
         if not isinstance(value, dict):
             raise UserError(f"{source}: {key}: expected a mapping, got {value!r}")
-        return value
+        if not args:
+            return value
+        return {name: _coerce(v, args[1], source, f"{key}.{name}") for name, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise UserError(f"{source}: {key}: expected a list, got {value!r}")
@@ -449,3 +491,31 @@ def _check_values(recipe: Recipe, source: str) -> None:
     require(run.save_every >= 0, "run.save_every", "0 (final only) or a positive integer")
     require(run.log_samples >= 0, "run.log_samples", "a non-negative integer")
     require(run.nonfinite_patience >= 0, "run.nonfinite_patience", "a non-negative integer")
+    require(ppo.generation_batch_size > 0, "ppo.generation_batch_size", "a positive integer")
+    for text in recipe.data.filters:
+        parse_filter(text, f"{source}: data.filters")
+    evaluation = recipe.eval
+    require(evaluation.every >= 0, "eval.every", "0 (off) or a positive integer")
+    require(evaluation.size > 0, "eval.size", "a positive integer")
+    if evaluation.every:
+        require(evaluation.data is not None, "eval.data", "a prompt set (same keys as data) when eval.every > 0")
+        require(bool(evaluation.rewards), "eval.rewards", "at least one NAME: reward model when eval.every > 0")
+        for text in evaluation.data.filters:
+            parse_filter(text, f"{source}: eval.data.filters")
+
+
+FILTER_OPERATORS = {">=": operator.ge, "<=": operator.le, "==": operator.eq, "!=": operator.ne,
+                    ">": operator.gt, "<": operator.lt}
+
+
+def parse_filter(text: str, key: str) -> tuple[str, Callable[[Any, float], bool], float]:
+    """``"prompt.toxicity > 0.3"`` -> ("prompt.toxicity", operator.gt, 0.3); `UserError` naming ``key`` if
+    the text is not ``COLUMN OP NUMBER``."""
+    match = re.fullmatch(r"\s*([\w.\-]+)\s*(>=|<=|==|!=|>|<)\s*(\S+)\s*", text)
+    try:
+        number = float(match.group(3)) if match else None
+    except ValueError:
+        number = None
+    if number is None:
+        raise UserError(f"{key}: expected 'COLUMN OP NUMBER' with OP one of > >= < <= == !=, got {text!r}")
+    return match.group(1), FILTER_OPERATORS[match.group(2)], number

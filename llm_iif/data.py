@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from llm_iif.config import DataConfig, IIFConfig
+from llm_iif.config import DataConfig, IIFConfig, parse_filter
 from llm_iif.errors import UserError
 from llm_iif.tiny import BUILTIN_PREFIX, positive_review_pairs, preference_pairs, review_prompts
 
@@ -32,15 +32,24 @@ class PromptSplits:
     dropped_by_length: int
 
 
-def load_prompts(cfg: DataConfig, tokenizer, seed: int) -> PromptSplits:
-    """Load prompts, drop those outside the token-length limits, and split them with a seeded shuffle."""
-    prompts = read_text_columns(cfg.source, "data.source", {cfg.prompt_column: "data.prompt_column"},
-                                cfg.split)[cfg.prompt_column]
+def read_prompts(cfg: DataConfig, tokenizer, key: str = "data") -> tuple[list[str], int]:
+    """The prompts of ``cfg`` that pass its filters and token-length limits, in file order, and the number
+    dropped by the length limits. ``key`` is the recipe section, for error messages."""
+    filters = [parse_filter(text, f"{key}.filters") for text in cfg.filters]
+    prompts = read_text_columns(cfg.source, f"{key}.source", {cfg.prompt_column: f"{key}.prompt_column"},
+                                cfg.split, filters)[cfg.prompt_column]
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     kept = [p for p, n in zip(prompts, lengths) if cfg.min_prompt_tokens <= n <= cfg.max_prompt_tokens]
     if not kept:
-        raise UserError(f"data.source: no prompt of '{cfg.source}' has between {cfg.min_prompt_tokens} and "
-                        f"{cfg.max_prompt_tokens} tokens (data.min_prompt_tokens / data.max_prompt_tokens)")
+        raise UserError(f"{key}.source: no prompt of '{cfg.source}' has between {cfg.min_prompt_tokens} and "
+                        f"{cfg.max_prompt_tokens} tokens ({key}.min_prompt_tokens / {key}.max_prompt_tokens)")
+    return kept, len(prompts) - len(kept)
+
+
+def load_prompts(cfg: DataConfig, tokenizer, seed: int) -> PromptSplits:
+    """Load prompts, drop those outside the filters and token-length limits, and split them with a seeded
+    shuffle."""
+    kept, dropped = read_prompts(cfg, tokenizer)
     random.Random(seed).shuffle(kept)
     n_val = int(len(kept) * cfg.validation_fraction)
     if cfg.validation_fraction > 0 and n_val == 0:
@@ -48,7 +57,7 @@ def load_prompts(cfg: DataConfig, tokenizer, seed: int) -> PromptSplits:
     if n_val >= len(kept):
         raise UserError(f"data.validation_fraction: {cfg.validation_fraction} leaves no training prompts "
                         f"out of {len(kept)}")
-    return PromptSplits(train=kept[n_val:], validation=kept[:n_val], dropped_by_length=len(prompts) - len(kept))
+    return PromptSplits(train=kept[n_val:], validation=kept[:n_val], dropped_by_length=dropped)
 
 
 def load_validation_set(iif: IIFConfig, splits: PromptSplits) -> dict[str, list[str]]:
@@ -70,11 +79,14 @@ def load_validation_set(iif: IIFConfig, splits: PromptSplits) -> dict[str, list[
     return {"prompt": list(splits.validation)}
 
 
-def read_text_columns(source: str, key: str, columns: dict[str, str], split: str = "train") -> dict[str, list[str]]:
+def read_text_columns(source: str, key: str, columns: dict[str, str], split: str = "train",
+                      filters: list[tuple] = ()) -> dict[str, list[str]]:
     """Read text ``columns`` from ``source``: a built-in set, a local .json/.jsonl/.parquet/.txt file or a hub id.
 
     ``key`` is the recipe key naming the source and ``columns`` maps each column to the recipe key naming it,
-    so errors point at the right line of the recipe. Rows with an empty or non-text value are skipped.
+    so errors point at the right line of the recipe. A dotted column (``prompt.text``) reads a field of a
+    struct column. Rows failing any of ``filters`` (from `parse_filter`) or with an empty or non-text value
+    are skipped.
     """
     if source.startswith(BUILTIN_PREFIX):
         name = source[len(BUILTIN_PREFIX):]
@@ -96,15 +108,34 @@ def read_text_columns(source: str, key: str, columns: dict[str, str], split: str
             raise UserError(f"{key}: {source}: expected a .json, .jsonl, .parquet or .txt file")
         else:
             table = _load_dataset(key, source, split=split)
-    names = table.column_names if hasattr(table, "column_names") else list(table)
-    for column, column_key in columns.items():
-        if column not in names:
-            raise UserError(f"{column_key}: '{column}' is not a column of '{source}' (columns: {', '.join(names)})")
-    rows = [values for values in zip(*(table[c] for c in columns))
-            if all(isinstance(v, str) and v.strip() for v in values)]
+    texts = [_column(table, source, column, column_key) for column, column_key in columns.items()]
+    passes = [True] * len(texts[0])
+    for column, compare, number in filters:
+        values = _column(table, source, column, key.rsplit(".", 1)[0] + ".filters")
+        passes = [ok and isinstance(v, (int, float)) and compare(v, number) for ok, v in zip(passes, values)]
+    rows = [values for ok, *values in zip(passes, *texts)
+            if ok and all(isinstance(v, str) and v.strip() for v in values)]
     if not rows:
-        raise UserError(f"{key}: '{source}' has no rows with text in column(s) {', '.join(columns)}")
+        raise UserError(f"{key}: '{source}' has no rows with text in column(s) {', '.join(columns)}"
+                        + (" that pass the filters" if filters else ""))
     return {column: [row[i] for row in rows] for i, column in enumerate(columns)}
+
+
+def _column(table, source: str, column: str, key: str) -> list:
+    """The values of ``column`` (``a`` or ``a.b`` for field b of struct column a) for every row."""
+    top, *path = column.split(".")
+    names = table.column_names if hasattr(table, "column_names") else list(table)
+    if top not in names:
+        raise UserError(f"{key}: '{top}' is not a column of '{source}' (columns: {', '.join(names)})")
+    values = list(table[top])
+    for depth, name in enumerate(path):
+        sample = next((v for v in values if v is not None), None)
+        if not isinstance(sample, dict) or name not in sample:
+            fields = ", ".join(sample) if isinstance(sample, dict) else f"not a struct ({type(sample).__name__})"
+            raise UserError(f"{key}: '{'.'.join([top, *path[:depth + 1]])}' is not a field of '{source}' "
+                            f"(fields: {fields})")
+        values = [v.get(name) if isinstance(v, dict) else None for v in values]
+    return values
 
 
 def _load_dataset(key: str, *args, **kwargs):

@@ -76,8 +76,11 @@ def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig) -> tuple[PolicyWit
 
     path = resolve_builtin(model_cfg.name_or_path)
     tokenizer = load_tokenizer(path)
+    if model_cfg.chat_template and not tokenizer.chat_template:
+        raise UserError(f"model.chat_template: the tokenizer of '{model_cfg.name_or_path}' has no chat template")
     try:
-        base = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[model_cfg.dtype])
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[model_cfg.dtype],
+                                                    **quantization_kwargs(model_cfg))
     except (OSError, ValueError) as err:
         raise UserError(f"model.name_or_path: cannot load '{model_cfg.name_or_path}' as a causal LM "
                         f"({str(err).splitlines()[0]})") from err
@@ -91,4 +94,52 @@ def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig) -> tuple[PolicyWit
         lm = get_peft_model(base, peft_config)
     except ValueError as err:
         raise UserError(f"lora.target_modules: {str(err).splitlines()[0]}") from err
-    return PolicyWithValueHead(lm, detach_value_head=model_cfg.detach_value_head), tokenizer
+    policy = PolicyWithValueHead(lm, detach_value_head=model_cfg.detach_value_head)
+    # Rollout, scoring and update all run in eval mode: no dropout, as in the paper.
+    policy.eval()
+    if model_cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)
+    return policy, tokenizer
+
+
+def quantization_kwargs(model_cfg: ModelConfig) -> dict:
+    """``from_pretrained`` arguments that load the frozen base weights in 8 or 4 bits (bitsandbytes)."""
+    if model_cfg.quantization is None:
+        return {}
+    try:
+        import bitsandbytes  # noqa: F401  (an optional extra)
+    except ImportError as err:
+        raise UserError(f"model.quantization: '{model_cfg.quantization}' needs bitsandbytes; "
+                        "pip install 'llm_iif[quantization]' (CUDA GPUs)") from err
+    from transformers import BitsAndBytesConfig
+
+    if model_cfg.quantization == "8bit":
+        return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
+    return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                      bnb_4bit_compute_dtype=DTYPES[model_cfg.dtype])}
+
+
+def enable_gradient_checkpointing(policy: PolicyWithValueHead) -> None:
+    """Recompute each decoder layer's activations in the backward pass instead of storing them.
+
+    transformers only checkpoints a layer whose module is in training mode, and the policy runs in eval
+    mode (no dropout). So only the layer modules themselves are switched to training mode; their dropout
+    submodules stay in eval mode. The attribution hooks store by overwrite, so the recomputation's second
+    forward call is harmless.
+    """
+    base = policy.lm.get_base_model()
+    if not base.supports_gradient_checkpointing:
+        raise UserError(f"model.gradient_checkpointing: {type(base).__name__} does not support it")
+    base.activation_checkpointing_enable({"use_reentrant": False})
+    for module in base.modules():
+        if getattr(module, "gradient_checkpointing", False):
+            module.training = True
+
+
+def prompt_formatter(tokenizer, chat_template: bool):
+    """The text the policy is prompted with: the prompt itself, or the prompt as a user turn in the
+    tokenizer's chat template followed by the assistant's turn header."""
+    if not chat_template:
+        return lambda prompt: prompt
+    return lambda prompt: tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                        add_generation_prompt=True)

@@ -103,15 +103,23 @@ def truncate_after_eos(response_ids: torch.Tensor, eos_token_id: int,
 
 @torch.no_grad()
 def sample_responses(lm, tokenizer, prompts: list[str], cfg: PPOConfig, device) -> tuple[torch.Tensor, ...]:
-    """Sample one response per prompt. Returns (query_ids [B, P], query_mask, response_ids [B, T], response_mask)."""
+    """Sample one response per prompt, ``cfg.generation_batch_size`` prompts per `generate` call.
+
+    Returns (query_ids [B, P], query_mask, response_ids [B, T], response_mask)."""
     query = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False).to(device)
-    output = lm.generate(
-        input_ids=query["input_ids"], attention_mask=query["attention_mask"], do_sample=True,
-        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-        max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    response_ids, response_mask = truncate_after_eos(output[:, query["input_ids"].shape[1]:],
-                                                     tokenizer.eos_token_id, tokenizer.pad_token_id)
+    chunks = []
+    for start in range(0, len(prompts), cfg.generation_batch_size):
+        ids = query["input_ids"][start:start + cfg.generation_batch_size]
+        output = lm.generate(
+            input_ids=ids, attention_mask=query["attention_mask"][start:start + cfg.generation_batch_size],
+            do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+            max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        chunks.append(output[:, ids.shape[1]:])
+    width = max(chunk.shape[1] for chunk in chunks)  # a chunk stops early when all its rows hit EOS
+    generated = torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=tokenizer.pad_token_id)
+                           for c in chunks])
+    response_ids, response_mask = truncate_after_eos(generated, tokenizer.eos_token_id, tokenizer.pad_token_id)
     return query["input_ids"], query["attention_mask"], response_ids, response_mask
 
 

@@ -30,10 +30,10 @@ from accelerate.utils import gather_object, set_seed
 from llm_iif import influence, ppo
 from llm_iif.attribution import filter_mask, grad_cosine
 from llm_iif.config import Recipe
-from llm_iif.data import load_prompts, load_validation_set
+from llm_iif.data import load_prompts, load_validation_set, read_prompts
 from llm_iif.errors import UserError
 from llm_iif.outputs import append_jsonl, atomic_write_text, plot_reward_curve, save_checkpoint, write_parquet
-from llm_iif.policy import load_policy
+from llm_iif.policy import load_policy, prompt_formatter
 from llm_iif.rollout import (Rollout, at_response_positions, concat_rows, map_tensors, pad_to_widths,
                              response_logprobs, sample_responses, score_tokens, select_rows, tokenize_pairs)
 from reward_models import load_reward_model
@@ -59,8 +59,9 @@ class PPOTrainer:
     def __init__(self, recipe: Recipe, accelerator: Accelerator | None = None):
         self.recipe = recipe
         self.cfg = recipe.ppo
-        self.accelerator = accelerator or Accelerator()
+        self.accelerator = accelerator or make_accelerator(recipe)
         acc = self.accelerator
+        check_distributed_support(acc, recipe)
         if recipe.run.batch_size % acc.num_processes:
             raise UserError(f"run.batch_size: {recipe.run.batch_size} does not divide evenly over "
                             f"{acc.num_processes} processes")
@@ -71,7 +72,12 @@ class PPOTrainer:
         with acc.main_process_first():  # built-in models are built once, by the main process
             policy, self.tokenizer = load_policy(recipe.model, recipe.lora)
             self.reward_model = load_reward_model(recipe.reward, device=acc.device)
+            self.eval_rewards = {name: load_reward_model(cfg, device=acc.device)
+                                 for name, cfg in recipe.eval.rewards.items()} if recipe.eval.every else {}
+        self.format_prompt = prompt_formatter(self.tokenizer, recipe.model.chat_template)
         self.prompts = load_prompts(recipe.data, self.tokenizer, recipe.run.seed)
+        self.eval_prompts = (read_prompts(recipe.eval.data, self.tokenizer, "eval.data")[0][:recipe.eval.size]
+                             if recipe.eval.every else [])
         self.validation = None
         if recipe.iif.enabled:
             if recipe.iif.val_size % acc.num_processes:
@@ -80,12 +86,12 @@ class PPOTrainer:
             self.validation = load_validation_set(recipe.iif, self.prompts)
         self.report_rewards = {name: CallableReward(path, key=f"reward.report.{name}")
                                for name, path in recipe.reward.report.items()}
-        # Rollout, scoring and update all run in eval mode: no dropout, as in the paper.
-        policy.eval()
-        trainable = [p for p in policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(trainable, lr=self.cfg.learning_rate)
+        optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=self.cfg.learning_rate)
+        if acc.state.deepspeed_plugin is not None:  # no data loader is prepared, so DeepSpeed must be told
+            acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = self.cfg.mini_batch_size
         self.policy, self.optimizer = acc.prepare(policy, optimizer)
-        self.trainable = trainable
+        # After prepare: FSDP replaces parameters with sharded ones.
+        self.trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.kl_controller = (ppo.AdaptiveKLController(self.cfg.init_kl_coef, self.cfg.target_kl,
                                                        self.cfg.kl_horizon)
                               if self.cfg.adaptive_kl else ppo.FixedKLController(self.cfg.init_kl_coef))
@@ -111,6 +117,8 @@ class PPOTrainer:
         bar = tqdm(range(run.rounds), desc="PPO rounds", disable=not acc.is_main_process)
         for k in bar:
             metrics = self.run_round(k)
+            if self.recipe.eval.every and ((k + 1) % self.recipe.eval.every == 0 or k + 1 == run.rounds):
+                metrics.update(self.evaluate())
             self.history.append(metrics)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.2f}")
             if acc.is_main_process:
@@ -157,8 +165,9 @@ class PPOTrainer:
         """
         acc, policy = self.accelerator, self.accelerator.unwrap_model(self.policy)
         t0 = time.perf_counter()
-        query_ids, query_mask, response_ids, response_mask = sample_responses(
-            policy.lm, self.tokenizer, prompts, self.cfg, acc.device)
+        with acc.autocast():
+            query_ids, query_mask, response_ids, response_mask = sample_responses(
+                policy.lm, self.tokenizer, [self.format_prompt(p) for p in prompts], self.cfg, acc.device)
         responses = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
         t1 = time.perf_counter()
         scores = torch.tensor(self.reward_model(prompts, responses), dtype=torch.float32, device=acc.device)
@@ -166,8 +175,9 @@ class PPOTrainer:
             raise UserError(f"reward.name: '{self.recipe.reward.name}' returned {tuple(scores.shape)} scores "
                             f"for {len(prompts)} samples; expected one float per sample")
         t2 = time.perf_counter()
-        tokens = score_tokens(policy, query_ids, query_mask, response_ids, response_mask,
-                              self.cfg.temperature, self.cfg.forward_batch_size)
+        with acc.autocast():
+            tokens = score_tokens(policy, query_ids, query_mask, response_ids, response_mask,
+                                  self.cfg.temperature, self.cfg.forward_batch_size)
         t3 = time.perf_counter()
         rollout = Rollout(prompts, responses, query_ids, query_mask, response_ids, response_mask, scores, **tokens)
 
@@ -226,7 +236,8 @@ class PPOTrainer:
             tokens, samples = acc.reduce(torch.stack([rollout.response_mask.sum().float(),
                                                       torch.tensor(float(len(rollout)), device=acc.device)]),
                                          "sum").tolist()
-            with acc.no_sync(self.policy):  # scoring gradients are per process; DDP must not all-reduce them
+            # Scoring gradients are per process: DDP must not all-reduce them.
+            with acc.no_sync(self.policy), acc.autocast():
                 scores = influence.influence_scores(acc.unwrap_model(self.policy), rollout, targets.advantages,
                                                     targets.returns, target, self.cfg, iif.train_grad,
                                                     tokens / samples, iif.score_batch_size)
@@ -256,7 +267,8 @@ class PPOTrainer:
         start = time.perf_counter()
         prompts = self._validation_rows("prompt")
         if iif.target == "gold":
-            ids = tokenize_pairs(self.tokenizer, prompts, self._validation_rows("response"), acc.device)
+            ids = tokenize_pairs(self.tokenizer, [self.format_prompt(p) for p in prompts],
+                                 self._validation_rows("response"), acc.device)
             weights = influence.target_token_weights("gold", None, None, ids[3])
         else:
             rollout, _, _ = self.collect(prompts)
@@ -266,7 +278,8 @@ class PPOTrainer:
             ids = (rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask)
             weights = influence.target_token_weights(iif.target, advantages, rewards, rollout.response_mask)
         generate_seconds = time.perf_counter() - start
-        with acc.no_sync(self.policy):  # each process's part is summed by the explicit reduce below
+        # Each process's part is summed by the explicit reduce below.
+        with acc.no_sync(self.policy), acc.autocast():
             half_a, half_b = influence.target_gradient_halves(policy, *ids, weights, self.cfg.temperature,
                                                               iif.score_batch_size)
         names = list(half_a)
@@ -334,7 +347,8 @@ class PPOTrainer:
                 index = index.to(acc.device)
                 batch, mb = rollout.select(index), targets.select(index)
                 mask = batch.response_mask
-                logits, values = self.policy(batch.input_ids, batch.attention_mask)
+                with acc.autocast():
+                    logits, values = self.policy(batch.input_ids, batch.attention_mask)
                 logprobs = response_logprobs(logits, batch.response_ids, cfg.temperature)
                 values = at_response_positions(values, response_len)
                 pg_loss, pg_clipped = ppo.clipped_policy_loss(logprobs, batch.logprobs, mb.advantages,
@@ -353,6 +367,35 @@ class PPOTrainer:
                         torch.ones((), device=acc.device)]).double()
         summed = acc.reduce(totals, "sum")
         return {k: (summed[i] / summed[-1].clamp(min=1)).item() for i, k in enumerate(_UPDATE_STATS)}
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self) -> dict:
+        """``eval/<name>``: the mean score of each ``eval.rewards`` model on one sampled response to each of
+        the ``eval.size`` evaluation prompts, at the current parameters (after this round's update)."""
+        acc, policy = self.accelerator, self.accelerator.unwrap_model(self.policy)
+        prompts = self.eval_prompts[acc.process_index::acc.num_processes]
+        start = time.perf_counter()
+        responses = []
+        if prompts:
+            with acc.autocast():
+                _, _, response_ids, _ = sample_responses(policy.lm, self.tokenizer,
+                                                         [self.format_prompt(p) for p in prompts], self.cfg,
+                                                         acc.device)
+            responses = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+        metrics = {}
+        for name, reward_model in self.eval_rewards.items():
+            scores = torch.tensor(reward_model(prompts, responses) if prompts else [], dtype=torch.float64,
+                                  device=acc.device)
+            if not torch.isfinite(scores).all():
+                raise UserError(f"eval.rewards.{name}: returned NaN or inf for "
+                                f"{int((~torch.isfinite(scores)).sum())} of {len(scores)} evaluation responses")
+            total, count = acc.reduce(torch.stack([scores.sum(), torch.tensor(float(len(scores)),
+                                                                              device=acc.device,
+                                                                              dtype=torch.float64)]), "sum")
+            metrics[f"eval/{name}"] = (total / count).item()
+        metrics["time_eval_s"] = time.perf_counter() - start
+        return metrics
 
     # ------------------------------------------------------------------ outputs
 
@@ -442,6 +485,27 @@ class PPOTrainer:
             append_jsonl(self.output_dir / "samples.jsonl", {
                 "round": k, "prompt": rollout.prompts[i], "response": rollout.responses[i],
                 "reward": rollout.scores[i].item()})
+
+
+def make_accelerator(recipe: Recipe) -> Accelerator:
+    """The Accelerator for ``recipe``: its ``run.mixed_precision`` overrides the `accelerate launch` setting."""
+    if recipe.run.mixed_precision is None:
+        return Accelerator()
+    return Accelerator(mixed_precision=recipe.run.mixed_precision)
+
+
+def check_distributed_support(accelerator: Accelerator, recipe: Recipe) -> None:
+    """Influence scoring reads every LoRA weight whole on every process; ZeRO-3 and FSDP shard them, which
+    would give wrong scores, so that combination is refused. Standard PPO and random filtering run."""
+    from accelerate.utils import DistributedType
+
+    plugin = accelerator.state.deepspeed_plugin
+    sharded = (accelerator.distributed_type == DistributedType.FSDP
+               or (plugin is not None and plugin.zero_stage == 3))
+    if sharded and recipe.iif.enabled and recipe.iif.mode != "random":
+        raise UserError("iif.enabled: influence scoring needs whole LoRA weights on every process, and this "
+                        "launch shards them (DeepSpeed ZeRO-3 or FSDP); use DDP or ZeRO-2 "
+                        "(recipes/accelerate/multi_gpu.yaml, deepspeed_zero2.yaml), or iif.mode: random")
 
 
 def _unflatten(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -79,6 +79,21 @@ def test_bad_recipes_name_file_and_key(tmp_path, mutate, message):
     assert "\n" not in str(err.value)
 
 
+def test_nested_overrides_reach_eval_sections(tmp_path):
+    recipe = load_recipe(write(tmp_path, GOOD), [
+        "eval.every=5", "eval.data.source=wiki.parquet", "eval.data.filters=['label == 1']",
+        "eval.rewards.toxicity.name=hf-classifier", "eval.rewards.toxicity.name_or_path=some/classifier"])
+    assert recipe.eval.every == 5 and recipe.eval.data.source == "wiki.parquet"
+    assert recipe.eval.data.filters == ["label == 1"]
+    assert recipe.eval.rewards["toxicity"].name_or_path == "some/classifier"
+    with pytest.raises(UserError, match=r"eval.rewards.toxicity.output: expected one of"):
+        load_recipe(write(tmp_path, GOOD), ["eval.rewards.toxicity.name=x", "eval.rewards.toxicity.output=odds"])
+    with pytest.raises(UserError, match="eval.data: expected a prompt set"):
+        load_recipe(write(tmp_path, GOOD), ["eval.every=1"])
+    with pytest.raises(UserError, match="data.filters: expected 'COLUMN OP NUMBER'"):
+        load_recipe(write(tmp_path, GOOD), ["data.filters=['toxicity above 0.3']"])
+
+
 def test_bad_override_form(tmp_path):
     with pytest.raises(UserError, match="expected section.key=value"):
         load_recipe(write(tmp_path, GOOD), ["learning_rate=1"])
@@ -111,7 +126,7 @@ def test_python_m_and_console_script_are_the_same_cli(tmp_path):
     assert proc.stderr.strip().endswith("ppo.bogus: unknown key (expected one of: " + ", ".join(
         ["learning_rate", "epochs", "mini_batch_size", "forward_batch_size", "gamma", "lam", "clip_range",
          "clip_range_value", "vf_coef", "max_grad_norm", "init_kl_coef", "adaptive_kl", "target_kl", "kl_horizon",
-         "temperature", "top_k", "top_p", "max_new_tokens", "min_new_tokens"]) + ")")
+         "temperature", "top_k", "top_p", "max_new_tokens", "min_new_tokens", "generation_batch_size"]) + ")")
     script = Path(sys.executable).with_name("llm-iif")
     proc = subprocess.run([str(script), "train", str(path)], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

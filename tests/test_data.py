@@ -19,6 +19,24 @@ def tokenizer(tiny_model_dir):
 PROMPTS = [f"the movie was {'very ' * (i % 6)}" .strip() for i in range(40)]
 
 
+def test_struct_columns_and_filters(tmp_path, tokenizer):
+    """RealToxicityPrompts-style rows: the text and its score are fields of a struct column."""
+    path = tmp_path / "rtp.jsonl"
+    rows = [{"prompt": {"text": p, "toxicity": i / 40 if i % 7 else None}} for i, p in enumerate(PROMPTS)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = DataConfig(source=str(path), prompt_column="prompt.text", filters=["prompt.toxicity > 0.5"],
+                     validation_fraction=0.0)
+    kept = load_prompts(cfg, tokenizer, seed=0).train
+    assert sorted(kept) == sorted(p for i, p in enumerate(PROMPTS) if i % 7 and i / 40 > 0.5)
+    with pytest.raises(UserError, match=r"data.prompt_column: 'prompt.words' is not a field of .* \(fields: text, toxicity\)"):
+        load_prompts(DataConfig(source=str(path), prompt_column="prompt.words"), tokenizer, seed=0)
+    with pytest.raises(UserError, match="data.filters: 'score' is not a column"):
+        load_prompts(DataConfig(source=str(path), prompt_column="prompt.text", filters=["score > 1"]), tokenizer, 0)
+    with pytest.raises(UserError, match="that pass the filters"):
+        load_prompts(DataConfig(source=str(path), prompt_column="prompt.text", filters=["prompt.toxicity > 5"]),
+                     tokenizer, 0)
+
+
 def test_jsonl_with_custom_column(tmp_path, tokenizer):
     path = tmp_path / "p.jsonl"
     path.write_text("\n".join(json.dumps({"text": p, "id": i}) for i, p in enumerate(PROMPTS)))

@@ -1,0 +1,126 @@
+"""Memory and precision options, evaluation during training, and the distributed-launch guard."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import tiny_recipe_dict
+from llm_iif import influence
+from llm_iif.config import ModelConfig, recipe_from_dict
+from llm_iif.errors import UserError
+from llm_iif.policy import quantization_kwargs
+from llm_iif.rollout import sample_responses
+from llm_iif.trainer import PPOTrainer, check_distributed_support
+
+
+def scoring_inputs(tmp_path, **model):
+    raw = tiny_recipe_dict(tmp_path)
+    raw["model"].update(model)
+    raw["iif"] = {"enabled": True, "val_size": 8}
+    trainer = PPOTrainer(recipe_from_dict(raw))
+    rollout, _, _ = trainer.collect(trainer._next_prompts())
+    targets = trainer.estimate_advantages(rollout)
+    target, _, _ = trainer.target_gradient()
+    return trainer, rollout, targets, target
+
+
+def test_gradient_checkpointing_gives_the_same_scores_and_trains(tmp_path, tiny_model_dir):
+    """Checkpointed layers run their forward twice; the attribution hooks must not count it twice."""
+    trainer, rollout, targets, target = scoring_inputs(tmp_path / "plain")
+    policy = trainer.accelerator.unwrap_model(trainer.policy)
+    args = (rollout, targets.advantages, targets.returns, target, trainer.cfg, "policy", 5.0, 4)
+    plain = influence.influence_scores(policy, *args)
+
+    checkpointed = PPOTrainer(recipe_from_dict({**tiny_recipe_dict(tmp_path / "ckpt"),
+                                                "model": {"name_or_path": "builtin:tiny-sentiment",
+                                                          "gradient_checkpointing": True}}))
+    lm = checkpointed.accelerator.unwrap_model(checkpointed.policy)
+    calls = []
+    first_lora_a = next(m for n, m in lm.named_modules() if n.endswith("lora_A.default"))
+    first_lora_a.register_forward_hook(lambda *_: calls.append(1))
+    lm.load_state_dict(policy.state_dict())
+    scores = influence.influence_scores(lm, *args)
+    # Each chunk of 4 runs the forward twice (again in the backward pass): checkpointing is on.
+    assert len(calls) == 2 * math.ceil(len(rollout) / 4)
+    assert torch.allclose(scores, plain, rtol=1e-4, atol=1e-7)
+    assert not any(m.training for n, m in lm.named_modules() if "drop" in n.split(".")[-1])
+    history = checkpointed.train()
+    assert all(math.isfinite(m["policy_loss"]) for m in history)
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """Accelerate keeps one state per process; mixed precision can only be chosen by a fresh one."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_bf16_mixed_precision_round(tmp_path, tiny_model_dir, fresh_accelerator_state):
+    raw = tiny_recipe_dict(tmp_path)
+    raw["run"].update(rounds=1, mixed_precision="bf16")
+    raw["iif"] = {"enabled": True, "val_size": 8, "mode": "bottom", "p": 0.25}
+    trainer = PPOTrainer(recipe_from_dict(raw))
+    assert trainer.accelerator.mixed_precision == "bf16"
+    (metrics,) = trainer.train()
+    assert all(math.isfinite(v) for v in metrics.values() if isinstance(v, float))
+    assert metrics["kept_fraction"] == 0.75
+    # At θ(k) the update's first ratio is 1 only if rollout and update forwards share the precision.
+    assert abs(metrics["approx_kl"]) < 0.05
+
+
+def test_generation_batches_do_not_change_greedy_responses(tmp_path, tiny_model_dir):
+    trainer = PPOTrainer(recipe_from_dict(tiny_recipe_dict(tmp_path)))
+    lm = trainer.accelerator.unwrap_model(trainer.policy).lm
+    prompts = trainer.prompts.train[:7]
+    greedy = dict(top_k=1, max_new_tokens=6)
+    whole = sample_responses(lm, trainer.tokenizer, prompts, trainer.cfg.__class__(**greedy), "cpu")
+    chunked = sample_responses(lm, trainer.tokenizer, prompts,
+                               trainer.cfg.__class__(**greedy, generation_batch_size=3), "cpu")
+    for a, b in zip(whole, chunked):
+        assert torch.equal(a, b)
+
+
+def test_eval_hook_logs_each_eval_reward(tmp_path, tiny_model_dir):
+    raw = tiny_recipe_dict(tmp_path)
+    raw["run"]["rounds"] = 3
+    raw["eval"] = {"every": 2, "size": 6, "data": {"source": "builtin:review-prompts"},
+                   "rewards": {"sentiment": {"name": "vader"},
+                               "length": {"name": "callable", "function": "llm_iif.tiny:hidden_preference_score"}}}
+    history = PPOTrainer(recipe_from_dict(raw)).train()
+    # After round 1 (every 2nd) and after the last round.
+    assert ["eval/sentiment" in m for m in history] == [False, True, True]
+    assert all(-1 <= m["eval/sentiment"] <= 1 and m["eval/length"] > 0 for m in history[1:])
+
+
+@pytest.mark.parametrize("state, refused", [
+    (SimpleNamespace(distributed_type="FSDP", state=SimpleNamespace(deepspeed_plugin=None)), True),
+    (SimpleNamespace(distributed_type="DEEPSPEED", state=SimpleNamespace(
+        deepspeed_plugin=SimpleNamespace(zero_stage=3))), True),
+    (SimpleNamespace(distributed_type="DEEPSPEED", state=SimpleNamespace(
+        deepspeed_plugin=SimpleNamespace(zero_stage=2))), False),
+    (SimpleNamespace(distributed_type="MULTI_GPU", state=SimpleNamespace(deepspeed_plugin=None)), False),
+])
+def test_sharded_launches_refuse_influence_scoring(tmp_path, state, refused):
+    raw = tiny_recipe_dict(tmp_path)
+    raw["iif"] = {"enabled": True}
+    if refused:
+        with pytest.raises(UserError, match="iif.enabled: influence scoring needs whole LoRA weights"):
+            check_distributed_support(state, recipe_from_dict(raw))
+        raw["iif"]["mode"] = "random"  # no scores, nothing to get wrong
+    check_distributed_support(state, recipe_from_dict(raw))
+
+
+def test_quantization_without_bitsandbytes_is_a_clear_error():
+    pytest.importorskip("transformers")
+    try:
+        import bitsandbytes  # noqa: F401
+        pytest.skip("bitsandbytes is installed")
+    except ImportError:
+        pass
+    with pytest.raises(UserError, match=r"model.quantization: '4bit' needs bitsandbytes; pip install"):
+        quantization_kwargs(ModelConfig(name_or_path="x", quantization="4bit"))
