@@ -58,6 +58,9 @@ class DataConfig:
     min_prompt_tokens: int = 1
     max_prompt_tokens: int = 64
     """Prompts outside [min_prompt_tokens, max_prompt_tokens] tokens are dropped, not truncated."""
+    truncate_prompt_tokens: int = 0
+    """Cut every prompt to its first N tokens before the length limits apply (0: off), e.g. to prompt with
+    the opening words of long reviews."""
     filters: list[str] = field(default_factory=list)
     """Keep only rows meeting every condition ``COLUMN OP NUMBER`` (OP one of > >= < <= == !=), e.g.
     ``prompt.toxicity > 0.3``. A dotted column reads a field of a struct column, in filters and in
@@ -73,7 +76,9 @@ class RewardConfig:
     label: Optional[Union[int, str]] = None
     """hf-classifier: the scored label, an index or a name from id2label (optional for a one-label model)."""
     output: Literal["logit", "prob", "log_prob"] = "logit"
-    input: Literal["response", "prompt+response"] = "prompt+response"
+    input: Literal["response", "prompt+response", "pair"] = "prompt+response"
+    """hf-classifier: what it reads: the response, the prompt and response as one text, or the two as a
+    tokenizer sentence pair (cross-encoder reward models such as OpenAssistant's)."""
     append_eos: bool = False
     """hf-classifier: end every text with the tokenizer's EOS, as trl's RewardTrainer does in training
     (true for reward models from `llm-iif reward train`)."""
@@ -463,6 +468,7 @@ def _check_values(recipe: Recipe, source: str) -> None:
     require(recipe.data.min_prompt_tokens >= 1, "data.min_prompt_tokens", "at least 1")
     require(recipe.data.max_prompt_tokens >= recipe.data.min_prompt_tokens, "data.max_prompt_tokens",
             "at least data.min_prompt_tokens")
+    require(recipe.data.truncate_prompt_tokens >= 0, "data.truncate_prompt_tokens", "0 (off) or a positive integer")
     require(recipe.reward.batch_size > 0, "reward.batch_size", "a positive integer")
     require(recipe.reward.max_length > 0, "reward.max_length", "a positive integer")
     ppo = recipe.ppo

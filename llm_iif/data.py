@@ -33,12 +33,16 @@ class PromptSplits:
 
 
 def read_prompts(cfg: DataConfig, tokenizer, key: str = "data") -> tuple[list[str], int]:
-    """The prompts of ``cfg`` that pass its filters and token-length limits, in file order, and the number
-    dropped by the length limits. ``key`` is the recipe section, for error messages."""
+    """The prompts of ``cfg`` that pass its filters, cut to ``truncate_prompt_tokens`` and within its
+    token-length limits, in file order, and the number dropped by the length limits. ``key`` is the recipe section, for error messages."""
     filters = [parse_filter(text, f"{key}.filters") for text in cfg.filters]
     prompts = read_text_columns(cfg.source, f"{key}.source", {cfg.prompt_column: f"{key}.prompt_column"},
                                 cfg.split, filters)[cfg.prompt_column]
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    if cfg.truncate_prompt_tokens:
+        encoded = [ids[:cfg.truncate_prompt_tokens] for ids in encoded]
+        prompts = tokenizer.batch_decode(encoded)
+    lengths = [len(ids) for ids in encoded]
     kept = [p for p, n in zip(prompts, lengths) if cfg.min_prompt_tokens <= n <= cfg.max_prompt_tokens]
     if not kept:
         raise UserError(f"{key}.source: no prompt of '{cfg.source}' has between {cfg.min_prompt_tokens} and "

@@ -71,13 +71,17 @@ class HFClassifierReward:
         if empty and self.input == "response":
             raise UserError(f"reward: response {empty[0]} (of {len(responses)}) is empty, and a classifier cannot "
                             "score empty text; set ppo.min_new_tokens >= 1 or reward.input: prompt+response")
-        texts = responses if self.input == "response" else [p + r for p, r in zip(prompts, responses)]
+        firsts = None if self.input != "pair" else list(prompts)
+        texts = responses if self.input in ("response", "pair") else [p + r for p, r in zip(prompts, responses)]
         if self.append_eos:  # trl's RewardTrainer trains on text + EOS and reads the score there
             texts = [t + self.tokenizer.eos_token for t in texts]
         scores: list[float] = []
         for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(texts[start:start + self.batch_size], padding=True, truncation=True,
-                                   max_length=self.max_length, return_tensors="pt").to(self.device)
+            end = start + self.batch_size
+            # input: pair encodes (prompt, response) as a sentence pair, as cross-encoder reward models expect.
+            args = (texts[start:end],) if firsts is None else (firsts[start:end], texts[start:end])
+            batch = self.tokenizer(*args, padding=True, truncation=True, max_length=self.max_length,
+                                   return_tensors="pt").to(self.device)
             scores.extend(label_score(self.model(**batch).logits.float(), self.label, self.output).tolist())
         return scores
 

@@ -93,3 +93,12 @@ def test_missing_column(tmp_path, tokenizer):
 def test_builtin_prompts(tokenizer):
     splits = load_prompts(DataConfig(source="builtin:review-prompts"), tokenizer, seed=0)
     assert len(splits.train) > 400 and len(splits.validation) > 40
+
+
+def test_truncated_prompts_keep_their_first_tokens(tmp_path, tokenizer):
+    path = tmp_path / "reviews.jsonl"
+    path.write_text("\n".join(json.dumps({"text": p}) for p in ["the movie was very very good", "great fun", "x"]))
+    cfg = DataConfig(source=str(path), prompt_column="text", truncate_prompt_tokens=3, min_prompt_tokens=2,
+                     validation_fraction=0.0)
+    kept = load_prompts(cfg, tokenizer, seed=0).train
+    assert sorted(kept) == sorted(["the movie was", "great fun"])  # "x" is 1 token: below the minimum

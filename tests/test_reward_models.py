@@ -45,11 +45,12 @@ def test_hf_classifier_label_output_and_input(tmp_path, tiny_model_dir):
                                             names=["hate", "neutral", "offensive"])
     prompts, responses = ["the film was", "i felt"], [" great and fun .", " dull ."]
 
-    def expected(texts):
+    def expected(texts, pairs=None):
         logits = []
-        for text in texts:  # one at a time: no padding
+        for i, text in enumerate(texts):  # one at a time: no padding
+            args = (text,) if pairs is None else (pairs[i], text)
             with torch.no_grad():
-                logits.append(model(**tokenizer(text, return_tensors="pt")).logits[0])
+                logits.append(model(**tokenizer(*args, return_tensors="pt")).logits[0])
         return torch.stack(logits)
 
     def scores(**options):
@@ -65,6 +66,7 @@ def test_hf_classifier_label_output_and_input(tmp_path, tiny_model_dir):
                           atol=1e-5)
     assert torch.allclose(scores(label=1, input="response", output="log_prob"),
                           on_response.log_softmax(-1)[:, 1], atol=1e-5)
+    assert torch.allclose(scores(label=0, input="pair"), expected(responses, pairs=prompts)[:, 0], atol=1e-5)
 
 
 def test_one_label_probability_is_a_sigmoid():
