@@ -6,7 +6,7 @@ Sources (``data.source`` and ``iif.val_prompts`` in a recipe):
 - ``builtin:tiny-preferences``: (prompt, chosen, rejected) triples ranked by a hidden rule, for reward-model
   training;
 - a local ``.json``, ``.jsonl``, ``.parquet`` file (column ``data.prompt_column``) or ``.txt`` file (one prompt
-  per line);
+  per line), or such files in a hub repo as an ``hf://datasets/...`` path (glob patterns allowed);
 - anything else is a `datasets` hub id, loaded with ``data.split``.
 """
 
@@ -104,6 +104,8 @@ def read_text_columns(source: str, key: str, columns: dict[str, str], split: str
             if not path.is_file():
                 raise UserError(f"{key}: file not found: {source}")
             table = {next(iter(columns)): [line.strip() for line in path.read_text().splitlines()]}
+        elif source.startswith("hf://") and path.suffix in LOCAL_FORMATS:  # files in a hub repo, e.g. its
+            table = _load_dataset(key, LOCAL_FORMATS[path.suffix], data_files=source, split="train")  # parquet export
         elif path.suffix in LOCAL_FORMATS:
             if not path.is_file():
                 raise UserError(f"{key}: file not found: {source}")

@@ -46,15 +46,17 @@ def append_jsonl(path: Path, record: dict) -> None:
         f.flush()
 
 
-def save_checkpoint(policy, tokenizer, directory: Path, state: dict) -> None:
+def save_checkpoint(policy, tokenizer, directory: Path, state: dict, weights: dict) -> None:
     """Save adapter, value head, tokenizer and trainer state to ``directory``, replacing it atomically.
 
-    ``PeftModel.from_pretrained(base_model, directory)`` loads the adapter; the value head is a plain
-    safetensors file with the keys ``weight`` [1, H] and ``bias`` [1].
+    ``weights`` is the policy's full state dict, gathered from every process (`Accelerator.get_state_dict`),
+    so that sharded launches save whole tensors. ``PeftModel.from_pretrained(base_model, directory)`` loads
+    the adapter; the value head is a plain safetensors file with the keys ``weight`` [1, H] and ``bias`` [1].
     """
     def write(tmp: Path) -> None:
-        policy.lm.save_pretrained(tmp)
-        save_file({k: v.detach().cpu().contiguous() for k, v in policy.value_head.state_dict().items()},
+        policy.lm.save_pretrained(tmp, state_dict={k[len("lm."):]: v for k, v in weights.items()
+                                                   if k.startswith("lm.")})
+        save_file({k: weights[f"value_head.{k}"].detach().cpu().contiguous() for k in ("weight", "bias")},
                   tmp / "value_head.safetensors")
         tokenizer.save_pretrained(tmp)
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))

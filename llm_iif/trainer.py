@@ -400,13 +400,15 @@ class PPOTrainer:
     # ------------------------------------------------------------------ outputs
 
     def save(self, directory: Path) -> None:
-        """Checkpoint the adapter, value head and tokenizer (main process only; all processes wait)."""
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
+        """Checkpoint the adapter, value head and tokenizer (written by the main process; all take part)."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        weights = acc.get_state_dict(self.policy)  # every process takes part: ZeRO-3 / FSDP gather shards here
+        if acc.is_main_process:
             state = {"rounds_completed": len(self.history), "kl_coef": self.kl_controller.value,
                      "base_model": self.recipe.model.name_or_path}
-            save_checkpoint(self.accelerator.unwrap_model(self.policy), self.tokenizer, directory, state)
-        self.accelerator.wait_for_everyone()
+            save_checkpoint(acc.unwrap_model(self.policy), self.tokenizer, directory, state, weights)
+        acc.wait_for_everyone()
 
     def _round_metrics(self, k, rollout, targets, update_stats, nonfinite, kl_coef) -> dict:
         """The round's metrics over all processes' samples."""
