@@ -8,7 +8,7 @@ import torch
 
 from conftest import tiny_recipe_dict
 from llm_iif import influence
-from llm_iif.config import ModelConfig, recipe_from_dict
+from llm_iif.config import ModelConfig, PPOConfig, recipe_from_dict
 from llm_iif.errors import UserError
 from llm_iif.policy import quantization_kwargs
 from llm_iif.rollout import sample_responses
@@ -77,10 +77,9 @@ def test_generation_batches_do_not_change_greedy_responses(tmp_path, tiny_model_
     trainer = PPOTrainer(recipe_from_dict(tiny_recipe_dict(tmp_path)))
     lm = trainer.accelerator.unwrap_model(trainer.policy).lm
     prompts = trainer.prompts.train[:7]
-    greedy = dict(top_k=1, max_new_tokens=6)
-    whole = sample_responses(lm, trainer.tokenizer, prompts, trainer.cfg.__class__(**greedy), "cpu")
+    whole = sample_responses(lm, trainer.tokenizer, prompts, PPOConfig(top_k=1, max_new_tokens=6), "cpu")
     chunked = sample_responses(lm, trainer.tokenizer, prompts,
-                               trainer.cfg.__class__(**greedy, generation_batch_size=3), "cpu")
+                               PPOConfig(top_k=1, max_new_tokens=6, generation_batch_size=3), "cpu")
     for a, b in zip(whole, chunked):
         assert torch.equal(a, b)
 
@@ -116,7 +115,6 @@ def test_sharded_launches_refuse_influence_scoring(tmp_path, state, refused):
 
 
 def test_quantization_without_bitsandbytes_is_a_clear_error():
-    pytest.importorskip("transformers")
     try:
         import bitsandbytes  # noqa: F401
         pytest.skip("bitsandbytes is installed")
