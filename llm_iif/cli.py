@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                              help="override a recipe value (repeatable); the value is parsed as YAML")
         command.add_argument("--debug", action="store_true", help="show full tracebacks for bad input")
     train.add_argument("--output-dir", help="where metrics, samples and checkpoints go (overrides run.output_dir)")
+    train.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue RUN_DIR from its newest checkpoint (or from RUN_DIR/checkpoint-N); "
+                            "--set run.rounds=N extends a finished run")
     reward_train.add_argument("--output-dir", help="where model/ and eval.json go (overrides run.output_dir)")
     for command, output_dir in ((compare, "runs/compare"), (classic_compare, "runs/classic-compare")):
         command.add_argument("--output-dir", default=output_dir, help="one sub-directory per method and seed")
@@ -75,10 +78,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args) -> int:
+    from llm_iif.checkpoints import resolve_resume
     from llm_iif.config import load_recipe
 
     overrides = list(args.overrides)
-    if args.output_dir:
+    checkpoint = None
+    if args.resume:
+        if args.output_dir:
+            raise UserError("--resume writes into the run it resumes; leave out --output-dir")
+        run_dir, checkpoint = resolve_resume(Path(args.resume))
+        overrides.append(f"run.output_dir={run_dir}")
+    elif args.output_dir:
         overrides.append(f"run.output_dir={args.output_dir}")
     recipe = load_recipe(args.recipe, overrides)
     quiet_libraries()
@@ -89,9 +99,14 @@ def _train(args) -> int:
     try:
         start = time.perf_counter()
         trainer = PPOTrainer(recipe, accelerator)
-        history = trainer.train()
+        history = trainer.train(resume_from=checkpoint)
         if accelerator.is_main_process:
-            _print_summary(history, recipe.run.output_dir, time.perf_counter() - start)
+            if trainer.stopped_by:
+                print(f"llm-iif: stopped by {trainer.stopped_by} after round {len(history)} of "
+                      f"{recipe.run.rounds}; checkpoint {recipe.run.output_dir}/checkpoint-{len(history)}. "
+                      f"Resume with: llm-iif train {args.recipe} --resume {recipe.run.output_dir}", file=sys.stderr)
+            else:
+                _print_summary(history, recipe.run.output_dir, time.perf_counter() - start)
     finally:
         accelerator.end_training()
     return 0

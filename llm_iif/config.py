@@ -153,6 +153,8 @@ class RunConfig:
     output_dir: str = "runs/default"
     save_every: int = 0
     """Save a checkpoint every N rounds; 0 saves only the final one."""
+    keep_last_n: int = 0
+    """Keep only the newest N checkpoint-N/ directories (final/ always stays); 0 keeps them all."""
     log_samples: int = 5
     """Responses per round written to samples.jsonl."""
     mixed_precision: Optional[Literal["no", "bf16", "fp16"]] = None
@@ -496,6 +498,7 @@ def _check_values(recipe: Recipe, source: str) -> None:
     require(run.batch_size > 0, "run.batch_size", "a positive integer")
     require(run.save_every >= 0, "run.save_every", "0 (final only) or a positive integer")
     require(run.log_samples >= 0, "run.log_samples", "a non-negative integer")
+    require(run.keep_last_n >= 0, "run.keep_last_n", "0 (keep all) or a positive integer")
     require(run.nonfinite_patience >= 0, "run.nonfinite_patience", "a non-negative integer")
     require(ppo.generation_batch_size > 0, "ppo.generation_batch_size", "a positive integer")
     for text in recipe.data.filters:

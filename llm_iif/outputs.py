@@ -2,8 +2,8 @@
 
 - ``metrics.jsonl``: one JSON object per round, appended with a single flushed write;
 - ``samples.jsonl``: a few (prompt, response, reward) rows per round;
-- ``checkpoint-N/`` and ``final/``: the LoRA adapter (peft ``save_pretrained``), ``value_head.safetensors``,
-  the tokenizer and ``trainer_state.json``, built in a temporary directory and renamed into place;
+- ``checkpoint-N/`` and ``final/``: see `llm_iif.checkpoints`, built in a temporary directory and renamed
+  into place (`write_directory_atomically`);
 - ``records/round_XXXX.parquet``: one row per rollout sample (prompt, response, reward, advantage, score, kept);
 - ``reward_curve.png``: reward and KL per round.
 """
@@ -16,7 +16,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from safetensors.torch import save_file
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -44,24 +43,6 @@ def append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
-
-
-def save_checkpoint(policy, tokenizer, directory: Path, state: dict, weights: dict) -> None:
-    """Save adapter, value head, tokenizer and trainer state to ``directory``, replacing it atomically.
-
-    ``weights`` is the policy's full state dict, gathered from every process (`Accelerator.get_state_dict`),
-    so that sharded launches save whole tensors. ``PeftModel.from_pretrained(base_model, directory)`` loads
-    the adapter; the value head is a plain safetensors file with the keys ``weight`` [1, H] and ``bias`` [1].
-    """
-    def write(tmp: Path) -> None:
-        policy.lm.save_pretrained(tmp, state_dict={k[len("lm."):]: v for k, v in weights.items()
-                                                   if k.startswith("lm.")})
-        save_file({k: weights[f"value_head.{k}"].detach().cpu().contiguous() for k in ("weight", "bias")},
-                  tmp / "value_head.safetensors")
-        tokenizer.save_pretrained(tmp)
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-
-    write_directory_atomically(directory, write)
 
 
 def write_directory_atomically(directory: Path, write) -> None:

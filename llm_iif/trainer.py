@@ -16,9 +16,12 @@ agreed before the update so DDP never waits on a process that has finished.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -29,10 +32,11 @@ from accelerate.utils import gather_object, set_seed
 
 from llm_iif import influence, ppo
 from llm_iif.attribution import filter_mask, grad_cosine
-from llm_iif.config import Recipe
+from llm_iif.config import Recipe, load_recipe
 from llm_iif.data import load_prompts, load_validation_set, read_prompts
 from llm_iif.errors import UserError
-from llm_iif.outputs import append_jsonl, atomic_write_text, plot_reward_curve, save_checkpoint, write_parquet
+from llm_iif import checkpoints
+from llm_iif.outputs import append_jsonl, atomic_write_text, plot_reward_curve, write_parquet
 from llm_iif.policy import load_policy, prompt_formatter
 from llm_iif.rollout import (Rollout, at_response_positions, concat_rows, map_tensors, pad_to_widths,
                              response_logprobs, sample_responses, score_tokens, select_rows, tokenize_pairs)
@@ -107,28 +111,44 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ the round loop
 
-    def train(self) -> list[dict]:
+    def train(self, resume_from: Path | None = None) -> list[dict]:
+        """Run the rounds not yet done and return the metrics of all rounds.
+
+        ``resume_from``: a checkpoint directory of this run (see `checkpoints.resolve_resume`); training
+        continues exactly where it stopped, writing into the same run directory. SIGINT and SIGTERM finish
+        the current round, save a checkpoint and return early; ``self.stopped_by`` then names the signal.
+        """
         from tqdm.auto import tqdm
 
         acc, run = self.accelerator, self.recipe.run
-        if acc.is_main_process:
+        start = self.restore(resume_from) if resume_from is not None else 0
+        if acc.is_main_process and resume_from is None:
             self._start_outputs()
         writer = self._tensorboard_writer()
-        bar = tqdm(range(run.rounds), desc="PPO rounds", disable=not acc.is_main_process)
-        for k in bar:
-            metrics = self.run_round(k)
-            if self.recipe.eval.every and ((k + 1) % self.recipe.eval.every == 0 or k + 1 == run.rounds):
-                metrics.update(self.evaluate())
-            self.history.append(metrics)
-            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.2f}")
-            if acc.is_main_process:
-                append_jsonl(self.output_dir / "metrics.jsonl", metrics)
-                for name, value in metrics.items():
-                    if name != "round" and isinstance(value, (int, float)):
-                        writer.add_scalar(name, value, k)
-            if run.save_every and (k + 1) % run.save_every == 0 and k + 1 < run.rounds:
-                self.save(self.output_dir / f"checkpoint-{k + 1}")
-        self.save(self.output_dir / "final")
+        bar = tqdm(range(start, run.rounds), desc="PPO rounds", initial=start, total=run.rounds,
+                   disable=not acc.is_main_process)
+        self.stopped_by = None
+        with _FinishRoundOnSignal() as signals:
+            for k in bar:
+                metrics = self.run_round(k)
+                if self.recipe.eval.every and ((k + 1) % self.recipe.eval.every == 0 or k + 1 == run.rounds):
+                    metrics.update(self.evaluate())
+                self.history.append(metrics)
+                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.2f}")
+                if acc.is_main_process:
+                    self._append_metrics(metrics)
+                    for name, value in metrics.items():
+                        if name != "round" and isinstance(value, (int, float)):
+                            writer.add_scalar(name, value, k)
+                # Every process stops after the same round, whichever of them received the signal.
+                stop = acc.reduce(torch.tensor(float(signals.received is not None), device=acc.device), "max")
+                if k + 1 < run.rounds and (stop.item() or (run.save_every and (k + 1) % run.save_every == 0)):
+                    self.save(self.output_dir / f"checkpoint-{k + 1}")
+                if stop.item() and k + 1 < run.rounds:
+                    self.stopped_by = signals.received or "a signal on another process"
+                    break
+        if self.stopped_by is None:
+            self.save(self.output_dir / "final")
         if acc.is_main_process:
             writer.close()
             plot_reward_curve(self.history, self.output_dir / "reward_curve.png",
@@ -377,12 +397,15 @@ class PPOTrainer:
         prompts = self.eval_prompts[acc.process_index::acc.num_processes]
         start = time.perf_counter()
         responses = []
-        if prompts:
-            with acc.autocast():
-                _, _, response_ids, _ = sample_responses(policy.lm, self.tokenizer,
-                                                         [self.format_prompt(p) for p in prompts], self.cfg,
-                                                         acc.device)
-            responses = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+        # Its own seeded random numbers: evaluating (or not) must not change what training samples next.
+        with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []):
+            torch.manual_seed(self.recipe.run.seed + 1_000_003 * (len(self.history) + 1) + acc.process_index)
+            if prompts:
+                with acc.autocast():
+                    _, _, response_ids, _ = sample_responses(policy.lm, self.tokenizer,
+                                                             [self.format_prompt(p) for p in prompts], self.cfg,
+                                                             acc.device)
+                responses = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
         metrics = {}
         for name, reward_model in self.eval_rewards.items():
             scores = torch.tensor(reward_model(prompts, responses) if prompts else [], dtype=torch.float64,
@@ -400,15 +423,80 @@ class PPOTrainer:
     # ------------------------------------------------------------------ outputs
 
     def save(self, directory: Path) -> None:
-        """Checkpoint the adapter, value head and tokenizer (written by the main process; all take part)."""
+        """Checkpoint everything an exact resume needs (written by the main process; all take part)."""
         acc = self.accelerator
         acc.wait_for_everyone()
         weights = acc.get_state_dict(self.policy)  # every process takes part: ZeRO-3 / FSDP gather shards here
+        rng = gather_object([checkpoints.rng_states(self._generators())])  # one entry per process
         if acc.is_main_process:
+            policy = acc.unwrap_model(self.policy)
+            trainable = {n: p.detach().cpu().clone() for n, p in policy.named_parameters() if p.requires_grad}
+            training_state = {"trainable": trainable, "optimizer": self.optimizer.state_dict(),
+                              "kl_coef": self.kl_controller.value, "history": self.history,
+                              "prompt_queue": self._prompt_queue, "prompt_rng": self._prompt_rng.getstate(),
+                              "nonfinite_rounds_in_a_row": self._nonfinite_rounds_in_a_row, "rng": rng}
             state = {"rounds_completed": len(self.history), "kl_coef": self.kl_controller.value,
-                     "base_model": self.recipe.model.name_or_path}
-            save_checkpoint(acc.unwrap_model(self.policy), self.tokenizer, directory, state, weights)
+                     "base_model": self.recipe.model.name_or_path, "num_processes": acc.num_processes}
+            checkpoints.save_checkpoint(policy, self.tokenizer, directory, state, weights, training_state)
+            checkpoints.prune(self.output_dir, self.recipe.run.keep_last_n)
         acc.wait_for_everyone()
+
+    def restore(self, checkpoint: Path) -> int:
+        """Load a checkpoint written by `save` and return the number of rounds it completed. Outputs of
+        rounds after it (from a run killed later) are removed, so the run directory reads as one run."""
+        acc = self.accelerator
+        if Path(checkpoint).resolve().parent != self.output_dir.resolve():
+            raise UserError(f"--resume: {checkpoint} is not in run.output_dir {self.output_dir}")
+        manifest = checkpoints.verify(checkpoint)
+        saved = load_recipe(self.output_dir / "recipe.yaml")
+        changed = _recipe_changes(saved, self.recipe) - {"run.rounds", "run.output_dir"}
+        if changed:
+            raise UserError(f"--resume: the recipe differs from {self.output_dir / 'recipe.yaml'} in "
+                            f"{', '.join(sorted(changed))}; only run.rounds may change on resume")
+        if self.recipe.run.rounds < manifest["rounds_completed"]:
+            raise UserError(f"run.rounds: {checkpoint} has already completed {manifest['rounds_completed']} "
+                            f"rounds; set run.rounds to more to continue")
+        if manifest.get("num_processes", 1) != acc.num_processes:
+            raise UserError(f"--resume: {checkpoint} was written by {manifest['num_processes']} process(es); "
+                            f"resume it with the same number, not {acc.num_processes}")
+        state = checkpoints.load_training_state(checkpoint)
+        policy = acc.unwrap_model(self.policy)
+        with torch.no_grad():
+            for name, param in policy.named_parameters():
+                if param.requires_grad:
+                    param.copy_(state["trainable"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.kl_controller.value = state["kl_coef"]
+        self.history = state["history"]
+        self._prompt_queue, self._nonfinite_rounds_in_a_row = state["prompt_queue"], state["nonfinite_rounds_in_a_row"]
+        self._prompt_rng.setstate(state["prompt_rng"])
+        checkpoints.restore_rng_states(state["rng"][acc.process_index], self._generators())
+        done = len(self.history)
+        if acc.is_main_process:
+            for name in ("metrics.jsonl", "timings.jsonl"):
+                atomic_write_text(self.output_dir / name, "")
+            for metrics in self.history:
+                self._append_metrics(metrics)
+            samples = self.output_dir / "samples.jsonl"
+            if samples.exists():
+                kept = [line for line in samples.read_text().splitlines() if json.loads(line)["round"] < done]
+                atomic_write_text(samples, "".join(line + "\n" for line in kept))
+            for path in (self.output_dir / "records").glob("round_*.parquet"):
+                if int(path.stem.split("_")[1]) >= done:
+                    path.unlink()
+            atomic_write_text(self.output_dir / "recipe.yaml", yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
+        acc.wait_for_everyone()
+        return done
+
+    def _append_metrics(self, metrics: dict) -> None:
+        """metrics.jsonl gets what training computed, so a seeded run reproduces it byte for byte;
+        timings.jsonl gets the wall-clock ``time_*`` fields, which never repeat."""
+        timings = {name: value for name, value in metrics.items() if name.startswith("time_")}
+        append_jsonl(self.output_dir / "metrics.jsonl", {n: v for n, v in metrics.items() if n not in timings})
+        append_jsonl(self.output_dir / "timings.jsonl", {"round": metrics["round"], **timings})
+
+    def _generators(self) -> dict[str, torch.Generator]:
+        return {"minibatch": self.minibatch_generator, "filter": self.filter_generator}
 
     def _round_metrics(self, k, rollout, targets, update_stats, nonfinite, kl_coef) -> dict:
         """The round's metrics over all processes' samples."""
@@ -470,7 +558,7 @@ class PPOTrainer:
     def _start_outputs(self) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.output_dir / "recipe.yaml", yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
-        for name in ("metrics.jsonl", "samples.jsonl"):
+        for name in ("metrics.jsonl", "timings.jsonl", "samples.jsonl"):
             atomic_write_text(self.output_dir / name, "")
 
     def _tensorboard_writer(self):
@@ -487,6 +575,36 @@ class PPOTrainer:
             append_jsonl(self.output_dir / "samples.jsonl", {
                 "round": k, "prompt": rollout.prompts[i], "response": rollout.responses[i],
                 "reward": rollout.scores[i].item()})
+
+
+class _FinishRoundOnSignal:
+    """While active, SIGINT and SIGTERM only set ``received`` (the signal's name), so the trainer can finish
+    its round and save. A second signal acts as usual (stops at once)."""
+
+    def __enter__(self):
+        self.received, self._previous = None, {}
+        if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        logger.warning("%s received: finishing this round, then saving a checkpoint (send it again to stop now)",
+                       self.received)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+    def __exit__(self, *exc):
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+
+def _recipe_changes(a: Recipe, b: Recipe) -> set[str]:
+    """The ``section.key`` names whose values differ between two recipes."""
+    da, db = a.to_dict(), b.to_dict()
+    return {f"{section}.{key}" for section in da for key in da[section]
+            if da[section][key] != db[section][key]}
 
 
 def make_accelerator(recipe: Recipe) -> Accelerator:
