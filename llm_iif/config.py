@@ -161,8 +161,9 @@ class RunConfig:
     """Autocast the policy's forward passes; None takes the `accelerate launch` setting. Influence scores
     are always accumulated in fp32."""
     nonfinite_patience: int = 0
-    """Rounds in a row that may contain NaN/inf rewards; their samples are dropped and counted in
-    `reward_nonfinite`. One more such round stops the run. 0 stops at the first NaN or inf."""
+    """Rounds in a row that may contain NaN/inf rewards, log-probs, values, advantages, influence scores or
+    gradients; the affected samples or optimiser steps are skipped and counted (``nonfinite_*`` metrics).
+    One more such round stops the run; 0 stops at the first NaN or inf."""
 
 
 @dataclass

@@ -108,6 +108,7 @@ class PPOTrainer:
         self._prompt_queue: list[str] = []
         self.history: list[dict] = []
         self._nonfinite_rounds_in_a_row = 0
+        self._round_nonfinite = dict.fromkeys(NONFINITE_KINDS, 0)
 
     # ------------------------------------------------------------------ the round loop
 
@@ -158,16 +159,20 @@ class PPOTrainer:
     def run_round(self, k: int) -> dict:
         """One round of Algorithm 1 at θ(k); returns the round's metrics."""
         start = time.perf_counter()
-        rollout, timings, nonfinite = self.collect(self._next_prompts())
-        targets = self.estimate_advantages(rollout)
+        self._round_nonfinite = dict.fromkeys(NONFINITE_KINDS, 0)
+        rollout, timings = self.collect(self._next_prompts())
+        rollout, targets = self.drop_nonfinite_advantages(rollout, self.estimate_advantages(rollout))
         kl_coef = self.kl_controller.value
         keep, scores, select_metrics = self.select(rollout, targets)
         t_update = time.perf_counter()
         update_stats = self.update(*self.rebalance(rollout.select(keep), targets.select(keep)))
         timings["time_update_s"] = time.perf_counter() - t_update
 
-        metrics = {**self._round_metrics(k, rollout, targets, update_stats, nonfinite, kl_coef),
-                   **self._report_metrics(rollout)}
+        metrics = {**self._round_metrics(k, rollout, targets, update_stats, kl_coef),
+                   **self._report_metrics(rollout),
+                   **{f"nonfinite_{kind}": count for kind, count in self._round_nonfinite.items()}}
+        bad_round = any(self._round_nonfinite.values())
+        self._nonfinite_rounds_in_a_row = self._nonfinite_rounds_in_a_row + 1 if bad_round else 0
         # The controller sees the whole batch's KL, filtered or not, as in the paper.
         self.kl_controller.update(metrics["kl"], self.recipe.run.batch_size)
         self._log_samples(k, rollout)
@@ -176,12 +181,11 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ Stage I: collect
 
-    def collect(self, prompts: list[str]) -> tuple[Rollout, dict, int]:
+    def collect(self, prompts: list[str]) -> tuple[Rollout, dict]:
         """Sample responses, reward them and score every token at the round's start parameters θ(k).
 
-        NaN or inf rewards stop the run with the reward model's name and an offending sample; with
-        `run.nonfinite_patience` their samples are dropped here instead, before they reach any statistic.
-        Returns (rollout, timings, number of dropped samples across processes).
+        Samples with a NaN or inf reward, log-prob or value are dropped here, before they reach any
+        statistic, within `run.nonfinite_patience` (`_flag_nonfinite`). Returns (rollout, timings).
         """
         acc, policy = self.accelerator, self.accelerator.unwrap_model(self.policy)
         t0 = time.perf_counter()
@@ -201,32 +205,47 @@ class PPOTrainer:
         t3 = time.perf_counter()
         rollout = Rollout(prompts, responses, query_ids, query_mask, response_ids, response_mask, scores, **tokens)
 
-        finite = torch.isfinite(scores)
-        nonfinite = int(acc.reduce((~finite).sum(), "sum").item())
-        self._check_nonfinite_rewards(nonfinite, len(prompts) * acc.num_processes, prompts, responses, finite)
-        if nonfinite:
-            rollout = rollout.select(finite)
-        timings = {"time_generate_s": t1 - t0, "time_reward_s": t2 - t1, "time_forward_s": t3 - t2}
-        return rollout, timings, nonfinite
+        finite_reward = torch.isfinite(scores)
+        finite_policy = rows_finite(response_mask, tokens["logprobs"], tokens["ref_logprobs"], tokens["values"])
+        keep = finite_reward & finite_policy
+        bad_reward, bad_policy, kept = (int(n) for n in acc.reduce(torch.stack([
+            (~finite_reward).sum(), (finite_reward & ~finite_policy).sum(), keep.sum()]), "sum").tolist())
+        total, nothing_left = len(prompts) * acc.num_processes, kept == 0
+        example = ""
+        if not finite_reward.all():  # one offending sample from this process, to debug the reward model with
+            i = int((~finite_reward).nonzero()[0])
+            example = f"; e.g. prompt {prompts[i]!r}, response {responses[i]!r}"
+        self._flag_nonfinite("reward", bad_reward, f"reward.name: '{self.recipe.reward.name}' returned NaN or inf "
+                             f"for {bad_reward} of {total} samples{example}", nothing_left)
+        self._flag_nonfinite("policy", bad_policy, f"the policy's log-probs or values are NaN or inf for "
+                             f"{bad_policy} of {total} samples", nothing_left)
+        if not keep.all():
+            rollout = rollout.select(keep)
+        return rollout, {"time_generate_s": t1 - t0, "time_reward_s": t2 - t1, "time_forward_s": t3 - t2}
 
-    def _check_nonfinite_rewards(self, nonfinite: int, total: int, prompts, responses, finite) -> None:
-        """Stops the run on NaN/inf rewards, unless `run.nonfinite_patience` lets this round drop them."""
-        if not nonfinite:
-            self._nonfinite_rounds_in_a_row = 0
+    def _flag_nonfinite(self, kind: str, count: int, message: str, nothing_left: bool = False) -> None:
+        """Record ``count`` NaN/inf ``kind`` events of this round (already summed over processes).
+
+        The affected samples or steps are skipped and counted in ``nonfinite_<kind>``. The run stops with
+        ``message`` when this would make more than `run.nonfinite_patience` such rounds in a row, or when
+        ``nothing_left`` to train on.
+        """
+        if not count:
             return
-        self._nonfinite_rounds_in_a_row += 1
-        where = ""
-        if not finite.all():  # show one offending sample from this process, to debug the reward model with
-            i = int((~finite).nonzero()[0])
-            where = f"; e.g. prompt {prompts[i]!r}, response {responses[i]!r}"
-        message = (f"reward.name: '{self.recipe.reward.name}' returned NaN or inf for {nonfinite} of {total} "
-                   f"samples{where}")
-        patience = self.recipe.run.nonfinite_patience
-        if self._nonfinite_rounds_in_a_row > patience or nonfinite == total:
-            hint = "" if nonfinite == total else "; run.nonfinite_patience > 0 drops such samples instead"
-            raise UserError(f"{message} ({self._nonfinite_rounds_in_a_row} round(s) in a row){hint}")
-        logger.warning("%s; dropped from this round (%d of run.nonfinite_patience=%d rounds in a row)",
-                       message, self._nonfinite_rounds_in_a_row, patience)
+        self._round_nonfinite[kind] += count
+        in_a_row, patience = self._nonfinite_rounds_in_a_row + 1, self.recipe.run.nonfinite_patience
+        if nothing_left or in_a_row > patience:
+            hint = "" if nothing_left else "; run.nonfinite_patience > 0 skips them instead"
+            raise UserError(f"{message} ({in_a_row} round(s) in a row){hint}")
+        logger.warning("%s; skipped (%d of run.nonfinite_patience=%d rounds in a row)", message, in_a_row, patience)
+
+    def drop_nonfinite_advantages(self, rollout: Rollout, targets: Advantages) -> tuple[Rollout, Advantages]:
+        """Drop samples whose advantages or returns came out NaN or inf (e.g. an overflow)."""
+        finite = rows_finite(rollout.response_mask, targets.advantages, targets.returns)
+        bad, kept = (int(n) for n in self.accelerator.reduce(torch.stack([(~finite).sum(), finite.sum()]),
+                                                             "sum").tolist())
+        self._flag_nonfinite("advantage", bad, f"advantages or returns are NaN or inf for {bad} samples", kept == 0)
+        return (rollout, targets) if not bad else (rollout.select(finite), targets.select(finite))
 
     def estimate_advantages(self, rollout: Rollout) -> Advantages:
         """KL-penalised per-token rewards → GAE → advantages whitened with statistics over all processes."""
@@ -266,15 +285,20 @@ class PPOTrainer:
         local = scores if scores is not None else torch.zeros(len(rollout), device=acc.device)
         counts = gather_object([len(rollout)])
         all_scores = torch.tensor(gather_object(local.tolist()), dtype=torch.float32)
-        keep_all = filter_mask(all_scores, iif.mode if filtering else "none", iif.p, self.filter_generator)
+        scored = torch.isfinite(all_scores)
+        self._flag_nonfinite("score", int((~scored).sum()), f"influence scores are NaN or inf for "
+                             f"{int((~scored).sum())} of {len(all_scores)} samples", not scored.any())
+        keep_all = torch.zeros_like(scored)  # a sample without a usable score is not trained on
+        keep_all[scored] = filter_mask(all_scores[scored], iif.mode if filtering else "none", iif.p,
+                                       self.filter_generator)
         offset = sum(counts[:acc.process_index])
         keep = keep_all[offset:offset + len(rollout)].to(acc.device)
 
         metrics["kept_fraction"] = keep_all.float().mean().item()
         metrics["filtered"] = int(filtering)
         if scores is not None:
-            metrics["score_mean"] = all_scores.mean().item()
-            metrics["score_neg_fraction"] = (all_scores < 0).float().mean().item()
+            metrics["score_mean"] = all_scores[scored].mean().item()
+            metrics["score_neg_fraction"] = (all_scores[scored] < 0).float().mean().item()
         metrics["time_influence_s"] = time.perf_counter() - start - metrics.get("time_val_generate_s", 0.0)
         return keep, scores, metrics
 
@@ -291,7 +315,7 @@ class PPOTrainer:
                                  self._validation_rows("response"), acc.device)
             weights = influence.target_token_weights("gold", None, None, ids[3])
         else:
-            rollout, _, _ = self.collect(prompts)
+            rollout, _ = self.collect(prompts)
             advantages = self.estimate_advantages(rollout).advantages
             ones = torch.ones_like(rollout.scores)
             rewards = ppo.masked_whiten(rollout.scores, ones, acc.reduce(ppo.masked_moments(rollout.scores, ones), "sum"))
@@ -358,6 +382,7 @@ class PPOTrainer:
         response_len = rollout.response_ids.shape[1]
         # Statistics stay on the device until the end: one host sync per round, not five per step.
         totals = torch.zeros(len(_UPDATE_STATS) + 1, dtype=torch.float64, device=acc.device)  # + step count
+        skipped = 0
         for _ in range(cfg.epochs):
             order = torch.randperm(n_local, generator=self.minibatch_generator)
             for index in torch.tensor_split(order, n_minibatches):
@@ -377,8 +402,12 @@ class PPOTrainer:
                                                              cfg.clip_range_value)
                 policy_loss, value_loss = ppo.masked_mean(pg_loss, mask), ppo.masked_mean(vf_loss, mask)
                 acc.backward(weight * (policy_loss + cfg.vf_coef * value_loss))
-                acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
-                self.optimizer.step()
+                grad_norm = acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+                # fp16's loss scaler skips overflowing steps itself; otherwise a NaN/inf gradient skips the step.
+                if acc.scaler is None and grad_norm is not None and not torch.isfinite(grad_norm):
+                    skipped += 1
+                else:
+                    self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 with torch.no_grad():  # ordered as _UPDATE_STATS, then the step count
                     totals += weight * torch.stack([
@@ -386,6 +415,9 @@ class PPOTrainer:
                         ppo.masked_mean(ppo.approx_kl(logprobs, batch.logprobs), mask),
                         torch.ones((), device=acc.device)]).double()
         summed = acc.reduce(totals, "sum")
+        # DDP all-reduces gradients before the check, so every process skips the same steps.
+        self._flag_nonfinite("grad_steps", skipped, f"the gradient was NaN or inf in {skipped} of "
+                             f"{cfg.epochs * n_minibatches} optimiser steps")
         return {k: (summed[i] / summed[-1].clamp(min=1)).item() for i, k in enumerate(_UPDATE_STATS)}
 
     # ------------------------------------------------------------------ evaluation
@@ -498,7 +530,7 @@ class PPOTrainer:
     def _generators(self) -> dict[str, torch.Generator]:
         return {"minibatch": self.minibatch_generator, "filter": self.filter_generator}
 
-    def _round_metrics(self, k, rollout, targets, update_stats, nonfinite, kl_coef) -> dict:
+    def _round_metrics(self, k, rollout, targets, update_stats, kl_coef) -> dict:
         """The round's metrics over all processes' samples."""
         acc, mask = self.accelerator, rollout.response_mask.float()
         reward_mean, reward_var = ppo.mean_var_from_moments(
@@ -512,7 +544,6 @@ class PPOTrainer:
             "samples": int(samples),
             "reward_mean": reward_mean.item(),
             "reward_std": reward_var.sqrt().item(),
-            "reward_nonfinite": nonfinite,
             "kl": kl_sum / samples,
             "kl_coef": kl_coef,
             "entropy": entropy_sum / max(tokens, 1.0),
@@ -600,6 +631,14 @@ class _FinishRoundOnSignal:
             signal.signal(sig, previous)
 
 
+def rows_finite(mask: torch.Tensor, *per_token: torch.Tensor) -> torch.Tensor:
+    """[B] True where every [B, T] tensor of ``per_token`` is finite at the positions ``mask`` marks."""
+    ok = torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
+    for values in per_token:
+        ok &= torch.where(mask.bool(), values, 0.0).isfinite().all(dim=1)
+    return ok
+
+
 def _recipe_changes(a: Recipe, b: Recipe) -> set[str]:
     """The ``section.key`` names whose values differ between two recipes."""
     da, db = a.to_dict(), b.to_dict()
@@ -634,5 +673,6 @@ def _unflatten(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, t
     return {name: part.view_as(t) for (name, t), part in zip(like.items(), parts)}
 
 
+NONFINITE_KINDS = ("reward", "policy", "advantage", "score", "grad_steps")
 _UPDATE_STATS = ("policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl")
 

@@ -116,9 +116,9 @@ def test_nonfinite_rewards_within_patience_are_dropped_not_propagated(tmp_path, 
     with pytest.raises(UserError, match=r"2 of 8 samples.*\(2 round\(s\) in a row\)"):
         trainer.train()
     first = trainer.history[0]  # round 0 dropped its two samples; round 1 exceeded the patience
-    assert first["reward_nonfinite"] == 2 and first["samples"] == 6
+    assert first["nonfinite_reward"] == 2 and first["samples"] == 6
     assert all(math.isfinite(v) for v in first.values() if isinstance(v, float))
-    assert "dropped from this round (1 of run.nonfinite_patience=1" in caplog.text
+    assert "skipped (1 of run.nonfinite_patience=1 rounds in a row)" in caplog.text
     policy = trainer.accelerator.unwrap_model(trainer.policy)
     assert all(torch.isfinite(p).all() for p in policy.parameters())
 
@@ -241,3 +241,66 @@ def test_rows_padded_to_common_widths_stack_without_changing_masked_values():
     assert both.query_ids[0].tolist() == [0, 0, 7, 7, 7] and both.query_mask[0].tolist() == [0, 0, 1, 1, 1]
     assert both.response_mask[0].tolist() == [1, 1, 1, 1, 0, 0] and both.logprobs[0].tolist()[-2:] == [0, 0]
     assert (both.logprobs * both.response_mask).sum() == 2 * 4 * 7 + 6 * 9
+
+
+def guarded_trainer(tmp_path, rounds=1, patience=1, **iif):
+    raw = tiny_recipe_dict(tmp_path)
+    raw["run"].update(rounds=rounds, nonfinite_patience=patience)
+    if iif:
+        raw["iif"] = {"enabled": True, "val_size": 8, **iif}
+    return PPOTrainer(recipe_from_dict(raw))
+
+
+def nan_value_for_first_sample(trainer, when_grad: bool):
+    """Make the value head return NaN for row 0 of every batch, only in no-grad passes (the rollout) or only
+    in gradient passes (the update)."""
+    head = trainer.accelerator.unwrap_model(trainer.policy).value_head
+
+    def hook(module, inputs, output):
+        if torch.is_grad_enabled() == when_grad:
+            poison = torch.zeros_like(output)
+            poison[0] = math.nan
+            return output + poison  # an addition passes the NaN on to the gradients too
+        return output
+    head.register_forward_hook(hook)
+
+
+def test_nonfinite_values_drop_their_samples(tmp_path, tiny_model_dir):
+    trainer = guarded_trainer(tmp_path)
+    nan_value_for_first_sample(trainer, when_grad=False)
+    (metrics,) = trainer.train()
+    # forward_batch_size 64 > 8 samples: one batch, one NaN row.
+    assert metrics["nonfinite_policy"] == 1 and metrics["samples"] == 7
+    assert all(math.isfinite(v) for v in metrics.values() if isinstance(v, float))
+
+
+def test_nonfinite_gradients_skip_the_step_and_leave_weights_alone(tmp_path, tiny_model_dir):
+    trainer = guarded_trainer(tmp_path)
+    policy = trainer.accelerator.unwrap_model(trainer.policy)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+    nan_value_for_first_sample(trainer, when_grad=True)
+    (metrics,) = trainer.train()
+    assert metrics["nonfinite_grad_steps"] == 4  # 2 epochs x 2 minibatches of 4, every one poisoned
+    assert all(torch.equal(before[n], p) for n, p in policy.named_parameters() if p.requires_grad)
+    with pytest.raises(UserError, match=r"the gradient was NaN or inf in 4 of 4 optimiser steps \(1 round\(s\) "
+                                        r"in a row\); run.nonfinite_patience > 0 skips them instead"):
+        strict = guarded_trainer(tmp_path / "strict", patience=0)
+        nan_value_for_first_sample(strict, when_grad=True)
+        strict.train()
+
+
+def test_nonfinite_scores_are_not_trained_on(tmp_path, tiny_model_dir, monkeypatch):
+    from llm_iif import influence
+
+    scores = influence.influence_scores
+
+    def one_nan(*args, **kwargs):
+        out = scores(*args, **kwargs)
+        out[3] = math.inf
+        return out
+    monkeypatch.setattr(influence, "influence_scores", one_nan)
+    trainer = guarded_trainer(tmp_path, rounds=2, patience=1, mode="none")
+    with pytest.raises(UserError, match=r"influence scores are NaN or inf for 1 of 8 samples \(2 round\(s\)"):
+        trainer.train()
+    (first,) = trainer.history
+    assert first["nonfinite_score"] == 1 and first["kept_fraction"] == 7 / 8
