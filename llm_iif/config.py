@@ -153,6 +153,8 @@ class RunConfig:
     output_dir: str = "runs/default"
     save_every: int = 0
     """Save a checkpoint every N rounds; 0 saves only the final one."""
+    report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=lambda: ["tensorboard"])
+    """Accelerate trackers that receive every round's metrics; [] logs to the JSONL files only."""
     keep_last_n: int = 0
     """Keep only the newest N checkpoint-N/ directories (final/ always stays); 0 keeps them all."""
     log_samples: int = 5

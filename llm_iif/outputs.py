@@ -16,6 +16,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from llm_iif.errors import UserError
+
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -37,6 +39,33 @@ def write_parquet(path: Path, rows: list[dict]) -> None:
     os.close(fd)
     pq.write_table(pa.Table.from_pylist(rows), tmp)
     os.replace(tmp, path)
+
+
+TRACKERS = ("tensorboard", "wandb")
+
+
+def open_trackers(names: list[str], output_dir: Path, run_name: str, recipe: dict) -> list:
+    """Started Accelerate trackers (``tensorboard`` under OUTPUT/tensorboard/RUN_NAME, ``wandb`` under
+    OUTPUT/wandb), each given the recipe, flattened to ``section.key`` values, as the run's configuration.
+    Call on the main process only."""
+    from accelerate.tracking import TensorBoardTracker, WandBTracker
+    from accelerate.utils import is_wandb_available
+
+    config = {f"{section}.{key}": value if isinstance(value, (int, float, str, bool)) else str(value)
+              for section, values in recipe.items() for key, value in values.items()}
+    trackers = []
+    for name in names:
+        if name == "tensorboard":
+            tracker = TensorBoardTracker(run_name, Path(output_dir) / "tensorboard")
+        else:
+            if not is_wandb_available():
+                raise UserError("run.report_to: wandb needs `pip install wandb` (WANDB_MODE=offline logs "
+                                "without a network)")
+            tracker = WandBTracker(run_name, dir=str(output_dir))
+        tracker.start()
+        tracker.store_init_configuration(config)
+        trackers.append(tracker)
+    return trackers
 
 
 def append_jsonl(path: Path, record: dict) -> None:

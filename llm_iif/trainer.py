@@ -36,7 +36,7 @@ from llm_iif.config import Recipe, load_recipe
 from llm_iif.data import load_prompts, load_validation_set, read_prompts
 from llm_iif.errors import UserError
 from llm_iif import checkpoints
-from llm_iif.outputs import append_jsonl, atomic_write_text, plot_reward_curve, write_parquet
+from llm_iif.outputs import append_jsonl, atomic_write_text, open_trackers, plot_reward_curve, write_parquet
 from llm_iif.policy import load_policy, prompt_formatter
 from llm_iif.rollout import (Rollout, at_response_positions, concat_rows, map_tensors, pad_to_widths,
                              response_logprobs, sample_responses, score_tokens, select_rows, tokenize_pairs)
@@ -109,6 +109,7 @@ class PPOTrainer:
         self.history: list[dict] = []
         self._nonfinite_rounds_in_a_row = 0
         self._round_nonfinite = dict.fromkeys(NONFINITE_KINDS, 0)
+        self._bar, self._last_postfix = None, ""
 
     # ------------------------------------------------------------------ the round loop
 
@@ -125,22 +126,26 @@ class PPOTrainer:
         start = self.restore(resume_from) if resume_from is not None else 0
         if acc.is_main_process and resume_from is None:
             self._start_outputs()
-        writer = self._tensorboard_writer()
+        trackers = []
+        if acc.is_main_process:
+            trackers = open_trackers(run.report_to, self.output_dir, self.output_dir.name, self.recipe.to_dict())
         bar = tqdm(range(start, run.rounds), desc="PPO rounds", initial=start, total=run.rounds,
                    disable=not acc.is_main_process)
+        self._bar = bar
         self.stopped_by = None
         with _FinishRoundOnSignal() as signals:
             for k in bar:
                 metrics = self.run_round(k)
                 if self.recipe.eval.every and ((k + 1) % self.recipe.eval.every == 0 or k + 1 == run.rounds):
+                    self._phase("evaluate")
                     metrics.update(self.evaluate())
                 self.history.append(metrics)
-                bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.2f}")
+                self._last_postfix = f"reward {metrics['reward_mean']:.3f} · KL {metrics['kl']:.2f}"
                 if acc.is_main_process:
                     self._append_metrics(metrics)
-                    for name, value in metrics.items():
-                        if name != "round" and isinstance(value, (int, float)):
-                            writer.add_scalar(name, value, k)
+                    numbers = {n: v for n, v in metrics.items() if n != "round" and isinstance(v, (int, float))}
+                    for tracker in trackers:
+                        tracker.log(numbers, step=k)
                 # Every process stops after the same round, whichever of them received the signal.
                 stop = acc.reduce(torch.tensor(float(signals.received is not None), device=acc.device), "max")
                 if k + 1 < run.rounds and (stop.item() or (run.save_every and (k + 1) % run.save_every == 0)):
@@ -151,7 +156,8 @@ class PPOTrainer:
         if self.stopped_by is None:
             self.save(self.output_dir / "final")
         if acc.is_main_process:
-            writer.close()
+            for tracker in trackers:
+                tracker.finish()
             plot_reward_curve(self.history, self.output_dir / "reward_curve.png",
                               title=f"{self.recipe.model.name_or_path} · {self.recipe.reward.name}")
         return self.history
@@ -160,10 +166,14 @@ class PPOTrainer:
         """One round of Algorithm 1 at θ(k); returns the round's metrics."""
         start = time.perf_counter()
         self._round_nonfinite = dict.fromkeys(NONFINITE_KINDS, 0)
+        self._phase("generate")
         rollout, timings = self.collect(self._next_prompts())
         rollout, targets = self.drop_nonfinite_advantages(rollout, self.estimate_advantages(rollout))
         kl_coef = self.kl_controller.value
+        if self.recipe.iif.enabled:
+            self._phase("score")
         keep, scores, select_metrics = self.select(rollout, targets)
+        self._phase("update")
         t_update = time.perf_counter()
         update_stats = self.update(*self.rebalance(rollout.select(keep), targets.select(keep)))
         timings["time_update_s"] = time.perf_counter() - t_update
@@ -592,12 +602,10 @@ class PPOTrainer:
         for name in ("metrics.jsonl", "timings.jsonl", "samples.jsonl"):
             atomic_write_text(self.output_dir / name, "")
 
-    def _tensorboard_writer(self):
-        if not self.accelerator.is_main_process:
-            return None
-        from torch.utils.tensorboard import SummaryWriter
-
-        return SummaryWriter(str(self.output_dir / "tensorboard"))
+    def _phase(self, name: str) -> None:
+        """Show the round's current phase beside the progress bar's rounds and ETA."""
+        if self._bar is not None:
+            self._bar.set_postfix_str(f"{name} · {self._last_postfix}" if self._last_postfix else name)
 
     def _log_samples(self, k: int, rollout: Rollout) -> None:
         if not self.accelerator.is_main_process:

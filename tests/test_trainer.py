@@ -304,3 +304,22 @@ def test_nonfinite_scores_are_not_trained_on(tmp_path, tiny_model_dir, monkeypat
         trainer.train()
     (first,) = trainer.history
     assert first["nonfinite_score"] == 1 and first["kept_fraction"] == 7 / 8
+
+
+def test_trackers_follow_report_to(tmp_path, tiny_model_dir):
+    raw = tiny_recipe_dict(tmp_path / "none")
+    raw["run"].update(rounds=1, report_to=[])
+    PPOTrainer(recipe_from_dict(raw)).train()
+    assert not (tmp_path / "none" / "tensorboard").exists()
+    raw["run"].update(report_to=["tensorboard"], output_dir=str(tmp_path / "tb"))
+    PPOTrainer(recipe_from_dict(raw)).train()
+    events = list((tmp_path / "tb" / "tensorboard" / "tb").glob("events.out.tfevents.*"))
+    assert events and sum(e.stat().st_size for e in events) > 1000
+    with pytest.raises(UserError, match=r"run.report_to\[0\]: expected one of \[.tensorboard., .wandb.\], got .mlflow."):
+        recipe_from_dict({**raw, "run": {**raw["run"], "report_to": ["mlflow"]}})
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raw["run"].update(report_to=["wandb"], output_dir=str(tmp_path / "wandb"))
+        with pytest.raises(UserError, match=r"run.report_to: wandb needs `pip install wandb`"):
+            PPOTrainer(recipe_from_dict(raw)).train()
