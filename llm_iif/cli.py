@@ -35,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
         "diagnose", help="influence of round K's records against Monte-Carlo advantages (discrete states)")
     intervene = classic_commands.add_parser(
         "intervene", help="redo chosen rounds' updates without negative-influence or random records")
+    report = commands.add_parser("report", help="write RUN_DIR/report.html for a train or compare run")
+    report.add_argument("run_dir", help="a run directory (llm-iif train) or a compare directory")
+    report.add_argument("--round", type=int, help="the round whose top and bottom samples are tabled (default: last)")
+    report.add_argument("--top", type=int, default=5, help="samples at each end of the table")
+    report.add_argument("--debug", action="store_true", help="show full tracebacks for bad input")
     reward = commands.add_parser("reward", help="reward models")
     reward_train = reward.add_subparsers(dest="reward_command", required=True).add_parser(
         "train", help="train a reward model on preference pairs with trl's RewardTrainer")
@@ -106,6 +111,9 @@ def _train(args) -> int:
                       f"{recipe.run.rounds}; checkpoint {recipe.run.output_dir}/checkpoint-{len(history)}. "
                       f"Resume with: llm-iif train {args.recipe} --resume {recipe.run.output_dir}", file=sys.stderr)
             else:
+                from llm_iif.report import write_report
+
+                write_report(Path(recipe.run.output_dir))
                 _print_summary(history, recipe.run.output_dir, time.perf_counter() - start)
     finally:
         accelerator.end_training()
@@ -239,7 +247,14 @@ def _reward_train(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "compare": _compare, "classic compare": _classic_compare,
+def _report(args) -> int:
+    from llm_iif.report import write_report
+
+    print(f"wrote {write_report(Path(args.run_dir), args.round, args.top)}")
+    return 0
+
+
+COMMANDS = {"train": _train, "compare": _compare, "report": _report, "classic compare": _classic_compare,
             "classic diagnose": _classic_diagnose, "classic intervene": _classic_intervene,
             "reward train": _reward_train}
 
@@ -262,7 +277,7 @@ def _print_summary(history: list[dict], output_dir: str, seconds: float) -> None
     print(f"done: {len(history)} rounds in {seconds:.0f} s")
     print(f"  reward  round 0: {first['reward_mean']:+.3f}   last {len(tail)} rounds: {tail_reward:+.3f}")
     print(f"  distinct-2  round 0: {first['distinct_2']:.3f}   last round: {last['distinct_2']:.3f}")
-    print(f"  outputs: {output_dir}/metrics.jsonl, samples.jsonl, reward_curve.png, final/")
+    print(f"  outputs: {output_dir}/report.html, metrics.jsonl, samples.jsonl, reward_curve.png, final/")
 
 
 def _print_comparison(summary: dict, output_dir, reward_name: str = "final reward") -> None:

@@ -156,6 +156,9 @@ def run_compare(recipe_path: str, overrides: list[str], methods: list[str], seed
         plot_reward_curves(summary, output_dir / "reward_curves.png")
         if "iif" in methods:
             plot_influence(output_dir / "iif", seeds, output_dir / "influence.png")
+        from llm_iif.report import write_report
+
+        write_report(output_dir)
     return summary
 
 

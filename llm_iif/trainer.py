@@ -38,6 +38,7 @@ from llm_iif.errors import UserError
 from llm_iif import checkpoints
 from llm_iif.outputs import append_jsonl, atomic_write_text, open_trackers, plot_reward_curve, write_parquet
 from llm_iif.policy import load_policy, prompt_formatter
+from llm_iif.report import environment
 from llm_iif.rollout import (Rollout, at_response_positions, concat_rows, map_tensors, pad_to_widths,
                              response_logprobs, sample_responses, score_tokens, select_rows, tokenize_pairs)
 from reward_models import load_reward_model
@@ -599,6 +600,7 @@ class PPOTrainer:
     def _start_outputs(self) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.output_dir / "recipe.yaml", yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
+        atomic_write_text(self.output_dir / "environment.json", json.dumps(environment(self.accelerator), indent=2))
         for name in ("metrics.jsonl", "timings.jsonl", "samples.jsonl"):
             atomic_write_text(self.output_dir / name, "")
 

@@ -184,6 +184,9 @@ def test_compare_command_writes_summary_and_plots(tmp_path, tiny_model_dir):
     for name in ("reward_curves.png", "influence.png", "iif/seed-0/metrics.jsonl", "random/seed-0/final"):
         assert (out / name).exists(), name
     assert "SE_peak" in proc.stdout and "final KL" in proc.stdout
+    report = (out / "report.html").read_text()  # written by compare: every method overlaid, scores from IIF
+    assert all(f"<td>{m} / seed-0</td>" in report for m in ("standard", "iif", "random"))
+    assert "Influence scores (iif/seed-0)" in report and "SE_peak %" in report
 
 
 def test_compare_rejects_unknown_methods(tmp_path):
