@@ -70,7 +70,7 @@ def test_sigterm_finishes_the_round_saves_and_resumes_exactly(uninterrupted, tmp
     proc = run_cli(recipe)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+    while time.time() < deadline and proc.poll() is None and not (metrics.exists() and metrics.read_text()):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=300)
