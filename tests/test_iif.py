@@ -52,7 +52,7 @@ def test_metrics_and_records_show_what_was_filtered(iif_run):
 def first_round_scoring_inputs(tmp_path):
     """A trainer with one fresh rollout, its advantages and the round's target gradient."""
     trainer = PPOTrainer(iif_recipe(tmp_path))
-    rollout, _, _ = trainer.collect(trainer._next_prompts())
+    rollout, _ = trainer.collect(trainer._next_prompts())
     targets = trainer.estimate_advantages(rollout)
     target, _, _ = trainer.target_gradient()
     return trainer, trainer.accelerator.unwrap_model(trainer.policy), rollout, targets, target

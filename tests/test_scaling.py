@@ -20,7 +20,7 @@ def scoring_inputs(tmp_path, **model):
     raw["model"].update(model)
     raw["iif"] = {"enabled": True, "val_size": 8}
     trainer = PPOTrainer(recipe_from_dict(raw))
-    rollout, _, _ = trainer.collect(trainer._next_prompts())
+    rollout, _ = trainer.collect(trainer._next_prompts())
     targets = trainer.estimate_advantages(rollout)
     target, _, _ = trainer.target_gradient()
     return trainer, rollout, targets, target
