@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args) -> int:
-    from llm_iif.checkpoints import resolve_resume
+    from llm_iif.checkpoints import resolve_resume, verify
     from llm_iif.config import load_recipe
 
     overrides = list(args.overrides)
@@ -96,6 +96,12 @@ def _train(args) -> int:
     elif args.output_dir:
         overrides.append(f"run.output_dir={args.output_dir}")
     recipe = load_recipe(args.recipe, overrides)
+    if checkpoint is not None:
+        completed = verify(checkpoint)["rounds_completed"]
+        if completed == recipe.run.rounds:  # e.g. a requeued job whose run had already finished
+            print(f"llm-iif: {checkpoint} has completed all {completed} rounds; nothing to do "
+                  "(--set run.rounds=N extends the run)", file=sys.stderr)
+            return 0
     quiet_libraries()
 
     from llm_iif.trainer import PPOTrainer, make_accelerator

@@ -124,3 +124,11 @@ def test_resume_refuses_a_changed_recipe(uninterrupted, tmp_path, capsys):
     assert main(["train", str(write_recipe(tmp_path, raw)), "--resume", str(uninterrupted)]) == 2
     err = capsys.readouterr().err
     assert "the recipe differs from" in err and "in ppo.learning_rate; only run.rounds may change" in err
+
+
+def test_resuming_a_finished_run_does_nothing(uninterrupted, tmp_path, capsys):
+    before = (uninterrupted / "metrics.jsonl").read_bytes()
+    recipe = write_recipe(tmp_path, iif_recipe(uninterrupted, rounds=4))
+    assert main(["train", str(recipe), "--resume", str(uninterrupted)]) == 0
+    assert "has completed all 4 rounds; nothing to do" in capsys.readouterr().err
+    assert (uninterrupted / "metrics.jsonl").read_bytes() == before
