@@ -20,12 +20,28 @@ from llm_iif.errors import UserError
 
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would have given; mkstemp's files are private (0600)
+_DIR_MODE = 0o777 & ~_umask()
+
+
+def _publish(tmp, path: Path) -> None:
+    """Give a finished temporary file the usual permissions and rename it over ``path``."""
+    os.chmod(tmp, _FILE_MODE)
+    os.replace(tmp, path)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     with os.fdopen(fd, "w") as f:
         f.write(text)
-    os.replace(tmp, path)
+    _publish(tmp, path)
 
 
 def write_parquet(path: Path, rows: list[dict]) -> None:
@@ -38,7 +54,7 @@ def write_parquet(path: Path, rows: list[dict]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     os.close(fd)
     pq.write_table(pa.Table.from_pylist(rows), tmp)
-    os.replace(tmp, path)
+    _publish(tmp, path)
 
 
 TRACKERS = ("tensorboard", "wandb")
@@ -82,6 +98,7 @@ def write_directory_atomically(directory: Path, write) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
     try:
         write(tmp)
+        os.chmod(tmp, _DIR_MODE)
         if directory.exists():
             old = directory.with_name(f".{directory.name}-old")
             shutil.rmtree(old, ignore_errors=True)
@@ -132,4 +149,4 @@ def save_figure(fig, path: Path) -> None:
     os.close(fd)
     fig.savefig(tmp, dpi=110)
     pyplot().close(fig)
-    os.replace(tmp, path)
+    _publish(tmp, path)
