@@ -34,7 +34,8 @@ class PromptSplits:
 
 def read_prompts(cfg: DataConfig, tokenizer, key: str = "data") -> tuple[list[str], int]:
     """The prompts of ``cfg`` that pass its filters, cut to ``truncate_prompt_tokens`` and within its
-    token-length limits, in file order, and the number dropped by the length limits. ``key`` is the recipe section, for error messages."""
+    token-length limits, in file order, and the number dropped by the length limits. ``key`` is the recipe
+    section, for error messages."""
     filters = [parse_filter(text, f"{key}.filters") for text in cfg.filters]
     prompts = read_text_columns(cfg.source, f"{key}.source", {cfg.prompt_column: f"{key}.prompt_column"},
                                 cfg.split, filters)[cfg.prompt_column]

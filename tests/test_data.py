@@ -28,7 +28,8 @@ def test_struct_columns_and_filters(tmp_path, tokenizer):
                      validation_fraction=0.0)
     kept = load_prompts(cfg, tokenizer, seed=0).train
     assert sorted(kept) == sorted(p for i, p in enumerate(PROMPTS) if i % 7 and i / 40 > 0.5)
-    with pytest.raises(UserError, match=r"data.prompt_column: 'prompt.words' is not a field of .* \(fields: text, toxicity\)"):
+    with pytest.raises(UserError,
+                       match=r"data.prompt_column: 'prompt.words' is not a field of .* \(fields: text, toxicity\)"):
         load_prompts(DataConfig(source=str(path), prompt_column="prompt.words"), tokenizer, seed=0)
     with pytest.raises(UserError, match="data.filters: 'score' is not a column"):
         load_prompts(DataConfig(source=str(path), prompt_column="prompt.text", filters=["score > 1"]), tokenizer, 0)

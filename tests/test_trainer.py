@@ -315,7 +315,8 @@ def test_trackers_follow_report_to(tmp_path, tiny_model_dir):
     PPOTrainer(recipe_from_dict(raw)).train()
     events = list((tmp_path / "tb" / "tensorboard" / "tb").glob("events.out.tfevents.*"))
     assert events and sum(e.stat().st_size for e in events) > 1000
-    with pytest.raises(UserError, match=r"run.report_to\[0\]: expected one of \[.tensorboard., .wandb.\], got .mlflow."):
+    with pytest.raises(UserError,
+                       match=r"run.report_to\[0\]: expected one of \[.tensorboard., .wandb.\], got .mlflow."):
         recipe_from_dict({**raw, "run": {**raw["run"], "report_to": ["mlflow"]}})
     try:
         import wandb  # noqa: F401
