@@ -84,10 +84,11 @@ def write_report(run_dir: Path, round_index: int | None = None, top: int = 5) ->
         _image(_curve_figure(metrics)),
     ]
     if rounds:
-        picked = sorted({rounds[0], rounds[len(rounds) // 2], rounds[-1], round_index})
-        sections += [f"<h2>Influence scores ({html.escape(_relative(scored, run_dir))})</h2>",
-                     _histograms(scored, picked),
-                     f"<h2>Samples of round {round_index}: top and bottom {top}</h2>",
+        if any(math.isfinite(r["score"]) for r in _records(scored, round_index)):  # not for runs without IIF
+            picked = sorted({rounds[0], rounds[len(rounds) // 2], rounds[-1], round_index})
+            sections += [f"<h2>Influence scores ({html.escape(_relative(scored, run_dir))})</h2>",
+                         _histograms(scored, picked)]
+        sections += [f"<h2>Samples of round {round_index}: top and bottom {top}</h2>",
                      _sample_table(scored, round_index, top)]
     sections += ["<h2>Recipe</h2>", f"<pre>{html.escape((first / 'recipe.yaml').read_text())}</pre>",
                  "<h2>Environment</h2>", _environment_table(first)]

@@ -72,3 +72,16 @@ def test_report_renders_in_a_headless_browser(iif_run, tmp_path):
         blue_pixels[name] = sum(count for count, (r, g, b) in image.getcolors(maxcolors=1_000_000)
                                 if abs(r - 120) <= 6 and abs(g - 173) <= 6 and abs(b - 210) <= 6)
     assert blue_pixels["report"] > 2000 and blue_pixels["blank"] == 0, blue_pixels
+
+
+def test_report_of_a_run_without_iif_has_no_histograms(tmp_path, tiny_model_dir):
+    from llm_iif.config import recipe_from_dict
+    from llm_iif.report import write_report
+    from llm_iif.trainer import PPOTrainer
+
+    raw = tiny_recipe_dict(tmp_path)
+    raw["run"]["rounds"] = 1
+    PPOTrainer(recipe_from_dict(raw)).train()
+    page = write_report(tmp_path).read_text()
+    assert "Influence scores" not in page and page.count("<img") == 1
+    assert "Sorted by reward (this run was not scored)" in page
