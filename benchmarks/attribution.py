@@ -19,12 +19,13 @@ import time
 
 import torch
 
-from llm_iif import influence
-from llm_iif.attribution import LoraGradientCapture, grad_dot, lora_parameters
+from llm_iif.attribution import influence
+from llm_iif.attribution.gradients import LoraGradientCapture, grad_dot, lora_parameters
 from llm_iif.cli import quiet_libraries
-from llm_iif.config import PPOConfig
-from llm_iif.policy import PolicyWithValueHead
-from llm_iif.rollout import Rollout, score_tokens
+from llm_iif.core.config import PPOConfig
+from llm_iif.lm.policy import PolicyWithValueHead
+from llm_iif.core.records import Rollout
+from llm_iif.lm.generation import score_tokens
 
 CHUNK = 64  # the trainer's default score_batch_size
 
@@ -40,7 +41,7 @@ def lora_policy(base) -> PolicyWithValueHead:
 def tiny_model():
     from transformers import AutoModelForCausalLM
 
-    from llm_iif.tiny import ensure_tiny_model
+    from llm_iif.lm.builtin import ensure_tiny_model
 
     return AutoModelForCausalLM.from_pretrained(ensure_tiny_model())
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from llm_iif.classic import run_classic_compare
-from llm_iif.compare import summarize
-from llm_iif.outputs import atomic_write_text
+from llm_iif.analysis.grid import run_classic_compare
+from llm_iif.analysis.summary import summarize
+from llm_iif.core.fileio import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 ENVS = ("frozenlake", "acrobot", "lunarlander", "minigrid")

@@ -19,7 +19,7 @@ from pathlib import Path
 import time
 import warnings
 
-from llm_iif.errors import UserError
+from llm_iif.core.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args) -> int:
-    from llm_iif.checkpoints import resolve_resume, verify
-    from llm_iif.config import load_recipe
+    from llm_iif.training.run_state import resolve_resume, verify
+    from llm_iif.core.config import load_recipe
 
     overrides = list(args.overrides)
     checkpoint = None
@@ -104,7 +104,7 @@ def _train(args) -> int:
             return 0
     quiet_libraries()
 
-    from llm_iif.trainer import PPOTrainer, make_accelerator
+    from llm_iif.training.trainer import PPOTrainer, make_accelerator
 
     accelerator = make_accelerator(recipe)
     try:
@@ -117,7 +117,7 @@ def _train(args) -> int:
                       f"{recipe.run.rounds}; checkpoint {recipe.run.output_dir}/checkpoint-{len(history)}. "
                       f"Resume with: llm-iif train {args.recipe} --resume {recipe.run.output_dir}", file=sys.stderr)
             else:
-                from llm_iif.report import write_report
+                from llm_iif.analysis.report import write_report
 
                 write_report(Path(recipe.run.output_dir))
                 _print_summary(history, recipe.run.output_dir, time.perf_counter() - start)
@@ -134,7 +134,7 @@ def _methods_and_seeds(args) -> tuple[list[str], list[int]]:
 
 
 def _classic_compare(args) -> int:
-    from llm_iif.classic import run_classic_compare
+    from llm_iif.analysis.grid import run_classic_compare
 
     methods, seeds = _methods_and_seeds(args)
     output_dir = Path(args.output_dir)
@@ -144,8 +144,8 @@ def _classic_compare(args) -> int:
 
 
 def _classic_diagnose(args) -> int:
-    from llm_iif.config import ClassicRecipe, load_recipe
-    from llm_iif.diagnosis import diagnose
+    from llm_iif.core.config import ClassicRecipe, load_recipe
+    from llm_iif.analysis.diagnosis import diagnose
 
     recipe = load_recipe(args.recipe, args.overrides, kind=ClassicRecipe)
     action_target = None
@@ -173,8 +173,8 @@ def _classic_diagnose(args) -> int:
 
 
 def _classic_intervene(args) -> int:
-    from llm_iif.config import ClassicRecipe, load_recipe
-    from llm_iif.diagnosis import intervene
+    from llm_iif.core.config import ClassicRecipe, load_recipe
+    from llm_iif.analysis.diagnosis import intervene
 
     recipe = load_recipe(args.recipe, args.overrides, kind=ClassicRecipe)
     rounds = _round_list(args.rounds)
@@ -215,13 +215,13 @@ def _round_list(text: str) -> list[int]:
 
 
 def _compare(args) -> int:
-    from llm_iif.compare import run_compare
+    from llm_iif.analysis.grid import run_compare
 
     methods, seeds = _methods_and_seeds(args)
     quiet_libraries()
 
-    from llm_iif.config import load_recipe
-    from llm_iif.trainer import make_accelerator
+    from llm_iif.core.config import load_recipe
+    from llm_iif.training.trainer import make_accelerator
 
     accelerator = make_accelerator(load_recipe(args.recipe, args.overrides))
     try:
@@ -235,7 +235,7 @@ def _compare(args) -> int:
 
 
 def _reward_train(args) -> int:
-    from llm_iif.config import RewardTrainRecipe, load_recipe
+    from llm_iif.core.config import RewardTrainRecipe, load_recipe
 
     overrides = list(args.overrides)
     if args.output_dir:
@@ -243,9 +243,10 @@ def _reward_train(args) -> int:
     recipe = load_recipe(args.recipe, overrides, kind=RewardTrainRecipe)
     quiet_libraries()
 
-    from llm_iif.reward_training import train_reward_model
+    from llm_iif.training.builtins import resolve_builtin
+    from llm_iif.training.reward_model import train_reward_model
 
-    metrics = train_reward_model(recipe)
+    metrics = train_reward_model(recipe, base_model=resolve_builtin(recipe.model.name_or_path))
     print(f"held-out pairwise accuracy {metrics['heldout_accuracy']:.3f} on {metrics['heldout_pairs']} pairs "
           f"(train {metrics['train_accuracy']:.3f}, {metrics['train_pairs']} training pairs)")
     print(f"outputs in {recipe.run.output_dir}: model/ (load it with reward.name: hf-classifier, "
@@ -254,7 +255,7 @@ def _reward_train(args) -> int:
 
 
 def _report(args) -> int:
-    from llm_iif.report import write_report
+    from llm_iif.analysis.report import write_report
 
     print(f"wrote {write_report(Path(args.run_dir), args.round, args.top)}")
     return 0

@@ -39,7 +39,7 @@ REWARD_MODELS: dict[str, Callable] = {"vader": _vader, "hf-classifier": _hf_clas
 
 def load_reward_model(cfg, device="cpu") -> RewardModel:
     """Build the reward model named by ``cfg.name`` (a `llm_iif.config.RewardConfig`)."""
-    from llm_iif.errors import UserError
+    from llm_iif.core.errors import UserError
 
     if cfg.name not in REWARD_MODELS:
         raise UserError(f"reward.name: unknown reward model '{cfg.name}' "

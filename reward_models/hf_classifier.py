@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llm_iif.errors import UserError
+from llm_iif.core.errors import UserError
 
 OUTPUTS = ("logit", "prob", "log_prob")
 INPUTS = ("response", "prompt+response")
@@ -26,11 +26,8 @@ class HFClassifierReward:
                  max_length: int = 512, device="cpu", dtype: torch.dtype = torch.float32):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from llm_iif.tiny import resolve_builtin
-
         if not name_or_path:
             raise UserError("reward.name_or_path: required for reward.name 'hf-classifier'")
-        name_or_path = resolve_builtin(name_or_path, key="reward.name_or_path")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
             self.model, info = AutoModelForSequenceClassification.from_pretrained(

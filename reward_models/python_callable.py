@@ -10,7 +10,7 @@ import importlib
 import inspect
 from numbers import Real
 
-from llm_iif.errors import UserError
+from llm_iif.core.errors import UserError
 
 
 class CallableReward:

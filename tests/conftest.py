@@ -26,6 +26,6 @@ def tiny_recipe_dict(output_dir) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir():
-    from llm_iif.tiny import ensure_tiny_model
+    from llm_iif.lm.builtin import ensure_tiny_model
 
     return ensure_tiny_model()

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from llm_iif import trainer as trainer_module
-from llm_iif.config import load_recipe
-from llm_iif.rollout import tokenize_pairs
+from llm_iif.training import trainer as trainer_module
+from llm_iif.core.config import load_recipe
+from llm_iif.lm.generation import tokenize_pairs
 
 RESPONSES = [" great and fun .", " dull but fine , really .", " awful and slow .", " good .", " bad"]
 

@@ -5,7 +5,7 @@ import os
 import signal
 import sys
 
-from llm_iif import checkpoints
+from llm_iif.training import run_state as checkpoints
 from llm_iif.cli import main
 
 write_manifest = checkpoints.write_manifest

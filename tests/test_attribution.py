@@ -7,9 +7,9 @@ import torch
 
 from torch import nn
 
-from llm_iif.attribution import (LayerGradientCapture, LoraGradientCapture, filter_mask, grad_cosine, grad_dot,
-                                 lora_parameters)
-from llm_iif.policy import position_ids_from_mask
+from llm_iif.attribution.gradients import LayerGradientCapture, LoraGradientCapture, grad_cosine, grad_dot, lora_parameters
+from llm_iif.attribution.filters import filter_mask
+from llm_iif.lm.policy import position_ids_from_mask
 
 VOCAB = 40
 
@@ -158,7 +158,7 @@ def test_gradient_checkpointing_does_not_double_count(use_reentrant):
 
 
 def test_capture_inside_a_wrapper_uses_the_wrappers_parameter_names():
-    from llm_iif.policy import PolicyWithValueHead
+    from llm_iif.lm.policy import PolicyWithValueHead
 
     policy = PolicyWithValueHead(tiny_lora_model("gpt2"))
     ids, mask, weights = left_padded_batch([5, 2])

@@ -10,8 +10,8 @@ import pytest
 import torch
 from stable_baselines3 import PPO
 
-from llm_iif.attribution import grad_dot
-from llm_iif.classic import IIFPPO, kept_transitions, minibatch_normalized, policy_layers
+from llm_iif.attribution.gradients import grad_dot
+from llm_iif.classic.iif_ppo import IIFPPO, kept_transitions, minibatch_normalized, policy_layers
 
 
 def frozen_lake_model(**kwargs) -> IIFPPO:
@@ -29,7 +29,7 @@ def filled_buffer(model: IIFPPO) -> None:
 def minigrid_model() -> IIFPPO:
     from minigrid.wrappers import ImgObsWrapper
 
-    from llm_iif.classic import SmallCNN
+    from llm_iif.classic.iif_ppo import SmallCNN
 
     env = ImgObsWrapper(gym.make("minigrid:MiniGrid-Empty-8x8-v0"))
     return IIFPPO("CnnPolicy", env, n_steps=64, batch_size=16, n_epochs=2, seed=0,
@@ -181,8 +181,8 @@ SHORT = ["ppo.n_steps=128", "ppo.batch_size=32", "ppo.n_epochs=2", "run.rounds=2
 
 @pytest.mark.parametrize("recipe", sorted((REPO / "recipes" / "classic").glob("*.yaml")), ids=lambda p: p.stem)
 def test_each_classic_recipe_runs_two_short_rounds(recipe, tmp_path):
-    from llm_iif.classic import train_classic
-    from llm_iif.config import ClassicRecipe, load_recipe
+    from llm_iif.classic.train import train_classic
+    from llm_iif.core.config import ClassicRecipe, load_recipe
 
     loaded = load_recipe(recipe, SHORT, kind=ClassicRecipe)
     history = train_classic(loaded, loaded.iif.mode, loaded.iif.p, tmp_path)

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from llm_iif.cli import main
-from llm_iif.config import Recipe, load_recipe
-from llm_iif.errors import UserError
+from llm_iif.core.config import Recipe, load_recipe
+from llm_iif.core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = {
@@ -27,7 +27,7 @@ def write(tmp_path, recipe) -> Path:
 
 
 def test_shipped_recipes_load():
-    from llm_iif.config import ClassicRecipe, RewardTrainRecipe
+    from llm_iif.core.config import ClassicRecipe, RewardTrainRecipe
 
     for folder, kind in (("", Recipe), ("classic", ClassicRecipe), ("reward", RewardTrainRecipe)):
         paths = sorted((REPO / "recipes" / folder).glob("*.yaml"))

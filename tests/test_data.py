@@ -4,14 +4,14 @@ import json
 
 import pytest
 
-from llm_iif.config import DataConfig
-from llm_iif.data import load_prompts
-from llm_iif.errors import UserError
+from llm_iif.core.config import DataConfig
+from llm_iif.lm.data import load_prompts
+from llm_iif.core.errors import UserError
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_dir):
-    from llm_iif.policy import load_tokenizer
+    from llm_iif.lm.policy import load_tokenizer
 
     return load_tokenizer(str(tiny_model_dir))
 

@@ -12,8 +12,7 @@ import pytest
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
 
-from llm_iif.diagnosis import (advantage_agreement, average_ranks, discounted_returns, monte_carlo_advantages,
-                               spearman)
+from llm_iif.analysis.diagnosis import advantage_agreement, average_ranks, discounted_returns, monte_carlo_advantages, spearman
 
 REPO = Path(__file__).resolve().parents[1]
 FROZENLAKE = str(REPO / "recipes/classic/frozenlake.yaml")

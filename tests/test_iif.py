@@ -10,11 +10,11 @@ import torch
 import yaml
 
 from conftest import tiny_recipe_dict
-from llm_iif import influence
-from llm_iif.attribution import grad_dot, lora_parameters
-from llm_iif.compare import efficiency, rounds_to_reach, summarize, trailing_mean
-from llm_iif.config import recipe_from_dict
-from llm_iif.trainer import PPOTrainer
+from llm_iif.attribution import influence
+from llm_iif.attribution.gradients import grad_dot, lora_parameters
+from llm_iif.analysis.summary import efficiency, rounds_to_reach, summarize, trailing_mean
+from llm_iif.core.config import recipe_from_dict
+from llm_iif.training.trainer import PPOTrainer
 
 IIF_METRICS = {"kept_fraction", "score_mean", "score_neg_fraction", "target_split_cos", "time_val_generate_s",
                "time_influence_s"}

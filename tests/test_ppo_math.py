@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from llm_iif import ppo
-from llm_iif.rollout import truncate_after_eos
+from llm_iif.core import ppo
+from llm_iif.lm.generation import truncate_after_eos
 
 
 def test_gae_full_rows():

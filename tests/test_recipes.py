@@ -11,8 +11,8 @@ import random
 import pytest
 import yaml
 
-from llm_iif.config import load_recipe
-from llm_iif.trainer import PPOTrainer
+from llm_iif.core.config import load_recipe
+from llm_iif.training.trainer import PPOTrainer
 
 WORDS = ("the movie was good bad awful great fun dull and but really quite slow plot acting it felt very "
          "we this story").split()

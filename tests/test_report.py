@@ -75,9 +75,9 @@ def test_report_renders_in_a_headless_browser(iif_run, tmp_path):
 
 
 def test_report_of_a_run_without_iif_has_no_histograms(tmp_path, tiny_model_dir):
-    from llm_iif.config import recipe_from_dict
-    from llm_iif.report import write_report
-    from llm_iif.trainer import PPOTrainer
+    from llm_iif.core.config import recipe_from_dict
+    from llm_iif.analysis.report import write_report
+    from llm_iif.training.trainer import PPOTrainer
 
     raw = tiny_recipe_dict(tmp_path)
     raw["run"]["rounds"] = 1

@@ -13,10 +13,10 @@ import torch
 import yaml
 
 from conftest import tiny_recipe_dict
-from llm_iif.checkpoints import load_training_state, resolve_resume, verify
+from llm_iif.training.run_state import load_training_state, resolve_resume, verify
 from llm_iif.cli import main
-from llm_iif.config import recipe_from_dict
-from llm_iif.trainer import PPOTrainer
+from llm_iif.core.config import recipe_from_dict
+from llm_iif.training.trainer import PPOTrainer
 
 
 def iif_recipe(output_dir, rounds, **run):

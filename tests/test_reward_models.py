@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from llm_iif.config import RewardConfig
-from llm_iif.errors import UserError
+from llm_iif.core.config import RewardConfig
+from llm_iif.core.errors import UserError
 from reward_models import load_reward_model
 from reward_models.hf_classifier import label_score
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from llm_iif.config import RewardConfig
-from llm_iif.tiny import hidden_preference_score, preference_pairs
+from llm_iif.core.config import RewardConfig
+from llm_iif.lm.builtin import hidden_preference_score, preference_pairs
 from reward_models import load_reward_model
 
 REPO = Path(__file__).resolve().parents[1]

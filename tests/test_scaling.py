@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from conftest import tiny_recipe_dict
-from llm_iif import influence
-from llm_iif.config import ModelConfig, PPOConfig, recipe_from_dict
-from llm_iif.errors import UserError
-from llm_iif.policy import quantization_kwargs
-from llm_iif.rollout import sample_responses
-from llm_iif.trainer import PPOTrainer, check_distributed_support
+from llm_iif.attribution import influence
+from llm_iif.core.config import ModelConfig, PPOConfig, recipe_from_dict
+from llm_iif.core.errors import UserError
+from llm_iif.lm.policy import quantization_kwargs
+from llm_iif.lm.generation import sample_responses
+from llm_iif.training.trainer import PPOTrainer, check_distributed_support
 
 
 def scoring_inputs(tmp_path, **model):
@@ -89,7 +89,7 @@ def test_eval_hook_logs_each_eval_reward(tmp_path, tiny_model_dir):
     raw["run"]["rounds"] = 3
     raw["eval"] = {"every": 2, "size": 6, "data": {"source": "builtin:review-prompts"},
                    "rewards": {"sentiment": {"name": "vader"},
-                               "length": {"name": "callable", "function": "llm_iif.tiny:hidden_preference_score"}}}
+                               "length": {"name": "callable", "function": "llm_iif.lm.builtin:hidden_preference_score"}}}
     history = PPOTrainer(recipe_from_dict(raw)).train()
     # After round 1 (every 2nd) and after the last round.
     assert ["eval/sentiment" in m for m in history] == [False, True, True]

@@ -12,9 +12,9 @@ import torch
 import yaml
 
 from conftest import tiny_recipe_dict
-from llm_iif.config import recipe_from_dict
-from llm_iif.errors import UserError
-from llm_iif.trainer import PPOTrainer
+from llm_iif.core.config import recipe_from_dict
+from llm_iif.core.errors import UserError
+from llm_iif.training.trainer import PPOTrainer
 
 REQUIRED_METRICS = {"round", "samples", "reward_mean", "reward_std", "kl", "kl_coef", "entropy", "policy_loss",
                     "value_loss", "clipfrac", "approx_kl", "response_len_mean", "distinct_2"}
@@ -215,7 +215,7 @@ def test_two_processes_keeping_one_sample_do_not_deadlock(tmp_path, tiny_model_d
 
 
 def test_building_the_tiny_model_leaves_the_global_rng_alone(tmp_path, monkeypatch):
-    from llm_iif import tiny
+    from llm_iif.lm import builtin as tiny
 
     monkeypatch.setenv("LLM_IIF_CACHE", str(tmp_path))
     monkeypatch.setattr(tiny, "build_tiny_model", lambda out, seed: (torch.rand(5), (out / "config.json").touch()))
@@ -227,7 +227,7 @@ def test_building_the_tiny_model_leaves_the_global_rng_alone(tmp_path, monkeypat
 
 
 def test_rows_padded_to_common_widths_stack_without_changing_masked_values():
-    from llm_iif.rollout import Rollout, concat_rows, pad_to_widths
+    from llm_iif.core.records import Rollout, concat_rows, pad_to_widths
 
     def rollout(b, p, t, fill):
         ones = torch.ones(b, t)
@@ -290,7 +290,7 @@ def test_nonfinite_gradients_skip_the_step_and_leave_weights_alone(tmp_path, tin
 
 
 def test_nonfinite_scores_are_not_trained_on(tmp_path, tiny_model_dir, monkeypatch):
-    from llm_iif import influence
+    from llm_iif.attribution import influence
 
     scores = influence.influence_scores
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llm_iif.config import LoraConfig, ModelConfig
-from llm_iif.errors import UserError
-from llm_iif.tiny import resolve_builtin
+from llm_iif.core.config import LoraConfig, ModelConfig
+from llm_iif.core.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -68,13 +67,16 @@ def load_tokenizer(name_or_path: str):
 
 
 def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig) -> tuple[PolicyWithValueHead, object]:
-    """Load the base model and tokenizer, wrap the model with a fresh LoRA adapter and add the value head."""
+    """Load the base model and tokenizer, wrap the model with a fresh LoRA adapter and add the value head.
+
+    ``model_cfg.name_or_path`` is a hub id or a local directory (`llm_iif.training.builtins` resolves
+    ``builtin:`` names before this is called)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
-    path = resolve_builtin(model_cfg.name_or_path)
+    path = model_cfg.name_or_path
     tokenizer = load_tokenizer(path)
     if model_cfg.chat_template and not tokenizer.chat_template:
         raise UserError(f"model.chat_template: the tokenizer of '{model_cfg.name_or_path}' has no chat template")

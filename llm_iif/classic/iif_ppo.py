@@ -17,7 +17,6 @@ SB3's usual epochs run on those only.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,9 +26,9 @@ from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
-from llm_iif.attribution import FILTER_MODES, LayerGradientCapture, filter_mask
-
-CLASSIC_TARGETS = ("return",)
+from llm_iif.attribution.filters import filter_mask
+from llm_iif.attribution.gradients import LayerGradientCapture
+from llm_iif.core.config import CLASSIC_TARGETS, FILTER_MODES
 
 
 class IIFPPO(PPO):
@@ -186,8 +185,6 @@ def kept_transitions(buffer: RolloutBuffer, keep: np.ndarray) -> RolloutBuffer:
     return kept
 
 
-# ---------------------------------------------------------------------------------------------- recipes
-
 # Random filtering drops about what neg-bottom drops when about half of the scores are negative.
 CLASSIC_METHODS = {
     "standard": lambda iif: ("none", 0.0),
@@ -195,108 +192,3 @@ CLASSIC_METHODS = {
     "random": lambda iif: ("random", iif.p / 2),
 }
 
-
-def build_model(recipe, iif_mode: str, iif_p: float) -> IIFPPO:
-    """An ``IIFPPO`` for a `ClassicRecipe` with the given filter rule, on ``env.n_envs`` environments."""
-    ppo = recipe.ppo
-    vec_env = make_env(recipe, n_envs=recipe.env.n_envs, seed=recipe.run.seed)
-    policy_kwargs = {"optimizer_class": torch.optim.SGD if ppo.optimizer == "sgd" else torch.optim.Adam}
-    if ppo.features_extractor == "small-cnn":
-        policy_kwargs.update(features_extractor_class=SmallCNN, features_extractor_kwargs={"features_dim": 64})
-    return IIFPPO(ppo.policy, vec_env, iif_mode=iif_mode, iif_p=iif_p, iif_target=recipe.iif.target,
-                  n_steps=ppo.n_steps, batch_size=ppo.batch_size, n_epochs=ppo.n_epochs,
-                  learning_rate=ppo.learning_rate, ent_coef=ppo.ent_coef, clip_range=ppo.clip_range,
-                  gamma=ppo.gamma, gae_lambda=ppo.gae_lambda, vf_coef=ppo.vf_coef,
-                  max_grad_norm=ppo.max_grad_norm, policy_kwargs=policy_kwargs, seed=recipe.run.seed, device="cpu")
-
-
-def make_env(recipe, n_envs: int, seed: int):
-    """The recipe's environment as an SB3 vectorised env of ``n_envs`` copies (with ``env.wrapper``)."""
-    import importlib
-
-    from stable_baselines3.common.env_util import make_vec_env
-
-    from llm_iif.errors import UserError
-
-    env = recipe.env
-    wrapper = None
-    if env.wrapper:
-        module, _, name = env.wrapper.partition(":")
-        try:
-            wrapper = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as err:
-            raise UserError(f"env.wrapper: cannot import '{env.wrapper}' ({err})") from err
-    try:
-        return make_vec_env(env.id, n_envs=n_envs, seed=seed, env_kwargs=env.kwargs, wrapper_class=wrapper)
-    except Exception as err:  # gymnasium raises several types for unknown ids and bad kwargs
-        raise UserError(f"env.id: cannot make '{env.id}' with kwargs {env.kwargs} ({err})") from err
-
-
-def evaluate_return(model: IIFPPO, recipe, episodes: int) -> float:
-    """Mean return of the stochastic policy over ``episodes`` episodes on fresh environments (the paper's
-    per-round evaluation)."""
-    from stable_baselines3.common.evaluation import evaluate_policy
-
-    env = make_env(recipe, n_envs=min(episodes, 10), seed=10_000 + recipe.run.seed)
-    mean, _ = evaluate_policy(model, env, n_eval_episodes=episodes, deterministic=False)
-    env.close()
-    return float(mean)
-
-
-def train_classic(recipe, iif_mode: str, iif_p: float, output_dir: Path) -> list[dict]:
-    """Train round by round, evaluating after each; writes metrics.jsonl and final.zip into ``output_dir``.
-
-    Each history entry has ``round``, ``reward_mean`` (the test return, so `compare.summarize` applies),
-    ``kept_fraction``, ``time_influence_s`` and ``time_round_s`` (training only, evaluation excluded).
-    """
-    from tqdm.auto import tqdm
-
-    from llm_iif.outputs import append_jsonl
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "metrics.jsonl").unlink(missing_ok=True)
-    model = build_model(recipe, iif_mode, iif_p)
-    steps = recipe.ppo.n_steps * recipe.env.n_envs
-    history = []
-    bar = tqdm(range(recipe.run.rounds), desc=f"{recipe.env.id} rounds")
-    for k in bar:
-        start = time.perf_counter()
-        model.learn(steps, reset_num_timesteps=(k == 0))
-        seconds = time.perf_counter() - start
-        logged = model.logger.name_to_value
-        metrics = {"round": k, "reward_mean": evaluate_return(model, recipe, recipe.run.eval_episodes),
-                   "kept_fraction": logged["iif/kept_fraction"], "time_influence_s": logged["iif/time_influence_s"],
-                   "time_round_s": seconds}
-        history.append(metrics)
-        append_jsonl(output_dir / "metrics.jsonl", metrics)
-        bar.set_postfix(test_return=f"{metrics['reward_mean']:.3f}", kept=f"{metrics['kept_fraction']:.2f}")
-    model.save(output_dir / "final.zip")
-    return history
-
-
-def run_classic_compare(recipe_path: str, overrides: list[str], methods: list[str], seeds: list[int],
-                        output_dir: Path) -> dict:
-    """`llm-iif classic compare`: every (method, seed) pair into OUTPUT_DIR/METHOD/seed-S, then summary.json
-    and reward_curves.png with the paper's SE_ave / SE_peak / RT_peak (see `llm_iif.compare`)."""
-    import json
-
-    from llm_iif.compare import plot_reward_curves, summarize
-    from llm_iif.config import ClassicRecipe, load_recipe
-    from llm_iif.errors import UserError
-    from llm_iif.outputs import atomic_write_text
-
-    unknown = [m for m in methods if m not in CLASSIC_METHODS]
-    if unknown:
-        raise UserError(f"--methods: unknown method '{unknown[0]}' (expected some of: {', '.join(CLASSIC_METHODS)})")
-    histories: dict[str, dict[int, list[dict]]] = {m: {} for m in methods}
-    for seed in seeds:
-        recipe = load_recipe(recipe_path, [*overrides, f"run.seed={seed}"], kind=ClassicRecipe)
-        for method in methods:
-            run_dir = output_dir / method / f"seed-{seed}"
-            print(f"== {method}, seed {seed} -> {run_dir}", flush=True)
-            mode, p = CLASSIC_METHODS[method](recipe.iif)
-            histories[method][seed] = train_classic(recipe, mode, p, run_dir)
-    summary = summarize(histories)
-    atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2))
-    plot_reward_curves(summary, output_dir / "reward_curves.png", ylabel="test return (stochastic policy)")
-    return summary

@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from llm_iif import ppo
-from llm_iif.attribution import LoraGradientCapture, lora_parameters
-from llm_iif.config import PPOConfig
-from llm_iif.rollout import at_response_positions, response_logprobs
-
-TARGETS = ("seq", "return", "reward", "gold")
-
+from llm_iif.core import ppo
+from llm_iif.attribution.gradients import LoraGradientCapture, lora_parameters
+from llm_iif.core.config import TARGETS, PPOConfig
+from llm_iif.core.tokens import at_response_positions, response_logprobs
 
 def target_token_weights(target: str, advantages: torch.Tensor, scores: torch.Tensor,
                          mask: torch.Tensor) -> torch.Tensor:

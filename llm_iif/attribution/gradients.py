@@ -1,4 +1,4 @@
-"""The attribution core: exact per-sample gradients from one batched backward, influence scores, filters.
+"""Exact per-sample gradients from one batched backward pass, for any model's Linear, Conv2d or LoRA layers.
 
 For a linear layer y = W x + b applied at every token t of sample i, the gradient of a sum-reduced loss
 L = Σ_i L_i splits exactly into per-sample parts, because sample i's activations only reach L_i:
@@ -13,21 +13,16 @@ dot product with a target) is formed right there, one layer at a time. A peft Lo
 such layers, ``lora_A`` and ``lora_B``, so the same rule gives ∇A_i and ∇B_i; the LoRA scaling s is already
 inside g. Results are stored per layer by overwrite, never appended, so hooks that fire twice (gradient
 checkpointing recomputes the forward) cannot double count.
-
-Public API (stable): `LoraGradientCapture`, `filter_mask`, `FILTER_MODES`, `grad_dot`, `grad_cosine`.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-FILTER_MODES = ("neg-bottom", "bottom", "neg-random", "random", "none")
 
 
 class LayerGradientCapture:
@@ -190,46 +185,6 @@ def grad_cosine(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float
     return grad_dot(a, b).item() / norms if norms > 0 else 0.0
 
 
-def filter_mask(scores: torch.Tensor, mode: str, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The [N] bool keep-mask for influence ``scores`` [N] (score > 0: the sample helps the target).
-
-    Modes, with N_neg the number of negative scores:
-      ``neg-bottom``  drop the floor(p·N_neg) most negative samples; scores ≥ 0 are always kept (IIF).
-      ``bottom``      drop the floor(p·N) lowest-scoring samples.
-      ``neg-random``  drop floor(p·N_neg) negative samples chosen at random.
-      ``random``      drop floor(p·N) samples chosen at random (scores are ignored).
-      ``none``        keep everything.
-    Ties are broken by position (the earlier sample is dropped first). If every sample would be dropped,
-    the highest-scoring one is kept and a warning is issued: an update never runs on an empty batch.
-    """
-    if mode not in FILTER_MODES:
-        raise ValueError(f"filter mode '{mode}': expected one of {', '.join(FILTER_MODES)}")
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"filter fraction p={p}: expected a value in [0, 1]")
-    if scores.dim() != 1 or len(scores) == 0:
-        raise ValueError(f"scores: expected a non-empty 1-D tensor, got shape {tuple(scores.shape)}")
-    if mode != "random" and not torch.isfinite(scores).all():
-        raise ValueError(f"scores: {int((~torch.isfinite(scores)).sum())} of {len(scores)} are NaN or inf")
-    n = len(scores)
-    keep = torch.ones(n, dtype=torch.bool, device=scores.device)
-    if mode == "none":
-        return keep
-    candidates = torch.arange(n, device=scores.device)
-    if mode.startswith("neg"):
-        candidates = candidates[scores < 0]
-    n_drop = math.floor(p * len(candidates) + 1e-9)  # the epsilon guards p·N landing just under an integer
-    if mode in ("neg-bottom", "bottom"):
-        order = torch.sort(scores[candidates], stable=True).indices
-    else:
-        order = torch.randperm(len(candidates), generator=generator).to(scores.device)
-    keep[candidates[order[:n_drop]]] = False
-    if not keep.any():
-        warnings.warn(f"filter_mask({mode}, p={p}) would drop all {n} samples; keeping the highest-scoring one",
-                      stacklevel=2)
-        keep[torch.argmax(scores)] = True
-    return keep
-
-
 def _positions(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A layer's input and output gradient as [B, T, d_in] and [B, T, d_out] (fp32) over its T positions:
     tokens for a Linear, output pixels (with unfolded input patches) for a Conv2d."""
@@ -254,3 +209,4 @@ def _checked_target(target: dict, params: dict, names: list[str]) -> dict[str, t
             raise ValueError(f"target['{n}'] has shape {tuple(target[n].shape)}; the parameter has "
                              f"{tuple(params[n].shape)}")
     return {n: target[n] for n in names}
+

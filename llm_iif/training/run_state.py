@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llm_iif.errors import UserError
-from llm_iif.outputs import write_directory_atomically
+from llm_iif.core.errors import UserError
+from llm_iif.core.fileio import write_directory_atomically
 
 STATE_FILE = "trainer_state.json"
 TRAINING_STATE_FILE = "training_state.pt"

@@ -16,9 +16,9 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from llm_iif.config import DataConfig, IIFConfig, parse_filter
-from llm_iif.errors import UserError
-from llm_iif.tiny import BUILTIN_PREFIX, positive_review_pairs, preference_pairs, review_prompts
+from llm_iif.core.config import DataConfig, IIFConfig, parse_filter
+from llm_iif.core.errors import UserError
+from llm_iif.lm.builtin import BUILTIN_PREFIX, positive_review_pairs, preference_pairs, review_prompts
 
 BUILTIN_SOURCES = {"review-prompts": lambda: {"prompt": review_prompts()}, "positive-reviews": positive_review_pairs,
                    "tiny-preferences": preference_pairs}

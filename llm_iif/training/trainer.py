@@ -30,17 +30,22 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
-from llm_iif import influence, ppo
-from llm_iif.attribution import filter_mask, grad_cosine
-from llm_iif.config import Recipe, load_recipe
-from llm_iif.data import load_prompts, load_validation_set, read_prompts
-from llm_iif.errors import UserError
-from llm_iif import checkpoints
-from llm_iif.outputs import append_jsonl, atomic_write_text, open_trackers, plot_reward_curve, write_parquet
-from llm_iif.policy import load_policy, prompt_formatter
-from llm_iif.report import environment
-from llm_iif.rollout import (Rollout, at_response_positions, concat_rows, map_tensors, pad_to_widths,
-                             response_logprobs, sample_responses, score_tokens, select_rows, tokenize_pairs)
+from llm_iif.attribution import influence
+from llm_iif.core import ppo
+from llm_iif.attribution.filters import filter_mask
+from llm_iif.attribution.gradients import grad_cosine
+from llm_iif.core.config import Recipe, load_recipe
+from llm_iif.lm.data import load_prompts, load_validation_set, read_prompts
+from llm_iif.core.errors import UserError
+from llm_iif.training import run_state as checkpoints
+from llm_iif.core.fileio import append_jsonl, atomic_write_text, write_parquet
+from llm_iif.training.run_outputs import open_trackers
+from llm_iif.analysis.plots import plot_reward_curve
+from llm_iif.lm.policy import load_policy, prompt_formatter
+from llm_iif.training.run_outputs import environment
+from llm_iif.core.records import Rollout, concat_rows, map_tensors, pad_to_widths, select_rows
+from llm_iif.core.tokens import at_response_positions, response_logprobs
+from llm_iif.lm.generation import sample_responses, score_tokens, tokenize_pairs
 from reward_models import load_reward_model
 from reward_models.python_callable import CallableReward
 

@@ -13,37 +13,18 @@ import html
 import io
 import json
 import math
-import platform
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from llm_iif.errors import UserError
-from llm_iif.outputs import atomic_write_text, pyplot
+from llm_iif.core.errors import UserError
+from llm_iif.core.fileio import atomic_write_text
+from llm_iif.analysis.plots import pyplot
 
 CURVES = (("reward_mean", "mean reward"), ("kl", "KL to the reference"), ("entropy", "entropy per token"),
           ("kept_fraction", "kept fraction"))
-PACKAGES = ("llm_iif", "torch", "transformers", "peft", "trl", "accelerate", "datasets")
 
 
-def environment(accelerator) -> dict:
-    """What a run trained with: Python, platform, package versions, device and process count."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    import torch
-
-    versions = {}
-    for package in PACKAGES:
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            versions[package] = "not installed"
-    device = str(accelerator.device)
-    if accelerator.device.type == "cuda":
-        device += f" ({torch.cuda.get_device_name(accelerator.device)})"
-    return {"python": sys.version.split()[0], "platform": platform.platform(), **versions, "device": device,
-            "processes": accelerator.num_processes, "mixed_precision": str(accelerator.mixed_precision)}
 
 
 def find_runs(run_dir: Path) -> dict[str, list[Path]]:

@@ -14,10 +14,9 @@ import random
 import tempfile
 from pathlib import Path
 
-from llm_iif.data import read_text_columns
-from llm_iif.errors import UserError
-from llm_iif.outputs import atomic_write_text, write_directory_atomically
-from llm_iif.tiny import resolve_builtin
+from llm_iif.lm.data import read_text_columns
+from llm_iif.core.errors import UserError
+from llm_iif.core.fileio import atomic_write_text, write_directory_atomically
 
 
 def load_preference_pairs(recipe) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
@@ -48,8 +47,9 @@ def pairwise_accuracy(reward, pairs: dict[str, list[str]]) -> float:
     return sum(c > r for c, r in zip(chosen, rejected)) / len(chosen)
 
 
-def train_reward_model(recipe) -> dict:
-    """Train, save OUTPUT_DIR/model atomically, and return (and write) eval.json's content."""
+def train_reward_model(recipe, base_model: str) -> dict:
+    """Train from ``base_model`` (a hub id or local path: ``recipe.model.name_or_path`` with any ``builtin:``
+    name resolved), save OUTPUT_DIR/model atomically, and return (and write) eval.json's content."""
     import datasets
     import peft
     import torch
@@ -59,7 +59,7 @@ def train_reward_model(recipe) -> dict:
     from reward_models.hf_classifier import HFClassifierReward
 
     train_pairs, held_out = load_preference_pairs(recipe)
-    base = resolve_builtin(recipe.model.name_or_path)
+    base = base_model
     try:
         tokenizer = AutoTokenizer.from_pretrained(base)
         model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)

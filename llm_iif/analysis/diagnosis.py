@@ -23,9 +23,11 @@ from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 
-from llm_iif.classic import IIFPPO, build_model, evaluate_return
-from llm_iif.errors import UserError
-from llm_iif.outputs import atomic_write_text, pyplot, save_figure
+from llm_iif.classic.iif_ppo import IIFPPO
+from llm_iif.classic.train import build_model, evaluate_return
+from llm_iif.core.errors import UserError
+from llm_iif.core.fileio import atomic_write_text
+from llm_iif.analysis.plots import pyplot, save_figure
 
 EDGE_FRACTION = 0.2  # the "top" and "bottom" regions of Fig. 3c: 20% of the records each
 

@@ -20,7 +20,16 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from llm_iif.errors import UserError
+from llm_iif.core.errors import UserError
+
+# Each enumeration is defined once, as the Literal type recipes are checked against; the tuple of its values
+# is what code that is not handed a recipe checks against.
+FilterMode = Literal["neg-bottom", "bottom", "neg-random", "random", "none"]
+TargetName = Literal["seq", "return", "reward", "gold"]
+ClassicTargetName = Literal["return"]
+FILTER_MODES: tuple[str, ...] = typing.get_args(FilterMode)
+TARGETS: tuple[str, ...] = typing.get_args(TargetName)
+CLASSIC_TARGETS: tuple[str, ...] = typing.get_args(ClassicTargetName)
 
 
 @dataclass
@@ -123,12 +132,12 @@ class PPOConfig:
 class IIFConfig:
     """Iterative influence-based filtering: score every rollout sample against a target, drop the worst."""
     enabled: bool = False
-    target: Literal["seq", "return", "reward", "gold"] = "seq"
+    target: TargetName = "seq"
     """What the kept samples should improve, measured on validation responses generated each round:
     ``seq`` Σ log-prob × last-token advantage (the paper's RLHF target), ``return`` token-level
     advantage-weighted log-prob, ``reward`` Σ log-prob × whitened reward, ``gold`` log-likelihood of
     reference responses (needs ``val_prompts`` with prompt and response columns)."""
-    mode: Literal["neg-bottom", "bottom", "neg-random", "random", "none"] = "neg-bottom"
+    mode: FilterMode = "neg-bottom"
     p: float = 1.0
     """Fraction dropped: of the negative-score samples (neg-*) or of all samples (bottom, random)."""
     val_prompts: Optional[str] = None
@@ -290,9 +299,9 @@ class ClassicPPOConfig:
 
 @dataclass
 class ClassicIIFConfig:
-    mode: Literal["neg-bottom", "bottom", "neg-random", "random", "none"] = "neg-bottom"
+    mode: FilterMode = "neg-bottom"
     p: float = 0.5
-    target: Literal["return"] = "return"
+    target: ClassicTargetName = "return"
 
 
 @dataclass

@@ -19,30 +19,55 @@ from pathlib import Path
 
 import torch
 
-from llm_iif.errors import UserError
 
 logger = logging.getLogger(__name__)
 
+
 BUILTIN_PREFIX = "builtin:"
+
+
 TINY_MODEL_NAME = "tiny-sentiment"
+
+
 # Bump when the corpus, tokenizer or warm-up changes so stale caches are not reused.
 TINY_MODEL_VERSION = "v2"
+
+
 TINY_REWARD_MODEL_NAME = "tiny-reward-model"
+
+
 TINY_REWARD_MODEL_VERSION = "v1"
+
+
 EOS_TOKEN = "<|endoftext|>"
+
+
 PAD_TOKEN = "<pad>"
+
 
 NOUNS = ["movie", "film", "plot", "food", "service", "staff", "room", "hotel", "book", "story", "phone",
          "battery", "screen", "price", "music", "ending", "menu", "coffee", "trip", "show", "game", "camera",
          "bed", "view", "driver"]
+
+
 POSITIVE = ["great", "good", "wonderful", "excellent", "amazing", "lovely", "nice", "perfect", "fantastic",
             "pleasant", "brilliant", "delightful", "fun", "beautiful", "friendly", "helpful"]
+
+
 NEGATIVE = ["bad", "terrible", "awful", "horrible", "boring", "poor", "disappointing", "ugly", "rude",
             "dirty", "sad", "annoying", "weak", "broken", "useless", "painful"]
+
+
 NEUTRAL = ["long", "short", "small", "large", "quiet", "new", "old", "simple", "plain", "typical", "usual",
            "early", "late", "busy", "cold", "expensive"]
+
+
 ADVERBS = ["", "", "very ", "really ", "quite ", "rather ", "a bit "]
+
+
 VERBS = ["watched", "ordered", "read", "bought", "visited", "tried", "used", "saw", "booked", "got"]
+
+
 # Each template is a prompt prefix and a continuation. {n} is a noun, {v} a verb, {a} an adjective phrase
 # of the sentence's polarity and {b} one of the opposite polarity (the clause after "but").
 TEMPLATES = [
@@ -151,40 +176,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LLM_IIF_CACHE", Path.home() / ".cache" / "llm_iif"))
 
 
-def resolve_builtin(name_or_path: str, key: str = "model.name_or_path") -> str:
-    """Map ``builtin:NAME`` to its cached directory, building it on first use; pass others through.
-
-    Built-ins: ``tiny-sentiment`` (the tiny GPT-2) and ``tiny-reward-model`` (a classifier trained on
-    ``builtin:tiny-preferences``). ``key`` names the recipe key in errors."""
-    if not name_or_path.startswith(BUILTIN_PREFIX):
-        return name_or_path
-    builders = {TINY_MODEL_NAME: ensure_tiny_model, TINY_REWARD_MODEL_NAME: ensure_tiny_reward_model}
-    name = name_or_path[len(BUILTIN_PREFIX):]
-    if name not in builders:
-        raise UserError(f"{key}: unknown built-in model '{name_or_path}' "
-                        f"(expected one of: {', '.join(BUILTIN_PREFIX + n for n in builders)})")
-    return str(builders[name]())
-
-
-def ensure_tiny_reward_model() -> Path:
-    """The cached tiny reward model directory, trained with `llm-iif reward train`'s code on first use: the
-    tiny GPT-2 with a one-label head, 1 epoch over the 2,700 training pairs of ``builtin:tiny-preferences``."""
-    from llm_iif.config import RewardTrainRecipe, recipe_from_dict
-    from llm_iif.reward_training import train_reward_model
-
-    target = cache_dir() / f"{TINY_REWARD_MODEL_NAME}-{TINY_REWARD_MODEL_VERSION}"
-    if not (target / "model" / "config.json").is_file():
-        recipe = recipe_from_dict({"model": {"name_or_path": BUILTIN_PREFIX + TINY_MODEL_NAME},
-                                   "data": {"source": "builtin:tiny-preferences"},
-                                   "train": {"epochs": 1, "max_length": 64},
-                                   "run": {"output_dir": str(target)}}, source="builtin:tiny-reward-model",
-                                  kind=RewardTrainRecipe)
-        logger.warning("building builtin:tiny-reward-model (once; cached in %s)", target)
-        with torch.random.fork_rng(devices=[]):
-            train_reward_model(recipe)
-    return target / "model"
-
-
 def ensure_tiny_model(seed: int = 0) -> Path:
     """Return the cached tiny model directory, building it atomically if it is missing."""
     target = cache_dir() / f"{TINY_MODEL_NAME}-{TINY_MODEL_VERSION}"
@@ -250,3 +241,4 @@ def build_tiny_model(out_dir: Path, seed: int = 0, num_sentences: int = 20000, v
     logger.info("tiny-sentiment warm-up finished at loss %.3f", loss.item())
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+

@@ -1,0 +1,114 @@
+"""Summaries of a methods × seeds comparison: smoothed curves, efficiency against standard PPO, means ± SE.
+
+The efficiency figures follow the paper (Hu et al. 2025, §5): SE_ave and SE_peak compare the rounds a
+method needs against standard PPO's; RT_peak compares wall-clock seconds to standard's peak.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+LEVELS = tuple(round(0.1 * i, 1) for i in range(2, 10))  # 0.2 ... 0.9
+
+
+METHODS = {
+    "standard": ["iif.enabled=false"],
+    "iif": ["iif.enabled=true"],
+    # The paper's random baseline drops about half the batch at random, about what IIF drops there.
+    "random": ["iif.enabled=true", "iif.mode=random", "iif.p=0.5"],
+}
+
+
+def trailing_mean(values: list[float], window: int) -> list[float]:
+    """Mean of the last ``window`` values at each position (fewer at the start)."""
+    # Summed afresh at each position: a running sum drifts, and a level test like 1.0 >= 1.0 would then fail.
+    return [sum(values[max(0, i + 1 - window):i + 1]) / min(i + 1, window) for i in range(len(values))]
+
+
+def rounds_to_reach(curve: list[float], level: float) -> int | None:
+    """Rounds run until ``curve`` first reaches ``level`` (1 for the first round), or None."""
+    return next((i + 1 for i, value in enumerate(curve) if value >= level), None)
+
+
+def efficiency(standard: list[float], method: list[float], standard_seconds: list[float],
+               method_seconds: list[float], smooth: int = 5) -> dict:
+    """The paper's SE_ave, SE_peak and RT_peak (in %) of ``method`` against ``standard``.
+
+    standard, method: per-round mean rewards; *_seconds: per-round wall times, for RT_peak.
+    """
+    std, meth = trailing_mean(standard, smooth), trailing_mean(method, smooth)
+    start, peak = std[0], max(std)
+    unreached = 0
+
+    def rounds(curve, level):
+        nonlocal unreached
+        reached = rounds_to_reach(curve, level)
+        if reached is None:
+            unreached += 1
+            return len(curve) + 1
+        return reached
+
+    def reduction(level):
+        return 100.0 * (1.0 - rounds(meth, level) / rounds(std, level))
+
+    se_ave = sum(reduction(start + f * (peak - start)) for f in LEVELS) / len(LEVELS)
+    se_peak = reduction(peak)
+    m_std, m_meth = rounds(std, peak), rounds(meth, peak)
+    seconds_std = sum(standard_seconds[:m_std])
+    # An unreached peak costs the whole run plus one more mean round.
+    extra_round = sum(method_seconds) / len(method_seconds) if m_meth > len(method_seconds) else 0.0
+    seconds_meth = sum(method_seconds[:m_meth]) + extra_round
+    final = std[-1]
+    return {"SE_ave": se_ave, "SE_peak": se_peak, "RT_peak": 100.0 * (1.0 - seconds_meth / seconds_std),
+            "rounds_to_standard_final": rounds(meth, final) / len(meth), "unreached_levels": unreached}
+
+
+def mean_and_sem(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def reported_rewards(history: list[dict]) -> list[str]:
+    """The ``reward/NAME`` metrics (`reward.report` scores) a run logged."""
+    return [key for key in history[0] if key.startswith("reward/")]
+
+
+def summarize(histories: dict[str, dict[int, list[dict]]], smooth: int = 5) -> dict:
+    """summary.json's content from {method: {seed: per-round metrics}}."""
+    summary = {"smooth": smooth, "levels": list(LEVELS), "methods": {}}
+    standard = histories.get("standard")
+    for method, by_seed in histories.items():
+        entry = {"seeds": {}}
+        for seed, history in by_seed.items():
+            run = {"reward": [m["reward_mean"] for m in history],
+                   "seconds": [m["time_round_s"] for m in history],
+                   "kept_fraction": [m["kept_fraction"] for m in history],
+                   "wall_time_s": sum(m["time_round_s"] for m in history)}
+            run["final_reward"] = trailing_mean(run["reward"], smooth)[-1]
+            if "kl" in history[0]:  # LM runs: a reward gained by drifting from the reference shows up here
+                run["kl"] = [m["kl"] for m in history]
+                run["final_kl"] = trailing_mean(run["kl"], smooth)[-1]
+            for key in reported_rewards(history):  # e.g. the hidden rule behind a learned reward model
+                run[f"final_{key}"] = trailing_mean([m[key] for m in history], smooth)[-1]
+            if standard and method != "standard" and seed in standard:
+                base = standard[seed]
+                run["vs_standard"] = efficiency([m["reward_mean"] for m in base], run["reward"],
+                                                [m["time_round_s"] for m in base], run["seconds"], smooth)
+            entry["seeds"][str(seed)] = run
+        runs = list(entry["seeds"].values())
+        entry["final_reward"] = mean_and_sem([r["final_reward"] for r in runs])
+        for key in ["final_kl", *(f"final_{k}" for k in reported_rewards(next(iter(by_seed.values()))))]:
+            if all(key in r for r in runs):
+                entry[key] = mean_and_sem([r[key] for r in runs])
+        entry["mean_round_s"] = mean_and_sem([r["wall_time_s"] / len(r["reward"]) for r in runs])
+        entry["mean_kept_fraction"] = mean_and_sem([sum(r["kept_fraction"]) / len(r["kept_fraction"]) for r in runs])
+        if all("vs_standard" in r for r in runs) and runs:
+            entry["vs_standard"] = {key: mean_and_sem([r["vs_standard"][key] for r in runs])
+                                    for key in runs[0]["vs_standard"]}
+        summary["methods"][method] = entry
+    return summary
+

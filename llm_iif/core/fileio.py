@@ -1,0 +1,80 @@
+"""Writing files so that an interrupted run never leaves a half-written one behind.
+
+Every writer here builds the file (or directory) under a temporary name beside its destination and renames
+it into place; appended JSONL lines go out in one flushed write each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would have given; mkstemp's files are private (0600)
+
+
+_DIR_MODE = 0o777 & ~_umask()
+
+
+def publish(tmp, path: Path) -> None:
+    """Give a finished temporary file the usual permissions and rename it over ``path``."""
+    os.chmod(tmp, _FILE_MODE)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    publish(tmp, path)
+
+
+def write_parquet(path: Path, rows: list[dict]) -> None:
+    """Write ``rows`` (dicts with the same keys) as a parquet table, atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    os.close(fd)
+    pq.write_table(pa.Table.from_pylist(rows), tmp)
+    publish(tmp, path)
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def write_directory_atomically(directory: Path, write) -> None:
+    """Call ``write(tmp)`` to fill a fresh temporary directory, then swap it in for ``directory``: a reader
+    never sees a half-written directory, and an interrupted write leaves the previous one in place."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    try:
+        write(tmp)
+        os.chmod(tmp, _DIR_MODE)
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}-old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(directory, old)
+            os.rename(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+

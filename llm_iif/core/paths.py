@@ -1,0 +1,130 @@
+"""The layout of run directories, defined here and nowhere else.
+
+An LM run (`llm-iif train`)::
+
+    RUN/recipe.yaml  environment.json  metrics.jsonl  timings.jsonl  samples.jsonl
+    RUN/records/round_0000.parquet ...        one row per rollout sample
+    RUN/checkpoint-N/  RUN/final/             see `llm_iif.training.run_state`
+    RUN/tensorboard/  RUN/reward_curve.png  RUN/report.html
+
+A comparison (`llm-iif compare`, `llm-iif classic compare`) holds one run per method and seed::
+
+    GRID/METHOD/seed-S/   GRID/summary.json  GRID/reward_curves.png  GRID/influence.png  GRID/report.html
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+_RECORD = re.compile(r"round_(\d+)\.parquet")
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+_SEED = re.compile(r"seed-(-?\d+)")
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The files of one run directory ``root``."""
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def recipe(self) -> Path:
+        return self.root / "recipe.yaml"
+
+    @property
+    def environment(self) -> Path:
+        return self.root / "environment.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def timings(self) -> Path:
+        return self.root / "timings.jsonl"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples.jsonl"
+
+    @property
+    def records_dir(self) -> Path:
+        return self.root / "records"
+
+    def record(self, k: int) -> Path:
+        """records/round_XXXX.parquet of round ``k``."""
+        return self.records_dir / f"round_{k:04d}.parquet"
+
+    def record_rounds(self) -> list[int]:
+        """The rounds that have a records file, in order."""
+        found = (_RECORD.fullmatch(p.name) for p in self.records_dir.glob("round_*.parquet"))
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def checkpoint(self, rounds_completed: int) -> Path:
+        return self.root / f"checkpoint-{rounds_completed}"
+
+    @property
+    def final(self) -> Path:
+        return self.root / "final"
+
+    def numbered_checkpoints(self) -> list[tuple[int, Path]]:
+        """(rounds completed, directory) of every checkpoint-N/ directory, oldest first."""
+        found = ((_CHECKPOINT.fullmatch(p.name), p) for p in self.root.glob("checkpoint-*") if p.is_dir())
+        return sorted((int(m.group(1)), p) for m, p in found if m)
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def reward_curve(self) -> Path:
+        return self.root / "reward_curve.png"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+
+@dataclass(frozen=True)
+class GridPaths:
+    """The files of a methods × seeds comparison directory ``root``."""
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    def run(self, method: str, seed: int) -> RunPaths:
+        return RunPaths(self.root / method / f"seed-{seed}")
+
+    def runs(self) -> dict[str, list[RunPaths]]:
+        """Method -> its seed runs that have metrics, seeds in numeric order."""
+        found: dict[str, list[tuple[int, RunPaths]]] = {}
+        for metrics in self.root.glob("*/seed-*/metrics.jsonl"):
+            match = _SEED.fullmatch(metrics.parent.name)
+            if match:
+                found.setdefault(metrics.parent.parent.name, []).append((int(match.group(1)),
+                                                                         RunPaths(metrics.parent)))
+        return {method: [run for _, run in sorted(runs, key=lambda r: r[0])] for method, runs in sorted(found.items())}
+
+    def method_dir(self, method: str) -> Path:
+        return self.root / method
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def reward_curves(self) -> Path:
+        return self.root / "reward_curves.png"
+
+    @property
+    def influence(self) -> Path:
+        return self.root / "influence.png"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
