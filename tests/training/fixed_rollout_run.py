@@ -1,6 +1,6 @@
 """Train a recipe with fixed responses in place of sampled ones, then save this process's LoRA weights.
 
-``python tests/fixed_rollout_run.py RECIPE OUT_DIR``, as one process or under ``accelerate launch``. Each
+``python tests/training/fixed_rollout_run.py RECIPE OUT_DIR``, as one process or under ``accelerate launch``. Each
 prompt always gets the same response, so runs with different process counts see the same rollouts and
 their filtering decisions can be compared sample by sample.
 """

@@ -1,4 +1,4 @@
-"""``python tests/kill_during_checkpoint.py RECIPE``: train, and SIGKILL this process halfway through writing
+"""``python tests/training/kill_during_checkpoint.py RECIPE``: train, and SIGKILL this process halfway through writing
 checkpoint-2 (after the weights, before the manifest), as a crash or an OOM kill would."""
 
 import os

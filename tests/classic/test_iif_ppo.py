@@ -175,7 +175,7 @@ def test_bad_iif_arguments(kwargs):
         frozen_lake_model(**kwargs)
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHORT = ["ppo.n_steps=128", "ppo.batch_size=32", "ppo.n_epochs=2", "run.rounds=2", "run.eval_episodes=5"]
 
 

@@ -13,7 +13,7 @@ from llm_iif.core.config import RewardConfig
 from llm_iif.lm.builtin import hidden_preference_score, preference_pairs
 from reward_models import load_reward_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write_pairs(path: Path, n: int, columns=("prompt", "chosen", "rejected")) -> Path:

@@ -156,7 +156,7 @@ def test_unloadable_model_exits_2_with_one_line(tmp_path):
 
 
 def run_fixed_rollouts(tmp_path, name, iif, processes):
-    """tests/fixed_rollout_run.py on the tiny recipe with IIF, as one process or under `accelerate launch`."""
+    """tests/training/fixed_rollout_run.py on the tiny recipe with IIF, as one process or under `accelerate launch`."""
     raw = tiny_recipe_dict(tmp_path / name)
     raw["iif"] = {"enabled": True, "val_size": 8, **iif}
     recipe = tmp_path / f"{name}.yaml"
