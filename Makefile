@@ -2,7 +2,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: demo test clean-demo
+.PHONY: demo test docs clean-demo
 
 # Create the virtualenv on first use. torch is installed first and pinned to the
 # CPU wheel that ships with the machine; a looser spec would pull a CUDA build.
@@ -19,6 +19,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest tests
+
+# docs/recipes.md from the recipe dataclasses in llm_iif/core/config.py (a test fails when it is stale).
+docs: $(VENV)/.installed
+	$(VENV)/bin/python -m llm_iif.core.recipe_docs
 
 clean-demo:
 	rm -rf runs/demo

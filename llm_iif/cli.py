@@ -19,7 +19,16 @@ from pathlib import Path
 import time
 import warnings
 
+from llm_iif.analysis.plots import plot_reward_curve
+from llm_iif.analysis.diagnosis import diagnose, intervene
+from llm_iif.analysis.grid import run_classic_compare, run_compare
+from llm_iif.analysis.report import write_report
+from llm_iif.core.config import ClassicRecipe, load_recipe
 from llm_iif.core.errors import UserError
+from llm_iif.core.paths import RunPaths
+from llm_iif.training import build_trainer
+from llm_iif.training.factory import make_accelerator
+from llm_iif.training.run_state import resolve_resume, verify
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,9 +92,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args) -> int:
-    from llm_iif.training.run_state import resolve_resume, verify
-    from llm_iif.core.config import load_recipe
-
     overrides = list(args.overrides)
     checkpoint = None
     if args.resume:
@@ -104,22 +110,21 @@ def _train(args) -> int:
             return 0
     quiet_libraries()
 
-    from llm_iif.training.trainer import PPOTrainer, make_accelerator
-
     accelerator = make_accelerator(recipe)
     try:
         start = time.perf_counter()
-        trainer = PPOTrainer(recipe, accelerator)
+        trainer = build_trainer(recipe, accelerator)
         history = trainer.train(resume_from=checkpoint)
         if accelerator.is_main_process:
             if trainer.stopped_by:
                 print(f"llm-iif: stopped by {trainer.stopped_by} after round {len(history)} of "
-                      f"{recipe.run.rounds}; checkpoint {recipe.run.output_dir}/checkpoint-{len(history)}. "
+                      f"{recipe.run.rounds}; checkpoint {RunPaths(recipe.run.output_dir).checkpoint(len(history))}. "
                       f"Resume with: llm-iif train {args.recipe} --resume {recipe.run.output_dir}", file=sys.stderr)
             else:
-                from llm_iif.analysis.report import write_report
-
-                write_report(Path(recipe.run.output_dir))
+                paths = RunPaths(recipe.run.output_dir)
+                plot_reward_curve(history, paths.reward_curve,
+                                  title=f"{recipe.model.name_or_path} · {recipe.reward.name}")
+                write_report(paths.root)
                 _print_summary(history, recipe.run.output_dir, time.perf_counter() - start)
     finally:
         accelerator.end_training()
@@ -134,8 +139,6 @@ def _methods_and_seeds(args) -> tuple[list[str], list[int]]:
 
 
 def _classic_compare(args) -> int:
-    from llm_iif.analysis.grid import run_classic_compare
-
     methods, seeds = _methods_and_seeds(args)
     output_dir = Path(args.output_dir)
     summary = run_classic_compare(args.recipe, args.overrides, methods, seeds, output_dir)
@@ -144,9 +147,6 @@ def _classic_compare(args) -> int:
 
 
 def _classic_diagnose(args) -> int:
-    from llm_iif.core.config import ClassicRecipe, load_recipe
-    from llm_iif.analysis.diagnosis import diagnose
-
     recipe = load_recipe(args.recipe, args.overrides, kind=ClassicRecipe)
     action_target = None
     if args.action_target:
@@ -163,7 +163,7 @@ def _classic_diagnose(args) -> int:
           f"bottom 20%: {result['mean_abs_gap_bottom']:.3f}   all: {result['mean_abs_gap_all']:.3f}")
     print(f"  Spearman(influence, Ā·Â) {result['spearman_influence_vs_mc_times_gae']:+.2f}  "
           f"(against rank, as the paper reports it: {result['spearman_rank_vs_mc_times_gae']:+.2f})")
-    print(f"  bottom {len(result['bottom_records'])} records (state, action, Â, Ā, score):")
+    print(f"  bottom {len(result['bottom_records'])} records (state, action, Â, Ā, influence):")
     for row in result["bottom_records"]:
         print(f"    {row['state']:>5} {row['action']:>6} {row['gae_advantage']:>+8.3f} {row['mc_advantage']:>+8.3f} "
               f"{row['influence']:>+10.4f}")
@@ -173,9 +173,6 @@ def _classic_diagnose(args) -> int:
 
 
 def _classic_intervene(args) -> int:
-    from llm_iif.core.config import ClassicRecipe, load_recipe
-    from llm_iif.analysis.diagnosis import intervene
-
     recipe = load_recipe(args.recipe, args.overrides, kind=ClassicRecipe)
     rounds = _round_list(args.rounds)
     seeds = _integers(args.seeds, "--seeds", "comma-separated integers, e.g. 0,1,2")
@@ -215,14 +212,8 @@ def _round_list(text: str) -> list[int]:
 
 
 def _compare(args) -> int:
-    from llm_iif.analysis.grid import run_compare
-
     methods, seeds = _methods_and_seeds(args)
     quiet_libraries()
-
-    from llm_iif.core.config import load_recipe
-    from llm_iif.training.trainer import make_accelerator
-
     accelerator = make_accelerator(load_recipe(args.recipe, args.overrides))
     try:
         output_dir = Path(args.output_dir)
@@ -255,8 +246,6 @@ def _reward_train(args) -> int:
 
 
 def _report(args) -> int:
-    from llm_iif.analysis.report import write_report
-
     print(f"wrote {write_report(Path(args.run_dir), args.round, args.top)}")
     return 0
 

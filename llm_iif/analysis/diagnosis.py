@@ -23,11 +23,11 @@ from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 
+from llm_iif.analysis.plots import plot_diagnosis, plot_intervention
 from llm_iif.classic.iif_ppo import IIFPPO
 from llm_iif.classic.train import build_model, evaluate_return
 from llm_iif.core.errors import UserError
 from llm_iif.core.fileio import atomic_write_text
-from llm_iif.analysis.plots import pyplot, save_figure
 
 EDGE_FRACTION = 0.2  # the "top" and "bottom" regions of Fig. 3c: 20% of the records each
 
@@ -118,17 +118,17 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float((rx * ry).sum() / denominator) if denominator > 0 else float("nan")
 
 
-def advantage_agreement(scores: np.ndarray, gae: np.ndarray, monte_carlo: np.ndarray) -> dict:
+def advantage_agreement(influence: np.ndarray, gae: np.ndarray, monte_carlo: np.ndarray) -> dict:
     """How well Â agrees with Ā along the influence ranking: sign mismatch (Ā·Â < 0) and |Ā − Â| in the top
     and bottom 20% of records, and Spearman(influence, Ā·Â), also against the rank as the paper reports it
     (about −0.67 on FrozenLake at k = 5). Records without an Ā are left out."""
     valid = np.isfinite(monte_carlo)
-    scores, gae, monte_carlo = scores[valid], gae[valid], monte_carlo[valid]
-    order = np.argsort(-scores, kind="stable")  # decreasing influence
+    influence, gae, monte_carlo = influence[valid], gae[valid], monte_carlo[valid]
+    order = np.argsort(-influence, kind="stable")  # decreasing influence
     edge = max(1, int(EDGE_FRACTION * len(order)))
     regions = {"top": order[:edge], "bottom": order[-edge:], "all": order}
     product, gap = gae * monte_carlo, np.abs(monte_carlo - gae)
-    correlation = spearman(scores, product)
+    correlation = spearman(influence, product)
     return {"records": int(valid.sum()), "records_without_mc": int((~valid).sum()),
             "spearman_influence_vs_mc_times_gae": correlation,
             # The paper's Fig. 3d correlates Ā·Â with the rank (1 = most helpful), which flips the sign.
@@ -154,13 +154,13 @@ def diagnose(recipe, round_k: int, output_dir: Path, bottom: int = 20,
         if k != round_k:
             return
         buffer = model.rollout_buffer
-        found["scores"] = model.influence_scores().numpy()
+        found["influence"] = model.influence_scores().numpy()
         found["monte_carlo"] = monte_carlo_advantages(buffer, model.gamma)
         observations, actions, advantages = model.flat_buffer()
         found["states"], found["actions"] = observations.reshape(-1).long().numpy(), actions.reshape(-1).long().numpy()
         found["gae"] = advantages.numpy()
         if action_target is not None:
-            found["action_scores"] = model.influence_scores(model.action_target(*action_target)).numpy()
+            found["action_influence"] = model.influence_scores(model.action_target(*action_target)).numpy()
 
     model = standard_ppo(recipe)
     if not isinstance(model.observation_space, spaces.Discrete):
@@ -168,14 +168,14 @@ def diagnose(recipe, round_k: int, output_dir: Path, bottom: int = 20,
                         f"got {type(model.observation_space).__name__}")
     rounds_of_training(model, round_k + 1, AfterRollout(analyse))
 
-    scores, gae, mc = found["scores"], found["gae"], found["monte_carlo"]
-    order = np.argsort(-scores, kind="stable")
+    influence, gae, mc = found["influence"], found["gae"], found["monte_carlo"]
+    order = np.argsort(-influence, kind="stable")
     rows = [{"rank": rank + 1, "state": int(found["states"][i]), "action": int(found["actions"][i]),
-             "gae_advantage": float(gae[i]), "mc_advantage": float(mc[i]), "influence": float(scores[i]),
-             **({"action_target_influence": float(found["action_scores"][i])} if action_target else {})}
+             "gae_advantage": float(gae[i]), "mc_advantage": float(mc[i]), "influence": float(influence[i]),
+             **({"action_target_influence": float(found["action_influence"][i])} if action_target else {})}
             for rank, i in enumerate(order)]
     result = {"env": recipe.env.id, "round": round_k, "seed": recipe.run.seed,
-              **advantage_agreement(scores, gae, mc), "bottom_records": rows[-bottom:][::-1]}
+              **advantage_agreement(influence, gae, mc), "bottom_records": rows[-bottom:][::-1]}
     if action_target is not None:
         by_action = sorted(rows, key=lambda r: -r["action_target_influence"])
         result["action_target"] = {"state": action_target[0], "action": action_target[1],
@@ -185,31 +185,9 @@ def diagnose(recipe, round_k: int, output_dir: Path, bottom: int = 20,
     header = list(rows[0])
     atomic_write_text(output_dir / "records.csv",
                       "\n".join([",".join(header)] + [",".join(str(r[h]) for h in header) for r in rows]) + "\n")
-    plot_diagnosis(scores, gae, mc, output_dir / "diagnosis.png", title=f"{recipe.env.id}, round {round_k}")
+    plot_diagnosis(influence, gae, mc, EDGE_FRACTION, output_dir / "diagnosis.png",
+                   title=f"{recipe.env.id}, round {round_k}")
     return result
-
-
-def plot_diagnosis(scores: np.ndarray, gae: np.ndarray, monte_carlo: np.ndarray, path: Path, title: str) -> None:
-    """Fig. 3c (|Ā − Â| by influence rank, sign mismatches in red) and Fig. 3d (Ā·Â by rank)."""
-    plt = pyplot()
-    valid = np.isfinite(monte_carlo)
-    order = np.argsort(-scores[valid], kind="stable")
-    gae, monte_carlo = gae[valid][order], monte_carlo[valid][order]
-    rank = np.arange(1, len(order) + 1)
-    mismatch = gae * monte_carlo < 0
-    edge = max(1, int(EDGE_FRACTION * len(order)))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, values, label in ((axes[0], np.abs(monte_carlo - gae), "|Ā − Â|"), (axes[1], gae * monte_carlo, "Ā · Â")):
-        ax.axvspan(1, edge, color="tab:green", alpha=0.12, label="top 20%")
-        ax.axvspan(len(order) - edge, len(order), color="tab:red", alpha=0.12, label="bottom 20%")
-        ax.scatter(rank[~mismatch], values[~mismatch], s=4, color="tab:gray", label="same sign")
-        ax.scatter(rank[mismatch], values[mismatch], s=4, color="tab:red", label="sign mismatch")
-        ax.set_xlabel("record rank by influence (most helpful first)")
-        ax.set_ylabel(label)
-    axes[1].axhline(0.0, color="black", lw=0.6)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(title)
-    save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------------- intervene
@@ -245,11 +223,11 @@ def _intervene_one_seed(recipe, rounds: list[int]) -> list[dict]:
             return
         policy_state = copy.deepcopy(model.policy.state_dict())
         optimizer_state = copy.deepcopy(model.policy.optimizer.state_dict())
-        scores = model.influence_scores().numpy()
-        negative = scores < 0
-        random_drop = np.random.default_rng([recipe.run.seed, k]).permutation(len(scores))[:int(negative.sum())]
-        keeps = {"all": np.ones(len(scores), dtype=bool), "influence": ~negative,
-                 "random": ~np.isin(np.arange(len(scores)), random_drop)}
+        influence = model.influence_scores().numpy()
+        negative = influence < 0
+        random_drop = np.random.default_rng([recipe.run.seed, k]).permutation(len(influence))[:int(negative.sum())]
+        keeps = {"all": np.ones(len(influence), dtype=bool), "influence": ~negative,
+                 "random": ~np.isin(np.arange(len(influence)), random_drop)}
         returns = {}
         for name, keep in keeps.items():
             model.policy.load_state_dict(policy_state)
@@ -260,11 +238,11 @@ def _intervene_one_seed(recipe, rounds: list[int]) -> list[dict]:
                 returns[name] = evaluate_return(model, recipe, recipe.run.eval_episodes)
         model.policy.load_state_dict(policy_state)  # the run itself goes on with the standard update
         model.policy.optimizer.load_state_dict(optimizer_state)
-        rows.append({"round": k, "dropped": int(negative.sum()), "records": len(scores),
+        rows.append({"round": k, "dropped": int(negative.sum()), "records": len(influence),
                      **{f"return_{name}": value for name, value in returns.items()},
                      "delta_influence": returns["influence"] - returns["all"],
                      "delta_random": returns["random"] - returns["all"]})
-        print(f"   round {k}: dropped {negative.sum()}/{len(scores)}  Δ influence {rows[-1]['delta_influence']:+.3f}"
+        print(f"   round {k}: dropped {negative.sum()}/{len(influence)}  Δ influence {rows[-1]['delta_influence']:+.3f}"
               f"  Δ random {rows[-1]['delta_random']:+.3f}", flush=True)
 
     model = standard_ppo(recipe)
@@ -282,26 +260,3 @@ def _intervention_summary(results: dict) -> list[dict]:
                             for stat, fn in (("median_delta", np.median), ("share_positive", lambda d: (d > 0).mean()),
                                              ("share_negative", lambda d: (d < 0).mean()))}}
             for k, rows in sorted(by_round.items())]
-
-
-def plot_intervention(summary: dict, path: Path) -> None:
-    """Boxplots of Δ test return per round over seeds, influence-guided drop beside random drop (Fig. 5/11)."""
-    plt = pyplot()
-    rounds = summary["rounds"]
-    deltas = {kind: [[row[f"delta_{kind}"] for rows in summary["seeds"].values() for row in rows if row["round"] == k]
-                     for k in rounds] for kind in ("influence", "random")}
-    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(rounds) + 2), 4))
-    positions = np.arange(len(rounds))
-    for offset, (kind, color) in zip((-0.18, 0.18), (("influence", "tab:blue"), ("random", "tab:orange"))):
-        box = ax.boxplot(deltas[kind], positions=positions + offset, widths=0.3, patch_artist=True)
-        for patch in box["boxes"]:
-            patch.set_facecolor(color)
-            patch.set_alpha(0.6)
-        ax.plot([], [], color=color, lw=6, alpha=0.6, label=f"drop {'negative-influence' if kind == 'influence' else 'random'} records")
-    ax.axhline(0.0, color="black", lw=0.6)
-    ax.set_xticks(positions, [str(k) for k in rounds])
-    ax.set_xlabel("round k")
-    ax.set_ylabel("Δ test return vs. updating on all records")
-    ax.set_title(summary["env"])
-    ax.legend(fontsize=8)
-    save_figure(fig, path)

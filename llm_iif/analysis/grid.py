@@ -1,74 +1,119 @@
-"""Methods × seeds comparisons for LM recipes and classic recipes."""
+"""Methods × seeds comparisons: `llm-iif compare` (LM recipes) and `llm-iif classic compare` (classic recipes).
+
+Both train every (seed, method) pair with `run_grid` into ``GridPaths(OUTPUT_DIR).run(method, seed)``, then
+write the comparison with `write_comparison`: summary.json (the paper's SE_ave / SE_peak / RT_peak, see
+`llm_iif.analysis.summary`), reward_curves.png, influence.png (when the IIF runs kept records) and, for LM
+runs, report.html.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable, Mapping
 
-from llm_iif.analysis.plots import plot_influence, plot_reward_curves
-from llm_iif.analysis.summary import METHODS, summarize
-from llm_iif.classic.iif_ppo import CLASSIC_METHODS
+from llm_iif.analysis.plots import plot_influence, plot_reward_curves, run_title, write_run_figures
+from llm_iif.analysis.report import influence_by_round, picked_rounds, write_report
+from llm_iif.analysis.summary import summarize
 from llm_iif.classic.train import train_classic
+from llm_iif.core.config import ClassicRecipe, load_recipe
+from llm_iif.core.errors import UserError
+from llm_iif.core.fileio import atomic_write_text
+from llm_iif.core.paths import GridPaths, RunPaths
+from llm_iif.training import build_trainer
+
+# `llm-iif compare`: the recipe overrides of each method.
+LM_METHODS = {
+    "standard": ["iif.enabled=false"],
+    "iif": ["iif.enabled=true"],
+    # The paper's random baseline drops about half the batch at random, about what IIF drops there.
+    "random": ["iif.enabled=true", "iif.mode=random", "iif.p=0.5"],
+}
+
+# `llm-iif classic compare`: the (filter mode, p) of each method, given the recipe's ``iif`` section.
+CLASSIC_METHODS = {
+    "standard": lambda iif: ("none", 0.0),
+    "iif": lambda iif: (iif.mode, iif.p),
+    # Random filtering drops about what neg-bottom drops when about half of the influences are negative.
+    "random": lambda iif: ("random", iif.p / 2),
+}
+
+TrainOne = Callable[[str, int, RunPaths], list[dict]]
+
+
+def run_grid(table: Mapping[str, object], methods: list[str], seeds: list[int], output_dir: Path,
+             train_one: TrainOne, announce: bool = True) -> dict[str, dict[int, list[dict]]]:
+    """Train every pair of ``seeds`` × ``methods``, seed-major (all methods of the first seed, then the next
+    seed), by calling ``train_one(method, seed, run)`` with the pair's run directory ``run`` =
+    ``GridPaths(output_dir).run(method, seed)``; returns {method: {seed: per-round metrics}}.
+
+    table: the known methods (`LM_METHODS` or `CLASSIC_METHODS`); every one of ``methods`` must be in it.
+    announce: print a line naming each run before it starts (False on the non-main processes).
+    """
+    unknown = [m for m in methods if m not in table]
+    if unknown:
+        raise UserError(f"--methods: unknown method '{unknown[0]}' (expected some of: {', '.join(table)})")
+    grid = GridPaths(output_dir)
+    histories: dict[str, dict[int, list[dict]]] = {m: {} for m in methods}
+    for seed in seeds:
+        for method in methods:
+            run = grid.run(method, seed)
+            if announce:
+                print(f"== {method}, seed {seed} -> {run.root}", flush=True)
+            histories[method][seed] = train_one(method, seed, run)
+    return histories
+
+
+def write_comparison(output_dir: Path, histories: dict[str, dict[int, list[dict]]], ylabel: str = "mean reward",
+                     report: bool = True) -> dict:
+    """Write a comparison's summary.json, reward_curves.png (``ylabel`` on its reward axis), influence.png
+    (when the first IIF run kept records) and, with ``report``, report.html; returns the summary."""
+    grid = GridPaths(output_dir)
+    grid.root.mkdir(parents=True, exist_ok=True)
+    summary = summarize(histories)
+    atomic_write_text(grid.summary, json.dumps(summary, indent=2))
+    plot_reward_curves(summary, grid.reward_curves, ylabel=ylabel)
+    if histories.get("iif"):
+        seed = next(iter(histories["iif"]))
+        run = grid.run("iif", seed)
+        rounds = run.record_rounds()
+        if rounds:  # LM runs keep records; classic runs do not
+            kept = {f"seed {s}": ([m["round"] for m in history], [m["kept_fraction"] for m in history])
+                    for s, history in histories["iif"].items()}
+            plot_influence(influence_by_round(run, picked_rounds(rounds)), kept, grid.influence,
+                           note=f"iif, seed {seed}")
+    if report:
+        write_report(grid.root)
+    return summary
 
 
 def run_compare(recipe_path: str, overrides: list[str], methods: list[str], seeds: list[int], output_dir: Path,
                 accelerator) -> dict:
-    """Train every (method, seed) pair in turn and write the comparison outputs; returns the summary."""
-    from llm_iif.core.config import load_recipe
-    from llm_iif.core.errors import UserError
-    from llm_iif.core.fileio import atomic_write_text
-    from llm_iif.training.trainer import PPOTrainer
+    """`llm-iif compare`: the recipe with each of ``methods`` (see `LM_METHODS`) and ``seeds`` in turn, each run
+    with its reward_curve.png, then the comparison's outputs; returns the summary."""
+    def train_one(method: str, seed: int, run: RunPaths) -> list[dict]:
+        recipe = load_recipe(recipe_path, [*overrides, *LM_METHODS[method], f"run.seed={seed}",
+                                           f"run.output_dir={run.root}"])
+        history = build_trainer(recipe, accelerator).train()
+        if accelerator.is_main_process:
+            write_run_figures(run.root, history, run_title(recipe))
+        accelerator.free_memory()
+        return history
 
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise UserError(f"--methods: unknown method '{unknown[0]}' (expected some of: {', '.join(METHODS)})")
-    histories: dict[str, dict[int, list[dict]]] = {m: {} for m in methods}
-    for seed in seeds:
-        for method in methods:
-            run_dir = output_dir / method / f"seed-{seed}"
-            recipe = load_recipe(recipe_path, [*overrides, *METHODS[method], f"run.seed={seed}",
-                                               f"run.output_dir={run_dir}"])
-            if accelerator.is_main_process:
-                print(f"== {method}, seed {seed} -> {run_dir}", flush=True)
-            histories[method][seed] = PPOTrainer(recipe, accelerator).train()
-            accelerator.free_memory()
-    summary = summarize(histories)
-    if accelerator.is_main_process:
-        atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2))
-        plot_reward_curves(summary, output_dir / "reward_curves.png")
-        if "iif" in methods:
-            plot_influence(output_dir / "iif", seeds, output_dir / "influence.png")
-        from llm_iif.analysis.report import write_report
-
-        write_report(output_dir)
-    return summary
+    histories = run_grid(LM_METHODS, methods, seeds, output_dir, train_one, announce=accelerator.is_main_process)
+    if not accelerator.is_main_process:
+        return summarize(histories)
+    return write_comparison(output_dir, histories)
 
 
 def run_classic_compare(recipe_path: str, overrides: list[str], methods: list[str], seeds: list[int],
                         output_dir: Path) -> dict:
-    """`llm-iif classic compare`: every (method, seed) pair into OUTPUT_DIR/METHOD/seed-S, then summary.json
-    and reward_curves.png with the paper's SE_ave / SE_peak / RT_peak (see `llm_iif.compare`)."""
-    import json
-
-    from llm_iif.analysis.plots import plot_reward_curves
-    from llm_iif.analysis.summary import summarize
-    from llm_iif.core.config import ClassicRecipe, load_recipe
-    from llm_iif.core.errors import UserError
-    from llm_iif.core.fileio import atomic_write_text
-
-    unknown = [m for m in methods if m not in CLASSIC_METHODS]
-    if unknown:
-        raise UserError(f"--methods: unknown method '{unknown[0]}' (expected some of: {', '.join(CLASSIC_METHODS)})")
-    histories: dict[str, dict[int, list[dict]]] = {m: {} for m in methods}
-    for seed in seeds:
+    """`llm-iif classic compare`: the classic recipe with each of ``methods`` (see `CLASSIC_METHODS`) and
+    ``seeds`` in turn, then summary.json and reward_curves.png; returns the summary."""
+    def train_one(method: str, seed: int, run: RunPaths) -> list[dict]:
         recipe = load_recipe(recipe_path, [*overrides, f"run.seed={seed}"], kind=ClassicRecipe)
-        for method in methods:
-            run_dir = output_dir / method / f"seed-{seed}"
-            print(f"== {method}, seed {seed} -> {run_dir}", flush=True)
-            mode, p = CLASSIC_METHODS[method](recipe.iif)
-            histories[method][seed] = train_classic(recipe, mode, p, run_dir)
-    summary = summarize(histories)
-    atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2))
-    plot_reward_curves(summary, output_dir / "reward_curves.png", ylabel="test return (stochastic policy)")
-    return summary
+        mode, p = CLASSIC_METHODS[method](recipe.iif)
+        return train_classic(recipe, mode, p, run.root)
 
+    histories = run_grid(CLASSIC_METHODS, methods, seeds, output_dir, train_one)
+    return write_comparison(output_dir, histories, ylabel="test return (stochastic policy)", report=False)

@@ -1,34 +1,235 @@
-"""Every figure llm_iif draws, as PNG files or as figures for report.html."""
+"""Every figure llm_iif draws, as PNG files or as PNG bytes for report.html.
+
+Two drawing functions serve every curve and every influence histogram:
+
+- `curves_figure`: panels of lines over rounds, each line with an optional shaded band (± one std within a
+  round, ± one standard error over seeds), e.g. reward and KL;
+- `influence_figure`: one influence histogram per round, kept samples beside dropped ones, with an optional
+  panel of curves beside them (e.g. the kept fraction per round).
+
+The ``plot_*`` functions build a figure from run data and write it as a PNG with `save_figure`; report.html
+inlines figures with `figure_png`. matplotlib is imported only when a figure is drawn (`pyplot`).
+"""
 
 from __future__ import annotations
 
-import json
+import io
+import math
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
+
+import numpy as np
 
 from llm_iif.analysis.summary import mean_and_sem
 from llm_iif.core.fileio import publish
+from llm_iif.core.paths import RunPaths
+
+PANEL_SIZE = (5.0, 3.6)  # inches per panel
+
+
+@dataclass
+class Curve:
+    """One line of a panel: ``y`` over ``x``, shaded between y − band and y + band when ``band`` is given."""
+    x: Sequence[float]
+    y: Sequence[float]
+    band: Sequence[float] | None = None
+    label: str | None = None          # its legend entry; None for none
+    band_label: str | None = None     # the band's legend entry
+    colour: str | None = None         # None: the next colour of the cycle
+    alpha: float = 1.0
+
+
+@dataclass
+class Panel:
+    """One axes of curves over rounds."""
+    curves: list[Curve]
+    ylabel: str = ""
+    title: str = ""
+    xlabel: str = "round"
+    symlog: bool = False              # a log scale above 1, e.g. for KL spikes of tens of nats beside ~1
+    ylim: tuple[float, float] | None = None
+    legend: bool = False              # a legend of its labelled curves
+
+
+# ------------------------------------------------------------------------------------------ the figures
+
+def curves_figure(panels: list[Panel], title: str = "", columns: int = 3):
+    """A figure of ``panels`` (at most ``columns`` per row), each drawn with its curves and bands."""
+    plt = pyplot()
+    columns = max(1, min(columns, len(panels)))
+    rows = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(PANEL_SIZE[0] * columns, PANEL_SIZE[1] * rows), squeeze=False)
+    for ax, panel in zip(axes.flat, panels):
+        _draw_panel(ax, panel)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def influence_figure(by_round: dict[int, tuple[Sequence[float], Sequence[bool]]], note: str = "",
+                     beside: Panel | None = None):
+    """One histogram panel per round of ``by_round`` {round: (influence of each sample, whether it was kept)},
+    kept and dropped samples in shared bins (NaN influences, of unscored samples, are left out); ``beside``
+    adds a panel of curves after them. ``note`` goes under the histograms' x axis."""
+    plt = pyplot()
+    count = len(by_round) + (beside is not None)
+    fig, axes = plt.subplots(1, count, figsize=(0.8 * PANEL_SIZE[0] * count, 0.9 * PANEL_SIZE[1]), squeeze=False)
+    for ax, (k, (influence, kept)) in zip(axes.flat, by_round.items()):
+        pairs = [(value, keep) for value, keep in zip(influence, kept) if math.isfinite(value)]
+        bins = np.histogram_bin_edges([value for value, _ in pairs] or [0.0], bins=30)  # kept and dropped bars line up
+        for wanted, colour, name in ((True, "tab:blue", "kept"), (False, "tab:red", "dropped")):
+            values = [value for value, keep in pairs if keep == wanted]
+            if values:
+                ax.hist(values, bins=bins, color=colour, alpha=0.6, label=f"{name} ({len(values)})")
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.set_title(f"round {k}")
+        ax.set_xlabel(f"influence{f' ({note})' if note else ''}")
+        ax.set_ylabel("samples")
+        ax.legend(fontsize=8)
+    if beside is not None:
+        _draw_panel(axes.flat[count - 1], beside)
+    return fig
+
+
+def diagnosis_figure(influence: np.ndarray, gae: np.ndarray, monte_carlo: np.ndarray, edge_fraction: float,
+                     title: str):
+    """Fig. 3c (|Ā − Â| by influence rank, sign mismatches in red) and Fig. 3d (Ā·Â by rank); the top and
+    bottom ``edge_fraction`` of the records are shaded."""
+    plt = pyplot()
+    valid = np.isfinite(monte_carlo)
+    order = np.argsort(-influence[valid], kind="stable")
+    gae, monte_carlo = gae[valid][order], monte_carlo[valid][order]
+    rank = np.arange(1, len(order) + 1)
+    mismatch = gae * monte_carlo < 0
+    edge = max(1, int(edge_fraction * len(order)))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, values, label in ((axes[0], np.abs(monte_carlo - gae), "|Ā − Â|"), (axes[1], gae * monte_carlo, "Ā · Â")):
+        ax.axvspan(1, edge, color="tab:green", alpha=0.12, label=f"top {edge_fraction:.0%}")
+        ax.axvspan(len(order) - edge, len(order), color="tab:red", alpha=0.12, label=f"bottom {edge_fraction:.0%}")
+        ax.scatter(rank[~mismatch], values[~mismatch], s=4, color="tab:gray", label="same sign")
+        ax.scatter(rank[mismatch], values[mismatch], s=4, color="tab:red", label="sign mismatch")
+        ax.set_xlabel("record rank by influence (most helpful first)")
+        ax.set_ylabel(label)
+    axes[1].axhline(0.0, color="black", lw=0.6)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
+def intervention_figure(summary: dict):
+    """Boxplots of Δ test return per round over seeds, influence-guided drop beside random drop (Fig. 5/11),
+    from intervention.json's content."""
+    plt = pyplot()
+    rounds = summary["rounds"]
+    deltas = {kind: [[row[f"delta_{kind}"] for rows in summary["seeds"].values() for row in rows if row["round"] == k]
+                     for k in rounds] for kind in ("influence", "random")}
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(rounds) + 2), 4))
+    positions = np.arange(len(rounds))
+    for offset, (kind, colour) in zip((-0.18, 0.18), (("influence", "tab:blue"), ("random", "tab:orange"))):
+        box = ax.boxplot(deltas[kind], positions=positions + offset, widths=0.3, patch_artist=True)
+        for patch in box["boxes"]:
+            patch.set_facecolor(colour)
+            patch.set_alpha(0.6)
+        dropped = "negative-influence" if kind == "influence" else "random"
+        ax.plot([], [], color=colour, lw=6, alpha=0.6, label=f"drop {dropped} records")
+    ax.axhline(0.0, color="black", lw=0.6)
+    ax.set_xticks(positions, [str(k) for k in rounds])
+    ax.set_xlabel("round k")
+    ax.set_ylabel("Δ test return vs. updating on all records")
+    ax.set_title(summary["env"])
+    ax.legend(fontsize=8)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------ PNG writers
+
+def write_run_figures(run_dir: Path, history: list[dict], title: str) -> None:
+    """The figures of one LM training run from its per-round metrics: RUN_DIR/reward_curve.png, titled
+    ``title`` (see `run_title`)."""
+    plot_reward_curve(history, RunPaths(run_dir).reward_curve, title)
+
+
+def run_title(recipe) -> str:
+    """The title of an LM run's figures: its model and reward."""
+    return f"{recipe.model.name_or_path} · {recipe.reward.name}"
 
 
 def plot_reward_curve(history: list[dict], path: Path, title: str) -> None:
-    """Mean reward (± one std) and KL to the reference per round, as a PNG."""
-    plt = pyplot()
+    """One run's reward_curve.png: mean reward (± one std within the round) and KL to the reference per round,
+    from its per-round metrics."""
     rounds = [m["round"] for m in history]
-    mean = [m["reward_mean"] for m in history]
-    std = [m["reward_std"] for m in history]
-    fig, (ax_reward, ax_kl) = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax_reward.plot(rounds, mean, label="mean reward")
-    ax_reward.fill_between(rounds, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                           alpha=0.2, label="± 1 std")
-    ax_reward.set_xlabel("round")
-    ax_reward.set_ylabel("reward")
-    ax_reward.legend(loc="lower right")
-    ax_kl.plot(rounds, [m["kl"] for m in history], color="tab:red")
-    ax_kl.set_xlabel("round")
-    ax_kl.set_ylabel("KL(π ‖ π_ref) per response")
-    fig.suptitle(title)
-    save_figure(fig, path)
+    reward = Panel([Curve(rounds, [m["reward_mean"] for m in history], [m["reward_std"] for m in history],
+                          label="mean reward", band_label="± 1 std")], ylabel="reward", legend=True)
+    kl = Panel([Curve(rounds, [m["kl"] for m in history], colour="tab:red")], ylabel="KL(π ‖ π_ref) per response")
+    save_figure(curves_figure([reward, kl], title=title), path)
+
+
+def plot_reward_curves(summary: dict, path: Path, ylabel: str = "mean reward") -> None:
+    """A comparison's reward_curves.png: per method, the mean reward (and KL, when every run logged it) per
+    round over seeds with ± one-standard-error bands, from summary.json's content."""
+    methods = summary["methods"]
+    with_kl = all("final_kl" in entry for entry in methods.values())
+    panels = [Panel([seed_mean_curve(f"{method} ({len(entry['seeds'])} seeds)",
+                                     [run["reward"] for run in entry["seeds"].values()])
+                     for method, entry in methods.items()], ylabel=ylabel, legend=True)]
+    if with_kl:
+        panels.append(Panel([seed_mean_curve(method, [run["kl"] for run in entry["seeds"].values()])
+                             for method, entry in methods.items()],
+                            ylabel="KL to the reference (nats per response)", symlog=True))
+    save_figure(curves_figure(panels), path)
+
+
+def plot_influence(by_round: dict[int, tuple[Sequence[float], Sequence[bool]]],
+                   kept_fractions: dict[str, tuple[Sequence[int], Sequence[float]]], path: Path, note: str = "") -> None:
+    """A comparison's influence.png: influence histograms of one IIF run at a few rounds (see
+    `influence_figure`) beside the kept fraction per round of each of ``kept_fractions`` {label: (rounds,
+    kept fractions)}."""
+    kept = Panel([Curve(rounds, values, label=label) for label, (rounds, values) in kept_fractions.items()],
+                 ylabel="kept fraction", ylim=(0, 1.05), legend=True)
+    save_figure(influence_figure(by_round, note=note, beside=kept), path)
+
+
+def plot_diagnosis(influence: np.ndarray, gae: np.ndarray, monte_carlo: np.ndarray, edge_fraction: float,
+                   path: Path, title: str) -> None:
+    """diagnosis.png; see `diagnosis_figure`."""
+    save_figure(diagnosis_figure(influence, gae, monte_carlo, edge_fraction, title), path)
+
+
+def plot_intervention(summary: dict, path: Path) -> None:
+    """intervention.png; see `intervention_figure`."""
+    save_figure(intervention_figure(summary), path)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+def seed_mean_curve(label: str, curves: list[list[float]]) -> Curve:
+    """The mean of ``curves`` (one per seed) per round with a ± one-standard-error band, over the rounds every
+    seed reached."""
+    stats = [mean_and_sem([c[i] for c in curves]) for i in range(min(map(len, curves)))]
+    return Curve(range(len(stats)), [m for m, _ in stats], [s for _, s in stats], label=label)
+
+
+def _draw_panel(ax, panel: Panel) -> None:
+    for curve in panel.curves:
+        line, = ax.plot(curve.x, curve.y, color=curve.colour, alpha=curve.alpha, label=curve.label)
+        if curve.band is not None:
+            ax.fill_between(curve.x, [y - b for y, b in zip(curve.y, curve.band)],
+                            [y + b for y, b in zip(curve.y, curve.band)], color=line.get_color(), alpha=0.2,
+                            label=curve.band_label)
+    if panel.symlog:
+        ax.set_yscale("symlog", linthresh=1.0)
+    if panel.ylim is not None:
+        ax.set_ylim(*panel.ylim)
+    ax.set_xlabel(panel.xlabel)
+    ax.set_ylabel(panel.ylabel)
+    ax.set_title(panel.title)
+    if panel.legend and any(c.label or c.band_label for c in panel.curves):
+        ax.legend(fontsize=8)
 
 
 def pyplot():
@@ -52,55 +253,10 @@ def save_figure(fig, path: Path) -> None:
     publish(tmp, path)
 
 
-def plot_reward_curves(summary: dict, path: Path, ylabel: str = "mean reward") -> None:
-    """Mean reward (and KL, when the runs logged it) per round over seeds with ± one-standard-error bands,
-    one line per method."""
-    plt = pyplot()
-    with_kl = all("final_kl" in entry for entry in summary["methods"].values())
-    fig, axes = plt.subplots(1, 2 if with_kl else 1, figsize=(11 if with_kl else 7, 4), squeeze=False)
-    ax_reward, ax_kl = axes[0][0], axes[0][-1]
-    panels = ((ax_reward, "reward"), (ax_kl, "kl")) if with_kl else ((ax_reward, "reward"),)
-    for method, entry in summary["methods"].items():
-        for ax, key in panels:
-            curves = [run[key] for run in entry["seeds"].values()]
-            stats = [mean_and_sem([c[i] for c in curves]) for i in range(min(map(len, curves)))]
-            rounds = range(len(stats))
-            ax.plot(rounds, [m for m, _ in stats], label=f"{method} ({len(curves)} seeds)")
-            ax.fill_between(rounds, [m - s for m, s in stats], [m + s for m, s in stats], alpha=0.2)
-    ax_reward.set_ylabel(ylabel)
-    ax_reward.legend(loc="lower right")
-    if with_kl:
-        ax_kl.set_ylabel("KL to the reference (nats per response)")
-        ax_kl.set_yscale("symlog", linthresh=1.0)  # spikes of tens of nats beside a baseline near 1
-    for ax, _ in panels:
-        ax.set_xlabel("round")
-    save_figure(fig, path)
-
-
-def plot_influence(iif_dir: Path, seeds: list[int], path: Path) -> None:
-    """Influence-score histograms of the first seed at a few rounds, and the kept fraction per round."""
-    import pyarrow.parquet as pq
-
-    plt = pyplot()
-    records = sorted((iif_dir / f"seed-{seeds[0]}" / "records").glob("round_*.parquet"))
-    picked = sorted({0, len(records) // 2, len(records) - 1})
-    scores = {i: pq.read_table(records[i], columns=["score"]).column("score").to_pylist() for i in picked}
-    fig, (ax_hist, ax_kept) = plt.subplots(1, 2, figsize=(11, 4))
-    # Score scales change by orders of magnitude over training; dividing by the round's largest |score|
-    # (as the paper does for its figures) puts the rounds on one axis.
-    for index, values in scores.items():
-        largest = max(abs(v) for v in values) or 1.0
-        ax_hist.hist([v / largest for v in values], bins=40, range=(-1, 1), alpha=0.5, label=f"round {index}")
-    ax_hist.axvline(0.0, color="black", linewidth=0.8)
-    ax_hist.set_xlabel(f"influence score / the round's largest |score| (seed {seeds[0]})")
-    ax_hist.set_ylabel("samples")
-    ax_hist.legend()
-    for seed in seeds:
-        rows = [json.loads(line) for line in (iif_dir / f"seed-{seed}" / "metrics.jsonl").read_text().splitlines()]
-        ax_kept.plot([r["round"] for r in rows], [r["kept_fraction"] for r in rows], label=f"seed {seed}")
-    ax_kept.set_xlabel("round")
-    ax_kept.set_ylabel("kept fraction")
-    ax_kept.set_ylim(0, 1.05)
-    ax_kept.legend()
-    save_figure(fig, path)
-
+def figure_png(fig) -> bytes:
+    """``fig`` as PNG bytes (for inlining in report.html); closes it."""
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=90)
+    pyplot().close(fig)
+    return buffer.getvalue()

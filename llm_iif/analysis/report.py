@@ -10,38 +10,71 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 from pathlib import Path
 
-import numpy as np
-
+from llm_iif.analysis.plots import Curve, Panel, curves_figure, figure_png, influence_figure
 from llm_iif.core.errors import UserError
 from llm_iif.core.fileio import atomic_write_text
-from llm_iif.analysis.plots import pyplot
+from llm_iif.core.paths import GridPaths, RunPaths
 
 CURVES = (("reward_mean", "mean reward"), ("kl", "KL to the reference"), ("entropy", "entropy per token"),
           ("kept_fraction", "kept fraction"))
 
+# Runs from before the rename of influence scores: the old metric names and records column.
+OLD_METRIC_NAMES = {"score_mean": "influence_mean", "score_neg_fraction": "influence_neg_fraction"}
+OLD_INFLUENCE_COLUMN = "score"
 
 
-
-def find_runs(run_dir: Path) -> dict[str, list[Path]]:
-    """{label: run directories}: ``{name: [run_dir]}`` for a training run, ``{method: [seed-S dirs]}`` for a
-    compare run."""
+def find_runs(run_dir: Path) -> dict[str, list[RunPaths]]:
+    """{label: runs}: ``{name: [the run]}`` for a training run, ``{method: [its seed runs]}`` for a compare
+    run."""
     run_dir = Path(run_dir)
-    if (run_dir / "metrics.jsonl").is_file():
-        return {run_dir.name: [run_dir]}
-    runs = {}
-    if run_dir.is_dir():
-        for method in sorted(p for p in run_dir.iterdir() if p.is_dir()):
-            seeds = sorted(d for d in method.glob("seed-*") if (d / "metrics.jsonl").is_file())
-            if seeds:
-                runs[method.name] = seeds
+    if RunPaths(run_dir).metrics.is_file():
+        return {run_dir.name: [RunPaths(run_dir)]}
+    runs = GridPaths(run_dir).runs()
     if not runs:
-        raise UserError(f"{run_dir}: not a run directory (no metrics.jsonl, nor METHOD/seed-S/metrics.jsonl)")
+        raise UserError(f"{run_dir}: not a run directory (no {RunPaths(run_dir).metrics.name}, "
+                        f"nor runs of a comparison such as {GridPaths(run_dir).run('METHOD', 0).metrics})")
     return runs
+
+
+def read_metrics(run: RunPaths) -> list[dict]:
+    """The per-round metrics of ``run``; an older run's influence metrics are renamed to today's names."""
+    rows = [json.loads(line) for line in run.metrics.read_text().splitlines() if line.strip()]
+    return [{OLD_METRIC_NAMES.get(key, key): value for key, value in row.items()} for row in rows]
+
+
+def read_records(run: RunPaths, k: int) -> list[dict]:
+    """The per-sample records of round ``k`` of ``run``, each with its ``influence`` (NaN when the run did not
+    score it; an older run's ``score`` column is read as the influence)."""
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(run.record(k)).to_pylist()
+    for row in rows:
+        if "influence" not in row and OLD_INFLUENCE_COLUMN in row:
+            row["influence"] = row.pop(OLD_INFLUENCE_COLUMN)
+    return rows
+
+
+def picked_rounds(rounds: list[int], *extra: int) -> list[int]:
+    """The first, middle and last of ``rounds`` and ``extra``, in order: the rounds whose histograms are drawn."""
+    return sorted({rounds[0], rounds[len(rounds) // 2], rounds[-1], *extra})
+
+
+def influence_by_round(run: RunPaths, rounds: list[int]) -> dict[int, tuple[list[float], list[bool]]]:
+    """{round: (influence of each sample, whether it was kept)} of ``run``, as `influence_figure` takes it."""
+    by_round = {}
+    for k in rounds:
+        records = read_records(run, k)
+        by_round[k] = ([r["influence"] for r in records], [r["kept"] for r in records])
+    return by_round
+
+
+def has_influence(records: list[dict]) -> bool:
+    """Whether any sample of ``records`` was scored (a run without IIF has NaN influences only)."""
+    return any(math.isfinite(r["influence"]) for r in records)
 
 
 def write_report(run_dir: Path, round_index: int | None = None, top: int = 5) -> Path:
@@ -49,31 +82,32 @@ def write_report(run_dir: Path, round_index: int | None = None, top: int = 5) ->
     tabled (default: the last round with records); ``top`` is the number of rows at each end."""
     run_dir = Path(run_dir)
     runs = find_runs(run_dir)
-    metrics = {(label, d): _read_jsonl(d / "metrics.jsonl") for label, dirs in runs.items() for d in dirs}
-    scored = _scored_run(runs)
-    rounds = _record_rounds(scored)
+    metrics = {(label, run): read_metrics(run) for label, group in runs.items() for run in group}
+    shown = _shown_run(runs)
+    rounds = shown.record_rounds()
     if round_index is None:
         round_index = rounds[-1] if rounds else None
     elif round_index not in rounds:
-        raise UserError(f"--round: {scored} has no records for round {round_index} "
+        raise UserError(f"--round: {shown.root} has no records for round {round_index} "
                         f"(rounds with records: {_span(rounds)})")
     first = next(iter(runs.values()))[0]
     sections = [
         f"<h1>llm_iif report: {html.escape(str(run_dir))}</h1>",
         _summary(run_dir, runs, metrics),
         "<h2>Curves over rounds</h2>",
-        _image(_curve_figure(metrics)),
+        _image(figure_png(_curves(metrics))),
     ]
     if rounds:
-        if any(math.isfinite(r["score"]) for r in _records(scored, round_index)):  # not for runs without IIF
-            picked = sorted({rounds[0], rounds[len(rounds) // 2], rounds[-1], round_index})
-            sections += [f"<h2>Influence scores ({html.escape(_relative(scored, run_dir))})</h2>",
-                         _histograms(scored, picked)]
+        records = read_records(shown, round_index)
+        if has_influence(records):  # not for runs without IIF
+            picked = picked_rounds(rounds, round_index)
+            sections += [f"<h2>Influence scores ({html.escape(_relative(shown.root, run_dir))})</h2>",
+                         _image(figure_png(influence_figure(influence_by_round(shown, picked))))]
         sections += [f"<h2>Samples of round {round_index}: top and bottom {top}</h2>",
-                     _sample_table(scored, round_index, top)]
-    sections += ["<h2>Recipe</h2>", f"<pre>{html.escape((first / 'recipe.yaml').read_text())}</pre>",
+                     _sample_table(records, top)]
+    sections += ["<h2>Recipe</h2>", f"<pre>{html.escape(first.recipe.read_text())}</pre>",
                  "<h2>Environment</h2>", _environment_table(first)]
-    path = run_dir / "report.html"
+    path = RunPaths(run_dir).report
     atomic_write_text(path, _page("\n".join(sections)))
     return path
 
@@ -82,13 +116,13 @@ def write_report(run_dir: Path, round_index: int | None = None, top: int = 5) ->
 
 def _summary(run_dir: Path, runs: dict, metrics: dict) -> str:
     rows = []
-    for (label, directory), history in metrics.items():
+    for (label, run), history in metrics.items():
         last = history[-1]
-        name = label if len(runs[label]) == 1 and directory == run_dir else f"{label} / {directory.name}"
+        name = label if len(runs[label]) == 1 and run.root == run_dir else f"{label} / {run.root.name}"
         rows.append([name, len(history), f"{history[0]['reward_mean']:+.3f}", f"{last['reward_mean']:+.3f}",
                      f"{last['kl']:.2f}", f"{sum(m.get('kept_fraction', 1.0) for m in history) / len(history):.2f}"])
     table = _table(["run", "rounds", "reward, round 0", "reward, last", "KL, last", "mean kept"], rows)
-    summary_file = run_dir / "summary.json"
+    summary_file = GridPaths(run_dir).summary
     if not summary_file.is_file():
         return table
     methods = json.loads(summary_file.read_text())["methods"]
@@ -101,88 +135,49 @@ def _summary(run_dir: Path, runs: dict, metrics: dict) -> str:
         ["method", "SE_ave %", "SE_peak %", "RT_peak %"], compared)
 
 
-def _curve_figure(metrics: dict) -> bytes:
+def _curves(metrics: dict):
+    """One panel per logged curve (`CURVES` and every ``eval/`` metric), one line per run, a colour per label."""
     histories = list(metrics.values())
-    keys = [(k, label) for k, label in CURVES if any(k in m for h in histories for m in h)]
+    keys = [(k, title) for k, title in CURVES if any(k in m for h in histories for m in h)]
     keys += [(k, k) for k in sorted({k for h in histories for m in h for k in m if k.startswith("eval/")})]
-    plt = pyplot()
-    columns = min(3, len(keys))
-    rows = math.ceil(len(keys) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
+    panels = [Panel([], title=title, legend=i == 0) for i, (_, title) in enumerate(keys)]
     colours = {}
     for (label, _), history in metrics.items():
-        first_of_label = label not in colours  # one legend entry per method, however many seeds
+        first_of_label = label not in colours  # one legend entry per label, however many seeds
         colour = colours.setdefault(label, f"C{len(colours)}")
-        for ax, (key, _) in zip(axes.flat, keys):
+        for panel, (key, _) in zip(panels, keys):
             points = [(m["round"], m[key]) for m in history if key in m]
             if points:
-                ax.plot(*zip(*points), color=colour, alpha=0.8, linewidth=1.2, label=label if first_of_label else None)
-    for ax, (_, title) in zip(axes.flat, keys):
-        ax.set_title(title)
-        ax.set_xlabel("round")
-    for ax in list(axes.flat)[len(keys):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
-    return _png(fig)
+                rounds, values = zip(*points)
+                panel.curves.append(Curve(rounds, values, label=label if first_of_label else None, colour=colour,
+                                          alpha=0.8))
+    return curves_figure(panels)
 
 
-def _histograms(run: Path, rounds: list[int]) -> str:
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(rounds), figsize=(3.6 * len(rounds), 3), squeeze=False)
-    for ax, k in zip(axes.flat, rounds):
-        records = [r for r in _records(run, k) if math.isfinite(r["score"])]
-        # Shared bins, so kept and dropped bars line up.
-        bins = np.histogram_bin_edges([r["score"] for r in records] or [0.0], bins=30)
-        for kept, colour, name in ((True, "tab:blue", "kept"), (False, "tab:red", "dropped")):
-            values = [r["score"] for r in records if r["kept"] == kept]
-            if values:
-                ax.hist(values, bins=bins, color=colour, alpha=0.6, label=f"{name} ({len(values)})")
-        ax.axvline(0.0, color="black", linewidth=0.8)
-        ax.set_title(f"round {k}")
-        ax.set_xlabel("influence score")
-        ax.legend(fontsize=8)
-    return _image(_png(fig))
-
-
-def _sample_table(run: Path, k: int, top: int) -> str:
-    records = _records(run, k)
-    has_scores = any(math.isfinite(r["score"]) for r in records)
-    key = "score" if has_scores else "reward"
+def _sample_table(records: list[dict], top: int) -> str:
+    scored = has_influence(records)
+    key = "influence" if scored else "reward"
     ranked = sorted((r for r in records if math.isfinite(r[key])), key=lambda r: r[key], reverse=True)
     chosen = ranked[:top] + ranked[max(top, len(ranked) - top):]
     rows = [[r["prompt"], r["response"], f"{r['reward']:+.3f}", f"{r['advantage']:+.3f}",
-             f"{r['score']:+.3g}" if math.isfinite(r["score"]) else "–", "yes" if r["kept"] else "no"]
+             f"{r['influence']:+.3g}" if math.isfinite(r["influence"]) else "–", "yes" if r["kept"] else "no"]
             for r in chosen]
-    note = f"<p>Sorted by {'influence score' if has_scores else 'reward (this run was not scored)'}, highest first.</p>"
-    return note + _table(["prompt", "response", "reward", "advantage", "score", "kept"], rows)
+    note = f"<p>Sorted by {'influence' if scored else 'reward (this run was not scored)'}, highest first.</p>"
+    return note + _table(["prompt", "response", "reward", "advantage", "influence", "kept"], rows)
 
 
-def _environment_table(run: Path) -> str:
-    path = run / "environment.json"
+def _environment_table(run: RunPaths) -> str:
+    path = run.environment
     if not path.is_file():
-        return "<p>Not recorded (a run from before environment.json existed).</p>"
+        return f"<p>Not recorded (a run from before {path.name} existed).</p>"
     return _table(["", ""], [[name, value] for name, value in json.loads(path.read_text()).items()])
 
 
 # ---------------------------------------------------------------------------------------------- helpers
 
-def _scored_run(runs: dict) -> Path:
+def _shown_run(runs: dict) -> RunPaths:
     """The run whose records the histograms and tables show: the first IIF run when there is one."""
     return runs.get("iif", next(iter(runs.values())))[0]
-
-
-def _record_rounds(run: Path) -> list[int]:
-    return sorted(int(p.stem.split("_")[1]) for p in (run / "records").glob("round_*.parquet"))
-
-
-def _records(run: Path, k: int) -> list[dict]:
-    import pyarrow.parquet as pq
-
-    return pq.read_table(run / "records" / f"round_{k:04d}.parquet").to_pylist()
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _span(rounds: list[int]) -> str:
@@ -191,14 +186,6 @@ def _span(rounds: list[int]) -> str:
 
 def _relative(path: Path, root: Path) -> str:
     return str(path.relative_to(root)) if path != root else path.name
-
-
-def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=90)
-    pyplot().close(fig)
-    return buffer.getvalue()
 
 
 def _image(png: bytes) -> str:

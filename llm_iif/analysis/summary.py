@@ -8,16 +8,7 @@ from __future__ import annotations
 
 import math
 
-
 LEVELS = tuple(round(0.1 * i, 1) for i in range(2, 10))  # 0.2 ... 0.9
-
-
-METHODS = {
-    "standard": ["iif.enabled=false"],
-    "iif": ["iif.enabled=true"],
-    # The paper's random baseline drops about half the batch at random, about what IIF drops there.
-    "random": ["iif.enabled=true", "iif.mode=random", "iif.p=0.5"],
-}
 
 
 def trailing_mean(values: list[float], window: int) -> list[float]:

@@ -183,12 +183,3 @@ def kept_transitions(buffer: RolloutBuffer, keep: np.ndarray) -> RolloutBuffer:
         setattr(kept, name, flat[keep])
     kept.full, kept.generator_ready = True, True
     return kept
-
-
-# Random filtering drops about what neg-bottom drops when about half of the scores are negative.
-CLASSIC_METHODS = {
-    "standard": lambda iif: ("none", 0.0),
-    "iif": lambda iif: (iif.mode, iif.p),
-    "random": lambda iif: ("random", iif.p / 2),
-}
-

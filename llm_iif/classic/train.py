@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from llm_iif.classic.iif_ppo import IIFPPO, SmallCNN
 from llm_iif.core.errors import UserError
 from llm_iif.core.fileio import append_jsonl
+from llm_iif.core.paths import RunPaths
 
 
 def build_model(recipe, iif_mode: str, iif_p: float) -> IIFPPO:
@@ -56,13 +57,15 @@ def evaluate_return(model: IIFPPO, recipe, episodes: int) -> float:
 
 
 def train_classic(recipe, iif_mode: str, iif_p: float, output_dir: Path) -> list[dict]:
-    """Train round by round, evaluating after each; writes metrics.jsonl and final.zip into ``output_dir``.
+    """Train round by round, evaluating after each; writes the run's metrics.jsonl and final.zip into
+    ``output_dir`` (see `llm_iif.core.paths.RunPaths`).
 
-    Each history entry has ``round``, ``reward_mean`` (the test return, so `compare.summarize` applies),
-    ``kept_fraction``, ``time_influence_s`` and ``time_round_s`` (training only, evaluation excluded).
+    Each history entry has ``round``, ``reward_mean`` (the test return, so `llm_iif.analysis.summary.summarize`
+    applies), ``kept_fraction``, ``time_influence_s`` and ``time_round_s`` (training only, evaluation excluded).
     """
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+    run = RunPaths(output_dir)
+    run.root.mkdir(parents=True, exist_ok=True)
+    run.metrics.unlink(missing_ok=True)
     model = build_model(recipe, iif_mode, iif_p)
     steps = recipe.ppo.n_steps * recipe.env.n_envs
     history = []
@@ -76,8 +79,12 @@ def train_classic(recipe, iif_mode: str, iif_p: float, output_dir: Path) -> list
                    "kept_fraction": logged["iif/kept_fraction"], "time_influence_s": logged["iif/time_influence_s"],
                    "time_round_s": seconds}
         history.append(metrics)
-        append_jsonl(output_dir / "metrics.jsonl", metrics)
+        append_jsonl(run.metrics, metrics)
         bar.set_postfix(test_return=f"{metrics['reward_mean']:.3f}", kept=f"{metrics['kept_fraction']:.2f}")
-    model.save(output_dir / "final.zip")
+    model.save(final_model(run))
     return history
 
+
+def final_model(run: RunPaths) -> Path:
+    """The trained SB3 model of a classic run: final.zip beside metrics.jsonl."""
+    return run.final.with_suffix(".zip")

@@ -76,6 +76,11 @@ class RunPaths:
         found = ((_CHECKPOINT.fullmatch(p.name), p) for p in self.root.glob("checkpoint-*") if p.is_dir())
         return sorted((int(m.group(1)), p) for m, p in found if m)
 
+    @staticmethod
+    def is_checkpoint(directory: Path) -> bool:
+        """Whether ``directory`` is named as a checkpoint of its run (``checkpoint-N`` or ``final``)."""
+        return directory.name == "final" or _CHECKPOINT.fullmatch(directory.name) is not None
+
     @property
     def tensorboard(self) -> Path:
         return self.root / "tensorboard"

@@ -46,19 +46,20 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().sum(dim=1) - 1).clamp(min=0)
 
 
-def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+def kl_penalized_rewards(rewards: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                          mask: torch.Tensor, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token rewards: -kl_coef * (logπ - logπ_ref) on every response token, plus the sequence score on
+    """Per-token rewards: -kl_coef * (logπ - logπ_ref) on every response token, plus the sequence reward on
     the last response token.
 
-    scores: [B]; logprobs, ref_logprobs, mask: [B, T]. Returns (rewards [B, T], per-token KL [B, T]).
+    rewards: [B] sequence rewards; logprobs, ref_logprobs, mask: [B, T].
+    Returns (per-token rewards [B, T], per-token KL [B, T]).
     """
     mask = mask.to(logprobs.dtype)
     kl = (logprobs - ref_logprobs) * mask
-    rewards = -kl_coef * kl
-    rows = torch.arange(scores.shape[0], device=scores.device)
-    rewards[rows, last_token_index(mask)] += scores.to(rewards.dtype)
-    return rewards, kl
+    per_token = -kl_coef * kl
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    per_token[rows, last_token_index(mask)] += rewards.to(per_token.dtype)
+    return per_token, kl
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,

@@ -20,7 +20,7 @@ class Rollout:
     query_mask: torch.Tensor      # [B, P]
     response_ids: torch.Tensor    # [B, T] sampled tokens, pad after the first EOS
     response_mask: torch.Tensor   # [B, T] 1 up to and including the first EOS
-    scores: torch.Tensor          # [B] reward-model score of each response
+    rewards: torch.Tensor         # [B] reward of each response
     logprobs: torch.Tensor        # [B, T] log π_θ(k) of each response token
     ref_logprobs: torch.Tensor    # [B, T] log π_ref (adapter disabled)
     values: torch.Tensor          # [B, T] V_θ(k) of the state before each response token
@@ -40,6 +40,30 @@ class Rollout:
     @property
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.query_mask, self.response_mask], dim=1)
+
+
+@dataclass
+class Advantages:
+    """Per-token training signals of one rollout, all [B, T]."""
+    kl: torch.Tensor          # log π_θ(k) - log π_ref of each response token
+    advantages: torch.Tensor  # GAE advantages, whitened over the whole batch
+    returns: torch.Tensor     # value targets
+
+    def __len__(self) -> int:
+        return self.kl.shape[0]
+
+    def select(self, index: torch.Tensor) -> "Advantages":
+        return select_rows(self, index)
+
+
+@dataclass
+class UpdateStats:
+    """Mean statistics of one round's PPO update over all its steps and processes."""
+    policy_loss: float
+    value_loss: float
+    clipfrac: float
+    value_clipfrac: float
+    approx_kl: float
 
 
 def select_rows(record, index: torch.Tensor):

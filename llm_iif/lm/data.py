@@ -153,3 +153,32 @@ def _load_dataset(key: str, *args, **kwargs):
     except Exception as err:  # datasets raises many types for "not found / offline / bad split"
         what = kwargs.get("data_files") or args[0]
         raise UserError(f"{key}: cannot load '{what}': {str(err).splitlines()[0]}") from err
+
+
+class PromptQueue:
+    """The prompt source of training: each round's global batch is drawn without replacement from shuffled
+    passes over the training prompts (the same order on every process), and each process takes its slice."""
+
+    def __init__(self, prompts: list[str], global_batch: int, seed: int, process_index: int = 0,
+                 num_processes: int = 1):
+        self.prompts, self.global_batch = prompts, global_batch
+        self.local_batch = global_batch // num_processes
+        self.start = process_index * self.local_batch
+        self.rng = random.Random(seed)
+        self.queue: list[str] = []
+
+    def next_batch(self) -> list[str]:
+        """This process's ``local_batch`` prompts of the next global batch."""
+        while len(self.queue) < self.global_batch:
+            shuffled = list(self.prompts)
+            self.rng.shuffle(shuffled)
+            self.queue.extend(shuffled)
+        batch, self.queue = self.queue[:self.global_batch], self.queue[self.global_batch:]
+        return batch[self.start:self.start + self.local_batch]
+
+    def state_dict(self) -> dict:
+        return {"prompt_queue": list(self.queue), "prompt_rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.queue = list(state["prompt_queue"])
+        self.rng.setstate(state["prompt_rng"])

@@ -63,7 +63,7 @@ def tokenize_pairs(tokenizer, prompts: list[str], responses: list[str], device) 
 
 
 @torch.no_grad()
-def score_tokens(policy, query_ids, query_mask, response_ids, response_mask, temperature: float,
+def per_token_outputs(policy, query_ids, query_mask, response_ids, response_mask, temperature: float,
                  chunk_size: int) -> dict[str, torch.Tensor]:
     """Per-token log-probs, reference log-probs, values and entropies [B, T] at the current parameters."""
     input_ids = torch.cat([query_ids, response_ids], dim=1)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from llm_iif.core.config import Recipe, RewardConfig, RewardTrainRecipe, recipe_from_dict
+from llm_iif.core.config import RewardConfig, RewardTrainRecipe, recipe_from_dict
 from llm_iif.core.errors import UserError
 from llm_iif.lm.builtin import (BUILTIN_PREFIX, TINY_MODEL_NAME, TINY_REWARD_MODEL_NAME, TINY_REWARD_MODEL_VERSION,
                                 cache_dir, ensure_tiny_model)
@@ -58,12 +58,3 @@ def resolve_reward_config(cfg: RewardConfig, key: str = "reward") -> RewardConfi
         return cfg
     return dataclasses.replace(cfg, name_or_path=resolve_builtin(cfg.name_or_path, key=f"{key}.name_or_path"))
 
-
-def resolve_recipe_models(recipe: Recipe) -> Recipe:
-    """A copy of ``recipe`` whose model and reward-model names are all hub ids or local paths."""
-    return dataclasses.replace(
-        recipe,
-        model=dataclasses.replace(recipe.model, name_or_path=resolve_builtin(recipe.model.name_or_path)),
-        reward=resolve_reward_config(recipe.reward),
-        eval=dataclasses.replace(recipe.eval, rewards={name: resolve_reward_config(cfg, f"eval.rewards.{name}")
-                                                       for name, cfg in recipe.eval.rewards.items()}))

@@ -1,15 +1,30 @@
 """Run outputs of an LM run: metrics, timings, samples, per-round records, trackers and the environment.
 
-Paths come from `llm_iif.core.paths.RunPaths`; every file is written through `llm_iif.core.fileio`.
+Paths come from `llm_iif.core.paths.RunPaths`; every file is written through `llm_iif.core.fileio`. Only the
+main process writes; methods that gather from every process must be called by all of them.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import platform
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.tracking import TensorBoardTracker, WandBTracker
+from accelerate.utils import gather_object, is_wandb_available
+
+from llm_iif.core import ppo
+from llm_iif.core.config import Recipe
 from llm_iif.core.errors import UserError
+from llm_iif.core.fileio import append_jsonl, atomic_write_text, write_parquet
+from llm_iif.core.paths import RunPaths
+from llm_iif.core.records import Advantages, Rollout
 
 PACKAGES = ("llm_iif", "torch", "transformers", "peft", "trl", "accelerate", "datasets")
 
@@ -21,9 +36,6 @@ def open_trackers(names: list[str], output_dir: Path, run_name: str, recipe: dic
     """Started Accelerate trackers (``tensorboard`` under OUTPUT/tensorboard/RUN_NAME, ``wandb`` under
     OUTPUT/wandb), each given the recipe, flattened to ``section.key`` values, as the run's configuration.
     Call on the main process only."""
-    from accelerate.tracking import TensorBoardTracker, WandBTracker
-    from accelerate.utils import is_wandb_available
-
     config = {f"{section}.{key}": value if isinstance(value, (int, float, str, bool)) else str(value)
               for section, values in recipe.items() for key, value in values.items()}
     trackers = []
@@ -43,10 +55,6 @@ def open_trackers(names: list[str], output_dir: Path, run_name: str, recipe: dic
 
 def environment(accelerator) -> dict:
     """What a run trained with: Python, platform, package versions, device and process count."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    import torch
-
     versions = {}
     for package in PACKAGES:
         try:
@@ -59,3 +67,92 @@ def environment(accelerator) -> dict:
     return {"python": sys.version.split()[0], "platform": platform.platform(), **versions, "device": device,
             "processes": accelerator.num_processes, "mixed_precision": str(accelerator.mixed_precision)}
 
+
+
+class RunOutputs:
+    """The files of one LM run directory, written as training goes."""
+
+    def __init__(self, paths: RunPaths, recipe: Recipe, accelerator: Accelerator):
+        self.paths, self.recipe, self.accelerator = paths, recipe, accelerator
+        self.trackers: list = []
+
+    @property
+    def is_writer(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def start(self) -> None:
+        """A new run: the recipe, the environment and empty JSONL files."""
+        if not self.is_writer:
+            return
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        self.write_recipe()
+        atomic_write_text(self.paths.environment, json.dumps(environment(self.accelerator), indent=2))
+        for path in (self.paths.metrics, self.paths.timings, self.paths.samples):
+            atomic_write_text(path, "")
+
+    def write_recipe(self) -> None:
+        atomic_write_text(self.paths.recipe, yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
+
+    def open_trackers(self) -> None:
+        if self.is_writer:
+            self.trackers = open_trackers(self.recipe.run.report_to, self.paths.root, self.paths.root.name,
+                                          self.recipe.to_dict())
+
+    def close_trackers(self) -> None:
+        for tracker in self.trackers:
+            tracker.finish()
+
+    def log_round(self, k: int, metrics: dict) -> None:
+        """metrics.jsonl gets what training computed, so a seeded run reproduces it byte for byte;
+        timings.jsonl gets the wall-clock ``time_*`` fields, which never repeat; trackers get every number."""
+        if not self.is_writer:
+            return
+        self._append_metrics(metrics)
+        numbers = {n: v for n, v in metrics.items() if n != "round" and isinstance(v, (int, float))}
+        for tracker in self.trackers:
+            tracker.log(numbers, step=k)
+
+    def _append_metrics(self, metrics: dict) -> None:
+        timings = {name: value for name, value in metrics.items() if name.startswith("time_")}
+        append_jsonl(self.paths.metrics, {n: v for n, v in metrics.items() if n not in timings})
+        append_jsonl(self.paths.timings, {"round": metrics["round"], **timings})
+
+    def log_samples(self, k: int, rollout: Rollout) -> None:
+        """The first ``run.log_samples`` responses of this round on the main process, to samples.jsonl."""
+        if not self.is_writer:
+            return
+        for i in range(min(self.recipe.run.log_samples, len(rollout))):
+            append_jsonl(self.paths.samples, {"round": k, "prompt": rollout.prompts[i],
+                                              "response": rollout.responses[i], "reward": rollout.rewards[i].item()})
+
+    def write_records(self, k: int, rollout: Rollout, advantages: Advantages, influence: torch.Tensor | None,
+                      keep: torch.Tensor) -> None:
+        """records/round_XXXX.parquet: every sample of the round (all processes) with its reward, last-token
+        advantage, influence score (NaN when not scored) and whether the update kept it."""
+        rows = torch.arange(len(rollout), device=rollout.rewards.device)
+        last_advantage = advantages.advantages[rows, ppo.last_token_index(rollout.response_mask)]
+        local = [{"prompt": rollout.prompts[i], "response": rollout.responses[i],
+                  "reward": rollout.rewards[i].item(), "advantage": last_advantage[i].item(),
+                  "influence": influence[i].item() if influence is not None else math.nan, "kept": bool(keep[i])}
+                 for i in range(len(rollout))]
+        records = gather_object(local)
+        if self.is_writer:
+            write_parquet(self.paths.record(k), records)
+
+    def rewind(self, history: list[dict]) -> None:
+        """Make the files read as a run that has done exactly ``history``'s rounds (on resume): later rounds'
+        metrics, samples and records, left by a run killed after its checkpoint, are removed."""
+        if not self.is_writer:
+            return
+        done = len(history)
+        for path in (self.paths.metrics, self.paths.timings):
+            atomic_write_text(path, "")
+        for metrics in history:
+            self._append_metrics(metrics)
+        if self.paths.samples.exists():
+            kept = [line for line in self.paths.samples.read_text().splitlines() if json.loads(line)["round"] < done]
+            atomic_write_text(self.paths.samples, "".join(line + "\n" for line in kept))
+        for k in self.paths.record_rounds():
+            if k >= done:
+                self.paths.record(k).unlink()
+        self.write_recipe()

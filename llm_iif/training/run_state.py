@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llm_iif.core.config import Recipe, load_recipe
 from llm_iif.core.errors import UserError
+from llm_iif.core.paths import RunPaths
 from llm_iif.core.fileio import write_directory_atomically
 
 STATE_FILE = "trainer_state.json"
@@ -89,19 +91,16 @@ def verify(checkpoint: Path) -> dict:
 
 def checkpoints_in(run_dir: Path) -> list[Path]:
     """The checkpoint directories of a run, oldest first (``final/`` after every ``checkpoint-N/``)."""
-    run_dir = Path(run_dir)
-    found = [d for d in run_dir.glob("checkpoint-*") if d.is_dir() and d.name.split("-", 1)[1].isdigit()]
-    found.sort(key=lambda d: int(d.name.split("-", 1)[1]))
-    if (run_dir / "final").is_dir():
-        found.append(run_dir / "final")
-    return found
+    paths = RunPaths(run_dir)
+    found = [directory for _, directory in paths.numbered_checkpoints()]
+    return found + [paths.final] if paths.final.is_dir() else found
 
 
 def resolve_resume(path: Path) -> tuple[Path, Path]:
     """(run directory, checkpoint) for ``--resume PATH``: a run directory (its newest checkpoint) or one of
     its checkpoint directories. A damaged newest checkpoint is an error that names the previous good one."""
     path = Path(path)
-    if (path / STATE_FILE).exists() or path.name == "final" or path.name.startswith("checkpoint-"):
+    if (path / STATE_FILE).exists() or RunPaths.is_checkpoint(path):
         verify(path)
         return path.parent, path
     if not path.is_dir():
@@ -131,7 +130,7 @@ def prune(run_dir: Path, keep_last_n: int) -> None:
     """Delete all but the newest ``keep_last_n`` ``checkpoint-N/`` directories (``final/`` always stays)."""
     if keep_last_n <= 0:
         return
-    periodic = [c for c in checkpoints_in(run_dir) if c.name != "final"]
+    periodic = [directory for _, directory in RunPaths(run_dir).numbered_checkpoints()]
     for old in periodic[:-keep_last_n]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -154,3 +153,30 @@ def restore_rng_states(states: dict, generators: dict[str, torch.Generator]) -> 
         torch.cuda.set_rng_state_all(states["cuda"])
     for name, generator in generators.items():
         generator.set_state(states["generators"][name])
+
+
+def load_checked(checkpoint: Path, paths: RunPaths, recipe: Recipe, num_processes: int) -> dict:
+    """The training state of ``checkpoint``, after checking that it belongs to the run at ``paths``, that
+    ``recipe`` differs from the run's saved recipe in ``run.rounds`` at most, and that it was written by as
+    many processes as resume it."""
+    if Path(checkpoint).resolve().parent != paths.root.resolve():
+        raise UserError(f"--resume: {checkpoint} is not in run.output_dir {paths.root}")
+    manifest = verify(checkpoint)
+    changed = recipe_changes(load_recipe(paths.recipe), recipe) - {"run.rounds", "run.output_dir"}
+    if changed:
+        raise UserError(f"--resume: the recipe differs from {paths.recipe} in "
+                        f"{', '.join(sorted(changed))}; only run.rounds may change on resume")
+    if recipe.run.rounds < manifest["rounds_completed"]:
+        raise UserError(f"run.rounds: {checkpoint} has already completed {manifest['rounds_completed']} "
+                        f"rounds; set run.rounds to more to continue")
+    if manifest.get("num_processes", 1) != num_processes:
+        raise UserError(f"--resume: {checkpoint} was written by {manifest['num_processes']} process(es); "
+                        f"resume it with the same number, not {num_processes}")
+    return load_training_state(checkpoint)
+
+
+def recipe_changes(a: Recipe, b: Recipe) -> set[str]:
+    """The ``section.key`` names whose values differ between two recipes."""
+    da, db = a.to_dict(), b.to_dict()
+    return {f"{section}.{key}" for section in da for key in da[section]
+            if da[section][key] != db[section][key]}

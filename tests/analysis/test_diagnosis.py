@@ -14,7 +14,7 @@ from stable_baselines3.common.buffers import RolloutBuffer
 
 from llm_iif.analysis.diagnosis import advantage_agreement, average_ranks, discounted_returns, monte_carlo_advantages, spearman
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FROZENLAKE = str(REPO / "recipes/classic/frozenlake.yaml")
 SHORT = ["ppo.n_steps=128", "ppo.batch_size=32", "ppo.n_epochs=2", "run.rounds=3", "run.eval_episodes=5"]
 

@@ -8,14 +8,18 @@ import pytest
 import yaml
 
 from conftest import tiny_recipe_dict
+from llm_iif.analysis.report import write_report
 from llm_iif.cli import main
+from llm_iif.core.config import recipe_from_dict
+from llm_iif.core.paths import RunPaths
+from llm_iif.training import build_trainer
 
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
 def iif_run(tmp_path_factory, tiny_model_dir):
-    """`llm-iif train` with IIF for 3 rounds; train writes report.html itself."""
+    """`llm-iif train` with IIF for 3 rounds; train writes report.html and reward_curve.png itself."""
     out = tmp_path_factory.mktemp("report")
     raw = tiny_recipe_dict(out / "run")
     raw["run"]["rounds"] = 3
@@ -26,8 +30,9 @@ def iif_run(tmp_path_factory, tiny_model_dir):
     return out / "run"
 
 
-def test_train_writes_a_self_contained_report(iif_run):
-    page = (iif_run / "report.html").read_text()
+def test_train_writes_a_self_contained_report_and_the_reward_curve(iif_run):
+    assert RunPaths(iif_run).reward_curve.stat().st_size > 0
+    page = RunPaths(iif_run).report.read_text()
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # nothing to fetch: opens offline
     assert len(re.findall(r'<img alt="figure" src="data:image/png;base64,', page)) == 2  # curves, histograms
     for heading in ("Curves over rounds", "Influence scores", "Samples of round 2: top and bottom 5", "Recipe",
@@ -40,7 +45,7 @@ def test_train_writes_a_self_contained_report(iif_run):
 
 def test_report_command_and_its_errors(iif_run, tmp_path, capsys):
     assert main(["report", str(iif_run), "--round", "0", "--top", "2"]) == 0
-    page = (iif_run / "report.html").read_text()
+    page = RunPaths(iif_run).report.read_text()
     table = page[page.index("Samples of round 0"):page.index("<h2>Recipe")]
     assert table.count("<tr>") == 1 + 4
     assert main(["report", str(iif_run), "--round", "7"]) == 2
@@ -54,14 +59,14 @@ def test_report_renders_in_a_headless_browser(iif_run, tmp_path):
     from PIL import Image
 
     main(["report", str(iif_run)])
-    url = (iif_run / "report.html").as_uri()
+    url = RunPaths(iif_run).report.as_uri()
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
     dom = subprocess.run([BROWSER, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
     assert dom.count("<img") == 2 and dom.count("<table") >= 3 and "Influence scores" in dom
     # The same page with its images blanked is the baseline: only rendered figures put the histograms'
     # "kept" bars (tab:blue at alpha 0.6 on white, RGB 120 173 210) on the screen.
     blank = tmp_path / "blank.html"
-    blank.write_text(re.sub(r'src="data:image/png;base64,[^"]+"', 'src=""', (iif_run / "report.html").read_text()))
+    blank.write_text(re.sub(r'src="data:image/png;base64,[^"]+"', 'src=""', RunPaths(iif_run).report.read_text()))
     blue_pixels = {}
     for name, page_url in (("report", url), ("blank", blank.as_uri())):
         shot = tmp_path / f"{name}.png"
@@ -75,13 +80,9 @@ def test_report_renders_in_a_headless_browser(iif_run, tmp_path):
 
 
 def test_report_of_a_run_without_iif_has_no_histograms(tmp_path, tiny_model_dir):
-    from llm_iif.core.config import recipe_from_dict
-    from llm_iif.analysis.report import write_report
-    from llm_iif.training.trainer import PPOTrainer
-
     raw = tiny_recipe_dict(tmp_path)
     raw["run"]["rounds"] = 1
-    PPOTrainer(recipe_from_dict(raw)).train()
+    build_trainer(recipe_from_dict(raw)).train()
     page = write_report(tmp_path).read_text()
     assert "Influence scores" not in page and page.count("<img") == 1
     assert "Sorted by reward (this run was not scored)" in page

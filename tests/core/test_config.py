@@ -11,7 +11,7 @@ from llm_iif.cli import main
 from llm_iif.core.config import Recipe, load_recipe
 from llm_iif.core.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GOOD = {
     "model": {"name_or_path": "builtin:tiny-sentiment"},
     "data": {"source": "builtin:review-prompts"},

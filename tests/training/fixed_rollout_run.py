@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from llm_iif.training import trainer as trainer_module
+from llm_iif.training import build_trainer
 from llm_iif.core.config import load_recipe
 from llm_iif.lm.generation import tokenize_pairs
 
@@ -23,8 +23,7 @@ def fixed_responses(lm, tokenizer, prompts, cfg, device):
 
 
 if __name__ == "__main__":
-    trainer_module.sample_responses = fixed_responses
-    trainer = trainer_module.PPOTrainer(load_recipe(sys.argv[1]))
+    trainer = build_trainer(load_recipe(sys.argv[1]), sampler=fixed_responses)
     trainer.train()
     policy = trainer.accelerator.unwrap_model(trainer.policy)
     weights = {name: p.detach().cpu() for name, p in policy.named_parameters() if p.requires_grad}

@@ -10,13 +10,15 @@ import torch
 import yaml
 
 from conftest import tiny_recipe_dict
-from llm_iif.attribution import influence
+from llm_iif.attribution.influence import influence_scores
 from llm_iif.attribution.gradients import grad_dot, lora_parameters
 from llm_iif.analysis.summary import efficiency, rounds_to_reach, summarize, trailing_mean
 from llm_iif.core.config import recipe_from_dict
-from llm_iif.training.trainer import PPOTrainer
+from llm_iif.lm.iif import per_sample_ppo_losses, ppo_sample_loss
+from llm_iif.lm.rollouts import estimate_advantages
+from llm_iif.training import build_trainer
 
-IIF_METRICS = {"kept_fraction", "score_mean", "score_neg_fraction", "target_split_cos", "time_val_generate_s",
+IIF_METRICS = {"kept_fraction", "influence_mean", "influence_neg_fraction", "target_split_cos", "time_val_generate_s",
                "time_influence_s"}
 
 
@@ -29,7 +31,7 @@ def iif_recipe(output_dir, **iif):
 @pytest.fixture(scope="module")
 def iif_run(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("iif")
-    history = PPOTrainer(iif_recipe(out)).train()
+    history = build_trainer(iif_recipe(out)).train()
     return out, history
 
 
@@ -39,23 +41,23 @@ def test_metrics_and_records_show_what_was_filtered(iif_run):
         assert IIF_METRICS <= m.keys()
         assert -1.0 <= m["target_split_cos"] <= 1.0
         records = pq.read_table(out / "records" / f"round_{m['round']:04d}.parquet").to_pydict()
-        assert set(records) == {"prompt", "response", "reward", "advantage", "score", "kept"}
-        assert len(records["score"]) == 8
+        assert set(records) == {"prompt", "response", "reward", "advantage", "influence", "kept"}
+        assert len(records["influence"]) == 8
         kept = records["kept"]
         assert sum(kept) / len(kept) == pytest.approx(m["kept_fraction"])
         # neg-bottom with p = 1 drops exactly the negative scores (unless that would empty the batch).
-        if any(s >= 0 for s in records["score"]):
-            assert kept == [s >= 0 for s in records["score"]]
-        assert m["score_neg_fraction"] == pytest.approx(sum(s < 0 for s in records["score"]) / 8)
+        if any(s >= 0 for s in records["influence"]):
+            assert kept == [s >= 0 for s in records["influence"]]
+        assert m["influence_neg_fraction"] == pytest.approx(sum(s < 0 for s in records["influence"]) / 8)
 
 
 def first_round_scoring_inputs(tmp_path):
     """A trainer with one fresh rollout, its advantages and the round's target gradient."""
-    trainer = PPOTrainer(iif_recipe(tmp_path))
-    rollout, _ = trainer.collect(trainer._next_prompts())
-    targets = trainer.estimate_advantages(rollout)
-    target, _, _ = trainer.target_gradient()
-    return trainer, trainer.accelerator.unwrap_model(trainer.policy), rollout, targets, target
+    trainer = build_trainer(iif_recipe(tmp_path))
+    rollout, _ = trainer.collector(trainer.prompts.next_batch())
+    advantages = estimate_advantages(rollout, trainer.kl_controller.value, trainer.cfg, trainer.accelerator)
+    target, _, _ = trainer.iif.target_gradient(trainer.policy)
+    return trainer, trainer.accelerator.unwrap_model(trainer.policy), rollout, advantages, target
 
 
 def test_trainer_scores_equal_a_per_sample_autograd_loop(tmp_path, tiny_model_dir):
@@ -63,13 +65,13 @@ def test_trainer_scores_equal_a_per_sample_autograd_loop(tmp_path, tiny_model_di
     trainer, policy, rollout, targets, target = first_round_scoring_inputs(tmp_path)
     tokens = rollout.response_mask.sum().item() / len(rollout)
     cfg = trainer.cfg
-    scores = influence.influence_scores(policy, rollout, targets.advantages, targets.returns, target, cfg, "full",
-                                        tokens, chunk_size=3)
+    scores = influence_scores(policy, ppo_sample_loss(rollout, targets, cfg, "full", tokens), len(rollout), target,
+                              chunk_size=3, device="cpu")
     params = lora_parameters(policy)
     expected = []
     for i in range(len(rollout)):
         index = torch.tensor([i])
-        loss = influence.per_sample_ppo_losses(policy, rollout.select(index), targets.advantages[index],
+        loss = per_sample_ppo_losses(policy, rollout.select(index), targets.advantages[index],
                                                targets.returns[index], cfg, "full", tokens)[0]
         grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
         expected.append(grad_dot(grads, target))
@@ -83,9 +85,10 @@ def test_policy_only_training_gradient_differs_from_full(tmp_path, tiny_model_di
     # The value head starts at zero, so at first no value gradient reaches the backbone; give it weights.
     with torch.no_grad():
         policy.value_head.weight.normal_()
-    args = (policy, rollout, targets.advantages, targets.returns, target, trainer.cfg)
-    full = influence.influence_scores(*args, "full", 5.0, 8)
-    policy_only = influence.influence_scores(*args, "policy", 5.0, 8)
+    full = influence_scores(policy, ppo_sample_loss(rollout, targets, trainer.cfg, "full", 5.0), len(rollout),
+                            target, 8, "cpu")
+    policy_only = influence_scores(policy, ppo_sample_loss(rollout, targets, trainer.cfg, "policy", 5.0), len(rollout),
+                                   target, 8, "cpu")
     assert not torch.allclose(full, policy_only)
 
 
@@ -98,22 +101,22 @@ def test_targets_and_modes_run(tmp_path, tiny_model_dir, iif):
     raw = tiny_recipe_dict(tmp_path)
     raw["run"]["rounds"] = 1
     raw["iif"] = {"enabled": True, "val_size": 8, **iif}
-    (m,) = PPOTrainer(recipe_from_dict(raw)).train()
+    (m,) = build_trainer(recipe_from_dict(raw)).train()
     assert IIF_METRICS <= m.keys()
     if iif.get("mode") == "bottom":
         assert m["kept_fraction"] == 0.75
 
 
 def test_random_mode_skips_scoring_and_drops_half(tmp_path, tiny_model_dir):
-    (m,) = PPOTrainer(iif_recipe(tmp_path, mode="random", p=0.5)).train()[:1]
+    (m,) = build_trainer(iif_recipe(tmp_path, mode="random", p=0.5)).train()[:1]
     assert m["kept_fraction"] == 0.5
     assert "target_split_cos" not in m
     records = pq.read_table(tmp_path / "records" / "round_0000.parquet").to_pydict()
-    assert all(s != s for s in records["score"])  # NaN: nothing was scored
+    assert all(s != s for s in records["influence"])  # NaN: nothing was scored
 
 
 def test_unreliable_target_turns_filtering_off(tmp_path, tiny_model_dir):
-    history = PPOTrainer(iif_recipe(tmp_path, min_split_cos=1.0)).train()
+    history = build_trainer(iif_recipe(tmp_path, min_split_cos=1.0)).train()
     assert all(m["filtered"] == 0 and m["kept_fraction"] == 1.0 for m in history)
 
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from llm_iif.core.config import load_recipe
-from llm_iif.training.trainer import PPOTrainer
+from llm_iif.training import build_trainer
 
 WORDS = ("the movie was good bad awful great fun dull and but really quite slow plot acting it felt very "
          "we this story").split()
@@ -114,18 +114,18 @@ def test_real_model_recipe_runs_a_round_on_stand_ins(name, tmp_path, tiny_model_
                  "run.mixed_precision": None}  # bf16 autocast is for the GPU; the stand-in runs in fp32 math
     recipe = load_recipe(f"recipes/{name}.yaml", [f"{k}={v if v is not None else ''}" for k, v in overrides.items()])
     original = yaml.safe_load(open(f"recipes/{name}.yaml"))
-    trainer = PPOTrainer(recipe)
+    trainer = build_trainer(recipe)
     (metrics,) = trainer.train()
     assert metrics["samples"] == 4 and 0 < metrics["kept_fraction"] <= 1
     eval_names = list(original["eval"]["rewards"])
     assert all(math.isfinite(metrics[f"eval/{n}"]) for n in eval_names)
     assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
     if name == "gptneo-2.7b-toxicity":  # the data filters and token limits were applied
-        assert all(10 <= len(tokenizer(p)["input_ids"]) <= 15 for p in trainer.prompts.train)
+        assert all(10 <= len(tokenizer(p)["input_ids"]) <= 15 for p in trainer.prompts.prompts)
         rows = [json.loads(line) for line in open(tmp_path / "rtp.jsonl")]
         expected = {r["prompt"]["text"] for r in rows if r["prompt"]["toxicity"] is not None
                     and r["prompt"]["toxicity"] > 0.3 and 10 <= len(tokenizer(r["prompt"]["text"])["input_ids"]) <= 15}
-        assert set(trainer.prompts.train + trainer.prompts.validation) == expected and len(expected) >= 8
+        assert set(trainer.prompts.prompts + trainer.prompts.validation) == expected and len(expected) >= 8
         assert len(trainer.eval_prompts) == 4
     if name == "qwen2.5-0.5b-instruct-rm":  # prompts reach the policy through the chat template
-        assert trainer.format_prompt("hi") == "<user> hi\n<assistant> "
+        assert trainer.collector.format_prompt("hi") == "<user> hi\n<assistant> "

@@ -16,7 +16,7 @@ from conftest import tiny_recipe_dict
 from llm_iif.training.run_state import load_training_state, resolve_resume, verify
 from llm_iif.cli import main
 from llm_iif.core.config import recipe_from_dict
-from llm_iif.training.trainer import PPOTrainer
+from llm_iif.training import build_trainer
 
 
 def iif_recipe(output_dir, rounds, **run):
@@ -40,18 +40,18 @@ def trainable_weights(run_dir):
 def uninterrupted(tmp_path_factory, tiny_model_dir):
     """4 rounds with IIF in one go: the reference every interrupted run must reproduce."""
     out = tmp_path_factory.mktemp("whole")
-    PPOTrainer(recipe_from_dict(iif_recipe(out, rounds=4))).train()
+    build_trainer(recipe_from_dict(iif_recipe(out, rounds=4))).train()
     return out
 
 
 def test_same_seed_same_metrics_file(uninterrupted, tmp_path):
-    PPOTrainer(recipe_from_dict(iif_recipe(tmp_path, rounds=4))).train()
+    build_trainer(recipe_from_dict(iif_recipe(tmp_path, rounds=4))).train()
     assert (tmp_path / "metrics.jsonl").read_bytes() == (uninterrupted / "metrics.jsonl").read_bytes()
 
 
 def test_extending_a_finished_run_matches_an_uninterrupted_one(uninterrupted, tmp_path):
-    PPOTrainer(recipe_from_dict(iif_recipe(tmp_path, rounds=2))).train()
-    resumed = PPOTrainer(recipe_from_dict(iif_recipe(tmp_path, rounds=4)))
+    build_trainer(recipe_from_dict(iif_recipe(tmp_path, rounds=2))).train()
+    resumed = build_trainer(recipe_from_dict(iif_recipe(tmp_path, rounds=4)))
     resumed.train(resume_from=tmp_path / "final")
     assert (tmp_path / "metrics.jsonl").read_bytes() == (uninterrupted / "metrics.jsonl").read_bytes()
     expected, actual = trainable_weights(uninterrupted), trainable_weights(tmp_path)
@@ -103,7 +103,7 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, ti
 
 def test_damaged_checkpoint_is_refused_and_the_previous_offered(tmp_path, tiny_model_dir, capsys):
     raw = iif_recipe(tmp_path / "run", rounds=3, save_every=1, keep_last_n=1)
-    PPOTrainer(recipe_from_dict(raw)).train()
+    build_trainer(recipe_from_dict(raw)).train()
     run = tmp_path / "run"
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(("checkpoint", "final"))) == \
         ["checkpoint-2", "final"]  # keep_last_n: 1 removed checkpoint-1

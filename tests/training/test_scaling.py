@@ -7,33 +7,36 @@ import pytest
 import torch
 
 from conftest import tiny_recipe_dict
-from llm_iif.attribution import influence
+from llm_iif.attribution.influence import influence_scores
+from llm_iif.lm.iif import ppo_sample_loss
+from llm_iif.lm.rollouts import estimate_advantages
 from llm_iif.core.config import ModelConfig, PPOConfig, recipe_from_dict
 from llm_iif.core.errors import UserError
 from llm_iif.lm.policy import quantization_kwargs
 from llm_iif.lm.generation import sample_responses
-from llm_iif.training.trainer import PPOTrainer, check_distributed_support
+from llm_iif.training import build_trainer
+from llm_iif.training.factory import check_distributed_support
 
 
 def scoring_inputs(tmp_path, **model):
     raw = tiny_recipe_dict(tmp_path)
     raw["model"].update(model)
     raw["iif"] = {"enabled": True, "val_size": 8}
-    trainer = PPOTrainer(recipe_from_dict(raw))
-    rollout, _ = trainer.collect(trainer._next_prompts())
-    targets = trainer.estimate_advantages(rollout)
-    target, _, _ = trainer.target_gradient()
-    return trainer, rollout, targets, target
+    trainer = build_trainer(recipe_from_dict(raw))
+    rollout, _ = trainer.collector(trainer.prompts.next_batch())
+    advantages = estimate_advantages(rollout, trainer.kl_controller.value, trainer.cfg, trainer.accelerator)
+    target, _, _ = trainer.iif.target_gradient(trainer.policy)
+    return trainer, rollout, advantages, target
 
 
 def test_gradient_checkpointing_gives_the_same_scores_and_trains(tmp_path, tiny_model_dir):
     """Checkpointed layers run their forward twice; the attribution hooks must not count it twice."""
-    trainer, rollout, targets, target = scoring_inputs(tmp_path / "plain")
+    trainer, rollout, advantages, target = scoring_inputs(tmp_path / "plain")
     policy = trainer.accelerator.unwrap_model(trainer.policy)
-    args = (rollout, targets.advantages, targets.returns, target, trainer.cfg, "policy", 5.0, 4)
-    plain = influence.influence_scores(policy, *args)
+    args = (ppo_sample_loss(rollout, advantages, trainer.cfg, "policy", 5.0), len(rollout), target, 4, "cpu")
+    plain = influence_scores(policy, *args)
 
-    checkpointed = PPOTrainer(recipe_from_dict({**tiny_recipe_dict(tmp_path / "ckpt"),
+    checkpointed = build_trainer(recipe_from_dict({**tiny_recipe_dict(tmp_path / "ckpt"),
                                                 "model": {"name_or_path": "builtin:tiny-sentiment",
                                                           "gradient_checkpointing": True}}))
     lm = checkpointed.accelerator.unwrap_model(checkpointed.policy)
@@ -41,7 +44,7 @@ def test_gradient_checkpointing_gives_the_same_scores_and_trains(tmp_path, tiny_
     first_lora_a = next(m for n, m in lm.named_modules() if n.endswith("lora_A.default"))
     first_lora_a.register_forward_hook(lambda *_: calls.append(1))
     lm.load_state_dict(policy.state_dict())
-    scores = influence.influence_scores(lm, *args)
+    scores = influence_scores(lm, *args)
     # Each chunk of 4 runs the forward twice (again in the backward pass): checkpointing is on.
     assert len(calls) == 2 * math.ceil(len(rollout) / 4)
     assert torch.allclose(scores, plain, rtol=1e-4, atol=1e-7)
@@ -64,7 +67,7 @@ def test_bf16_mixed_precision_round(tmp_path, tiny_model_dir, fresh_accelerator_
     raw = tiny_recipe_dict(tmp_path)
     raw["run"].update(rounds=1, mixed_precision="bf16")
     raw["iif"] = {"enabled": True, "val_size": 8, "mode": "bottom", "p": 0.25}
-    trainer = PPOTrainer(recipe_from_dict(raw))
+    trainer = build_trainer(recipe_from_dict(raw))
     assert trainer.accelerator.mixed_precision == "bf16"
     (metrics,) = trainer.train()
     assert all(math.isfinite(v) for v in metrics.values() if isinstance(v, float))
@@ -74,9 +77,9 @@ def test_bf16_mixed_precision_round(tmp_path, tiny_model_dir, fresh_accelerator_
 
 
 def test_generation_batches_do_not_change_greedy_responses(tmp_path, tiny_model_dir):
-    trainer = PPOTrainer(recipe_from_dict(tiny_recipe_dict(tmp_path)))
+    trainer = build_trainer(recipe_from_dict(tiny_recipe_dict(tmp_path)))
     lm = trainer.accelerator.unwrap_model(trainer.policy).lm
-    prompts = trainer.prompts.train[:7]
+    prompts = trainer.prompts.prompts[:7]
     whole = sample_responses(lm, trainer.tokenizer, prompts, PPOConfig(top_k=1, max_new_tokens=6), "cpu")
     chunked = sample_responses(lm, trainer.tokenizer, prompts,
                                PPOConfig(top_k=1, max_new_tokens=6, generation_batch_size=3), "cpu")
@@ -90,7 +93,7 @@ def test_eval_hook_logs_each_eval_reward(tmp_path, tiny_model_dir):
     raw["eval"] = {"every": 2, "size": 6, "data": {"source": "builtin:review-prompts"},
                    "rewards": {"sentiment": {"name": "vader"},
                                "length": {"name": "callable", "function": "llm_iif.lm.builtin:hidden_preference_score"}}}
-    history = PPOTrainer(recipe_from_dict(raw)).train()
+    history = build_trainer(recipe_from_dict(raw)).train()
     # After round 1 (every 2nd) and after the last round.
     assert ["eval/sentiment" in m for m in history] == [False, True, True]
     assert all(-1 <= m["eval/sentiment"] <= 1 and m["eval/length"] > 0 for m in history[1:])

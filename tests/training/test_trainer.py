@@ -1,5 +1,6 @@
 """End to end on the built-in tiny model: a short run, its outputs, checkpoint reload, bad rewards."""
 
+import dataclasses
 import json
 import math
 import os
@@ -14,7 +15,8 @@ import yaml
 from conftest import tiny_recipe_dict
 from llm_iif.core.config import recipe_from_dict
 from llm_iif.core.errors import UserError
-from llm_iif.training.trainer import PPOTrainer
+from llm_iif.attribution.stage import IIFStage
+from llm_iif.training import PPOTrainer, build_trainer
 
 REQUIRED_METRICS = {"round", "samples", "reward_mean", "reward_std", "kl", "kl_coef", "entropy", "policy_loss",
                     "value_loss", "clipfrac", "approx_kl", "response_len_mean", "distinct_2"}
@@ -24,7 +26,7 @@ REQUIRED_TIMINGS = {"round", "time_generate_s", "time_reward_s", "time_forward_s
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("run")
-    trainer = PPOTrainer(recipe_from_dict(tiny_recipe_dict(out)))
+    trainer = build_trainer(recipe_from_dict(tiny_recipe_dict(out)))
     history = trainer.train()
     return out, trainer, history
 
@@ -45,7 +47,6 @@ def test_two_rounds_write_metrics_samples_and_plot(finished_run):
     assert lines[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # round 0: the adapter is still the identity
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4 and {"round", "prompt", "response", "reward"} <= samples[0].keys()
-    assert (out / "reward_curve.png").stat().st_size > 1000
     assert any((out / "tensorboard").iterdir())
 
 
@@ -88,9 +89,9 @@ def test_saved_adapter_reloads_with_peft_and_generates(finished_run, tiny_model_
 def test_same_seed_same_run(tmp_path, tiny_model_dir):
     recipe = tiny_recipe_dict(tmp_path / "a")
     recipe["run"]["rounds"] = 1
-    first = PPOTrainer(recipe_from_dict(recipe)).train()
+    first = build_trainer(recipe_from_dict(recipe)).train()
     recipe["run"]["output_dir"] = str(tmp_path / "b")
-    second = PPOTrainer(recipe_from_dict(recipe)).train()
+    second = build_trainer(recipe_from_dict(recipe)).train()
     keys = ["reward_mean", "kl", "policy_loss", "value_loss", "distinct_2"]
     assert [first[0][k] for k in keys] == pytest.approx([second[0][k] for k in keys])
 
@@ -101,18 +102,18 @@ def nan_and_inf_for_the_first_two(reward_model):
 
 
 def test_nonfinite_rewards_stop_the_run_by_default(tmp_path, tiny_model_dir):
-    trainer = PPOTrainer(recipe_from_dict({**tiny_recipe_dict(tmp_path), "run": {
+    trainer = build_trainer(recipe_from_dict({**tiny_recipe_dict(tmp_path), "run": {
         "rounds": 1, "batch_size": 8, "output_dir": str(tmp_path)}}))
-    trainer.reward_model = nan_and_inf_for_the_first_two(trainer.reward_model)
+    trainer.collector.reward_function = nan_and_inf_for_the_first_two(trainer.collector.reward_function)
     with pytest.raises(UserError, match=r"reward.name: 'vader' returned NaN or inf for 2 of 8 samples; "
                                         r"e.g. prompt .+, response .+ \(1 round\(s\) in a row\)"):
         trainer.train()
 
 
 def test_nonfinite_rewards_within_patience_are_dropped_not_propagated(tmp_path, tiny_model_dir, caplog):
-    trainer = PPOTrainer(recipe_from_dict({**tiny_recipe_dict(tmp_path), "run": {
+    trainer = build_trainer(recipe_from_dict({**tiny_recipe_dict(tmp_path), "run": {
         "rounds": 2, "batch_size": 8, "output_dir": str(tmp_path), "nonfinite_patience": 1}}))
-    trainer.reward_model = nan_and_inf_for_the_first_two(trainer.reward_model)
+    trainer.collector.reward_function = nan_and_inf_for_the_first_two(trainer.collector.reward_function)
     with pytest.raises(UserError, match=r"2 of 8 samples.*\(2 round\(s\) in a row\)"):
         trainer.train()
     first = trainer.history[0]  # round 0 dropped its two samples; round 1 exceeded the patience
@@ -124,9 +125,9 @@ def test_nonfinite_rewards_within_patience_are_dropped_not_propagated(tmp_path, 
 
 
 def test_reward_count_mismatch_is_an_error(tmp_path, tiny_model_dir):
-    trainer = PPOTrainer(recipe_from_dict({**tiny_recipe_dict(tmp_path), "run": {
+    trainer = build_trainer(recipe_from_dict({**tiny_recipe_dict(tmp_path), "run": {
         "rounds": 1, "batch_size": 8, "output_dir": str(tmp_path)}}))
-    trainer.reward_model = lambda prompts, responses: [0.0] * (len(responses) - 1)
+    trainer.collector.reward_function = lambda prompts, responses: [0.0] * (len(responses) - 1)
     with pytest.raises(UserError, match=r"reward.name: 'vader' returned \(7,\) scores for 8 samples"):
         trainer.train()
 
@@ -134,7 +135,7 @@ def test_reward_count_mismatch_is_an_error(tmp_path, tiny_model_dir):
 def test_detached_value_head_keeps_value_gradients_out_of_the_backbone(tmp_path, tiny_model_dir):
     recipe = tiny_recipe_dict(tmp_path)
     recipe["model"]["detach_value_head"] = True
-    trainer = PPOTrainer(recipe_from_dict(recipe))
+    trainer = build_trainer(recipe_from_dict(recipe))
     policy = trainer.accelerator.unwrap_model(trainer.policy)
     ids = trainer.tokenizer(["the movie was great"], return_tensors="pt")
     _, values = policy(ids["input_ids"], ids["attention_mask"])
@@ -192,7 +193,7 @@ def test_two_processes_filter_as_one_and_stay_in_step(tmp_path, tiny_model_dir):
     by_prompt = {}
     for run in (one, two):
         rows = records(run, 0)
-        by_prompt[run.name] = {p: (s, k) for p, s, k in zip(rows["prompt"], rows["score"], rows["kept"])}
+        by_prompt[run.name] = {p: (s, k) for p, s, k in zip(rows["prompt"], rows["influence"], rows["kept"])}
     assert by_prompt["one"].keys() == by_prompt["two"].keys() and len(by_prompt["one"]) == 8
     for prompt, (score, kept) in by_prompt["one"].items():
         assert by_prompt["two"][prompt][1] == kept
@@ -200,7 +201,7 @@ def test_two_processes_filter_as_one_and_stay_in_step(tmp_path, tiny_model_dir):
     rank0, rank1 = (torch.load(two / f"weights_rank{r}.pt") for r in (0, 1))
     assert rank0.keys() == rank1.keys()
     assert all(torch.equal(rank0[n], rank1[n]) for n in rank0)
-    start = PPOTrainer(recipe_from_dict(tiny_recipe_dict(tmp_path / "unused")))
+    start = build_trainer(recipe_from_dict(tiny_recipe_dict(tmp_path / "unused")))
     initial = {n: p for n, p in start.accelerator.unwrap_model(start.policy).named_parameters() if p.requires_grad}
     assert any(not torch.equal(rank0[n], initial[n]) for n in rank0)  # training did move the adapter
     assert (two / "final" / "adapter_model.safetensors").is_file()
@@ -248,7 +249,7 @@ def guarded_trainer(tmp_path, rounds=1, patience=1, **iif):
     raw["run"].update(rounds=rounds, nonfinite_patience=patience)
     if iif:
         raw["iif"] = {"enabled": True, "val_size": 8, **iif}
-    return PPOTrainer(recipe_from_dict(raw))
+    return build_trainer(recipe_from_dict(raw))
 
 
 def nan_value_for_first_sample(trainer, when_grad: bool):
@@ -289,30 +290,33 @@ def test_nonfinite_gradients_skip_the_step_and_leave_weights_alone(tmp_path, tin
         strict.train()
 
 
-def test_nonfinite_scores_are_not_trained_on(tmp_path, tiny_model_dir, monkeypatch):
-    from llm_iif.attribution import influence
+class InfiniteLossStage(IIFStage):
+    """The IIF stage with sample 3's training loss scaled to inf, so its influence score is not finite."""
 
-    scores = influence.influence_scores
+    def select(self, model, per_sample_loss, batch_size):
+        def poisoned(model, rows):
+            return per_sample_loss(model, rows) * torch.where(rows == 3, math.inf, 1.0)
+        return super().select(model, poisoned, batch_size)
 
-    def one_nan(*args, **kwargs):
-        out = scores(*args, **kwargs)
-        out[3] = math.inf
-        return out
-    monkeypatch.setattr(influence, "influence_scores", one_nan)
-    trainer = guarded_trainer(tmp_path, rounds=2, patience=1, mode="none")
+
+def test_nonfinite_influence_is_not_trained_on(tmp_path, tiny_model_dir):
+    built = guarded_trainer(tmp_path, rounds=2, patience=1, mode="none")
+    stage = built.iif
+    trainer = PPOTrainer(dataclasses.replace(built.parts, iif=InfiniteLossStage(
+        stage.config, stage.accelerator, stage.target_source, stage.sequence_logprobs, stage.guard, stage.generator)))
     with pytest.raises(UserError, match=r"influence scores are NaN or inf for 1 of 8 samples \(2 round\(s\)"):
         trainer.train()
     (first,) = trainer.history
-    assert first["nonfinite_score"] == 1 and first["kept_fraction"] == 7 / 8
+    assert first["nonfinite_influence"] == 1 and first["kept_fraction"] == 7 / 8
 
 
 def test_trackers_follow_report_to(tmp_path, tiny_model_dir):
     raw = tiny_recipe_dict(tmp_path / "none")
     raw["run"].update(rounds=1, report_to=[])
-    PPOTrainer(recipe_from_dict(raw)).train()
+    build_trainer(recipe_from_dict(raw)).train()
     assert not (tmp_path / "none" / "tensorboard").exists()
     raw["run"].update(report_to=["tensorboard"], output_dir=str(tmp_path / "tb"))
-    PPOTrainer(recipe_from_dict(raw)).train()
+    build_trainer(recipe_from_dict(raw)).train()
     events = list((tmp_path / "tb" / "tensorboard" / "tb").glob("events.out.tfevents.*"))
     assert events and sum(e.stat().st_size for e in events) > 1000
     with pytest.raises(UserError,
@@ -323,4 +327,4 @@ def test_trackers_follow_report_to(tmp_path, tiny_model_dir):
     except ImportError:
         raw["run"].update(report_to=["wandb"], output_dir=str(tmp_path / "wandb"))
         with pytest.raises(UserError, match=r"run.report_to: wandb needs `pip install wandb`"):
-            PPOTrainer(recipe_from_dict(raw)).train()
+            build_trainer(recipe_from_dict(raw)).train()

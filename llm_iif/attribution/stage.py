@@ -1,0 +1,140 @@
+"""The IIF stage (Stage II of the paper's Algorithm 1) as one component any trainer can call.
+
+At the parameters θ(k) that generated a batch, before its first optimiser step:
+
+    target  ∇L_val = -∇f,   f = (1/N) Σ_v Σ_t w_{v,t} log π_θ(y_{v,t} | x_v, y_{v,<t})   (N validation rows)
+    score   I_i = ⟨∇L_val, ∇L_i⟩                                                     (L_i: sample i's loss)
+    keep    filter_mask(I over every process's samples, mode, p)
+
+I_i > 0 means one gradient step on sample i raises f. The stage owns the target gradient, the scores, the one
+filter decision over all processes and the target's reliability meter (``target_split_cos``, the cosine
+between the gradients of the validation rows' two halves). What is model-specific is injected:
+
+- a `TargetSource`: this process's validation rows and token weights w at θ(k) (fresh responses, cached
+  ones, gold references, ...);
+- a `SequenceLogprobs`: per-token log-probs of given responses under the model;
+- a `PerSampleLoss`, per call: the loss L_i of chosen batch rows, exactly as the update's first step sees it.
+
+All processes must call `IIFStage.select` together: it reduces the target and gathers the scores.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from llm_iif.attribution.filters import filter_mask
+from llm_iif.attribution.gradients import grad_cosine
+from llm_iif.attribution.influence import influence_scores, target_gradient_halves
+from llm_iif.core.config import IIFConfig
+from llm_iif.core.distributed import gather_values, sum_gradients
+from llm_iif.core.guards import NonfiniteGuard
+
+
+@dataclass
+class TargetBatch:
+    """This process's validation rows of the target f: left-padded prompts [V, P], right-padded responses
+    [V, T] and per-token weights [V, T]."""
+    query_ids: torch.Tensor
+    query_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    weights: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.query_ids.shape[0]
+
+
+class TargetSource(Protocol):
+    def __call__(self, model: nn.Module) -> TargetBatch:
+        """This process's validation rows and token weights at the model's current parameters θ(k)."""
+
+
+# (model, query_ids [b, P], query_mask, response_ids [b, T], response_mask) -> log π(y_t | x, y_<t) [b, T]
+SequenceLogprobs = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (model, rows [b] indices into this process's batch) -> each row's training loss L_i [b]
+PerSampleLoss = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Selection:
+    """What the stage decided for this process's B samples."""
+    keep: torch.Tensor                  # [B] bool: the update trains on these
+    influence: torch.Tensor | None      # [B] I_i, or None when nothing was scored (mode random)
+    metrics: dict                       # kept_fraction, filtered, influence_mean, ..., over all processes
+
+
+class IIFStage:
+    """Score a batch against the validation target at θ(k) and decide, once over all processes, what to keep.
+
+    ``config`` is the recipe's ``iif`` section (mode, p, min_split_cos, score_batch_size). ``generator`` draws
+    the random modes' choices; it must be seeded the same on every process.
+    """
+
+    def __init__(self, config: IIFConfig, accelerator: Accelerator, target_source: TargetSource,
+                 sequence_logprobs: SequenceLogprobs, guard: NonfiniteGuard, generator: torch.Generator):
+        self.config, self.accelerator = config, accelerator
+        self.target_source, self.sequence_logprobs = target_source, sequence_logprobs
+        self.guard, self.generator = guard, generator
+
+    def select(self, model: nn.Module, per_sample_loss: PerSampleLoss, batch_size: int) -> Selection:
+        """Influence scores and the keep-mask for this process's ``batch_size`` samples.
+
+        ``model`` may be wrapped (DDP); scoring runs on the unwrapped module, outside gradient sync. Samples
+        with a NaN or inf score are never kept and are reported to the guard.
+        """
+        acc, cfg = self.accelerator, self.config
+        start = time.perf_counter()
+        metrics, influence, filtering = {}, None, True
+        if cfg.mode != "random":
+            target, metrics["target_split_cos"], metrics["time_val_generate_s"] = self.target_gradient(model)
+            with acc.no_sync(model), acc.autocast():  # per-process gradients: DDP must not all-reduce them
+                influence = influence_scores(acc.unwrap_model(model), per_sample_loss, batch_size, target,
+                                             cfg.score_batch_size, acc.device)
+            filtering = cfg.min_split_cos is None or metrics["target_split_cos"] >= cfg.min_split_cos
+        keep, everyone = self._decide(influence, batch_size, cfg.mode if filtering else "none")
+        metrics["kept_fraction"] = everyone["keep"].float().mean().item()
+        metrics["filtered"] = int(filtering)
+        if influence is not None:
+            scored = everyone["influence"][everyone["scored"]]
+            metrics["influence_mean"] = scored.mean().item()
+            metrics["influence_neg_fraction"] = (scored < 0).float().mean().item()
+        metrics["time_influence_s"] = time.perf_counter() - start - metrics.get("time_val_generate_s", 0.0)
+        return Selection(keep, influence, metrics)
+
+    def target_gradient(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], float, float]:
+        """∇L_val over the trainable LoRA parameters at θ(k), from every process's validation rows.
+
+        Returns (target {name: tensor}, cosine between the two halves' gradients, seconds the target source
+        took to produce its rows)."""
+        acc = self.accelerator
+        start = time.perf_counter()
+        rows = self.target_source(acc.unwrap_model(model))
+        source_seconds = time.perf_counter() - start
+        with acc.no_sync(model), acc.autocast():  # each process's part is summed by the reduce below
+            half_a, half_b = target_gradient_halves(acc.unwrap_model(model), rows, self.sequence_logprobs,
+                                                    self.config.score_batch_size)
+        half_a, half_b = sum_gradients(acc, half_a, half_b)
+        n_total = acc.reduce(torch.tensor(float(len(rows)), device=acc.device), "sum").item()
+        target = {name: (half_a[name] + half_b[name]) / n_total for name in half_a}
+        return target, grad_cosine(half_a, half_b), source_seconds
+
+    def _decide(self, influence: torch.Tensor | None, batch_size: int, mode: str) -> tuple[torch.Tensor, dict]:
+        """One filter decision over every process's scores, so N processes filter exactly as one would.
+        Returns this process's [B] keep-mask and the whole batch's influence, scored and keep tensors."""
+        acc = self.accelerator
+        local = influence if influence is not None else torch.zeros(batch_size, device=acc.device)
+        everyone, offset = gather_values(acc, local)
+        scored = torch.isfinite(everyone)
+        bad = int((~scored).sum())
+        self.guard.flag("influence", bad, f"influence scores are NaN or inf for {bad} of {len(everyone)} samples",
+                        not scored.any())
+        keep_all = torch.zeros_like(scored)  # a sample without a usable score is not trained on
+        keep_all[scored] = filter_mask(everyone[scored], mode, self.config.p, self.generator)
+        keep = keep_all[offset:offset + batch_size].to(acc.device)
+        return keep, {"influence": everyone, "scored": scored, "keep": keep_all}

@@ -1,0 +1,96 @@
+"""Stage I for causal LMs: collect a rollout (sample, reward, score every token at θ(k)) and its advantages."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+
+from llm_iif.core import ppo
+from llm_iif.core.config import PPOConfig
+from llm_iif.core.errors import UserError
+from llm_iif.core.guards import NonfiniteGuard, rows_finite
+from llm_iif.core.records import Advantages, Rollout
+from llm_iif.lm.generation import per_token_outputs, sample_responses
+
+# (lm, tokenizer, formatted prompts, ppo config, device) -> (query_ids, query_mask, response_ids, response_mask)
+Sampler = Callable[..., tuple[torch.Tensor, ...]]
+# (prompts, responses) -> one float per response
+RewardFunction = Callable[[list[str], list[str]], list[float]]
+
+
+class RolloutCollector:
+    """Sample one response per prompt, reward it and compute per-token log-probs, reference log-probs,
+    values and entropies at the policy's current parameters.
+
+    ``policy`` is the unwrapped `PolicyWithValueHead`; ``sampler`` defaults to `sample_responses` (tests
+    inject fixed responses). Samples with a NaN or inf reward, log-prob or value are dropped before any
+    statistic and reported to ``guard``.
+    """
+
+    def __init__(self, policy, tokenizer, reward_function: RewardFunction, reward_name: str,
+                 format_prompt: Callable[[str], str], cfg: PPOConfig, accelerator: Accelerator,
+                 guard: NonfiniteGuard, sampler: Sampler = sample_responses):
+        self.policy, self.tokenizer, self.reward_function, self.reward_name = policy, tokenizer, reward_function, reward_name
+        self.format_prompt, self.cfg, self.accelerator, self.guard, self.sampler = (
+            format_prompt, cfg, accelerator, guard, sampler)
+
+    def __call__(self, prompts: list[str]) -> tuple[Rollout, dict[str, float]]:
+        """Returns (rollout, {time_generate_s, time_reward_s, time_forward_s})."""
+        acc = self.accelerator
+        t0 = time.perf_counter()
+        with acc.autocast():
+            query_ids, query_mask, response_ids, response_mask = self.sampler(
+                self.policy.lm, self.tokenizer, [self.format_prompt(p) for p in prompts], self.cfg, acc.device)
+        responses = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+        t1 = time.perf_counter()
+        rewards = torch.tensor(self.reward_function(prompts, responses), dtype=torch.float32, device=acc.device)
+        if rewards.shape != (len(prompts),):
+            raise UserError(f"reward.name: '{self.reward_name}' returned {tuple(rewards.shape)} scores "
+                            f"for {len(prompts)} samples; expected one float per sample")
+        t2 = time.perf_counter()
+        with acc.autocast():
+            tokens = per_token_outputs(self.policy, query_ids, query_mask, response_ids, response_mask,
+                                       self.cfg.temperature, self.cfg.forward_batch_size)
+        t3 = time.perf_counter()
+        rollout = Rollout(prompts, responses, query_ids, query_mask, response_ids, response_mask, rewards, **tokens)
+        rollout = self._drop_nonfinite(rollout)
+        return rollout, {"time_generate_s": t1 - t0, "time_reward_s": t2 - t1, "time_forward_s": t3 - t2}
+
+    def _drop_nonfinite(self, rollout: Rollout) -> Rollout:
+        acc = self.accelerator
+        finite_reward = torch.isfinite(rollout.rewards)
+        finite_policy = rows_finite(rollout.response_mask, rollout.logprobs, rollout.ref_logprobs, rollout.values)
+        keep = finite_reward & finite_policy
+        bad_reward, bad_policy, kept = (int(n) for n in acc.reduce(torch.stack([
+            (~finite_reward).sum(), (finite_reward & ~finite_policy).sum(), keep.sum()]), "sum").tolist())
+        total, nothing_left = len(rollout) * acc.num_processes, kept == 0
+        example = ""
+        if not finite_reward.all():  # one offending sample from this process, to debug the reward model with
+            i = int((~finite_reward).nonzero()[0])
+            example = f"; e.g. prompt {rollout.prompts[i]!r}, response {rollout.responses[i]!r}"
+        self.guard.flag("reward", bad_reward, f"reward.name: '{self.reward_name}' returned NaN or inf "
+                        f"for {bad_reward} of {total} samples{example}", nothing_left)
+        self.guard.flag("policy", bad_policy, f"the policy's log-probs or values are NaN or inf for "
+                        f"{bad_policy} of {total} samples", nothing_left)
+        return rollout if keep.all() else rollout.select(keep)
+
+
+def estimate_advantages(rollout: Rollout, kl_coef: float, cfg: PPOConfig, accelerator: Accelerator) -> Advantages:
+    """KL-penalised per-token rewards → GAE → advantages whitened with statistics over all processes."""
+    mask = rollout.response_mask
+    rewards, kl = ppo.kl_penalized_rewards(rollout.rewards, rollout.logprobs, rollout.ref_logprobs, mask, kl_coef)
+    advantages, returns = ppo.gae(rewards, rollout.values, mask, cfg.gamma, cfg.lam)
+    moments = accelerator.reduce(ppo.masked_moments(advantages, mask), "sum")
+    return Advantages(kl, ppo.masked_whiten(advantages, mask, moments), returns)
+
+
+def drop_nonfinite_advantages(rollout: Rollout, advantages: Advantages, accelerator: Accelerator,
+                              guard: NonfiniteGuard) -> tuple[Rollout, Advantages]:
+    """Drop samples whose advantages or returns came out NaN or inf (e.g. an overflow)."""
+    finite = rows_finite(rollout.response_mask, advantages.advantages, advantages.returns)
+    bad, kept = (int(n) for n in accelerator.reduce(torch.stack([(~finite).sum(), finite.sum()]), "sum").tolist())
+    guard.flag("advantage", bad, f"advantages or returns are NaN or inf for {bad} samples", kept == 0)
+    return (rollout, advantages) if not bad else (rollout.select(finite), advantages.select(finite))

@@ -1,0 +1,115 @@
+"""Assemble a `PPOTrainer` from a recipe: the one place where components are built and wired.
+
+The order of construction is part of reproducibility: LoRA and value-head initialisation draw from the
+global seed before anything else, and the per-process random streams are seeded only after
+``accelerator.prepare``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, set_seed
+
+from llm_iif.attribution.stage import IIFStage
+from llm_iif.core import ppo
+from llm_iif.core.config import Recipe
+from llm_iif.core.errors import UserError
+from llm_iif.core.guards import NonfiniteGuard
+from llm_iif.core.paths import RunPaths
+from llm_iif.lm.data import PromptQueue, load_prompts, load_validation_set, read_prompts
+from llm_iif.lm.evaluation import Evaluator
+from llm_iif.lm.generation import sample_responses
+from llm_iif.lm.iif import ValidationTarget, policy_logprobs
+from llm_iif.lm.policy import load_policy, prompt_formatter
+from llm_iif.lm.rollouts import RolloutCollector, Sampler, estimate_advantages
+from llm_iif.training.builtins import resolve_builtin, resolve_reward_config
+from llm_iif.training.run_outputs import RunOutputs
+from llm_iif.training.trainer import PPOTrainer, TrainerParts
+from reward_models import load_reward_model
+from reward_models.python_callable import CallableReward
+
+
+def build_trainer(recipe: Recipe, accelerator: Accelerator | None = None, *,
+                  sampler: Sampler = sample_responses) -> PPOTrainer:
+    """A `PPOTrainer` for ``recipe``, with every component built from it.
+
+    ``accelerator`` defaults to `make_accelerator(recipe)`; ``sampler`` replaces response sampling (tests
+    use fixed responses, so runs with different process counts see the same rollouts)."""
+    acc = accelerator or make_accelerator(recipe)
+    check_distributed_support(acc, recipe)
+    if recipe.run.batch_size % acc.num_processes:
+        raise UserError(f"run.batch_size: {recipe.run.batch_size} does not divide evenly over "
+                        f"{acc.num_processes} processes")
+    seed = recipe.run.seed
+
+    set_seed(seed)  # the same LoRA and value-head initialisation on every process
+    with acc.main_process_first():  # built-in models are built once, by the main process
+        model_cfg = dataclasses.replace(recipe.model, name_or_path=resolve_builtin(recipe.model.name_or_path))
+        policy, tokenizer = load_policy(model_cfg, recipe.lora)
+        reward_function = load_reward_model(resolve_reward_config(recipe.reward), device=acc.device)
+        eval_rewards = {name: load_reward_model(resolve_reward_config(cfg, f"eval.rewards.{name}"), device=acc.device)
+                        for name, cfg in recipe.eval.rewards.items()} if recipe.eval.every else {}
+    format_prompt = prompt_formatter(tokenizer, recipe.model.chat_template)
+    prompts = load_prompts(recipe.data, tokenizer, seed)
+    eval_prompts = (read_prompts(recipe.eval.data, tokenizer, "eval.data")[0][:recipe.eval.size]
+                    if recipe.eval.every else [])
+    validation = None
+    if recipe.iif.enabled:
+        if recipe.iif.val_size % acc.num_processes:
+            raise UserError(f"iif.val_size: {recipe.iif.val_size} does not divide evenly over "
+                            f"{acc.num_processes} processes")
+        validation = load_validation_set(recipe.iif, prompts)
+    report_rewards = {name: CallableReward(path, key=f"reward.report.{name}")
+                      for name, path in recipe.reward.report.items()}
+    optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=recipe.ppo.learning_rate)
+    if acc.state.deepspeed_plugin is not None:  # no data loader is prepared, so DeepSpeed must be told
+        acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = recipe.ppo.mini_batch_size
+    prepared_policy, optimizer = acc.prepare(policy, optimizer)
+    kl_controller = (ppo.AdaptiveKLController(recipe.ppo.init_kl_coef, recipe.ppo.target_kl, recipe.ppo.kl_horizon)
+                     if recipe.ppo.adaptive_kl else ppo.FixedKLController(recipe.ppo.init_kl_coef))
+
+    # Sampling differs per process; the prompt order is shared so processes take disjoint slices.
+    set_seed(seed, device_specific=True)
+    minibatch_generator = torch.Generator().manual_seed(seed + acc.process_index)
+    filter_generator = torch.Generator().manual_seed(seed)  # the same on every process
+    guard = NonfiniteGuard(recipe.run.nonfinite_patience)
+    unwrapped = acc.unwrap_model(prepared_policy)
+    collector = RolloutCollector(unwrapped, tokenizer, reward_function, recipe.reward.name, format_prompt,
+                                 recipe.ppo, acc, guard, sampler)
+    iif = None
+    if recipe.iif.enabled:
+        target = ValidationTarget(recipe.iif, validation, collector,
+                                  lambda rollout: estimate_advantages(rollout, kl_controller.value, recipe.ppo, acc),
+                                  acc)
+        iif = IIFStage(recipe.iif, acc, target, policy_logprobs(recipe.ppo.temperature), guard, filter_generator)
+    evaluator = (Evaluator(unwrapped, tokenizer, format_prompt, recipe.ppo, eval_prompts, eval_rewards,
+                           recipe.eval.every, seed, acc) if recipe.eval.every else None)
+    return PPOTrainer(TrainerParts(
+        recipe=recipe, accelerator=acc, policy=prepared_policy, optimizer=optimizer, tokenizer=tokenizer,
+        collector=collector, prompts=PromptQueue(prompts.train, recipe.run.batch_size, seed, acc.process_index,
+                                                 acc.num_processes),
+        kl_controller=kl_controller, iif=iif, guard=guard,
+        outputs=RunOutputs(RunPaths(recipe.run.output_dir), recipe, acc), evaluator=evaluator,
+        report_rewards=report_rewards, minibatch_generator=minibatch_generator, filter_generator=filter_generator))
+
+
+def make_accelerator(recipe: Recipe) -> Accelerator:
+    """The Accelerator for ``recipe``: its ``run.mixed_precision`` overrides the `accelerate launch` setting."""
+    if recipe.run.mixed_precision is None:
+        return Accelerator()
+    return Accelerator(mixed_precision=recipe.run.mixed_precision)
+
+
+def check_distributed_support(accelerator: Accelerator, recipe: Recipe) -> None:
+    """Influence scoring reads every LoRA weight whole on every process; ZeRO-3 and FSDP shard them, which
+    would give wrong scores, so that combination is refused. Standard PPO and random filtering run."""
+    plugin = accelerator.state.deepspeed_plugin
+    sharded = (accelerator.distributed_type == DistributedType.FSDP
+               or (plugin is not None and plugin.zero_stage == 3))
+    if sharded and recipe.iif.enabled and recipe.iif.mode != "random":
+        raise UserError("iif.enabled: influence scoring needs whole LoRA weights on every process, and this "
+                        "launch shards them (DeepSpeed ZeRO-3 or FSDP); use DDP or ZeRO-2 "
+                        "(recipes/accelerate/multi_gpu.yaml, deepspeed_zero2.yaml), or iif.mode: random")
