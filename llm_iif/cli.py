@@ -19,9 +19,9 @@ from pathlib import Path
 import time
 import warnings
 
-from llm_iif.analysis.plots import plot_reward_curve
 from llm_iif.analysis.diagnosis import diagnose, intervene
-from llm_iif.analysis.grid import run_classic_compare, run_compare
+from llm_iif.analysis.grid import LM_METHODS, run_classic_compare, run_compare
+from llm_iif.analysis.plots import run_title, write_run_figures
 from llm_iif.analysis.report import write_report
 from llm_iif.core.config import ClassicRecipe, load_recipe
 from llm_iif.core.errors import UserError
@@ -122,8 +122,7 @@ def _train(args) -> int:
                       f"Resume with: llm-iif train {args.recipe} --resume {recipe.run.output_dir}", file=sys.stderr)
             else:
                 paths = RunPaths(recipe.run.output_dir)
-                plot_reward_curve(history, paths.reward_curve,
-                                  title=f"{recipe.model.name_or_path} · {recipe.reward.name}")
+                write_run_figures(paths.root, history, run_title(recipe))
                 write_report(paths.root)
                 _print_summary(history, recipe.run.output_dir, time.perf_counter() - start)
     finally:
@@ -134,7 +133,7 @@ def _train(args) -> int:
 def _methods_and_seeds(args) -> tuple[list[str], list[int]]:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
-        raise UserError("--methods: expected at least one of standard, iif, random")
+        raise UserError(f"--methods: expected at least one of {', '.join(LM_METHODS)}")
     return methods, _integers(args.seeds, "--seeds", "comma-separated integers, e.g. 0,1,2")
 
 

@@ -64,7 +64,7 @@ def mean_and_sem(values: list[float]) -> tuple[float, float]:
 
 
 def reported_rewards(history: list[dict]) -> list[str]:
-    """The ``reward/NAME`` metrics (`reward.report` scores) a run logged."""
+    """The ``reward/NAME`` metrics (the rewards of `reward.report`, never trained on) a run logged."""
     return [key for key in history[0] if key.startswith("reward/")]
 
 

@@ -11,15 +11,38 @@ target and gathers the scores.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
 
 from llm_iif.attribution.gradients import LoraGradientCapture, lora_parameters
 
-if TYPE_CHECKING:  # only for annotations: the stage module imports this one
-    from llm_iif.attribution.stage import PerSampleLoss, SequenceLogprobs, TargetBatch
+
+@dataclass
+class TargetBatch:
+    """This process's validation rows of the target f: left-padded prompts [V, P], right-padded responses
+    [V, T] and per-token weights [V, T]."""
+    query_ids: torch.Tensor
+    query_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    weights: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.query_ids.shape[0]
+
+
+class TargetSource(Protocol):
+    def __call__(self, model: nn.Module) -> TargetBatch:
+        """This process's validation rows and token weights at the model's current parameters θ(k)."""
+
+
+# (model, query_ids [b, P], query_mask, response_ids [b, T], response_mask) -> log π(y_t | x, y_<t) [b, T]
+SequenceLogprobs = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (model, rows [b] indices into this process's batch) -> each row's training loss L_i [b]
+PerSampleLoss = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
 def target_gradient_halves(model: nn.Module, rows: TargetBatch, sequence_logprobs: SequenceLogprobs,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
 
 import torch
 from accelerate import Accelerator
@@ -30,35 +29,11 @@ from torch import nn
 
 from llm_iif.attribution.filters import filter_mask
 from llm_iif.attribution.gradients import grad_cosine
-from llm_iif.attribution.influence import influence_scores, target_gradient_halves
+from llm_iif.attribution.influence import (PerSampleLoss, SequenceLogprobs, TargetSource, influence_scores,
+                                           target_gradient_halves)
 from llm_iif.core.config import IIFConfig
 from llm_iif.core.distributed import gather_values, sum_gradients
 from llm_iif.core.guards import NonfiniteGuard
-
-
-@dataclass
-class TargetBatch:
-    """This process's validation rows of the target f: left-padded prompts [V, P], right-padded responses
-    [V, T] and per-token weights [V, T]."""
-    query_ids: torch.Tensor
-    query_mask: torch.Tensor
-    response_ids: torch.Tensor
-    response_mask: torch.Tensor
-    weights: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.query_ids.shape[0]
-
-
-class TargetSource(Protocol):
-    def __call__(self, model: nn.Module) -> TargetBatch:
-        """This process's validation rows and token weights at the model's current parameters θ(k)."""
-
-
-# (model, query_ids [b, P], query_mask, response_ids [b, T], response_mask) -> log π(y_t | x, y_<t) [b, T]
-SequenceLogprobs = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-# (model, rows [b] indices into this process's batch) -> each row's training loss L_i [b]
-PerSampleLoss = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
 @dataclass

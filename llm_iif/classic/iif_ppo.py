@@ -58,7 +58,7 @@ class IIFPPO(PPO):
         scores = torch.zeros(n) if self.iif_mode in ("random", "none") else self.influence_scores()
         keep = filter_mask(scores, self.iif_mode, self.iif_p)
         self.logger.record("iif/kept_fraction", keep.float().mean().item())
-        self.logger.record("iif/score_neg_fraction", (scores < 0).float().mean().item())
+        self.logger.record("iif/influence_neg_fraction", (scores < 0).float().mean().item())
         self.logger.record("iif/time_influence_s", time.perf_counter() - start)
         self.last_scores, self.last_keep = scores, keep
         self.train_on(keep.numpy())

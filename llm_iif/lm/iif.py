@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from accelerate import Accelerator
 
-from llm_iif.attribution.stage import PerSampleLoss, SequenceLogprobs, TargetBatch
+from llm_iif.attribution.influence import PerSampleLoss, SequenceLogprobs, TargetBatch
 from llm_iif.core import ppo
 from llm_iif.core.config import TARGETS, IIFConfig, PPOConfig
 from llm_iif.core.records import Advantages, Rollout

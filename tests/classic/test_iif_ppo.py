@@ -165,7 +165,7 @@ def test_iif_metrics_reach_the_logger():
     # SB3 dumps its logger before each update, so the last round's values are still there.
     logged = model.logger.name_to_value
     assert logged["iif/kept_fraction"] == pytest.approx(model.last_keep.float().mean().item())
-    assert logged["iif/score_neg_fraction"] == pytest.approx((model.last_scores < 0).float().mean().item())
+    assert logged["iif/influence_neg_fraction"] == pytest.approx((model.last_scores < 0).float().mean().item())
     assert logged["iif/time_influence_s"] > 0
 
 

@@ -125,7 +125,7 @@ def test_real_model_recipe_runs_a_round_on_stand_ins(name, tmp_path, tiny_model_
         rows = [json.loads(line) for line in open(tmp_path / "rtp.jsonl")]
         expected = {r["prompt"]["text"] for r in rows if r["prompt"]["toxicity"] is not None
                     and r["prompt"]["toxicity"] > 0.3 and 10 <= len(tokenizer(r["prompt"]["text"])["input_ids"]) <= 15}
-        assert set(trainer.prompts.prompts + trainer.prompts.validation) == expected and len(expected) >= 8
-        assert len(trainer.eval_prompts) == 4
+        assert set(trainer.prompts.prompts + trainer.iif.target_source.validation["prompt"]) == expected and len(expected) >= 8
+        assert len(trainer.evaluator.prompts) == 4
     if name == "qwen2.5-0.5b-instruct-rm":  # prompts reach the policy through the chat template
         assert trainer.collector.format_prompt("hi") == "<user> hi\n<assistant> "
