@@ -23,11 +23,13 @@ from llm_iif.analysis.diagnosis import diagnose, intervene
 from llm_iif.analysis.grid import LM_METHODS, run_classic_compare, run_compare
 from llm_iif.analysis.plots import run_title, write_run_figures
 from llm_iif.analysis.report import write_report
-from llm_iif.core.config import ClassicRecipe, load_recipe
+from llm_iif.core.config import ClassicRecipe, RewardTrainRecipe, load_recipe
 from llm_iif.core.errors import UserError
 from llm_iif.core.paths import RunPaths
 from llm_iif.training import build_trainer
+from llm_iif.training.builtins import resolve_builtin
 from llm_iif.training.factory import make_accelerator
+from llm_iif.training.reward_model import train_reward_model
 from llm_iif.training.run_state import resolve_resume, verify
 
 
@@ -225,17 +227,11 @@ def _compare(args) -> int:
 
 
 def _reward_train(args) -> int:
-    from llm_iif.core.config import RewardTrainRecipe, load_recipe
-
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(f"run.output_dir={args.output_dir}")
     recipe = load_recipe(args.recipe, overrides, kind=RewardTrainRecipe)
     quiet_libraries()
-
-    from llm_iif.training.builtins import resolve_builtin
-    from llm_iif.training.reward_model import train_reward_model
-
     metrics = train_reward_model(recipe, base_model=resolve_builtin(recipe.model.name_or_path))
     print(f"held-out pairwise accuracy {metrics['heldout_accuracy']:.3f} on {metrics['heldout_pairs']} pairs "
           f"(train {metrics['train_accuracy']:.3f}, {metrics['train_pairs']} training pairs)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, Protocol
 
+from llm_iif.core.errors import UserError
 from reward_models.hf_classifier import HFClassifierReward
 from reward_models.python_callable import CallableReward
 from reward_models.vader import VaderReward
@@ -39,8 +40,6 @@ REWARD_MODELS: dict[str, Callable] = {"vader": _vader, "hf-classifier": _hf_clas
 
 def load_reward_model(cfg, device="cpu") -> RewardModel:
     """Build the reward model named by ``cfg.name`` (a `llm_iif.config.RewardConfig`)."""
-    from llm_iif.core.errors import UserError
-
     if cfg.name not in REWARD_MODELS:
         raise UserError(f"reward.name: unknown reward model '{cfg.name}' "
                         f"(expected one of: {', '.join(REWARD_MODELS)})")

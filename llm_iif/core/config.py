@@ -148,7 +148,7 @@ class IIFConfig:
     train_grad: Literal["policy", "full"] = "policy"
     """Per-sample training gradient: the policy term of the PPO loss, or the full loss (policy + vf_coef ×
     value, as the paper's RLHF code). The target has no value term, so the value gradient only adds noise
-    to the scores; on the tiny recipe ``policy`` reached standard PPO's peak sooner (see README)."""
+    to the scores; on the tiny recipe ``policy`` reached standard PPO's peak sooner (docs/results.md, section 3)."""
     min_split_cos: Optional[float] = None
     """Filter only in rounds whose target_split_cos reaches this; None filters every round."""
 

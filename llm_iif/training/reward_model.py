@@ -14,9 +14,10 @@ import random
 import tempfile
 from pathlib import Path
 
-from llm_iif.lm.data import read_text_columns
 from llm_iif.core.errors import UserError
 from llm_iif.core.fileio import atomic_write_text, write_directory_atomically
+from llm_iif.lm.data import read_text_columns
+from reward_models.hf_classifier import HFClassifierReward
 
 
 def load_preference_pairs(recipe) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
@@ -55,8 +56,6 @@ def train_reward_model(recipe, base_model: str) -> dict:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
-
-    from reward_models.hf_classifier import HFClassifierReward
 
     train_pairs, held_out = load_preference_pairs(recipe)
     base = base_model
