@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -24,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from llm_iif.analysis.summary import mean_and_sem
-from llm_iif.core.fileio import publish
+from llm_iif.core.fileio import atomic_path
 from llm_iif.core.paths import RunPaths
 
 PANEL_SIZE = (5.0, 3.6)  # inches per panel
@@ -244,13 +242,10 @@ def pyplot():
 
 def save_figure(fig, path: Path) -> None:
     """Save ``fig`` as a PNG at ``path`` atomically and close it."""
-    path = Path(path)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
     pyplot().close(fig)
-    publish(tmp, path)
 
 
 def figure_png(fig) -> bytes:

@@ -13,13 +13,6 @@ from accelerate.utils import gather_object
 from llm_iif.core.records import concat_rows, map_tensors, pad_to_widths
 
 
-def sum_over_processes(accelerator: Accelerator, *values: float | torch.Tensor) -> list[float]:
-    """Each scalar summed over all processes, as Python floats."""
-    stacked = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=accelerator.device).reshape(())
-                           if not isinstance(v, torch.Tensor) else v.reshape(()) for v in values])
-    return accelerator.reduce(stacked, "sum").tolist()
-
-
 def gather_values(accelerator: Accelerator, local: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Every process's [B_p] values concatenated in process order (on the CPU, float32), and where this
     process's rows start in it."""

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -20,23 +21,28 @@ def _umask() -> int:
 
 
 _FILE_MODE = 0o666 & ~_umask()  # what open() would have given; mkstemp's files are private (0600)
-
-
 _DIR_MODE = 0o777 & ~_umask()
 
 
-def publish(tmp, path: Path) -> None:
-    """Give a finished temporary file the usual permissions and rename it over ``path``."""
-    os.chmod(tmp, _FILE_MODE)
-    os.replace(tmp, path)
+@contextmanager
+def atomic_path(path: Path, suffix: str = ""):
+    """Yield a temporary path beside ``path`` to write the file at; on success it gets the usual permissions
+    and is renamed over ``path``, on an error it is removed."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, _FILE_MODE)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(text)
-    publish(tmp, path)
 
 
 def write_parquet(path: Path, rows: list[dict]) -> None:
@@ -44,12 +50,9 @@ def write_parquet(path: Path, rows: list[dict]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(fd)
-    pq.write_table(pa.Table.from_pylist(rows), tmp)
-    publish(tmp, path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
 
 
 def append_jsonl(path: Path, record: dict) -> None:

@@ -115,9 +115,6 @@ class GridPaths:
                                                                          RunPaths(metrics.parent)))
         return {method: [run for _, run in sorted(runs, key=lambda r: r[0])] for method, runs in sorted(found.items())}
 
-    def method_dir(self, method: str) -> Path:
-        return self.root / method
-
     @property
     def summary(self) -> Path:
         return self.root / "summary.json"

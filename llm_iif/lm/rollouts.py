@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Callable
 
 import torch
@@ -13,6 +12,7 @@ from llm_iif.core.config import PPOConfig
 from llm_iif.core.errors import UserError
 from llm_iif.core.guards import NonfiniteGuard, rows_finite
 from llm_iif.core.records import Advantages, Rollout
+from llm_iif.core.timer import PhaseTimer
 from llm_iif.lm.generation import per_token_outputs, sample_responses
 
 # (lm, tokenizer, formatted prompts, ppo config, device) -> (query_ids, query_mask, response_ids, response_mask)
@@ -39,25 +39,21 @@ class RolloutCollector:
 
     def __call__(self, prompts: list[str]) -> tuple[Rollout, dict[str, float]]:
         """Returns (rollout, {time_generate_s, time_reward_s, time_forward_s})."""
-        acc = self.accelerator
-        t0 = time.perf_counter()
-        with acc.autocast():
+        acc, timer = self.accelerator, PhaseTimer()
+        with timer.phase("generate"), acc.autocast():
             query_ids, query_mask, response_ids, response_mask = self.sampler(
                 self.policy.lm, self.tokenizer, [self.format_prompt(p) for p in prompts], self.cfg, acc.device)
-        responses = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-        t1 = time.perf_counter()
-        rewards = torch.tensor(self.reward_function(prompts, responses), dtype=torch.float32, device=acc.device)
+            responses = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+        with timer.phase("reward"):
+            rewards = torch.tensor(self.reward_function(prompts, responses), dtype=torch.float32, device=acc.device)
         if rewards.shape != (len(prompts),):
             raise UserError(f"reward.name: '{self.reward_name}' returned {tuple(rewards.shape)} scores "
                             f"for {len(prompts)} samples; expected one float per sample")
-        t2 = time.perf_counter()
-        with acc.autocast():
+        with timer.phase("forward"), acc.autocast():
             tokens = per_token_outputs(self.policy, query_ids, query_mask, response_ids, response_mask,
                                        self.cfg.temperature, self.cfg.forward_batch_size)
-        t3 = time.perf_counter()
         rollout = Rollout(prompts, responses, query_ids, query_mask, response_ids, response_mask, rewards, **tokens)
-        rollout = self._drop_nonfinite(rollout)
-        return rollout, {"time_generate_s": t1 - t0, "time_reward_s": t2 - t1, "time_forward_s": t3 - t2}
+        return self._drop_nonfinite(rollout), timer.as_metrics()
 
     def _drop_nonfinite(self, rollout: Rollout) -> Rollout:
         acc = self.accelerator

@@ -79,7 +79,6 @@ class PPOTrainer:
         self.policy, self.optimizer, self.tokenizer = parts.policy, parts.optimizer, parts.tokenizer
         self.collector, self.prompts, self.kl_controller = parts.collector, parts.prompts, parts.kl_controller
         self.iif, self.guard, self.outputs, self.evaluator = parts.iif, parts.guard, parts.outputs, parts.evaluator
-        self.output_dir = parts.outputs.paths.root
         # After prepare: FSDP replaces parameters with sharded ones.
         self.trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.history: list[dict] = []
@@ -276,7 +275,7 @@ class PPOTrainer:
             manifest = {"rounds_completed": len(self.history), "kl_coef": self.kl_controller.value,
                         "base_model": self.recipe.model.name_or_path, "num_processes": acc.num_processes}
             run_state.save_checkpoint(policy, self.tokenizer, directory, manifest, weights, training_state)
-            run_state.prune(self.output_dir, self.recipe.run.keep_last_n)
+            run_state.prune(self.outputs.paths.root, self.recipe.run.keep_last_n)
         acc.wait_for_everyone()
 
     def restore(self, checkpoint: Path) -> int:
