@@ -113,6 +113,7 @@ def _train(args) -> int:
     quiet_libraries()
 
     accelerator = make_accelerator(recipe)
+    trainer = None
     try:
         start = time.perf_counter()
         trainer = build_trainer(recipe, accelerator)
@@ -128,6 +129,10 @@ def _train(args) -> int:
                 write_report(paths.root)
                 _print_summary(history, recipe.run.output_dir, time.perf_counter() - start)
     finally:
+        # Release the DDP-wrapped policy while the process group still exists: released after end_training,
+        # gloo's teardown can wait forever for a process that has already exited.
+        del trainer
+        accelerator.free_memory()
         accelerator.end_training()
     return 0
 

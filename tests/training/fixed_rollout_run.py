@@ -27,5 +27,8 @@ if __name__ == "__main__":
     trainer.train()
     policy = trainer.accelerator.unwrap_model(trainer.policy)
     weights = {name: p.detach().cpu() for name, p in policy.named_parameters() if p.requires_grad}
-    torch.save(weights, Path(sys.argv[2]) / f"weights_rank{trainer.accelerator.process_index}.pt")
-    trainer.accelerator.end_training()
+    accelerator = trainer.accelerator
+    torch.save(weights, Path(sys.argv[2]) / f"weights_rank{accelerator.process_index}.pt")
+    del trainer, policy  # released before the process group is destroyed, as llm-iif train does
+    accelerator.free_memory()
+    accelerator.end_training()
