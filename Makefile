@@ -13,9 +13,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Standard PPO, IIF and random filtering side by side on the offline tiny recipe, 3 seeds (about 10 minutes).
+# A second `make demo` replaces the first one's runs/demo.
 demo: $(VENV)/.installed
 	$(VENV)/bin/llm-iif compare recipes/tiny-sentiment.yaml --methods standard,iif,random --seeds 0,1,2 \
-		--output-dir runs/demo
+		--output-dir runs/demo --overwrite
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest tests

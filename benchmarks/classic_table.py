@@ -114,7 +114,8 @@ def main() -> None:
     for env in [] if args.table_only else args.envs.split(","):
         start = time.perf_counter()
         run_classic_compare(str(REPO / "recipes" / "classic" / f"{env}.yaml"), args.overrides,
-                            ["standard", "iif", "random"], seeds, output_dir / env)
+                            ["standard", "iif", "random"], seeds, output_dir / env,
+                            overwrite=True)  # a benchmark re-run replaces its previous runs
         atomic_write_text(output_dir / env / "benchmark.json",
                           json.dumps({"seeds": seeds, "overrides": args.overrides,
                                       "wall_time_s": time.perf_counter() - start}))

@@ -1,8 +1,9 @@
 """Command line for llm_iif.
 
-    llm-iif train RECIPE [--set section.key=value ...] [--output-dir DIR] [--debug]
-    llm-iif compare RECIPE [--methods standard,iif,random] [--seeds 0,1,2] [--set ...] [--output-dir DIR]
-    llm-iif classic compare RECIPE [--methods ...] [--seeds ...] [--set ...] [--output-dir DIR]
+    llm-iif train RECIPE [--set section.key=value ...] [--output-dir DIR] [--overwrite] [--debug]
+    llm-iif train [RECIPE] --resume RUN_DIR [--set run.rounds=N]
+    llm-iif compare RECIPE [--methods standard,iif,random] [--seeds 0,1,2] [--set ...] [--output-dir DIR] [--overwrite]
+    llm-iif classic compare RECIPE [--methods ...] [--seeds ...] [--set ...] [--output-dir DIR] [--overwrite]
     llm-iif classic diagnose RECIPE [--round K] [--action-target S,A] [--bottom N] [--set ...] [--output-dir DIR]
     llm-iif classic intervene RECIPE [--rounds 1-10] [--seeds 0,1,2] [--set ...] [--output-dir DIR]
     llm-iif reward train RECIPE [--set ...] [--output-dir DIR]
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from pathlib import Path
 import time
@@ -30,6 +32,7 @@ from llm_iif.training import build_trainer
 from llm_iif.training.builtins import resolve_builtin
 from llm_iif.training.factory import make_accelerator
 from llm_iif.training.reward_model import train_reward_model
+from llm_iif.training.run_outputs import check_writable_directory, claim_run_directory
 from llm_iif.training.run_state import resolve_resume, verify
 
 
@@ -54,18 +57,25 @@ def build_parser() -> argparse.ArgumentParser:
     reward = commands.add_parser("reward", help="reward models")
     reward_train = reward.add_subparsers(dest="reward_command", required=True).add_parser(
         "train", help="train a reward model on preference pairs with trl's RewardTrainer")
-    for command in (train, compare, classic_compare, diagnose, intervene, reward_train):
+    train.add_argument("recipe", nargs="?", help="path to a YAML recipe, e.g. recipes/tiny-sentiment.yaml "
+                                                 "(with --resume, the run's own recipe.yaml when left out)")
+    for command in (compare, classic_compare, diagnose, intervene, reward_train):
         command.add_argument("recipe", help="path to a YAML recipe, e.g. recipes/tiny-sentiment.yaml")
+    for command in (train, compare, classic_compare, diagnose, intervene, reward_train):
         command.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                              help="override a recipe value (repeatable); the value is parsed as YAML")
         command.add_argument("--debug", action="store_true", help="show full tracebacks for bad input")
     train.add_argument("--output-dir", help="where metrics, samples and checkpoints go (overrides run.output_dir)")
     train.add_argument("--resume", metavar="RUN_DIR",
-                       help="continue RUN_DIR from its newest checkpoint (or from RUN_DIR/checkpoint-N); "
-                            "--set run.rounds=N extends a finished run")
+                       help="continue RUN_DIR from the checkpoint with the most completed rounds (or from "
+                            "RUN_DIR/checkpoint-N); --set run.rounds=N extends a finished run")
     reward_train.add_argument("--output-dir", help="where model/ and eval.json go (overrides run.output_dir)")
     for command, output_dir in ((compare, "runs/compare"), (classic_compare, "runs/classic-compare")):
         command.add_argument("--output-dir", default=output_dir, help="one sub-directory per method and seed")
+    for command, what in ((train, "run"), (compare, "comparison"), (classic_compare, "comparison")):
+        command.add_argument("--overwrite", action="store_true",
+                             help=f"delete the outputs of an earlier {what} in the output directory first "
+                                  "(without it, such a directory is refused)")
         command.add_argument("--methods", default="standard,iif,random",
                              help="comma-separated: standard, iif, random")
         command.add_argument("--seeds", default="0,1,2", help="comma-separated integer seeds")
@@ -95,16 +105,23 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args) -> int:
     overrides = list(args.overrides)
-    checkpoint = None
+    checkpoint, recipe_path = None, args.recipe
     if args.resume:
-        if args.output_dir:
-            raise UserError("--resume writes into the run it resumes; leave out --output-dir")
+        for given, option in ((args.output_dir, "--output-dir"), (args.overwrite, "--overwrite")):
+            if given:
+                raise UserError(f"--resume continues the run it names; leave out {option}")
         run_dir, checkpoint = resolve_resume(Path(args.resume))
         overrides.append(f"run.output_dir={run_dir}")
+        recipe_path = recipe_path or RunPaths(run_dir).recipe
     elif args.output_dir:
         overrides.append(f"run.output_dir={args.output_dir}")
-    recipe = load_recipe(args.recipe, overrides)
-    if checkpoint is not None:
+    if recipe_path is None:
+        raise UserError("train: expected a RECIPE, or --resume RUN_DIR (which reads RUN_DIR/recipe.yaml)")
+    recipe = load_recipe(recipe_path, overrides)
+    if checkpoint is None:
+        claim_run_directory(RunPaths(recipe.run.output_dir), args.overwrite)  # before the slow model loading
+    else:
+        check_writable_directory(recipe.run.output_dir)
         completed = verify(checkpoint)["rounds_completed"]
         if completed == recipe.run.rounds:  # e.g. a requeued job whose run had already finished
             print(f"llm-iif: {checkpoint} has completed all {completed} rounds; nothing to do "
@@ -117,12 +134,12 @@ def _train(args) -> int:
     try:
         start = time.perf_counter()
         trainer = build_trainer(recipe, accelerator)
-        history = trainer.train(resume_from=checkpoint)
+        history = trainer.train(resume_from=checkpoint, overwrite=args.overwrite)
         if accelerator.is_main_process:
-            if trainer.stopped_by:
+            if trainer.stopped_by:  # the run's recipe.yaml holds every override, so the command needs none
                 print(f"llm-iif: stopped by {trainer.stopped_by} after round {len(history)} of "
                       f"{recipe.run.rounds}; checkpoint {RunPaths(recipe.run.output_dir).checkpoint(len(history))}. "
-                      f"Resume with: llm-iif train {args.recipe} --resume {recipe.run.output_dir}", file=sys.stderr)
+                      f"Resume with: llm-iif train --resume {shlex.quote(recipe.run.output_dir)}", file=sys.stderr)
             else:
                 paths = RunPaths(recipe.run.output_dir)
                 write_run_figures(paths.root, history, run_title(recipe))
@@ -147,7 +164,7 @@ def _methods_and_seeds(args) -> tuple[list[str], list[int]]:
 def _classic_compare(args) -> int:
     methods, seeds = _methods_and_seeds(args)
     output_dir = Path(args.output_dir)
-    summary = run_classic_compare(args.recipe, args.overrides, methods, seeds, output_dir)
+    summary = run_classic_compare(args.recipe, args.overrides, methods, seeds, output_dir, args.overwrite)
     _print_comparison(summary, output_dir, reward_name="test return")
     return 0
 
@@ -160,6 +177,7 @@ def _classic_diagnose(args) -> int:
         if len(action_target) != 2:
             raise UserError(f"--action-target {args.action_target}: expected STATE,ACTION, e.g. 14,2")
     output_dir = Path(args.output_dir)
+    check_writable_directory(output_dir, "--output-dir")
     result = diagnose(recipe, args.round, output_dir, bottom=args.bottom,
                       action_target=tuple(action_target) if action_target else None)
     print(f"{result['env']}, round {result['round']}: {result['records']} records with a Monte-Carlo advantage")
@@ -183,6 +201,7 @@ def _classic_intervene(args) -> int:
     rounds = _round_list(args.rounds)
     seeds = _integers(args.seeds, "--seeds", "comma-separated integers, e.g. 0,1,2")
     output_dir = Path(args.output_dir)
+    check_writable_directory(output_dir, "--output-dir")
     summary = intervene(recipe, rounds, seeds, output_dir)
     print(f"{summary['env']}: Δ test return against the update on all records, over {len(seeds)} seed(s)")
     print(f"{'round':>5} {'drop negatives: median Δ':>25} {'Δ>0':>5} {'Δ<0':>5} {'drop random: median Δ':>22} "
@@ -223,7 +242,7 @@ def _compare(args) -> int:
     accelerator = make_accelerator(load_recipe(args.recipe, args.overrides))
     try:
         output_dir = Path(args.output_dir)
-        summary = run_compare(args.recipe, args.overrides, methods, seeds, output_dir, accelerator)
+        summary = run_compare(args.recipe, args.overrides, methods, seeds, output_dir, accelerator, args.overwrite)
         if accelerator.is_main_process:
             _print_comparison(summary, output_dir)
     finally:
@@ -236,6 +255,7 @@ def _reward_train(args) -> int:
     if args.output_dir:
         overrides.append(f"run.output_dir={args.output_dir}")
     recipe = load_recipe(args.recipe, overrides, kind=RewardTrainRecipe)
+    check_writable_directory(recipe.run.output_dir)
     quiet_libraries()
     metrics = train_reward_model(recipe, base_model=resolve_builtin(recipe.model.name_or_path))
     print(f"held-out pairwise accuracy {metrics['heldout_accuracy']:.3f} on {metrics['heldout_pairs']} pairs "

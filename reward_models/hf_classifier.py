@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llm_iif.core.errors import UserError
+from llm_iif.core.errors import MODEL_LOAD_ERRORS, UserError, model_load_problem
 
 OUTPUTS = ("logit", "prob", "log_prob")
 INPUTS = ("response", "prompt+response")
@@ -32,9 +32,9 @@ class HFClassifierReward:
             self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
             self.model, info = AutoModelForSequenceClassification.from_pretrained(
                 name_or_path, dtype=dtype, output_loading_info=True)
-        except (OSError, ValueError) as err:
+        except MODEL_LOAD_ERRORS as err:
             raise UserError(f"reward.name_or_path: cannot load '{name_or_path}' as a sequence classifier "
-                            f"({str(err).splitlines()[0]})") from err
+                            f"({model_load_problem(err, name_or_path)})") from err
         if info["missing_keys"]:
             raise UserError(f"reward.name_or_path: '{name_or_path}' is not a sequence classifier: its checkpoint "
                             f"has no classification head (missing {sorted(info['missing_keys'])[0]})")

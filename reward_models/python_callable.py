@@ -1,29 +1,23 @@
 """A rule-based reward written as a Python function, named in a recipe as ``module:function``.
 
 The function takes ``(prompts: list[str], responses: list[str])`` and returns one number per response.
-Its signature is checked when the recipe is loaded, and every call's output is checked for length and type.
+Importing the module runs its code (`llm_iif.core.imports`). Its signature is checked when the recipe is loaded, and every call's output is checked for length and type.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from numbers import Real
 
 from llm_iif.core.errors import UserError
+from llm_iif.core.imports import import_object
 
 
 class CallableReward:
     """``key`` is the recipe key that names the function, for error messages."""
 
     def __init__(self, path: str | None, key: str = "reward.function"):
-        if not path or path.count(":") != 1:
-            raise UserError(f"{key}: expected module:function, got {path!r}")
-        module_name, _, name = path.partition(":")
-        try:
-            function = getattr(importlib.import_module(module_name), name)
-        except (ImportError, AttributeError) as err:
-            raise UserError(f"{key}: cannot import '{path}' ({err})") from err
+        function = import_object(path, key)
         if not callable(function):
             raise UserError(f"{key}: '{path}' is not callable")
         try:

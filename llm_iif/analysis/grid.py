@@ -21,6 +21,7 @@ from llm_iif.core.errors import UserError
 from llm_iif.core.fileio import atomic_write_text
 from llm_iif.core.paths import GridPaths, RunPaths
 from llm_iif.training import build_trainer
+from llm_iif.training.run_outputs import check_writable_directory, delete_outputs
 
 # `llm-iif compare`: the recipe overrides of each method.
 LM_METHODS = {
@@ -42,26 +43,47 @@ TrainOne = Callable[[str, int, RunPaths], list[dict]]
 
 
 def run_grid(table: Mapping[str, object], methods: list[str], seeds: list[int], output_dir: Path,
-             train_one: TrainOne, announce: bool = True) -> dict[str, dict[int, list[dict]]]:
+             train_one: TrainOne, overwrite: bool = False, main_process: bool = True
+             ) -> dict[str, dict[int, list[dict]]]:
     """Train every pair of ``seeds`` × ``methods``, seed-major (all methods of the first seed, then the next
     seed), by calling ``train_one(method, seed, run)`` with the pair's run directory ``run`` =
     ``GridPaths(output_dir).run(method, seed)``; returns {method: {seed: per-round metrics}}.
 
     table: the known methods (`LM_METHODS` or `CLASSIC_METHODS`); every one of ``methods`` must be in it.
-    announce: print a line naming each run before it starts (False on the non-main processes).
+    overwrite: delete an earlier comparison in ``output_dir`` first (without it, one is an error).
+    main_process: print a line naming each run before it starts, and delete (False on the other processes).
     """
     unknown = [m for m in methods if m not in table]
     if unknown:
         raise UserError(f"--methods: unknown method '{unknown[0]}' (expected some of: {', '.join(table)})")
     grid = GridPaths(output_dir)
+    earlier = claim_comparison_directory(grid, overwrite)
+    if main_process:
+        delete_outputs(earlier)
+        for method_dir in {run.parent for run in earlier if run.parent != grid.root}:
+            if not any(method_dir.iterdir()):
+                method_dir.rmdir()
     histories: dict[str, dict[int, list[dict]]] = {m: {} for m in methods}
     for seed in seeds:
         for method in methods:
             run = grid.run(method, seed)
-            if announce:
+            if main_process:
                 print(f"== {method}, seed {seed} -> {run.root}", flush=True)
             histories[method][seed] = train_one(method, seed, run)
     return histories
+
+
+def claim_comparison_directory(grid: GridPaths, overwrite: bool) -> list[Path]:
+    """Check that a new comparison may write into ``grid.root`` (see `claim_run_directory`); returns the
+    earlier comparison's outputs, which ``overwrite`` allows to be deleted."""
+    check_writable_directory(grid.root, "--output-dir")
+    earlier = grid.outputs()
+    if earlier and not overwrite:
+        names = ", ".join(str(path.relative_to(grid.root)) for path in earlier[:4])
+        more = f" and {len(earlier) - 4} more" if len(earlier) > 4 else ""
+        raise UserError(f"--output-dir: {grid.root} already holds a comparison ({names}{more}); choose another "
+                        "directory, or start over with --overwrite, which deletes those outputs")
+    return earlier
 
 
 def write_comparison(output_dir: Path, histories: dict[str, dict[int, list[dict]]], ylabel: str = "mean reward",
@@ -88,7 +110,7 @@ def write_comparison(output_dir: Path, histories: dict[str, dict[int, list[dict]
 
 
 def run_compare(recipe_path: str, overrides: list[str], methods: list[str], seeds: list[int], output_dir: Path,
-                accelerator) -> dict:
+                accelerator, overwrite: bool = False) -> dict:
     """`llm-iif compare`: the recipe with each of ``methods`` (see `LM_METHODS`) and ``seeds`` in turn, each run
     with its reward_curve.png, then the comparison's outputs; returns the summary."""
     def train_one(method: str, seed: int, run: RunPaths) -> list[dict]:
@@ -100,14 +122,15 @@ def run_compare(recipe_path: str, overrides: list[str], methods: list[str], seed
         accelerator.free_memory()
         return history
 
-    histories = run_grid(LM_METHODS, methods, seeds, output_dir, train_one, announce=accelerator.is_main_process)
+    histories = run_grid(LM_METHODS, methods, seeds, output_dir, train_one, overwrite,
+                         main_process=accelerator.is_main_process)
     if not accelerator.is_main_process:
         return summarize(histories)
     return write_comparison(output_dir, histories)
 
 
 def run_classic_compare(recipe_path: str, overrides: list[str], methods: list[str], seeds: list[int],
-                        output_dir: Path) -> dict:
+                        output_dir: Path, overwrite: bool = False) -> dict:
     """`llm-iif classic compare`: the classic recipe with each of ``methods`` (see `CLASSIC_METHODS`) and
     ``seeds`` in turn, then summary.json and reward_curves.png; returns the summary."""
     def train_one(method: str, seed: int, run: RunPaths) -> list[dict]:
@@ -115,5 +138,5 @@ def run_classic_compare(recipe_path: str, overrides: list[str], methods: list[st
         mode, p = CLASSIC_METHODS[method](recipe.iif)
         return train_classic(recipe, mode, p, run.root)
 
-    histories = run_grid(CLASSIC_METHODS, methods, seeds, output_dir, train_one)
+    histories = run_grid(CLASSIC_METHODS, methods, seeds, output_dir, train_one, overwrite)
     return write_comparison(output_dir, histories, ylabel="test return (stochastic policy)", report=False)

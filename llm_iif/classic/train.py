@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from tqdm.auto import tqdm
 
 from llm_iif.classic.iif_ppo import IIFPPO, SmallCNN
 from llm_iif.core.errors import UserError
+from llm_iif.core.imports import import_object
 from llm_iif.core.fileio import append_jsonl
 from llm_iif.core.paths import RunPaths
 
@@ -34,13 +34,7 @@ def build_model(recipe, iif_mode: str, iif_p: float) -> IIFPPO:
 def make_env(recipe, n_envs: int, seed: int):
     """The recipe's environment as an SB3 vectorised env of ``n_envs`` copies (with ``env.wrapper``)."""
     env = recipe.env
-    wrapper = None
-    if env.wrapper:
-        module, _, name = env.wrapper.partition(":")
-        try:
-            wrapper = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as err:
-            raise UserError(f"env.wrapper: cannot import '{env.wrapper}' ({err})") from err
+    wrapper = import_object(env.wrapper, "env.wrapper", "module:Class") if env.wrapper else None
     try:
         return make_vec_env(env.id, n_envs=n_envs, seed=seed, env_kwargs=env.kwargs, wrapper_class=wrapper)
     except Exception as err:  # gymnasium raises several types for unknown ids and bad kwargs

@@ -20,7 +20,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from llm_iif.core.errors import UserError
+from llm_iif.core.errors import UserError, first_line
 
 # Each enumeration is defined once, as the Literal type recipes are checked against; the tuple of its values
 # is what code that is not handed a recipe checks against.
@@ -345,7 +345,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), kind: type = Recipe
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
+        raise UserError(f"{path}: {_yaml_problem(err)}") from err
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -375,7 +375,20 @@ def _apply_override(raw: dict, item: str) -> None:
         node = node[part]
         if not isinstance(node, dict):
             raise UserError(f"--set {item}: '{'.'.join(parts[:depth + 1])}' is not a mapping")
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as err:
+        raise UserError(f"--set {item}: the value {value!r} is not valid YAML ({_yaml_problem(err, where=False)})"
+                        ) from err
+
+
+def _yaml_problem(err: yaml.YAMLError, where: bool = True) -> str:
+    """``line L, column C: not valid YAML (problem)`` from a PyYAML error (lines and columns count from 1)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or first_line(err)
+    if mark is None or not where:
+        return problem
+    return f"line {mark.line + 1}, column {mark.column + 1}: not valid YAML ({problem})"
 
 
 def _build(cls: type, raw: Any, source: str, prefix: str):

@@ -40,7 +40,8 @@ class NonfiniteGuard:
         self.counts[kind] += count
         in_a_row = self.rounds_in_a_row + 1
         if nothing_left or in_a_row > self.patience:
-            hint = "" if nothing_left else "; run.nonfinite_patience > 0 skips them instead"
+            hint = ("" if nothing_left else "; run.nonfinite_patience > 0 skips them instead" if not self.patience
+                    else f"; run.nonfinite_patience: {self.patience} allows {self.patience} such round(s) in a row")
             raise UserError(f"{message} ({in_a_row} round(s) in a row){hint}")
         logger.warning("%s; skipped (%d of run.nonfinite_patience=%d rounds in a row)", message, in_a_row,
                        self.patience)

@@ -5,7 +5,7 @@ An LM run (`llm-iif train`)::
     RUN/recipe.yaml  environment.json  metrics.jsonl  timings.jsonl  samples.jsonl
     RUN/records/round_0000.parquet ...        one row per rollout sample
     RUN/checkpoint-N/  RUN/final/             see `llm_iif.training.run_state`
-    RUN/tensorboard/  RUN/reward_curve.png  RUN/report.html
+    RUN/tensorboard/  RUN/wandb/  RUN/reward_curve.png  RUN/report.html
 
 A comparison (`llm-iif compare`, `llm-iif classic compare`) holds one run per method and seed::
 
@@ -76,6 +76,18 @@ class RunPaths:
         found = ((_CHECKPOINT.fullmatch(p.name), p) for p in self.root.glob("checkpoint-*") if p.is_dir())
         return sorted((int(m.group(1)), p) for m, p in found if m)
 
+    def unfinished_checkpoints(self) -> list[Path]:
+        """The temporary directories of checkpoint saves that were killed (`write_directory_atomically` builds
+        ``NAME/`` as ``.NAME-*/``)."""
+        return sorted(p for pattern in (".checkpoint-*", ".final-*") for p in self.root.glob(pattern) if p.is_dir())
+
+    def outputs(self) -> list[Path]:
+        """Every file and directory of a run that exists under ``root``; other files are not the run's."""
+        named = [self.recipe, self.environment, self.metrics, self.timings, self.samples, self.records_dir,
+                 self.tensorboard, self.wandb, self.reward_curve, self.report, self.final]
+        return ([path for path in named if path.exists()] + [p for _, p in self.numbered_checkpoints()]
+                + self.unfinished_checkpoints())
+
     @staticmethod
     def is_checkpoint(directory: Path) -> bool:
         """Whether ``directory`` is named as a checkpoint of its run (``checkpoint-N`` or ``final``)."""
@@ -84,6 +96,10 @@ class RunPaths:
     @property
     def tensorboard(self) -> Path:
         return self.root / "tensorboard"
+
+    @property
+    def wandb(self) -> Path:
+        return self.root / "wandb"
 
     @property
     def reward_curve(self) -> Path:
@@ -114,6 +130,12 @@ class GridPaths:
                 found.setdefault(metrics.parent.parent.name, []).append((int(match.group(1)),
                                                                          RunPaths(metrics.parent)))
         return {method: [run for _, run in sorted(runs, key=lambda r: r[0])] for method, runs in sorted(found.items())}
+
+    def outputs(self) -> list[Path]:
+        """Every file and run directory of a comparison that exists under ``root``."""
+        named = [self.summary, self.reward_curves, self.influence, self.report]
+        runs = sorted(p for p in self.root.glob("*/seed-*") if p.is_dir() and _SEED.fullmatch(p.name))
+        return [path for path in named if path.exists()] + runs
 
     @property
     def summary(self) -> Path:

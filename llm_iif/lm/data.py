@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llm_iif.core.config import DataConfig, IIFConfig, parse_filter
-from llm_iif.core.errors import UserError
+from llm_iif.core.errors import UserError, first_line
 from llm_iif.lm.builtin import BUILTIN_PREFIX, positive_review_pairs, preference_pairs, review_prompts
 
 BUILTIN_SOURCES = {"review-prompts": lambda: {"prompt": review_prompts()}, "positive-reviews": positive_review_pairs,
@@ -110,6 +110,8 @@ def read_text_columns(source: str, key: str, columns: dict[str, str], split: str
         elif path.suffix in LOCAL_FORMATS:
             if not path.is_file():
                 raise UserError(f"{key}: file not found: {source}")
+            if path.stat().st_size == 0:
+                raise UserError(f"{key}: {source} is empty")
             table = _load_dataset(key, LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
         elif path.exists():
             raise UserError(f"{key}: {source}: expected a .json, .jsonl, .parquet or .txt file")
@@ -152,7 +154,7 @@ def _load_dataset(key: str, *args, **kwargs):
         return datasets.load_dataset(*args, **kwargs)
     except Exception as err:  # datasets raises many types for "not found / offline / bad split"
         what = kwargs.get("data_files") or args[0]
-        raise UserError(f"{key}: cannot load '{what}': {str(err).splitlines()[0]}") from err
+        raise UserError(f"{key}: cannot load '{what}': {first_line(err)}") from err
 
 
 class PromptQueue:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from llm_iif.core.config import LoraConfig, ModelConfig
-from llm_iif.core.errors import UserError
+from llm_iif.core.errors import MODEL_LOAD_ERRORS, UserError, first_line, model_load_problem
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -57,7 +57,7 @@ def load_tokenizer(name_or_path: str):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError) as err:
+    except MODEL_LOAD_ERRORS as err:
         raise UserError(f"model.name_or_path: cannot load a tokenizer from '{name_or_path}' "
                         f"(not a local model directory, and not reachable on the hub)") from err
     tokenizer.padding_side = "left"
@@ -83,9 +83,9 @@ def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig) -> tuple[PolicyWit
     try:
         base = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[model_cfg.dtype],
                                                     **quantization_kwargs(model_cfg))
-    except (OSError, ValueError) as err:
+    except MODEL_LOAD_ERRORS as err:
         raise UserError(f"model.name_or_path: cannot load '{model_cfg.name_or_path}' as a causal LM "
-                        f"({str(err).splitlines()[0]})") from err
+                        f"({model_load_problem(err, path)})") from err
     base.generation_config.pad_token_id = tokenizer.pad_token_id
     peft_config = PeftLoraConfig(
         r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
@@ -95,7 +95,7 @@ def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig) -> tuple[PolicyWit
     try:
         lm = get_peft_model(base, peft_config)
     except ValueError as err:
-        raise UserError(f"lora.target_modules: {str(err).splitlines()[0]}") from err
+        raise UserError(f"lora.target_modules: {first_line(err)}") from err
     policy = PolicyWithValueHead(lm, detach_value_head=model_cfg.detach_value_head)
     # Rollout, scoring and update all run in eval mode: no dropout, as in the paper.
     policy.eval()

@@ -14,7 +14,7 @@ import random
 import tempfile
 from pathlib import Path
 
-from llm_iif.core.errors import UserError
+from llm_iif.core.errors import MODEL_LOAD_ERRORS, UserError, model_load_problem
 from llm_iif.core.fileio import atomic_write_text, write_directory_atomically
 from llm_iif.lm.data import read_text_columns
 from reward_models.hf_classifier import HFClassifierReward
@@ -62,9 +62,9 @@ def train_reward_model(recipe, base_model: str) -> dict:
     try:
         tokenizer = AutoTokenizer.from_pretrained(base)
         model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
-    except OSError as err:
+    except MODEL_LOAD_ERRORS as err:
         raise UserError(f"model.name_or_path: cannot load '{recipe.model.name_or_path}' "
-                        f"({str(err).splitlines()[0]})") from err
+                        f"({model_load_problem(err, base)})") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id

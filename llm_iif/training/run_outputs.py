@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import math
 import platform
+import shutil
 import sys
+import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from accelerate.utils import gather_object, is_wandb_available
 
 from llm_iif.core import ppo
 from llm_iif.core.config import Recipe
-from llm_iif.core.errors import UserError
+from llm_iif.core.errors import UserError, first_line
 from llm_iif.core.fileio import append_jsonl, atomic_write_text, write_parquet
 from llm_iif.core.paths import RunPaths
 from llm_iif.core.records import Advantages, Rollout
@@ -69,6 +71,42 @@ def environment(accelerator) -> dict:
 
 
 
+def check_writable_directory(root: Path, key: str = "run.output_dir") -> None:
+    """Create ``root`` if needed; `UserError` naming ``key`` when it is a file or cannot be written."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"{key}: {root} is a file, not a directory")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as err:
+        raise UserError(f"{key}: cannot write to {root} ({err.strerror or first_line(err)})") from err
+
+
+def claim_run_directory(paths: RunPaths, overwrite: bool = False) -> list[Path]:
+    """Check that a new run may write into ``paths.root``: a writable directory that holds no other run's
+    outputs, or holds them and ``overwrite`` is set. Returns those outputs (to delete before starting);
+    `UserError` otherwise, as HF's Trainer refuses a used ``output_dir`` without ``overwrite_output_dir``."""
+    check_writable_directory(paths.root)
+    earlier = paths.outputs()
+    if earlier and not overwrite:
+        names = ", ".join(path.name + ("/" if path.is_dir() else "") for path in earlier[:4])
+        more = f" and {len(earlier) - 4} more" if len(earlier) > 4 else ""
+        raise UserError(f"run.output_dir: {paths.root} already holds a run ({names}{more}); continue it with "
+                        f"--resume {paths.root}, or start over with --overwrite, which deletes those outputs")
+    return earlier
+
+
+def delete_outputs(outputs: list[Path]) -> None:
+    """Delete the files and directories of an earlier run (from `claim_run_directory`)."""
+    for path in outputs:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
 class RunOutputs:
     """The files of one LM run directory, written as training goes."""
 
@@ -80,11 +118,14 @@ class RunOutputs:
     def is_writer(self) -> bool:
         return self.accelerator.is_main_process
 
-    def start(self) -> None:
-        """A new run: the recipe, the environment and empty JSONL files."""
+    def start(self, overwrite: bool = False) -> None:
+        """A new run: the recipe, the environment and empty JSONL files, in a directory that holds no other
+        run (with ``overwrite``, the other run's outputs are deleted first; see `claim_run_directory`)."""
+        earlier = claim_run_directory(self.paths, overwrite)  # on every process, so that all of them refuse
+        self.accelerator.wait_for_everyone()  # every process has looked before the main one writes
         if not self.is_writer:
             return
-        self.paths.root.mkdir(parents=True, exist_ok=True)
+        delete_outputs(earlier)
         self.write_recipe()
         atomic_write_text(self.paths.environment, json.dumps(environment(self.accelerator), indent=2))
         for path in (self.paths.metrics, self.paths.timings, self.paths.samples):

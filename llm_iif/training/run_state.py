@@ -8,12 +8,22 @@ A checkpoint directory (``checkpoint-N/`` or ``final/``) holds:
 
 The directory is built under a temporary name and renamed into place, so a SIGKILL leaves either the
 complete new checkpoint or none; the checksums catch later damage (a truncated copy, a bad disk).
+
+What a checkpoint trusts: nothing in it runs code when it is loaded. ``training_state.pt`` holds only tensors
+and plain Python values (RNG states included) and is read with ``torch.load(weights_only=True)``, which
+refuses anything else. Every file must be listed in the manifest and match its checksum, so a file added,
+removed or changed after the save is refused. The checksums sit beside the files, so they catch damage, not
+tampering: whoever can write the directory can change the weights a resume continues from, but not make it
+run their code.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -22,12 +32,16 @@ import numpy as np
 import torch
 
 from llm_iif.core.config import Recipe, load_recipe
-from llm_iif.core.errors import UserError
+from llm_iif.core.errors import UserError, first_line
 from llm_iif.core.paths import RunPaths
 from llm_iif.core.fileio import write_directory_atomically
 
+logger = logging.getLogger(__name__)
+
 STATE_FILE = "trainer_state.json"
 TRAINING_STATE_FILE = "training_state.pt"
+TRAINING_STATE_KEYS = ("trainable", "optimizer", "kl_coef", "history", "prompt_queue", "prompt_rng",
+                       "nonfinite_rounds_in_a_row", "rng")
 
 
 def save_checkpoint(policy, tokenizer, directory: Path, state: dict, weights: dict, training_state: dict) -> None:
@@ -53,9 +67,18 @@ def save_checkpoint(policy, tokenizer, directory: Path, state: dict, weights: di
 
 
 def load_training_state(checkpoint: Path) -> dict:
-    """``training_state.pt`` of a verified checkpoint (our own file: it holds numpy RNG arrays, so it is
-    unpickled in full)."""
-    return torch.load(Path(checkpoint) / TRAINING_STATE_FILE, weights_only=False)
+    """``training_state.pt`` of a verified checkpoint, unpickled with ``weights_only=True``: tensors and plain
+    Python values only, so a planted object cannot run code."""
+    path = Path(checkpoint) / TRAINING_STATE_FILE
+    try:
+        state = torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise UserError(f"{path}: refused: not a training state of tensors and plain values "
+                        f"({first_line(err)})") from err
+    missing = [key for key in TRAINING_STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise UserError(f"{path}: not a training state (no {', '.join(missing)})")
+    return state
 
 
 def file_checksums(directory: Path) -> dict[str, str]:
@@ -81,19 +104,49 @@ def verify(checkpoint: Path) -> dict:
     except (OSError, ValueError, KeyError) as err:
         raise UserError(f"{checkpoint}: not a complete checkpoint ({STATE_FILE} missing or unreadable)") from err
     actual = file_checksums(checkpoint)
+    if TRAINING_STATE_FILE not in expected:
+        raise UserError(f"{checkpoint}: damaged checkpoint ({STATE_FILE} does not list {TRAINING_STATE_FILE})")
     for name, digest in expected.items():
         if name not in actual:
             raise UserError(f"{checkpoint}: damaged checkpoint ({name} is missing)")
         if actual[name] != digest:
             raise UserError(f"{checkpoint}: damaged checkpoint ({name} does not match its checksum)")
+    unlisted = sorted(set(actual) - set(expected))
+    if unlisted:
+        raise UserError(f"{checkpoint}: {unlisted[0]} is not listed in {STATE_FILE}; a checkpoint holds only "
+                        "the files it was saved with")
     return manifest
 
 
 def checkpoints_in(run_dir: Path) -> list[Path]:
-    """The checkpoint directories of a run, oldest first (``final/`` after every ``checkpoint-N/``)."""
+    """The checkpoint directories of a run, fewest completed rounds first. ``checkpoint-N/`` has completed N
+    rounds and ``final/`` what its manifest says: after a finished run is extended, an interrupted
+    ``checkpoint-N/`` can be newer than ``final/``. A ``final/`` whose manifest is unreadable ranks last, so
+    that resuming reports it."""
     paths = RunPaths(run_dir)
-    found = [directory for _, directory in paths.numbered_checkpoints()]
-    return found + [paths.final] if paths.final.is_dir() else found
+    ranked = paths.numbered_checkpoints()
+    if paths.final.is_dir():
+        ranked.append((_rounds_completed(paths.final), paths.final))
+    return [directory for _, directory in sorted(ranked, key=lambda entry: entry[0])]
+
+
+def _rounds_completed(checkpoint: Path) -> float:
+    try:
+        return json.loads((checkpoint / STATE_FILE).read_text())["rounds_completed"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def discard_checkpoints_after(run_dir: Path, rounds: int) -> None:
+    """Delete the checkpoints of a run that completed more than ``rounds`` rounds, and the unfinished ones a
+    killed save left behind: resumed after ``rounds``, the run directory reads as one run again."""
+    for checkpoint in checkpoints_in(run_dir):
+        if _rounds_completed(checkpoint) > rounds:
+            logger.warning("removing %s: resuming after round %d replaces it", checkpoint, rounds)
+            shutil.rmtree(checkpoint)
+    for unfinished in RunPaths(run_dir).unfinished_checkpoints():
+        logger.warning("removing %s, a checkpoint whose save was interrupted", unfinished)
+        shutil.rmtree(unfinished, ignore_errors=True)
 
 
 def resolve_resume(path: Path) -> tuple[Path, Path]:
@@ -136,8 +189,11 @@ def prune(run_dir: Path, keep_last_n: int) -> None:
 
 
 def rng_states(generators: dict[str, torch.Generator]) -> dict:
-    """This process's random number generator states: python, numpy, torch (and CUDA), and ``generators``."""
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """This process's random number generator states as tensors and plain values (what ``weights_only``
+    loading accepts): python, numpy, torch (and CUDA), and ``generators``."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()  # uint32 array -> ints
+    states = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(),
               "generators": {name: g.get_state() for name, g in generators.items()}}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
@@ -147,7 +203,9 @@ def rng_states(generators: dict[str, torch.Generator]) -> dict:
 def restore_rng_states(states: dict, generators: dict[str, torch.Generator]) -> None:
     """Put back what `rng_states` captured."""
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    numpy_state = states["numpy"]
+    np.random.set_state({**numpy_state, "state": {**numpy_state["state"],
+                                                  "key": np.asarray(numpy_state["state"]["key"], dtype=np.uint32)}})
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])

@@ -87,17 +87,19 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ the round loop
 
-    def train(self, resume_from: Path | None = None) -> list[dict]:
+    def train(self, resume_from: Path | None = None, overwrite: bool = False) -> list[dict]:
         """Run the rounds not yet done and return the metrics of all rounds.
 
         ``resume_from``: a checkpoint directory of this run (see `run_state.resolve_resume`); training
-        continues exactly where it stopped, writing into the same run directory. SIGINT and SIGTERM finish
-        the current round, save a checkpoint and return early; ``self.stopped_by`` then names the signal.
+        continues exactly where it stopped, writing into the same run directory. Without it, a new run starts
+        in ``run.output_dir``, which must not hold another run unless ``overwrite`` (which deletes that run's
+        outputs first). SIGINT and SIGTERM finish the current round, save a checkpoint and return early;
+        ``self.stopped_by`` then names the signal.
         """
         acc, run = self.accelerator, self.recipe.run
         start = self.restore(resume_from) if resume_from is not None else 0
         if resume_from is None:
-            self.outputs.start()
+            self.outputs.start(overwrite)
         self.outputs.open_trackers()
         self._bar = tqdm(range(start, run.rounds), desc="PPO rounds", initial=start, total=run.rounds,
                          disable=not acc.is_main_process)
@@ -279,8 +281,9 @@ class PPOTrainer:
         acc.wait_for_everyone()
 
     def restore(self, checkpoint: Path) -> int:
-        """Load a checkpoint written by `save` and return the number of rounds it completed. Outputs of
-        rounds after it (from a run killed later) are removed, so the run directory reads as one run."""
+        """Load a checkpoint written by `save` and return the number of rounds it completed. Outputs and
+        checkpoints of rounds after it (from a run killed later) are removed, so the run directory reads as
+        one run."""
         acc = self.accelerator
         state = run_state.load_checked(checkpoint, self.outputs.paths, self.recipe, acc.num_processes)
         policy = acc.unwrap_model(self.policy)
@@ -295,6 +298,8 @@ class PPOTrainer:
         self.guard.rounds_in_a_row = state["nonfinite_rounds_in_a_row"]
         run_state.restore_rng_states(state["rng"][acc.process_index], self._generators())
         self.outputs.rewind(self.history)
+        if acc.is_main_process:
+            run_state.discard_checkpoints_after(self.outputs.paths.root, len(self.history))
         acc.wait_for_everyone()
         return len(self.history)
 

@@ -72,7 +72,7 @@ def test_grid_runs_every_pair_seed_major_into_its_run_directory(tmp_path, capsys
     assert list(histories) == ["iif", "standard"] and list(histories["iif"]) == [3, 1]
     assert histories["standard"][1] == history(2, 1, lm=False)
     assert f"== iif, seed 3 -> {grid.run('iif', 3).root}" in capsys.readouterr().out
-    run_grid(CLASSIC_METHODS, ["iif"], [0], tmp_path, train_one, announce=False)
+    run_grid(CLASSIC_METHODS, ["iif"], [0], tmp_path / "quiet", train_one, main_process=False)
     assert capsys.readouterr().out == ""
 
 
