@@ -76,6 +76,23 @@ def test_grid_runs_every_pair_seed_major_into_its_run_directory(tmp_path, capsys
     assert capsys.readouterr().out == ""
 
 
+def test_a_second_comparison_in_a_used_directory_is_refused_and_overwrite_replaces_it(tmp_path):
+    def train_one(method, seed, run):
+        run.root.mkdir(parents=True)
+        run.metrics.write_text("{}\n")
+        return history(1, seed, lm=False)
+
+    run_grid(CLASSIC_METHODS, ["iif", "standard"], [0, 1], tmp_path, train_one)
+    (tmp_path / "summary.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"already holds a comparison \(summary.json, iif/seed-0, iif/seed-1, "
+                                        r"standard/seed-0 and 1 more\); .* --overwrite"):
+        run_grid(CLASSIC_METHODS, ["iif"], [5], tmp_path, train_one)
+    run_grid(CLASSIC_METHODS, ["iif"], [5], tmp_path, train_one, overwrite=True)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == \
+        ["iif", "iif/seed-5", "iif/seed-5/metrics.jsonl", "notes.txt"]
+
+
 def test_the_method_tables():
     assert list(LM_METHODS) == list(CLASSIC_METHODS) == ["standard", "iif", "random"]
 
