@@ -72,9 +72,12 @@ def load_training_state(checkpoint: Path) -> dict:
     path = Path(checkpoint) / TRAINING_STATE_FILE
     try:
         state = torch.load(path, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise UserError(f"{path}: refused: not a training state of tensors and plain values "
-                        f"({first_line(err)})") from err
+    except pickle.UnpicklingError as err:  # torch names the refused object on the line after its advice
+        refused = next((line for line in str(err).splitlines() if "GLOBAL" in line), first_line(err))
+        raise UserError(f"{path}: refused: it holds more than tensors and plain values, and loading it could "
+                        f"run code ({refused.strip()})") from err
+    except (RuntimeError, EOFError) as err:
+        raise UserError(f"{path}: not a readable training state ({first_line(err)})") from err
     missing = [key for key in TRAINING_STATE_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
         raise UserError(f"{path}: not a training state (no {', '.join(missing)})")
