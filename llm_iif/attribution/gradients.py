@@ -35,7 +35,8 @@ class LayerGradientCapture:
 
     ``layers`` maps a layer's weight name (as in ``model.named_parameters()``) to the layer. With ``target``
     (a dict of the same parameter names to tensors of the parameters' shapes) the capture runs in streaming
-    mode: it keeps only the [B] dot products ⟨∇L_i, target⟩, never the per-sample gradients.
+    mode: it keeps only the [B] dot products ⟨∇L_i, target⟩, never the per-sample gradients. Targets stacked
+    along a new leading dimension K (tensors [K, *param.shape]) give [B, K] dot products, one per target.
     """
 
     def __init__(self, model: nn.Module, layers: dict[str, nn.Module], target: dict[str, torch.Tensor] | None = None):
@@ -91,7 +92,8 @@ class LayerGradientCapture:
         return sum(_batched_dot(grads[name], target[name]) for name in self.parameter_names)
 
     def scores(self) -> torch.Tensor:
-        """Streaming mode: the [B] inner products with the target given at construction."""
+        """Streaming mode: the [B] inner products with the target given at construction ([B, K] for K
+        stacked targets)."""
         if self.target is None:
             raise RuntimeError("scores() needs a streaming capture: pass target= to the constructor")
         self._check_complete(self._layer_scores, by_layer=True)
@@ -113,15 +115,22 @@ class LayerGradientCapture:
             if bias_name is not None:
                 self._grads[bias_name] = g.sum(dim=1)
             return
-        # ⟨Σ_t g_t x_tᵀ, V⟩ = Σ_t g_tᵀ V x_t, contracted without forming the [B, d_out, d_in] gradient.
-        weight_target = self.target[weight_name].to(device=x.device, dtype=torch.float32).reshape(g.shape[-1], -1)
-        if weight_target.shape[0] <= weight_target.shape[1]:
-            score = torch.einsum("bto,bto->b", g, x @ weight_target.T)
+        # ⟨Σ_t g_t x_tᵀ, V_k⟩ = Σ_t g_tᵀ V_k x_t, contracted without forming the [B, d_out, d_in] gradient.
+        target = self.target[weight_name].to(device=x.device, dtype=torch.float32)
+        stacked = target.dim() > layer.weight.dim()
+        d_out, d_in = g.shape[-1], x.shape[-1]
+        weight_target = target.reshape(-1, d_out, d_in)                                        # [K, d_out, d_in]
+        n_targets = weight_target.shape[0]
+        if d_out <= d_in:
+            projected = x @ weight_target.reshape(-1, d_in).T                                  # [B, T, K·d_out]
+            score = torch.einsum("bto,btko->bk", g, projected.unflatten(-1, (n_targets, d_out)))
         else:
-            score = torch.einsum("bti,bti->b", g @ weight_target, x)
+            projected = g @ weight_target.transpose(0, 1).reshape(d_out, -1)                   # [B, T, K·d_in]
+            score = torch.einsum("btki,bti->bk", projected.unflatten(-1, (n_targets, d_in)), x)
         if bias_name is not None:
-            score = score + g.sum(dim=1) @ self.target[bias_name].to(device=x.device, dtype=torch.float32)
-        self._layer_scores[key] = score
+            bias_target = self.target[bias_name].to(device=x.device, dtype=torch.float32).reshape(n_targets, d_out)
+            score = score + g.sum(dim=1) @ bias_target.T
+        self._layer_scores[key] = score if stacked else score[:, 0]
 
     def _check_complete(self, results: dict, by_layer: bool = False) -> None:
         expected = len(self._layers) if by_layer else len(self.parameter_names)
@@ -204,9 +213,12 @@ def _checked_target(target: dict, params: dict, names: list[str]) -> dict[str, t
     missing = [n for n in names if n not in target]
     if missing:
         raise KeyError(f"target has no tensor for {len(missing)} captured parameter(s), e.g. '{missing[0]}'")
+    stacked = {tuple(target[n].shape[:-params[n].dim()]) for n in names}
     for n in names:
-        if tuple(target[n].shape) != tuple(params[n].shape):
+        if tuple(target[n].shape[-params[n].dim():]) != tuple(params[n].shape) or target[n].dim() > params[n].dim() + 1:
             raise ValueError(f"target['{n}'] has shape {tuple(target[n].shape)}; the parameter has "
-                             f"{tuple(params[n].shape)}")
+                             f"{tuple(params[n].shape)} (stack K targets as [K, *shape])")
+    if len(stacked) > 1:
+        raise ValueError(f"target tensors stack different numbers of targets: {sorted(stacked)}")
     return {n: target[n] for n in names}
 

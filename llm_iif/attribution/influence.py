@@ -45,32 +45,31 @@ SequenceLogprobs = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor
 PerSampleLoss = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
-def target_gradient_halves(model: nn.Module, rows: TargetBatch, sequence_logprobs: SequenceLogprobs,
-                           chunk_size: int) -> tuple[dict, dict]:
-    """∇ of -Σ_v Σ_t w_{v,t} log π(y_{v,t}) over the LoRA parameters, summed separately over the even- and
-    odd-indexed rows (two halves, for a reliability estimate). Returns two {name: tensor} dicts (fp32).
-    """
+def target_gradient_parts(model: nn.Module, rows: TargetBatch, sequence_logprobs: SequenceLogprobs,
+                          part: torch.Tensor, n_parts: int, chunk_size: int) -> list[dict]:
+    """∇ of -Σ_v Σ_t w_{v,t} log π(y_{v,t}) over the LoRA parameters, summed separately over each part of the
+    rows: ``part`` [V] gives each row's part in [0, n_parts). Returns n_parts {name: tensor} dicts (fp32);
+    a part without rows is zero. One forward and backward per chunk of a part's rows."""
     params = lora_parameters(model)
-    halves = []
-    for parity in (0, 1):
+    sums = []
+    for index in range(n_parts):
         total = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
-        indices = torch.arange(parity, len(rows), 2, device=rows.query_ids.device)
-        for chunk in torch.split(indices, chunk_size):
+        for chunk in torch.split((part == index).nonzero().flatten().to(rows.query_ids.device), chunk_size):
             logprobs = sequence_logprobs(model, rows.query_ids[chunk], rows.query_mask[chunk],
                                          rows.response_ids[chunk], rows.response_mask[chunk])
             loss = -(rows.weights[chunk] * logprobs * rows.response_mask[chunk]).sum()
             for name, grad in zip(params, torch.autograd.grad(loss, list(params.values()))):
                 total[name] += grad.float()
-        halves.append(total)
-    return halves[0], halves[1]
+        sums.append(total)
+    return sums
 
 
 def influence_scores(model: nn.Module, per_sample_loss: PerSampleLoss, batch_size: int, target: dict,
                      chunk_size: int, device) -> torch.Tensor:
     """[B] influence ⟨target, ∇L_i⟩ of every sample, from one batched backward per chunk of rows.
 
-    ``target`` is ∇L_val = -∇f over the LoRA parameters; ``per_sample_loss(model, rows)`` gives L_i [b] of
-    the batch rows ``rows``."""
+    ``target`` is ∇L_val = -∇f over the LoRA parameters ([B, K] scores for K targets stacked as
+    [K, *param.shape]); ``per_sample_loss(model, rows)`` gives L_i [b] of the batch rows ``rows``."""
     params = list(lora_parameters(model).values())
     scores = []
     for chunk in torch.split(torch.arange(batch_size, device=device), chunk_size):

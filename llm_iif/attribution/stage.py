@@ -6,6 +6,11 @@ At the parameters θ(k) that generated a batch, before its first optimiser step:
     score   I_i = ⟨∇L_val, ∇L_i⟩                                                     (L_i: sample i's loss)
     keep    filter_mask(I over every process's samples, mode, p)
 
+With ``iif.target_source: batch`` the rows v are the training batch itself, cross-fitted: the batch is split
+into K folds by global row index, G_k is the summed target gradient of fold k, and sample i in fold k(i) is
+scored against the other folds only, I_i = ⟨Σ_{j≠k(i)} G_j, ∇L_i⟩ / (N - N_{k(i)}), so its own gradient
+never inflates its score. One streaming pass gives every ⟨G_j, ∇L_i⟩ at once.
+
 I_i > 0 means one gradient step on sample i raises f. The stage owns the target gradient, the scores, the one
 filter decision over all processes and the target's reliability meter (``target_split_cos``, the cosine
 between the gradients of the validation rows' two halves). What is model-specific is injected:
@@ -29,8 +34,8 @@ from torch import nn
 
 from llm_iif.attribution.filters import filter_mask
 from llm_iif.attribution.gradients import grad_cosine
-from llm_iif.attribution.influence import (PerSampleLoss, SequenceLogprobs, TargetSource, influence_scores,
-                                           target_gradient_halves)
+from llm_iif.attribution.influence import (PerSampleLoss, SequenceLogprobs, TargetBatch, TargetSource,
+                                           influence_scores, target_gradient_parts)
 from llm_iif.core.config import IIFConfig
 from llm_iif.core.distributed import gather_values, sum_gradients
 from llm_iif.core.guards import NonfiniteGuard
@@ -47,30 +52,36 @@ class Selection:
 class IIFStage:
     """Score a batch against the validation target at θ(k) and decide, once over all processes, what to keep.
 
-    ``config`` is the recipe's ``iif`` section (mode, p, min_split_cos, score_batch_size). ``generator`` draws
-    the random modes' choices; it must be seeded the same on every process.
+    ``config`` is the recipe's ``iif`` section (mode, p, min_split_cos, score_batch_size, target_source, folds).
+    ``target_source`` may be None with ``target_source: batch``. ``generator`` draws the random modes'
+    choices; it must be seeded the same on every process.
     """
 
-    def __init__(self, config: IIFConfig, accelerator: Accelerator, target_source: TargetSource,
+    def __init__(self, config: IIFConfig, accelerator: Accelerator, target_source: TargetSource | None,
                  sequence_logprobs: SequenceLogprobs, guard: NonfiniteGuard, generator: torch.Generator):
         self.config, self.accelerator = config, accelerator
         self.target_source, self.sequence_logprobs = target_source, sequence_logprobs
         self.guard, self.generator = guard, generator
 
-    def select(self, model: nn.Module, per_sample_loss: PerSampleLoss, batch_size: int) -> Selection:
+    def select(self, model: nn.Module, per_sample_loss: PerSampleLoss, batch_size: int,
+               batch_rows: TargetBatch | None = None) -> Selection:
         """Influence scores and the keep-mask for this process's ``batch_size`` samples.
 
         ``model`` may be wrapped (DDP); scoring runs on the unwrapped module, outside gradient sync. Samples
-        with a NaN or inf score are never kept and are reported to the guard.
+        with a NaN or inf score are never kept and are reported to the guard. ``batch_rows``: the batch's own
+        rows and target token weights, needed with ``target_source: batch``.
         """
-        acc, cfg = self.accelerator, self.config
+        cfg = self.config
         start = time.perf_counter()
         metrics, influence, filtering = {}, None, True
-        if cfg.mode != "random":
+        if cfg.mode != "random" and cfg.target_source == "batch":
+            if batch_rows is None:
+                raise ValueError("iif.target_source batch: select() needs the batch's rows (batch_rows=)")
+            influence, metrics["target_split_cos"] = self.cross_fitted_scores(model, per_sample_loss, batch_rows)
+        elif cfg.mode != "random":
             target, metrics["target_split_cos"], metrics["time_val_generate_s"] = self.target_gradient(model)
-            with acc.no_sync(model), acc.autocast():  # per-process gradients: DDP must not all-reduce them
-                influence = influence_scores(acc.unwrap_model(model), per_sample_loss, batch_size, target,
-                                             cfg.score_batch_size, acc.device)
+            influence = self._scores(model, per_sample_loss, batch_size, target)
+        if influence is not None:
             filtering = cfg.min_split_cos is None or metrics["target_split_cos"] >= cfg.min_split_cos
         keep, everyone = self._decide(influence, batch_size, cfg.mode if filtering else "none")
         metrics["kept_fraction"] = everyone["keep"].float().mean().item()
@@ -79,8 +90,44 @@ class IIFStage:
             scored = everyone["influence"][everyone["scored"]]
             metrics["influence_mean"] = scored.mean().item()
             metrics["influence_neg_fraction"] = (scored < 0).float().mean().item()
+        metrics.update(getattr(self.target_source, "metrics", {}))
         metrics["time_influence_s"] = time.perf_counter() - start - metrics.get("time_val_generate_s", 0.0)
         return Selection(keep, influence, metrics)
+
+    def state_dict(self) -> dict:
+        """The target source's state, when it keeps any between rounds (cached responses)."""
+        return self.target_source.state_dict() if hasattr(self.target_source, "state_dict") else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if hasattr(self.target_source, "load_state_dict"):
+            self.target_source.load_state_dict(state)
+
+    def _scores(self, model: nn.Module, per_sample_loss: PerSampleLoss, batch_size: int,
+                target: dict[str, torch.Tensor]) -> torch.Tensor:
+        acc = self.accelerator
+        with acc.no_sync(model), acc.autocast():  # per-process gradients: DDP must not all-reduce them
+            return influence_scores(acc.unwrap_model(model), per_sample_loss, batch_size, target,
+                                    self.config.score_batch_size, acc.device)
+
+    def cross_fitted_scores(self, model: nn.Module, per_sample_loss: PerSampleLoss,
+                            rows: TargetBatch) -> tuple[torch.Tensor, float]:
+        """[B] influence of each sample on the target built from the other folds of the whole batch, and the
+        cosine between the even and the odd folds' gradients."""
+        acc, folds = self.accelerator, self.config.folds
+        _, offset = gather_values(acc, torch.zeros(len(rows)))
+        fold = (torch.arange(len(rows)) + offset) % folds  # by global row: N processes fold as one would
+        with acc.no_sync(model), acc.autocast():
+            parts = target_gradient_parts(acc.unwrap_model(model), rows, self.sequence_logprobs, fold, folds,
+                                          self.config.score_batch_size)
+        parts = sum_gradients(acc, *parts)
+        rows_per_fold = acc.reduce(torch.bincount(fold, minlength=folds).float().to(acc.device), "sum")
+        stacked = {name: torch.stack([part[name] for part in parts]) for name in parts[0]}
+        dots = self._scores(model, per_sample_loss, len(rows), stacked)                    # [B, K]
+        fold = fold.to(dots.device)
+        own = dots.gather(1, fold[:, None]).squeeze(1)
+        influence = (dots.sum(dim=1) - own) / (rows_per_fold.sum() - rows_per_fold[fold])
+        even, odd = (_summed(parts[parity::2]) for parity in (0, 1))
+        return influence, grad_cosine(even, odd)
 
     def target_gradient(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], float, float]:
         """∇L_val over the trainable LoRA parameters at θ(k), from every process's validation rows.
@@ -92,8 +139,8 @@ class IIFStage:
         rows = self.target_source(acc.unwrap_model(model))
         source_seconds = time.perf_counter() - start
         with acc.no_sync(model), acc.autocast():  # each process's part is summed by the reduce below
-            half_a, half_b = target_gradient_halves(acc.unwrap_model(model), rows, self.sequence_logprobs,
-                                                    self.config.score_batch_size)
+            half_a, half_b = target_gradient_parts(acc.unwrap_model(model), rows, self.sequence_logprobs,
+                                                   torch.arange(len(rows)) % 2, 2, self.config.score_batch_size)
         half_a, half_b = sum_gradients(acc, half_a, half_b)
         n_total = acc.reduce(torch.tensor(float(len(rows)), device=acc.device), "sum").item()
         target = {name: (half_a[name] + half_b[name]) / n_total for name in half_a}
@@ -113,3 +160,7 @@ class IIFStage:
         keep_all[scored] = filter_mask(everyone[scored], mode, self.config.p, self.generator)
         keep = keep_all[offset:offset + batch_size].to(acc.device)
         return keep, {"influence": everyone, "scored": scored, "keep": keep_all}
+
+
+def _summed(gradients: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {name: sum(g[name] for g in gradients) for name in gradients[0]}

@@ -26,9 +26,11 @@ from llm_iif.core.errors import UserError, first_line
 # is what code that is not handed a recipe checks against.
 FilterMode = Literal["neg-bottom", "bottom", "neg-random", "random", "none"]
 TargetName = Literal["seq", "return", "reward", "gold"]
+TargetSourceName = Literal["fresh", "cached", "batch"]
 ClassicTargetName = Literal["return"]
 FILTER_MODES: tuple[str, ...] = typing.get_args(FilterMode)
 TARGETS: tuple[str, ...] = typing.get_args(TargetName)
+TARGET_SOURCES: tuple[str, ...] = typing.get_args(TargetSourceName)
 CLASSIC_TARGETS: tuple[str, ...] = typing.get_args(ClassicTargetName)
 
 
@@ -137,6 +139,16 @@ class IIFConfig:
     ``seq`` Σ log-prob × last-token advantage (the paper's RLHF target), ``return`` token-level
     advantage-weighted log-prob, ``reward`` Σ log-prob × whitened reward, ``gold`` log-likelihood of
     reference responses (needs ``val_prompts`` with prompt and response columns)."""
+    target_source: TargetSourceName = "fresh"
+    """Where the target's responses come from: ``fresh`` responses to the validation prompts every round (the
+    paper); ``cached`` ones, generated every ``refresh_every`` rounds and reweighted in between to the current
+    policy by self-normalised, truncated per-sequence importance ratios; ``batch`` the round's own training
+    samples, cross-fitted over ``folds`` folds so that no sample is scored against its own gradient (no extra
+    generation)."""
+    refresh_every: int = 4
+    """cached: generate fresh validation responses every N rounds."""
+    folds: int = 2
+    """batch: each sample is scored against the target built from the other folds' samples."""
     mode: FilterMode = "neg-bottom"
     p: float = 1.0
     """Fraction dropped: of the negative-score samples (neg-*) or of all samples (bottom, random)."""
@@ -518,6 +530,10 @@ def _check_values(recipe: Recipe, source: str) -> None:
     require(iif.score_batch_size > 0, "iif.score_batch_size", "a positive integer")
     require(iif.min_split_cos is None or -1.0 <= iif.min_split_cos <= 1.0, "iif.min_split_cos",
             "a value in [-1, 1] or null")
+    require(iif.refresh_every >= 1, "iif.refresh_every", "a positive integer")
+    require(2 <= iif.folds <= recipe.run.batch_size, "iif.folds", f"an integer in [2, run.batch_size={recipe.run.batch_size}]")
+    require(iif.target_source != "batch" or iif.target != "gold", "iif.target_source",
+            "fresh or cached with iif.target gold (the training batch has no reference responses)")
     run = recipe.run
     require(run.rounds > 0, "run.rounds", "a positive integer")
     require(run.batch_size > 0, "run.batch_size", "a positive integer")

@@ -6,6 +6,8 @@ with PPO. The targets differ only in their token weights w (`target_token_weight
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Callable
 
 import torch
@@ -44,35 +46,85 @@ def target_token_weights(target: str, advantages: torch.Tensor | None, rewards: 
     raise ValueError(f"unknown target '{target}': expected one of {', '.join(TARGETS)}")
 
 
+def rollout_target_rows(target: str, rollout: Rollout, advantages: Advantages, accelerator: Accelerator,
+                        sequence_weights: torch.Tensor | None = None) -> TargetBatch:
+    """A rollout's rows as target rows, token-weighted by ``target`` (see `target_token_weights`); rewards
+    are whitened over every process's rows. ``sequence_weights`` [B] scale each row's weights (importance
+    weights of cached responses)."""
+    ones = torch.ones_like(rollout.rewards)
+    rewards = ppo.masked_whiten(rollout.rewards, ones,
+                                accelerator.reduce(ppo.masked_moments(rollout.rewards, ones), "sum"))
+    weights = target_token_weights(target, advantages.advantages, rewards, rollout.response_mask)
+    if sequence_weights is not None:
+        weights = weights * sequence_weights[:, None]
+    return TargetBatch(rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask, weights)
+
+
+def importance_weights(logprobs_now: torch.Tensor, logprobs_then: torch.Tensor, mask: torch.Tensor,
+                       accelerator: Accelerator) -> tuple[torch.Tensor, float]:
+    """Self-normalised, truncated per-sequence importance weights of responses sampled by an earlier policy.
+
+    logprobs_now, logprobs_then: [V, T] per-token log-probs under π_θ(k) and under the policy that generated
+    the responses; mask: [V, T]. ρ_v = exp Σ_t (now - then), normalised to mean 1 over every process's rows,
+    truncated at √N (Ionides' truncated importance sampling) and normalised again. Returns (ρ̃ [V], the
+    effective sample size (Σρ̃)² / Σρ̃² over all N rows).
+    """
+    log_ratio = ((logprobs_now - logprobs_then) * mask).sum(dim=1)
+    shift = accelerator.reduce(log_ratio.max().reshape(1), "max")  # exp of the largest is 1: no overflow
+    ratio = torch.exp(log_ratio - shift)
+    total, n = accelerator.reduce(torch.stack([ratio.sum(), torch.tensor(float(len(ratio)), device=ratio.device)]),
+                                  "sum").tolist()
+    weights = (ratio * n / total).clamp(max=math.sqrt(n))
+    weights = weights * n / accelerator.reduce(weights.sum(), "sum")
+    sums = accelerator.reduce(torch.stack([weights.sum(), (weights ** 2).sum()]), "sum")
+    return weights, (sums[0] ** 2 / sums[1]).item()
+
+
 class ValidationTarget:
     """`TargetSource` of the LM trainer: this process's share of ``iif.val_size`` validation rows each round.
 
-    For ``gold`` the rows are the validation set's reference responses; otherwise fresh responses to the
-    validation prompts are collected and rewarded at θ(k) and weighted by ``iif.target``. ``advantages_of``
-    computes a rollout's advantages with the trainer's current KL coefficient.
+    For ``gold`` the rows are the validation set's reference responses. Otherwise responses to the validation
+    prompts are rewarded, scored at θ(k) and weighted by ``iif.target``: ``fresh`` ones every round, or, with
+    ``iif.target_source: cached``, ones generated every ``iif.refresh_every`` rounds and, in between, scored
+    again at θ(k) (new advantages, same rewards) and reweighted by `importance_weights`. ``advantages_of``
+    computes a rollout's advantages with the trainer's current KL coefficient. ``metrics`` holds the last
+    call's ``target_ess`` (cached source).
     """
 
     def __init__(self, config: IIFConfig, validation: dict[str, list[str]], collector: RolloutCollector,
                  advantages_of: Callable[[Rollout], Advantages], accelerator: Accelerator):
         self.config, self.validation, self.collector = config, validation, collector
         self.advantages_of, self.accelerator = advantages_of, accelerator
+        self.cache: Rollout | None = None
+        self.calls, self.metrics = 0, {}
 
     def __call__(self, model) -> TargetBatch:
-        acc = self.accelerator
+        acc, cfg = self.accelerator, self.config
         prompts = self._rows("prompt")
-        if self.config.target == "gold":
+        if cfg.target == "gold":
             collector = self.collector
             ids = tokenize_pairs(collector.tokenizer, [collector.format_prompt(p) for p in prompts],
                                  self._rows("response"), acc.device)
             return TargetBatch(*ids, target_token_weights("gold", None, None, ids[3]))
-        rollout, _ = self.collector(prompts)
-        advantages = self.advantages_of(rollout).advantages
-        ones = torch.ones_like(rollout.rewards)
-        rewards = ppo.masked_whiten(rollout.rewards, ones,
-                                    acc.reduce(ppo.masked_moments(rollout.rewards, ones), "sum"))
-        weights = target_token_weights(self.config.target, advantages, rewards, rollout.response_mask)
-        return TargetBatch(rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask,
-                           weights)
+        refresh = cfg.target_source != "cached" or self.calls % cfg.refresh_every == 0
+        self.calls += 1
+        if refresh:
+            rollout, _ = self.collector(prompts)
+            self.cache = rollout if cfg.target_source == "cached" else None
+            self.metrics = {"target_ess": float(len(rollout) * acc.num_processes)} if self.cache else {}
+            return rollout_target_rows(cfg.target, rollout, self.advantages_of(rollout), acc)
+        rollout = self.collector.rescore(self.cache)
+        weights, ess = importance_weights(rollout.logprobs, self.cache.logprobs, rollout.response_mask, acc)
+        self.metrics = {"target_ess": ess}
+        return rollout_target_rows(cfg.target, rollout, self.advantages_of(rollout), acc, weights)
+
+    def state_dict(self) -> dict:
+        """What an exact resume needs: the round count and the cached responses (tensors and strings)."""
+        return {"calls": self.calls, "cache": None if self.cache is None else dataclasses.asdict(self.cache)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.calls = state["calls"]
+        self.cache = None if state["cache"] is None else Rollout(**state["cache"])
 
     def _rows(self, column: str) -> list[str]:
         """This process's share of the round's validation rows, cycling the set as needed."""

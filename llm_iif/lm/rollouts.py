@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import torch
@@ -54,6 +55,14 @@ class RolloutCollector:
                                        self.cfg.temperature, self.cfg.forward_batch_size)
         rollout = Rollout(prompts, responses, query_ids, query_mask, response_ids, response_mask, rewards, **tokens)
         return self._drop_nonfinite(rollout), timer.as_metrics()
+
+    def rescore(self, rollout: Rollout) -> Rollout:
+        """``rollout``'s responses and rewards with log-probs, reference log-probs, values and entropies
+        computed again at the policy's current parameters (cached responses; no generation, no reward call)."""
+        with self.accelerator.autocast():
+            tokens = per_token_outputs(self.policy, rollout.query_ids, rollout.query_mask, rollout.response_ids,
+                                       rollout.response_mask, self.cfg.temperature, self.cfg.forward_batch_size)
+        return dataclasses.replace(rollout, **tokens)
 
     def _drop_nonfinite(self, rollout: Rollout) -> Rollout:
         acc = self.accelerator

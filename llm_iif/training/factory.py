@@ -61,7 +61,8 @@ def build_trainer(recipe: Recipe, accelerator: Accelerator | None = None, *,
         if recipe.iif.val_size % acc.num_processes:
             raise UserError(f"iif.val_size: {recipe.iif.val_size} does not divide evenly over "
                             f"{acc.num_processes} processes")
-        validation = load_validation_set(recipe.iif, prompts)
+        if recipe.iif.target_source != "batch":  # the batch source needs no validation data
+            validation = load_validation_set(recipe.iif, prompts)
     report_rewards = {name: CallableReward(path, key=f"reward.report.{name}")
                       for name, path in recipe.reward.report.items()}
     optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=recipe.ppo.learning_rate)
@@ -81,9 +82,9 @@ def build_trainer(recipe: Recipe, accelerator: Accelerator | None = None, *,
                                  recipe.ppo, acc, guard, sampler)
     iif = None
     if recipe.iif.enabled:
-        target = ValidationTarget(recipe.iif, validation, collector,
-                                  lambda rollout: estimate_advantages(rollout, kl_controller.value, recipe.ppo, acc),
-                                  acc)
+        target = None if validation is None else ValidationTarget(
+            recipe.iif, validation, collector,
+            lambda rollout: estimate_advantages(rollout, kl_controller.value, recipe.ppo, acc), acc)
         iif = IIFStage(recipe.iif, acc, target, policy_logprobs(recipe.ppo.temperature), guard, filter_generator)
     evaluator = (Evaluator(unwrapped, tokenizer, format_prompt, recipe.ppo, eval_prompts, eval_rewards,
                            recipe.eval.every, seed, acc) if recipe.eval.every else None)

@@ -41,7 +41,7 @@ from llm_iif.core.timer import PhaseTimer
 from llm_iif.core.tokens import at_response_positions, response_logprobs
 from llm_iif.lm.data import PromptQueue
 from llm_iif.lm.evaluation import Evaluator
-from llm_iif.lm.iif import ppo_sample_loss
+from llm_iif.lm.iif import ppo_sample_loss, rollout_target_rows
 from llm_iif.lm.rollouts import RolloutCollector, drop_nonfinite_advantages, estimate_advantages
 from llm_iif.training import run_state
 from llm_iif.training.run_outputs import RunOutputs
@@ -168,7 +168,9 @@ class PPOTrainer:
                                                   torch.tensor(float(len(rollout)), device=acc.device)]),
                                      "sum").tolist()
         losses = ppo_sample_loss(rollout, advantages, self.cfg, self.recipe.iif.train_grad, tokens / samples)
-        return self.iif.select(self.policy, losses, len(rollout))
+        batch_rows = (rollout_target_rows(self.recipe.iif.target, rollout, advantages, acc)
+                      if self.recipe.iif.target_source == "batch" else None)
+        return self.iif.select(self.policy, losses, len(rollout), batch_rows)
 
     # ------------------------------------------------------------------ Stage III: update
 
@@ -273,7 +275,8 @@ class PPOTrainer:
             training_state = {"trainable": trainable, "optimizer": self.optimizer.state_dict(),
                               "kl_coef": self.kl_controller.value, "history": self.history,
                               **self.prompts.state_dict(),
-                              "nonfinite_rounds_in_a_row": self.guard.rounds_in_a_row, "rng": rng}
+                              "nonfinite_rounds_in_a_row": self.guard.rounds_in_a_row, "rng": rng,
+                              "iif_target": self.iif.state_dict() if self.iif is not None else {}}
             manifest = {"rounds_completed": len(self.history), "kl_coef": self.kl_controller.value,
                         "base_model": self.recipe.model.name_or_path, "num_processes": acc.num_processes}
             run_state.save_checkpoint(policy, self.tokenizer, directory, manifest, weights, training_state)
@@ -296,6 +299,8 @@ class PPOTrainer:
         self.history = state["history"]
         self.prompts.load_state_dict(state)
         self.guard.rounds_in_a_row = state["nonfinite_rounds_in_a_row"]
+        if self.iif is not None and state.get("iif_target"):  # checkpoints before target sources have none
+            self.iif.load_state_dict(state["iif_target"])
         run_state.restore_rng_states(state["rng"][acc.process_index], self._generators())
         self.outputs.rewind(self.history)
         if acc.is_main_process:
