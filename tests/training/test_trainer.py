@@ -178,11 +178,12 @@ def records(run_dir, k):
     return pq.read_table(run_dir / "records" / f"round_{k:04d}.parquet").to_pydict()
 
 
-def test_two_processes_filter_as_one_and_stay_in_step(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("target_source", ["fresh", "batch"])
+def test_two_processes_filter_as_one_and_stay_in_step(tmp_path, tiny_model_dir, target_source):
     """2 CPU processes with IIF on fixed rollouts: one global batch and one filtering decision, the same
     kept set as a single process, one set of metrics and one checkpoint, and identical LoRA weights on
-    both ranks after 2 rounds."""
-    iif = {"mode": "bottom", "p": 0.5}
+    both ranks after 2 rounds. With the batch source, the folds follow the global row index."""
+    iif = {"mode": "bottom", "p": 0.5, "target_source": target_source}
     two = run_fixed_rollouts(tmp_path, "two", iif, processes=2)
     one = run_fixed_rollouts(tmp_path, "one", iif, processes=1)
 
