@@ -25,6 +25,7 @@ from llm_iif.analysis.diagnosis import diagnose, intervene
 from llm_iif.analysis.grid import LM_METHODS, run_classic_compare, run_compare
 from llm_iif.analysis.plots import run_title, write_run_figures
 from llm_iif.analysis.report import write_report
+from llm_iif.analysis.summary import BUDGET_FRACTIONS
 from llm_iif.core.config import ClassicRecipe, RewardTrainRecipe, load_recipe
 from llm_iif.core.errors import UserError
 from llm_iif.core.paths import RunPaths
@@ -297,18 +298,22 @@ def _print_summary(history: list[dict], output_dir: str, seconds: float) -> None
 
 
 def _print_comparison(summary: dict, output_dir, reward_name: str = "final reward") -> None:
+    """One row per method; the last five columns are fractions of standard PPO's budget (see
+    `llm_iif.analysis.summary.efficiency`): rounds and seconds to standard's final reward and to its peak,
+    and the median round time against standard's."""
     with_kl = all("final_kl" in entry for entry in summary["methods"].values())
-    print(f"{'method':<10} {'s/round':>8} {'kept':>6} {reward_name:>13}" + (f" {'final KL':>9}" if with_kl else "")
-          + f" {'SE_ave %':>10} {'SE_peak %':>10} {'RT_peak %':>10} {'rounds to std final':>20}")
+    print(f"{'method':<11} {'s/round':>8} {'kept':>6} {reward_name:>13}" + (f" {'final KL':>9}" if with_kl else "")
+          + f" {'SE_ave %':>10} {'SE_peak %':>10} {'RT_peak %':>10}"
+          + "".join(f" {column:>12}" for column in BUDGET_FRACTIONS.values()))
     for method, entry in summary["methods"].items():
-        row = (f"{method:<10} {entry['mean_round_s'][0]:>8.2f} {entry['mean_kept_fraction'][0]:>6.2f} "
+        row = (f"{method:<11} {entry['mean_round_s'][0]:>8.2f} {entry['mean_kept_fraction'][0]:>6.2f} "
                f"{entry['final_reward'][0]:>+13.3f}")
         if with_kl:
             row += f" {entry['final_kl'][0]:>9.2f}"
         vs = entry.get("vs_standard")
         if vs:
-            row += (f" {_pm(vs['SE_ave'])} {_pm(vs['SE_peak'])} {_pm(vs['RT_peak'])}"
-                    f" {vs['rounds_to_standard_final'][0]:>20.2f}")
+            row += f" {_pm(vs['SE_ave'])} {_pm(vs['SE_peak'])} {_pm(vs['RT_peak'])}"
+            row += "".join(f" {vs[key][0]:>12.2f}" for key in BUDGET_FRACTIONS)
         print(row)
     for key in sorted({k for entry in summary["methods"].values() for k in entry if k.startswith("final_reward/")}):
         print(f"{key[len('final_'):]} (not trained on), last rounds: " + ", ".join(
@@ -316,6 +321,7 @@ def _print_comparison(summary: dict, output_dir, reward_name: str = "final rewar
             if key in entry))
     written = ", ".join(path.name for path in sorted(Path(output_dir).glob("*.*")))
     print(f"outputs in {output_dir}: {written}")
+
 
 
 def _pm(stat) -> str:

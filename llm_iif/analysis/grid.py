@@ -16,7 +16,7 @@ from llm_iif.analysis.plots import plot_influence, plot_reward_curves, run_title
 from llm_iif.analysis.report import influence_by_round, picked_rounds, write_report
 from llm_iif.analysis.summary import summarize
 from llm_iif.classic.train import train_classic
-from llm_iif.core.config import ClassicRecipe, load_recipe
+from llm_iif.core.config import TARGET_SOURCES, ClassicRecipe, load_recipe
 from llm_iif.core.errors import UserError
 from llm_iif.core.fileio import atomic_write_text
 from llm_iif.core.paths import GridPaths, RunPaths
@@ -27,8 +27,11 @@ from llm_iif.training.run_outputs import check_writable_directory, delete_output
 LM_METHODS = {
     "standard": ["iif.enabled=false"],
     "iif": ["iif.enabled=true"],
-    # The paper's random baseline drops about half the batch at random, about what IIF drops there.
-    "random": ["iif.enabled=true", "iif.mode=random", "iif.p=0.5"],
+    # Size-matched: each round drops as many samples as IIF would (p × the negative scores), chosen at random
+    # from the whole batch; what IIF gains over it comes from which samples it drops, not how many.
+    "random": ["iif.enabled=true", "iif.mode=matched-random"],
+    # IIF with each target source, whatever the recipe chooses.
+    **{f"iif-{source}": ["iif.enabled=true", f"iif.target_source={source}"] for source in TARGET_SOURCES},
 }
 
 # `llm-iif classic compare`: the (filter mode, p) of each method, given the recipe's ``iif`` section.

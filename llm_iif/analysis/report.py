@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 from llm_iif.analysis.plots import Curve, Panel, curves_figure, figure_png, influence_figure
+from llm_iif.analysis.summary import BUDGET_FRACTIONS
 from llm_iif.core.errors import UserError
 from llm_iif.core.fileio import atomic_write_text
 from llm_iif.core.paths import GridPaths, RunPaths
@@ -126,13 +127,17 @@ def _summary(run_dir: Path, runs: dict, metrics: dict) -> str:
     if not summary_file.is_file():
         return table
     methods = json.loads(summary_file.read_text())["methods"]
-    compared = [[method, *(f"{entry['vs_standard'][key][0]:+.1f} ± {entry['vs_standard'][key][1]:.1f}"
-                           for key in ("SE_ave", "SE_peak", "RT_peak"))]
-                for method, entry in methods.items() if "vs_standard" in entry]
+    versus = {method: entry["vs_standard"] for method, entry in methods.items() if "vs_standard" in entry}
+    fractions = [key for key in BUDGET_FRACTIONS if all(key in vs for vs in versus.values())]  # older summaries
+    compared = [[method, *(f"{vs[key][0]:+.1f} ± {vs[key][1]:.1f}" for key in ("SE_ave", "SE_peak", "RT_peak")),
+                 *(f"{vs[key][0]:.2f} ± {vs[key][1]:.2f}" for key in fractions)] for method, vs in versus.items()]
     if not compared:
         return table
-    return table + "<p>Against standard PPO (% fewer rounds or seconds; mean ± s.e. over seeds):</p>" + _table(
-        ["method", "SE_ave %", "SE_peak %", "RT_peak %"], compared)
+    return table + ("<p>Against standard PPO (mean ± s.e. over seeds): % fewer rounds or seconds, then the "
+                    "fraction of standard's rounds and seconds needed to reach its final reward and its peak, "
+                    "and the round time against standard's:</p>") + _table(
+        ["method", "SE_ave %", "SE_peak %", "RT_peak %", *(BUDGET_FRACTIONS[key] for key in fractions)], compared)
+
 
 
 def _curves(metrics: dict):

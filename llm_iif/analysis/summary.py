@@ -7,8 +7,13 @@ method needs against standard PPO's; RT_peak compares wall-clock seconds to stan
 from __future__ import annotations
 
 import math
+import statistics
 
 LEVELS = tuple(round(0.1 * i, 1) for i in range(2, 10))  # 0.2 ... 0.9
+# `efficiency`'s fractions of standard's budget -> their column header in printed and HTML tables.
+BUDGET_FRACTIONS = {"rounds_to_standard_final": "rounds→final", "seconds_to_standard_final": "s→final",
+                    "rounds_to_standard_peak": "rounds→peak", "seconds_to_standard_peak": "s→peak",
+                    "round_time_ratio": "s/round ×"}
 
 
 def trailing_mean(values: list[float], window: int) -> list[float]:
@@ -24,9 +29,16 @@ def rounds_to_reach(curve: list[float], level: float) -> int | None:
 
 def efficiency(standard: list[float], method: list[float], standard_seconds: list[float],
                method_seconds: list[float], smooth: int = 5) -> dict:
-    """The paper's SE_ave, SE_peak and RT_peak (in %) of ``method`` against ``standard``.
+    """The paper's SE_ave, SE_peak and RT_peak (in %) of ``method`` against ``standard``, and the fractions
+    of standard's budget the method needs, in rounds and in seconds:
 
-    standard, method: per-round mean rewards; *_seconds: per-round wall times, for RT_peak.
+      rounds_to_standard_final, seconds_to_standard_final   to reach standard's final (smoothed) reward, as a
+                                                             fraction of standard's whole run;
+      rounds_to_standard_peak, seconds_to_standard_peak     to reach standard's peak, as a fraction of what
+                                                             standard needed to reach it;
+      round_time_ratio                                      median round time, method / standard.
+
+    standard, method: per-round mean rewards; *_seconds: per-round wall times.
     """
     std, meth = trailing_mean(standard, smooth), trailing_mean(method, smooth)
     start, peak = std[0], max(std)
@@ -43,16 +55,22 @@ def efficiency(standard: list[float], method: list[float], standard_seconds: lis
     def reduction(level):
         return 100.0 * (1.0 - rounds(meth, level) / rounds(std, level))
 
+    def seconds(per_round, n):
+        """Seconds of the first n rounds; an unreached level (n past the end) costs one more mean round."""
+        return sum(per_round[:n]) + (sum(per_round) / len(per_round) if n > len(per_round) else 0.0)
+
     se_ave = sum(reduction(start + f * (peak - start)) for f in LEVELS) / len(LEVELS)
     se_peak = reduction(peak)
     m_std, m_meth = rounds(std, peak), rounds(meth, peak)
-    seconds_std = sum(standard_seconds[:m_std])
-    # An unreached peak costs the whole run plus one more mean round.
-    extra_round = sum(method_seconds) / len(method_seconds) if m_meth > len(method_seconds) else 0.0
-    seconds_meth = sum(method_seconds[:m_meth]) + extra_round
-    final = std[-1]
+    seconds_std, seconds_meth = seconds(standard_seconds, m_std), seconds(method_seconds, m_meth)
+    to_final = rounds(meth, std[-1])
     return {"SE_ave": se_ave, "SE_peak": se_peak, "RT_peak": 100.0 * (1.0 - seconds_meth / seconds_std),
-            "rounds_to_standard_final": rounds(meth, final) / len(meth), "unreached_levels": unreached}
+            "rounds_to_standard_final": to_final / len(std),
+            "seconds_to_standard_final": seconds(method_seconds, to_final) / sum(standard_seconds),
+            "rounds_to_standard_peak": m_meth / m_std,
+            "seconds_to_standard_peak": seconds_meth / seconds_std,
+            "round_time_ratio": statistics.median(method_seconds) / statistics.median(standard_seconds),
+            "unreached_levels": unreached}
 
 
 def mean_and_sem(values: list[float]) -> tuple[float, float]:

@@ -17,6 +17,8 @@ def filter_mask(scores: torch.Tensor, mode: str, p: float, generator: torch.Gene
       ``neg-bottom``  drop the floor(p·N_neg) most negative samples; scores ≥ 0 are always kept (IIF).
       ``bottom``      drop the floor(p·N) lowest-scoring samples.
       ``neg-random``  drop floor(p·N_neg) negative samples chosen at random.
+      ``matched-random``  drop floor(p·N_neg) samples chosen at random from all N: as many as neg-bottom
+                      drops, but which ones ignores the scores (the size-matched random baseline).
       ``random``      drop floor(p·N) samples chosen at random (scores are ignored).
       ``none``        keep everything.
     Ties are broken by position (the earlier sample is dropped first). If every sample would be dropped,
@@ -35,9 +37,10 @@ def filter_mask(scores: torch.Tensor, mode: str, p: float, generator: torch.Gene
     if mode == "none":
         return keep
     candidates = torch.arange(n, device=scores.device)
+    counted = candidates[scores < 0] if mode.startswith("neg") or mode == "matched-random" else candidates
     if mode.startswith("neg"):
-        candidates = candidates[scores < 0]
-    n_drop = math.floor(p * len(candidates) + 1e-9)  # the epsilon guards p·N landing just under an integer
+        candidates = counted
+    n_drop = math.floor(p * len(counted) + 1e-9)  # the epsilon guards p·N landing just under an integer
     if mode in ("neg-bottom", "bottom"):
         order = torch.sort(scores[candidates], stable=True).indices
     else:

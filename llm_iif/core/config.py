@@ -24,7 +24,7 @@ from llm_iif.core.errors import UserError, first_line
 
 # Each enumeration is defined once, as the Literal type recipes are checked against; the tuple of its values
 # is what code that is not handed a recipe checks against.
-FilterMode = Literal["neg-bottom", "bottom", "neg-random", "random", "none"]
+FilterMode = Literal["neg-bottom", "bottom", "neg-random", "matched-random", "random", "none"]
 TargetName = Literal["seq", "return", "reward", "gold"]
 TargetSourceName = Literal["fresh", "cached", "batch"]
 ClassicTargetName = Literal["return"]
@@ -151,7 +151,8 @@ class IIFConfig:
     """batch: each sample is scored against the target built from the other folds' samples."""
     mode: FilterMode = "neg-bottom"
     p: float = 1.0
-    """Fraction dropped: of the negative-score samples (neg-*) or of all samples (bottom, random)."""
+    """Fraction dropped: of the negative-score samples (neg-*, and matched-random, which drops that many
+    samples chosen at random from the whole batch) or of all samples (bottom, random)."""
     val_prompts: Optional[str] = None
     """Validation prompt source (same formats as data.source); None uses the data's validation split."""
     val_size: int = 256

@@ -226,7 +226,7 @@ def test_bottom_drops_the_lowest_fraction_of_all_scores():
 def test_random_modes_drop_the_right_count_reproducibly():
     big = torch.randn(1000, generator=torch.Generator().manual_seed(0))
     n_neg = int((big < 0).sum())
-    for mode, pool in (("random", 1000), ("neg-random", n_neg)):
+    for mode, pool in (("random", 1000), ("neg-random", n_neg), ("matched-random", n_neg)):
         first = filter_mask(big, mode, 0.5, torch.Generator().manual_seed(3))
         again = filter_mask(big, mode, 0.5, torch.Generator().manual_seed(3))
         assert torch.equal(first, again)
@@ -236,6 +236,10 @@ def test_random_modes_drop_the_right_count_reproducibly():
     # A random drop ignores the scores: it removes positives as well as negatives.
     random = filter_mask(big, "random", 0.5, torch.Generator().manual_seed(3))
     assert bool((big[~random] > 0).any()) and bool((big[~random] < 0).any())
+    # The size-matched one drops as many as neg-bottom, but from the whole batch.
+    matched = filter_mask(big, "matched-random", 0.5, torch.Generator().manual_seed(3))
+    assert int((~matched).sum()) == int((~filter_mask(big, "neg-bottom", 0.5)).sum())
+    assert bool((big[~matched] > 0).any()) and bool((big[~matched] < 0).any())
 
 
 def test_none_keeps_everything():

@@ -149,6 +149,10 @@ def test_efficiency_matches_the_paper_definitions():
     assert result["SE_ave"] == pytest.approx(100 * sum(expected) / 8)
     assert result["RT_peak"] == pytest.approx(100 * (1 - 12 / 11))  # 6 rounds at 2 s vs 11 at 1 s
     assert result["rounds_to_standard_final"] == pytest.approx(6 / 11)
+    assert result["seconds_to_standard_final"] == pytest.approx(12 / 11)  # 6 rounds at 2 s of standard's 11 s
+    assert result["rounds_to_standard_peak"] == pytest.approx(6 / 11)
+    assert result["seconds_to_standard_peak"] == pytest.approx(12 / 11)
+    assert result["round_time_ratio"] == 2.0
     assert result["unreached_levels"] == 0
 
 
