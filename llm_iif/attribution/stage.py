@@ -25,7 +25,6 @@ All processes must call `IIFStage.select` together: it reduces the target and ga
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +38,7 @@ from llm_iif.attribution.influence import (PerSampleLoss, SequenceLogprobs, Targ
 from llm_iif.core.config import IIFConfig
 from llm_iif.core.distributed import gather_values, sum_gradients
 from llm_iif.core.guards import NonfiniteGuard
+from llm_iif.core.timer import PhaseTimer
 
 
 @dataclass
@@ -62,6 +62,7 @@ class IIFStage:
         self.config, self.accelerator = config, accelerator
         self.target_source, self.sequence_logprobs = target_source, sequence_logprobs
         self.guard, self.generator = guard, generator
+        self.timer = PhaseTimer()
 
     def select(self, model: nn.Module, per_sample_loss: PerSampleLoss, batch_size: int,
                batch_rows: TargetBatch | None = None) -> Selection:
@@ -72,14 +73,14 @@ class IIFStage:
         rows and target token weights, needed with ``target_source: batch``.
         """
         cfg = self.config
-        start = time.perf_counter()
+        self.timer = PhaseTimer()
         metrics, influence, filtering = {}, None, True
         if cfg.mode != "random" and cfg.target_source == "batch":
             if batch_rows is None:
                 raise ValueError("iif.target_source batch: select() needs the batch's rows (batch_rows=)")
             influence, metrics["target_split_cos"] = self.cross_fitted_scores(model, per_sample_loss, batch_rows)
         elif cfg.mode != "random":
-            target, metrics["target_split_cos"], metrics["time_val_generate_s"] = self.target_gradient(model)
+            target, metrics["target_split_cos"] = self.target_gradient(model)
             influence = self._scores(model, per_sample_loss, batch_size, target)
         if influence is not None:
             filtering = cfg.min_split_cos is None or metrics["target_split_cos"] >= cfg.min_split_cos
@@ -90,8 +91,10 @@ class IIFStage:
             scored = everyone["influence"][everyone["scored"]]
             metrics["influence_mean"] = scored.mean().item()
             metrics["influence_neg_fraction"] = (scored < 0).float().mean().item()
-        metrics.update(getattr(self.target_source, "metrics", {}))
-        metrics["time_influence_s"] = time.perf_counter() - start - metrics.get("time_val_generate_s", 0.0)
+        metrics.update(getattr(self.target_source, "metrics", {}))  # e.g. its time_val_*_s, target_ess
+        metrics.update(self.timer.as_metrics())  # time_target_s, time_scoring_s
+        if influence is not None:
+            metrics["time_influence_s"] = self.timer.seconds["target"] + self.timer.seconds["scoring"]
         return Selection(keep, influence, metrics)
 
     def state_dict(self) -> dict:
@@ -105,7 +108,7 @@ class IIFStage:
     def _scores(self, model: nn.Module, per_sample_loss: PerSampleLoss, batch_size: int,
                 target: dict[str, torch.Tensor]) -> torch.Tensor:
         acc = self.accelerator
-        with acc.no_sync(model), acc.autocast():  # per-process gradients: DDP must not all-reduce them
+        with self.timer.phase("scoring"), acc.no_sync(model), acc.autocast():  # per-process gradients: no
             return influence_scores(acc.unwrap_model(model), per_sample_loss, batch_size, target,
                                     self.config.score_batch_size, acc.device)
 
@@ -116,11 +119,12 @@ class IIFStage:
         acc, folds = self.accelerator, self.config.folds
         _, offset = gather_values(acc, torch.zeros(len(rows)))
         fold = (torch.arange(len(rows)) + offset) % folds  # by global row: N processes fold as one would
-        with acc.no_sync(model), acc.autocast():
-            parts = target_gradient_parts(acc.unwrap_model(model), rows, self.sequence_logprobs, fold, folds,
-                                          self.config.score_batch_size)
-        parts = sum_gradients(acc, *parts)
-        rows_per_fold = acc.reduce(torch.bincount(fold, minlength=folds).float().to(acc.device), "sum")
+        with self.timer.phase("target"):
+            with acc.no_sync(model), acc.autocast():
+                parts = target_gradient_parts(acc.unwrap_model(model), rows, self.sequence_logprobs, fold, folds,
+                                              self.config.score_batch_size)
+            parts = sum_gradients(acc, *parts)
+            rows_per_fold = acc.reduce(torch.bincount(fold, minlength=folds).float().to(acc.device), "sum")
         stacked = {name: torch.stack([part[name] for part in parts]) for name in parts[0]}
         dots = self._scores(model, per_sample_loss, len(rows), stacked)                    # [B, K]
         fold = fold.to(dots.device)
@@ -129,22 +133,21 @@ class IIFStage:
         even, odd = (_summed(parts[parity::2]) for parity in (0, 1))
         return influence, grad_cosine(even, odd)
 
-    def target_gradient(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], float, float]:
+    def target_gradient(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], float]:
         """∇L_val over the trainable LoRA parameters at θ(k), from every process's validation rows.
 
-        Returns (target {name: tensor}, cosine between the two halves' gradients, seconds the target source
-        took to produce its rows)."""
+        Returns (target {name: tensor}, cosine between the two halves' gradients). The source's own time
+        (generation, reward, forward) is in its ``metrics``; the gradient's in ``time_target_s``."""
         acc = self.accelerator
-        start = time.perf_counter()
         rows = self.target_source(acc.unwrap_model(model))
-        source_seconds = time.perf_counter() - start
-        with acc.no_sync(model), acc.autocast():  # each process's part is summed by the reduce below
-            half_a, half_b = target_gradient_parts(acc.unwrap_model(model), rows, self.sequence_logprobs,
-                                                   torch.arange(len(rows)) % 2, 2, self.config.score_batch_size)
-        half_a, half_b = sum_gradients(acc, half_a, half_b)
-        n_total = acc.reduce(torch.tensor(float(len(rows)), device=acc.device), "sum").item()
+        with self.timer.phase("target"):
+            with acc.no_sync(model), acc.autocast():  # each process's part is summed by the reduce below
+                half_a, half_b = target_gradient_parts(acc.unwrap_model(model), rows, self.sequence_logprobs,
+                                                       torch.arange(len(rows)) % 2, 2, self.config.score_batch_size)
+            half_a, half_b = sum_gradients(acc, half_a, half_b)
+            n_total = acc.reduce(torch.tensor(float(len(rows)), device=acc.device), "sum").item()
         target = {name: (half_a[name] + half_b[name]) / n_total for name in half_a}
-        return target, grad_cosine(half_a, half_b), source_seconds
+        return target, grad_cosine(half_a, half_b)
 
     def _decide(self, influence: torch.Tensor | None, batch_size: int, mode: str) -> tuple[torch.Tensor, dict]:
         """One filter decision over every process's scores, so N processes filter exactly as one would.

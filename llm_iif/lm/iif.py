@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import Callable
 
 import torch
@@ -109,13 +110,16 @@ class ValidationTarget:
         refresh = cfg.target_source != "cached" or self.calls % cfg.refresh_every == 0
         self.calls += 1
         if refresh:
-            rollout, _ = self.collector(prompts)
+            rollout, seconds = self.collector(prompts)
             self.cache = rollout if cfg.target_source == "cached" else None
-            self.metrics = {"target_ess": float(len(rollout) * acc.num_processes)} if self.cache else {}
+            self.metrics = {name.replace("time_", "time_val_", 1): value for name, value in seconds.items()}
+            if self.cache is not None:
+                self.metrics["target_ess"] = float(len(rollout) * acc.num_processes)
             return rollout_target_rows(cfg.target, rollout, self.advantages_of(rollout), acc)
+        start = time.perf_counter()
         rollout = self.collector.rescore(self.cache)
         weights, ess = importance_weights(rollout.logprobs, self.cache.logprobs, rollout.response_mask, acc)
-        self.metrics = {"target_ess": ess}
+        self.metrics = {"target_ess": ess, "time_val_forward_s": time.perf_counter() - start}
         return rollout_target_rows(cfg.target, rollout, self.advantages_of(rollout), acc, weights)
 
     def state_dict(self) -> dict:

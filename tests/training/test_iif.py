@@ -18,8 +18,8 @@ from llm_iif.lm.iif import per_sample_ppo_losses, ppo_sample_loss
 from llm_iif.lm.rollouts import estimate_advantages
 from llm_iif.training import build_trainer
 
-IIF_METRICS = {"kept_fraction", "influence_mean", "influence_neg_fraction", "target_split_cos", "time_val_generate_s",
-               "time_influence_s"}
+IIF_METRICS = {"kept_fraction", "influence_mean", "influence_neg_fraction", "target_split_cos", "time_target_s",
+               "time_scoring_s", "time_influence_s"}
 
 
 def iif_recipe(output_dir, **iif):
@@ -39,6 +39,8 @@ def test_metrics_and_records_show_what_was_filtered(iif_run):
     out, history = iif_run
     for m in history:
         assert IIF_METRICS <= m.keys()
+        assert {"time_val_generate_s", "time_val_reward_s", "time_val_forward_s"} <= m.keys()  # fresh responses
+        assert m["time_influence_s"] == m["time_target_s"] + m["time_scoring_s"]
         assert -1.0 <= m["target_split_cos"] <= 1.0
         records = pq.read_table(out / "records" / f"round_{m['round']:04d}.parquet").to_pydict()
         assert set(records) == {"prompt", "response", "reward", "advantage", "influence", "kept"}
@@ -56,7 +58,7 @@ def first_round_scoring_inputs(tmp_path):
     trainer = build_trainer(iif_recipe(tmp_path))
     rollout, _ = trainer.collector(trainer.prompts.next_batch())
     advantages = estimate_advantages(rollout, trainer.kl_controller.value, trainer.cfg, trainer.accelerator)
-    target, _, _ = trainer.iif.target_gradient(trainer.policy)
+    target, _ = trainer.iif.target_gradient(trainer.policy)
     return trainer, trainer.accelerator.unwrap_model(trainer.policy), rollout, advantages, target
 
 

@@ -147,3 +147,19 @@ def test_two_process_run_resumes_exactly(tmp_path, tiny_model_dir):
     subprocess.run([*launch, str(longer), "--resume", str(tmp_path / "part")], env=env, check=True,
                    capture_output=True, timeout=600)
     assert (tmp_path / "part" / "metrics.jsonl").read_bytes() == (tmp_path / "whole" / "metrics.jsonl").read_bytes()
+
+
+def test_a_cached_target_source_resumes_exactly(tmp_path, tiny_model_dir):
+    """The cached validation responses are part of the checkpoint: stopped after round 2 of a 3-round refresh
+    cycle and resumed, the run reweights the same responses as one that never stopped."""
+    def cached(out, rounds):
+        raw = iif_recipe(out, rounds=rounds)
+        raw["iif"].update(target_source="cached", refresh_every=3)
+        return recipe_from_dict(raw)
+
+    build_trainer(cached(tmp_path / "whole", 4)).train()
+    build_trainer(cached(tmp_path / "part", 2)).train()
+    build_trainer(cached(tmp_path / "part", 4)).train(resume_from=tmp_path / "part" / "final")
+    lines = (tmp_path / "whole" / "metrics.jsonl").read_text()
+    assert (tmp_path / "part" / "metrics.jsonl").read_text() == lines
+    assert [json.loads(line)["target_ess"] < 8 for line in lines.splitlines()] == [False, True, True, False]

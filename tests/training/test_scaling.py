@@ -25,7 +25,7 @@ def scoring_inputs(tmp_path, **model):
     trainer = build_trainer(recipe_from_dict(raw))
     rollout, _ = trainer.collector(trainer.prompts.next_batch())
     advantages = estimate_advantages(rollout, trainer.kl_controller.value, trainer.cfg, trainer.accelerator)
-    target, _, _ = trainer.iif.target_gradient(trainer.policy)
+    target, _ = trainer.iif.target_gradient(trainer.policy)
     return trainer, rollout, advantages, target
 
 

@@ -1,0 +1,164 @@
+"""Where an LM round's time goes: standard PPO against IIF with each target source, measured side by side.
+
+    .venv/bin/python benchmarks/round_cost.py [--settings tiny,gpt2-124m] [--rounds 4]
+
+Per setting, four trainers (standard, and IIF with the fresh, cached and batch target sources) run the same
+recipe and seed, alternating one round each, so that a slowdown of the machine part-way hits all alike. The
+first round of each is a warm-up and is not counted. Prints the median seconds of every phase, the median
+round-time ratio IIF / standard, and beside it the ratio `predicted_ratio` gives from the standard round's
+phase shares: the cost model that tells what the ratio becomes elsewhere (a GPU, where generation dominates).
+
+Settings:
+  tiny       recipes/tiny-sentiment.yaml as it ships (batch 64, 256 validation responses, 16 new tokens);
+  gpt2-124m  a GPT-2 built from its config (12 layers, width 768, 124M parameters, random weights) with the
+             tiny tokenizer: batch 32, 64 new tokens, 64 validation responses, LoRA r 16 on c_attn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+from llm_iif.core.config import TARGET_SOURCES, recipe_from_dict
+from llm_iif.lm.builtin import ensure_tiny_model
+from llm_iif.training import build_trainer
+
+REPO = Path(__file__).resolve().parents[1]
+PHASES = {  # timings key -> column
+    "time_generate_s": "generate", "time_reward_s": "reward", "time_forward_s": "rollout forward",
+    "time_val_generate_s": "val generate", "time_val_reward_s": "val reward", "time_val_forward_s": "val forward",
+    "time_target_s": "target", "time_scoring_s": "scoring", "time_update_s": "update", "time_round_s": "round",
+}
+METHODS = {"standard": {"enabled": False}, **{f"iif-{s}": {"enabled": True, "target_source": s} for s in TARGET_SOURCES}}
+
+
+def predicted_ratio(source: str, generation: float, forward: float, epochs: int, val_per_sample: float,
+                    kept: float, refresh_every: int = 4, scoring_cost: float = 1.0) -> float:
+    """IIF round time / standard round time, from the standard round's shares.
+
+    generation, forward: the shares of a standard round spent generating (with reward) and in the rollout's
+    forward; the rest, u = 1 - generation - forward, is the update's ``epochs`` passes. One scoring pass
+    (forward and backward with the hooks) over a batch costs ``scoring_cost`` × u / epochs; the target
+    gradient over V rows costs V/B of that. val_per_sample: V / B, validation responses per training sample;
+    kept: the fraction IIF keeps, which the update time scales with.
+
+        fresh:  1 - (1-κ)u + (V/B)(generation + forward) + (V/B + 1)·s
+        cached: 1 - (1-κ)u + (V/B)(generation / refresh_every + forward) + (V/B + 1)·s
+        batch:  1 - (1-κ)u + 2·s                         (target over the batch's own rows, then scoring)
+    with s = scoring_cost · u / epochs.
+    """
+    update = 1.0 - generation - forward
+    scoring = scoring_cost * update / epochs
+    base = 1.0 - (1.0 - kept) * update
+    if source == "batch":
+        return base + 2.0 * scoring
+    sampled = generation / refresh_every if source == "cached" else generation
+    return base + val_per_sample * (sampled + forward) + (val_per_sample + 1.0) * scoring
+
+
+def recipe_for(setting: str, method: str, output_dir: Path, model_dir: Path | None) -> dict:
+    raw = yaml.safe_load((REPO / "recipes" / "tiny-sentiment.yaml").read_text())
+    raw["iif"].update(METHODS[method])
+    raw["run"].update(output_dir=str(output_dir / method), report_to=[], log_samples=0)
+    if setting == "gpt2-124m":
+        raw["model"]["name_or_path"] = str(model_dir)
+        raw["lora"] = {"r": 16, "alpha": 32, "target_modules": ["c_attn"]}
+        raw["ppo"].update(max_new_tokens=64, min_new_tokens=64, mini_batch_size=8, generation_batch_size=64,
+                          forward_batch_size=32)
+        raw["iif"].update(val_size=64, score_batch_size=16)
+        raw["run"]["batch_size"] = 32
+    return raw
+
+
+def build_gpt2_124m(directory: Path) -> Path:
+    """A 124M-parameter GPT-2 from its config, random weights, with the tiny tokenizer (saved with it)."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_tiny_model())
+    config = GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    print(f"gpt2-124m: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters")
+    return directory
+
+
+def measure(setting: str, rounds: int) -> dict[str, list[dict]]:
+    """Per method, the metrics of each timed round (round 0 is the warm-up)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model_dir = build_gpt2_124m(tmp / "gpt2-124m") if setting == "gpt2-124m" else None
+        trainers = {}
+        for method in METHODS:
+            raw = recipe_for(setting, method, tmp / "runs", model_dir)
+            raw["run"]["rounds"] = rounds + 1
+            trainers[method] = build_trainer(recipe_from_dict(raw))
+            trainers[method].outputs.start()
+        timed = {method: [] for method in METHODS}
+        for k in range(rounds + 1):
+            for method, trainer in trainers.items():  # alternating: one round of each in turn
+                metrics = trainer.run_round(k)
+                if k > 0:
+                    timed[method].append(metrics)
+        return timed
+
+
+def report(setting: str, timed: dict[str, list[dict]], epochs: int, val_per_sample: float) -> None:
+    medians = {method: {key: statistics.median(m.get(key, 0.0) for m in rounds) for key in PHASES}
+               for method, rounds in timed.items()}
+    print(f"\n### {setting}: median seconds per phase over {len(timed['standard'])} timed rounds\n")
+    print("| phase | " + " | ".join(METHODS) + " |")
+    print("|---|" + "---|" * len(METHODS))
+    for key, name in PHASES.items():
+        print(f"| {name} | " + " | ".join(f"{medians[method][key]:.3f}" for method in METHODS) + " |")
+    standard = medians["standard"]
+    generation = (standard["time_generate_s"] + standard["time_reward_s"]) / standard["time_round_s"]
+    forward = standard["time_forward_s"] / standard["time_round_s"]
+    update_epoch = standard["time_update_s"] / epochs
+    print(f"\nstandard round shares: generation + reward {generation:.2f}, rollout forward {forward:.2f}, "
+          f"update {1 - generation - forward:.2f}")
+    print("\n| method | kept | round / standard (measured) | (cost model) | scoring pass / update epoch |")
+    print("|---|---|---|---|---|")
+    for method in list(METHODS)[1:]:
+        source = method.removeprefix("iif-")
+        kept = statistics.median(m["kept_fraction"] for m in timed[method])
+        measured = statistics.median(m["time_round_s"] / s["time_round_s"]
+                                     for m, s in zip(timed[method], timed["standard"]))
+        scoring_cost = medians[method]["time_scoring_s"] / update_epoch
+        model = predicted_ratio(source, generation, forward, epochs, val_per_sample, kept,
+                                scoring_cost=scoring_cost)
+        print(f"| {method} | {kept:.2f} | {measured:.2f} | {model:.2f} | {scoring_cost:.2f} |")
+    print("\ncost model where generation takes a larger share of a standard round (forward 0.05, this "
+          "setting's scoring cost and kept fraction of iif-fresh):\n")
+    kept = statistics.median(m["kept_fraction"] for m in timed["iif-fresh"])
+    scoring_cost = medians["iif-fresh"]["time_scoring_s"] / update_epoch
+    shares = (0.5, 0.7, 0.9)
+    print("| source | " + " | ".join(f"generation {g:.0%}" for g in shares) + " |")
+    print("|---|" + "---|" * len(shares))
+    for source in TARGET_SOURCES:
+        print(f"| {source} | " + " | ".join(
+            f"{predicted_ratio(source, g, 0.05, epochs, val_per_sample, kept, scoring_cost=scoring_cost):.2f}"
+            for g in shares) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", default="tiny,gpt2-124m")
+    parser.add_argument("--rounds", type=int, default=4, help="timed rounds per method, after one warm-up round")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    for setting in args.settings.split(","):
+        raw = recipe_for(setting, "iif-fresh", Path("unused"), Path("unused"))
+        report(setting, measure(setting, args.rounds), raw["ppo"]["epochs"],
+               raw["iif"]["val_size"] / raw["run"]["batch_size"])
+
+
+if __name__ == "__main__":
+    main()
