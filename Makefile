@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -e ".[dev]"
 	touch $@
 
-# Standard PPO, IIF and random filtering side by side on the offline tiny recipe, 3 seeds (about 10 minutes).
+# Standard PPO, IIF and size-matched random filtering side by side on the offline tiny recipe, 3 seeds.
 # A second `make demo` replaces the first one's runs/demo.
 demo: $(VENV)/.installed
 	$(VENV)/bin/llm-iif compare recipes/tiny-sentiment.yaml --methods standard,iif,random --seeds 0,1,2 \
