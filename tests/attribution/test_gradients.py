@@ -133,6 +133,16 @@ def test_conv2d_and_linear_per_sample_grads_match_autograd_loop():
         loss(images).sum().backward()
     assert relative_error(streaming.scores(), expected_dots) <= 1e-4
 
+    # Three targets stacked [3, *shape]: one pass gives the [B, 3] scores of each against every sample.
+    targets = [target, {n: torch.randn_like(p) for n, p in params.items()}, {n: -t for n, t in target.items()}]
+    stacked = {n: torch.stack([t[n] for t in targets]) for n in params}
+    expected_stacked = torch.stack([torch.stack([sum((expected[n][i] * t[n]).sum() for n in t) for t in targets])
+                                    for i in range(6)])
+    with LayerGradientCapture(net, layers, target=stacked) as streaming:
+        loss(images).sum().backward()
+    assert streaming.scores().shape == (6, 3)
+    assert relative_error(streaming.scores(), expected_stacked) <= 1e-4
+
 
 def test_unsupported_layers_are_rejected():
     grouped = nn.Conv2d(4, 4, 3, groups=2)
