@@ -56,9 +56,10 @@ class LayerGradientCapture:
             self._params[key] = (names[id(layer.weight)], names[id(bias)] if bias is not None else None)
             self._layers[key] = layer
         self.parameter_names = [n for pair in self._params.values() for n in pair if n is not None]
-        self.target = None
+        self._model_params = dict(model.named_parameters())
+        self.target, self._groups, self._group_sums = None, None, {}
         if target is not None:
-            self.target = _checked_target(target, {n: p for n, p in model.named_parameters()}, self.parameter_names)
+            self.score_against(target)
         self._inputs: dict[str, torch.Tensor] = {}
         self._grads: dict[str, torch.Tensor] = {}
         self._layer_scores: dict[str, torch.Tensor] = {}
@@ -76,7 +77,26 @@ class LayerGradientCapture:
         self._handles.clear()
         self._inputs.clear()
 
+    # ---------------------------------------------------------------- modes (for the next backward)
+
+    def score_against(self, target: dict[str, torch.Tensor]) -> None:
+        """Streaming mode from the next backward on: keep only the dot products with ``target`` (see
+        `scores`)."""
+        self.target = _checked_target(target, self._model_params, self.parameter_names)
+        self._groups = None
+
+    def sum_by_group(self, groups: torch.Tensor, n_groups: int) -> None:
+        """From the next backward on, sum the per-sample gradients within each group instead: ``groups``
+        [B] gives each sample's group in [0, n_groups); read the sums with `group_sums`."""
+        self._groups = torch.nn.functional.one_hot(groups.long(), n_groups).float()   # [B, K]
+        self._group_sums.clear()
+
     # ---------------------------------------------------------------- results
+
+    def group_sums(self) -> dict[str, torch.Tensor]:
+        """Group mode: parameter name -> [K, *param.shape], the gradient summed over each group's samples."""
+        self._check_complete(self._group_sums)
+        return {name: self._group_sums[name] for name in self.parameter_names}
 
     def per_sample_grads(self) -> dict[str, torch.Tensor]:
         """Per-sample gradients: parameter name -> [B, *param.shape] (fp32)."""
@@ -110,6 +130,13 @@ class LayerGradientCapture:
         layer = self._layers[key]
         x, g = _positions(layer, self._inputs[key].detach(), grad_output)  # [B, T, d_in], [B, T, d_out]
         weight_name, bias_name = self._params[key]
+        if self._groups is not None:
+            groups = self._groups.to(g.device)
+            self._group_sums[weight_name] = torch.einsum("bk,bto,bti->koi", groups, g, x).reshape(
+                -1, *layer.weight.shape)
+            if bias_name is not None:
+                self._group_sums[bias_name] = groups.T @ g.sum(dim=1)
+            return
         if self.target is None:
             self._grads[weight_name] = torch.einsum("bto,bti->boi", g, x).reshape(-1, *layer.weight.shape)
             if bias_name is not None:

@@ -43,6 +43,8 @@ class TargetSource(Protocol):
 SequenceLogprobs = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # (model, rows [b] indices into this process's batch) -> each row's training loss L_i [b]
 PerSampleLoss = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+# (model, rows [b]) -> (L_i [b], each row's target term -Σ_t w_{i,t} log π(y_{i,t}) [b]), from one forward
+PerSampleLossAndTarget = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def target_gradient_parts(model: nn.Module, rows: TargetBatch, sequence_logprobs: SequenceLogprobs,
@@ -78,3 +80,34 @@ def influence_scores(model: nn.Module, per_sample_loss: PerSampleLoss, batch_siz
             torch.autograd.grad(losses.sum(), params)
         scores.append(capture.scores())
     return torch.cat(scores)
+
+
+def cross_fitted_dots(model: nn.Module, loss_and_target: PerSampleLossAndTarget, batch_size: int, fold: torch.Tensor,
+                      n_folds: int, chunk_size: int, sum_over_processes: Callable[[list[dict]], list[dict]],
+                      device) -> tuple[torch.Tensor, list[dict]]:
+    """[B, K] dot products ⟨G_j, ∇L_i⟩ of every sample with every fold's summed target gradient G_j, and the
+    G_j (fp32 {name: tensor}, summed over processes by ``sum_over_processes``).
+
+    ``fold`` [B] gives each row's fold. When the batch fits one chunk, one forward serves both backward
+    passes: the target terms' (summed per fold by the hooks), then the losses' (scored against the stacked
+    G_j). Otherwise the chunks run forward twice, once per backward."""
+    params = list(lora_parameters(model).values())
+    chunks = torch.split(torch.arange(batch_size, device=device), chunk_size)
+    fused = len(chunks) == 1
+    with LoraGradientCapture(model) as capture:
+        totals: dict | None = None
+        for chunk in chunks:
+            losses, target_terms = loss_and_target(model, chunk)
+            capture.sum_by_group(fold[chunk.cpu()], n_folds)
+            torch.autograd.grad(target_terms.sum(), params, retain_graph=fused)  # fused: the losses reuse it
+            sums = capture.group_sums()
+            totals = sums if totals is None else {name: totals[name] + sums[name] for name in totals}
+        parts = sum_over_processes([{name: t[j] for name, t in totals.items()} for j in range(n_folds)])
+        capture.score_against({name: torch.stack([part[name] for part in parts]) for name in parts[0]})
+        dots = []
+        for chunk in chunks:
+            if not fused:
+                losses, _ = loss_and_target(model, chunk)
+            torch.autograd.grad(losses.sum(), params)
+            dots.append(capture.scores())
+    return torch.cat(dots), parts

@@ -9,7 +9,8 @@ At the parameters θ(k) that generated a batch, before its first optimiser step:
 With ``iif.target_source: batch`` the rows v are the training batch itself, cross-fitted: the batch is split
 into K folds by global row index, G_k is the summed target gradient of fold k, and sample i in fold k(i) is
 scored against the other folds only, I_i = ⟨Σ_{j≠k(i)} G_j, ∇L_i⟩ / (N - N_{k(i)}), so its own gradient
-never inflates its score. One streaming pass gives every ⟨G_j, ∇L_i⟩ at once.
+never inflates its score. One forward serves two backward passes: the first sums the target terms' gradients
+per fold (G_j), the second gives every ⟨G_j, ∇L_i⟩ at once.
 
 I_i > 0 means one gradient step on sample i raises f. The stage owns the target gradient, the scores, the one
 filter decision over all processes and the target's reliability meter (``target_split_cos``, the cosine
@@ -33,8 +34,8 @@ from torch import nn
 
 from llm_iif.attribution.filters import filter_mask
 from llm_iif.attribution.gradients import grad_cosine
-from llm_iif.attribution.influence import (PerSampleLoss, SequenceLogprobs, TargetBatch, TargetSource,
-                                           influence_scores, target_gradient_parts)
+from llm_iif.attribution.influence import (PerSampleLoss, PerSampleLossAndTarget, SequenceLogprobs, TargetSource,
+                                           cross_fitted_dots, influence_scores, target_gradient_parts)
 from llm_iif.core.config import IIFConfig
 from llm_iif.core.distributed import gather_values, sum_gradients
 from llm_iif.core.guards import NonfiniteGuard
@@ -64,21 +65,19 @@ class IIFStage:
         self.guard, self.generator = guard, generator
         self.timer = PhaseTimer()
 
-    def select(self, model: nn.Module, per_sample_loss: PerSampleLoss, batch_size: int,
-               batch_rows: TargetBatch | None = None) -> Selection:
+    def select(self, model: nn.Module, per_sample_loss: PerSampleLoss | PerSampleLossAndTarget,
+               batch_size: int) -> Selection:
         """Influence scores and the keep-mask for this process's ``batch_size`` samples.
 
         ``model`` may be wrapped (DDP); scoring runs on the unwrapped module, outside gradient sync. Samples
-        with a NaN or inf score are never kept and are reported to the guard. ``batch_rows``: the batch's own
-        rows and target token weights, needed with ``target_source: batch``.
+        with a NaN or inf score are never kept and are reported to the guard. With ``target_source: batch``,
+        ``per_sample_loss`` must also return each row's target term (a `PerSampleLossAndTarget`).
         """
         cfg = self.config
         self.timer = PhaseTimer()
         metrics, influence, filtering = {}, None, True
         if cfg.mode != "random" and cfg.target_source == "batch":
-            if batch_rows is None:
-                raise ValueError("iif.target_source batch: select() needs the batch's rows (batch_rows=)")
-            influence, metrics["target_split_cos"] = self.cross_fitted_scores(model, per_sample_loss, batch_rows)
+            influence, metrics["target_split_cos"] = self.cross_fitted_scores(model, per_sample_loss, batch_size)
         elif cfg.mode != "random":
             target, metrics["target_split_cos"] = self.target_gradient(model)
             influence = self._scores(model, per_sample_loss, batch_size, target)
@@ -92,9 +91,9 @@ class IIFStage:
             metrics["influence_mean"] = scored.mean().item()
             metrics["influence_neg_fraction"] = (scored < 0).float().mean().item()
         metrics.update(getattr(self.target_source, "metrics", {}))  # e.g. its time_val_*_s, target_ess
-        metrics.update(self.timer.as_metrics())  # time_target_s, time_scoring_s
+        metrics.update(self.timer.as_metrics())  # time_target_s (not with the batch source), time_scoring_s
         if influence is not None:
-            metrics["time_influence_s"] = self.timer.seconds["target"] + self.timer.seconds["scoring"]
+            metrics["time_influence_s"] = sum(self.timer.seconds.values())
         return Selection(keep, influence, metrics)
 
     def state_dict(self) -> dict:
@@ -112,21 +111,18 @@ class IIFStage:
             return influence_scores(acc.unwrap_model(model), per_sample_loss, batch_size, target,
                                     self.config.score_batch_size, acc.device)
 
-    def cross_fitted_scores(self, model: nn.Module, per_sample_loss: PerSampleLoss,
-                            rows: TargetBatch) -> tuple[torch.Tensor, float]:
+    def cross_fitted_scores(self, model: nn.Module, loss_and_target: PerSampleLossAndTarget,
+                            batch_size: int) -> tuple[torch.Tensor, float]:
         """[B] influence of each sample on the target built from the other folds of the whole batch, and the
         cosine between the even and the odd folds' gradients."""
         acc, folds = self.accelerator, self.config.folds
-        _, offset = gather_values(acc, torch.zeros(len(rows)))
-        fold = (torch.arange(len(rows)) + offset) % folds  # by global row: N processes fold as one would
-        with self.timer.phase("target"):
-            with acc.no_sync(model), acc.autocast():
-                parts = target_gradient_parts(acc.unwrap_model(model), rows, self.sequence_logprobs, fold, folds,
-                                              self.config.score_batch_size)
-            parts = sum_gradients(acc, *parts)
-            rows_per_fold = acc.reduce(torch.bincount(fold, minlength=folds).float().to(acc.device), "sum")
-        stacked = {name: torch.stack([part[name] for part in parts]) for name in parts[0]}
-        dots = self._scores(model, per_sample_loss, len(rows), stacked)                    # [B, K]
+        _, offset = gather_values(acc, torch.zeros(batch_size))
+        fold = (torch.arange(batch_size) + offset) % folds  # by global row: N processes fold as one would
+        rows_per_fold = acc.reduce(torch.bincount(fold, minlength=folds).float().to(acc.device), "sum")
+        with self.timer.phase("scoring"), acc.no_sync(model), acc.autocast():  # target and scores: one pass
+            dots, parts = cross_fitted_dots(acc.unwrap_model(model), loss_and_target, batch_size, fold, folds,
+                                            self.config.score_batch_size, lambda g: sum_gradients(acc, *g),
+                                            acc.device)                                        # [B, K]
         fold = fold.to(dots.device)
         own = dots.gather(1, fold[:, None]).squeeze(1)
         influence = (dots.sum(dim=1) - own) / (rows_per_fold.sum() - rows_per_fold[fold])

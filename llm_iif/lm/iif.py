@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from accelerate import Accelerator
 
-from llm_iif.attribution.influence import PerSampleLoss, SequenceLogprobs, TargetBatch
+from llm_iif.attribution.influence import PerSampleLoss, PerSampleLossAndTarget, SequenceLogprobs, TargetBatch
 from llm_iif.core import ppo
 from llm_iif.core.config import TARGETS, IIFConfig, PPOConfig
 from llm_iif.core.records import Advantages, Rollout
@@ -154,6 +154,12 @@ def per_sample_ppo_losses(policy, rollout: Rollout, advantages: torch.Tensor, re
     gradient is what it contributes to a token-mean minibatch loss (up to the minibatch size). At θ(k) the
     ratio is 1 and no clipping is active. ``train_grad`` is ``full`` (policy + vf_coef × value) or ``policy``.
     """
+    return _losses_and_logprobs(policy, rollout, advantages, returns, cfg, train_grad, tokens_per_sample)[0]
+
+
+def _losses_and_logprobs(policy, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor,
+                         cfg: PPOConfig, train_grad: str, tokens_per_sample: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`per_sample_ppo_losses` [B], the response log-probs [B, T] they came from)."""
     mask = rollout.response_mask
     logits, values = policy(rollout.input_ids, rollout.attention_mask)
     logprobs = response_logprobs(logits, rollout.response_ids, cfg.temperature)
@@ -162,7 +168,7 @@ def per_sample_ppo_losses(policy, rollout: Rollout, advantages: torch.Tensor, re
         values = at_response_positions(values, rollout.response_ids.shape[1])
         value_loss, _ = ppo.clipped_value_loss(values, rollout.values, returns, cfg.clip_range_value)
         loss = loss + cfg.vf_coef * value_loss
-    return (loss * mask).sum(dim=1) / tokens_per_sample
+    return (loss * mask).sum(dim=1) / tokens_per_sample, logprobs
 
 
 def ppo_sample_loss(rollout: Rollout, advantages: Advantages, cfg: PPOConfig, train_grad: str,
@@ -172,3 +178,15 @@ def ppo_sample_loss(rollout: Rollout, advantages: Advantages, cfg: PPOConfig, tr
         return per_sample_ppo_losses(policy, rollout.select(rows), advantages.advantages[rows],
                                      advantages.returns[rows], cfg, train_grad, tokens_per_sample)
     return loss
+
+
+def ppo_sample_loss_and_target(rollout: Rollout, advantages: Advantages, cfg: PPOConfig, train_grad: str,
+                               tokens_per_sample: float, weights: torch.Tensor) -> PerSampleLossAndTarget:
+    """`PerSampleLossAndTarget` over the rows of one rollout: each row's PPO loss and its target term
+    -Σ_t w_t log π(y_t), with token weights ``weights`` [B, T], from the same forward pass."""
+    def loss_and_target(policy, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = rollout.select(rows)
+        losses, logprobs = _losses_and_logprobs(policy, batch, advantages.advantages[rows],
+                                                advantages.returns[rows], cfg, train_grad, tokens_per_sample)
+        return losses, -(weights[rows] * logprobs * batch.response_mask).sum(dim=1)
+    return loss_and_target

@@ -41,7 +41,7 @@ from llm_iif.core.timer import PhaseTimer
 from llm_iif.core.tokens import at_response_positions, response_logprobs
 from llm_iif.lm.data import PromptQueue
 from llm_iif.lm.evaluation import Evaluator
-from llm_iif.lm.iif import ppo_sample_loss, rollout_target_rows
+from llm_iif.lm.iif import ppo_sample_loss, ppo_sample_loss_and_target, rollout_target_rows
 from llm_iif.lm.rollouts import RolloutCollector, drop_nonfinite_advantages, estimate_advantages
 from llm_iif.training import run_state
 from llm_iif.training.run_outputs import RunOutputs
@@ -167,10 +167,14 @@ class PPOTrainer:
         tokens, samples = acc.reduce(torch.stack([rollout.response_mask.sum().float(),
                                                   torch.tensor(float(len(rollout)), device=acc.device)]),
                                      "sum").tolist()
-        losses = ppo_sample_loss(rollout, advantages, self.cfg, self.recipe.iif.train_grad, tokens / samples)
-        batch_rows = (rollout_target_rows(self.recipe.iif.target, rollout, advantages, acc)
-                      if self.recipe.iif.target_source == "batch" else None)
-        return self.iif.select(self.policy, losses, len(rollout), batch_rows)
+        iif = self.recipe.iif
+        if iif.target_source == "batch":  # the batch is its own target: loss and target term from one forward
+            weights = rollout_target_rows(iif.target, rollout, advantages, acc).weights
+            losses = ppo_sample_loss_and_target(rollout, advantages, self.cfg, iif.train_grad, tokens / samples,
+                                                weights)
+        else:
+            losses = ppo_sample_loss(rollout, advantages, self.cfg, iif.train_grad, tokens / samples)
+        return self.iif.select(self.policy, losses, len(rollout))
 
     # ------------------------------------------------------------------ Stage III: update
 

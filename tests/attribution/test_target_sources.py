@@ -10,7 +10,7 @@ from conftest import tiny_recipe_dict
 from llm_iif.attribution.gradients import LoraGradientCapture, lora_parameters
 from llm_iif.core.config import recipe_from_dict
 from llm_iif.core.errors import UserError
-from llm_iif.lm.iif import importance_weights, ppo_sample_loss, rollout_target_rows
+from llm_iif.lm.iif import importance_weights, ppo_sample_loss, ppo_sample_loss_and_target, rollout_target_rows
 from llm_iif.lm.rollouts import estimate_advantages
 from llm_iif.training import build_trainer
 
@@ -21,15 +21,17 @@ def batch_source_trainer(tmp_path, **iif):
     return build_trainer(recipe_from_dict(raw))
 
 
-@pytest.mark.parametrize("folds", [2, 3])
-def test_cross_fitted_scores_equal_a_brute_force_computation(tmp_path, tiny_model_dir, folds):
-    trainer = batch_source_trainer(tmp_path, folds=folds)
+@pytest.mark.parametrize("folds, score_batch_size", [(2, 64), (3, 64), (2, 3)])
+def test_cross_fitted_scores_equal_a_brute_force_computation(tmp_path, tiny_model_dir, folds, score_batch_size):
+    """One fused pass (the batch fits a chunk) and the two-pass path (chunks of 3) against autograd."""
+    trainer = batch_source_trainer(tmp_path, folds=folds, score_batch_size=score_batch_size)
     acc = trainer.accelerator
     rollout, _ = trainer.collector(trainer.prompts.next_batch())
     advantages = estimate_advantages(rollout, trainer.kl_controller.value, trainer.cfg, acc)
     rows = rollout_target_rows("seq", rollout, advantages, acc)
     loss = ppo_sample_loss(rollout, advantages, trainer.cfg, "policy", 5.0)
-    scores, _ = trainer.iif.cross_fitted_scores(trainer.policy, loss, rows)
+    loss_and_target = ppo_sample_loss_and_target(rollout, advantages, trainer.cfg, "policy", 5.0, rows.weights)
+    scores, _ = trainer.iif.cross_fitted_scores(trainer.policy, loss_and_target, len(rollout))
 
     policy = acc.unwrap_model(trainer.policy)
     params = lora_parameters(policy)
