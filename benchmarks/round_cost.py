@@ -42,21 +42,22 @@ def predicted_ratio(source: str, generation: float, forward: float, epochs: int,
     """IIF round time / standard round time, from the standard round's shares.
 
     generation, forward: the shares of a standard round spent generating (with reward) and in the rollout's
-    forward; the rest, u = 1 - generation - forward, is the update's ``epochs`` passes. One scoring pass
-    (forward and backward with the hooks) over a batch costs ``scoring_cost`` × u / epochs; the target
-    gradient over V rows costs V/B of that. val_per_sample: V / B, validation responses per training sample;
-    kept: the fraction IIF keeps, which the update time scales with.
+    forward; the rest, u = 1 - generation - forward, is the update's ``epochs`` passes. The scoring pass over
+    a batch costs ``scoring_cost`` × u / epochs: for fresh and cached, one forward and backward with the
+    hooks, and the target gradient over V rows costs V/B of it; for batch, the one fused pass that gives the
+    target and the scores (one forward, two backward passes). val_per_sample: V / B, validation responses per
+    training sample; kept: the fraction IIF keeps, which the update time scales with.
 
         fresh:  1 - (1-κ)u + (V/B)(generation + forward) + (V/B + 1)·s
         cached: 1 - (1-κ)u + (V/B)(generation / refresh_every + forward) + (V/B + 1)·s
-        batch:  1 - (1-κ)u + 2·s                         (target over the batch's own rows, then scoring)
+        batch:  1 - (1-κ)u + s
     with s = scoring_cost · u / epochs.
     """
     update = 1.0 - generation - forward
     scoring = scoring_cost * update / epochs
     base = 1.0 - (1.0 - kept) * update
     if source == "batch":
-        return base + 2.0 * scoring
+        return base + scoring
     sampled = generation / refresh_every if source == "cached" else generation
     return base + val_per_sample * (sampled + forward) + (val_per_sample + 1.0) * scoring
 
@@ -135,14 +136,15 @@ def report(setting: str, timed: dict[str, list[dict]], epochs: int, val_per_samp
         model = predicted_ratio(source, generation, forward, epochs, val_per_sample, kept,
                                 scoring_cost=scoring_cost)
         print(f"| {method} | {kept:.2f} | {measured:.2f} | {model:.2f} | {scoring_cost:.2f} |")
-    print("\ncost model where generation takes a larger share of a standard round (forward 0.05, this "
-          "setting's scoring cost and kept fraction of iif-fresh):\n")
-    kept = statistics.median(m["kept_fraction"] for m in timed["iif-fresh"])
-    scoring_cost = medians["iif-fresh"]["time_scoring_s"] / update_epoch
+    print("\ncost model where generation takes a larger share of a standard round (forward 0.05, each "
+          "source's measured kept fraction and scoring cost in this setting):\n")
     shares = (0.5, 0.7, 0.9)
     print("| source | " + " | ".join(f"generation {g:.0%}" for g in shares) + " |")
     print("|---|" + "---|" * len(shares))
     for source in TARGET_SOURCES:
+        method = f"iif-{source}"
+        kept = statistics.median(m["kept_fraction"] for m in timed[method])
+        scoring_cost = medians[method]["time_scoring_s"] / update_epoch
         print(f"| {source} | " + " | ".join(
             f"{predicted_ratio(source, g, 0.05, epochs, val_per_sample, kept, scoring_cost=scoring_cost):.2f}"
             for g in shares) + " |")
