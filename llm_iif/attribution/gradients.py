@@ -37,6 +37,8 @@ class LayerGradientCapture:
     (a dict of the same parameter names to tensors of the parameters' shapes) the capture runs in streaming
     mode: it keeps only the [B] dot products ⟨∇L_i, target⟩, never the per-sample gradients. Targets stacked
     along a new leading dimension K (tensors [K, *param.shape]) give [B, K] dot products, one per target.
+    `sum_by_group` and `score_against` switch the mode for the next backward, so that two backward passes
+    through one forward can give per-group gradient sums and then scores against them.
     """
 
     def __init__(self, model: nn.Module, layers: dict[str, nn.Module], target: dict[str, torch.Tensor] | None = None):

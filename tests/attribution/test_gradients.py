@@ -143,6 +143,19 @@ def test_conv2d_and_linear_per_sample_grads_match_autograd_loop():
     assert streaming.scores().shape == (6, 3)
     assert relative_error(streaming.scores(), expected_stacked) <= 1e-4
 
+    # Group sums: samples 0-2 and 3-5 summed separately, then scores from a second backward of one forward.
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    with LayerGradientCapture(net, layers) as capture:
+        losses = loss(images)
+        capture.sum_by_group(groups, 2)
+        torch.autograd.grad(losses.sum(), list(params.values()), retain_graph=True)
+        sums = capture.group_sums()
+        capture.score_against(target)
+        torch.autograd.grad(losses.sum(), list(params.values()))
+        assert relative_error(capture.scores(), expected_dots) <= 1e-4
+    for name in params:
+        assert relative_error(sums[name], torch.stack([expected[name][:3].sum(0), expected[name][3:].sum(0)])) <= 1e-4
+
 
 def test_unsupported_layers_are_rejected():
     grouped = nn.Conv2d(4, 4, 3, groups=2)
