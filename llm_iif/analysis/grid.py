@@ -21,7 +21,7 @@ from llm_iif.core.errors import UserError
 from llm_iif.core.fileio import atomic_write_text
 from llm_iif.core.paths import GridPaths, RunPaths
 from llm_iif.training import build_trainer
-from llm_iif.training.run_outputs import check_writable_directory, delete_outputs
+from llm_iif.training.run_outputs import check_writable_directory, delete_outputs, first_few
 
 # `llm-iif compare`: the recipe overrides of each method.
 LM_METHODS = {
@@ -82,10 +82,8 @@ def claim_comparison_directory(grid: GridPaths, overwrite: bool) -> list[Path]:
     check_writable_directory(grid.root, "--output-dir")
     earlier = grid.outputs()
     if earlier and not overwrite:
-        names = ", ".join(str(path.relative_to(grid.root)) for path in earlier[:4])
-        more = f" and {len(earlier) - 4} more" if len(earlier) > 4 else ""
-        raise UserError(f"--output-dir: {grid.root} already holds a comparison ({names}{more}); choose another "
-                        "directory, or start over with --overwrite, which deletes those outputs")
+        raise UserError(f"--output-dir: {grid.root} already holds a comparison ({first_few(earlier, grid.root)}); "
+                        "choose another directory, or start over with --overwrite, which deletes those outputs")
     return earlier
 
 

@@ -91,11 +91,16 @@ def claim_run_directory(paths: RunPaths, overwrite: bool = False) -> list[Path]:
     check_writable_directory(paths.root)
     earlier = paths.outputs()
     if earlier and not overwrite:
-        names = ", ".join(path.name + ("/" if path.is_dir() else "") for path in earlier[:4])
-        more = f" and {len(earlier) - 4} more" if len(earlier) > 4 else ""
-        raise UserError(f"run.output_dir: {paths.root} already holds a run ({names}{more}); continue it with "
-                        f"--resume {paths.root}, or start over with --overwrite, which deletes those outputs")
+        raise UserError(f"run.output_dir: {paths.root} already holds a run ({first_few(earlier, paths.root)}); "
+                        f"continue it with --resume {paths.root}, or start over with --overwrite, which deletes "
+                        "those outputs")
     return earlier
+
+
+def first_few(outputs: list[Path], root: Path, shown: int = 4) -> str:
+    """``a, b, c, d and N more``: the first outputs of an earlier run, relative to ``root``, for an error."""
+    names = ", ".join(str(path.relative_to(root)) for path in outputs[:shown])
+    return names + (f" and {len(outputs) - shown} more" if len(outputs) > shown else "")
 
 
 def delete_outputs(outputs: list[Path]) -> None:
