@@ -208,7 +208,30 @@ def lora_layers(model: nn.Module) -> dict[str, nn.Linear]:
 
 def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The trainable LoRA parameters of ``model`` by name, in ``named_parameters()`` order."""
-    wanted = {id(p) for layer in lora_layers(model).values() for p in layer.parameters() if p.requires_grad}
+    return _parameters_of(model, lora_layers(model))
+
+
+def scored_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    """The layers influence scores cover: the trainable LoRA layers when ``model`` has any, else every
+    ``nn.Linear`` whose weight is trainable (a model trained without LoRA). Other trainable parameters
+    (embeddings, norms, GPT-2's Conv1D) are not scored. Raises ValueError when there is nothing to score."""
+    try:
+        return lora_layers(model)
+    except ValueError:
+        pass
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight.requires_grad}
+    if not layers:
+        raise ValueError("the model has no trainable peft LoRA layers and no trainable nn.Linear layers")
+    return layers
+
+
+def scored_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The trainable parameters of `scored_layers` by name, in ``named_parameters()`` order."""
+    return _parameters_of(model, scored_layers(model))
+
+
+def _parameters_of(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
+    wanted = {id(p) for layer in layers.values() for p in layer.parameters() if p.requires_grad}
     return {n: p for n, p in model.named_parameters() if id(p) in wanted}
 
 

@@ -1,4 +1,5 @@
-"""Target gradients and influence scores over a model's trainable LoRA parameters.
+"""Target gradients and influence scores over a model's trainable LoRA parameters (or, without LoRA, its
+trainable Linear layers: `scored_layers`).
 
 Every target has the same shape,
 
@@ -17,7 +18,7 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from llm_iif.attribution.gradients import LoraGradientCapture, lora_parameters
+from llm_iif.attribution.gradients import LayerGradientCapture, scored_layers, scored_parameters
 
 
 @dataclass
@@ -49,10 +50,10 @@ PerSampleLossAndTarget = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor,
 
 def target_gradient_parts(model: nn.Module, rows: TargetBatch, sequence_logprobs: SequenceLogprobs,
                           part: torch.Tensor, n_parts: int, chunk_size: int) -> list[dict]:
-    """∇ of -Σ_v Σ_t w_{v,t} log π(y_{v,t}) over the LoRA parameters, summed separately over each part of the
+    """∇ of -Σ_v Σ_t w_{v,t} log π(y_{v,t}) over the scored parameters (`scored_parameters`), summed separately over each part of the
     rows: ``part`` [V] gives each row's part in [0, n_parts). Returns n_parts {name: tensor} dicts (fp32);
     a part without rows is zero. One forward and backward per chunk of a part's rows."""
-    params = lora_parameters(model)
+    params = scored_parameters(model)
     sums = []
     for index in range(n_parts):
         total = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
@@ -70,12 +71,12 @@ def influence_scores(model: nn.Module, per_sample_loss: PerSampleLoss, batch_siz
                      chunk_size: int, device) -> torch.Tensor:
     """[B] influence ⟨target, ∇L_i⟩ of every sample, from one batched backward per chunk of rows.
 
-    ``target`` is ∇L_val = -∇f over the LoRA parameters ([B, K] scores for K targets stacked as
+    ``target`` is ∇L_val = -∇f over the scored parameters ([B, K] scores for K targets stacked as
     [K, *param.shape]); ``per_sample_loss(model, rows)`` gives L_i [b] of the batch rows ``rows``."""
-    params = list(lora_parameters(model).values())
+    params = list(scored_parameters(model).values())
     scores = []
     for chunk in torch.split(torch.arange(batch_size, device=device), chunk_size):
-        with LoraGradientCapture(model, target=target) as capture:
+        with LayerGradientCapture(model, scored_layers(model), target=target) as capture:
             losses = per_sample_loss(model, chunk)
             torch.autograd.grad(losses.sum(), params)
         scores.append(capture.scores())
@@ -91,10 +92,10 @@ def cross_fitted_dots(model: nn.Module, loss_and_target: PerSampleLossAndTarget,
     ``fold`` [B] gives each row's fold. When the batch fits one chunk, one forward serves both backward
     passes: the target terms' (summed per fold by the hooks), then the losses' (scored against the stacked
     G_j). Otherwise the chunks run forward twice, once per backward."""
-    params = list(lora_parameters(model).values())
+    params = list(scored_parameters(model).values())
     chunks = torch.split(torch.arange(batch_size, device=device), chunk_size)
     fused = len(chunks) == 1
-    with LoraGradientCapture(model) as capture:
+    with LayerGradientCapture(model, scored_layers(model)) as capture:
         totals: dict | None = None
         for chunk in chunks:
             losses, target_terms = loss_and_target(model, chunk)

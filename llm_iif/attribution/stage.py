@@ -130,7 +130,7 @@ class IIFStage:
         return influence, grad_cosine(even, odd)
 
     def target_gradient(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], float]:
-        """∇L_val over the trainable LoRA parameters at θ(k), from every process's validation rows.
+        """∇L_val over the scored parameters (LoRA, else trainable Linear layers) at θ(k), from every process's validation rows.
 
         Returns (target {name: tensor}, cosine between the two halves' gradients). The source's own time
         (generation, reward, forward) is in its ``metrics``; the gradient's in ``time_target_s``."""

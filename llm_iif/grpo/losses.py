@@ -1,0 +1,69 @@
+"""GRPO's loss and target, one completion at a time, at the parameters θ(k) that sampled the batch.
+
+At θ(k) the importance ratio r_t = π_θ(y_t)/π_θ(k)(y_t) is 1, and every trl ``loss_type`` (grpo, bnpo, dr_grpo,
+dapo, cispo, sapo, vespo, luspo) has the same per-token gradient there, -A_i ∇log π(y_t): clipping is inactive
+at r = 1 and the soft or gamma weights of sapo and vespo have slope 1 there. What differs is each completion's
+share of the batch loss, its normaliser:
+
+    L_i = c_i · Σ_t m_{i,t} ℓ_{i,t},   ℓ_{i,t} = -A_i r_{i,t} (· vLLM IS ratio) + β k3_{i,t} (· r_{i,t} with bias correction)
+
+    c_i = 1 / (|y_i| N)        grpo, sapo        (each completion's token mean, averaged over completions)
+          1 / (N · L_max)      dr_grpo
+          1 / N                luspo
+          1 / Σ_j |y_j|        bnpo, dapo, cispo, vespo   (a token sum over the batch)
+
+with N completions and Σ_j |y_j| tokens in the generation batch, over all processes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ROW_MEAN_LOSSES = ("grpo", "sapo", "dr_grpo", "luspo")
+"""Loss types that trl averages over the completions of a micro-batch (the others normalise by tokens)."""
+TOKEN_SUM_LOSSES = ("bnpo", "dapo", "cispo", "vespo")
+SUPPORTED_LOSSES = ROW_MEAN_LOSSES + TOKEN_SUM_LOSSES
+
+
+def token_losses(logps: torch.Tensor, advantages: torch.Tensor, ref_logps: torch.Tensor | None = None,
+                 beta: float = 0.0, bias_corrected_kl: bool = False,
+                 sampling_ratio: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T] per-token GRPO loss at ratio 1, with the ratio's gradient kept.
+
+    logps [B, T]: log π_θ(y_t) with grad; advantages [B]; ref_logps [B, T] (needed when beta > 0);
+    sampling_ratio [B, T] or [B, 1]: trl's vLLM importance-sampling correction, a constant."""
+    ratio = torch.exp(logps - logps.detach())  # 1, with gradient ∇log π
+    loss = -ratio * advantages[:, None]
+    if sampling_ratio is not None:
+        loss = loss * sampling_ratio
+    if beta:
+        delta = ref_logps - logps
+        kl = torch.exp(delta) - delta - 1  # trl's k3 estimator of KL(π_θ || π_ref)
+        loss = loss + beta * (kl * ratio if bias_corrected_kl else kl)
+    return loss
+
+
+def completion_normalisers(loss_type: str, mask: torch.Tensor, num_completions: int, num_tokens: float,
+                           max_completion_length: int) -> torch.Tensor:
+    """[B] c_i of the module docstring for the completions of ``mask`` [B, T]; ``num_completions`` and
+    ``num_tokens`` count the whole generation batch over all processes."""
+    if loss_type not in SUPPORTED_LOSSES:
+        raise ValueError(f"loss_type '{loss_type}': expected one of {', '.join(SUPPORTED_LOSSES)}")
+    rows = torch.ones(mask.shape[0], dtype=torch.float32, device=mask.device)
+    if loss_type in ("grpo", "sapo"):
+        return 1.0 / (mask.sum(dim=1).clamp(min=1).float() * num_completions)
+    if loss_type == "dr_grpo":
+        return rows / (num_completions * max_completion_length)
+    if loss_type == "luspo":
+        return rows / num_completions
+    return rows / max(float(num_tokens), 1.0)
+
+
+def completion_losses(token_loss: torch.Tensor, mask: torch.Tensor, normalisers: torch.Tensor) -> torch.Tensor:
+    """[B] L_i = c_i Σ_t m_{i,t} ℓ_{i,t}: each completion's share of the generation batch's loss."""
+    return normalisers * (token_loss * mask).sum(dim=1)
+
+
+def group_target_terms(logps: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """[B] -Σ_t log π(y_{i,t}) · Â_i: each completion's term of -f_seq with group-relative advantages Â [B]."""
+    return -(logps * mask).sum(dim=1) * advantages

@@ -1,0 +1,387 @@
+"""`IIFGRPOTrainer`: trl's `GRPOTrainer` that filters each generation batch before training on it.
+
+trl generates one generation batch every ``steps_per_generation × num_iterations`` optimiser steps, in
+`_generate_and_score_completions`, while the model still holds the parameters θ(k) that sampled it. This
+subclass takes the batch from there and, before trl buffers it:
+
+1. scores every completion at θ(k) with the shared attribution core (`IIFStage`): the gradient of its GRPO
+   loss term (`llm_iif.grpo.losses`) against the target gradient, decided once over all processes; or
+   applies a group filter instead (DAPO's dynamic sampling, PODS's max-variance down-sampling);
+2. removes the dropped completions, so that the update runs on fewer sequences;
+3. fixes the loss normaliser so that it counts only the kept completions or tokens.
+
+Everything else is trl's: generation, rewards, advantages, the loss, the optimiser, logging. Supported trl
+range: see ``TRL_RANGE``; the overridden internals are `_generate_and_score_completions`, `_calculate_rewards`
+and `_compute_loss`.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import math
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from trl import GRPOTrainer
+
+from llm_iif.attribution.gradients import scored_layers
+from llm_iif.attribution.influence import TargetBatch
+from llm_iif.attribution.stage import IIFStage
+from llm_iif.core.config import IIFConfig
+from llm_iif.core.distributed import gather_values
+from llm_iif.core.errors import UserError
+from llm_iif.core.guards import NonfiniteGuard
+from llm_iif.grpo.groups import max_variance_subsets, varied_groups
+from llm_iif.grpo.losses import (ROW_MEAN_LOSSES, SUPPORTED_LOSSES, completion_losses, completion_normalisers,
+                                 group_target_terms, token_losses)
+
+TRL_RANGE = ">=1.16,<1.17"  # the versions whose GRPOTrainer internals were checked
+
+# Per-row tensors of trl's generation batch: [B, ...] and cut or padded together.
+LEFT_PADDED = ("prompt_ids", "prompt_mask")
+RIGHT_PADDED = ("completion_ids", "completion_mask", "old_per_token_logps", "ref_per_token_logps",
+                "sampling_per_token_logps", "importance_sampling_ratio", "tool_mask")
+
+
+@dataclass
+class GroupFilter:
+    """A filter that decides from the rewards of each group of ``num_generations`` completions.
+
+    ``dapo``: drop the groups whose rewards are all equal; with ``refill``, generate up to
+    ``max_refill_batches`` more generation batches of new prompts to put informative groups in their place.
+    ``pods``: keep the ``keep_per_group`` completions of each group whose rewards vary most."""
+    kind: Literal["dapo", "pods"]
+    refill: bool = False
+    max_refill_batches: int = 4
+    keep_per_group: int = 4
+
+
+class IIFGRPOTrainer(GRPOTrainer):
+    """`trl.GRPOTrainer` with influence-based filtering (``iif``) or a group filter (``group_filter``).
+
+    Takes every `GRPOTrainer` argument, plus:
+      iif: what to score against and how much to drop (`llm_iif.core.config.IIFConfig`; ``target_source``
+        ``batch`` or ``fresh``). None (and no group_filter) trains as plain GRPO.
+      group_filter: a `GroupFilter` baseline instead of ``iif``.
+      validation_dataset: rows with a ``prompt`` column (and whatever the reward functions read), for
+        ``target_source: fresh``: each round samples ``num_generations`` completions for each of
+        ``iif.val_size / num_generations`` of its prompts and builds f_seq from their group advantages.
+      nonfinite_patience: generation batches in a row that may contain NaN or inf rewards from a reward
+        function; those completions are dropped and counted. One more such batch stops training.
+
+    Filtering metrics go to trl's logs under ``iif/``: ``kept_fraction``, ``influence_mean``,
+    ``influence_neg_fraction``, ``target_split_cos`` (the target's reliability), ``time_influence_s``.
+    """
+
+    def __init__(self, *args, iif: IIFConfig | None = None, group_filter: GroupFilter | None = None,
+                 validation_dataset=None, nonfinite_patience: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.iif, self.group_filter, self.validation_dataset = iif, group_filter, validation_dataset
+        self._check_settings()
+        self._guard = NonfiniteGuard(nonfinite_patience)
+        self._nonfinite_rows: set[int] = set()
+        self.reward_funcs = [_checked_reward(f, self._nonfinite_rows) for f in self.reward_funcs]
+        self._rewards = None  # the latest generation batch's weighted rewards [N], all processes
+        generator = torch.Generator().manual_seed(self.args.seed)  # the same draws on every process
+        self._refill_generator = torch.Generator().manual_seed(self.args.seed + 1)
+        self._stage = None
+        if iif is not None:
+            source = None if iif.target_source == "batch" else FreshGroupTarget(self)
+            self._stage = IIFStage(iif, self.accelerator, source, self._sequence_logprobs, self._guard, generator)
+
+    # ------------------------------------------------------------------------------------------------ checks
+    def _check_settings(self) -> None:
+        """One-line errors for settings that conflict with filtering."""
+        iif, args = self.iif, self.args
+        if iif is None and self.group_filter is None:
+            return
+        if iif is not None and self.group_filter is not None:
+            raise UserError("iif and group_filter: expected one filter, got both")
+        if self.loss_type not in SUPPORTED_LOSSES:
+            raise UserError(f"loss_type: '{self.loss_type}' is not supported with filtering "
+                            f"(expected one of {', '.join(SUPPORTED_LOSSES)})")
+        if self.loss_type in ROW_MEAN_LOSSES and (self._entropy_bonus_enabled or self.aux_loss_enabled):
+            raise UserError(f"entropy_coef / router aux loss: loss_type '{self.loss_type}' rescales the loss to "
+                            "the kept completions, which would rescale these terms too; use loss_type dapo or bnpo")
+        if self.multi_objective_aggregation != "sum_then_normalize":
+            raise UserError("multi_objective_aggregation: filtering needs per-group rewards "
+                            "(expected sum_then_normalize)")
+        if self.group_filter is not None:
+            kind = self.group_filter.kind
+            if kind not in ("dapo", "pods"):
+                raise UserError(f"group_filter.kind: '{kind}' (expected dapo or pods)")
+            if kind == "pods" and not 1 <= self.group_filter.keep_per_group < self.num_generations:
+                raise UserError(f"group_filter.keep_per_group: {self.group_filter.keep_per_group} would keep no "
+                                f"or every completion; expected 1..{self.num_generations - 1}")
+            if self.group_filter.max_refill_batches < 0:
+                raise UserError("group_filter.max_refill_batches: expected 0 or more")
+            return
+        if iif.target_source not in ("batch", "fresh"):
+            raise UserError(f"iif.target_source: '{iif.target_source}' is not available for GRPO "
+                            "(expected batch or fresh)")
+        if iif.target != "seq":
+            raise UserError(f"iif.target: '{iif.target}'; GRPO's target is seq (Σ log-prob × group advantage)")
+        if args.top_entropy_quantile < 1.0:
+            raise UserError("top_entropy_quantile: < 1 masks tokens per micro-batch after scoring; the scores "
+                            "would not match the update (expected 1.0 with iif)")
+        try:
+            scored_layers(self.accelerator.unwrap_model(self.model))
+        except ValueError as err:
+            raise UserError(f"iif: {err}; pass a peft_config or leave some nn.Linear layers trainable") from err
+        if iif.target_source == "fresh":
+            self._check_validation(iif)
+
+    def _check_validation(self, iif: IIFConfig) -> None:
+        data, per_round = self.validation_dataset, self.num_generations * self.accelerator.num_processes
+        if data is None or len(data) == 0 or "prompt" not in data.column_names:
+            columns = "none" if data is None else ", ".join(data.column_names) or "none"
+            raise UserError(f"validation_dataset: iif.target_source fresh needs validation rows with a 'prompt' "
+                            f"column (got columns: {columns})")
+        if iif.val_size % per_round:
+            raise UserError(f"iif.val_size: {iif.val_size} completions; expected a multiple of num_generations × "
+                            f"processes = {per_round}")
+
+    # ------------------------------------------------------------------------------------------- trl hooks
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        """trl's rewards [N, F] over all processes; keeps the weighted sum for the group filters."""
+        self._nonfinite_rows.clear()
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        weights = self.reward_weights.to(rewards_per_func.device)
+        self._rewards = (rewards_per_func * weights).nansum(dim=1)
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        batch = super()._generate_and_score_completions(inputs)
+        if not self.model.training or (self.iif is None and self.group_filter is None):
+            return batch
+        start = time.perf_counter()
+        self._guard.start_round()
+        nonfinite = self._nonfinite_mask(len(inputs))
+        if self.group_filter is not None:
+            batch, keep, metrics = self._group_filtered(batch, inputs, nonfinite)
+        else:
+            selection = self._stage.select(self.model, self._loss_and_target(batch), len(inputs))
+            keep, metrics = selection.keep & ~nonfinite, selection.metrics
+        metrics["nonfinite_reward"] = self._guard.end_round()["nonfinite_reward"]
+        batch = self._kept_rows(batch, keep)
+        metrics["time_filter_s"] = time.perf_counter() - start
+        for name, value in metrics.items():
+            self._metrics["train"][f"iif/{name}"].append(float(value))
+        return batch
+
+    def _compute_loss(self, model, inputs):
+        loss = super()._compute_loss(model, inputs)
+        if "iif_kept_rows" in inputs and self.loss_type in ROW_MEAN_LOSSES:
+            # trl averages over the micro-batch's rows, padding included: rescale to a mean over kept rows,
+            # the way trl's token-sum losses use num_items_in_batch (see _kept_rows).
+            rows = inputs["completion_ids"].shape[0]
+            scale = rows * self.accelerator.num_processes * self.args.steps_per_generation
+            loss = loss * scale / inputs["iif_kept_rows"].clamp(min=1)
+        return loss
+
+    # ------------------------------------------------------------------------------------------ scoring
+    def _sequence_logprobs(self, model, query_ids, query_mask, response_ids, response_mask) -> torch.Tensor:
+        """[b, T] log π(y_t) of given completions, computed as trl's loss computes them (temperature-scaled)."""
+        ids = torch.cat([query_ids, response_ids], dim=1)
+        mask = torch.cat([query_mask, response_mask], dim=1)
+        logps, _, _ = self._get_per_token_logps_and_entropies(model, ids, mask, response_ids.shape[1])
+        return logps
+
+    def _loss_and_target(self, batch: dict):
+        """The `PerSampleLossAndTarget` of this process's rows: (L_i, -Σ_t log π(y_{i,t}) Â_i), one forward."""
+        mask = _loss_mask(batch).float()
+        advantages = batch["advantages"]
+        num_completions = self.accelerator.reduce(torch.tensor(float(len(mask)), device=mask.device), "sum").item()
+        normalisers = completion_normalisers(self.loss_type, mask, num_completions, batch["num_items_in_batch"].item(),
+                                             self.max_completion_length)
+        ratio = batch.get("importance_sampling_ratio") if self.loss_type != "vespo" else None
+
+        def loss_and_target(model, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logps = self._sequence_logprobs(model, batch["prompt_ids"][rows], batch["prompt_mask"][rows],
+                                            batch["completion_ids"][rows], batch["completion_mask"][rows])
+            ref = batch["ref_per_token_logps"][rows] if self.beta else None
+            per_token = token_losses(logps, advantages[rows], ref, self.beta, self.args.use_bias_correction_kl,
+                                     ratio[rows] if ratio is not None else None)
+            return (completion_losses(per_token, mask[rows], normalisers[rows]),
+                    group_target_terms(logps, mask[rows], advantages[rows]))
+
+        if self.iif.target_source == "batch":
+            return loss_and_target
+        return lambda model, rows: loss_and_target(model, rows)[0]
+
+    def _validation_batch(self, rows: list) -> dict:
+        """trl's generation batch for ``num_generations`` completions of each of ``rows``, kept out of the logs."""
+        with self._quiet_generation():
+            return super()._generate_and_score_completions([row for row in rows for _ in range(self.num_generations)])
+
+    @contextmanager
+    def _quiet_generation(self):
+        """Generate validation completions without their metrics, samples or tokens entering trl's logs."""
+        saved = self._metrics, self._logs, self.state.num_input_tokens_seen, self._rewards
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._logs = copy.deepcopy(self._logs)
+        try:
+            yield
+        finally:
+            self._metrics, self._logs, self.state.num_input_tokens_seen, self._rewards = saved
+
+    # ---------------------------------------------------------------------------------------- group filters
+    def _group_filtered(self, batch: dict, inputs: list, nonfinite: torch.Tensor):
+        """A group filter's decision; DAPO with refill generates more batches of new prompts until the batch
+        has as many informative groups as it had groups, or ``max_refill_batches`` is spent."""
+        flt, group = self.group_filter, self.num_generations
+        rewards, local = self._rewards, _process_slice(self.accelerator, len(inputs))
+        keep = (varied_groups(rewards, group) if flt.kind == "dapo"
+                else max_variance_subsets(rewards, group, flt.keep_per_group))[local].to(nonfinite.device) & ~nonfinite
+        metrics = {"kept_fraction": self._global_mean(keep), "refill_batches": 0}
+        if flt.kind == "dapo" and flt.refill:
+            wanted = self._global_sum(torch.ones_like(keep))  # completions in the original batch
+            while self._global_sum(keep) < wanted and metrics["refill_batches"] < flt.max_refill_batches:
+                extra_inputs = self._refill_inputs(len(inputs))
+                extra = super()._generate_and_score_completions(extra_inputs)
+                extra_keep = varied_groups(self._rewards, group)[local].to(keep.device)
+                extra_keep &= ~self._nonfinite_mask(len(extra_inputs))
+                batch, keep = _concatenated(batch, extra, self._tokenizer.pad_token_id), torch.cat([keep, extra_keep])
+                metrics["refill_batches"] += 1
+            keep = _first_kept(self.accelerator, keep, wanted)
+        return batch, keep, metrics
+
+    def _refill_inputs(self, size: int) -> list:
+        """``size`` new rows (size / num_generations prompts, each repeated), drawn at random from the train set
+        with a generator seeded alike on every process, so processes draw different prompts in step."""
+        prompts = size // self.num_generations
+        draws = torch.randint(len(self.train_dataset), (self.accelerator.num_processes, prompts),
+                              generator=self._refill_generator)[self.accelerator.process_index]
+        return [self.train_dataset[int(i)] for i in draws for _ in range(self.num_generations)]
+
+    # ------------------------------------------------------------------------------------- dropping rows
+    def _nonfinite_mask(self, batch_size: int) -> torch.Tensor:
+        """[B] True for this process's completions with a NaN or inf reward; reports them to the guard."""
+        bad = torch.zeros(batch_size, dtype=torch.bool, device=self.accelerator.device)
+        bad[sorted(self._nonfinite_rows)] = True
+        count = int(self._global_sum(bad))
+        total = int(self._global_sum(torch.ones_like(bad)))
+        self._guard.flag("reward", count, f"reward: NaN or inf for {count} of {total} completions",
+                         nothing_left=count == total)
+        return bad
+
+    def _kept_rows(self, batch: dict, keep: torch.Tensor) -> dict:
+        """The batch cut to its kept rows. Every process keeps the same number of rows R (a multiple of
+        steps_per_generation, so that trl's buffer splits evenly): a process that kept fewer pads with dropped
+        rows whose loss mask is zero. The loss normalisers then count kept completions and tokens only."""
+        acc, chunks = self.accelerator, self.args.steps_per_generation
+        kept = int(keep.sum())
+        most = int(acc.gather(torch.tensor([kept], device=acc.device)).max())
+        rows_per_process = max(chunks, math.ceil(most / chunks) * chunks)
+        order = torch.cat([keep.nonzero().flatten(), (~keep).nonzero().flatten()])[:rows_per_process]
+        cut = {}
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == len(keep):
+                cut[key] = value[order.to(value.device)]
+            else:
+                cut[key] = value
+        padding = ~keep[order]
+        for key in ("completion_mask", "tool_mask"):
+            if key in cut:
+                cut[key] = cut[key].masked_fill(padding[:, None].to(cut[key].device), 0)
+        cut["advantages"] = cut["advantages"].masked_fill(padding.to(cut["advantages"].device), 0.0)
+        cut["num_items_in_batch"] = acc.gather(_loss_mask(cut).sum()[None]).sum()
+        cut["iif_kept_rows"] = acc.reduce(torch.tensor(float(kept), device=acc.device), "sum")
+        return cut
+
+    def _global_sum(self, values: torch.Tensor) -> float:
+        return self.accelerator.reduce(values.float().sum().to(self.accelerator.device), "sum").item()
+
+    def _global_mean(self, values: torch.Tensor) -> float:
+        return self._global_sum(values) / max(self._global_sum(torch.ones_like(values)), 1.0)
+
+
+class FreshGroupTarget:
+    """The fresh target's rows (a `TargetSource`): each round, ``num_generations`` completions for each of this
+    process's next ``iif.val_size / (num_generations × processes)`` validation prompts, weighted by their
+    group-relative advantages, so that f = Σ_v Σ_t log π(y_{v,t}) Â_v (f_seq with the group as baseline)."""
+
+    def __init__(self, trainer: IIFGRPOTrainer):
+        self.trainer, self.round, self.metrics = trainer, 0, {}
+
+    def __call__(self, model) -> TargetBatch:
+        trainer = self.trainer
+        start = time.perf_counter()
+        processes, rank = trainer.accelerator.num_processes, trainer.accelerator.process_index
+        per_process = trainer.iif.val_size // trainer.num_generations // processes
+        first = (self.round * processes + rank) * per_process
+        self.round += 1
+        data = trainer.validation_dataset
+        batch = trainer._validation_batch([data[(first + i) % len(data)] for i in range(per_process)])
+        self.metrics = {"time_val_generate_s": time.perf_counter() - start}
+        mask = _loss_mask(batch)
+        return TargetBatch(batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], mask,
+                           batch["advantages"][:, None].expand_as(mask).float())
+
+
+def _loss_mask(batch: dict) -> torch.Tensor:
+    """[B, T] the tokens trl's loss counts: the completion mask, times the tool mask in multi-turn runs."""
+    mask = batch["completion_mask"]
+    return mask * batch["tool_mask"] if "tool_mask" in batch else mask
+
+
+def _process_slice(accelerator, batch_size: int) -> slice:
+    start = accelerator.process_index * batch_size
+    return slice(start, start + batch_size)
+
+
+def _first_kept(accelerator, keep: torch.Tensor, wanted: float) -> torch.Tensor:
+    """``keep`` limited to its first ``wanted`` kept completions over all processes, process by process (the
+    global row order), so that a refilled batch is no larger than the original."""
+    counts, offset = gather_values(accelerator, keep.float().sum()[None])
+    room = max(0.0, wanted - counts[:offset].sum().item())
+    limited = keep.clone()
+    limited[keep.nonzero().flatten()[int(room):]] = False
+    return limited
+
+
+def _concatenated(first: dict, second: dict, pad_token_id: int) -> dict:
+    """Two generation batches as one: prompts re-padded on the left, completions and per-token values on the
+    right, per-row values concatenated; ``num_items_in_batch`` is recounted later by `_kept_rows`."""
+    joined = {}
+    for key, a in first.items():
+        b = second[key]
+        if key in LEFT_PADDED or key in RIGHT_PADDED:
+            width = max(a.shape[1], b.shape[1])
+            fill = pad_token_id if key.endswith("_ids") else 0
+            side = "left" if key in LEFT_PADDED else "right"
+            joined[key] = torch.cat([_padded(a, width, fill, side), _padded(b, width, fill, side)])
+        elif isinstance(a, torch.Tensor) and a.dim() > 0:
+            joined[key] = torch.cat([a, b])
+        else:
+            joined[key] = a
+    return joined
+
+
+def _padded(values: torch.Tensor, width: int, fill, side: str) -> torch.Tensor:
+    extra = values.new_full((values.shape[0], width - values.shape[1], *values.shape[2:]), fill)
+    return torch.cat([extra, values] if side == "left" else [values, extra], dim=1)
+
+
+def _checked_reward(func, nonfinite_rows: set[int]):
+    """A synchronous reward function whose NaN or inf rewards are recorded in ``nonfinite_rows`` and handed
+    to trl as None, so that they stay out of their group's baseline. Models and async functions pass through."""
+    if isinstance(func, torch.nn.Module) or inspect.iscoroutinefunction(func):
+        return func
+
+    @functools.wraps(func)
+    def checked(*args, **kwargs):
+        rewards = list(func(*args, **kwargs))
+        for i, reward in enumerate(rewards):
+            if reward is not None and not math.isfinite(reward):
+                nonfinite_rows.add(i)
+                rewards[i] = None
+        return rewards
+
+    return checked
