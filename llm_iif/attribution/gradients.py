@@ -214,12 +214,16 @@ def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 def scored_layers(model: nn.Module) -> dict[str, nn.Linear]:
     """The layers influence scores cover: the trainable LoRA layers when ``model`` has any, else every
     ``nn.Linear`` whose weight is trainable (a model trained without LoRA). Other trainable parameters
-    (embeddings, norms, GPT-2's Conv1D) are not scored. Raises ValueError when there is nothing to score."""
+    (embeddings, norms, GPT-2's Conv1D) are not scored, nor is the output head: trl computes log-probs from its
+    weight without calling the module (``fused_lm_head``), so no hook would see it. Raises ValueError when
+    there is nothing to score."""
     try:
         return lora_layers(model)
     except ValueError:
         pass
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight.requires_grad}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    layers = {name: m for name, m in model.named_modules()
+              if isinstance(m, nn.Linear) and m.weight.requires_grad and m is not head}
     if not layers:
         raise ValueError("the model has no trainable peft LoRA layers and no trainable nn.Linear layers")
     return layers

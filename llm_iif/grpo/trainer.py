@@ -125,6 +125,8 @@ class IIFGRPOTrainer(GRPOTrainer):
         if iif.target_source not in ("batch", "fresh"):
             raise UserError(f"iif.target_source: '{iif.target_source}' is not available for GRPO "
                             "(expected batch or fresh)")
+        if iif.mode in ("bottom", "random") and iif.p >= 1.0:
+            raise UserError(f"iif.p: {iif.p} with iif.mode {iif.mode} would drop every completion; expected p < 1")
         if iif.target != "seq":
             raise UserError(f"iif.target: '{iif.target}'; GRPO's target is seq (Σ log-prob × group advantage)")
         if args.top_entropy_quantile < 1.0:
@@ -168,6 +170,7 @@ class IIFGRPOTrainer(GRPOTrainer):
         else:
             selection = self._stage.select(self.model, self._loss_and_target(batch), len(inputs))
             keep, metrics = selection.keep & ~nonfinite, selection.metrics
+            metrics["kept_fraction"] = self._global_mean(keep)
         metrics["nonfinite_reward"] = self._guard.end_round()["nonfinite_reward"]
         batch = self._kept_rows(batch, keep)
         metrics["time_filter_s"] = time.perf_counter() - start

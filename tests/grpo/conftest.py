@@ -27,7 +27,8 @@ def grpo_args(output_dir, **overrides):
 
     settings = dict(output_dir=str(output_dir), use_cpu=True, report_to=[], per_device_train_batch_size=16,
                     num_generations=4, max_completion_length=4, temperature=1.0, learning_rate=1e-2,
-                    logging_steps=1, max_steps=1, seed=0, save_strategy="no", beta=0.0, disable_tqdm=True)
+                    logging_steps=1, max_steps=1, seed=0, save_strategy="no", beta=0.0, disable_tqdm=True,
+                    bf16=False)  # exact fp32: trl turns bf16 autocast on by default
     settings.update(overrides)
     return GRPOConfig(**settings)
 

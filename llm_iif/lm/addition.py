@@ -1,0 +1,198 @@
+"""An offline verifiable-reward task for GRPO: a tiny GPT-2 that adds 2-3 digit numbers, and exact-match rewards.
+
+Nothing is downloaded. `addition_problems` writes prompts like ``"47+385="`` with their answers, and
+`ensure_tiny_adder` builds a character-level tokenizer and a small GPT-2, warms the model up on worked sums
+only partly, so that sampling at temperature 1 gets roughly a third of the answers right, and caches both under
+``$LLM_IIF_CACHE`` (default ``~/.cache/llm_iif``). The reward is checkable, so GRPO has a clear signal to climb:
+`exact_match_reward` pays 1 for the right number and `format_reward` for any plausible one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from llm_iif.lm.builtin import EOS_TOKEN, PAD_TOKEN, cache_dir
+
+
+logger = logging.getLogger(__name__)
+
+
+ADDER_MODEL_NAME = "tiny-adder"
+
+
+# Bump when the problems, tokenizer or warm-up change so stale caches are not reused.
+ADDER_MODEL_VERSION = "v1"
+
+
+ADDER_CHARACTERS = "0123456789+="
+
+
+# The warm-up draws from its own seed, well away from the small seeds callers use for GRPO and evaluation sets.
+WARMUP_SEED_OFFSET = 10_000
+
+
+_NUMBER = re.compile(r"\d{1,4}")
+
+
+def addition_problems(num: int, seed: int) -> list[dict]:
+    """``num`` rows ``{"prompt": "47+385=", "answer": "432"}`` with 2- or 3-digit operands (deterministic in ``seed``)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(num):
+        # Pick the digit count first: drawn uniformly from 10..999, nine operands in ten would have three digits.
+        a, b = (rng.randint(10, 99) if rng.random() < 0.5 else rng.randint(100, 999) for _ in range(2))
+        rows.append({"prompt": f"{a}+{b}=", "answer": str(a + b)})
+    return rows
+
+
+def _completion_text(completion) -> str:
+    # Conversational datasets hand rewards a message list rather than a string.
+    if isinstance(completion, list):
+        completion = completion[-1]["content"] if completion else ""
+    # Anything after an end of text was never meant as part of the answer (decoding without skipping specials).
+    return completion.split(EOS_TOKEN, 1)[0].strip()
+
+
+def exact_match_reward(completions, answer, **kwargs) -> list[float]:
+    """trl reward function: 1.0 where the completion, without EOS text and whitespace, is exactly the answer."""
+    return [float(_completion_text(c) == str(a).strip()) for c, a in zip(completions, answer, strict=True)]
+
+
+def format_reward(completions, **kwargs) -> list[float]:
+    """trl reward function: 1.0 where the completion (stripped) is a number of 1-4 digits, the shape of any sum here."""
+    return [float(_NUMBER.fullmatch(_completion_text(c)) is not None) for c in completions]
+
+
+def adder_tokenizer():
+    """The character-level tokenizer: one token per digit, ``+`` and ``=``, plus EOS and PAD."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {EOS_TOKEN: 0, PAD_TOKEN: 1, **{c: i + 2 for i, c in enumerate(ADDER_CHARACTERS)}}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=EOS_TOKEN))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    # Fuse joins the pieces as they are; without a decoder, tokenizers would put a space between the digits.
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN,
+                                        unk_token=EOS_TOKEN, pad_token=PAD_TOKEN, padding_side="left")
+    return tokenizer
+
+
+@torch.no_grad()
+def addition_accuracy(model, tokenizer, problems: list[dict], temperature: float = 1.0, seed: int | None = 0,
+                      batch_size: int = 256) -> float:
+    """Share of ``problems`` whose sampled completion (``temperature`` 0 means greedy) is exactly the answer."""
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues from the last column, which must be the prompt's end
+    correct = 0
+    try:
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            for start in range(0, len(problems), batch_size):
+                rows = problems[start:start + batch_size]
+                encoded = tokenizer([r["prompt"] for r in rows], padding=True, return_tensors="pt")
+                sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} \
+                    if temperature > 0 else {"do_sample": False}
+                out = model.generate(**encoded, max_new_tokens=5, eos_token_id=tokenizer.eos_token_id,
+                                     pad_token_id=tokenizer.pad_token_id, **sampling)
+                texts = tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+                correct += sum(exact_match_reward(texts, [r["answer"] for r in rows]))
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return correct / max(len(problems), 1)
+
+
+def ensure_tiny_adder(seed: int = 0) -> Path:
+    """Return the cached tiny adder directory, building it atomically if it is missing."""
+    target = cache_dir() / f"{ADDER_MODEL_NAME}-{ADDER_MODEL_VERSION}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        # Leave the caller's RNG as it was, so a first run (which builds) and a cached run train alike.
+        with torch.random.fork_rng(devices=[]):
+            build_tiny_adder(tmp, seed=seed)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first; its copy is identical
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _warmup_batch(tokenizer, rows: list[dict], max_shift: int, generator: torch.Generator):
+    """Left-padded ``prompt + answer + EOS`` ids, with the loss on the answer and EOS only.
+
+    trl scores completions with a forward pass that gets no position ids, so a left-padded prompt sits a few
+    positions later there than during generation (which counts positions from the first real token). Extra random
+    left padding teaches the model that the offset does not matter, so both passes see the same policy.
+    """
+    prompts = [tokenizer.encode(r["prompt"]) for r in rows]
+    answers = [tokenizer.encode(r["answer"]) + [tokenizer.eos_token_id] for r in rows]
+    shifts = torch.randint(0, max_shift + 1, (len(rows),), generator=generator).tolist()
+    width = max(len(p) + len(a) + s for p, a, s in zip(prompts, answers, shifts))
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        seq = torch.tensor(p + a)
+        ids[i, width - len(seq):] = seq
+        mask[i, width - len(seq):] = 1
+        labels[i, width - len(a):] = torch.tensor(a)
+    return ids, mask, labels
+
+
+def build_tiny_adder(out_dir: Path, seed: int = 0, steps: int = 300, batch_size: int = 128, lr: float = 3e-3,
+                     n_embd: int = 128, n_layer: int = 2, max_shift: int = 3) -> None:
+    """Warm up the tiny GPT-2 adder on worked sums for ``steps`` steps and save it with its tokenizer to ``out_dir``.
+
+    ``steps`` is calibrated so that the saved model samples (temperature 1) the right answer about a third of the
+    time: competent enough for GRPO's groups to contain both right and wrong answers, far from solved.
+    """
+    from tqdm.auto import tqdm
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    tokenizer = adder_tokenizer()
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_embd=n_embd, n_layer=n_layer, n_head=4,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    model = GPT2LMHeadModel(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    problems = addition_problems(steps * batch_size, seed + WARMUP_SEED_OFFSET)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    bar = tqdm(range(steps), desc=f"warming up {ADDER_MODEL_NAME}", leave=False)
+    for step in bar:
+        ids, mask, labels = _warmup_batch(tokenizer, problems[step * batch_size:(step + 1) * batch_size],
+                                          max_shift, generator)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    accuracy = addition_accuracy(model, tokenizer, addition_problems(256, seed + WARMUP_SEED_OFFSET + 1))
+    logger.info("%s warm-up finished at loss %.3f, sampled accuracy %.2f", ADDER_MODEL_NAME, loss.item(), accuracy)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)

@@ -1,0 +1,254 @@
+"""IIFGRPOTrainer: the per-completion loss is trl's, the scores are exact, dropped rows leave the update."""
+
+import itertools
+
+import pytest
+import torch
+from conftest import make_trainer
+from trl import GRPOTrainer
+
+from llm_iif.attribution.gradients import grad_dot, scored_parameters
+from llm_iif.core.config import IIFConfig
+from llm_iif.core.errors import UserError
+from llm_iif.grpo import GroupFilter
+from llm_iif.grpo.groups import max_variance_subsets, varied_groups
+
+
+def generation_batch(trainer, prompts=4):
+    """trl's own generation batch (no filtering) for the first ``prompts`` problems, G completions each."""
+    rows = [trainer.train_dataset[i] for i in range(prompts) for _ in range(trainer.num_generations)]
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    return GRPOTrainer._generate_and_score_completions(trainer, rows)
+
+
+def flat_grad(value, params):
+    return torch.cat([g.flatten() for g in torch.autograd.grad(value, params, retain_graph=True)])
+
+
+@pytest.mark.parametrize("loss_type,beta", [("grpo", 0.0), ("dapo", 0.0), ("bnpo", 0.1), ("dr_grpo", 0.1),
+                                            ("dapo", 0.1)])
+def test_completion_losses_sum_to_trls_loss(random_adder_dir, tmp_path, loss_type, beta):
+    trainer = make_trainer(random_adder_dir, tmp_path, loss_type=loss_type, beta=beta,
+                           iif=IIFConfig(enabled=True, target_source="batch"))
+    batch = generation_batch(trainer)
+    params = list(scored_parameters(trainer.model).values())
+    ours, _ = trainer._loss_and_target(batch)(trainer.model, torch.arange(len(batch["advantages"])))
+    theirs = GRPOTrainer._compute_loss(trainer, trainer.model, batch)
+    torch.testing.assert_close(ours.sum(), theirs, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(flat_grad(ours.sum(), params), flat_grad(theirs, params), rtol=1e-4, atol=1e-7)
+
+
+def brute_force_scores(trainer, batch, target=None, folds=2):
+    """Each completion's ⟨target gradient, ∇L_i⟩ from one autograd call per completion; without ``target``,
+    the cross-fitted target of the other folds (global row index mod folds)."""
+    fn = trainer._loss_and_target(batch)
+    params = list(scored_parameters(trainer.model).values())
+    n = len(batch["advantages"])
+    loss_grads, target_grads = [], []
+    for i in range(n):
+        result = fn(trainer.model, torch.tensor([i]))
+        loss, term = result if isinstance(result, tuple) else (result, None)
+        loss_grads.append(flat_grad(loss.sum(), params))
+        if term is not None:
+            target_grads.append(flat_grad(term.sum(), params))
+    if target is not None:
+        return torch.stack(loss_grads) @ target
+    fold = torch.arange(n) % folds
+    scores = []
+    for i in range(n):
+        others = [target_grads[j] for j in range(n) if fold[j] != fold[i]]
+        scores.append(torch.dot(sum(others) / len(others), loss_grads[i]))
+    return torch.stack(scores)
+
+
+@pytest.mark.parametrize("score_batch_size", [64, 5])  # one fused pass; chunks that run forward twice
+def test_cross_fitted_scores_equal_brute_force(random_adder_dir, tmp_path, score_batch_size):
+    trainer = make_trainer(random_adder_dir, tmp_path, beta=0.1, iif=IIFConfig(
+        enabled=True, target_source="batch", folds=2, score_batch_size=score_batch_size))
+    batch = generation_batch(trainer)
+    selection = trainer._stage.select(trainer.model, trainer._loss_and_target(batch), len(batch["advantages"]))
+    expected = brute_force_scores(trainer, batch)
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(selection.influence, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_fresh_target_scores_equal_brute_force(random_adder_dir, tmp_path):
+    from datasets import Dataset
+
+    from llm_iif.lm.addition import addition_problems
+
+    validation = Dataset.from_list(addition_problems(8, seed=5))
+    trainer = make_trainer(random_adder_dir, tmp_path, validation_dataset=validation,
+                           iif=IIFConfig(enabled=True, target_source="fresh", val_size=8))
+    batch = generation_batch(trainer)
+    source, seen = trainer._stage.target_source, []
+    trainer._stage.target_source = lambda model: seen.append(source(model)) or seen[-1]
+    selection = trainer._stage.select(trainer.model, trainer._loss_and_target(batch), len(batch["advantages"]))
+    rows = seen[0]
+    assert len(rows) == 8 and rows.weights.shape == rows.response_mask.shape
+    params = list(scored_parameters(trainer.model).values())
+    logps = trainer._sequence_logprobs(trainer.model, rows.query_ids, rows.query_mask, rows.response_ids,
+                                       rows.response_mask)
+    target = flat_grad(-(rows.weights * logps * rows.response_mask).sum() / len(rows), params)
+    expected = brute_force_scores(trainer, batch, target)
+    torch.testing.assert_close(selection.influence, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_scores_without_lora_cover_the_linear_layers(tmp_path):
+    """A model trained without LoRA is scored on its trainable nn.Linear layers, exactly."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llm_iif.lm.addition import adder_tokenizer
+
+    tokenizer = adder_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                         tie_word_embeddings=False, bos_token_id=tokenizer.eos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    tokenizer.save_pretrained(tmp_path / "llama")
+    trainer = make_trainer(tmp_path / "llama", tmp_path / "out", lora=False,
+                           iif=IIFConfig(enabled=True, target_source="batch", folds=2))
+    assert "model.layers.0.mlp.up_proj.weight" in scored_parameters(trainer.model)
+    batch = generation_batch(trainer)
+    selection = trainer._stage.select(trainer.model, trainer._loss_and_target(batch), len(batch["advantages"]))
+    expected = brute_force_scores(trainer, batch)
+    torch.testing.assert_close(selection.influence, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_dropped_completions_leave_the_batch_and_the_normaliser(random_adder_dir, tmp_path):
+    """Kept rows only (padded to split evenly into steps_per_generation chunks); the loss of the cut batch
+    equals trl's loss on the kept completions alone."""
+    trainer = make_trainer(random_adder_dir, tmp_path, loss_type="grpo", steps_per_generation=2,
+                           gradient_accumulation_steps=2, per_device_train_batch_size=8,
+                           iif=IIFConfig(enabled=True, target_source="batch", p=1.0))
+    batch = generation_batch(trainer)
+    keep = torch.zeros(16, dtype=torch.bool)
+    keep[[0, 3, 4, 9, 14]] = True  # 5 kept: one padding row makes 6, which splits into 2 chunks of 3
+    cut = trainer._kept_rows(batch, keep)
+    assert cut["completion_ids"].shape[0] == 6 and cut["iif_kept_rows"].item() == 5
+    assert cut["completion_mask"][5].sum() == 0 and cut["advantages"][5] == 0
+    assert cut["num_items_in_batch"].item() == batch["completion_mask"][keep].sum().item()
+    trainer.current_gradient_accumulation_steps = 2
+    ours = trainer._compute_loss(trainer.model, cut)
+    kept_only = {k: (v[keep] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == 16 else v)
+                 for k, v in batch.items()}
+    trainer.current_gradient_accumulation_steps = 1
+    torch.testing.assert_close(ours, GRPOTrainer._compute_loss(trainer, trainer.model, kept_only))
+
+
+def test_training_filters_each_generation_batch(random_adder_dir, tmp_path):
+    trainer = make_trainer(random_adder_dir, tmp_path, max_steps=2,
+                           iif=IIFConfig(enabled=True, target_source="batch", p=1.0))
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "iif/kept_fraction" in entry]
+    assert len(logged) == 2
+    for entry in logged:
+        assert 0 < entry["iif/kept_fraction"] <= 1
+        assert entry["iif/kept_fraction"] == pytest.approx(1 - entry["iif/influence_neg_fraction"])
+        assert -1 <= entry["iif/target_split_cos"] <= 1
+    assert len(trainer._buffered_inputs[0]["advantages"]) < 16 or logged[-1]["iif/kept_fraction"] == 1
+
+
+# ------------------------------------------------------------------------------------------- group filters
+def test_varied_groups_drop_groups_with_equal_rewards():
+    rewards = torch.tensor([1.0, 1, 1, 0, 0, 0, 1, 0.5])
+    assert varied_groups(rewards, 2).tolist() == [False, False, True, True, False, False, True, True]
+
+
+def test_max_variance_subsets_match_exhaustive_search():
+    generator = torch.Generator().manual_seed(0)
+    rewards = torch.randint(0, 4, (5 * 6,), generator=generator).float()
+    for keep in (1, 2, 3, 5):
+        mask = max_variance_subsets(rewards, 6, keep).view(5, 6)
+        for g, group in enumerate(rewards.view(5, 6)):
+            best = max(group[list(rows)].var(unbiased=False).item() if keep > 1 else 0.0
+                       for rows in itertools.combinations(range(6), keep))
+            chosen = group[mask[g]]
+            assert len(chosen) == keep
+            assert (chosen.var(unbiased=False).item() if keep > 1 else 0.0) == pytest.approx(best)
+
+
+def parity_reward(prompts, completions, **kwargs):
+    """Constant for even first operands (a group with equal rewards), the completion's length otherwise."""
+    return [0.0 if int(p.split("+")[0]) % 2 == 0 else float(len(c)) for p, c in zip(prompts, completions)]
+
+
+@pytest.mark.parametrize("refill", [False, True])
+def test_dapo_drops_equal_groups_and_refills(random_adder_dir, tmp_path, refill):
+    trainer = make_trainer(random_adder_dir, tmp_path, reward_funcs=[parity_reward], max_completion_length=6,
+                           group_filter=GroupFilter("dapo", refill=refill, max_refill_batches=6))
+    rows = [trainer.train_dataset[i] for i in range(4) for _ in range(4)]
+    even = sum(int(r["prompt"].split("+")[0]) % 2 == 0 for r in rows[::4])
+    trainer.model.train()
+    cut = trainer._generate_and_score_completions(rows)
+    kept = int(cut["iif_kept_rows"])
+    refills = trainer._metrics["train"]["iif/refill_batches"][-1]
+    if refill:
+        assert kept == 16 or refills == 6
+    else:
+        assert kept <= 16 - 4 * even and refills == 0
+    assert (cut["advantages"][:kept] != 0).any()
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+def nan_reward(completions, **kwargs):
+    return [float("nan") if i == 0 else 1.0 for i in range(len(completions))]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(iif=IIFConfig(enabled=True, target_source="cached")), "iif.target_source: 'cached'"),
+    (dict(iif=IIFConfig(enabled=True, mode="bottom", p=1.0)), "would drop every completion"),
+    (dict(iif=IIFConfig(enabled=True), top_entropy_quantile=0.5), "top_entropy_quantile"),
+    (dict(iif=IIFConfig(enabled=True), group_filter=GroupFilter("dapo")), "expected one filter"),
+    (dict(group_filter=GroupFilter("pods", keep_per_group=4)), "group_filter.keep_per_group: 4"),
+    (dict(iif=IIFConfig(enabled=True, target_source="fresh")), "validation_dataset"),
+])
+def test_conflicting_settings_are_one_line_errors(random_adder_dir, tmp_path, kwargs, message):
+    with pytest.raises(UserError, match=message) as err:
+        make_trainer(random_adder_dir, tmp_path, **kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_validation_set_without_prompts(random_adder_dir, tmp_path):
+    from datasets import Dataset
+
+    data = Dataset.from_list([{"question": "1+1=", "answer": "2"}] * 4)
+    with pytest.raises(UserError, match="validation_dataset: .*'prompt' column .*question, answer"):
+        make_trainer(random_adder_dir, tmp_path, validation_dataset=data,
+                     iif=IIFConfig(enabled=True, target_source="fresh", val_size=4))
+
+
+def test_model_without_trainable_layers(random_adder_dir, tmp_path):
+    from peft import LoraConfig
+
+    from llm_iif.grpo import IIFGRPOTrainer
+
+    trainer_kwargs = dict(iif=IIFConfig(enabled=True))
+    with pytest.raises(UserError, match="iif: the model has no trainable peft LoRA layers and no trainable nn.Linear"):
+        base = make_trainer.__wrapped__ if hasattr(make_trainer, "__wrapped__") else None
+        assert base is None
+        from datasets import Dataset
+        from transformers import AutoTokenizer
+
+        from llm_iif.lm.addition import addition_problems, exact_match_reward
+        from conftest import grpo_args
+        IIFGRPOTrainer(model=str(random_adder_dir), reward_funcs=[exact_match_reward], args=grpo_args(tmp_path),
+                       train_dataset=Dataset.from_list(addition_problems(16, seed=0)),
+                       processing_class=AutoTokenizer.from_pretrained(random_adder_dir),
+                       peft_config=LoraConfig(r=2, target_modules=["wte"], task_type="CAUSAL_LM"), **trainer_kwargs)
+
+
+def test_nan_reward_stops_training_after_the_patience(random_adder_dir, tmp_path):
+    trainer = make_trainer(random_adder_dir, tmp_path, reward_funcs=[nan_reward], max_steps=2,
+                           iif=IIFConfig(enabled=True, target_source="batch"))
+    with pytest.raises(UserError, match=r"reward: NaN or inf for 1 of 16 completions \(1 round\(s\) in a row\)"):
+        trainer.train()
+    patient = make_trainer(random_adder_dir, tmp_path, reward_funcs=[nan_reward], max_steps=2, nonfinite_patience=2,
+                           iif=IIFConfig(enabled=True, target_source="batch"))
+    patient.train()
+    logged = [e for e in patient.state.log_history if "iif/nonfinite_reward" in e]
+    assert [e["iif/nonfinite_reward"] for e in logged] == [1, 1]
+    assert all(e["iif/kept_fraction"] <= 15 / 16 for e in logged)
