@@ -22,11 +22,11 @@ import time
 import warnings
 
 from llm_iif.analysis.diagnosis import diagnose, intervene
-from llm_iif.analysis.grid import LM_METHODS, run_classic_compare, run_compare
+from llm_iif.analysis.grid import LM_METHODS, run_classic_compare, run_compare, run_grpo_compare
 from llm_iif.analysis.plots import run_title, write_run_figures
 from llm_iif.analysis.report import write_report
 from llm_iif.analysis.summary import BUDGET_FRACTIONS
-from llm_iif.core.config import ClassicRecipe, RewardTrainRecipe, load_recipe
+from llm_iif.core.config import ClassicRecipe, GRPORecipe, RewardTrainRecipe, load_recipe, recipe_kind
 from llm_iif.core.errors import UserError
 from llm_iif.core.paths import RunPaths
 from llm_iif.training import build_trainer
@@ -118,6 +118,8 @@ def _train(args) -> int:
         overrides.append(f"run.output_dir={args.output_dir}")
     if recipe_path is None:
         raise UserError("train: expected a RECIPE, or --resume RUN_DIR (which reads RUN_DIR/recipe.yaml)")
+    if recipe_kind(recipe_path) is GRPORecipe:
+        return _train_grpo(args, recipe_path, overrides)
     recipe = load_recipe(recipe_path, overrides)
     if checkpoint is None:
         claim_run_directory(RunPaths(recipe.run.output_dir), args.overwrite)  # before the slow model loading
@@ -152,6 +154,24 @@ def _train(args) -> int:
         del trainer
         accelerator.free_memory()
         accelerator.end_training()
+    return 0
+
+
+def _train_grpo(args, recipe_path: str, overrides: list[str]) -> int:
+    from llm_iif.grpo.run import grpo_run_title, train_grpo
+
+    if args.resume:
+        raise UserError("--resume: GRPO runs cannot be resumed yet; start the run again")
+    recipe = load_recipe(recipe_path, overrides, kind=GRPORecipe)
+    quiet_libraries()
+    start = time.perf_counter()
+    history = train_grpo(recipe, overwrite=args.overwrite)
+    write_run_figures(Path(recipe.run.output_dir), history, grpo_run_title(recipe))
+    first, last = history[0], history[-1]
+    print(f"done: {len(history)} steps in {time.perf_counter() - start:.0f} s")
+    print(f"  held-out {next(iter(recipe.rewards)).split(':')[-1]}  after step 1: {first['reward_mean']:.3f}   "
+          f"after step {len(history)}: {last['reward_mean']:.3f}   KL {last['kl']:.3f}")
+    print(f"  outputs: {recipe.run.output_dir}/metrics.jsonl, reward_curve.png, final/ (LoRA adapter), tensorboard/")
     return 0
 
 
@@ -240,6 +260,11 @@ def _round_list(text: str) -> list[int]:
 def _compare(args) -> int:
     methods, seeds = _methods_and_seeds(args)
     quiet_libraries()
+    if recipe_kind(args.recipe) is GRPORecipe:
+        output_dir = Path(args.output_dir)
+        _print_comparison(run_grpo_compare(args.recipe, args.overrides, methods, seeds, output_dir, args.overwrite),
+                          output_dir, reward_name="final held-out")
+        return 0
     accelerator = make_accelerator(load_recipe(args.recipe, args.overrides))
     try:
         output_dir = Path(args.output_dir)

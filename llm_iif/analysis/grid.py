@@ -16,7 +16,7 @@ from llm_iif.analysis.plots import plot_influence, plot_reward_curves, run_title
 from llm_iif.analysis.report import influence_by_round, picked_rounds, write_report
 from llm_iif.analysis.summary import summarize
 from llm_iif.classic.train import train_classic
-from llm_iif.core.config import TARGET_SOURCES, ClassicRecipe, load_recipe
+from llm_iif.core.config import TARGET_SOURCES, ClassicRecipe, GRPORecipe, load_recipe
 from llm_iif.core.errors import UserError
 from llm_iif.core.fileio import atomic_write_text
 from llm_iif.core.paths import GridPaths, RunPaths
@@ -32,6 +32,19 @@ LM_METHODS = {
     "random": ["iif.enabled=true", "iif.mode=matched-random"],
     # IIF with each target source, whatever the recipe chooses.
     **{f"iif-{source}": ["iif.enabled=true", f"iif.target_source={source}"] for source in TARGET_SOURCES},
+}
+
+# `llm-iif compare` on a GRPO recipe: plain GRPO is "standard", the baseline every summary compares against.
+NO_FILTER = ["iif.enabled=false", "group_filter.kind=null"]
+GRPO_METHODS = {
+    "standard": NO_FILTER,
+    "iif": ["iif.enabled=true", "group_filter.kind=null"],
+    "random": ["iif.enabled=true", "iif.mode=matched-random", "group_filter.kind=null"],
+    **{f"iif-{source}": ["iif.enabled=true", f"iif.target_source={source}", "group_filter.kind=null"]
+       for source in ("fresh", "batch")},
+    "dapo": [*NO_FILTER[:1], "group_filter.kind=dapo", "group_filter.refill=false"],
+    "dapo-refill": [*NO_FILTER[:1], "group_filter.kind=dapo", "group_filter.refill=true"],
+    "pods": [*NO_FILTER[:1], "group_filter.kind=pods"],
 }
 
 # `llm-iif classic compare`: the (filter mode, p) of each method, given the recipe's ``iif`` section.
@@ -128,6 +141,23 @@ def run_compare(recipe_path: str, overrides: list[str], methods: list[str], seed
     if not accelerator.is_main_process:
         return summarize(histories)
     return write_comparison(output_dir, histories)
+
+
+def run_grpo_compare(recipe_path: str, overrides: list[str], methods: list[str], seeds: list[int],
+                     output_dir: Path, overwrite: bool = False) -> dict:
+    """`llm-iif compare` on a GRPO recipe: every method of `GRPO_METHODS` trains with trl's GRPOTrainer through
+    `IIFGRPOTrainer`; the curves are held-out accuracy (the first reward function) per step."""
+    from llm_iif.grpo.run import grpo_run_title, train_grpo
+
+    def train_one(method: str, seed: int, run: RunPaths) -> list[dict]:
+        recipe = load_recipe(recipe_path, [*overrides, *GRPO_METHODS[method], f"run.seed={seed}",
+                                           f"run.output_dir={run.root}"], kind=GRPORecipe)
+        history = train_grpo(recipe)
+        write_run_figures(run.root, history, grpo_run_title(recipe))
+        return history
+
+    histories = run_grid(GRPO_METHODS, methods, seeds, output_dir, train_one, overwrite)
+    return write_comparison(output_dir, histories, ylabel="held-out reward (first reward function)", report=False)
 
 
 def run_classic_compare(recipe_path: str, overrides: list[str], methods: list[str], seeds: list[int],

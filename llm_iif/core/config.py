@@ -348,6 +348,95 @@ class ClassicRecipe:
                 "default with MlpPolicy (small-cnn needs ppo.policy: CnnPolicy)")
 
 
+# ----------------------------------------------------------------------------------------------------- GRPO
+# recipes/*-grpo.yaml (``algorithm: grpo``): trl's GRPOTrainer, through llm_iif.grpo.IIFGRPOTrainer.
+
+GroupFilterName = Literal["dapo", "pods"]
+
+
+@dataclass
+class GRPODataConfig:
+    source: str
+    """``builtin:addition`` (generated 2-3 digit sums), or a local .json/.jsonl/.parquet file whose rows have
+    the prompt column and whatever columns the reward functions read (e.g. ``answer``)."""
+    prompt_column: str = "prompt"
+    train_size: int = 4000
+    """builtin:addition: training problems generated."""
+    validation_size: int = 256
+    """Held-out rows whose prompts build the fresh target (``iif.target_source: fresh``)."""
+    eval_size: int = 256
+    """Held-out rows evaluated after every step: one sampled completion each, scored by every reward function."""
+
+
+@dataclass
+class GroupFilterConfig:
+    """A baseline filter instead of IIF: ``dapo`` drops groups whose rewards are all equal (with ``refill``,
+    it generates up to ``max_refill_batches`` more batches to fill their place); ``pods`` keeps the
+    ``keep_per_group`` completions of each group whose rewards vary most."""
+    kind: Optional[GroupFilterName] = None
+    refill: bool = False
+    max_refill_batches: int = 4
+    keep_per_group: int = 4
+
+
+@dataclass
+class GRPORunConfig:
+    steps: int
+    """Optimiser steps (trl's max_steps)."""
+    seed: int = 0
+    output_dir: str = "runs/grpo"
+    report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=lambda: ["tensorboard"])
+    nonfinite_patience: int = 0
+    """Generation batches in a row that may contain NaN/inf rewards (those completions are dropped)."""
+
+
+@dataclass
+class GRPORecipe:
+    algorithm: Literal["grpo"]
+    model: ModelConfig
+    data: GRPODataConfig
+    rewards: dict[str, float]
+    """``module:function`` -> weight: trl reward functions (prompts, completions, **columns) -> floats. The
+    first one's held-out mean is the run's curve (``reward_mean``)."""
+    run: GRPORunConfig
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    grpo: dict = field(default_factory=dict)
+    """Any field of trl's GRPOConfig (num_generations, per_device_train_batch_size, learning_rate, beta,
+    loss_type, scale_rewards, steps_per_generation, num_iterations, temperature, ...), passed as given."""
+    iif: IIFConfig = field(default_factory=IIFConfig)
+    group_filter: GroupFilterConfig = field(default_factory=GroupFilterConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def check(self, source: str) -> None:
+        require = _requirement(self, source)
+        require(self.run.steps > 0, "run.steps", "a positive integer")
+        require(self.run.nonfinite_patience >= 0, "run.nonfinite_patience", "a non-negative integer")
+        require(self.lora.r > 0, "lora.r", "a positive integer")
+        for key in ("data.train_size", "data.validation_size", "data.eval_size", "iif.score_batch_size"):
+            require(_value(self, key) > 0, key, "a positive integer")
+        require(0.0 <= self.iif.p <= 1.0, "iif.p", "a value in [0, 1]")
+        require(self.iif.folds >= 2, "iif.folds", "at least 2")
+        if not self.rewards:
+            raise UserError(f"{source}: rewards: expected at least one module:function: weight")
+        for name in self.rewards:
+            if name.count(":") != 1:
+                raise UserError(f"{source}: rewards.{name}: expected an import path module:function")
+        if self.iif.enabled and self.group_filter.kind is not None:
+            raise UserError(f"{source}: group_filter.kind: {self.group_filter.kind} with iif.enabled: true; "
+                            "expected one filter (set iif.enabled: false or group_filter.kind: null)")
+
+
+def recipe_kind(path: str | Path) -> type:
+    """`GRPORecipe` for a recipe file that says ``algorithm: grpo``, else `Recipe` (PPO)."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return Recipe  # load_recipe reports the problem
+    return GRPORecipe if isinstance(raw, dict) and raw.get("algorithm") == "grpo" else Recipe
+
+
 def load_recipe(path: str | Path, overrides: list[str] = (), kind: type = Recipe):
     """Read, override and validate a recipe of ``kind`` (`Recipe`, `ClassicRecipe` or `RewardTrainRecipe`).
 

@@ -136,16 +136,16 @@ def ensure_tiny_adder(seed: int = 0) -> Path:
 
 
 def _warmup_batch(tokenizer, rows: list[dict], max_shift: int, generator: torch.Generator):
-    """Left-padded ``prompt + answer + EOS`` ids, with the loss on the answer and EOS only.
+    """Left-padded ``prompt + answer + EOS`` ids, their position ids, and labels on the answer and EOS only.
 
-    trl scores completions with a forward pass that gets no position ids, so a left-padded prompt sits a few
-    positions later there than during generation (which counts positions from the first real token). Extra random
-    left padding teaches the model that the offset does not matter, so both passes see the same policy.
+    Generation counts positions from a row's first real token, but trl scores completions with a forward pass
+    that gets no position ids, so there a prompt shorter than the batch's longest starts a few positions late.
+    Starting every row at a random position from 0 to ``max_shift`` teaches the model that the offset does not
+    matter, so sampling and scoring see the same policy.
     """
     prompts = [tokenizer.encode(r["prompt"]) for r in rows]
     answers = [tokenizer.encode(r["answer"]) + [tokenizer.eos_token_id] for r in rows]
-    shifts = torch.randint(0, max_shift + 1, (len(rows),), generator=generator).tolist()
-    width = max(len(p) + len(a) + s for p, a, s in zip(prompts, answers, shifts))
+    width = max(len(p) + len(a) for p, a in zip(prompts, answers))
     ids = torch.full((len(rows), width), tokenizer.pad_token_id)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     labels = torch.full((len(rows), width), -100)
@@ -154,7 +154,9 @@ def _warmup_batch(tokenizer, rows: list[dict], max_shift: int, generator: torch.
         ids[i, width - len(seq):] = seq
         mask[i, width - len(seq):] = 1
         labels[i, width - len(a):] = torch.tensor(a)
-    return ids, mask, labels
+    shifts = torch.randint(0, max_shift + 1, (len(rows), 1), generator=generator)
+    positions = (mask.cumsum(1) - 1).clamp(min=0) + shifts
+    return ids, mask, positions, labels
 
 
 def build_tiny_adder(out_dir: Path, seed: int = 0, steps: int = 300, batch_size: int = 128, lr: float = 3e-3,
@@ -184,9 +186,9 @@ def build_tiny_adder(out_dir: Path, seed: int = 0, steps: int = 300, batch_size:
     model.train()
     bar = tqdm(range(steps), desc=f"warming up {ADDER_MODEL_NAME}", leave=False)
     for step in bar:
-        ids, mask, labels = _warmup_batch(tokenizer, problems[step * batch_size:(step + 1) * batch_size],
-                                          max_shift, generator)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        ids, mask, positions, labels = _warmup_batch(
+            tokenizer, problems[step * batch_size:(step + 1) * batch_size], max_shift, generator)
+        loss = model(input_ids=ids, attention_mask=mask, position_ids=positions, labels=labels).loss
         loss.backward()
         optimizer.step()
         schedule.step()
