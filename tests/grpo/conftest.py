@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from llm_iif.grpo import IIFGRPOTrainer
+
 
 @pytest.fixture(scope="session")
 def random_adder_dir(tmp_path_factory):
@@ -39,11 +41,10 @@ def make_trainer(model_dir, output_dir, lora=True, problems=64, **kwargs):
     from peft import LoraConfig
     from transformers import AutoTokenizer
 
-    from llm_iif.grpo import IIFGRPOTrainer
     from llm_iif.lm.addition import addition_problems, exact_match_reward, format_reward
 
     own = {k: kwargs.pop(k) for k in ("iif", "group_filter", "validation_dataset", "nonfinite_patience",
-                                      "reward_funcs") if k in kwargs}
+                                      "reward_funcs", "rollout_func") if k in kwargs}
     own.setdefault("reward_funcs", [exact_match_reward, format_reward])
     peft = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], task_type="CAUSAL_LM") if lora else None
     return IIFGRPOTrainer(model=str(model_dir), args=grpo_args(output_dir, **kwargs),

@@ -1,6 +1,10 @@
 """IIFGRPOTrainer: the per-completion loss is trl's, the scores are exact, dropped rows leave the update."""
 
 import itertools
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -252,3 +256,35 @@ def test_nan_reward_stops_training_after_the_patience(random_adder_dir, tmp_path
     logged = [e for e in patient.state.log_history if "iif/nonfinite_reward" in e]
     assert [e["iif/nonfinite_reward"] for e in logged] == [1, 1]
     assert all(e["iif/kept_fraction"] <= 15 / 16 for e in logged)
+
+
+# ----------------------------------------------------------------------------------------------- processes
+def run_fixed_completions(model_dir, out, processes):
+    script = os.path.join(os.path.dirname(__file__), "fixed_completion_run.py")
+    launch = [sys.executable, script]
+    if processes > 1:
+        launch = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu",
+                  "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+                  "--dynamo_backend", "no", script]
+    out.mkdir()
+    proc = subprocess.run([*launch, str(model_dir), str(out), str(processes)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "1",
+                                            "PYTHONPATH": os.path.dirname(__file__)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "kept.json").read_text())
+
+
+def test_two_processes_keep_what_one_keeps_and_end_with_identical_weights(random_adder_dir, tmp_path):
+    """On fixed completions, 2 CPU processes score the same 16 completions, keep the same 8 and train to the
+    same weights as one process; both ranks hold identical weights."""
+    one = run_fixed_completions(random_adder_dir, tmp_path / "one", 1)
+    two = run_fixed_completions(random_adder_dir, tmp_path / "two", 2)
+    assert len(one) == len(two) == 2
+    for step_one, step_two in zip(one, two):
+        assert step_one == step_two
+        assert sum(kept for _, kept in step_one) == 8
+    rank0, rank1 = (torch.load(tmp_path / "two" / f"weights_rank{r}.pt") for r in (0, 1))
+    single = torch.load(tmp_path / "one" / "weights_rank0.pt")
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name])
+        torch.testing.assert_close(rank0[name], single[name], rtol=1e-4, atol=1e-6)

@@ -1,0 +1,64 @@
+"""Train IIF-GRPO on fixed completions, then save each step's kept completions and this process's weights.
+
+``python tests/grpo/fixed_completion_run.py MODEL_DIR OUT_DIR PROCESSES``, as one process or under
+``accelerate launch``. Completions come from trl's ``rollout_func`` hook and depend only on the prompt and
+the completion's place in its group, so runs with different process counts train on the same completions.
+"""
+
+import json
+import sys
+import zlib
+from pathlib import Path
+
+import torch
+from conftest import make_trainer
+
+from llm_iif.core.config import IIFConfig
+from llm_iif.grpo import IIFGRPOTrainer
+
+GLOBAL_BATCH = 16
+
+
+def fixed_completions(prompts, trainer):
+    """Per prompt: 1-4 digits drawn from a generator seeded by the prompt text and the completion's index
+    in its group, then EOS."""
+    tokenizer = trainer.processing_class
+    prompt_ids, completion_ids, seen = [], [], {}
+    for prompt in prompts:
+        k = seen[prompt] = seen.get(prompt, -1) + 1
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{prompt}|{k}".encode()))
+        length = int(torch.randint(1, 5, (1,), generator=generator))
+        digits = "".join(str(int(d)) for d in torch.randint(0, 10, (length,), generator=generator))
+        prompt_ids.append(tokenizer(prompt)["input_ids"])
+        completion_ids.append(tokenizer(digits)["input_ids"] + [tokenizer.eos_token_id])
+    return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None}
+
+
+class RecordingTrainer(IIFGRPOTrainer):
+    """Records every step's kept completions, by prompt and completion text, over all processes."""
+    kept_by_step: list = []
+
+    def _kept_rows(self, batch, keep):
+        tokenizer = self.processing_class
+        texts = [tokenizer.decode(p, skip_special_tokens=True) + "|" + tokenizer.decode(c, skip_special_tokens=True)
+                 for p, c in zip(batch["prompt_ids"], batch["completion_ids"])]
+        from accelerate.utils import gather_object
+        everyone = gather_object([(t, bool(k)) for t, k in zip(texts, keep.tolist())])
+        self.kept_by_step.append(sorted(everyone))
+        return super()._kept_rows(batch, keep)
+
+
+if __name__ == "__main__":
+    model_dir, out, processes = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+    import conftest
+    conftest.IIFGRPOTrainer = RecordingTrainer  # make_trainer builds this subclass
+    trainer = make_trainer(model_dir, out, max_steps=2, per_device_train_batch_size=GLOBAL_BATCH // processes,
+                           rollout_func=fixed_completions,
+                           iif=IIFConfig(enabled=True, target_source="batch", folds=2, mode="bottom", p=0.5))
+    trainer.train()
+    accelerator = trainer.accelerator
+    weights = {n: p.detach().cpu() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    torch.save(weights, out / f"weights_rank{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        (out / "kept.json").write_text(json.dumps(RecordingTrainer.kept_by_step))
+    accelerator.end_training()
