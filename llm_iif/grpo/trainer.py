@@ -67,7 +67,8 @@ class IIFGRPOTrainer(GRPOTrainer):
 
     Takes every `GRPOTrainer` argument, plus:
       iif: what to score against and how much to drop (`llm_iif.core.config.IIFConfig`; ``target_source``
-        ``batch`` or ``fresh``). None (and no group_filter) trains as plain GRPO.
+        ``batch`` or ``fresh``). Passing one turns filtering on (its ``enabled`` field is the recipe's switch
+        and is not read here); None, and no group_filter, trains as plain GRPO.
       group_filter: a `GroupFilter` baseline instead of ``iif``.
       validation_dataset: rows with a ``prompt`` column (and whatever the reward functions read), for
         ``target_source: fresh``: each round samples ``num_generations`` completions for each of
