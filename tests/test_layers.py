@@ -5,7 +5,7 @@ Layers, lowest first; a module imports only from its own layer or lower ones:
     0  llm_iif.core
     1  llm_iif.attribution
     2  llm_iif.lm, llm_iif.classic       (these two never import each other)
-    3  llm_iif.training
+    3  llm_iif.training, llm_iif.grpo     (grpo uses training's run-directory and builtin helpers)
     4  llm_iif.analysis
     5  llm_iif.cli, llm_iif.__main__, llm_iif (the top-level __init__, which may re-export)
 
@@ -42,6 +42,7 @@ LAYERS: dict[str, float] = {
     "llm_iif.classic": 2,
     "reward_models": 2.5,
     "llm_iif.training": 3,
+    "llm_iif.grpo": 3,
     "llm_iif.analysis": 4,
     "llm_iif.cli": 5,
     "llm_iif.__main__": 5,

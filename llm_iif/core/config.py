@@ -355,6 +355,13 @@ GroupFilterName = Literal["dapo", "pods"]
 
 
 @dataclass
+class GRPOModelConfig:
+    name_or_path: str
+    """A hub id, a local directory, or ``builtin:tiny-adder`` for the offline character-level adder. Loading
+    options (dtype, attention) go in ``grpo.model_init_kwargs``, trl's own field."""
+
+
+@dataclass
 class GRPODataConfig:
     source: str
     """``builtin:addition`` (generated 2-3 digit sums), or a local .json/.jsonl/.parquet file whose rows have
@@ -393,7 +400,8 @@ class GRPORunConfig:
 @dataclass
 class GRPORecipe:
     algorithm: Literal["grpo"]
-    model: ModelConfig
+    """Marks a GRPO recipe (a PPO recipe has no algorithm key)."""
+    model: GRPOModelConfig
     data: GRPODataConfig
     rewards: dict[str, float]
     """``module:function`` -> weight: trl reward functions (prompts, completions, **columns) -> floats. The

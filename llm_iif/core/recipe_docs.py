@@ -44,6 +44,9 @@ KINDS: tuple[Kind, ...] = (
     Kind("LM PPO recipes", config.Recipe,
          "`recipes/*.yaml`, read by `llm-iif train` and `llm-iif compare`: PPO (with IIF when `iif.enabled`) "
          "for a causal language model with a LoRA adapter."),
+    Kind("GRPO recipes", config.GRPORecipe,
+         "`recipes/*-grpo.yaml` (`algorithm: grpo`), read by `llm-iif train` and `llm-iif compare`: trl's "
+         "GRPOTrainer through `IIFGRPOTrainer`, with IIF or a group filter (docs/grpo.md)."),
     Kind("Reward-model recipes", config.RewardTrainRecipe,
          "`recipes/reward/*.yaml`, read by `llm-iif reward train`: a sequence classifier trained on preference "
          "pairs, usable afterwards as an `hf-classifier` reward."),
@@ -52,7 +55,7 @@ KINDS: tuple[Kind, ...] = (
          "`llm-iif classic intervene`: Stable-Baselines3 PPO (with IIF) on a gymnasium environment."),
 )
 
-TOP_LEVEL = "(top level)"  # the heading for recipe keys that are not sections (there are none today)
+TOP_LEVEL = "(top level)"  # the heading for recipe keys that are not sections (a GRPO recipe's algorithm, rewards, grpo)
 
 
 # ------------------------------------------------------------------------------------------- reading config.py

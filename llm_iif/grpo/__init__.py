@@ -1,4 +1,4 @@
-"""Layer 2 (beside `llm_iif.lm`): IIF for GRPO as a drop-in subclass of trl's `GRPOTrainer`, with the group
+"""Layer 3 (beside `llm_iif.training`): IIF for GRPO as a drop-in subclass of trl's `GRPOTrainer`, with the group
 filters it is compared with (DAPO's dynamic sampling, PODS)."""
 
 from llm_iif.grpo.trainer import TRL_RANGE, GroupFilter, IIFGRPOTrainer
