@@ -307,6 +307,10 @@ def quiet_libraries() -> None:
 
     # transformers warns about its own renamed attribute when peft wraps a model; nothing for users to do.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # trl's GRPOConfig still sets transformers' renamed gradient_checkpointing field; peft notes that GPT-2's
+    # Conv1D layers need fan_in_fan_out and sets it itself.
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*fan_in_fan_out is set to False.*", category=UserWarning)
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,80 @@
+"""`llm-iif train` and `llm-iif compare` on a GRPO recipe, and their one-line errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPE = REPO / "recipes" / "tiny-addition-grpo.yaml"
+
+
+def small(model_dir, *extra):
+    """Overrides that shrink the shipped recipe to seconds: the random tiny model, 16 completions a step."""
+    return ["--set", f"model.name_or_path={model_dir}", "--set", "grpo.per_device_train_batch_size=16",
+            "--set", "grpo.num_generations=4", "--set", "data.eval_size=16", "--set", "data.validation_size=16",
+            "--set", "run.report_to=[]", *[a for item in extra for a in ("--set", item)]]
+
+
+def llm_iif(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "llm_iif", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def test_train_writes_a_run(random_adder_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = llm_iif("train", RECIPE, "--output-dir", out, *small(random_adder_dir, "run.steps=2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2]
+    for m in lines:
+        assert 0 <= m["reward_mean"] <= 1 and 0 < m["kept_fraction"] <= 1 and m["time_round_s"] > 0
+        assert {"eval/exact_match_reward", "eval/format_reward", "kl", "target_split_cos"} <= m.keys()
+    assert (out / "final" / "adapter_config.json").is_file() and (out / "reward_curve.png").is_file()
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["algorithm"] == "grpo"
+    assert "held-out exact_match_reward" in proc.stdout
+
+
+def test_compare_runs_every_baseline(random_adder_dir, tmp_path):
+    out = tmp_path / "cmp"
+    methods = "standard,iif,dapo-refill,pods"
+    proc = llm_iif("compare", RECIPE, "--methods", methods, "--seeds", "0", "--output-dir", out,
+                   *small(random_adder_dir, "run.steps=2", "group_filter.keep_per_group=2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["methods"]) == methods.split(",")
+    for method in methods.split(",")[1:]:
+        assert "seconds_to_standard_final" in summary["methods"][method]["vs_standard"]
+    pods = [json.loads(line) for line in (out / "pods" / "seed-0" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["kept_fraction"] == 0.5 for m in pods)  # 2 of every 4
+    assert (out / "reward_curves.png").is_file()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["grpo.no_such_field=1"], "grpo: GRPOConfig.__init__() got an unexpected keyword argument 'no_such_field'"),
+    (["iif.mode=bottom", "iif.p=1.0"], "iif.p: 1.0 with iif.mode bottom would drop every completion"),
+    (["group_filter.kind=dapo"], "group_filter.kind: dapo with iif.enabled: true; expected one filter"),
+    (["group_filter.kind=pods", "iif.enabled=false", "group_filter.keep_per_group=4"],
+     "group_filter.keep_per_group: 4 would keep no or every completion"),
+    (["iif.target_source=fresh", "iif.val_size=6"], "iif.val_size: 6 completions; expected a multiple of"),
+])
+def test_bad_input_is_one_line(random_adder_dir, tmp_path, overrides, message):
+    proc = llm_iif("train", RECIPE, "--output-dir", tmp_path / "bad", *small(random_adder_dir, "run.steps=1",
+                                                                              *overrides))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and message in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+def test_unknown_reward_function(random_adder_dir, tmp_path):
+    raw = yaml.safe_load(RECIPE.read_text())
+    raw["rewards"] = {"llm_iif.lm.addition:no_such": 1.0}
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    proc = llm_iif("train", recipe, "--output-dir", tmp_path / "bad", *small(random_adder_dir, "run.steps=1"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == ("llm-iif: error: rewards.llm_iif.lm.addition:no_such: cannot import "
+                                   "'llm_iif.lm.addition:no_such' (module 'llm_iif.lm.addition' has no 'no_such')")
