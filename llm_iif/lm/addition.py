@@ -9,6 +9,7 @@ only partly, so that sampling at temperature 1 gets roughly a third of the answe
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -43,13 +44,21 @@ _NUMBER = re.compile(r"\d{1,4}")
 
 
 def addition_problems(num: int, seed: int) -> list[dict]:
-    """``num`` rows ``{"prompt": "47+385=", "answer": "432"}`` with 2- or 3-digit operands (deterministic in ``seed``)."""
+    """``num`` rows ``{"prompt": "047+385=", "answer": "432"}``: 2- or 3-digit operands, written zero-padded to
+    three digits, and their sum without padding (deterministic in ``seed``).
+
+    The padding keeps every prompt eight tokens long, which matters for a model with learned absolute positions
+    such as GPT-2. trl left-pads a batch of prompts and scores completions with a forward pass that gets no
+    position ids, so a shorter prompt would be scored several positions later than `generate` (which counts
+    positions from the first real token) sampled it; the tiny model answers a shifted sum far worse, and GRPO then
+    updates a policy it never sampled from. With equal-length prompts there is no left padding to shift anything.
+    """
     rng = random.Random(seed)
     rows = []
     for _ in range(num):
         # Pick the digit count first: drawn uniformly from 10..999, nine operands in ten would have three digits.
         a, b = (rng.randint(10, 99) if rng.random() < 0.5 else rng.randint(100, 999) for _ in range(2))
-        rows.append({"prompt": f"{a}+{b}=", "answer": str(a + b)})
+        rows.append({"prompt": f"{a:03d}+{b:03d}=", "answer": str(a + b)})
     return rows
 
 
@@ -135,14 +144,8 @@ def ensure_tiny_adder(seed: int = 0) -> Path:
     return target
 
 
-def _warmup_batch(tokenizer, rows: list[dict], max_shift: int, generator: torch.Generator):
-    """Left-padded ``prompt + answer + EOS`` ids, their position ids, and labels on the answer and EOS only.
-
-    Generation counts positions from a row's first real token, but trl scores completions with a forward pass
-    that gets no position ids, so there a prompt shorter than the batch's longest starts a few positions late.
-    Starting every row at a random position from 0 to ``max_shift`` teaches the model that the offset does not
-    matter, so sampling and scoring see the same policy.
-    """
+def _warmup_batch(tokenizer, rows: list[dict]):
+    """Right-padded ``prompt + answer + EOS`` ids and labels on the answer and EOS only (the prompt is given)."""
     prompts = [tokenizer.encode(r["prompt"]) for r in rows]
     answers = [tokenizer.encode(r["answer"]) + [tokenizer.eos_token_id] for r in rows]
     width = max(len(p) + len(a) for p, a in zip(prompts, answers))
@@ -150,21 +153,21 @@ def _warmup_batch(tokenizer, rows: list[dict], max_shift: int, generator: torch.
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     labels = torch.full((len(rows), width), -100)
     for i, (p, a) in enumerate(zip(prompts, answers)):
-        seq = torch.tensor(p + a)
-        ids[i, width - len(seq):] = seq
-        mask[i, width - len(seq):] = 1
-        labels[i, width - len(a):] = torch.tensor(a)
-    shifts = torch.randint(0, max_shift + 1, (len(rows), 1), generator=generator)
-    positions = (mask.cumsum(1) - 1).clamp(min=0) + shifts
-    return ids, mask, positions, labels
+        ids[i, :len(p) + len(a)] = torch.tensor(p + a)
+        mask[i, :len(p) + len(a)] = 1
+        labels[i, len(p):len(p) + len(a)] = torch.tensor(a)
+    return ids, mask, labels
 
 
-def build_tiny_adder(out_dir: Path, seed: int = 0, steps: int = 300, batch_size: int = 128, lr: float = 3e-3,
-                     n_embd: int = 128, n_layer: int = 2, max_shift: int = 3) -> None:
-    """Warm up the tiny GPT-2 adder on worked sums for ``steps`` steps and save it with its tokenizer to ``out_dir``.
+def build_tiny_adder(out_dir: Path, seed: int = 0, target_accuracy: float = 0.35, max_steps: int = 3000,
+                     check_every: int = 50, batch_size: int = 128, lr: float = 1e-3, n_embd: int = 128,
+                     n_layer: int = 2) -> None:
+    """Warm up the tiny GPT-2 adder on worked sums until it samples right answers ``target_accuracy`` of the time,
+    and save it with its tokenizer (and a ``warmup.json`` record) to ``out_dir``.
 
-    ``steps`` is calibrated so that the saved model samples (temperature 1) the right answer about a third of the
-    time: competent enough for GRPO's groups to contain both right and wrong answers, far from solved.
+    Stopping there leaves GRPO a model competent enough for its groups to hold both right and wrong answers, and
+    far from solved. The stop is measured rather than a fixed step count because a model this small learns
+    addition in a sudden jump whose timing moves by hundreds of steps with the seed.
     """
     from tqdm.auto import tqdm
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -178,23 +181,35 @@ def build_tiny_adder(out_dir: Path, seed: int = 0, steps: int = 300, batch_size:
     model = GPT2LMHeadModel(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    problems = addition_problems(steps * batch_size, seed + WARMUP_SEED_OFFSET)
+    problems = addition_problems(max_steps * batch_size, seed + WARMUP_SEED_OFFSET)
+    probe = addition_problems(512, seed + WARMUP_SEED_OFFSET + 1)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    bar = tqdm(range(steps), desc=f"warming up {ADDER_MODEL_NAME}", leave=False)
+    # Constant after a short ramp: the stopping step is not known in advance, so there is nothing to anneal to.
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 100))
+    accuracy = 0.0
+    bar = tqdm(range(max_steps), desc=f"warming up {ADDER_MODEL_NAME}", leave=False)
     for step in bar:
-        ids, mask, positions, labels = _warmup_batch(
-            tokenizer, problems[step * batch_size:(step + 1) * batch_size], max_shift, generator)
-        loss = model(input_ids=ids, attention_mask=mask, position_ids=positions, labels=labels).loss
+        model.train()
+        ids, mask, labels = _warmup_batch(tokenizer, problems[step * batch_size:(step + 1) * batch_size])
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    accuracy = addition_accuracy(model, tokenizer, addition_problems(256, seed + WARMUP_SEED_OFFSET + 1))
-    logger.info("%s warm-up finished at loss %.3f, sampled accuracy %.2f", ADDER_MODEL_NAME, loss.item(), accuracy)
+        if (step + 1) % check_every == 0:
+            accuracy = addition_accuracy(model, tokenizer, probe, temperature=1.0, seed=seed)
+            if accuracy >= target_accuracy:
+                break
+        bar.set_postfix(loss=f"{loss.item():.3f}", accuracy=f"{accuracy:.2f}")
+    else:
+        logger.warning("%s warm-up hit max_steps=%d at sampled accuracy %.2f, short of the %.2f target",
+                       ADDER_MODEL_NAME, max_steps, accuracy, target_accuracy)
+    bar.close()
+    logger.info("%s warm-up stopped after %d steps at loss %.3f, sampled accuracy %.2f",
+                ADDER_MODEL_NAME, step + 1, loss.item(), accuracy)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    (Path(out_dir) / "warmup.json").write_text(json.dumps(
+        {"version": ADDER_MODEL_VERSION, "seed": seed, "steps": step + 1, "loss": round(loss.item(), 4),
+         "sampled_accuracy": accuracy, "target_accuracy": target_accuracy}, indent=1) + "\n")
