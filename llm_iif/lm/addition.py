@@ -1,10 +1,10 @@
 """An offline verifiable-reward task for GRPO: a tiny GPT-2 that adds 2-3 digit numbers, and exact-match rewards.
 
-Nothing is downloaded. `addition_problems` writes prompts like ``"47+385="`` with their answers, and
-`ensure_tiny_adder` builds a character-level tokenizer and a small GPT-2, warms the model up on worked sums
-only partly, so that sampling at temperature 1 gets roughly a third of the answers right, and caches both under
-``$LLM_IIF_CACHE`` (default ``~/.cache/llm_iif``). The reward is checkable, so GRPO has a clear signal to climb:
-`exact_match_reward` pays 1 for the right number and `format_reward` for any plausible one.
+Nothing is downloaded. `addition_problems` writes prompts like ``"047+385="`` (operands zero-padded to three
+digits) with their answers, and `ensure_tiny_adder` builds a character-level tokenizer and a small GPT-2, warms
+the model up on worked sums only until sampling at temperature 1 gets about 35-40% of the answers right, and
+caches both under ``$LLM_IIF_CACHE`` (default ``~/.cache/llm_iif``). The reward is checkable, so GRPO has a clear
+signal to climb: `exact_match_reward` pays 1 for the right number and `format_reward` for any plausible one.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ logger = logging.getLogger(__name__)
 ADDER_MODEL_NAME = "tiny-adder"
 
 
-# Bump when the problems, tokenizer or warm-up change so stale caches are not reused.
-ADDER_MODEL_VERSION = "v1"
+# Bump when the problems, tokenizer or warm-up change so stale caches are not reused (v1 was a draft with
+# unpadded operands).
+ADDER_MODEL_VERSION = "v2"
 
 
 ADDER_CHARACTERS = "0123456789+="
