@@ -50,6 +50,7 @@ class StepTimes(TrainerCallback):
 def run_block(recipe: GRPORecipe, method: str, steps: int, out: Path) -> StepTimes:
     model_dir = resolve_builtin(recipe.model.name_or_path)
     recipe.run.steps, recipe.run.report_to = steps, []
+    recipe.grpo["disable_tqdm"] = True  # trl's per-step log lines would bury the table
     train, validation, _ = grpo_datasets(recipe.data)
     times = StepTimes()
     common = dict(model=model_dir, reward_funcs=[import_object(n, f"rewards.{n}") for n in recipe.rewards],
@@ -60,7 +61,6 @@ def run_block(recipe: GRPORecipe, method: str, steps: int, out: Path) -> StepTim
     else:
         recipe.iif.enabled, recipe.iif.target_source = True, method.removeprefix("iif-")
         trainer = IIFGRPOTrainer(**common, iif=recipe.iif, validation_dataset=validation)
-    trainer.args.disable_tqdm = True
     trainer.train()
     return times
 
