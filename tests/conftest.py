@@ -29,3 +29,21 @@ def tiny_model_dir():
     from llm_iif.lm.builtin import ensure_tiny_model
 
     return ensure_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def random_adder_dir(tmp_path_factory):
+    """A randomly initialised tiny GPT-2 and the adder tokenizer, saved like a hub model (GRPO tests)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from llm_iif.lm.addition import adder_tokenizer
+
+    out = tmp_path_factory.mktemp("random-adder")
+    tokenizer = adder_tokenizer()
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tokenizer.eos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    GPT2LMHeadModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -27,13 +27,14 @@ def write(tmp_path, recipe) -> Path:
 
 
 def test_shipped_recipes_load():
-    from llm_iif.core.config import ClassicRecipe, RewardTrainRecipe
+    from llm_iif.core.config import ClassicRecipe, GRPORecipe, RewardTrainRecipe, recipe_kind
 
     for folder, kind in (("", Recipe), ("classic", ClassicRecipe), ("reward", RewardTrainRecipe)):
         paths = sorted((REPO / "recipes" / folder).glob("*.yaml"))
         assert paths, folder
         for path in paths:
-            load_recipe(path, kind=kind)
+            load_recipe(path, kind=recipe_kind(path) if kind is Recipe else kind)
+    assert recipe_kind(REPO / "recipes" / "tiny-addition-grpo.yaml") is GRPORecipe
 
 
 def test_defaults_fill_missing_sections(tmp_path):

@@ -93,7 +93,7 @@ def test_field_docstrings_and_class_docstrings_appear():
     for kind, name, _ in _all_sections():
         for owner, f in recipe_docs.section_fields(kind.recipe, name):
             doc = recipe_docs.field_doc(owner, f.name)
-            assert " ".join(doc.split()) in text, f"{cls.__name__}.{f.name}"
+            assert " ".join(doc.split()) in text, f"{owner.__name__}.{f.name}"
 
 
 def test_types_and_defaults():

@@ -11,7 +11,7 @@ import zlib
 from pathlib import Path
 
 import torch
-from conftest import make_trainer
+from grpo_setup import make_trainer
 
 from llm_iif.core.config import IIFConfig
 from llm_iif.grpo import IIFGRPOTrainer
@@ -50,8 +50,8 @@ class RecordingTrainer(IIFGRPOTrainer):
 
 if __name__ == "__main__":
     model_dir, out, processes = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
-    import conftest
-    conftest.IIFGRPOTrainer = RecordingTrainer  # make_trainer builds this subclass
+    import grpo_setup
+    grpo_setup.IIFGRPOTrainer = RecordingTrainer  # make_trainer builds this subclass
     trainer = make_trainer(model_dir, out, max_steps=2, per_device_train_batch_size=GLOBAL_BATCH // processes,
                            rollout_func=fixed_completions,
                            iif=IIFConfig(enabled=True, target_source="batch", folds=2, mode="bottom", p=0.5))

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import torch
-from conftest import make_trainer
+from grpo_setup import grpo_args, make_trainer
 from trl import GRPOTrainer
 
-from llm_iif.attribution.gradients import grad_dot, scored_parameters
+from llm_iif.attribution.gradients import scored_parameters
 from llm_iif.core.config import IIFConfig
 from llm_iif.core.errors import UserError
 from llm_iif.grpo import GroupFilter
@@ -226,23 +226,20 @@ def test_validation_set_without_prompts(random_adder_dir, tmp_path):
 
 
 def test_model_without_trainable_layers(random_adder_dir, tmp_path):
+    """LoRA on the embedding only: no trainable lora_A/lora_B Linear layers and no trainable nn.Linear."""
+    from datasets import Dataset
     from peft import LoraConfig
+    from transformers import AutoTokenizer
 
     from llm_iif.grpo import IIFGRPOTrainer
+    from llm_iif.lm.addition import addition_problems, exact_match_reward
 
-    trainer_kwargs = dict(iif=IIFConfig(enabled=True))
     with pytest.raises(UserError, match="iif: the model has no trainable peft LoRA layers and no trainable nn.Linear"):
-        base = make_trainer.__wrapped__ if hasattr(make_trainer, "__wrapped__") else None
-        assert base is None
-        from datasets import Dataset
-        from transformers import AutoTokenizer
-
-        from llm_iif.lm.addition import addition_problems, exact_match_reward
-        from conftest import grpo_args
         IIFGRPOTrainer(model=str(random_adder_dir), reward_funcs=[exact_match_reward], args=grpo_args(tmp_path),
                        train_dataset=Dataset.from_list(addition_problems(16, seed=0)),
                        processing_class=AutoTokenizer.from_pretrained(random_adder_dir),
-                       peft_config=LoraConfig(r=2, target_modules=["wte"], task_type="CAUSAL_LM"), **trainer_kwargs)
+                       peft_config=LoraConfig(r=2, target_modules=["wte"], task_type="CAUSAL_LM"),
+                       iif=IIFConfig(enabled=True))
 
 
 def test_nan_reward_stops_training_after_the_patience(random_adder_dir, tmp_path):

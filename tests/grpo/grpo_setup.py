@@ -1,27 +1,7 @@
-"""A GRPO setup small enough for unit tests: a random 2-layer GPT-2 over the adder's character tokenizer."""
-
-import pytest
-import torch
+"""A GRPO setup small enough for unit tests: IIFGRPOTrainer on addition problems over a tiny model directory
+(the ``random_adder_dir`` fixture of tests/conftest.py: a random 2-layer GPT-2 with the adder's tokenizer)."""
 
 from llm_iif.grpo import IIFGRPOTrainer
-
-
-@pytest.fixture(scope="session")
-def random_adder_dir(tmp_path_factory):
-    """A randomly initialised tiny GPT-2 and the adder tokenizer, saved like a hub model."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from llm_iif.lm.addition import adder_tokenizer
-
-    out = tmp_path_factory.mktemp("random-adder")
-    tokenizer = adder_tokenizer()
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_embd=32, n_layer=2, n_head=2,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tokenizer.eos_token_id,
-                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    GPT2LMHeadModel(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 def grpo_args(output_dir, **overrides):
