@@ -285,3 +285,19 @@ def test_two_processes_keep_what_one_keeps_and_end_with_identical_weights(random
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name])
         torch.testing.assert_close(rank0[name], single[name], rtol=1e-4, atol=1e-6)
+
+
+def test_trl_buffering_features_keep_working(random_adder_dir, tmp_path):
+    """steps_per_generation, gradient accumulation, num_iterations, scale_rewards and a row-mean loss_type with
+    filtering: one generation (and one filter decision) per 2 × 2 micro-steps, every step on kept rows."""
+    trainer = make_trainer(random_adder_dir, tmp_path, max_steps=4, steps_per_generation=2,
+                           gradient_accumulation_steps=2, num_iterations=2, per_device_train_batch_size=8,
+                           scale_rewards="batch", loss_type="grpo", beta=0.05,
+                           iif=IIFConfig(enabled=True, target_source="batch", mode="bottom", p=0.5))
+    trainer.train()
+    assert trainer.state.global_step == 4
+    decisions = [e for e in trainer.state.log_history if "iif/kept_fraction" in e]
+    assert len(decisions) == 2  # 8 micro-steps, one generation per steps_per_generation × num_iterations = 4
+    assert all(d["iif/kept_fraction"] == 0.5 for d in decisions)  # 16 completions, 8 kept
+    assert [len(chunk["advantages"]) for chunk in trainer._buffered_inputs] == [4, 4]
+    assert all(chunk["iif_kept_rows"].item() == 8 for chunk in trainer._buffered_inputs)
