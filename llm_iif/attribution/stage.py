@@ -34,6 +34,7 @@ from torch import nn
 
 from llm_iif.attribution.filters import filter_mask
 from llm_iif.attribution.gradients import grad_cosine
+from llm_iif.attribution.precondition import Preconditioner
 from llm_iif.attribution.influence import (PerSampleLoss, PerSampleLossAndTarget, SequenceLogprobs, TargetSource,
                                            cross_fitted_dots, influence_scores, target_gradient_parts)
 from llm_iif.core.config import IIFConfig
@@ -66,21 +67,26 @@ class IIFStage:
         self.timer = PhaseTimer()
 
     def select(self, model: nn.Module, per_sample_loss: PerSampleLoss | PerSampleLossAndTarget,
-               batch_size: int) -> Selection:
+               batch_size: int, precondition: Preconditioner | None = None) -> Selection:
         """Influence scores and the keep-mask for this process's ``batch_size`` samples.
 
         ``model`` may be wrapped (DDP); scoring runs on the unwrapped module, outside gradient sync. Samples
         with a NaN or inf score are never kept and are reported to the guard. With ``target_source: batch``,
         ``per_sample_loss`` must also return each row's target term (a `PerSampleLossAndTarget`).
+        ``precondition`` (`llm_iif.attribution.precondition`) is applied once to the target gradient.
         """
         cfg = self.config
         self.timer = PhaseTimer()
         metrics, influence, filtering = {}, None, True
         if cfg.mode != "random" and cfg.target_source == "batch":
-            influence, metrics["target_split_cos"] = self.cross_fitted_scores(model, per_sample_loss, batch_size)
+            influence, metrics["target_split_cos"] = self.cross_fitted_scores(model, per_sample_loss, batch_size,
+                                                                              precondition)
         elif cfg.mode != "random":
             target, metrics["target_split_cos"] = self.target_gradient(model)
-            influence = self._scores(model, per_sample_loss, batch_size, target)
+            influence = self._scores(model, per_sample_loss, batch_size,
+                                     precondition(target) if precondition else target)
+        if cfg.mode != "random":
+            metrics["preconditioned"] = int(precondition is not None)
         if influence is not None:
             filtering = cfg.min_split_cos is None or metrics["target_split_cos"] >= cfg.min_split_cos
         keep, everyone = self._decide(influence, batch_size, cfg.mode if filtering else "none")
@@ -112,16 +118,18 @@ class IIFStage:
                                     self.config.score_batch_size, acc.device)
 
     def cross_fitted_scores(self, model: nn.Module, loss_and_target: PerSampleLossAndTarget,
-                            batch_size: int) -> tuple[torch.Tensor, float]:
-        """[B] influence of each sample on the target built from the other folds of the whole batch, and the
-        cosine between the even and the odd folds' gradients."""
+                            batch_size: int, precondition: Preconditioner | None = None) -> tuple[torch.Tensor, float]:
+        """[B] influence of each sample on the target built from the other folds of the whole batch (each fold's
+        gradient preconditioned, when given), and the cosine between the even and the odd folds' gradients."""
         acc, folds = self.accelerator, self.config.folds
         _, offset = gather_values(acc, torch.zeros(batch_size))
         fold = (torch.arange(batch_size) + offset) % folds  # by global row: N processes fold as one would
         rows_per_fold = acc.reduce(torch.bincount(fold, minlength=folds).float().to(acc.device), "sum")
         with self.timer.phase("scoring"), acc.no_sync(model), acc.autocast():  # target and scores: one pass
             dots, parts = cross_fitted_dots(acc.unwrap_model(model), loss_and_target, batch_size, fold, folds,
-                                            self.config.score_batch_size, lambda g: sum_gradients(acc, *g),
+                                            self.config.score_batch_size,
+                                            lambda g: [precondition(part) if precondition else part
+                                                       for part in sum_gradients(acc, *g)],
                                             acc.device)                                        # [B, K]
         fold = fold.to(dots.device)
         own = dots.gather(1, fold[:, None]).squeeze(1)

@@ -164,6 +164,9 @@ class IIFConfig:
     to the scores; on the tiny recipe ``policy`` reached standard PPO's peak sooner (docs/results.md, section 3)."""
     min_split_cos: Optional[float] = None
     """Filter only in rounds whose target_split_cos reaches this; None filters every round."""
+    precondition: Literal["none", "adam"] = "none"
+    """``adam`` scores with ⟨P ∇L_val, ∇L_i⟩, P = diag(1 / (√v̂ + ε)) from the optimiser's bias-corrected second
+    moments (the direction Adam steps in); the first round, before any step, is scored with plain gradients."""
 
 
 @dataclass

@@ -30,8 +30,9 @@ from typing import Literal
 import torch
 from trl import GRPOTrainer
 
-from llm_iif.attribution.gradients import scored_layers
+from llm_iif.attribution.gradients import scored_layers, scored_parameters
 from llm_iif.attribution.influence import TargetBatch
+from llm_iif.attribution.precondition import adam_preconditioner, check_second_moments
 from llm_iif.attribution.stage import IIFStage
 from llm_iif.core.config import IIFConfig
 from llm_iif.core.distributed import gather_values
@@ -169,7 +170,8 @@ class IIFGRPOTrainer(GRPOTrainer):
         if self.group_filter is not None:
             batch, keep, metrics = self._group_filtered(batch, inputs, nonfinite)
         else:
-            selection = self._stage.select(self.model, self._loss_and_target(batch), len(inputs))
+            selection = self._stage.select(self.model, self._loss_and_target(batch), len(inputs),
+                                           self._preconditioner())
             keep, metrics = selection.keep & ~nonfinite, selection.metrics
             metrics["kept_fraction"] = self._global_mean(keep)
         metrics["nonfinite_reward"] = self._guard.end_round()["nonfinite_reward"]
@@ -190,6 +192,13 @@ class IIFGRPOTrainer(GRPOTrainer):
         return loss
 
     # ------------------------------------------------------------------------------------------ scoring
+    def _preconditioner(self):
+        """P from trl's optimiser at θ(k) with ``iif.precondition: adam`` (None before its first step)."""
+        if self.iif.precondition != "adam":
+            return None
+        check_second_moments(self.optimizer)
+        return adam_preconditioner(self.optimizer, scored_parameters(self.accelerator.unwrap_model(self.model)))
+
     def _sequence_logprobs(self, model, query_ids, query_mask, response_ids, response_mask) -> torch.Tensor:
         """[b, T] log π(y_t) of given completions, computed as trl's loss computes them (temperature-scaled)."""
         ids = torch.cat([query_ids, response_ids], dim=1)

@@ -31,6 +31,8 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from llm_iif.attribution.gradients import scored_parameters
+from llm_iif.attribution.precondition import adam_preconditioner
 from llm_iif.attribution.stage import IIFStage, Selection
 from llm_iif.core import ppo
 from llm_iif.core.config import Recipe
@@ -174,7 +176,9 @@ class PPOTrainer:
                                                 weights)
         else:
             losses = ppo_sample_loss(rollout, advantages, self.cfg, iif.train_grad, tokens / samples)
-        return self.iif.select(self.policy, losses, len(rollout))
+        precondition = (adam_preconditioner(self.optimizer, scored_parameters(acc.unwrap_model(self.policy)))
+                        if iif.precondition == "adam" else None)
+        return self.iif.select(self.policy, losses, len(rollout), precondition)
 
     # ------------------------------------------------------------------ Stage III: update
 

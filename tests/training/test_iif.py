@@ -204,3 +204,13 @@ def test_compare_rejects_unknown_methods(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "llm_iif", "compare", str(recipe), "--methods", "iif,best"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "--methods: unknown method 'best'" in proc.stderr
+
+
+@pytest.mark.parametrize("target_source", ["fresh", "batch"])
+def test_adam_preconditioning_starts_after_the_first_update(tmp_path, tiny_model_dir, target_source):
+    """Round 0 has no Adam state and is scored with plain gradients; from round 1 the target is preconditioned."""
+    raw = tiny_recipe_dict(tmp_path / "run")
+    raw["iif"] = {"enabled": True, "val_size": 8, "precondition": "adam", "target_source": target_source}
+    history = build_trainer(recipe_from_dict(raw)).train()
+    assert [m["preconditioned"] for m in history] == [0, 1]
+    assert all(0 < m["kept_fraction"] <= 1 for m in history)
