@@ -28,6 +28,7 @@ from torch import nn
 
 from llm_iif.attribution.filters import filter_mask
 from llm_iif.attribution.gradients import LayerGradientCapture
+from llm_iif.attribution.precondition import adam_preconditioner, check_second_moments
 from llm_iif.core.config import CLASSIC_TARGETS, FILTER_MODES
 
 
@@ -38,19 +39,27 @@ class IIFPPO(PPO):
         negative-score transitions); ``none`` trains on everything, like ``PPO``.
     iif_target: the objective the kept transitions should improve; ``return`` is the advantage-weighted
         log-likelihood of the buffer itself.
+    iif_precondition: ``adam`` scores the return target with ⟨P ∇L_val, ∇L_i⟩, P from the Adam optimiser's
+        second moments (`llm_iif.attribution.precondition`; plain scores before its first step); needs
+        ``policy_kwargs={"optimizer_class": torch.optim.Adam}`` or SB3's default Adam.
     All other arguments are ``PPO``'s.
     """
 
     def __init__(self, policy, env, iif_mode: str = "neg-bottom", iif_p: float = 0.5, iif_target: str = "return",
-                 **kwargs):
+                 iif_precondition: str = "none", **kwargs):
         if iif_mode not in FILTER_MODES:
             raise ValueError(f"iif_mode '{iif_mode}': expected one of {', '.join(FILTER_MODES)}")
         if not 0.0 <= iif_p <= 1.0:
             raise ValueError(f"iif_p={iif_p}: expected a value in [0, 1]")
         if iif_target not in CLASSIC_TARGETS:
             raise ValueError(f"iif_target '{iif_target}': expected one of {', '.join(CLASSIC_TARGETS)}")
+        if iif_precondition not in ("none", "adam"):
+            raise ValueError(f"iif_precondition '{iif_precondition}': expected none or adam")
         self.iif_mode, self.iif_p, self.iif_target = iif_mode, iif_p, iif_target
+        self.iif_precondition, self.preconditioned = iif_precondition, False
         super().__init__(policy, env, **kwargs)
+        if iif_precondition == "adam":
+            check_second_moments(self.policy.optimizer, "iif.precondition")
 
     def train(self) -> None:
         start = time.perf_counter()
@@ -60,6 +69,7 @@ class IIFPPO(PPO):
         self.logger.record("iif/kept_fraction", keep.float().mean().item())
         self.logger.record("iif/influence_neg_fraction", (scores < 0).float().mean().item())
         self.logger.record("iif/time_influence_s", time.perf_counter() - start)
+        self.logger.record("iif/preconditioned", int(self.preconditioned))
         self.last_scores, self.last_keep = scores, keep
         self.train_on(keep.numpy())
 
@@ -77,13 +87,19 @@ class IIFPPO(PPO):
         ``RolloutBuffer.get`` orders them) on a target, at the current parameters.
 
         target: the gradient of the target *loss* (−f) over `scored_parameters`, e.g. from `action_target`;
-        None scores against the return target of the buffer itself.
+        None scores against the return target of the buffer itself (preconditioned with
+        ``iif_precondition: adam``).
         """
         observations, actions, advantages = self.flat_buffer()
         self.policy.set_training_mode(False)
         if target is None:
             log_prob, _ = self._log_prob_and_entropy(observations, actions)
             target = self._gradient(-(advantages * log_prob).mean())
+            precondition = (adam_preconditioner(self.policy.optimizer, self.scored_parameters())
+                            if self.iif_precondition == "adam" else None)
+            self.preconditioned = precondition is not None
+            if precondition is not None:
+                target = precondition(target)
         layers = policy_layers(self.policy)
         with LayerGradientCapture(self.policy, {f"{key}.weight": layer for key, layer in layers.items()},
                                    target=target) as capture:

@@ -25,6 +25,7 @@ def build_model(recipe, iif_mode: str, iif_p: float) -> IIFPPO:
     if ppo.features_extractor == "small-cnn":
         policy_kwargs.update(features_extractor_class=SmallCNN, features_extractor_kwargs={"features_dim": 64})
     return IIFPPO(ppo.policy, vec_env, iif_mode=iif_mode, iif_p=iif_p, iif_target=recipe.iif.target,
+                  iif_precondition=recipe.iif.precondition,
                   n_steps=ppo.n_steps, batch_size=ppo.batch_size, n_epochs=ppo.n_epochs,
                   learning_rate=ppo.learning_rate, ent_coef=ppo.ent_coef, clip_range=ppo.clip_range,
                   gamma=ppo.gamma, gae_lambda=ppo.gae_lambda, vf_coef=ppo.vf_coef,

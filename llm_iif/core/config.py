@@ -318,6 +318,9 @@ class ClassicIIFConfig:
     mode: FilterMode = "neg-bottom"
     p: float = 0.5
     target: ClassicTargetName = "return"
+    precondition: Literal["none", "adam"] = "none"
+    """``adam`` (with ``ppo.optimizer: adam``) preconditions the target with the optimiser's second moments, as
+    the LM recipes' ``iif.precondition``."""
 
 
 @dataclass
@@ -349,6 +352,8 @@ class ClassicRecipe:
             require(self.env.wrapper.count(":") == 1, "env.wrapper", "an import path module:Class")
         require(self.ppo.features_extractor == "default" or self.ppo.policy == "CnnPolicy", "ppo.features_extractor",
                 "default with MlpPolicy (small-cnn needs ppo.policy: CnnPolicy)")
+        require(self.iif.precondition == "none" or self.ppo.optimizer == "adam", "iif.precondition",
+                "none with ppo.optimizer: sgd (adam preconditioning needs Adam's second moments)")
 
 
 # ----------------------------------------------------------------------------------------------------- GRPO

@@ -36,8 +36,9 @@ def minigrid_model() -> IIFPPO:
                   policy_kwargs={"features_extractor_class": SmallCNN})
 
 
-def per_transition_scores(model: IIFPPO, target_loss) -> torch.Tensor:
-    """Scores by one autograd call per transition: ⟨∇target_loss, ∇L_i⟩ over the scored layers."""
+def per_transition_scores(model: IIFPPO, target_loss, scale: dict | None = None) -> torch.Tensor:
+    """Scores by one autograd call per transition: ⟨∇target_loss, ∇L_i⟩ over the scored layers, with the
+    target multiplied elementwise by ``scale`` when given."""
     buffer = model.rollout_buffer
     obs = torch.as_tensor(buffer.swap_and_flatten(buffer.observations))
     actions = torch.as_tensor(buffer.swap_and_flatten(buffer.actions)).long().flatten()
@@ -52,6 +53,8 @@ def per_transition_scores(model: IIFPPO, target_loss) -> torch.Tensor:
 
     model.policy.set_training_mode(False)
     target = grad(target_loss(obs, actions, advantages))
+    if scale is not None:
+        target = {n: target[n] * scale[n] for n in target}
     scores = []
     for i in range(len(actions)):
         _, log_prob_i, entropy_i = model.policy.evaluate_actions(obs[i:i + 1], actions[i:i + 1])
@@ -93,6 +96,30 @@ def test_action_target_scores_equal_a_per_transition_autograd_loop():
     scores = model.influence_scores(model.action_target(state, action))
     expected = per_transition_scores(model, minus_log_prob)
     assert ((scores - expected).norm() / expected.norm()).item() <= 1e-4
+
+
+def test_adam_preconditioned_scores_equal_a_per_transition_autograd_loop():
+    model = frozen_lake_model(iif_precondition="adam")  # SB3's default optimiser is Adam
+    model.learn(model.n_steps)  # one round, so that Adam has second moments
+    filled_buffer(model)
+    optimizer, params = model.policy.optimizer, model.scored_parameters()
+    beta2, eps = optimizer.param_groups[0]["betas"][1], optimizer.param_groups[0]["eps"]
+    scale = {}
+    for name, p in params.items():
+        state = optimizer.state[p]
+        scale[name] = 1 / ((state["exp_avg_sq"] / (1 - beta2 ** float(state["step"]))).sqrt() + eps)
+    np.random.seed(1)
+    scores = model.influence_scores()
+    expected = per_transition_scores(model, return_target_loss(model), scale)
+    assert model.preconditioned
+    assert ((scores - expected).norm() / expected.norm()).item() <= 1e-4
+
+
+def test_adam_preconditioning_needs_adam():
+    from llm_iif.core.errors import UserError
+
+    with pytest.raises(UserError, match="iif.precondition: adam needs an optimiser with second moments"):
+        frozen_lake_model(iif_precondition="adam", policy_kwargs={"optimizer_class": torch.optim.SGD})
 
 
 def test_small_cnn_layers_are_scored_and_the_value_network_is_not():
