@@ -16,6 +16,7 @@ SB3's usual epochs run on those only.
 
 from __future__ import annotations
 
+import copy
 import time
 
 import numpy as np
@@ -109,6 +110,66 @@ class IIFPPO(PPO):
                 losses = losses - self.ent_coef * entropy
             self._gradient(losses.sum())
         return capture.scores().detach().cpu()
+
+    def linear_datamodeling_check(self, num_subsets: int = 16, seed: int = 0) -> dict:
+        """How well this round's scores predict training, on the filled rollout buffer at θ(k) (`llm_iif.attribution.lds`).
+
+        For each of ``num_subsets`` random half-subsets of the buffer, the round's real update (SB3's epochs,
+        from the same parameters, optimiser state and random streams) runs on that subset alone and the change
+        of the return target f = mean_j Â_j log π(a_j|s_j) is measured; the model is restored afterwards.
+        Returns the LDS (with a 95% bootstrap interval) of the plain scores, the Adam-preconditioned ones (when
+        the optimiser has second moments) and random scores, and ``sign_agreement``: whether training on the
+        non-negative-score transitions alone raised f more than training on all of them, as the scores predict.
+        """
+        from llm_iif.attribution.lds import bootstrap_interval, linear_datamodeling_score, random_half_subsets
+
+        n = self.rollout_buffer.buffer_size * self.rollout_buffer.n_envs
+        generator = torch.Generator().manual_seed(seed)
+        subsets = random_half_subsets(n, num_subsets, generator)
+        saved = (copy.deepcopy(self.policy.state_dict()), copy.deepcopy(self.policy.optimizer.state_dict()),
+                 np.random.get_state(), torch.get_rng_state(), self._n_updates)
+
+        def restore():
+            self.policy.load_state_dict(saved[0])
+            self.policy.optimizer.load_state_dict(saved[1])
+            np.random.set_state(saved[2])
+            torch.set_rng_state(saved[3])
+            self._n_updates = saved[4]
+
+        def scores(precondition: str) -> torch.Tensor:
+            restore()
+            self.iif_precondition, mode = precondition, self.iif_precondition
+            try:
+                return self.influence_scores()
+            finally:
+                self.iif_precondition = mode
+
+        def target_change(keep: torch.Tensor) -> float:
+            restore()
+            before = self._return_target()
+            self.train_on(keep.numpy())
+            return self._return_target() - before
+
+        plain = scores("none")
+        preconditioned = scores("adam") if isinstance(self.policy.optimizer, torch.optim.Adam) else None
+        by_kind = {"plain": plain, "random": torch.randn(n, generator=generator)}
+        if preconditioned is not None and self.preconditioned:
+            by_kind["preconditioned"] = preconditioned
+        actual = torch.tensor([target_change(subset) for subset in subsets])
+        result = {}
+        for kind, values in by_kind.items():
+            result[f"lds_{kind}"] = linear_datamodeling_score(values, subsets, actual)
+            result[f"lds_{kind}_interval"] = bootstrap_interval(values, subsets, actual, generator)
+        result["sign_agreement"] = bool(target_change(plain >= 0) > target_change(torch.ones(n, dtype=torch.bool)))
+        restore()
+        return result
+
+    def _return_target(self) -> float:
+        """f = mean_j Â_j log π(a_j|s_j) over the filled buffer (raw GAE advantages), at the current parameters."""
+        observations, actions, advantages = self.flat_buffer()
+        with torch.no_grad():
+            log_prob, _ = self._log_prob_and_entropy(observations, actions)
+        return float((advantages * log_prob).mean())
 
     def action_target(self, observation, action) -> dict[str, torch.Tensor]:
         """The paper's action target f = log π(a|s) for one (s, a), as the gradient of its loss −f over

@@ -248,3 +248,21 @@ def test_classic_bad_input_is_one_line_exit_2(tmp_path, override, message):
                            str(REPO / "recipes/classic/frozenlake.yaml"), "--set", override, "--set", "run.rounds=1",
                            "--output-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_linear_datamodeling_check_reports_and_restores_the_model():
+    model = frozen_lake_model(iif_precondition="adam")
+    model.learn(model.n_steps)
+    filled_buffer(model)
+    # Move away from the near-uniform initial policy, so that subsets differ in what they do.
+    with torch.no_grad():
+        for p in model.policy.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    before = {n: p.detach().clone() for n, p in model.policy.named_parameters()}
+    result = model.linear_datamodeling_check(num_subsets=8)
+    assert {"lds_plain", "lds_preconditioned", "lds_random", "sign_agreement"} <= result.keys()
+    for kind in ("plain", "preconditioned", "random"):
+        low, high = result[f"lds_{kind}_interval"]
+        assert -1 <= low <= result[f"lds_{kind}"] <= high <= 1
+    for name, p in model.policy.named_parameters():
+        assert torch.equal(p, before[name])
