@@ -209,6 +209,9 @@ def nan_reward(completions, **kwargs):
     (dict(iif=IIFConfig(enabled=True), group_filter=GroupFilter("dapo")), "expected one filter"),
     (dict(group_filter=GroupFilter("pods", keep_per_group=4)), "group_filter.keep_per_group: 4"),
     (dict(iif=IIFConfig(enabled=True, target_source="fresh")), "validation_dataset"),
+    (dict(iif=IIFConfig(enabled=True), loss_type="grpo", entropy_coef=0.01), "entropy_coef / router aux loss"),
+    (dict(iif=IIFConfig(enabled=True), multi_objective_aggregation="normalize_then_sum"),
+     "multi_objective_aggregation: filtering needs per-group rewards"),
 ])
 def test_conflicting_settings_are_one_line_errors(random_adder_dir, tmp_path, kwargs, message):
     with pytest.raises(UserError, match=message) as err:

@@ -294,10 +294,10 @@ def test_nonfinite_gradients_skip_the_step_and_leave_weights_alone(tmp_path, tin
 class InfiniteLossStage(IIFStage):
     """The IIF stage with sample 3's training loss scaled to inf, so its influence score is not finite."""
 
-    def select(self, model, per_sample_loss, batch_size):
+    def select(self, model, per_sample_loss, batch_size, precondition=None):
         def poisoned(model, rows):
             return per_sample_loss(model, rows) * torch.where(rows == 3, math.inf, 1.0)
-        return super().select(model, poisoned, batch_size)
+        return super().select(model, poisoned, batch_size, precondition)
 
 
 def test_nonfinite_influence_is_not_trained_on(tmp_path, tiny_model_dir):
