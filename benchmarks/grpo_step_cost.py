@@ -25,7 +25,8 @@ from llm_iif.core.config import GRPORecipe, load_recipe
 from llm_iif.core.imports import import_object
 from llm_iif.core.paths import RunPaths
 from llm_iif.grpo import IIFGRPOTrainer
-from llm_iif.grpo.run import _tokenizer, grpo_config, grpo_datasets, peft_config
+from llm_iif.grpo.run import grpo_config, grpo_datasets, peft_config
+from llm_iif.lm.policy import load_tokenizer
 from llm_iif.training.builtins import resolve_builtin
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +55,7 @@ def run_block(recipe: GRPORecipe, method: str, steps: int, out: Path) -> StepTim
     train, validation, _ = grpo_datasets(recipe.data)
     times = StepTimes()
     common = dict(model=model_dir, reward_funcs=[import_object(n, f"rewards.{n}") for n in recipe.rewards],
-                  args=grpo_config(recipe, RunPaths(out)), train_dataset=train, processing_class=_tokenizer(model_dir),
+                  args=grpo_config(recipe, RunPaths(out)), train_dataset=train, processing_class=load_tokenizer(model_dir),
                   peft_config=peft_config(recipe), callbacks=[times])
     if method == "grpo":
         trainer = GRPOTrainer(**common)

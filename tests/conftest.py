@@ -6,10 +6,21 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(2)
+
+
+def launch_command(script: str, processes: int) -> list[str]:
+    """``python SCRIPT`` for one process, else ``accelerate launch`` of it on CPU processes (with
+    ``ACCELERATE_USE_CPU=1`` in the environment)."""
+    if processes == 1:
+        return [sys.executable, script]
+    return [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu", "--num_processes",
+            str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", script]
 
 
 def tiny_recipe_dict(output_dir) -> dict:

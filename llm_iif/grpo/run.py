@@ -18,12 +18,13 @@ import yaml
 from transformers import TrainerCallback
 
 from llm_iif.core.config import GRPODataConfig, GRPORecipe
-from llm_iif.core.errors import MODEL_LOAD_ERRORS, UserError, first_line, model_load_problem
+from llm_iif.core.errors import UserError, first_line
 from llm_iif.core.fileio import append_jsonl, atomic_write_text
 from llm_iif.core.imports import import_object
 from llm_iif.core.paths import RunPaths
 from llm_iif.grpo.trainer import GroupFilter, IIFGRPOTrainer
 from llm_iif.lm.addition import addition_problems
+from llm_iif.lm.policy import load_tokenizer
 from llm_iif.training.builtins import resolve_builtin
 from llm_iif.training.run_outputs import claim_run_directory, delete_outputs
 
@@ -39,7 +40,7 @@ def train_grpo(recipe: GRPORecipe, overwrite: bool = False) -> list[dict]:
     paths.root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(paths.recipe, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     model_dir = resolve_builtin(recipe.model.name_or_path)
-    tokenizer = _tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     train, validation, evaluation = grpo_datasets(recipe.data)
     reward_funcs = [import_object(name, f"rewards.{name}") for name in recipe.rewards]
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(paths.tensorboard)  # transformers 5 reads it from here only
@@ -126,19 +127,6 @@ def _local_rows(data: GRPODataConfig) -> list[dict]:
     return [{**row, "prompt": row[data.prompt_column]} for row in rows]
 
 
-def _tokenizer(model_dir: str):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except MODEL_LOAD_ERRORS as err:
-        raise UserError(f"model.name_or_path: cannot load a tokenizer from '{model_dir}' "
-                        f"({model_load_problem(err)})") from err
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
 class HeldOutEvaluation(TrainerCallback):
     """After every optimiser step: the step's wall time (generation, filtering and update), the held-out
     rewards, and KL(π ‖ π_ref) per completion; one metrics.jsonl line per step, with trl's logged metrics."""
@@ -189,9 +177,10 @@ class HeldOutEvaluation(TrainerCallback):
         metrics = {}
         for func in self.reward_funcs:
             rewards = [r for r in func(prompts=prompts, completions=completions, **columns) if r is not None]
-            metrics[f"eval/{getattr(func, '__name__', 'reward')}"] = sum(rewards) / max(len(rewards), 1)
-            if "reward_mean" not in metrics:
-                metrics["reward_mean"] = metrics[f"eval/{getattr(func, '__name__', 'reward')}"]
+            mean = sum(rewards) / max(len(rewards), 1)
+            metrics[f"eval/{getattr(func, '__name__', 'reward')}"] = mean
+            if "reward_mean" not in metrics:  # the first reward function is the run's curve
+                metrics["reward_mean"] = mean
                 metrics["reward_std"] = statistics.pstdev(rewards) if rewards else 0.0
         metrics["kl"] = self._kl(encoded, completion_ids)
         model.train(was_training)

@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from llm_iif.lm.builtin import EOS_TOKEN, PAD_TOKEN, cache_dir
+from llm_iif.lm.builtin import EOS_TOKEN, PAD_TOKEN, ensure_built
 
 
 logger = logging.getLogger(__name__)
@@ -126,23 +123,7 @@ def addition_accuracy(model, tokenizer, problems: list[dict], temperature: float
 
 def ensure_tiny_adder(seed: int = 0) -> Path:
     """Return the cached tiny adder directory, building it atomically if it is missing."""
-    target = cache_dir() / f"{ADDER_MODEL_NAME}-{ADDER_MODEL_VERSION}"
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        # Leave the caller's RNG as it was, so a first run (which builds) and a cached run train alike.
-        with torch.random.fork_rng(devices=[]):
-            build_tiny_adder(tmp, seed=seed)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished first; its copy is identical
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return ensure_built(f"{ADDER_MODEL_NAME}-{ADDER_MODEL_VERSION}", lambda out: build_tiny_adder(out, seed=seed))
 
 
 def _warmup_batch(tokenizer, rows: list[dict]):

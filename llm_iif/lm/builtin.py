@@ -178,7 +178,13 @@ def cache_dir() -> Path:
 
 def ensure_tiny_model(seed: int = 0) -> Path:
     """Return the cached tiny model directory, building it atomically if it is missing."""
-    target = cache_dir() / f"{TINY_MODEL_NAME}-{TINY_MODEL_VERSION}"
+    return ensure_built(f"{TINY_MODEL_NAME}-{TINY_MODEL_VERSION}", lambda out: build_tiny_model(out, seed=seed))
+
+
+def ensure_built(name: str, build) -> Path:
+    """``cache_dir() / name``, made by ``build(directory)`` into a temporary directory and renamed into place
+    when it is missing, so a crash or a concurrent build never leaves a half-built model behind."""
+    target = cache_dir() / name
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -186,7 +192,7 @@ def ensure_tiny_model(seed: int = 0) -> Path:
     try:
         # Leave the caller's RNG as it was, so a first run (which builds) and a cached run train alike.
         with torch.random.fork_rng(devices=[]):
-            build_tiny_model(tmp, seed=seed)
+            build(tmp)
         try:
             os.rename(tmp, target)
         except OSError:  # another process finished first; its copy is identical

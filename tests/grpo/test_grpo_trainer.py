@@ -4,10 +4,10 @@ import itertools
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import launch_command
 from grpo_setup import grpo_args, make_trainer
 from trl import GRPOTrainer
 
@@ -261,11 +261,7 @@ def test_nan_reward_stops_training_after_the_patience(random_adder_dir, tmp_path
 # ----------------------------------------------------------------------------------------------- processes
 def run_fixed_completions(model_dir, out, processes):
     script = os.path.join(os.path.dirname(__file__), "fixed_completion_run.py")
-    launch = [sys.executable, script]
-    if processes > 1:
-        launch = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu",
-                  "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
-                  "--dynamo_backend", "no", script]
+    launch = launch_command(script, processes)
     out.mkdir()
     proc = subprocess.run([*launch, str(model_dir), str(out), str(processes)], capture_output=True, text=True,
                           timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "1",

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import tiny_recipe_dict
+from conftest import launch_command, tiny_recipe_dict
 from llm_iif.core.config import recipe_from_dict
 from llm_iif.core.errors import UserError
 from llm_iif.attribution.stage import IIFStage
@@ -163,11 +163,7 @@ def run_fixed_rollouts(tmp_path, name, iif, processes):
     recipe = tmp_path / f"{name}.yaml"
     recipe.write_text(yaml.safe_dump(raw))
     script = os.path.join(os.path.dirname(__file__), "fixed_rollout_run.py")
-    launch = [sys.executable, script]
-    if processes > 1:
-        launch = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu",
-                  "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
-                  "--dynamo_backend", "no", script]
+    launch = launch_command(script, processes)
     proc = subprocess.run([*launch, str(recipe), str(tmp_path / name)], capture_output=True, text=True,
                           timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
