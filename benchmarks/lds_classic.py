@@ -1,25 +1,29 @@
 """How well classic IIF scores predict training: the LDS of plain, Adam-preconditioned and random scores.
 
-    .venv/bin/python benchmarks/lds_classic.py [--envs frozenlake,acrobot] [--seeds 0,1,2] [--rounds 1,5] [--subsets 16]
+    .venv/bin/python benchmarks/lds_classic.py [--envs frozenlake,acrobot] [--seeds 0,1,2] [--rounds 1,10,30] [--subsets 16]
 
 For each recipe of recipes/classic/ (with ``ppo.optimizer: adam``, ``ppo.learning_rate: 3e-4`` and
 ``iif.precondition: adam``) and seed, `IIFPPO` trains round by round; after each round in ``--rounds`` it fills
 a fresh buffer and runs `IIFPPO.linear_datamodeling_check` on it (``--subsets`` random half-subsets, the real
-SB3 update redone on each). Prints every check, then per recipe and checked round the mean LDS over seeds of each
-kind of score and the share of checks where dropping the negative-score transitions raised the target more
-than training on all of them.
+SB3 update redone on each). Prints every check, then per recipe and checked round the mean ± standard error over
+seeds of each kind of score's LDS, the relative gain of preconditioned over plain scores, and how often
+dropping the negative-score transitions raised the target more than training on all of them.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 from pathlib import Path
 
 from llm_iif.classic.train import build_model
 from llm_iif.core.config import ClassicRecipe, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from lds_lm import mean_se  # noqa: E402
+
 OVERRIDES = ["ppo.optimizer=adam", "ppo.learning_rate=3.0e-4", "iif.precondition=adam"]
 
 
@@ -46,7 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--envs", default="frozenlake,acrobot")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--rounds", default="1,5")
+    parser.add_argument("--rounds", default="1,10,30")
     parser.add_argument("--subsets", type=int, default=16)
     args = parser.parse_args()
     rounds = [int(r) for r in args.rounds.split(",")]
@@ -56,13 +60,14 @@ def main() -> None:
         for seed in seeds:
             for k, result in checks(env, seed, rounds, args.subsets).items():
                 table.setdefault((env, k), []).append(result)
-    print(f"\n{'recipe':<11} {'round':>5} {'LDS plain':>10} {'LDS precond.':>13} {'LDS random':>11} {'sign agr.':>10}")
+    print(f"\n{'recipe':<11} | {'round':>5} | {'LDS plain':>15} | {'LDS precond.':>15} | {'LDS random':>15} | "
+          f"precond./plain - 1 | sign agr.")
     for (env, k), results in table.items():
-        def mean(key):
-            return statistics.mean(r[key] for r in results)
-        agreement = sum(r["sign_agreement"] for r in results) / len(results)
-        print(f"{env:<11} {k:>5} {mean('lds_plain'):>10.3f} {mean('lds_preconditioned'):>13.3f} "
-              f"{mean('lds_random'):>11.3f} {agreement:>10.2f}   ({len(results)} seeds)")
+        plain, preconditioned = ([r[key] for r in results] for key in ("lds_plain", "lds_preconditioned"))
+        agreement = f"{sum(r['sign_agreement'] for r in results)} of {len(results)}"
+        print(f"{env:<11} | {k:>5} | {mean_se(plain):>15} | {mean_se(preconditioned):>15} | "
+              f"{mean_se([r['lds_random'] for r in results]):>15} | "
+              f"{statistics.mean(preconditioned) / statistics.mean(plain) - 1:>+18.1%} | {agreement}")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ LM_METHODS = {
     "random": ["iif.enabled=true", "iif.mode=matched-random"],
     # IIF with each target source, whatever the recipe chooses.
     **{f"iif-{source}": ["iif.enabled=true", f"iif.target_source={source}"] for source in TARGET_SOURCES},
+    # IIF scoring with Adam's direction (`llm_iif.attribution.precondition`), whatever the recipe chooses.
+    "iif-adam": ["iif.enabled=true", "iif.precondition=adam"],
 }
 
 # `llm-iif compare` on a GRPO recipe: plain GRPO is "standard", the baseline every summary compares against.

@@ -94,6 +94,27 @@ def influence_figure(by_round: dict[int, tuple[Sequence[float], Sequence[bool]]]
     return fig
 
 
+def lds_figure(by_round: dict[int, dict]):
+    """One panel per checked round of ``by_round`` {round: lds/round_K.json}: each subset's real change of the
+    target against its predicted change (summed scores, z-scored per kind so that kinds share an axis), one
+    colour per kind of score, its LDS in the legend."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(by_round), figsize=(0.8 * PANEL_SIZE[0] * len(by_round), 0.9 * PANEL_SIZE[1]),
+                             squeeze=False)
+    colours = {"plain": "tab:blue", "preconditioned": "tab:orange", "random": "tab:gray"}
+    for ax, (k, check) in zip(axes.flat, by_round.items()):
+        for kind, predicted in check["predicted"].items():
+            predicted = np.asarray(predicted)
+            z = (predicted - predicted.mean()) / (predicted.std() or 1.0)
+            ax.scatter(z, check["actual"], s=12, alpha=0.7, color=colours.get(kind),
+                       label=f"{kind}: LDS {check[f'lds_{kind}']:+.2f}")
+        ax.set_title(f"round {k}")
+        ax.set_xlabel("predicted change (summed scores, z-scored)")
+        ax.set_ylabel("real change of the target")
+        ax.legend(fontsize=8)
+    return fig
+
+
 def diagnosis_figure(influence: np.ndarray, gae: np.ndarray, monte_carlo: np.ndarray, edge_fraction: float,
                      title: str):
     """Fig. 3c (|Ā − Â| by influence rank, sign mismatches in red) and Fig. 3d (Ā·Â by rank); the top and

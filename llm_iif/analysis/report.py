@@ -3,7 +3,8 @@
 It opens offline in any browser: every figure is a PNG inlined as a data URI, the styles are inline, and
 there is no script. It shows the curves over rounds (reward, KL, entropy, kept fraction, evaluation
 metrics; one line per method and seed for a compare run), influence-score histograms at a few rounds, the
-top and bottom samples of one round, the recipe and the environment the run trained in.
+LDS checks (``iif.lds_rounds``) as predicted against real changes, the top and bottom samples of one round,
+the recipe and the environment the run trained in.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import math
 from pathlib import Path
 
-from llm_iif.analysis.plots import Curve, Panel, curves_figure, figure_png, influence_figure
+from llm_iif.analysis.plots import Curve, Panel, curves_figure, figure_png, influence_figure, lds_figure
 from llm_iif.analysis.summary import BUDGET_FRACTIONS
 from llm_iif.core.errors import UserError
 from llm_iif.core.fileio import atomic_write_text
@@ -104,6 +105,15 @@ def write_report(run_dir: Path, round_index: int | None = None, top: int = 5) ->
             picked = picked_rounds(rounds, round_index)
             sections += [f"<h2>Influence scores ({html.escape(_relative(shown.root, run_dir))})</h2>",
                          _image(figure_png(influence_figure(influence_by_round(shown, picked))))]
+        checked = shown.lds_rounds()
+        if checked:
+            sections += [f"<h2>Do the scores predict training? LDS checks "
+                         f"({html.escape(_relative(shown.root, run_dir))})</h2>",
+                         "<p>Each point is a random half of the round's batch: the round's update redone on it "
+                         "alone, and the real change of the target against the change its summed scores "
+                         "predict. LDS: Spearman correlation of the two (1: the scores rank the subsets as "
+                         "training does; 0: no better than chance).</p>",
+                         _image(figure_png(lds_figure({k: json.loads(shown.lds(k).read_text()) for k in checked})))]
         sections += [f"<h2>Samples of round {round_index}: top and bottom {top}</h2>",
                      _sample_table(records, top)]
     sections += ["<h2>Recipe</h2>", f"<pre>{html.escape(first.recipe.read_text())}</pre>",

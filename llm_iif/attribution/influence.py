@@ -67,6 +67,19 @@ def target_gradient_parts(model: nn.Module, rows: TargetBatch, sequence_logprobs
     return sums
 
 
+def target_value(model: nn.Module, rows: TargetBatch, sequence_logprobs: SequenceLogprobs,
+                 chunk_size: int) -> float:
+    """Σ_v Σ_t w_{v,t} log π(y_{v,t}) over this process's ``rows`` at the model's current parameters (divide
+    the all-process sum by N for f); no gradient."""
+    total = 0.0
+    with torch.no_grad():
+        for chunk in torch.split(torch.arange(len(rows), device=rows.query_ids.device), chunk_size):
+            logprobs = sequence_logprobs(model, rows.query_ids[chunk], rows.query_mask[chunk],
+                                         rows.response_ids[chunk], rows.response_mask[chunk])
+            total += float((rows.weights[chunk] * logprobs * rows.response_mask[chunk]).sum())
+    return total
+
+
 def influence_scores(model: nn.Module, per_sample_loss: PerSampleLoss, batch_size: int, target: dict,
                      chunk_size: int, device) -> torch.Tensor:
     """[B] influence ⟨target, ∇L_i⟩ of every sample, from one batched backward per chunk of rows.

@@ -36,7 +36,8 @@ from llm_iif.attribution.filters import filter_mask
 from llm_iif.attribution.gradients import grad_cosine
 from llm_iif.attribution.precondition import Preconditioner
 from llm_iif.attribution.influence import (PerSampleLoss, PerSampleLossAndTarget, SequenceLogprobs, TargetSource,
-                                           cross_fitted_dots, influence_scores, target_gradient_parts)
+                                           TargetBatch, cross_fitted_dots, influence_scores,
+                                           target_gradient_parts)
 from llm_iif.core.config import IIFConfig
 from llm_iif.core.distributed import gather_values, sum_gradients
 from llm_iif.core.guards import NonfiniteGuard
@@ -65,6 +66,7 @@ class IIFStage:
         self.target_source, self.sequence_logprobs = target_source, sequence_logprobs
         self.guard, self.generator = guard, generator
         self.timer = PhaseTimer()
+        self.target_rows: TargetBatch | None = None  # the validation rows of the last target gradient
 
     def select(self, model: nn.Module, per_sample_loss: PerSampleLoss | PerSampleLossAndTarget,
                batch_size: int, precondition: Preconditioner | None = None) -> Selection:
@@ -78,14 +80,8 @@ class IIFStage:
         cfg = self.config
         self.timer = PhaseTimer()
         metrics, influence, filtering = {}, None, True
-        if cfg.mode != "random" and cfg.target_source == "batch":
-            influence, metrics["target_split_cos"] = self.cross_fitted_scores(model, per_sample_loss, batch_size,
-                                                                              precondition)
-        elif cfg.mode != "random":
-            target, metrics["target_split_cos"] = self.target_gradient(model)
-            influence = self._scores(model, per_sample_loss, batch_size,
-                                     precondition(target) if precondition else target)
         if cfg.mode != "random":
+            influence, metrics["target_split_cos"] = self.influence(model, per_sample_loss, batch_size, precondition)
             metrics["preconditioned"] = int(precondition is not None)
         if influence is not None:
             filtering = cfg.min_split_cos is None or metrics["target_split_cos"] >= cfg.min_split_cos
@@ -101,6 +97,21 @@ class IIFStage:
         if influence is not None:
             metrics["time_influence_s"] = sum(self.timer.seconds.values())
         return Selection(keep, influence, metrics)
+
+    def influence(self, model: nn.Module, per_sample_loss: PerSampleLoss | PerSampleLossAndTarget,
+                  batch_size: int, precondition: Preconditioner | None = None,
+                  rows: TargetBatch | None = None) -> tuple[torch.Tensor, float]:
+        """([B] influence scores, target_split_cos) of this process's samples, without filtering.
+
+        The target is built from the source's rows at θ(k), or from ``rows`` when given (the rows of an
+        earlier call, `target_rows`, so that a second scoring sees the same target); ignored with the batch
+        source, whose rows are the batch itself.
+        """
+        if self.config.target_source == "batch":
+            return self.cross_fitted_scores(model, per_sample_loss, batch_size, precondition)
+        target, split_cos = self.target_gradient(model, rows)
+        return self._scores(model, per_sample_loss, batch_size, precondition(target) if precondition else target), \
+            split_cos
 
     def state_dict(self) -> dict:
         """The target source's state, when it keeps any between rounds (cached responses)."""
@@ -137,13 +148,16 @@ class IIFStage:
         even, odd = (_summed(parts[parity::2]) for parity in (0, 1))
         return influence, grad_cosine(even, odd)
 
-    def target_gradient(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], float]:
+    def target_gradient(self, model: nn.Module, rows: TargetBatch | None = None) -> tuple[dict[str, torch.Tensor], float]:
         """∇L_val over the scored parameters (LoRA, else trainable Linear layers) at θ(k), from every process's validation rows.
 
-        Returns (target {name: tensor}, cosine between the two halves' gradients). The source's own time
-        (generation, reward, forward) is in its ``metrics``; the gradient's in ``time_target_s``."""
+        ``rows``: this process's target rows; None asks the target source for the round's rows. Either way
+        they are kept as ``target_rows``. Returns (target {name: tensor}, cosine between the two halves'
+        gradients). The source's own time (generation, reward, forward) is in its ``metrics``; the
+        gradient's in ``time_target_s``."""
         acc = self.accelerator
-        rows = self.target_source(acc.unwrap_model(model))
+        rows = rows if rows is not None else self.target_source(acc.unwrap_model(model))
+        self.target_rows = rows
         with self.timer.phase("target"):
             with acc.no_sync(model), acc.autocast():  # each process's part is summed by the reduce below
                 half_a, half_b = target_gradient_parts(acc.unwrap_model(model), rows, self.sequence_logprobs,

@@ -4,6 +4,7 @@ An LM run (`llm-iif train`)::
 
     RUN/recipe.yaml  environment.json  metrics.jsonl  timings.jsonl  samples.jsonl
     RUN/records/round_0000.parquet ...        one row per rollout sample
+    RUN/lds/round_0000.json ...               the LDS check of the rounds in iif.lds_rounds
     RUN/checkpoint-N/  RUN/final/             see `llm_iif.training.run_state`
     RUN/tensorboard/  RUN/wandb/  RUN/reward_curve.png  RUN/report.html
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _RECORD = re.compile(r"round_(\d+)\.parquet")
+_LDS = re.compile(r"round_(\d+)\.json")
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 _SEED = re.compile(r"seed-(-?\d+)")
 
@@ -64,6 +66,19 @@ class RunPaths:
         found = (_RECORD.fullmatch(p.name) for p in self.records_dir.glob("round_*.parquet"))
         return sorted(int(m.group(1)) for m in found if m)
 
+    @property
+    def lds_dir(self) -> Path:
+        return self.root / "lds"
+
+    def lds(self, k: int) -> Path:
+        """lds/round_XXXX.json: the LDS check of round ``k`` (``iif.lds_rounds``)."""
+        return self.lds_dir / f"round_{k:04d}.json"
+
+    def lds_rounds(self) -> list[int]:
+        """The rounds that have an LDS check file, in order."""
+        found = (_LDS.fullmatch(p.name) for p in self.lds_dir.glob("round_*.json"))
+        return sorted(int(m.group(1)) for m in found if m)
+
     def checkpoint(self, rounds_completed: int) -> Path:
         return self.root / f"checkpoint-{rounds_completed}"
 
@@ -84,7 +99,7 @@ class RunPaths:
     def outputs(self) -> list[Path]:
         """Every file and directory of a run that exists under ``root``; other files are not the run's."""
         named = [self.recipe, self.environment, self.metrics, self.timings, self.samples, self.records_dir,
-                 self.tensorboard, self.wandb, self.reward_curve, self.report, self.final]
+                 self.lds_dir, self.tensorboard, self.wandb, self.reward_curve, self.report, self.final]
         return ([path for path in named if path.exists()] + [p for _, p in self.numbered_checkpoints()]
                 + self.unfinished_checkpoints())
 

@@ -110,6 +110,9 @@ def check_distributed_support(accelerator: Accelerator, recipe: Recipe) -> None:
     plugin = accelerator.state.deepspeed_plugin
     sharded = (accelerator.distributed_type == DistributedType.FSDP
                or (plugin is not None and plugin.zero_stage == 3))
+    if recipe.iif.lds_rounds and accelerator.num_processes > 1:
+        raise UserError(f"iif.lds_rounds: the LDS check runs in one process; this launch has "
+                        f"{accelerator.num_processes} (launch one process, or set iif.lds_rounds: [])")
     if sharded and recipe.iif.enabled and recipe.iif.mode != "random":
         raise UserError("iif.enabled: influence scoring needs whole LoRA weights on every process, and this "
                         "launch shards them (DeepSpeed ZeRO-3 or FSDP); use DDP or ZeRO-2 "

@@ -185,6 +185,12 @@ class RunOutputs:
         if self.is_writer:
             write_parquet(self.paths.record(k), records)
 
+    def write_lds(self, k: int, details: dict) -> None:
+        """lds/round_XXXX.json: round ``k``'s LDS check (`llm_iif.training.lds_check`)."""
+        if self.is_writer:
+            self.paths.lds_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.paths.lds(k), json.dumps(details, indent=1))
+
     def rewind(self, history: list[dict]) -> None:
         """Make the files read as a run that has done exactly ``history``'s rounds (on resume): later rounds'
         metrics, samples and records, left by a run killed after its checkpoint, are removed."""
@@ -201,4 +207,7 @@ class RunOutputs:
         for k in self.paths.record_rounds():
             if k >= done:
                 self.paths.record(k).unlink()
+        for k in self.paths.lds_rounds():
+            if k >= done:
+                self.paths.lds(k).unlink()
         self.write_recipe()

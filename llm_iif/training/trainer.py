@@ -6,6 +6,7 @@ One round follows the paper's Algorithm 1:
     advantages = estimate_advantages(rollout)     #           KL-penalised rewards → GAE → whitening
     selection  = iif.select(policy, losses)       # Stage II: influence on a validation target at θ(k),
                                                   #           then drop the harmful samples (IIF)
+    check_scores(rollout)                         #           at iif.lds_rounds only: LDS of the scores
     statistics = update(rollout[keep])            # Stage III: PPO epochs on the kept samples
     log(...)
 
@@ -32,6 +33,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from llm_iif.attribution.gradients import scored_parameters
+from llm_iif.attribution.influence import PerSampleLoss, PerSampleLossAndTarget
 from llm_iif.attribution.precondition import adam_preconditioner
 from llm_iif.attribution.stage import IIFStage, Selection
 from llm_iif.core import ppo
@@ -46,6 +48,7 @@ from llm_iif.lm.evaluation import Evaluator
 from llm_iif.lm.iif import ppo_sample_loss, ppo_sample_loss_and_target, rollout_target_rows
 from llm_iif.lm.rollouts import RolloutCollector, drop_nonfinite_advantages, estimate_advantages
 from llm_iif.training import run_state
+from llm_iif.training.lds_check import linear_datamodeling_check
 from llm_iif.training.run_outputs import RunOutputs
 
 logger = logging.getLogger(__name__)
@@ -142,6 +145,8 @@ class PPOTrainer:
         if self.iif is not None:
             self._phase("score")
         selection = self.select(rollout, advantages)
+        scored = self.iif is not None and self.recipe.iif.mode != "random"
+        checked = self.check_scores(k, rollout, advantages) if scored and k in self.recipe.iif.lds_rounds else {}
         # 4. Update: PPO epochs on the kept samples, spread evenly over the processes.
         self._phase("update")
         with timer.phase("update"):
@@ -155,8 +160,8 @@ class PPOTrainer:
         self.kl_controller.update(metrics["kl"], self.recipe.run.batch_size)
         self.outputs.log_samples(k, rollout)
         self.outputs.write_records(k, rollout, advantages, selection.influence, selection.keep)
-        return {**metrics, **selection.metrics, **collect_seconds, **timer.as_metrics(),
-                "time_round_s": time.perf_counter() - start}
+        return {**metrics, **selection.metrics, **checked, **collect_seconds, **timer.as_metrics(),
+                "time_round_s": time.perf_counter() - start - checked.get("time_lds_s", 0.0)}
 
     # ------------------------------------------------------------------ Stage II: select
 
@@ -166,19 +171,29 @@ class PPOTrainer:
         if self.iif is None:
             return Selection(torch.ones(len(rollout), dtype=torch.bool, device=acc.device), None,
                              {"kept_fraction": 1.0})
+        precondition = (adam_preconditioner(self.optimizer, scored_parameters(acc.unwrap_model(self.policy)))
+                        if self.recipe.iif.precondition == "adam" else None)
+        return self.iif.select(self.policy, self.per_sample_losses(rollout, advantages), len(rollout), precondition)
+
+    def per_sample_losses(self, rollout: Rollout, advantages: Advantages) -> PerSampleLoss | PerSampleLossAndTarget:
+        """Each sample's PPO loss as the stage scores it (with its target term, for ``target_source: batch``)."""
+        acc, iif = self.accelerator, self.recipe.iif
         tokens, samples = acc.reduce(torch.stack([rollout.response_mask.sum().float(),
                                                   torch.tensor(float(len(rollout)), device=acc.device)]),
                                      "sum").tolist()
-        iif = self.recipe.iif
         if iif.target_source == "batch":  # the batch is its own target: loss and target term from one forward
             weights = rollout_target_rows(iif.target, rollout, advantages, acc).weights
-            losses = ppo_sample_loss_and_target(rollout, advantages, self.cfg, iif.train_grad, tokens / samples,
-                                                weights)
-        else:
-            losses = ppo_sample_loss(rollout, advantages, self.cfg, iif.train_grad, tokens / samples)
-        precondition = (adam_preconditioner(self.optimizer, scored_parameters(acc.unwrap_model(self.policy)))
-                        if iif.precondition == "adam" else None)
-        return self.iif.select(self.policy, losses, len(rollout), precondition)
+            return ppo_sample_loss_and_target(rollout, advantages, self.cfg, iif.train_grad, tokens / samples,
+                                              weights)
+        return ppo_sample_loss(rollout, advantages, self.cfg, iif.train_grad, tokens / samples)
+
+    def check_scores(self, k: int, rollout: Rollout, advantages: Advantages) -> dict:
+        """The LDS check of round ``k`` (`llm_iif.training.lds_check`): its metrics, with ``time_lds_s``; the
+        subsets' predicted and real changes go to lds/round_K.json."""
+        start = time.perf_counter()
+        metrics, details = linear_datamodeling_check(self, rollout, advantages, seed=self.recipe.run.seed + k)
+        self.outputs.write_lds(k, details)
+        return {**metrics, "time_lds_s": time.perf_counter() - start}
 
     # ------------------------------------------------------------------ Stage III: update
 

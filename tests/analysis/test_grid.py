@@ -95,7 +95,8 @@ def test_a_second_comparison_in_a_used_directory_is_refused_and_overwrite_replac
 
 def test_the_method_tables():
     assert list(CLASSIC_METHODS) == ["standard", "iif", "random"]
-    assert list(LM_METHODS) == ["standard", "iif", "random", "iif-fresh", "iif-cached", "iif-batch"]
+    assert list(LM_METHODS) == ["standard", "iif", "random", "iif-fresh", "iif-cached", "iif-batch", "iif-adam"]
+    assert LM_METHODS["iif-adam"] == ["iif.enabled=true", "iif.precondition=adam"]
     assert LM_METHODS["random"] == ["iif.enabled=true", "iif.mode=matched-random"]
     assert LM_METHODS["iif-batch"] == ["iif.enabled=true", "iif.target_source=batch"]
 

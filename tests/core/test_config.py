@@ -67,6 +67,8 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
     (lambda r: r["ppo"].update(top_p=1.5), "ppo.top_p: expected a value in (0, 1]"),
     (lambda r: r["ppo"].update(min_new_tokens=40), "ppo.min_new_tokens: expected a value in [0, ppo.max_new_tokens]"),
     (lambda r: r.update(ppo=[1, 2]), "ppo: expected a mapping"),
+    (lambda r: r.update(iif={"lds_subsets": 1}), "iif.lds_subsets: expected at least 2"),
+    (lambda r: r.update(iif={"lds_rounds": [0, 99]}), "iif.lds_rounds: expected rounds in [0, run.rounds="),
 ])
 def test_bad_recipes_name_file_and_key(tmp_path, mutate, message):
     recipe = {k: dict(v) for k, v in GOOD.items()}
