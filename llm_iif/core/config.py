@@ -167,6 +167,12 @@ class IIFConfig:
     precondition: Literal["none", "adam"] = "none"
     """``adam`` scores with ⟨P ∇L_val, ∇L_i⟩, P = diag(1 / (√v̂ + ε)) from the optimiser's bias-corrected second
     moments (the direction Adam steps in); the first round, before any step, is scored with plain gradients."""
+    lds_rounds: list[int] = field(default_factory=list)
+    """Rounds (0-based) at which to check the scores (one process only): the round's update is redone on
+    ``lds_subsets`` random half-subsets of the batch and the linear datamodeling score (LDS) of plain,
+    preconditioned and random scores is logged (``lds_*`` metrics, lds/round-K.json). Training is unchanged."""
+    lds_subsets: int = 16
+    """Random half-subsets per checked round; at least 2."""
 
 
 @dataclass
@@ -434,6 +440,7 @@ class GRPORecipe:
             require(_value(self, key) > 0, key, "a positive integer")
         require(0.0 <= self.iif.p <= 1.0, "iif.p", "a value in [0, 1]")
         require(self.iif.folds >= 2, "iif.folds", "at least 2")
+        require(not self.iif.lds_rounds, "iif.lds_rounds", "[] (the LDS check runs in the PPO trainer only)")
         if not self.rewards:
             raise UserError(f"{source}: rewards: expected at least one module:function: weight")
         for name in self.rewards:
@@ -638,6 +645,9 @@ def _check_values(recipe: Recipe, source: str) -> None:
             "a value in [-1, 1] or null")
     require(iif.refresh_every >= 1, "iif.refresh_every", "a positive integer")
     require(2 <= iif.folds <= recipe.run.batch_size, "iif.folds", f"an integer in [2, run.batch_size={recipe.run.batch_size}]")
+    require(iif.lds_subsets >= 2, "iif.lds_subsets", "at least 2 (a rank correlation needs two subsets)")
+    require(all(0 <= k < recipe.run.rounds for k in iif.lds_rounds), "iif.lds_rounds",
+            f"rounds in [0, run.rounds={recipe.run.rounds})")
     require(iif.target_source != "batch" or iif.target != "gold", "iif.target_source",
             "fresh or cached with iif.target gold (the training batch has no reference responses)")
     run = recipe.run
