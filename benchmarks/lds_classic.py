@@ -13,7 +13,6 @@ dropping the negative-score transitions raised the target more than training on 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from llm_iif.core.config import ClassicRecipe, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from lds_lm import mean_se  # noqa: E402
+from lds_lm import mean_se, relative_gain  # noqa: E402
 
 OVERRIDES = ["ppo.optimizer=adam", "ppo.learning_rate=3.0e-4", "iif.precondition=adam"]
 
@@ -67,7 +66,7 @@ def main() -> None:
         agreement = f"{sum(r['sign_agreement'] for r in results)} of {len(results)}"
         print(f"{env:<11} | {k:>5} | {mean_se(plain):>15} | {mean_se(preconditioned):>15} | "
               f"{mean_se([r['lds_random'] for r in results]):>15} | "
-              f"{statistics.mean(preconditioned) / statistics.mean(plain) - 1:>+18.1%} | {agreement}")
+              f"{relative_gain(plain, preconditioned):>18} | {agreement}")
 
 
 if __name__ == "__main__":

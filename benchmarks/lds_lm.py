@@ -33,6 +33,15 @@ def mean_se(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values) / len(values) ** 0.5:.3f}"
 
 
+def relative_gain(plain: list[float], preconditioned: list[float]) -> str:
+    """mean(preconditioned) / mean(plain) - 1, or why it is not shown."""
+    if not preconditioned:
+        return "— (no Adam state)"
+    if statistics.mean(plain) <= 0:
+        return "— (plain LDS ≤ 0)"
+    return f"{statistics.mean(preconditioned) / statistics.mean(plain) - 1:+.1%}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default=str(REPO / "recipes" / "tiny-sentiment.yaml"))
@@ -59,11 +68,9 @@ def main() -> None:
     for k, checks in by_round.items():
         plain = [c["lds_plain"] for c in checks]
         preconditioned = [c["lds_preconditioned"] for c in checks if "lds_preconditioned" in c]
-        gain = (f"{statistics.mean(preconditioned) / statistics.mean(plain) - 1:+.1%}"
-                if preconditioned else "— (no Adam state)")
         agreement = f"{sum(c['lds_sign_agreement'] for c in checks)} of {len(checks)}"
         print(f"{k:>5} | {mean_se(plain):>15} | {mean_se(preconditioned):>15} | "
-              f"{mean_se([c['lds_random'] for c in checks]):>15} | {gain:>18} | {agreement}")
+              f"{mean_se([c['lds_random'] for c in checks]):>15} | {relative_gain(plain, preconditioned):>18} | {agreement}")
 
 
 if __name__ == "__main__":
