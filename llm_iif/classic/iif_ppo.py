@@ -43,11 +43,19 @@ class IIFPPO(PPO):
     iif_precondition: ``adam`` scores the return target with ⟨P ∇L_val, ∇L_i⟩, P from the Adam optimiser's
         second moments (`llm_iif.attribution.precondition`; plain scores before its first step); needs
         ``policy_kwargs={"optimizer_class": torch.optim.Adam}`` or SB3's default Adam.
+    iif_average_identical: replace each transition's score by the mean score of its identical records, as the
+        paper's code does (`identical_group_means`; identical = same observation, action, log-probability under
+        θ(k) and raw advantage). Identical records then differ only in their random minibatch's advantage
+        normalisation, which the mean averages out.
+    iif_keep_positive_advantage: a guard against stalls: never drop a transition whose raw GAE advantage is
+        positive, so filtering can remove the signals that push the policy away from an action but never one
+        that pulls it towards an action.
     All other arguments are ``PPO``'s.
     """
 
     def __init__(self, policy, env, iif_mode: str = "neg-bottom", iif_p: float = 0.5, iif_target: str = "return",
-                 iif_precondition: str = "none", **kwargs):
+                 iif_precondition: str = "none", iif_average_identical: bool = False,
+                 iif_keep_positive_advantage: bool = False, **kwargs):
         if iif_mode not in FILTER_MODES:
             raise ValueError(f"iif_mode '{iif_mode}': expected one of {', '.join(FILTER_MODES)}")
         if not 0.0 <= iif_p <= 1.0:
@@ -58,6 +66,8 @@ class IIFPPO(PPO):
             raise ValueError(f"iif_precondition '{iif_precondition}': expected none or adam")
         self.iif_mode, self.iif_p, self.iif_target = iif_mode, iif_p, iif_target
         self.iif_precondition, self.preconditioned = iif_precondition, False
+        self.iif_average_identical = iif_average_identical
+        self.iif_keep_positive_advantage = iif_keep_positive_advantage
         super().__init__(policy, env, **kwargs)
         if iif_precondition == "adam":
             check_second_moments(self.policy.optimizer, "iif.precondition")
@@ -66,9 +76,16 @@ class IIFPPO(PPO):
         start = time.perf_counter()
         n = self.rollout_buffer.buffer_size * self.rollout_buffer.n_envs
         scores = torch.zeros(n) if self.iif_mode in ("random", "none") else self.influence_scores()
+        if self.iif_average_identical:
+            scores = identical_group_means(scores, self.record_identity())
+        positive_advantage = self.flat_buffer()[2] > 0
         keep = filter_mask(scores, self.iif_mode, self.iif_p)
+        if self.iif_keep_positive_advantage:
+            keep |= positive_advantage
         self.logger.record("iif/kept_fraction", keep.float().mean().item())
         self.logger.record("iif/influence_neg_fraction", (scores < 0).float().mean().item())
+        for name, kind in (("rewarded", self.flat_rewards() > 0), ("positive_advantage", positive_advantage)):
+            self.logger.record(f"iif/kept_fraction_{name}", keep[kind].float().mean().item() if kind.any() else 1.0)
         self.logger.record("iif/time_influence_s", time.perf_counter() - start)
         self.logger.record("iif/preconditioned", int(self.preconditioned))
         self.last_scores, self.last_keep = scores, keep
@@ -198,6 +215,18 @@ class IIFPPO(PPO):
                                              for a in (buffer.observations, buffer.actions, buffer.advantages))
         return observations, actions, advantages.flatten().float()
 
+    def flat_rewards(self) -> torch.Tensor:
+        """[N] the reward of each transition of the filled buffer, in the order of `flat_buffer`."""
+        return torch.as_tensor(self.rollout_buffer.swap_and_flatten(self.rollout_buffer.rewards)).flatten()
+
+    def record_identity(self) -> torch.Tensor:
+        """[N, d] what identifies a transition of the filled buffer in the paper's code, row by row in the
+        order of `flat_buffer`: its observation, action, log-probability under θ(k) and raw advantage."""
+        observations, actions, advantages = self.flat_buffer()
+        log_probs = torch.as_tensor(self.rollout_buffer.swap_and_flatten(self.rollout_buffer.log_probs))
+        return torch.cat([column.reshape(len(advantages), -1).double()
+                          for column in (observations, actions, log_probs, advantages)], dim=1)
+
     def _excluded_save_params(self) -> list[str]:
         return [*super()._excluded_save_params(), "last_scores", "last_keep"]
 
@@ -249,6 +278,14 @@ def minibatch_normalized(advantages: torch.Tensor, batch_size: int, normalize: b
             chunk = advantages[batch]
             out[batch] = (chunk - chunk.mean()) / (chunk.std() + 1e-8)
     return out
+
+
+def identical_group_means(scores: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
+    """Scores [N] with each replaced by the mean score of the rows whose ``identity`` [N, d] row is equal to
+    its own (a group of one keeps its score)."""
+    _, group = torch.unique(identity, dim=0, return_inverse=True)
+    sums = torch.zeros(int(group.max()) + 1, dtype=scores.dtype).index_add_(0, group, scores)
+    return (sums / torch.bincount(group).to(scores.dtype))[group]
 
 
 def kept_transitions(buffer: RolloutBuffer, keep: np.ndarray) -> RolloutBuffer:

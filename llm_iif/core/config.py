@@ -327,6 +327,11 @@ class ClassicIIFConfig:
     precondition: Literal["none", "adam"] = "none"
     """``adam`` (with ``ppo.optimizer: adam``) preconditions the target with the optimiser's second moments, as
     the LM recipes' ``iif.precondition``."""
+    average_identical: bool = False
+    """Score each transition by the mean score of its identical records (same observation, action, log-prob and
+    raw advantage), as the paper's code does."""
+    keep_positive_advantage: bool = False
+    """A guard against stalls: never drop a transition whose raw GAE advantage is positive."""
 
 
 @dataclass

@@ -11,7 +11,8 @@ import torch
 from stable_baselines3 import PPO
 
 from llm_iif.attribution.gradients import grad_dot
-from llm_iif.classic.iif_ppo import IIFPPO, kept_transitions, minibatch_normalized, policy_layers
+from llm_iif.classic.iif_ppo import (IIFPPO, identical_group_means, kept_transitions, minibatch_normalized,
+                                     policy_layers)
 
 
 def frozen_lake_model(**kwargs) -> IIFPPO:
@@ -196,6 +197,34 @@ def test_iif_metrics_reach_the_logger():
     assert logged["iif/time_influence_s"] > 0
 
 
+def test_identical_group_means_average_equal_rows_only():
+    identity = torch.tensor([[1.0, 0.0], [2.0, 0.0], [1.0, 0.0], [1.0, 1.0], [1.0, 0.0]])
+    scores = torch.tensor([1.0, 5.0, 2.0, -4.0, 6.0])
+    assert torch.equal(identical_group_means(scores, identity), torch.tensor([3.0, 5.0, 3.0, -4.0, 3.0]))
+
+
+def test_average_identical_gives_identical_records_one_score():
+    model = frozen_lake_model(iif_average_identical=True)
+    model.learn(128)
+    identity, scores = model.record_identity(), model.last_scores
+    _, group = torch.unique(identity, dim=0, return_inverse=True)
+    assert group.max() + 1 < len(group)  # FrozenLake's buffer repeats records
+    for g in group.unique():
+        assert torch.allclose(scores[group == g], scores[group == g][0].expand(int((group == g).sum())))
+
+
+def test_keep_positive_advantage_drops_only_non_positive_advantages():
+    model = frozen_lake_model(iif_mode="bottom", iif_p=0.5, iif_keep_positive_advantage=True)
+    model.learn(128)
+    advantages = model.flat_buffer()[2]
+    assert (advantages > 0).any() and model.last_keep[advantages > 0].all()
+    dropped = ~model.last_keep
+    assert dropped.any() and (advantages[dropped] <= 0).all()
+    # Of the non-positive ones, the lowest scores go, as without the guard.
+    candidates = advantages <= 0
+    assert model.last_scores[dropped].max() <= model.last_scores[candidates & model.last_keep].min()
+
+
 @pytest.mark.parametrize("kwargs", [{"iif_mode": "worst"}, {"iif_p": 1.5}, {"iif_target": "seq"}])
 def test_bad_iif_arguments(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
@@ -216,6 +245,34 @@ def test_each_classic_recipe_runs_two_short_rounds(recipe, tmp_path):
     assert [m["round"] for m in history] == [0, 1]
     assert all(0.0 < m["kept_fraction"] <= 1.0 and np.isfinite(m["reward_mean"]) for m in history)
     assert IIFPPO.load(tmp_path / "final.zip").iif_p == loaded.iif.p
+
+
+def test_evaluation_does_not_change_training(tmp_path):
+    from llm_iif.classic.train import train_classic
+    from llm_iif.core.config import ClassicRecipe, load_recipe
+
+    def run(episodes):
+        recipe = load_recipe(REPO / "recipes/classic/frozenlake.yaml",
+                             [*SHORT, "ppo.n_steps=64", f"run.eval_episodes={episodes}"], kind=ClassicRecipe)
+        history = train_classic(recipe, recipe.iif.mode, recipe.iif.p, tmp_path / str(episodes))
+        params = IIFPPO.load(tmp_path / str(episodes) / "final.zip").policy.parameters()
+        return [m["kept_fraction"] for m in history], torch.cat([p.detach().flatten() for p in params])
+
+    (kept_2, params_2), (kept_5, params_5) = run(2), run(5)
+    assert kept_2 == kept_5 and torch.equal(params_2, params_5)
+
+
+def test_fewer_evaluation_episodes_are_a_prefix_of_more():
+    from llm_iif.classic.train import evaluation_returns
+    from llm_iif.core.config import ClassicRecipe, load_recipe
+
+    recipe = load_recipe(REPO / "recipes/classic/frozenlake.yaml", SHORT, kind=ClassicRecipe)
+    model = frozen_lake_model()
+    model.learn(128)
+    state = torch.get_rng_state()
+    many, few = evaluation_returns(model, recipe, 50, seed=7), evaluation_returns(model, recipe, 20, seed=7)
+    assert np.array_equal(many[:20], few) and len(many) == 50
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_classic_compare_command(tmp_path):
