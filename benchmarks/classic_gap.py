@@ -15,7 +15,8 @@ over the seeds both finished) on the test-return curves of every evaluation size
   on evaluation, `llm_iif.classic.train.evaluation_returns`), so one set of runs gives both;
 - smoothing: the 5-round trailing mean that `llm-iif classic compare` reports, and the raw curve.
 
-It also counts stalled runs (`stalled`) of IIF and, by the same rule, of standard PPO.
+It also counts stalled runs (`stalled`) and collapsed runs (`collapsed`) of IIF and, by the same rules, of
+standard PPO.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ RECIPE = REPO / "recipes" / "classic" / "frozenlake.yaml"
 VARIANTS = {
     "baseline": [],
     "average_identical": ["iif.average_identical=true"],
-    "keep_positive_advantage": ["iif.keep_positive_advantage=true"],  # the stall guard
+    # Guards: transitions never dropped.
+    "keep_positive_advantage": ["iif.guard=positive-advantage"],
+    "keep_rewarded": ["iif.guard=rewarded"],
 }
 # A stall: the 5-round-smoothed test return takes STALL_ROUNDS or more rounds to climb from STALL_FROM to STALL_TO
 # (a run that never reaches STALL_TO counts the rounds left after reaching STALL_FROM, plus one). Standard PPO
@@ -94,6 +97,13 @@ def stalled(curve: list[float]) -> bool:
     return rounds is not None and rounds >= STALL_ROUNDS
 
 
+def collapsed(curve: list[float]) -> bool:
+    """Whether a run collapsed: after its smoothed test return first reached STALL_TO, a single round's return
+    fell below STALL_FROM."""
+    solved = rounds_to_reach(trailing_mean(curve, STALL_SMOOTH), STALL_TO)
+    return solved is not None and min(curve[solved:], default=1.0) < STALL_FROM
+
+
 def pm(stat) -> str:
     mean, sem = stat
     return f"{mean:+.1f}±{sem:.1f}"
@@ -112,6 +122,7 @@ def variant_rows(variant: str, grid: GridPaths, seeds: list[int], rounds: int, e
         smoothed, raw = summarize(histories, smooth=5), summarize(histories, smooth=1)
         curves = {m: [[r["reward_mean"] for r in h] for h in by_seed.values()] for m, by_seed in histories.items()}
         stalls = {m: sum(stalled(c) for c in curves[m]) for m in curves}
+        collapses = {m: sum(collapsed(c) for c in curves[m]) for m in curves}
         climb = {m: mean_and_sem([r for r in map(stall_rounds, curves[m]) if r is not None] or [float("nan")])[0]
                  for m in curves}
         finals = "/".join(f"{smoothed['methods'][m]['final_reward'][0]:.3f}" for m in ("standard", "iif"))
@@ -120,14 +131,16 @@ def variant_rows(variant: str, grid: GridPaths, seeds: list[int], rounds: int, e
                     f"{pm(raw['methods']['iif']['vs_standard']['SE_ave'])} | "
                     f"{pm(smoothed['methods']['iif']['vs_standard']['SE_peak'])} | {finals} | "
                     f"{smoothed['methods']['iif']['mean_kept_fraction'][0]:.2f} | "
-                    f"{stalls['iif']} / {stalls['standard']} | {climb['iif']:.1f} / {climb['standard']:.1f} |")
+                    f"{stalls['iif']} / {stalls['standard']} | {collapses['iif']} / {collapses['standard']} | "
+                    f"{climb['iif']:.1f} / {climb['standard']:.1f} |")
     return rows
 
 
 def table(variants: list[str], grid: GridPaths, seeds: list[int], rounds: int, eval_episodes: int) -> str:
     lines = ["| IIF variant | eval episodes | seeds | SE_ave % (5-round smoothing) | SE_ave % (raw) | "
              "SE_peak % (smoothed) | final return standard/IIF | IIF kept | stalled IIF / standard | "
-             f"rounds {STALL_FROM}→{STALL_TO} IIF / standard |", "|---|---|---|---|---|---|---|---|---|---|"]
+             f"collapsed IIF / standard | rounds {STALL_FROM}→{STALL_TO} IIF / standard |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for variant in variants:
         lines += variant_rows(variant, grid, seeds, rounds, eval_episodes)
     return "\n".join(lines)

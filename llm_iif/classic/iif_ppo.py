@@ -30,7 +30,7 @@ from torch import nn
 from llm_iif.attribution.filters import filter_mask
 from llm_iif.attribution.gradients import LayerGradientCapture
 from llm_iif.attribution.precondition import adam_preconditioner, check_second_moments
-from llm_iif.core.config import CLASSIC_TARGETS, FILTER_MODES
+from llm_iif.core.config import CLASSIC_GUARDS, CLASSIC_TARGETS, FILTER_MODES
 
 
 class IIFPPO(PPO):
@@ -47,15 +47,16 @@ class IIFPPO(PPO):
         paper's code does (`identical_group_means`; identical = same observation, action, log-probability under
         θ(k) and raw advantage). Identical records then differ only in their random minibatch's advantage
         normalisation, which the mean averages out.
-    iif_keep_positive_advantage: a guard against stalls: never drop a transition whose raw GAE advantage is
-        positive, so filtering can remove the signals that push the policy away from an action but never one
-        that pulls it towards an action.
+    iif_guard: transitions never dropped, whatever their score: ``none``; ``positive-advantage`` (a raw GAE
+        advantage > 0: filtering may remove what pushes the policy away from an action, never what pulls it
+        towards one); ``rewarded`` (a reward > 0, e.g. FrozenLake's steps onto the goal: near convergence,
+        dropping them leaves the updates to value-function noise).
     All other arguments are ``PPO``'s.
     """
 
     def __init__(self, policy, env, iif_mode: str = "neg-bottom", iif_p: float = 0.5, iif_target: str = "return",
                  iif_precondition: str = "none", iif_average_identical: bool = False,
-                 iif_keep_positive_advantage: bool = False, **kwargs):
+                 iif_guard: str = "none", **kwargs):
         if iif_mode not in FILTER_MODES:
             raise ValueError(f"iif_mode '{iif_mode}': expected one of {', '.join(FILTER_MODES)}")
         if not 0.0 <= iif_p <= 1.0:
@@ -64,10 +65,12 @@ class IIFPPO(PPO):
             raise ValueError(f"iif_target '{iif_target}': expected one of {', '.join(CLASSIC_TARGETS)}")
         if iif_precondition not in ("none", "adam"):
             raise ValueError(f"iif_precondition '{iif_precondition}': expected none or adam")
+        if iif_guard not in CLASSIC_GUARDS:
+            raise ValueError(f"iif_guard '{iif_guard}': expected one of {', '.join(CLASSIC_GUARDS)}")
         self.iif_mode, self.iif_p, self.iif_target = iif_mode, iif_p, iif_target
         self.iif_precondition, self.preconditioned = iif_precondition, False
         self.iif_average_identical = iif_average_identical
-        self.iif_keep_positive_advantage = iif_keep_positive_advantage
+        self.iif_guard = iif_guard
         super().__init__(policy, env, **kwargs)
         if iif_precondition == "adam":
             check_second_moments(self.policy.optimizer, "iif.precondition")
@@ -78,13 +81,13 @@ class IIFPPO(PPO):
         scores = torch.zeros(n) if self.iif_mode in ("random", "none") else self.influence_scores()
         if self.iif_average_identical:
             scores = identical_group_means(scores, self.record_identity())
-        positive_advantage = self.flat_buffer()[2] > 0
+        protected = {"positive-advantage": self.flat_buffer()[2] > 0, "rewarded": self.flat_rewards() > 0}
         keep = filter_mask(scores, self.iif_mode, self.iif_p)
-        if self.iif_keep_positive_advantage:
-            keep |= positive_advantage
+        if self.iif_guard != "none":
+            keep |= protected[self.iif_guard]
         self.logger.record("iif/kept_fraction", keep.float().mean().item())
         self.logger.record("iif/influence_neg_fraction", (scores < 0).float().mean().item())
-        for name, kind in (("rewarded", self.flat_rewards() > 0), ("positive_advantage", positive_advantage)):
+        for name, kind in (("rewarded", protected["rewarded"]), ("positive_advantage", protected["positive-advantage"])):
             self.logger.record(f"iif/kept_fraction_{name}", keep[kind].float().mean().item() if kind.any() else 1.0)
         self.logger.record("iif/time_influence_s", time.perf_counter() - start)
         self.logger.record("iif/preconditioned", int(self.preconditioned))

@@ -28,7 +28,7 @@ def build_model(recipe, iif_mode: str, iif_p: float) -> IIFPPO:
         policy_kwargs.update(features_extractor_class=SmallCNN, features_extractor_kwargs={"features_dim": 64})
     return IIFPPO(ppo.policy, vec_env, iif_mode=iif_mode, iif_p=iif_p, iif_target=recipe.iif.target,
                   iif_precondition=recipe.iif.precondition, iif_average_identical=recipe.iif.average_identical,
-                  iif_keep_positive_advantage=recipe.iif.keep_positive_advantage,
+                  iif_guard=recipe.iif.guard,
                   n_steps=ppo.n_steps, batch_size=ppo.batch_size, n_epochs=ppo.n_epochs,
                   learning_rate=ppo.learning_rate, ent_coef=ppo.ent_coef, clip_range=ppo.clip_range,
                   gamma=ppo.gamma, gae_lambda=ppo.gae_lambda, vf_coef=ppo.vf_coef,

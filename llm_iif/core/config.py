@@ -28,10 +28,12 @@ FilterMode = Literal["neg-bottom", "bottom", "neg-random", "matched-random", "ra
 TargetName = Literal["seq", "return", "reward", "gold"]
 TargetSourceName = Literal["fresh", "cached", "batch"]
 ClassicTargetName = Literal["return"]
+ClassicGuard = Literal["none", "positive-advantage", "rewarded"]
 FILTER_MODES: tuple[str, ...] = typing.get_args(FilterMode)
 TARGETS: tuple[str, ...] = typing.get_args(TargetName)
 TARGET_SOURCES: tuple[str, ...] = typing.get_args(TargetSourceName)
 CLASSIC_TARGETS: tuple[str, ...] = typing.get_args(ClassicTargetName)
+CLASSIC_GUARDS: tuple[str, ...] = typing.get_args(ClassicGuard)
 
 
 @dataclass
@@ -330,8 +332,9 @@ class ClassicIIFConfig:
     average_identical: bool = False
     """Score each transition by the mean score of its identical records (same observation, action, log-prob and
     raw advantage), as the paper's code does."""
-    keep_positive_advantage: bool = False
-    """A guard against stalls: never drop a transition whose raw GAE advantage is positive."""
+    guard: ClassicGuard = "none"
+    """Transitions never dropped, whatever their score: ``positive-advantage`` (raw GAE advantage > 0) or
+    ``rewarded`` (reward > 0); ``none`` filters on the scores alone."""
 
 
 @dataclass

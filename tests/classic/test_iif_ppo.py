@@ -17,7 +17,7 @@ from llm_iif.classic.iif_ppo import (IIFPPO, identical_group_means, kept_transit
 
 def frozen_lake_model(**kwargs) -> IIFPPO:
     env = gym.make("FrozenLake-v1", is_slippery=False)
-    settings = dict(n_steps=128, batch_size=32, n_epochs=2, seed=0, ent_coef=0.01, **kwargs)
+    settings = {**dict(n_steps=128, batch_size=32, n_epochs=2, seed=0, ent_coef=0.01), **kwargs}
     return IIFPPO("MlpPolicy", env, **settings)
 
 
@@ -213,19 +213,20 @@ def test_average_identical_gives_identical_records_one_score():
         assert torch.allclose(scores[group == g], scores[group == g][0].expand(int((group == g).sum())))
 
 
-def test_keep_positive_advantage_drops_only_non_positive_advantages():
-    model = frozen_lake_model(iif_mode="bottom", iif_p=0.5, iif_keep_positive_advantage=True)
-    model.learn(128)
-    advantages = model.flat_buffer()[2]
-    assert (advantages > 0).any() and model.last_keep[advantages > 0].all()
+@pytest.mark.parametrize("guard", ["positive-advantage", "rewarded"])
+def test_guard_keeps_its_transitions_and_filters_the_rest_by_score(guard):
+    model = frozen_lake_model(iif_mode="bottom", iif_p=0.5, iif_guard=guard, n_steps=2048)
+    model.learn(2048)  # a random policy reaches the goal in about 1 of 60 episodes
+    protected = model.flat_buffer()[2] > 0 if guard == "positive-advantage" else model.flat_rewards() > 0
+    assert protected.any() and model.last_keep[protected].all()
     dropped = ~model.last_keep
-    assert dropped.any() and (advantages[dropped] <= 0).all()
-    # Of the non-positive ones, the lowest scores go, as without the guard.
-    candidates = advantages <= 0
-    assert model.last_scores[dropped].max() <= model.last_scores[candidates & model.last_keep].min()
+    assert dropped.any() and not protected[dropped].any()
+    # Of the unprotected ones, the lowest scores go, as without the guard.
+    assert model.last_scores[dropped].max() <= model.last_scores[~protected & model.last_keep].min()
 
 
-@pytest.mark.parametrize("kwargs", [{"iif_mode": "worst"}, {"iif_p": 1.5}, {"iif_target": "seq"}])
+@pytest.mark.parametrize("kwargs", [{"iif_mode": "worst"}, {"iif_p": 1.5}, {"iif_target": "seq"},
+                                    {"iif_guard": "goal"}])
 def test_bad_iif_arguments(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         frozen_lake_model(**kwargs)
