@@ -48,10 +48,23 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((rx * ry).sum()) / denominator if denominator > 0 else float("nan")
 
 
+def predicted_changes(scores: torch.Tensor, subsets: torch.Tensor) -> torch.Tensor:
+    """[M] each subset's summed ``scores`` [N] (``subsets`` [M, N] bool): its predicted target change, up to η."""
+    return subsets.double() @ scores.double()
+
+
 def linear_datamodeling_score(scores: torch.Tensor, subsets: torch.Tensor, actual: torch.Tensor) -> float:
     """Spearman correlation between each subset's summed ``scores`` [N] (``subsets`` [M, N] bool) and its real
     target change ``actual`` [M]."""
-    return spearman(subsets.double() @ scores.double(), actual.double())
+    return spearman(predicted_changes(scores, subsets), actual.double())
+
+
+def scores_report(scores_by_kind: dict[str, torch.Tensor], subsets: torch.Tensor, actual: torch.Tensor,
+                  generator: torch.Generator) -> dict[str, tuple[float, tuple[float, float]]]:
+    """{kind: (LDS, its 95% `bootstrap_interval`)} of each kind of scores [N] (plain, preconditioned, random, ...)."""
+    return {kind: (linear_datamodeling_score(values, subsets, actual),
+                   bootstrap_interval(values, subsets, actual, generator))
+            for kind, values in scores_by_kind.items()}
 
 
 def bootstrap_interval(scores: torch.Tensor, subsets: torch.Tensor, actual: torch.Tensor, generator: torch.Generator,

@@ -141,7 +141,7 @@ class IIFPPO(PPO):
         the optimiser has second moments) and random scores, and ``sign_agreement``: whether training on the
         non-negative-score transitions alone raised f more than training on all of them, as the scores predict.
         """
-        from llm_iif.attribution.lds import bootstrap_interval, linear_datamodeling_score, random_half_subsets
+        from llm_iif.attribution.lds import random_half_subsets, scores_report
 
         n = self.rollout_buffer.buffer_size * self.rollout_buffer.n_envs
         generator = torch.Generator().manual_seed(seed)
@@ -177,9 +177,8 @@ class IIFPPO(PPO):
             by_kind["preconditioned"] = preconditioned
         actual = torch.tensor([target_change(subset) for subset in subsets])
         result = {}
-        for kind, values in by_kind.items():
-            result[f"lds_{kind}"] = linear_datamodeling_score(values, subsets, actual)
-            result[f"lds_{kind}_interval"] = bootstrap_interval(values, subsets, actual, generator)
+        for kind, (lds, interval) in scores_report(by_kind, subsets, actual, generator).items():
+            result[f"lds_{kind}"], result[f"lds_{kind}_interval"] = lds, interval
         result["sign_agreement"] = bool(target_change(plain >= 0) > target_change(torch.ones(n, dtype=torch.bool)))
         restore()
         return result

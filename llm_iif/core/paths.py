@@ -25,6 +25,12 @@ _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 _SEED = re.compile(r"seed-(-?\d+)")
 
 
+def _numbered_rounds(directory: Path, name: re.Pattern) -> list[int]:
+    """The round numbers of the files in ``directory`` whose names match ``name`` (round_XXXX.*), in order."""
+    found = (name.fullmatch(p.name) for p in directory.glob("round_*"))
+    return sorted(int(m.group(1)) for m in found if m)
+
+
 @dataclass(frozen=True)
 class RunPaths:
     """The files of one run directory ``root``."""
@@ -63,8 +69,7 @@ class RunPaths:
 
     def record_rounds(self) -> list[int]:
         """The rounds that have a records file, in order."""
-        found = (_RECORD.fullmatch(p.name) for p in self.records_dir.glob("round_*.parquet"))
-        return sorted(int(m.group(1)) for m in found if m)
+        return _numbered_rounds(self.records_dir, _RECORD)
 
     @property
     def lds_dir(self) -> Path:
@@ -76,8 +81,7 @@ class RunPaths:
 
     def lds_rounds(self) -> list[int]:
         """The rounds that have an LDS check file, in order."""
-        found = (_LDS.fullmatch(p.name) for p in self.lds_dir.glob("round_*.json"))
-        return sorted(int(m.group(1)) for m in found if m)
+        return _numbered_rounds(self.lds_dir, _LDS)
 
     def checkpoint(self, rounds_completed: int) -> Path:
         return self.root / f"checkpoint-{rounds_completed}"

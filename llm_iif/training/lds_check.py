@@ -22,7 +22,7 @@ import torch
 
 from llm_iif.attribution.gradients import scored_parameters
 from llm_iif.attribution.influence import target_value
-from llm_iif.attribution.lds import bootstrap_interval, linear_datamodeling_score, random_half_subsets
+from llm_iif.attribution.lds import predicted_changes, random_half_subsets, scores_report
 from llm_iif.attribution.precondition import adam_preconditioner
 from llm_iif.core.records import Advantages, Rollout
 from llm_iif.lm.iif import rollout_target_rows
@@ -95,10 +95,9 @@ def linear_datamodeling_check(trainer: PPOTrainer, rollout: Rollout, advantages:
 
     actual = torch.tensor([target_change(subset) for subset in subsets], dtype=torch.float64)
     metrics, details = {}, {"actual": actual.tolist(), "predicted": {}}
-    for kind, values in scores.items():
-        metrics[f"lds_{kind}"] = linear_datamodeling_score(values, subsets, actual)
-        metrics[f"lds_{kind}_low"], metrics[f"lds_{kind}_high"] = bootstrap_interval(values, subsets, actual, generator)
-        details["predicted"][kind] = (subsets.double() @ values.double()).tolist()
+    for kind, (lds, (low, high)) in scores_report(scores, subsets, actual, generator).items():
+        metrics[f"lds_{kind}"], metrics[f"lds_{kind}_low"], metrics[f"lds_{kind}_high"] = lds, low, high
+        details["predicted"][kind] = predicted_changes(scores[kind], subsets).tolist()
     gain = target_change(used >= 0) - target_change(torch.ones(n, dtype=torch.bool))
     metrics["lds_drop_negatives_gain"] = gain
     metrics["lds_sign_agreement"] = int(gain > 0)
