@@ -6,10 +6,11 @@ PIP := $(VENV)/bin/pip
 
 # Create the virtualenv on first use. torch is installed first and pinned to the
 # CPU wheel that ships with the machine; a looser spec would pull a CUDA build.
+# Every extra that works on CPU: dev and classic (quantization and deepspeed need a GPU).
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
-	$(PIP) install -e ".[dev]"
+	$(PIP) install -e ".[dev,classic]"
 	touch $@
 
 # Standard PPO, IIF and size-matched random filtering side by side on the offline tiny recipe, 3 seeds.

@@ -3,11 +3,12 @@
     .venv/bin/python benchmarks/classic_table.py [--envs frozenlake,acrobot] [--seeds 0,1,2,3,4]
                                                  [--set section.key=value ...] [--output-dir runs/classic-table]
 
-For each environment it runs standard PPO, IIF and random filtering on ``recipes/classic/ENV.yaml`` with the
-given seeds into OUTPUT_DIR/ENV, then rewrites ``benchmarks/results/classic.md`` from every environment
-found in OUTPUT_DIR: SE_ave, SE_peak and RT_peak (mean ± standard error over seeds) for IIF and random
-against standard, the paper's values, the final test returns and the wall times. Each process uses one
-torch thread, so two environments can run side by side on two cores, one per core.
+For each environment it runs standard PPO, IIF and size-matched random filtering on
+``recipes/classic/ENV.yaml`` with the given seeds into OUTPUT_DIR/ENV, then rewrites
+``benchmarks/results/classic.md`` from every environment found in OUTPUT_DIR: SE_ave, SE_peak and RT_peak
+(mean ± standard error over seeds) for IIF and random against standard, the paper's values, the final test
+returns and the wall times. Each process uses one torch thread, so two environments can run side by side on
+two cores, one per core.
 """
 
 from __future__ import annotations

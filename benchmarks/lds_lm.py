@@ -9,7 +9,7 @@ For each seed it trains the recipe with IIF (single process) up to the last of `
 random half-subsets of the batch (`llm_iif.training.lds_check`). Prints, per checked round, the mean ± standard
 error over seeds of each kind of score's LDS, the relative gain of preconditioned over plain scores, and how
 often training on the non-negative-score samples alone raised the target more than training on all of them.
-Each run's lds/round_K.json holds the subsets' predicted and real changes. The process uses one torch thread:
+Each run's lds/round_XXXX.json holds the subsets' predicted and real changes. The process uses one torch thread:
 beside another job on 2 cores, two threads each slowed some rounds a hundredfold.
 """
 

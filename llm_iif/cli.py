@@ -28,6 +28,7 @@ from llm_iif.analysis.report import write_report
 from llm_iif.analysis.summary import BUDGET_FRACTIONS
 from llm_iif.core.config import ClassicRecipe, GRPORecipe, RewardTrainRecipe, load_recipe, recipe_kind
 from llm_iif.core.errors import UserError
+from llm_iif.core.imports import require_classic
 from llm_iif.core.paths import RunPaths
 from llm_iif.training import build_trainer
 from llm_iif.training.builtins import resolve_builtin
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--overwrite", action="store_true",
                              help=f"delete the outputs of an earlier {what} in the output directory first "
                                   "(without it, such a directory is refused)")
+    for command in (compare, classic_compare):  # not train: it trains one run of its recipe
         command.add_argument("--methods", default="standard,iif,random",
                              help="comma-separated: standard, iif, random")
         command.add_argument("--seeds", default="0,1,2", help="comma-separated integer seeds")
@@ -119,7 +121,7 @@ def _train(args) -> int:
     if recipe_path is None:
         raise UserError("train: expected a RECIPE, or --resume RUN_DIR (which reads RUN_DIR/recipe.yaml)")
     if recipe_kind(recipe_path) is GRPORecipe:
-        return _train_grpo(args, recipe_path, overrides)
+        return _train_grpo(args, recipe_path, overrides, checkpoint)
     recipe = load_recipe(recipe_path, overrides)
     if checkpoint is None:
         claim_run_directory(RunPaths(recipe.run.output_dir), args.overwrite)  # before the slow model loading
@@ -157,21 +159,40 @@ def _train(args) -> int:
     return 0
 
 
-def _train_grpo(args, recipe_path: str, overrides: list[str]) -> int:
+def _train_grpo(args, recipe_path: str, overrides: list[str], checkpoint: Path | None) -> int:
+    from accelerate import PartialState
+
     from llm_iif.grpo.run import grpo_run_title, train_grpo
 
-    if args.resume:
-        raise UserError("--resume: GRPO runs cannot be resumed yet; start the run again")
     recipe = load_recipe(recipe_path, overrides, kind=GRPORecipe)
+    if checkpoint is not None:
+        completed = verify(checkpoint).get("steps_completed")
+        if completed == recipe.run.steps:
+            print(f"llm-iif: {checkpoint} has completed all {completed} steps; nothing to do "
+                  "(--set run.steps=N extends the run)", file=sys.stderr)
+            return 0
     quiet_libraries()
     start = time.perf_counter()
-    history = train_grpo(recipe, overwrite=args.overwrite)
-    write_run_figures(Path(recipe.run.output_dir), history, grpo_run_title(recipe))
-    first, last = history[0], history[-1]
+    result = train_grpo(recipe, overwrite=args.overwrite, resume_from=checkpoint)
+    if not PartialState().is_main_process:
+        return 0
+    output_dir = recipe.run.output_dir
+    if result.stopped_by:  # the run's recipe.yaml holds every override, so the command needs none
+        print(f"llm-iif: stopped by {result.stopped_by} after step {len(result.history)} of {recipe.run.steps}; "
+              f"checkpoint {result.checkpoint}. Resume with: llm-iif train --resume {shlex.quote(output_dir)}",
+              file=sys.stderr)
+        return 0
+    history = result.history
+    write_run_figures(Path(output_dir), history, grpo_run_title(recipe))
+    write_report(Path(output_dir))
     print(f"done: {len(history)} steps in {time.perf_counter() - start:.0f} s")
-    print(f"  held-out {next(iter(recipe.rewards)).split(':')[-1]}  after step 1: {first['reward_mean']:.3f}   "
-          f"after step {len(history)}: {last['reward_mean']:.3f}   KL {last['kl']:.3f}")
-    print(f"  outputs: {recipe.run.output_dir}/metrics.jsonl, reward_curve.png, final/ (LoRA adapter), tensorboard/")
+    evaluated = [m for m in history if "reward_mean" in m]
+    if evaluated:
+        first, last = evaluated[0], evaluated[-1]
+        print(f"  held-out {next(iter(recipe.rewards)).split(':')[-1]}  after step {first['step']}: "
+              f"{first['reward_mean']:.3f}   after step {last['step']}: {last['reward_mean']:.3f}   KL {last['kl']:.3f}")
+    print(f"  outputs: {output_dir}/report.html, metrics.jsonl, samples.jsonl, records/, reward_curve.png, "
+          "final/ (LoRA adapter), tensorboard/")
     return 0
 
 
@@ -183,6 +204,7 @@ def _methods_and_seeds(args) -> tuple[list[str], list[int]]:
 
 
 def _classic_compare(args) -> int:
+    require_classic()
     methods, seeds = _methods_and_seeds(args)
     output_dir = Path(args.output_dir)
     summary = run_classic_compare(args.recipe, args.overrides, methods, seeds, output_dir, args.overwrite)
@@ -191,6 +213,7 @@ def _classic_compare(args) -> int:
 
 
 def _classic_diagnose(args) -> int:
+    require_classic()
     recipe = load_recipe(args.recipe, args.overrides, kind=ClassicRecipe)
     action_target = None
     if args.action_target:
@@ -218,6 +241,7 @@ def _classic_diagnose(args) -> int:
 
 
 def _classic_intervene(args) -> int:
+    require_classic()
     recipe = load_recipe(args.recipe, args.overrides, kind=ClassicRecipe)
     rounds = _round_list(args.rounds)
     seeds = _integers(args.seeds, "--seeds", "comma-separated integers, e.g. 0,1,2")

@@ -7,7 +7,8 @@
   negative-influence records, without a random set of the same size) and compare test returns (Fig. 5/11).
 
 Both train plain PPO (``IIFPPO`` with mode ``none``) and hook into it after each rollout, where θ(k) and the
-filled buffer B(k) are at hand.
+filled buffer B(k) are at hand. They need the classic extra; Stable-Baselines3 and gymnasium are imported only
+when they run, so the statistics here import without it.
 """
 
 from __future__ import annotations
@@ -15,39 +16,27 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from gymnasium import spaces
-from stable_baselines3.common.buffers import RolloutBuffer
-from stable_baselines3.common.callbacks import BaseCallback
 
 from llm_iif.analysis.plots import plot_diagnosis, plot_intervention
-from llm_iif.classic.iif_ppo import IIFPPO
-from llm_iif.classic.train import build_model, evaluate_return
 from llm_iif.core.errors import UserError
 from llm_iif.core.fileio import atomic_write_text
+
+if TYPE_CHECKING:
+    from stable_baselines3.common.buffers import RolloutBuffer
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    from llm_iif.classic.iif_ppo import IIFPPO
 
 EDGE_FRACTION = 0.2  # the "top" and "bottom" regions of Fig. 3c: 20% of the records each
 
 
-class AfterRollout(BaseCallback):
-    """Calls ``action(model, k)`` after the k-th rollout is collected (advantages computed, not yet trained)."""
-
-    def __init__(self, action: Callable[[IIFPPO, int], None]):
-        super().__init__()
-        self.action, self.round = action, 0
-
-    def _on_step(self) -> bool:
-        return True
-
-    def _on_rollout_end(self) -> None:
-        self.action(self.model, self.round)
-        self.round += 1
-
-
 def standard_ppo(recipe) -> IIFPPO:
+    from llm_iif.classic.train import build_model
+
     return build_model(recipe, "none", 0.0)
 
 
@@ -86,6 +75,8 @@ def monte_carlo_advantages(buffer: RolloutBuffer, gamma: float) -> np.ndarray:
     Q̄ and V̄ average the discounted returns of the buffer's complete episodes over every visit of (s, a) and
     of s (the paper's App. B.4 estimate). A pair never seen in a complete episode gets NaN.
     """
+    from gymnasium import spaces
+
     if not isinstance(buffer.observation_space, spaces.Discrete):
         raise UserError(f"Monte-Carlo advantages need a discrete observation space (e.g. FrozenLake-v1), "
                         f"got {type(buffer.observation_space).__name__}")
@@ -146,6 +137,10 @@ def diagnose(recipe, round_k: int, output_dir: Path, bottom: int = 20,
     Writes diagnosis.json (the agreement statistics and the bottom records), records.csv (every record by
     decreasing influence) and diagnosis.png (Fig. 3c/3d analogues); returns diagnosis.json's content.
     """
+    from gymnasium import spaces
+
+    from llm_iif.classic.train import AfterRollout
+
     if round_k < 0 or round_k >= recipe.run.rounds:
         raise UserError(f"--round {round_k}: expected 0 <= K < run.rounds ({recipe.run.rounds})")
     found = {}
@@ -216,6 +211,8 @@ def intervene(recipe, rounds: list[int], seeds: list[int], output_dir: Path) -> 
 
 
 def _intervene_one_seed(recipe, rounds: list[int]) -> list[dict]:
+    from llm_iif.classic.train import AfterRollout, evaluate_return
+
     rows = []
 
     def compare_updates(model: IIFPPO, k: int) -> None:

@@ -15,7 +15,6 @@ from typing import Callable, Mapping
 from llm_iif.analysis.plots import plot_influence, plot_reward_curves, run_title, write_run_figures
 from llm_iif.analysis.report import influence_by_round, picked_rounds, write_report
 from llm_iif.analysis.summary import summarize
-from llm_iif.classic.train import train_classic
 from llm_iif.core.config import TARGET_SOURCES, ClassicRecipe, GRPORecipe, load_recipe
 from llm_iif.core.errors import UserError
 from llm_iif.core.fileio import atomic_write_text
@@ -53,8 +52,9 @@ GRPO_METHODS = {
 CLASSIC_METHODS = {
     "standard": lambda iif: ("none", 0.0),
     "iif": lambda iif: (iif.mode, iif.p),
-    # Random filtering drops about what neg-bottom drops when about half of the influences are negative.
-    "random": lambda iif: ("random", iif.p / 2),
+    # Size-matched, as in `LM_METHODS`: each round drops as many transitions as neg-bottom would (p × the
+    # negative scores), chosen at random from the whole buffer.
+    "random": lambda iif: ("matched-random", iif.p),
 }
 
 TrainOne = Callable[[str, int, RunPaths], list[dict]]
@@ -165,7 +165,9 @@ def run_grpo_compare(recipe_path: str, overrides: list[str], methods: list[str],
 def run_classic_compare(recipe_path: str, overrides: list[str], methods: list[str], seeds: list[int],
                         output_dir: Path, overwrite: bool = False) -> dict:
     """`llm-iif classic compare`: the classic recipe with each of ``methods`` (see `CLASSIC_METHODS`) and
-    ``seeds`` in turn, then summary.json and reward_curves.png; returns the summary."""
+    ``seeds`` in turn, then summary.json and reward_curves.png; returns the summary. Needs the classic extra."""
+    from llm_iif.classic.train import train_classic  # Stable-Baselines3: imported only when used
+
     def train_one(method: str, seed: int, run: RunPaths) -> list[dict]:
         recipe = load_recipe(recipe_path, [*overrides, f"run.seed={seed}"], kind=ClassicRecipe)
         mode, p = CLASSIC_METHODS[method](recipe.iif)

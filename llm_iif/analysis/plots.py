@@ -95,7 +95,7 @@ def influence_figure(by_round: dict[int, tuple[Sequence[float], Sequence[bool]]]
 
 
 def lds_figure(by_round: dict[int, dict]):
-    """One panel per checked round of ``by_round`` {round: lds/round_K.json}: each subset's real change of the
+    """One panel per checked round of ``by_round`` {round: lds/round_XXXX.json}: each subset's real change of the
     target against its predicted change (summed scores, z-scored per kind so that kinds share an axis), one
     colour per kind of score, its LDS in the legend."""
     plt = pyplot()
@@ -181,10 +181,11 @@ def run_title(recipe) -> str:
 def plot_reward_curve(history: list[dict], path: Path, title: str) -> None:
     """One run's reward_curve.png: mean reward (± one std within the round) and KL to the reference per round,
     from its per-round metrics."""
-    rounds = [m["round"] for m in history]
-    reward = Panel([Curve(rounds, [m["reward_mean"] for m in history], [m["reward_std"] for m in history],
+    evaluated = [m for m in history if "reward_mean" in m]  # a GRPO run evaluates every run.eval_every steps
+    rounds = [m["round"] for m in evaluated]
+    reward = Panel([Curve(rounds, [m["reward_mean"] for m in evaluated], [m["reward_std"] for m in evaluated],
                           label="mean reward", band_label="± 1 std")], ylabel="reward", legend=True)
-    kl = Panel([Curve(rounds, [m["kl"] for m in history], colour="tab:red")], ylabel="KL(π ‖ π_ref) per response")
+    kl = Panel([Curve(rounds, [m["kl"] for m in evaluated], colour="tab:red")], ylabel="KL(π ‖ π_ref) per response")
     save_figure(curves_figure([reward, kl], title=title), path)
 
 

@@ -128,10 +128,11 @@ def write_report(run_dir: Path, round_index: int | None = None, top: int = 5) ->
 def _summary(run_dir: Path, runs: dict, metrics: dict) -> str:
     rows = []
     for (label, run), history in metrics.items():
-        last = history[-1]
+        evaluated = [m for m in history if "reward_mean" in m] or [{}]  # GRPO: every run.eval_every steps
         name = label if len(runs[label]) == 1 and run.root == run_dir else f"{label} / {run.root.name}"
-        rows.append([name, len(history), f"{history[0]['reward_mean']:+.3f}", f"{last['reward_mean']:+.3f}",
-                     f"{last['kl']:.2f}", f"{sum(m.get('kept_fraction', 1.0) for m in history) / len(history):.2f}"])
+        rows.append([name, len(history), _number(evaluated[0], "reward_mean", "+.3f"),
+                     _number(evaluated[-1], "reward_mean", "+.3f"), _number(evaluated[-1], "kl", ".2f"),
+                     f"{sum(m.get('kept_fraction', 1.0) for m in history) / max(len(history), 1):.2f}"])
     table = _table(["run", "rounds", "reward, round 0", "reward, last", "KL, last", "mean kept"], rows)
     summary_file = GridPaths(run_dir).summary
     if not summary_file.is_file():
@@ -148,6 +149,10 @@ def _summary(run_dir: Path, runs: dict, metrics: dict) -> str:
                     "and the round time against standard's:</p>") + _table(
         ["method", "SE_ave %", "SE_peak %", "RT_peak %", *(BUDGET_FRACTIONS[key] for key in fractions)], compared)
 
+
+
+def _number(metrics: dict, key: str, spec: str) -> str:
+    return format(metrics[key], spec) if key in metrics else "–"
 
 
 def _curves(metrics: dict):

@@ -6,9 +6,11 @@ import random
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 from tqdm.auto import tqdm
 
@@ -33,6 +35,21 @@ def build_model(recipe, iif_mode: str, iif_p: float) -> IIFPPO:
                   learning_rate=ppo.learning_rate, ent_coef=ppo.ent_coef, clip_range=ppo.clip_range,
                   gamma=ppo.gamma, gae_lambda=ppo.gae_lambda, vf_coef=ppo.vf_coef,
                   max_grad_norm=ppo.max_grad_norm, policy_kwargs=policy_kwargs, seed=recipe.run.seed, device="cpu")
+
+
+class AfterRollout(BaseCallback):
+    """Calls ``action(model, k)`` after the k-th rollout is collected (advantages computed, not yet trained)."""
+
+    def __init__(self, action: Callable[[IIFPPO, int], None]):
+        super().__init__()
+        self.action, self.round = action, 0
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_end(self) -> None:
+        self.action(self.model, self.round)
+        self.round += 1
 
 
 def make_env(recipe, n_envs: int, seed: int):

@@ -133,9 +133,29 @@ class PPOConfig:
 
 
 @dataclass
-class IIFConfig:
-    """Iterative influence-based filtering: score every rollout sample against a target, drop the worst."""
+class IIFFilterConfig:
+    """The keys of the ``iif`` section that every trainer reads (`llm_iif.attribution.stage.IIFStage`); each
+    trainer's section adds ``target_source``, with the sources it offers, and its own keys."""
     enabled: bool = False
+    mode: FilterMode = "neg-bottom"
+    p: float = 1.0
+    """Fraction dropped: of the negative-score samples (neg-*, and matched-random, which drops that many
+    samples chosen at random from the whole batch) or of all samples (bottom, random)."""
+    folds: int = 2
+    """batch: each sample is scored against the target built from the other folds' samples."""
+    val_size: int = 256
+    """Validation responses generated per round (prompts are cycled when there are fewer)."""
+    score_batch_size: int = 64
+    min_split_cos: Optional[float] = None
+    """Filter only in rounds whose target_split_cos reaches this; None filters every round."""
+    precondition: Literal["none", "adam"] = "none"
+    """``adam`` scores with ⟨P ∇L_val, ∇L_i⟩, P = diag(1 / (√v̂ + ε)) from the optimiser's bias-corrected second
+    moments (the direction Adam steps in); the first round, before any step, is scored with plain gradients."""
+
+
+@dataclass
+class IIFConfig(IIFFilterConfig):
+    """Iterative influence-based filtering: score every rollout sample against a target, drop the worst."""
     target: TargetName = "seq"
     """What the kept samples should improve, measured on validation responses generated each round:
     ``seq`` Σ log-prob × last-token advantage (the paper's RLHF target), ``return`` token-level
@@ -149,30 +169,16 @@ class IIFConfig:
     generation)."""
     refresh_every: int = 4
     """cached: generate fresh validation responses every N rounds."""
-    folds: int = 2
-    """batch: each sample is scored against the target built from the other folds' samples."""
-    mode: FilterMode = "neg-bottom"
-    p: float = 1.0
-    """Fraction dropped: of the negative-score samples (neg-*, and matched-random, which drops that many
-    samples chosen at random from the whole batch) or of all samples (bottom, random)."""
     val_prompts: Optional[str] = None
     """Validation prompt source (same formats as data.source); None uses the data's validation split."""
-    val_size: int = 256
-    """Validation responses generated per round (prompts are cycled when there are fewer)."""
-    score_batch_size: int = 64
     train_grad: Literal["policy", "full"] = "policy"
     """Per-sample training gradient: the policy term of the PPO loss, or the full loss (policy + vf_coef ×
     value, as the paper's RLHF code). The target has no value term, so the value gradient only adds noise
     to the scores; on the tiny recipe ``policy`` reached standard PPO's peak sooner (docs/results.md, section 3)."""
-    min_split_cos: Optional[float] = None
-    """Filter only in rounds whose target_split_cos reaches this; None filters every round."""
-    precondition: Literal["none", "adam"] = "none"
-    """``adam`` scores with ⟨P ∇L_val, ∇L_i⟩, P = diag(1 / (√v̂ + ε)) from the optimiser's bias-corrected second
-    moments (the direction Adam steps in); the first round, before any step, is scored with plain gradients."""
     lds_rounds: list[int] = field(default_factory=list)
     """Rounds (0-based) at which to check the scores (one process only): the round's update is redone on
     ``lds_subsets`` random half-subsets of the batch and the linear datamodeling score (LDS) of plain,
-    preconditioned and random scores is logged (``lds_*`` metrics, lds/round-K.json). Training is unchanged."""
+    preconditioned and random scores is logged (``lds_*`` metrics, lds/round_XXXX.json). Training is unchanged."""
     lds_subsets: int = 16
     """Random half-subsets per checked round; at least 2."""
 
@@ -381,16 +387,34 @@ class GRPOModelConfig:
     name_or_path: str
     """A hub id, a local directory, or ``builtin:tiny-adder`` for the offline character-level adder. Loading
     options (dtype, attention) go in ``grpo.model_init_kwargs``, trl's own field."""
+    chat_template: bool = False
+    """Wrap each plain-text prompt as a user turn, so that trl prompts the model through the tokenizer's chat
+    template (instruct models). Conversational prompts (lists of role/content messages) always go through it.
+    Reward functions then receive the prompts and completions as message lists."""
 
 
 @dataclass
 class GRPODataConfig:
     source: str
-    """``builtin:addition`` (generated 2-3 digit sums), or a local .json/.jsonl/.parquet file whose rows have
-    the prompt column and whatever columns the reward functions read (e.g. ``answer``)."""
+    """``builtin:addition`` (generated 2-3 digit sums), a local .json/.jsonl/.parquet file, such files in a hub
+    repo as an ``hf://datasets/...`` path (glob patterns allowed), or a `datasets` hub id (with ``split`` and
+    ``subset``), e.g. ``openai/gsm8k``."""
     prompt_column: str = "prompt"
+    """The source's prompt column (``a.b`` reads field b of struct column a): plain text, or trl's
+    conversational format (a list of role/content messages). Every row needs one; a row without is an error."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Name the reward functions read -> the source's column, e.g. ``{answer: solution}``. Empty: every column
+    of the source is kept under its own name."""
+    split: str = "train"
+    """Hub ids: the split read. Held-out rows are drawn from it, not from the hub's other splits."""
+    subset: Optional[str] = None
+    """Hub ids: the configuration (subset) name, e.g. ``main`` for openai/gsm8k."""
+    shuffle_seed: int = 0
+    """Seed of the shuffle that draws the held-out rows of a file or hub split: the first validation_size
+    shuffled rows are the validation set, the next eval_size the evaluation set, the rest training. It is not
+    the run seed, so every seed and method of a comparison is evaluated on the same rows."""
     train_size: int = 4000
-    """builtin:addition: training problems generated."""
+    """builtin:addition: training problems generated (files and hub splits train on all rows not held out)."""
     validation_size: int = 256
     """Held-out rows whose prompts build the fresh target (``iif.target_source: fresh``)."""
     eval_size: int = 256
@@ -409,6 +433,16 @@ class GroupFilterConfig:
 
 
 @dataclass
+class GRPOIIFConfig(IIFFilterConfig):
+    """IIF for GRPO: every completion of a generation batch scored at θ(k) against the f_seq target (Σ log-prob ×
+    group advantage), then the filter. GRPO reads only these keys; the PPO-only ones are refused."""
+    target_source: Literal["batch", "fresh"] = "batch"
+    """``batch``: the generation batch is its own target, cross-fitted over ``folds`` folds (no extra generation);
+    ``fresh``: ``val_size`` new completions of the validation prompts every generation batch (the paper's source;
+    about 4.5× a step on the tiny recipe, docs/results.md section 12)."""
+
+
+@dataclass
 class GRPORunConfig:
     steps: int
     """Optimiser steps (trl's max_steps)."""
@@ -417,6 +451,27 @@ class GRPORunConfig:
     report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=lambda: ["tensorboard"])
     nonfinite_patience: int = 0
     """Generation batches in a row that may contain NaN/inf rewards (those completions are dropped)."""
+    save_every: int = 0
+    """Save a checkpoint (trl's checkpoint-N/ plus the IIF and filter state) every N steps, for --resume; a
+    multiple of steps_per_generation × num_iterations, so that no generation batch is split. 0 saves only final/."""
+    keep_last_n: int = 0
+    """Keep only the newest N checkpoint-N/ directories (trl's save_total_limit; final/ always stays); 0 keeps all."""
+    eval_every: int = 1
+    """Evaluate on the held-out rows after every N steps and after the last step; 0 turns evaluation off."""
+    eval_batch_size: int = 64
+    """Held-out prompts per generate call on each process (each process evaluates its share of the rows)."""
+    eval_decoding: Literal["sampled", "greedy"] = "sampled"
+    """``sampled`` at the trainer's temperature, with the same seed at every evaluation, so steps and methods
+    compare; ``greedy`` takes the most likely token."""
+    log_samples: int = 5
+    """Completions of each generation batch written to samples.jsonl with their rewards and influence scores."""
+
+
+# trl GRPOConfig fields that a GRPO recipe's run section sets; a ``grpo:`` key may not override them.
+RUN_OWNED_GRPO_FIELDS = {"output_dir": "run.output_dir", "max_steps": "run.steps", "seed": "run.seed",
+                         "data_seed": "run.seed", "report_to": "run.report_to", "save_strategy": "run.save_every",
+                         "save_steps": "run.save_every", "save_total_limit": "run.keep_last_n",
+                         "logging_steps": "every step is logged", "resume_from_checkpoint": "--resume"}
 
 
 @dataclass
@@ -433,7 +488,7 @@ class GRPORecipe:
     grpo: dict = field(default_factory=dict)
     """Any field of trl's GRPOConfig (num_generations, per_device_train_batch_size, learning_rate, beta,
     loss_type, scale_rewards, steps_per_generation, num_iterations, temperature, ...), passed as given."""
-    iif: IIFConfig = field(default_factory=IIFConfig)
+    iif: GRPOIIFConfig = field(default_factory=GRPOIIFConfig)
     group_filter: GroupFilterConfig = field(default_factory=GroupFilterConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -448,7 +503,14 @@ class GRPORecipe:
             require(_value(self, key) > 0, key, "a positive integer")
         require(0.0 <= self.iif.p <= 1.0, "iif.p", "a value in [0, 1]")
         require(self.iif.folds >= 2, "iif.folds", "at least 2")
-        require(not self.iif.lds_rounds, "iif.lds_rounds", "[] (the LDS check runs in the PPO trainer only)")
+        require(self.iif.val_size > 0, "iif.val_size", "a positive integer")
+        for key in ("run.save_every", "run.keep_last_n", "run.eval_every", "run.log_samples"):
+            require(_value(self, key) >= 0, key, "0 or a positive integer")
+        require(self.run.eval_batch_size > 0, "run.eval_batch_size", "a positive integer")
+        owned = sorted(set(self.grpo) & set(RUN_OWNED_GRPO_FIELDS))
+        if owned:
+            raise UserError(f"{source}: grpo.{owned[0]}: set by the run section ({RUN_OWNED_GRPO_FIELDS[owned[0]]}); "
+                            "remove it from grpo")
         if not self.rewards:
             raise UserError(f"{source}: rewards: expected at least one module:function: weight")
         for name in self.rewards:

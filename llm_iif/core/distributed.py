@@ -13,6 +13,15 @@ from accelerate.utils import gather_object
 from llm_iif.core.records import concat_rows, map_tensors, pad_to_widths
 
 
+def shards_parameters(accelerator: Accelerator) -> bool:
+    """Whether this launch shards parameters over processes (FSDP or DeepSpeed ZeRO-3). Influence scoring needs
+    whole LoRA weights on every process, so IIF refuses such launches until sharded scoring exists."""
+    from accelerate.utils import DistributedType
+
+    plugin = accelerator.state.deepspeed_plugin
+    return accelerator.distributed_type == DistributedType.FSDP or (plugin is not None and plugin.zero_stage == 3)
+
+
 def gather_values(accelerator: Accelerator, local: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Every process's [B_p] values concatenated in process order (on the CPU, float32), and where this
     process's rows start in it."""

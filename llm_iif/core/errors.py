@@ -16,6 +16,12 @@ class UserError(Exception):
     """Bad input from the user; the message names the file, key or value and what was expected."""
 
 
+class MissingExtra(UserError, ImportError):
+    """An optional dependency group (a pip extra, e.g. ``classic``) that is not installed. A `UserError`, so
+    the CLI prints it as one line with exit code 2, and an `ImportError`, as importing the library's module
+    that needs the extra raises it."""
+
+
 def first_line(err: BaseException) -> str:
     """The first line of ``err``'s message, or its type name when the message is empty (``StopIteration()``)."""
     lines = str(err).strip().splitlines()

@@ -3,6 +3,8 @@
 Importing such a module runs its code: that is the point of naming it. The current directory is searched
 first, as ``python -m llm_iif`` does, so a module beside the recipe imports the same way through the
 installed ``llm-iif`` script.
+
+Also `require_classic`: whether the optional ``classic`` extra (Stable-Baselines3) is installed.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import importlib
 import os
 import sys
 
-from llm_iif.core.errors import UserError, first_line
+from llm_iif.core.errors import MissingExtra, UserError, first_line
 
 
 def import_object(spec: str | None, key: str, what: str = "module:function"):
@@ -32,3 +34,15 @@ def import_object(spec: str | None, key: str, what: str = "module:function"):
         return getattr(module, name)
     except AttributeError:
         raise UserError(f"{key}: cannot import '{spec}' (module '{module_name}' has no '{name}')") from None
+
+
+def require_classic() -> None:
+    """Check that the ``classic`` extra is installed (Stable-Baselines3, which brings gymnasium). Every classic
+    entry point calls this first: ``llm_iif.classic`` on import and each ``llm-iif classic`` command, so a
+    missing extra is one line naming it rather than a traceback. Raises `MissingExtra` (a `UserError` and an
+    `ImportError`) naming the first module that cannot be imported."""
+    try:
+        importlib.import_module("stable_baselines3")
+    except ModuleNotFoundError as err:  # e.g. no stable_baselines3, or an SB3 without its gymnasium
+        raise MissingExtra("classic RL needs the classic extra: pip install 'llm_iif[classic]' "
+                           f"(missing: {err.name or 'stable_baselines3'})") from None

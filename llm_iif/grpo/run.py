@@ -1,79 +1,154 @@
-"""`llm-iif train` for a GRPO recipe: the recipe mapped onto trl's GRPOConfig and an `IIFGRPOTrainer`.
+"""`llm-iif train` for a GRPO recipe: the recipe mapped onto trl's GRPOConfig and an `IIFGRPOTrainer`, on the
+run infrastructure the PPO trainer uses.
 
-A run directory holds recipe.yaml, metrics.jsonl (one line per optimiser step), reward_curve.png,
-tensorboard/ and final/ (the LoRA adapter in HF format). After every step, `HeldOutEvaluation` samples one
-completion for each held-out prompt and scores it with every reward function; the first function's mean is
-the step's ``reward_mean``, the curve `llm-iif compare` summarises. Its time is not counted in the step's.
+The run directory has the PPO run's layout (`llm_iif.core.paths.RunPaths`), written by the same `RunOutputs`:
+recipe.yaml, environment.json, metrics.jsonl (one line per optimiser step; ``round`` = step − 1),
+timings.jsonl, samples.jsonl, records/round_XXXX.parquet (every completion of the generation batch sampled at
+that step, with reward, advantage, influence and whether it was kept), tensorboard/, reward_curve.png,
+report.html and final/. Checkpoints are trl's ``checkpoint-N/`` plus ``iif_state.pt`` and a ``manifest.json``
+written last (`llm_iif.training.run_state`), so ``--resume`` continues exactly and damage is caught.
+
+Only the main process writes; every process evaluates its share of the held-out rows (`HeldOutEvaluation`).
 """
 
 from __future__ import annotations
 
+import math
 import os
-import statistics
+import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from transformers import TrainerCallback
 
-from llm_iif.core.config import GRPODataConfig, GRPORecipe
+from llm_iif.core.config import GRPORecipe, load_recipe
 from llm_iif.core.errors import UserError, first_line
-from llm_iif.core.fileio import append_jsonl, atomic_write_text
 from llm_iif.core.imports import import_object
+from llm_iif.core.fileio import write_directory_atomically
 from llm_iif.core.paths import RunPaths
+from llm_iif.grpo.data import check_chat_template, grpo_datasets, is_conversational
 from llm_iif.grpo.trainer import GroupFilter, IIFGRPOTrainer
-from llm_iif.lm.addition import addition_problems
 from llm_iif.lm.policy import load_tokenizer
+from llm_iif.training import run_state
 from llm_iif.training.builtins import resolve_builtin
-from llm_iif.training.run_outputs import claim_run_directory, delete_outputs
-
-BUILTIN_ADDITION = "builtin:addition"
-# Seeds of the generated problem sets: the same problems for every run seed, disjoint draws per split.
-ADDITION_SEEDS = {"train": 1, "validation": 2, "eval": 3}
+from llm_iif.training.run_outputs import RunOutputs, check_writable_directory, claim_run_directory
+from llm_iif.training.signals import FinishOnSignal
 
 
-def train_grpo(recipe: GRPORecipe, overwrite: bool = False) -> list[dict]:
-    """Train ``recipe`` into ``run.output_dir``; returns the per-step metrics (also in metrics.jsonl)."""
+@dataclass
+class GRPORunResult:
+    history: list[dict]          # one entry per optimiser step of the whole run, resumed steps included
+    stopped_by: str | None       # the signal that stopped the run early, else None
+    checkpoint: Path | None      # where a stopped run saved
+
+
+def train_grpo(recipe: GRPORecipe, overwrite: bool = False, resume_from: Path | None = None) -> GRPORunResult:
+    """Train ``recipe`` into ``run.output_dir``, or continue the run there from its checkpoint ``resume_from``.
+
+    1. check the run directory (nothing is written yet); 2. load the model, data, rewards and trainer, which
+    validates the recipe; 3. only then delete an earlier run's outputs (``overwrite``) or rewind the files of a
+    resumed one; 4. train with trl, stopping at the next generation batch's end on SIGINT/SIGTERM; 5. save final/.
+    """
     paths = RunPaths(recipe.run.output_dir)
-    delete_outputs(claim_run_directory(paths, overwrite))
-    paths.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(paths.recipe, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    # 1. Check: every process refuses alike, before anything slow.
+    if resume_from is None:
+        claim_run_directory(paths, overwrite)
+    else:
+        check_writable_directory(paths.root)
+        completed = check_resumable(resume_from, paths, recipe)
+    # 2. Load.
     model_dir = resolve_builtin(recipe.model.name_or_path)
     tokenizer = load_tokenizer(model_dir)
-    train, validation, evaluation = grpo_datasets(recipe.data)
+    train, validation, evaluation = grpo_datasets(recipe.data, recipe.model.chat_template)
+    check_chat_template(tokenizer, recipe.model.chat_template or is_conversational(train), str(model_dir))
     reward_funcs = [import_object(name, f"rewards.{name}") for name in recipe.rewards]
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(paths.tensorboard)  # transformers 5 reads it from here only
-    evaluator = HeldOutEvaluation(evaluation, reward_funcs, tokenizer, paths)
     trainer = IIFGRPOTrainer(
         model=model_dir, reward_funcs=reward_funcs, args=grpo_config(recipe, paths), train_dataset=train,
-        processing_class=tokenizer, peft_config=peft_config(recipe), callbacks=[evaluator],
+        processing_class=tokenizer, peft_config=peft_config(recipe),
         iif=recipe.iif if recipe.iif.enabled else None, group_filter=group_filter(recipe),
         validation_dataset=validation, nonfinite_patience=recipe.run.nonfinite_patience)
-    evaluator.trainer = trainer
-    trainer.train()
-    trainer.save_model(str(paths.final))
-    trainer.accelerator.end_training()
-    return evaluator.history
+    check_save_every(recipe, trainer)
+    # 3. Outputs: a new run's files, or a resumed run's files as they were at its checkpoint.
+    outputs = RunOutputs(paths, recipe, trainer.accelerator)
+    history: list[dict] = []
+    if resume_from is None:
+        outputs.start(overwrite)
+    else:
+        history = outputs.logged_history(completed)
+        outputs.rewind(history)
+        if trainer.accelerator.is_main_process:
+            run_state.discard_checkpoints_after(paths.root, completed)
+        trainer.accelerator.wait_for_everyone()
+    evaluator = HeldOutEvaluation(evaluation, reward_funcs, outputs, recipe, history)
+    checkpoints = CheckpointsAndSignals(outputs, recipe)
+    for callback in (evaluator, checkpoints):
+        callback.trainer = trainer
+        trainer.add_callback(callback)
+    # 4. Train.
+    with FinishOnSignal() as signals:
+        checkpoints.signals = signals
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    # 5. Save.
+    if checkpoints.stopped_by is None:
+        save_final(trainer, checkpoints, paths)
+    return GRPORunResult(evaluator.history, checkpoints.stopped_by, checkpoints.last_saved)
+
+
+def check_resumable(checkpoint: Path, paths: RunPaths, recipe: GRPORecipe) -> int:
+    """The steps ``checkpoint`` completed, after checking that it is a whole checkpoint of the run at ``paths``
+    and that ``recipe`` differs from the run's saved recipe in ``run.steps`` at most."""
+    if Path(checkpoint).resolve().parent != paths.root.resolve():
+        raise UserError(f"--resume: {checkpoint} is not in run.output_dir {paths.root}")
+    manifest = run_state.verify(checkpoint)
+    if "steps_completed" not in manifest:
+        raise UserError(f"--resume: {checkpoint} is not a GRPO checkpoint")
+    changed = run_state.recipe_changes(load_recipe(paths.recipe, kind=GRPORecipe), recipe) - {"run.steps",
+                                                                                                "run.output_dir"}
+    if changed:
+        raise UserError(f"--resume: the recipe differs from {paths.recipe} in {', '.join(sorted(changed))}; only "
+                        "run.steps may change on resume")
+    completed = manifest["steps_completed"]
+    if recipe.run.steps < completed:
+        raise UserError(f"run.steps: {checkpoint} has already completed {completed} steps; set run.steps to more")
+    return completed
 
 
 def grpo_config(recipe: GRPORecipe, paths: RunPaths):
-    """trl's GRPOConfig: the recipe's ``grpo`` section as given, over the run's own settings."""
+    """trl's GRPOConfig: the run's own settings, and the recipe's ``grpo`` section for everything else (the
+    fields the run section owns are refused in ``grpo``, see `RUN_OWNED_GRPO_FIELDS`)."""
     from trl import GRPOConfig
 
-    settings = {"output_dir": str(paths.root), "max_steps": recipe.run.steps, "seed": recipe.run.seed,
-                "reward_weights": list(recipe.rewards.values()), "logging_steps": 1, "save_strategy": "no",
-                "report_to": list(recipe.run.report_to),
+    run = recipe.run
+    settings = {"output_dir": str(paths.root), "max_steps": run.steps, "seed": run.seed,
+                "reward_weights": list(recipe.rewards.values()), "logging_steps": 1,
+                "save_strategy": "steps" if run.save_every else "no", "save_steps": run.save_every or 500,
+                "save_total_limit": run.keep_last_n or None, "report_to": list(run.report_to),
                 # trl's defaults suit GPUs: bf16 and gradient checkpointing only slow a CPU down.
                 "use_cpu": not torch.cuda.is_available(), "bf16": torch.cuda.is_available(),
-                "gradient_checkpointing": torch.cuda.is_available()}
-    settings.update(recipe.grpo)
+                "gradient_checkpointing": torch.cuda.is_available(), **recipe.grpo}
     try:
         return GRPOConfig(**settings)
-    except TypeError as err:  # an unknown field
+    except TypeError as err:  # an unknown field, or a value of the wrong type
         raise UserError(f"grpo: {first_line(err)} (expected fields of trl's GRPOConfig)") from err
     except ValueError as err:
         raise UserError(f"grpo: {first_line(err)}") from err
+
+
+def check_save_every(recipe: GRPORecipe, trainer: IIFGRPOTrainer) -> None:
+    """A checkpoint must fall between generation batches: trl's buffered batch is not saved, so a resume from
+    the middle of one would generate anew and part from an uninterrupted run."""
+    generate_every = generation_period(trainer)
+    if recipe.run.save_every % generate_every:
+        raise UserError(f"run.save_every: {recipe.run.save_every} steps; expected a multiple of "
+                        f"steps_per_generation × num_iterations = {generate_every}")
+
+
+def generation_period(trainer: IIFGRPOTrainer) -> int:
+    """Optimiser steps per generation batch."""
+    return trainer.args.steps_per_generation * trainer.num_iterations
 
 
 def peft_config(recipe: GRPORecipe):
@@ -91,50 +166,68 @@ def group_filter(recipe: GRPORecipe) -> GroupFilter | None:
     return GroupFilter(cfg.kind, cfg.refill, cfg.max_refill_batches, cfg.keep_per_group)
 
 
-def grpo_datasets(data: GRPODataConfig):
-    """(train, validation, evaluation) `datasets.Dataset`s with a ``prompt`` column: generated problems for
-    ``builtin:addition``; otherwise a local file's rows, whose last validation_size + eval_size rows are
-    held out."""
-    from datasets import Dataset
-
-    if data.source == BUILTIN_ADDITION:
-        sizes = {"train": data.train_size, "validation": data.validation_size, "eval": data.eval_size}
-        return tuple(Dataset.from_list(addition_problems(sizes[split], ADDITION_SEEDS[split]))
-                     for split in ("train", "validation", "eval"))
-    rows = _local_rows(data)
-    held_out = data.validation_size + data.eval_size
-    if len(rows) <= held_out:
-        raise UserError(f"data.source: {data.source} has {len(rows)} rows; expected more than "
-                        f"data.validation_size + data.eval_size = {held_out}")
-    train, validation = rows[:-held_out], rows[-held_out:-data.eval_size]
-    return Dataset.from_list(train), Dataset.from_list(validation), Dataset.from_list(rows[-data.eval_size:])
+def save_final(trainer: IIFGRPOTrainer, checkpoints: CheckpointsAndSignals, paths: RunPaths) -> None:
+    """final/: trl's checkpoint of the last step (the adapter in HF format, optimiser, RNG, IIF state), so a
+    finished run can be extended with ``--resume`` and ``--set run.steps=N``. A periodic checkpoint-N/ of the
+    same step stays; otherwise the temporary one is removed."""
+    step = trainer.state.global_step
+    checkpoint = paths.checkpoint(step)
+    periodic = checkpoint.is_dir()
+    if not periodic:
+        trainer._save_checkpoint(trainer.model, trial=None)
+        checkpoints.write_manifest(step)
+    if trainer.accelerator.is_main_process:
+        write_directory_atomically(paths.final, lambda tmp: shutil.copytree(checkpoint, tmp, dirs_exist_ok=True))
+        if not periodic:
+            shutil.rmtree(checkpoint)
+    trainer.accelerator.wait_for_everyone()
 
 
-def _local_rows(data: GRPODataConfig) -> list[dict]:
-    from datasets import load_dataset
+class CheckpointsAndSignals(TrainerCallback):
+    """Writes each trl checkpoint's manifest once every process has saved its part, and stops the run cleanly
+    on SIGINT/SIGTERM: at the end of the current generation batch, after saving a checkpoint there."""
 
-    path = Path(data.source)
-    kinds = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-    if not path.is_file() or path.suffix not in kinds:
-        raise UserError(f"data.source: expected {BUILTIN_ADDITION} or a local .json/.jsonl/.parquet file, "
-                        f"got {data.source!r}")
-    try:
-        rows = load_dataset(kinds[path.suffix], data_files=str(path), split="train").to_list()
-    except Exception as err:  # datasets raises many types for unreadable files
-        raise UserError(f"data.source: cannot read {path} ({first_line(err)})") from err
-    if not rows or data.prompt_column not in rows[0]:
-        raise UserError(f"data.prompt_column: {path} has no column '{data.prompt_column}'")
-    return [{**row, "prompt": row[data.prompt_column]} for row in rows]
+    def __init__(self, outputs: RunOutputs, recipe: GRPORecipe):
+        self.outputs, self.recipe = outputs, recipe
+        self.trainer: IIFGRPOTrainer | None = None
+        self.signals: FinishOnSignal | None = None
+        self.stopped_by: str | None = None
+        self.last_saved: Path | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % generation_period(self.trainer) or state.global_step >= state.max_steps:
+            return
+        acc = self.trainer.accelerator
+        received = self.signals is not None and self.signals.received is not None
+        if acc.reduce(torch.tensor(float(received), device=acc.device), "max").item():
+            self.stopped_by = self.signals.received if received else "a signal on another process"
+            control.should_save = control.should_training_stop = True
+
+    def on_save(self, args, state, control, **kwargs):
+        self.write_manifest(state.global_step)
+
+    def write_manifest(self, step: int) -> None:
+        """Every process has written its files (trl saves RNG states per process); the main one lists them."""
+        acc = self.trainer.accelerator
+        acc.wait_for_everyone()
+        checkpoint = self.outputs.paths.checkpoint(step)
+        if acc.is_main_process:
+            run_state.write_manifest(checkpoint, {"steps_completed": step, "num_processes": acc.num_processes,
+                                                  "base_model": self.recipe.model.name_or_path},
+                                     run_state.TRL_MANIFEST_FILE)
+        acc.wait_for_everyone()
+        self.last_saved = checkpoint
 
 
 class HeldOutEvaluation(TrainerCallback):
-    """After every optimiser step: the step's wall time (generation, filtering and update), the held-out
-    rewards, and KL(π ‖ π_ref) per completion; one metrics.jsonl line per step, with trl's logged metrics."""
+    """After every ``run.eval_every`` steps (and the last): every reward function's mean over the held-out rows
+    and KL(π ‖ π_ref), each process generating for its share of the rows. One metrics.jsonl line per step with
+    trl's logged metrics and the step's wall time; the evaluation's time is logged apart (``time_eval_s``)."""
 
-    def __init__(self, rows, reward_funcs: list, tokenizer, paths: RunPaths, seed: int = 0):
-        self.rows, self.reward_funcs, self.tokenizer, self.paths, self.seed = rows, reward_funcs, tokenizer, paths, seed
+    def __init__(self, rows, reward_funcs: list, outputs: RunOutputs, recipe: GRPORecipe, history: list[dict]):
+        self.rows, self.reward_funcs, self.outputs, self.run = rows, reward_funcs, outputs, recipe.run
         self.trainer: IIFGRPOTrainer | None = None
-        self.history: list[dict] = []
+        self.history = list(history)
         self._step_start, self._pending = 0.0, None
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -142,54 +235,100 @@ class HeldOutEvaluation(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         seconds = time.perf_counter() - self._step_start
-        self._pending = {"round": state.global_step - 1, "step": state.global_step, "time_round_s": seconds,
-                         **self.evaluate()}
+        k = state.global_step - 1
+        self._pending = {"round": k, "step": state.global_step, "time_round_s": seconds}
+        trainer = self.trainer
+        if trainer.generation_records:  # a generation batch was sampled for this step
+            self.outputs.write_record_rows(k, trainer.generation_records)
+            self.outputs.log_sample_rows(k, trainer.generation_records)
+            trainer.generation_records = []
+        every = self.run.eval_every
+        if every and (state.global_step % every == 0 or state.global_step == state.max_steps):
+            start = time.perf_counter()
+            self._pending.update(self.evaluate())
+            self._pending["time_eval_s"] = time.perf_counter() - start
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self._pending is None or "loss" not in (logs or {}):
             return
         entry, self._pending = self._pending, None
-        entry["train_reward"] = logs.get("reward", float("nan"))
+        entry["train_reward"] = logs.get("reward", math.nan)
         entry["kept_fraction"] = logs.get("iif/kept_fraction", 1.0)
+        if "entropy" in logs:
+            entry["entropy"] = logs["entropy"]
         entry.update({key[len("iif/"):]: value for key, value in logs.items() if key.startswith("iif/")})
         self.history.append(entry)
-        if state.is_world_process_zero:
-            append_jsonl(self.paths.metrics, entry)
+        self.outputs.log_round(entry["round"], entry)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Held-out means of every reward function (``eval/<name>``; the first is ``reward_mean``) and KL."""
+        """Held-out means of every reward function (``eval/<name>``; the first is ``reward_mean``) and KL, over
+        every process's share of the rows."""
         trainer = self.trainer
-        model = trainer.model
+        acc = trainer.accelerator
+        model = acc.unwrap_model(trainer.model)
         was_training = model.training
         model.eval()
-        prompts = list(self.rows["prompt"])
+        share = self.rows.shard(num_shards=acc.num_processes, index=acc.process_index, contiguous=True)
+        names = [getattr(func, "__name__", f"reward_{i}") for i, func in enumerate(self.reward_funcs)]
+        # Per function: Σ reward, Σ reward², count; then Σ KL and the number of completions.
+        totals = torch.zeros(3 * len(names) + 2, dtype=torch.float64)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)  # every evaluation samples alike, so steps and methods compare
-            encoded = self.tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt")
-            encoded = encoded.to(trainer.accelerator.device)
-            out = model.generate(**encoded, max_new_tokens=trainer.max_completion_length, do_sample=True,
-                                 temperature=trainer.temperature, top_k=0, top_p=1.0,
-                                 pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
-        completion_ids = out[:, encoded["input_ids"].shape[1]:]
-        completions = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        columns = {k: list(self.rows[k]) for k in self.rows.column_names if k != "prompt"}
-        metrics = {}
-        for func in self.reward_funcs:
-            rewards = [r for r in func(prompts=prompts, completions=completions, **columns) if r is not None]
-            mean = sum(rewards) / max(len(rewards), 1)
-            metrics[f"eval/{getattr(func, '__name__', 'reward')}"] = mean
-            if "reward_mean" not in metrics:  # the first reward function is the run's curve
-                metrics["reward_mean"] = mean
-                metrics["reward_std"] = statistics.pstdev(rewards) if rewards else 0.0
-        metrics["kl"] = self._kl(encoded, completion_ids)
+            torch.manual_seed(self.run.seed + acc.process_index)  # every evaluation samples alike
+            for start in range(0, len(share), self.run.eval_batch_size):
+                totals += self._evaluate_batch(share.select(range(start, min(start + self.run.eval_batch_size,
+                                                                                len(share)))), names)
         model.train(was_training)
+        totals = acc.reduce(totals.to(acc.device), "sum").cpu()
+        metrics = {}
+        for i, name in enumerate(names):
+            total, squares, count = totals[3 * i:3 * i + 3].tolist()
+            if count == 0:
+                raise UserError(f"rewards.{name}: returned no reward (None) for any of the {len(self.rows)} "
+                                "held-out completions")
+            mean = total / count
+            metrics[f"eval/{name}"] = mean
+            if i == 0:  # the first reward function is the run's curve
+                metrics["reward_mean"] = mean
+                metrics["reward_std"] = math.sqrt(max(squares / count - mean * mean, 0.0))
+        metrics["kl"] = totals[-2].item() / max(totals[-1].item(), 1.0)
         return metrics
 
-    def _kl(self, encoded, completion_ids) -> float:
-        """Mean Σ_t log π(y_t) - log π_ref(y_t) over the sampled completions (π_ref: adapters disabled)."""
+    def _evaluate_batch(self, rows, names: list[str]) -> torch.Tensor:
+        """[3F + 2] this batch's sums (see `evaluate`)."""
+        from trl.data_utils import maybe_apply_chat_template
+
+        trainer, tokenizer = self.trainer, self.trainer.processing_class
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        prompts = list(rows["prompt"])
+        texts = [maybe_apply_chat_template({"prompt": p}, tokenizer)["prompt"] for p in prompts]
+        encoded = tokenizer(texts, padding=True, padding_side="left", return_tensors="pt",
+                            add_special_tokens=False).to(trainer.accelerator.device)
+        sampled = self.run.eval_decoding == "sampled"
+        out = model.generate(**encoded, max_new_tokens=trainer.max_completion_length, do_sample=sampled,
+                             **({"temperature": trainer.temperature, "top_k": 0, "top_p": 1.0} if sampled else {}),
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        completion_ids = out[:, encoded["input_ids"].shape[1]:]
+        completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        if prompts and isinstance(prompts[0], list):  # conversational: trl hands rewards assistant messages
+            completions = [[{"role": "assistant", "content": text}] for text in completions]
+        columns = {k: list(rows[k]) for k in rows.column_names if k != "prompt"}
+        sums = []
+        for name, func in zip(names, self.reward_funcs):
+            try:
+                rewards = func(prompts=prompts, completions=completions, **columns)
+            except Exception as err:  # a user's reward function: name it, in one line
+                raise UserError(f"rewards.{name}: raised {type(err).__name__} on held-out completions "
+                                f"({first_line(err)})") from err
+            values = [float(r) for r in rewards if r is not None and math.isfinite(r)]
+            sums += [sum(values), sum(v * v for v in values), len(values)]
+        kl = self._kl(encoded, completion_ids)
+        return torch.tensor([*sums, kl.sum().item(), len(kl)], dtype=torch.float64)
+
+    def _kl(self, encoded, completion_ids) -> torch.Tensor:
+        """[b] Σ_t log π(y_t) − log π_ref(y_t) of each completion (π_ref: adapters disabled)."""
         trainer = self.trainer
-        eos = self.tokenizer.eos_token_id
+        eos = trainer.processing_class.eos_token_id
         # Tokens up to and including the first EOS count; generate pads the rest.
         ended = (completion_ids == eos).int().cumsum(dim=1)
         mask = ((ended == 0) | ((ended == 1) & (completion_ids == eos))).long()
@@ -199,7 +338,7 @@ class HeldOutEvaluation(TrainerCallback):
         logps, _, _ = trainer._get_per_token_logps_and_entropies(model, ids, attention, completion_ids.shape[1])
         with model.disable_adapter():
             ref, _, _ = trainer._get_per_token_logps_and_entropies(model, ids, attention, completion_ids.shape[1])
-        return ((logps - ref) * mask).sum(dim=1).mean().item()
+        return ((logps - ref) * mask).sum(dim=1)
 
 
 def grpo_run_title(recipe: GRPORecipe) -> str:

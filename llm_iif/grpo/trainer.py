@@ -21,10 +21,12 @@ import copy
 import functools
 import inspect
 import math
+import pickle
 import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -34,13 +36,14 @@ from llm_iif.attribution.gradients import scored_layers, scored_parameters
 from llm_iif.attribution.influence import TargetBatch
 from llm_iif.attribution.precondition import adam_preconditioner, check_second_moments
 from llm_iif.attribution.stage import IIFStage
-from llm_iif.core.config import IIFConfig
-from llm_iif.core.distributed import gather_values
-from llm_iif.core.errors import UserError
+from llm_iif.core.config import GRPOIIFConfig
+from llm_iif.core.distributed import gather_values, shards_parameters
+from llm_iif.core.errors import UserError, first_line
 from llm_iif.core.guards import NonfiniteGuard
 from llm_iif.grpo.groups import max_variance_subsets, varied_groups
 from llm_iif.grpo.losses import (ROW_MEAN_LOSSES, SUPPORTED_LOSSES, completion_losses, completion_normalisers,
                                  group_target_terms, token_losses)
+from llm_iif.training.run_state import IIF_STATE_FILE
 
 TRL_RANGE = ">=1.16,<1.17"  # the versions whose GRPOTrainer internals were checked
 
@@ -67,7 +70,7 @@ class IIFGRPOTrainer(GRPOTrainer):
     """`trl.GRPOTrainer` with influence-based filtering (``iif``) or a group filter (``group_filter``).
 
     Takes every `GRPOTrainer` argument, plus:
-      iif: what to score against and how much to drop (`llm_iif.core.config.IIFConfig`; ``target_source``
+      iif: what to score against and how much to drop (`llm_iif.core.config.GRPOIIFConfig`; ``target_source``
         ``batch`` or ``fresh``). Passing one turns filtering on (its ``enabled`` field is the recipe's switch
         and is not read here); None, and no group_filter, trains as plain GRPO.
       group_filter: a `GroupFilter` baseline instead of ``iif``.
@@ -79,9 +82,15 @@ class IIFGRPOTrainer(GRPOTrainer):
 
     Filtering metrics go to trl's logs under ``iif/``: ``kept_fraction``, ``influence_mean``,
     ``influence_neg_fraction``, ``target_split_cos`` (the target's reliability), ``time_influence_s``.
+    ``generation_records`` holds this process's rows of the latest training generation batch (prompt,
+    completion, reward, advantage, influence, kept), for run outputs to write.
+
+    Checkpoints are trl's (``save_steps``, ``train(resume_from_checkpoint=...)``) plus ``iif_state.pt``: the
+    filter's random generators, the NaN patience count and the fresh target's position in the validation set,
+    loaded with ``weights_only=True``, so that a resumed run filters as an uninterrupted one would.
     """
 
-    def __init__(self, *args, iif: IIFConfig | None = None, group_filter: GroupFilter | None = None,
+    def __init__(self, *args, iif: GRPOIIFConfig | None = None, group_filter: GroupFilter | None = None,
                  validation_dataset=None, nonfinite_patience: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.iif, self.group_filter, self.validation_dataset = iif, group_filter, validation_dataset
@@ -93,6 +102,7 @@ class IIFGRPOTrainer(GRPOTrainer):
         generator = torch.Generator().manual_seed(self.args.seed)  # the same draws on every process
         self._refill_generator = torch.Generator().manual_seed(self.args.seed + 1)
         self._stage = None
+        self.generation_records: list[dict] = []
         if iif is not None:
             source = None if iif.target_source == "batch" else FreshGroupTarget(self)
             self._stage = IIFStage(iif, self.accelerator, source, self._sequence_logprobs, self._guard, generator)
@@ -124,13 +134,14 @@ class IIFGRPOTrainer(GRPOTrainer):
             if self.group_filter.max_refill_batches < 0:
                 raise UserError("group_filter.max_refill_batches: expected 0 or more")
             return
+        if shards_parameters(self.accelerator) and iif.mode != "random":
+            raise UserError("iif: influence scoring needs whole LoRA weights on every process, and this launch "
+                            "shards them (DeepSpeed ZeRO-3 or FSDP); use DDP or ZeRO-2, or iif.mode: random")
         if iif.target_source not in ("batch", "fresh"):
             raise UserError(f"iif.target_source: '{iif.target_source}' is not available for GRPO "
                             "(expected batch or fresh)")
         if iif.mode in ("bottom", "random") and iif.p >= 1.0:
             raise UserError(f"iif.p: {iif.p} with iif.mode {iif.mode} would drop every completion; expected p < 1")
-        if iif.target != "seq":
-            raise UserError(f"iif.target: '{iif.target}'; GRPO's target is seq (Σ log-prob × group advantage)")
         if args.top_entropy_quantile < 1.0:
             raise UserError("top_entropy_quantile: < 1 masks tokens per micro-batch after scoring; the scores "
                             "would not match the update (expected 1.0 with iif)")
@@ -141,7 +152,7 @@ class IIFGRPOTrainer(GRPOTrainer):
         if iif.target_source == "fresh":
             self._check_validation(iif)
 
-    def _check_validation(self, iif: IIFConfig) -> None:
+    def _check_validation(self, iif: GRPOIIFConfig) -> None:
         data, per_round = self.validation_dataset, self.num_generations * self.accelerator.num_processes
         if data is None or len(data) == 0 or "prompt" not in data.column_names:
             columns = "none" if data is None else ", ".join(data.column_names) or "none"
@@ -162,19 +173,25 @@ class IIFGRPOTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         batch = super()._generate_and_score_completions(inputs)
-        if not self.model.training or (self.iif is None and self.group_filter is None):
+        if not self.model.training:
+            return batch
+        rewards = self._rewards[_process_slice(self.accelerator, len(inputs))]
+        if self.iif is None and self.group_filter is None:
+            self.generation_records = self._records(batch, rewards, torch.ones(len(inputs), dtype=torch.bool), None)
             return batch
         start = time.perf_counter()
         self._guard.start_round()
         nonfinite = self._nonfinite_mask(len(inputs))
+        influence = None
         if self.group_filter is not None:
-            batch, keep, metrics = self._group_filtered(batch, inputs, nonfinite)
+            batch, keep, metrics, rewards = self._group_filtered(batch, inputs, nonfinite, rewards)
         else:
             selection = self._stage.select(self.model, self._loss_and_target(batch), len(inputs),
                                            self._preconditioner())
-            keep, metrics = selection.keep & ~nonfinite, selection.metrics
+            keep, metrics, influence = selection.keep & ~nonfinite, selection.metrics, selection.influence
             metrics["kept_fraction"] = self._global_mean(keep)
         metrics["nonfinite_reward"] = self._guard.end_round()["nonfinite_reward"]
+        self.generation_records = self._records(batch, rewards, keep, influence)
         batch = self._kept_rows(batch, keep)
         metrics["time_filter_s"] = time.perf_counter() - start
         for name, value in metrics.items():
@@ -190,6 +207,52 @@ class IIFGRPOTrainer(GRPOTrainer):
             scale = rows * self.accelerator.num_processes * self.args.steps_per_generation
             loss = loss * scale / inputs["iif_kept_rows"].clamp(min=1)
         return loss
+
+    def _records(self, batch: dict, rewards: torch.Tensor, keep: torch.Tensor, influence: torch.Tensor | None
+                 ) -> list[dict]:
+        """One row per completion of this process's generation batch (before dropped rows leave it)."""
+        decode = functools.partial(self.processing_class.batch_decode, skip_special_tokens=True)
+        prompts, completions = decode(batch["prompt_ids"]), decode(batch["completion_ids"])
+        return [{"prompt": prompts[i], "response": completions[i], "reward": float(rewards[i]),
+                 "advantage": float(batch["advantages"][i]),
+                 "influence": float(influence[i]) if influence is not None else math.nan, "kept": bool(keep[i])}
+                for i in range(len(prompts))]
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def iif_state_dict(self) -> dict:
+        """What filtering adds to trl's checkpoint: tensors and plain values only (``weights_only`` loading)."""
+        state = {"refill_generator": self._refill_generator.get_state(),
+                 "nonfinite_batches_in_a_row": self._guard.rounds_in_a_row}
+        if self._stage is not None:
+            state["filter_generator"] = self._stage.generator.get_state()
+            if isinstance(self._stage.target_source, FreshGroupTarget):
+                state["fresh_target_round"] = self._stage.target_source.round
+        return state
+
+    def load_iif_state_dict(self, state: dict) -> None:
+        self._refill_generator.set_state(state["refill_generator"])
+        self._guard.rounds_in_a_row = state["nonfinite_batches_in_a_row"]
+        if self._stage is not None:
+            self._stage.generator.set_state(state["filter_generator"])
+            if isinstance(self._stage.target_source, FreshGroupTarget):
+                self._stage.target_source.round = state["fresh_target_round"]
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:  # the main process; the generators are alike on every process
+            directory = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            torch.save(self.iif_state_dict(), directory / IIF_STATE_FILE)
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """trl's ``train``; resuming also restores the filter's state from the checkpoint's ``iif_state.pt``."""
+        if resume_from_checkpoint:
+            path = Path(resume_from_checkpoint) / IIF_STATE_FILE
+            if path.is_file():
+                try:
+                    self.load_iif_state_dict(torch.load(path, weights_only=True))
+                except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError) as err:
+                    raise UserError(f"{path}: not a readable IIF state ({first_line(err)})") from err
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     # ------------------------------------------------------------------------------------------ scoring
     def _preconditioner(self):
@@ -245,9 +308,10 @@ class IIFGRPOTrainer(GRPOTrainer):
             self._metrics, self._logs, self.state.num_input_tokens_seen, self._rewards = saved
 
     # ---------------------------------------------------------------------------------------- group filters
-    def _group_filtered(self, batch: dict, inputs: list, nonfinite: torch.Tensor):
-        """A group filter's decision; DAPO with refill generates more batches of new prompts until the batch
-        has as many informative groups as it had groups, or ``max_refill_batches`` is spent."""
+    def _group_filtered(self, batch: dict, inputs: list, nonfinite: torch.Tensor, rewards: torch.Tensor):
+        """A group filter's decision, and this process's rows' rewards; DAPO with refill generates more batches
+        of new prompts until the batch has as many informative groups as it had groups, or
+        ``max_refill_batches`` is spent."""
         flt, group = self.group_filter, self.num_generations
         rewards, local = self._rewards, _process_slice(self.accelerator, len(inputs))
         keep = (varied_groups(rewards, group) if flt.kind == "dapo"
@@ -261,9 +325,10 @@ class IIFGRPOTrainer(GRPOTrainer):
                 extra_keep = varied_groups(self._rewards, group)[local].to(keep.device)
                 extra_keep &= ~self._nonfinite_mask(len(extra_inputs))
                 batch, keep = _concatenated(batch, extra, self._tokenizer.pad_token_id), torch.cat([keep, extra_keep])
+                rewards = torch.cat([rewards, self._rewards[local]])
                 metrics["refill_batches"] += 1
             keep = _first_kept(self.accelerator, keep, wanted)
-        return batch, keep, metrics
+        return batch, keep, metrics, rewards
 
     def _refill_inputs(self, size: int) -> list:
         """``size`` new rows (size / num_generations prompts, each repeated), drawn at random from the train set

@@ -8,6 +8,9 @@ Sources (``data.source`` and ``iif.val_prompts`` in a recipe):
 - a local ``.json``, ``.jsonl``, ``.parquet`` file (column ``data.prompt_column``) or ``.txt`` file (one prompt
   per line), or such files in a hub repo as an ``hf://datasets/...`` path (glob patterns allowed);
 - anything else is a `datasets` hub id, loaded with ``data.split``.
+
+`load_table` reads any of them into a table; `read_text_columns` (here) and the GRPO data path
+(`llm_iif.grpo.data`) both go through it.
 """
 
 from __future__ import annotations
@@ -93,34 +96,11 @@ def read_text_columns(source: str, key: str, columns: dict[str, str], split: str
     struct column. Rows failing any of ``filters`` (from `parse_filter`) or with an empty or non-text value
     are skipped.
     """
-    if source.startswith(BUILTIN_PREFIX):
-        name = source[len(BUILTIN_PREFIX):]
-        if name not in BUILTIN_SOURCES:
-            raise UserError(f"{key}: unknown built-in data set '{source}' "
-                            f"(expected one of: {', '.join(BUILTIN_PREFIX + n for n in BUILTIN_SOURCES)})")
-        table = BUILTIN_SOURCES[name]()
-    else:
-        path = Path(source)
-        if path.suffix == ".txt":
-            if not path.is_file():
-                raise UserError(f"{key}: file not found: {source}")
-            table = {next(iter(columns)): [line.strip() for line in path.read_text().splitlines()]}
-        elif source.startswith("hf://") and path.suffix in LOCAL_FORMATS:  # files in a hub repo, e.g. its
-            table = _load_dataset(key, LOCAL_FORMATS[path.suffix], data_files=source, split="train")  # parquet export
-        elif path.suffix in LOCAL_FORMATS:
-            if not path.is_file():
-                raise UserError(f"{key}: file not found: {source}")
-            if path.stat().st_size == 0:
-                raise UserError(f"{key}: {source} is empty")
-            table = _load_dataset(key, LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
-        elif path.exists():
-            raise UserError(f"{key}: {source}: expected a .json, .jsonl, .parquet or .txt file")
-        else:
-            table = _load_dataset(key, source, split=split)
-    texts = [_column(table, source, column, column_key) for column, column_key in columns.items()]
+    table = load_table(source, key, split, text_column=next(iter(columns)))
+    texts = [column_values(table, source, column, column_key) for column, column_key in columns.items()]
     passes = [True] * len(texts[0])
     for column, compare, number in filters:
-        values = _column(table, source, column, key.rsplit(".", 1)[0] + ".filters")
+        values = column_values(table, source, column, key.rsplit(".", 1)[0] + ".filters")
         passes = [ok and isinstance(v, (int, float)) and compare(v, number) for ok, v in zip(passes, values)]
     rows = [values for ok, *values in zip(passes, *texts)
             if ok and all(isinstance(v, str) and v.strip() for v in values)]
@@ -130,8 +110,89 @@ def read_text_columns(source: str, key: str, columns: dict[str, str], split: str
     return {column: [row[i] for row in rows] for i, column in enumerate(columns)}
 
 
-def _column(table, source: str, column: str, key: str) -> list:
-    """The values of ``column`` (``a`` or ``a.b`` for field b of struct column a) for every row."""
+def source_kind(source: str) -> str:
+    """How `load_table` reads ``source``: ``builtin``, ``txt`` (a local file, one text per line), ``hub-files``
+    (an ``hf://`` path to .json/.jsonl/.parquet files in a hub repo), ``file`` (a local .json/.jsonl/.parquet
+    path, existing or not), ``other`` (an existing path of another kind, refused) or ``hub`` (a hub id)."""
+    path = Path(source)
+    if source.startswith(BUILTIN_PREFIX):
+        return "builtin"
+    if path.suffix == ".txt":
+        return "txt"
+    if source.startswith("hf://") and path.suffix in LOCAL_FORMATS:
+        return "hub-files"
+    if path.suffix in LOCAL_FORMATS:
+        return "file"
+    return "other" if path.exists() else "hub"
+
+
+def load_table(source: str, key: str, split: str = "train", subset: str | None = None,
+               text_column: str = "prompt"):
+    """All rows of ``source``, as a `datasets.Dataset` or a dict of equal-length column lists (built-in sets and
+    .txt files); `column_values` reads either.
+
+    ``key`` is the recipe key naming the source, for errors. ``split`` and ``subset`` (the hub's configuration
+    name) apply to hub ids only; files have one split. A .txt file becomes the one column ``text_column``, and a
+    built-in name is one of `BUILTIN_SOURCES`. Raises a one-line `UserError` for anything that cannot be read
+    or has no rows.
+    """
+    kind, path = source_kind(source), Path(source)
+    if kind == "builtin":
+        name = source[len(BUILTIN_PREFIX):]
+        if name not in BUILTIN_SOURCES:
+            raise UserError(f"{key}: unknown built-in data set '{source}' "
+                            f"(expected one of: {', '.join(BUILTIN_PREFIX + n for n in BUILTIN_SOURCES)})")
+        return BUILTIN_SOURCES[name]()
+    if kind == "txt":
+        if not path.is_file():
+            raise UserError(f"{key}: file not found: {source}")
+        return {text_column: [line.strip() for line in path.read_text().splitlines()]}
+    if kind == "hub-files":  # files in a hub repo, e.g. its parquet export
+        table = _load_dataset(key, LOCAL_FORMATS[path.suffix], data_files=source, split="train")
+    elif kind == "file":
+        table = _load_local_file(key, source)
+    elif kind == "other":
+        raise UserError(f"{key}: {source}: expected a .json, .jsonl, .parquet or .txt file")
+    else:
+        table = _load_dataset(key, source, split=split, **({"name": subset} if subset else {}))
+    if len(table) == 0:
+        raise UserError(f"{key}: '{source}' has no rows" + (f" in split '{split}'" if kind == "hub" else ""))
+    return table
+
+
+def _load_local_file(key: str, source: str):
+    """The local .json/.jsonl/.parquet file ``source`` as a `datasets.Dataset`; an empty file is named as such
+    rather than by the error `datasets` gives for it ("Instruction "train" corresponds to no data!" and the
+    like)."""
+    path = Path(source)
+    if not path.is_file():
+        raise UserError(f"{key}: file not found: {source}")
+    if path.stat().st_size == 0:
+        raise UserError(f"{key}: {source} is empty")
+    try:
+        return _load_dataset(key, LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+    except UserError:
+        if _has_no_rows(path):
+            raise UserError(f"{key}: {source} has no rows") from None
+        raise
+
+
+def _has_no_rows(path: Path) -> bool:
+    """Whether a .json/.jsonl/.parquet file holds no rows: only whitespace, ``[]``, or a parquet table of 0 rows.
+    Called only after `datasets` failed on the file, so reading it whole costs nothing in the usual case."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet
+
+        try:
+            return pyarrow.parquet.read_metadata(path).num_rows == 0
+        except Exception:  # not parquet at all: datasets' own error says more
+            return False
+    return path.read_bytes().strip() in (b"", b"[]")
+
+
+def column_values(table, source: str, column: str, key: str) -> list:
+    """The values of ``column`` (``a`` or ``a.b`` for field b of struct column a) for every row of ``table``
+    (from `load_table`); a missing column is a `UserError` naming ``key``, ``source`` and the columns it has."""
     top, *path = column.split(".")
     names = table.column_names if hasattr(table, "column_names") else list(table)
     if top not in names:
@@ -153,8 +214,10 @@ def _load_dataset(key: str, *args, **kwargs):
     try:
         return datasets.load_dataset(*args, **kwargs)
     except Exception as err:  # datasets raises many types for "not found / offline / bad split"
-        what = kwargs.get("data_files") or args[0]
-        raise UserError(f"{key}: cannot load '{what}': {first_line(err)}") from err
+        what = f"'{kwargs.get('data_files') or args[0]}'"
+        if "name" in kwargs:
+            what += f" (subset '{kwargs['name']}')"
+        raise UserError(f"{key}: cannot load {what}: {first_line(err)}") from err
 
 
 class PromptQueue:

@@ -11,11 +11,12 @@ import dataclasses
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import set_seed
 
 from llm_iif.attribution.stage import IIFStage
 from llm_iif.core import ppo
 from llm_iif.core.config import Recipe
+from llm_iif.core.distributed import shards_parameters
 from llm_iif.core.errors import UserError
 from llm_iif.core.guards import NonfiniteGuard
 from llm_iif.core.paths import RunPaths
@@ -107,13 +108,10 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
 def check_distributed_support(accelerator: Accelerator, recipe: Recipe) -> None:
     """Influence scoring reads every LoRA weight whole on every process; ZeRO-3 and FSDP shard them, which
     would give wrong scores, so that combination is refused. Standard PPO and random filtering run."""
-    plugin = accelerator.state.deepspeed_plugin
-    sharded = (accelerator.distributed_type == DistributedType.FSDP
-               or (plugin is not None and plugin.zero_stage == 3))
     if recipe.iif.lds_rounds and accelerator.num_processes > 1:
         raise UserError(f"iif.lds_rounds: the LDS check runs in one process; this launch has "
                         f"{accelerator.num_processes} (launch one process, or set iif.lds_rounds: [])")
-    if sharded and recipe.iif.enabled and recipe.iif.mode != "random":
+    if shards_parameters(accelerator) and recipe.iif.enabled and recipe.iif.mode != "random":
         raise UserError("iif.enabled: influence scoring needs whole LoRA weights on every process, and this "
                         "launch shards them (DeepSpeed ZeRO-3 or FSDP); use DDP or ZeRO-2 "
                         "(recipes/accelerate/multi_gpu.yaml, deepspeed_zero2.yaml), or iif.mode: random")

@@ -165,11 +165,15 @@ class RunOutputs:
 
     def log_samples(self, k: int, rollout: Rollout) -> None:
         """The first ``run.log_samples`` responses of this round on the main process, to samples.jsonl."""
-        if not self.is_writer:
-            return
-        for i in range(min(self.recipe.run.log_samples, len(rollout))):
-            append_jsonl(self.paths.samples, {"round": k, "prompt": rollout.prompts[i],
-                                              "response": rollout.responses[i], "reward": rollout.rewards[i].item()})
+        self.log_sample_rows(k, [{"prompt": rollout.prompts[i], "response": rollout.responses[i],
+                                  "reward": rollout.rewards[i].item()} for i in range(len(rollout))])
+
+    def log_sample_rows(self, k: int, rows: list[dict]) -> None:
+        """The first ``run.log_samples`` of ``rows`` (this process's), each tagged with round ``k``, to
+        samples.jsonl (main process only)."""
+        if self.is_writer:
+            for row in rows[:self.recipe.run.log_samples]:
+                append_jsonl(self.paths.samples, {"round": k, **row})
 
     def write_records(self, k: int, rollout: Rollout, advantages: Advantages, influence: torch.Tensor | None,
                       keep: torch.Tensor) -> None:
@@ -177,13 +181,24 @@ class RunOutputs:
         advantage, influence score (NaN when not scored) and whether the update kept it."""
         rows = torch.arange(len(rollout), device=rollout.rewards.device)
         last_advantage = advantages.advantages[rows, ppo.last_token_index(rollout.response_mask)]
-        local = [{"prompt": rollout.prompts[i], "response": rollout.responses[i],
-                  "reward": rollout.rewards[i].item(), "advantage": last_advantage[i].item(),
-                  "influence": influence[i].item() if influence is not None else math.nan, "kept": bool(keep[i])}
-                 for i in range(len(rollout))]
-        records = gather_object(local)
+        self.write_record_rows(k, [{"prompt": rollout.prompts[i], "response": rollout.responses[i],
+                                    "reward": rollout.rewards[i].item(), "advantage": last_advantage[i].item(),
+                                    "influence": influence[i].item() if influence is not None else math.nan,
+                                    "kept": bool(keep[i])} for i in range(len(rollout))])
+
+    def write_record_rows(self, k: int, local_rows: list[dict]) -> None:
+        """records/round_XXXX.parquet from every process's ``local_rows`` (prompt, response, reward, advantage,
+        influence, kept), in process order. Every process must call it."""
+        records = gather_object(local_rows)
         if self.is_writer:
             write_parquet(self.paths.record(k), records)
+
+    def logged_history(self, rounds: int) -> list[dict]:
+        """The first ``rounds`` rounds' metrics as logged, with their timings merged back in: what a trainer that
+        does not keep its own history (GRPO) resumes from. A torn last line (a killed write) is skipped."""
+        timings = {row["round"]: row for row in _jsonl_rows(self.paths.timings)}
+        return [{**metrics, **timings.get(metrics["round"], {})} for metrics in _jsonl_rows(self.paths.metrics)
+                if metrics["round"] < rounds]
 
     def write_lds(self, k: int, details: dict) -> None:
         """lds/round_XXXX.json: round ``k``'s LDS check (`llm_iif.training.lds_check`)."""
@@ -211,3 +226,14 @@ class RunOutputs:
             if k >= done:
                 self.paths.lds(k).unlink()
         self.write_recipe()
+
+
+def _jsonl_rows(path: Path) -> list[dict]:
+    """The rows of a JSONL file that parse (a line torn by a killed write does not); [] when it is missing."""
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows

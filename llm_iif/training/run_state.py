@@ -9,6 +9,11 @@ A checkpoint directory (``checkpoint-N/`` or ``final/``) holds:
 The directory is built under a temporary name and renamed into place, so a SIGKILL leaves either the
 complete new checkpoint or none; the checksums catch later damage (a truncated copy, a bad disk).
 
+A GRPO run's checkpoint is trl's (``checkpoint-N/`` as `transformers.Trainer` writes it: adapter, optimiser,
+scheduler, ``rng_state*.pth``, trl's own ``trainer_state.json``) plus ``iif_state.pt`` (the filter's state, see
+`llm_iif.grpo.trainer`) and, written last, ``manifest.json``: the steps completed and a SHA-256 of every other
+file. `verify` reads whichever manifest a checkpoint has, so both kinds are checked alike.
+
 What a checkpoint trusts: nothing in it runs code when it is loaded. ``training_state.pt`` holds only tensors
 and plain Python values (RNG states included) and is read with ``torch.load(weights_only=True)``, which
 refuses anything else. Every file must be listed in the manifest and match its checksum, so a file added,
@@ -40,6 +45,9 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
 TRAINING_STATE_FILE = "training_state.pt"
+# A trl checkpoint's manifest: trl writes its own trainer_state.json, which the manifest then covers.
+TRL_MANIFEST_FILE = "manifest.json"
+IIF_STATE_FILE = "iif_state.pt"
 TRAINING_STATE_KEYS = ("trainable", "optimizer", "kl_coef", "history", "prompt_queue", "prompt_rng",
                        "nonfinite_rounds_in_a_row", "rng")
 
@@ -84,31 +92,41 @@ def load_training_state(checkpoint: Path) -> dict:
     return state
 
 
-def file_checksums(directory: Path) -> dict[str, str]:
-    """SHA-256 of every file under ``directory`` except the manifest itself, by relative path."""
+def file_checksums(directory: Path, manifest: str = STATE_FILE) -> dict[str, str]:
+    """SHA-256 of every file under ``directory`` except the ``manifest`` itself, by relative path."""
     sums = {}
     for path in sorted(Path(directory).rglob("*")):
-        if path.is_file() and path.name != STATE_FILE:
+        if path.is_file() and path.relative_to(directory) != Path(manifest):
             sums[str(path.relative_to(directory))] = hashlib.sha256(path.read_bytes()).hexdigest()
     return sums
 
 
-def write_manifest(directory: Path, state: dict) -> None:
-    """Write ``trainer_state.json``: ``state`` plus the checksums of the files already in ``directory``."""
-    (Path(directory) / STATE_FILE).write_text(json.dumps({**state, "files": file_checksums(directory)}, indent=2))
+def write_manifest(directory: Path, state: dict, manifest: str = STATE_FILE) -> None:
+    """Write the ``manifest`` file: ``state`` plus the checksums of the files already in ``directory``."""
+    checksums = file_checksums(directory, manifest)
+    (Path(directory) / manifest).write_text(json.dumps({**state, "files": checksums}, indent=2))
+
+
+def manifest_kind(checkpoint: Path) -> tuple[str, str]:
+    """(manifest file, the state file it must list) of ``checkpoint``: a trl checkpoint's when it has
+    ``manifest.json`` or trl's ``optimizer.pt``, else the PPO trainer's."""
+    checkpoint = Path(checkpoint)
+    if (checkpoint / TRL_MANIFEST_FILE).exists() or (checkpoint / "optimizer.pt").exists():
+        return TRL_MANIFEST_FILE, IIF_STATE_FILE
+    return STATE_FILE, TRAINING_STATE_FILE
 
 
 def verify(checkpoint: Path) -> dict:
     """The manifest of a complete, undamaged checkpoint; `UserError` naming what is wrong otherwise."""
-    manifest_path = Path(checkpoint) / STATE_FILE
+    name, state_file = manifest_kind(checkpoint)
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads((Path(checkpoint) / name).read_text())
         expected = manifest["files"]
-    except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"{checkpoint}: not a complete checkpoint ({STATE_FILE} missing or unreadable)") from err
-    actual = file_checksums(checkpoint)
-    if TRAINING_STATE_FILE not in expected:
-        raise UserError(f"{checkpoint}: damaged checkpoint ({STATE_FILE} does not list {TRAINING_STATE_FILE})")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{checkpoint}: not a complete checkpoint ({name} missing or unreadable)") from err
+    actual = file_checksums(checkpoint, name)
+    if state_file not in expected:
+        raise UserError(f"{checkpoint}: damaged checkpoint ({name} does not list {state_file})")
     for name, digest in expected.items():
         if name not in actual:
             raise UserError(f"{checkpoint}: damaged checkpoint ({name} is missing)")
@@ -116,7 +134,7 @@ def verify(checkpoint: Path) -> dict:
             raise UserError(f"{checkpoint}: damaged checkpoint ({name} does not match its checksum)")
     unlisted = sorted(set(actual) - set(expected))
     if unlisted:
-        raise UserError(f"{checkpoint}: {unlisted[0]} is not listed in {STATE_FILE}; a checkpoint holds only "
+        raise UserError(f"{checkpoint}: {unlisted[0]} is not listed in {name}; a checkpoint holds only "
                         "the files it was saved with")
     return manifest
 
@@ -134,8 +152,10 @@ def checkpoints_in(run_dir: Path) -> list[Path]:
 
 
 def _rounds_completed(checkpoint: Path) -> float:
+    """Rounds (PPO) or optimiser steps (GRPO) that ``checkpoint`` completed; inf when its manifest is unreadable."""
     try:
-        return json.loads((checkpoint / STATE_FILE).read_text())["rounds_completed"]
+        manifest = json.loads((checkpoint / manifest_kind(checkpoint)[0]).read_text())
+        return manifest["rounds_completed"] if "rounds_completed" in manifest else manifest["steps_completed"]
     except (OSError, ValueError, KeyError, TypeError):
         return math.inf
 
@@ -239,5 +259,11 @@ def load_checked(checkpoint: Path, paths: RunPaths, recipe: Recipe, num_processe
 def recipe_changes(a: Recipe, b: Recipe) -> set[str]:
     """The ``section.key`` names whose values differ between two recipes."""
     da, db = a.to_dict(), b.to_dict()
-    return {f"{section}.{key}" for section in da for key in da[section]
-            if da[section][key] != db[section][key]}
+    changed = set()
+    for section in da.keys() | db.keys():
+        va, vb = da.get(section), db.get(section)
+        if isinstance(va, dict) and isinstance(vb, dict):  # a section: name the keys that differ
+            changed |= {f"{section}.{key}" for key in va.keys() | vb.keys() if va.get(key) != vb.get(key)}
+        elif va != vb:  # a top-level value (a GRPO recipe's algorithm)
+            changed.add(section)
+    return changed

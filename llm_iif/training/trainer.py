@@ -22,8 +22,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -50,6 +48,7 @@ from llm_iif.lm.rollouts import RolloutCollector, drop_nonfinite_advantages, est
 from llm_iif.training import run_state
 from llm_iif.training.lds_check import linear_datamodeling_check
 from llm_iif.training.run_outputs import RunOutputs
+from llm_iif.training.signals import FinishOnSignal
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +108,7 @@ class PPOTrainer:
         self._bar = tqdm(range(start, run.rounds), desc="PPO rounds", initial=start, total=run.rounds,
                          disable=not acc.is_main_process)
         self.stopped_by = None
-        with _FinishRoundOnSignal() as signals:
+        with FinishOnSignal() as signals:
             for k in self._bar:
                 metrics = self.run_round(k)
                 if self.evaluator is not None and self.evaluator.due(k, run.rounds):
@@ -189,7 +188,7 @@ class PPOTrainer:
 
     def check_scores(self, k: int, rollout: Rollout, advantages: Advantages) -> dict:
         """The LDS check of round ``k`` (`llm_iif.training.lds_check`): its metrics, with ``time_lds_s``; the
-        subsets' predicted and real changes go to lds/round_K.json."""
+        subsets' predicted and real changes go to lds/round_XXXX.json."""
         start = time.perf_counter()
         metrics, details = linear_datamodeling_check(self, rollout, advantages, seed=self.recipe.run.seed + k)
         self.outputs.write_lds(k, details)
@@ -338,26 +337,3 @@ class PPOTrainer:
         """Show the round's current phase beside the progress bar's rounds and ETA."""
         if self._bar is not None:
             self._bar.set_postfix_str(f"{name} · {self._last_postfix}" if self._last_postfix else name)
-
-
-class _FinishRoundOnSignal:
-    """While active, SIGINT and SIGTERM only set ``received`` (the signal's name), so the trainer can finish
-    its round and save. A second signal acts as usual (stops at once)."""
-
-    def __enter__(self):
-        self.received, self._previous = None, {}
-        if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-        logger.warning("%s received: finishing this round, then saving a checkpoint (send it again to stop now)",
-                       self.received)
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-
-    def __exit__(self, *exc):
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)

@@ -9,10 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gymnasium import spaces
-from stable_baselines3.common.buffers import RolloutBuffer
 
-from llm_iif.analysis.diagnosis import advantage_agreement, average_ranks, discounted_returns, monte_carlo_advantages, spearman
+pytest.importorskip("stable_baselines3", reason="needs the classic extra: pip install 'llm_iif[classic]'")
+
+from gymnasium import spaces  # noqa: E402
+from stable_baselines3.common.buffers import RolloutBuffer  # noqa: E402
+
+from llm_iif.analysis.diagnosis import advantage_agreement, average_ranks, discounted_returns, monte_carlo_advantages, spearman  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 FROZENLAKE = str(REPO / "recipes/classic/frozenlake.yaml")

@@ -104,7 +104,7 @@ def test_the_method_tables():
         mode, p = "neg-bottom", 0.6
 
     assert [CLASSIC_METHODS[m](IIF) for m in CLASSIC_METHODS] == [("none", 0.0), ("neg-bottom", 0.6),
-                                                                  ("random", 0.3)]
+                                                                  ("matched-random", 0.6)]
 
 
 # ------------------------------------------------------------------------------------ comparison outputs

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import gymnasium as gym
-import numpy as np
 import pytest
-import torch
-from stable_baselines3 import PPO
 
-from llm_iif.attribution.gradients import grad_dot
-from llm_iif.classic.iif_ppo import (IIFPPO, identical_group_means, kept_transitions, minibatch_normalized,
-                                     policy_layers)
+pytest.importorskip("stable_baselines3", reason="needs the classic extra: pip install 'llm_iif[classic]'")
+
+import gymnasium as gym  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from stable_baselines3 import PPO  # noqa: E402
+
+from llm_iif.attribution.gradients import grad_dot  # noqa: E402
+from llm_iif.classic.iif_ppo import (IIFPPO, identical_group_means, kept_transitions,  # noqa: E402
+                                     minibatch_normalized, policy_layers)
 
 
 def frozen_lake_model(**kwargs) -> IIFPPO:

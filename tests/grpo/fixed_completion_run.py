@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from grpo_setup import make_trainer
 
-from llm_iif.core.config import IIFConfig
+from llm_iif.core.config import GRPOIIFConfig
 from llm_iif.grpo import IIFGRPOTrainer
 
 GLOBAL_BATCH = 16
@@ -54,7 +54,7 @@ if __name__ == "__main__":
     grpo_setup.IIFGRPOTrainer = RecordingTrainer  # make_trainer builds this subclass
     trainer = make_trainer(model_dir, out, max_steps=2, per_device_train_batch_size=GLOBAL_BATCH // processes,
                            rollout_func=fixed_completions,
-                           iif=IIFConfig(enabled=True, target_source="batch", folds=2, mode="bottom", p=0.5))
+                           iif=GRPOIIFConfig(enabled=True, target_source="batch", folds=2, mode="bottom", p=0.5))
     trainer.train()
     accelerator = trainer.accelerator
     weights = {n: p.detach().cpu() for n, p in trainer.model.named_parameters() if p.requires_grad}

@@ -12,7 +12,7 @@ from grpo_setup import grpo_args, make_trainer
 from trl import GRPOTrainer
 
 from llm_iif.attribution.gradients import scored_parameters
-from llm_iif.core.config import IIFConfig
+from llm_iif.core.config import GRPOIIFConfig
 from llm_iif.core.errors import UserError
 from llm_iif.grpo import GroupFilter
 from llm_iif.grpo.groups import max_variance_subsets, varied_groups
@@ -34,7 +34,7 @@ def flat_grad(value, params):
                                             ("dapo", 0.1)])
 def test_completion_losses_sum_to_trls_loss(random_adder_dir, tmp_path, loss_type, beta):
     trainer = make_trainer(random_adder_dir, tmp_path, loss_type=loss_type, beta=beta,
-                           iif=IIFConfig(enabled=True, target_source="batch"))
+                           iif=GRPOIIFConfig(enabled=True, target_source="batch"))
     batch = generation_batch(trainer)
     params = list(scored_parameters(trainer.model).values())
     ours, _ = trainer._loss_and_target(batch)(trainer.model, torch.arange(len(batch["advantages"])))
@@ -68,7 +68,7 @@ def brute_force_scores(trainer, batch, target=None, folds=2):
 
 @pytest.mark.parametrize("score_batch_size", [64, 5])  # one fused pass; chunks that run forward twice
 def test_cross_fitted_scores_equal_brute_force(random_adder_dir, tmp_path, score_batch_size):
-    trainer = make_trainer(random_adder_dir, tmp_path, beta=0.1, iif=IIFConfig(
+    trainer = make_trainer(random_adder_dir, tmp_path, beta=0.1, iif=GRPOIIFConfig(
         enabled=True, target_source="batch", folds=2, score_batch_size=score_batch_size))
     batch = generation_batch(trainer)
     selection = trainer._stage.select(trainer.model, trainer._loss_and_target(batch), len(batch["advantages"]))
@@ -84,7 +84,7 @@ def test_fresh_target_scores_equal_brute_force(random_adder_dir, tmp_path):
 
     validation = Dataset.from_list(addition_problems(8, seed=5))
     trainer = make_trainer(random_adder_dir, tmp_path, validation_dataset=validation,
-                           iif=IIFConfig(enabled=True, target_source="fresh", val_size=8))
+                           iif=GRPOIIFConfig(enabled=True, target_source="fresh", val_size=8))
     batch = generation_batch(trainer)
     source, seen = trainer._stage.target_source, []
     trainer._stage.target_source = lambda model: seen.append(source(model)) or seen[-1]
@@ -114,7 +114,7 @@ def test_scores_without_lora_cover_the_linear_layers(tmp_path):
     LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
     tokenizer.save_pretrained(tmp_path / "llama")
     trainer = make_trainer(tmp_path / "llama", tmp_path / "out", lora=False,
-                           iif=IIFConfig(enabled=True, target_source="batch", folds=2))
+                           iif=GRPOIIFConfig(enabled=True, target_source="batch", folds=2))
     assert "model.layers.0.mlp.up_proj.weight" in scored_parameters(trainer.model)
     batch = generation_batch(trainer)
     selection = trainer._stage.select(trainer.model, trainer._loss_and_target(batch), len(batch["advantages"]))
@@ -127,7 +127,7 @@ def test_dropped_completions_leave_the_batch_and_the_normaliser(random_adder_dir
     equals trl's loss on the kept completions alone."""
     trainer = make_trainer(random_adder_dir, tmp_path, loss_type="grpo", steps_per_generation=2,
                            gradient_accumulation_steps=2, per_device_train_batch_size=8,
-                           iif=IIFConfig(enabled=True, target_source="batch", p=1.0))
+                           iif=GRPOIIFConfig(enabled=True, target_source="batch", p=1.0))
     batch = generation_batch(trainer)
     keep = torch.zeros(16, dtype=torch.bool)
     keep[[0, 3, 4, 9, 14]] = True  # 5 kept: one padding row makes 6, which splits into 2 chunks of 3
@@ -145,7 +145,7 @@ def test_dropped_completions_leave_the_batch_and_the_normaliser(random_adder_dir
 
 def test_training_filters_each_generation_batch(random_adder_dir, tmp_path):
     trainer = make_trainer(random_adder_dir, tmp_path, max_steps=2,
-                           iif=IIFConfig(enabled=True, target_source="batch", p=1.0))
+                           iif=GRPOIIFConfig(enabled=True, target_source="batch", p=1.0))
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "iif/kept_fraction" in entry]
     assert len(logged) == 2
@@ -203,14 +203,14 @@ def nan_reward(completions, **kwargs):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(iif=IIFConfig(enabled=True, target_source="cached")), "iif.target_source: 'cached'"),
-    (dict(iif=IIFConfig(enabled=True, mode="bottom", p=1.0)), "would drop every completion"),
-    (dict(iif=IIFConfig(enabled=True), top_entropy_quantile=0.5), "top_entropy_quantile"),
-    (dict(iif=IIFConfig(enabled=True), group_filter=GroupFilter("dapo")), "expected one filter"),
+    (dict(iif=GRPOIIFConfig(enabled=True, target_source="cached")), "iif.target_source: 'cached'"),
+    (dict(iif=GRPOIIFConfig(enabled=True, mode="bottom", p=1.0)), "would drop every completion"),
+    (dict(iif=GRPOIIFConfig(enabled=True), top_entropy_quantile=0.5), "top_entropy_quantile"),
+    (dict(iif=GRPOIIFConfig(enabled=True), group_filter=GroupFilter("dapo")), "expected one filter"),
     (dict(group_filter=GroupFilter("pods", keep_per_group=4)), "group_filter.keep_per_group: 4"),
-    (dict(iif=IIFConfig(enabled=True, target_source="fresh")), "validation_dataset"),
-    (dict(iif=IIFConfig(enabled=True), loss_type="grpo", entropy_coef=0.01), "entropy_coef / router aux loss"),
-    (dict(iif=IIFConfig(enabled=True), multi_objective_aggregation="normalize_then_sum"),
+    (dict(iif=GRPOIIFConfig(enabled=True, target_source="fresh")), "validation_dataset"),
+    (dict(iif=GRPOIIFConfig(enabled=True), loss_type="grpo", entropy_coef=0.01), "entropy_coef / router aux loss"),
+    (dict(iif=GRPOIIFConfig(enabled=True), multi_objective_aggregation="normalize_then_sum"),
      "multi_objective_aggregation: filtering needs per-group rewards"),
 ])
 def test_conflicting_settings_are_one_line_errors(random_adder_dir, tmp_path, kwargs, message):
@@ -225,7 +225,7 @@ def test_validation_set_without_prompts(random_adder_dir, tmp_path):
     data = Dataset.from_list([{"question": "1+1=", "answer": "2"}] * 4)
     with pytest.raises(UserError, match="validation_dataset: .*'prompt' column .*question, answer"):
         make_trainer(random_adder_dir, tmp_path, validation_dataset=data,
-                     iif=IIFConfig(enabled=True, target_source="fresh", val_size=4))
+                     iif=GRPOIIFConfig(enabled=True, target_source="fresh", val_size=4))
 
 
 def test_model_without_trainable_layers(random_adder_dir, tmp_path):
@@ -242,16 +242,16 @@ def test_model_without_trainable_layers(random_adder_dir, tmp_path):
                        train_dataset=Dataset.from_list(addition_problems(16, seed=0)),
                        processing_class=AutoTokenizer.from_pretrained(random_adder_dir),
                        peft_config=LoraConfig(r=2, target_modules=["wte"], task_type="CAUSAL_LM"),
-                       iif=IIFConfig(enabled=True))
+                       iif=GRPOIIFConfig(enabled=True))
 
 
 def test_nan_reward_stops_training_after_the_patience(random_adder_dir, tmp_path):
     trainer = make_trainer(random_adder_dir, tmp_path, reward_funcs=[nan_reward], max_steps=2,
-                           iif=IIFConfig(enabled=True, target_source="batch"))
+                           iif=GRPOIIFConfig(enabled=True, target_source="batch"))
     with pytest.raises(UserError, match=r"reward: NaN or inf for 1 of 16 completions \(1 round\(s\) in a row\)"):
         trainer.train()
     patient = make_trainer(random_adder_dir, tmp_path, reward_funcs=[nan_reward], max_steps=2, nonfinite_patience=2,
-                           iif=IIFConfig(enabled=True, target_source="batch"))
+                           iif=GRPOIIFConfig(enabled=True, target_source="batch"))
     patient.train()
     logged = [e for e in patient.state.log_history if "iif/nonfinite_reward" in e]
     assert [e["iif/nonfinite_reward"] for e in logged] == [1, 1]
@@ -292,7 +292,7 @@ def test_trl_buffering_features_keep_working(random_adder_dir, tmp_path):
     trainer = make_trainer(random_adder_dir, tmp_path, max_steps=4, steps_per_generation=2,
                            gradient_accumulation_steps=2, num_iterations=2, per_device_train_batch_size=8,
                            scale_rewards="batch", loss_type="grpo", beta=0.05,
-                           iif=IIFConfig(enabled=True, target_source="batch", mode="bottom", p=0.5))
+                           iif=GRPOIIFConfig(enabled=True, target_source="batch", mode="bottom", p=0.5))
     trainer.train()
     assert trainer.state.global_step == 4
     decisions = [e for e in trainer.state.log_history if "iif/kept_fraction" in e]
