@@ -292,6 +292,7 @@ class HeldOutEvaluation(TrainerCallback):
                 metrics["reward_mean"] = mean
                 metrics["reward_std"] = math.sqrt(max(squares / count - mean * mean, 0.0))
         metrics["kl"] = totals[-2].item() / max(totals[-1].item(), 1.0)
+        metrics["eval_completions"] = int(totals[-1].item())  # over all processes: each row exactly once
         return metrics
 
     def _evaluate_batch(self, rows, names: list[str]) -> torch.Tensor:

@@ -1,0 +1,156 @@
+"""GRPO runs on the shared run infrastructure: two processes from the CLI, exact resume, a clean stop on SIGTERM,
+damaged checkpoints, and the recipe checks that keep a run's settings its own."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import launch_command
+from test_grpo_recipes import RECIPE, REPO, llm_iif, small
+
+from llm_iif.core.config import GRPORecipe, load_recipe
+from llm_iif.core.errors import UserError
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_train_from_the_cli(random_adder_dir, tmp_path):
+    """`accelerate launch -m llm_iif train` on 2 CPU processes: one set of outputs, written by the main process,
+    and a held-out evaluation that covers every row exactly once between the two processes."""
+    out = tmp_path / "run"
+    proc = subprocess.run([*launch_command("-m", 2), "llm_iif", "train", str(RECIPE), "--output-dir", str(out),
+                           *small(random_adder_dir, "run.steps=2", "grpo.per_device_train_batch_size=8",
+                                  "run.eval_decoding=greedy")],
+                          capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={**os.environ, "ACCELERATE_USE_CPU": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = metrics(out)
+    assert [m["step"] for m in lines] == [1, 2]  # one writer: no line twice
+    assert all(m["eval_completions"] == 16 for m in lines)  # data.eval_size rows, split over the processes
+    assert json.loads((out / "environment.json").read_text())["processes"] == 2
+    assert (out / "final" / "adapter_config.json").is_file() and (out / "report.html").is_file()
+    assert proc.stdout.count("done: 2 steps") == 1
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(random_adder_dir, tmp_path_factory):
+    """A 4-step run that saves every 2 steps, trained without a stop."""
+    out = tmp_path_factory.mktemp("grpo") / "whole"
+    proc = llm_iif("train", RECIPE, "--output-dir", out, *small(random_adder_dir, "run.steps=4", "run.save_every=2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_a_run_writes_the_ppo_run_layout(uninterrupted):
+    out = uninterrupted
+    assert {"recipe.yaml", "environment.json", "metrics.jsonl", "timings.jsonl", "samples.jsonl", "records",
+            "report.html", "reward_curve.png", "final", "checkpoint-2", "checkpoint-4"} <= set(os.listdir(out))
+    timings = [json.loads(line) for line in (out / "timings.jsonl").read_text().splitlines()]
+    assert all(t["time_round_s"] > 0 and t["time_eval_s"] > 0 for t in timings)
+    assert sorted(os.listdir(out / "records")) == [f"round_000{k}.parquet" for k in range(4)]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert {s["round"] for s in samples} == {0, 1, 2, 3} and all("influence" in s for s in samples)
+    report = (out / "report.html").read_text()
+    assert "Influence scores" in report and "Samples of round 3" in report
+    manifest = json.loads((out / "checkpoint-2" / "manifest.json").read_text())
+    assert manifest["steps_completed"] == 2 and "iif_state.pt" in manifest["files"]
+
+
+def test_resume_continues_exactly(uninterrupted, tmp_path):
+    """A run killed after its checkpoint at step 2 (later checkpoints gone, later metrics left behind) resumes
+    with `--resume RUN_DIR` to the same metrics, line for line, as the run that was never stopped."""
+    out = tmp_path / "killed"
+    shutil.copytree(uninterrupted, out)
+    for later in ("checkpoint-4", "final", "report.html"):
+        shutil.rmtree(out / later) if (out / later).is_dir() else (out / later).unlink()
+    proc = llm_iif("train", "--resume", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert metrics(out) == metrics(uninterrupted)
+    assert len((out / "samples.jsonl").read_text().splitlines()) == len(
+        (uninterrupted / "samples.jsonl").read_text().splitlines())
+
+
+def test_sigterm_saves_and_prints_a_working_resume_command(random_adder_dir, uninterrupted, tmp_path):
+    out = tmp_path / "stopped"
+    args = [sys.executable, "-m", "llm_iif", "train", str(RECIPE), "--output-dir", str(out),
+            *small(random_adder_dir, "run.steps=4", "run.save_every=2")]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip()):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    line = next(line for line in stderr.splitlines() if "Resume with:" in line)
+    assert line.startswith("llm-iif: stopped by SIGTERM after step ")
+    command = line.split("Resume with: ")[1].split()
+    assert command[:3] == ["llm-iif", "train", "--resume"] and not (out / "final").exists()
+    resumed = llm_iif(*command[1:])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert metrics(out) == metrics(uninterrupted)
+
+
+def test_resume_of_a_damaged_checkpoint_is_one_line(uninterrupted, tmp_path):
+    out = tmp_path / "damaged"
+    shutil.copytree(uninterrupted, out)
+    shutil.rmtree(out / "final")
+    optimizer = out / "checkpoint-4" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    proc = llm_iif("train", "--resume", out)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (f"llm-iif: error: --resume: {out / 'checkpoint-4'}: damaged checkpoint "
+                                   f"(optimizer.pt does not match its checksum); the previous good one is "
+                                   f"{out / 'checkpoint-2'}: --resume {out / 'checkpoint-2'}")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("grpo.seed=5", "grpo.seed: set by the run section (run.seed); remove it from grpo"),
+    ("grpo.max_steps=3", "grpo.max_steps: set by the run section (run.steps)"),
+    ("grpo.output_dir=elsewhere", "grpo.output_dir: set by the run section (run.output_dir)"),
+    ("iif.lds_rounds=[1]", "iif.lds_rounds: unknown key"),
+    ("iif.target=gold", "iif.target: unknown key"),
+    ("iif.target_source=cached", "iif.target_source: expected one of ['batch', 'fresh'], got 'cached'"),
+    ("run.eval_batch_size=0", "run.eval_batch_size: expected a positive integer"),
+])
+def test_recipe_keys_grpo_does_not_own_are_refused(override, message):
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        load_recipe(RECIPE, [override], kind=GRPORecipe)
+
+
+def test_grpo_defaults_to_the_batch_target_source(tmp_path):
+    raw = yaml.safe_load(RECIPE.read_text())
+    del raw["iif"]["target_source"]
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(raw))
+    assert load_recipe(recipe_file, kind=GRPORecipe).iif.target_source == "batch"
+
+
+def test_save_every_must_not_split_a_generation_batch(random_adder_dir, tmp_path):
+    proc = llm_iif("train", RECIPE, "--output-dir", tmp_path / "run",
+                   *small(random_adder_dir, "run.steps=4", "run.save_every=3", "grpo.steps_per_generation=2"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "run.save_every: 3 steps; expected a multiple of steps_per_generation × num_iterations = 2" in proc.stderr
+    assert not (tmp_path / "run" / "recipe.yaml").exists()  # nothing written before the run could start
+
+
+def test_sharded_launches_are_refused_with_iif(random_adder_dir, tmp_path, monkeypatch):
+    from grpo_setup import make_trainer
+
+    from llm_iif.core.config import GRPOIIFConfig
+    from llm_iif.grpo import trainer as grpo_trainer
+
+    monkeypatch.setattr(grpo_trainer, "shards_parameters", lambda accelerator: True)
+    with pytest.raises(UserError, match="shards them"):
+        make_trainer(random_adder_dir, tmp_path, iif=GRPOIIFConfig(enabled=True))
+    make_trainer(random_adder_dir, tmp_path, iif=GRPOIIFConfig(enabled=True, mode="random", p=0.5))
