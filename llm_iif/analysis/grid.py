@@ -154,12 +154,18 @@ def run_grpo_compare(recipe_path: str, overrides: list[str], methods: list[str],
     def train_one(method: str, seed: int, run: RunPaths) -> list[dict]:
         recipe = load_recipe(recipe_path, [*overrides, *GRPO_METHODS[method], f"run.seed={seed}",
                                            f"run.output_dir={run.root}"], kind=GRPORecipe)
-        history = train_grpo(recipe)
-        write_run_figures(run.root, history, grpo_run_title(recipe))
-        return history
+        if recipe.run.eval_every != 1:  # the summary compares curves step by step
+            raise UserError(f"run.eval_every: {recipe.run.eval_every}; compare needs a held-out curve at every step "
+                            "(expected 1)")
+        result = train_grpo(recipe)
+        if result.stopped_by:
+            raise UserError(f"compare stopped by {result.stopped_by} during {run.root}; its checkpoint is "
+                            f"{result.checkpoint}, but a comparison cannot be resumed: start it again")
+        write_run_figures(run.root, result.history, grpo_run_title(recipe))
+        return result.history
 
     histories = run_grid(GRPO_METHODS, methods, seeds, output_dir, train_one, overwrite)
-    return write_comparison(output_dir, histories, ylabel="held-out reward (first reward function)", report=False)
+    return write_comparison(output_dir, histories, ylabel="held-out reward (first reward function)")
 
 
 def run_classic_compare(recipe_path: str, overrides: list[str], methods: list[str], seeds: list[int],

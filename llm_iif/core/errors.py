@@ -31,11 +31,18 @@ def first_line(err: BaseException) -> str:
 def model_load_problem(err: BaseException, name_or_path: str) -> str:
     """One line on why ``from_pretrained(name_or_path)`` raised ``err``, naming the damaged ``.safetensors``
     files of a local directory (safetensors' own message names none)."""
-    if isinstance(err, SafetensorError) and Path(name_or_path).is_dir():
-        damaged = [path.name for path in sorted(Path(name_or_path).glob("*.safetensors")) if not _readable(path)]
+    if isinstance(err, SafetensorError):
+        damaged = damaged_weight_files(name_or_path)
         if damaged:
             return f"{', '.join(damaged)}: damaged or truncated ({first_line(err)})"
     return first_line(err)
+
+
+def damaged_weight_files(name_or_path: str) -> list[str]:
+    """The ``.safetensors`` files of a local model directory that cannot be read ([] for a hub id)."""
+    if not Path(name_or_path).is_dir():
+        return []
+    return [path.name for path in sorted(Path(name_or_path).glob("*.safetensors")) if not _readable(path)]
 
 
 def _readable(path: Path) -> bool:

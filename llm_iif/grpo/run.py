@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from llm_iif.core.config import GRPORecipe, load_recipe
-from llm_iif.core.errors import UserError, first_line
+from llm_iif.core.errors import UserError, damaged_weight_files, first_line
 from llm_iif.core.imports import import_object
 from llm_iif.core.fileio import write_directory_atomically
 from llm_iif.core.paths import RunPaths
@@ -61,6 +62,10 @@ def train_grpo(recipe: GRPORecipe, overwrite: bool = False, resume_from: Path | 
     # 2. Load.
     model_dir = resolve_builtin(recipe.model.name_or_path)
     tokenizer = load_tokenizer(model_dir)
+    damaged = damaged_weight_files(model_dir)  # trl loads the model itself, and would show a traceback
+    if damaged:
+        raise UserError(f"model.name_or_path: cannot load '{recipe.model.name_or_path}' as a causal LM "
+                        f"({', '.join(damaged)}: damaged or truncated)")
     train, validation, evaluation = grpo_datasets(recipe.data, recipe.model.chat_template)
     check_chat_template(tokenizer, recipe.model.chat_template or is_conversational(train), str(model_dir))
     reward_funcs = [import_object(name, f"rewards.{name}") for name in recipe.rewards]
@@ -87,6 +92,9 @@ def train_grpo(recipe: GRPORecipe, overwrite: bool = False, resume_from: Path | 
     for callback in (evaluator, checkpoints):
         callback.trainer = trainer
         trainer.add_callback(callback)
+    for printer in (ProgressCallback, PrinterCallback):  # the bar stays, without a dict of logs printed per step
+        trainer.remove_callback(printer)
+    trainer.add_callback(StepProgress)
     # 4. Train.
     with FinishOnSignal() as signals:
         checkpoints.signals = signals
@@ -181,6 +189,13 @@ def save_final(trainer: IIFGRPOTrainer, checkpoints: CheckpointsAndSignals, path
         if not periodic:
             shutil.rmtree(checkpoint)
     trainer.accelerator.wait_for_everyone()
+
+
+class StepProgress(ProgressCallback):
+    """transformers' progress bar over the steps; metrics go to metrics.jsonl and the trackers, not the terminal."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
 
 
 class CheckpointsAndSignals(TrainerCallback):

@@ -453,9 +453,14 @@ def _checked_reward(func, nonfinite_rows: set[int]):
     if isinstance(func, torch.nn.Module) or inspect.iscoroutinefunction(func):
         return func
 
+    name = getattr(func, "__name__", type(func).__name__)
+
     @functools.wraps(func)
     def checked(*args, **kwargs):
-        rewards = list(func(*args, **kwargs))
+        try:
+            rewards = list(func(*args, **kwargs))
+        except Exception as err:  # a user's function: one line naming it, not trl's traceback
+            raise UserError(f"rewards.{name}: raised {type(err).__name__} ({first_line(err)})") from err
         for i, reward in enumerate(rewards):
             if reward is not None and not math.isfinite(reward):
                 nonfinite_rows.add(i)

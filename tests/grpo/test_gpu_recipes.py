@@ -1,0 +1,204 @@
+"""The GPU GRPO recipes (Qwen2.5 on GSM8K): their settings, the commands in their headers, and a stand-in run of
+each by `llm-iif train` on CPU, with only what a CPU cannot do overridden (the model, the data source, sizes,
+bf16 and gradient checkpointing)."""
+
+import dataclasses
+import json
+import random
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from llm_iif.core.config import GRPORecipe, load_recipe
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = REPO / "recipes" / "qwen2.5-0.5b-instruct-gsm8k-grpo.yaml"
+LARGE = REPO / "recipes" / "qwen2.5-7b-instruct-gsm8k-grpo-8gpu.yaml"
+REWARDS = {"reward_models.math_verifier:answer_reward": 1.0, "reward_models.math_verifier:format_reward": 0.1}
+
+
+def steps_per_generation(recipe: GRPORecipe) -> int:
+    """trl's default: gradient_accumulation_steps when neither steps_per_generation nor generation_batch_size is set."""
+    grpo = recipe.grpo
+    assert "generation_batch_size" not in grpo
+    return grpo.get("steps_per_generation", grpo.get("gradient_accumulation_steps", 1))
+
+
+@pytest.mark.parametrize("path", [SMALL, LARGE], ids=["0.5b", "7b-8gpu"])
+def test_recipe_settings(path):
+    from trl import GRPOConfig
+
+    recipe = load_recipe(path, kind=GRPORecipe)
+    assert recipe.model.name_or_path.startswith("Qwen/Qwen2.5-") and "Instruct" in recipe.model.name_or_path
+    assert recipe.model.chat_template
+    data = recipe.data
+    assert (data.source, data.subset, data.split, data.prompt_column) == ("openai/gsm8k", "main", "train", "question")
+    assert data.columns == {"answer": "answer"}
+    assert recipe.rewards == REWARDS and list(recipe.rewards) == list(REWARDS)  # answer_reward is the curve
+    iif = recipe.iif
+    assert (iif.enabled, iif.target_source, iif.folds, iif.mode, iif.p) == (True, "batch", 2, "neg-bottom", 1.0)
+    assert recipe.group_filter.kind is None
+    grpo = recipe.grpo
+    assert set(grpo) <= {f.name for f in dataclasses.fields(GRPOConfig)}
+    assert grpo["bf16"] is True and grpo["gradient_checkpointing"] is True
+    assert grpo["model_init_kwargs"] == {"dtype": "bfloat16"}  # trl would load float32
+    assert grpo["num_generations"] == 8 and 256 <= grpo["max_completion_length"] <= 512
+    assert "use_vllm" not in grpo
+    assert recipe.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    run = recipe.run
+    assert run.save_every > 0 and run.save_every % (steps_per_generation(recipe) * grpo.get("num_iterations", 1)) == 0
+    assert run.eval_every > 1 and run.eval_decoding == "greedy"
+
+
+def test_vllm_option_is_commented_out_with_real_fields():
+    from trl import GRPOConfig
+
+    fields = {f.name for f in dataclasses.fields(GRPOConfig)}
+    for path in (SMALL, LARGE):
+        text = path.read_text()
+        commented = dict(re.findall(r"^\s*# (use_vllm|vllm_mode|vllm_gpu_memory_utilization): (\S+)$", text, re.M))
+        assert commented == {"use_vllm": "true", "vllm_mode": "colocate", "vllm_gpu_memory_utilization": "0.3"}
+        assert set(commented) <= fields
+
+
+def test_eight_gpu_batches_divide():
+    """Every global generation batch holds whole groups, and the held-out rows split evenly over 8 processes."""
+    recipe = load_recipe(LARGE, kind=GRPORecipe)
+    grpo = recipe.grpo
+    global_batch = grpo["per_device_train_batch_size"] * 8 * steps_per_generation(recipe)
+    assert global_batch % grpo["num_generations"] == 0 and global_batch == 256
+    assert recipe.data.eval_size % 8 == 0 and recipe.data.eval_size // 8 <= recipe.run.eval_batch_size
+
+
+@pytest.mark.parametrize("path", [SMALL, LARGE], ids=["0.5b", "7b-8gpu"])
+def test_header_commands_name_real_files(path):
+    """The header's `accelerate launch` lines use config files that exist and train this recipe; --resume names
+    the recipe's run directory."""
+    text = path.read_text()
+    header = [line for line in text.splitlines() if line.startswith("#")]
+    launches = [line for line in header if "accelerate launch --config_file" in line]
+    assert launches
+    configs = set()
+    for line in launches:
+        config = re.search(r"--config_file (\S+)", line).group(1)
+        configs.add(config)
+        if "..." not in config:
+            assert (REPO / config).is_file(), config
+        if " train recipes/" in line:
+            assert line.rstrip().endswith(f"train {path.relative_to(REPO)}")
+    assert "recipes/accelerate/multi_gpu.yaml" in configs
+    resumes = re.findall(r"train --resume ([\w./-]+)", "\n".join(header))
+    assert resumes and set(resumes) == {load_recipe(path, kind=GRPORecipe).run.output_dir}
+    assert not any("zero3" in c or "fsdp" in c for c in configs)
+
+
+# ------------------------------------------------------------------------------------------- stand-in runs
+
+def write_gsm8k_like(path: Path, rows: int = 96, seed: int = 0) -> Path:
+    """A .jsonl in GSM8K's format (question, answer ending in "#### n") that the tiny adder's character-level
+    tokenizer can encode: only digits, '+' and '='. Answers are single digits, so that even a random model's
+    last number is sometimes right and the rewards vary."""
+    rng = random.Random(seed)
+    sums = [(a, b) for a in range(10) for b in range(10) if a + b <= 9]
+    triples = [(a, b, c) for a in range(10) for b in range(10) for c in range(10) if a + b + c <= 9]
+    operands = sums + rng.sample(triples, rows - len(sums))
+    rng.shuffle(operands)
+    with path.open("w") as f:
+        for ops in operands:
+            question, total = "+".join(map(str, ops)) + "=", sum(ops)
+            worked = " + ".join(map(str, ops))
+            f.write(json.dumps({"question": question, "answer": f"{worked} = <<{question}{total}>>{total}\n#### {total}"})
+                    + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def gsm8k_file(tmp_path_factory):
+    return write_gsm8k_like(tmp_path_factory.mktemp("gsm8k") / "gsm8k-like.jsonl")
+
+
+def stand_in(model_dir, data_file, *extra) -> list[str]:
+    """Overrides of what a CPU cannot do; everything else (LoRA rank, rewards, IIF, loss, learning rate,
+    model_init_kwargs dtype bfloat16, score_batch_size, gradient accumulation) stays as the recipe has it."""
+    items = [f"model.name_or_path={model_dir}", f"data.source={data_file}", "data.subset=null",
+             "data.validation_size=8", "data.eval_size=16", "lora.target_modules=[c_attn,c_proj,c_fc]",
+             "grpo.bf16=false", "grpo.gradient_checkpointing=false", "grpo.num_generations=4",
+             "grpo.max_completion_length=8", "run.eval_batch_size=16", "run.steps=2", "run.report_to=[]", *extra]
+    return [a for item in items for a in ("--set", item)]
+
+
+def llm_iif(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "llm_iif", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def check_run(out: Path, recipe_path: Path, completions_per_step: int) -> list[dict]:
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2]
+    for m in lines:
+        assert 0 < m["kept_fraction"] <= 1 and {"target_split_cos", "influence_neg_fraction"} <= m.keys()
+    last = lines[-1]  # eval_every 20 > steps: the held-out evaluation runs after the last step only
+    assert 0 <= last["eval/answer_reward"] <= 1 and 0 <= last["eval/format_reward"] <= 1
+    assert last["reward_mean"] == last["eval/answer_reward"] and last["eval_completions"] == 16
+    assert "eval/answer_reward" not in lines[0]
+    for step in (0, 1):
+        records = pd.read_parquet(out / "records" / f"round_{step:04d}.parquet")
+        assert len(records) == completions_per_step
+        assert records["reward"].between(0.0, 1.1).all()
+        # neg-bottom with p 1 drops exactly the completions of negative influence.
+        assert (records["kept"] == ~(records["influence"] < 0)).all()
+    adapter = json.loads((out / "final" / "adapter_config.json").read_text())
+    recipe = load_recipe(recipe_path, kind=GRPORecipe)
+    assert adapter["r"] == recipe.lora.r and adapter["lora_alpha"] == recipe.lora.alpha
+    return lines
+
+
+def test_small_recipe_trains_offline(random_adder_dir, gsm8k_file, tmp_path):
+    """The 0.5B recipe with its 8 accumulation steps, so 8 × 4 = 32 completions per step scored in chunks of 8."""
+    out = tmp_path / "run"
+    proc = llm_iif("train", SMALL, "--output-dir", out,
+                   *stand_in(random_adder_dir, gsm8k_file, "model.chat_template=false",
+                             "grpo.per_device_train_batch_size=4"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_run(out, SMALL, completions_per_step=32)
+
+
+def test_large_recipe_trains_offline_through_a_chat_template(random_adder_dir, gsm8k_file, tmp_path):
+    """The 7B recipe on one process, keeping model.chat_template: true: a copy of the tiny tokenizer gets a chat
+    template that writes the messages' text only, so prompts and completions are trl's message lists, as with
+    Qwen. save_every 2 (a multiple of its steps_per_generation 2) writes a periodic checkpoint."""
+    from transformers import AutoTokenizer
+
+    model_dir = tmp_path / "adder-with-chat-template"
+    shutil.copytree(random_adder_dir, model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "run"
+    proc = llm_iif("train", LARGE, "--output-dir", out,
+                   *stand_in(model_dir, gsm8k_file, "grpo.per_device_train_batch_size=8", "run.save_every=2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_run(out, LARGE, completions_per_step=16)
+    saved = yaml_recipe(out)
+    assert saved["model"]["chat_template"] is True and saved["grpo"]["model_init_kwargs"] == {"dtype": "bfloat16"}
+    assert (out / "checkpoint-2" / "manifest.json").is_file() and (out / "checkpoint-2" / "iif_state.pt").is_file()
+
+
+def yaml_recipe(out: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load((out / "recipe.yaml").read_text())
+
+
+def test_chat_template_needs_a_tokenizer_that_has_one(random_adder_dir, gsm8k_file, tmp_path):
+    proc = llm_iif("train", SMALL, "--output-dir", tmp_path / "run",
+                   *stand_in(random_adder_dir, gsm8k_file, "grpo.per_device_train_batch_size=4"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("llm-iif: error: model.chat_template: the tokenizer of ")
+    assert "has no chat template" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
