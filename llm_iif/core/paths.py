@@ -7,6 +7,7 @@ An LM run (`llm-iif train`)::
     RUN/lds/round_0000.json ...               the LDS check of the rounds in iif.lds_rounds
     RUN/checkpoint-N/  RUN/final/             see `llm_iif.training.run_state`
     RUN/tensorboard/  RUN/wandb/  RUN/reward_curve.png  RUN/report.html
+    RUN/README.md                             a GRPO run's model card, written by trl
 
 A comparison (`llm-iif compare`, `llm-iif classic compare`) holds one run per method and seed::
 
@@ -103,7 +104,8 @@ class RunPaths:
     def outputs(self) -> list[Path]:
         """Every file and directory of a run that exists under ``root``; other files are not the run's."""
         named = [self.recipe, self.environment, self.metrics, self.timings, self.samples, self.records_dir,
-                 self.lds_dir, self.tensorboard, self.wandb, self.reward_curve, self.report, self.final]
+                 self.lds_dir, self.tensorboard, self.wandb, self.reward_curve, self.report, self.final,
+                 self.model_card]
         return ([path for path in named if path.exists()] + [p for _, p in self.numbered_checkpoints()]
                 + self.unfinished_checkpoints())
 
@@ -127,6 +129,11 @@ class RunPaths:
     @property
     def report(self) -> Path:
         return self.root / "report.html"
+
+    @property
+    def model_card(self) -> Path:
+        """README.md: the model card trl writes beside a GRPO run's checkpoints."""
+        return self.root / "README.md"
 
 
 @dataclass(frozen=True)

@@ -148,15 +148,19 @@ def grpo_config(recipe: GRPORecipe, paths: RunPaths):
 def check_save_every(recipe: GRPORecipe, trainer: IIFGRPOTrainer) -> None:
     """A checkpoint must fall between generation batches: trl's buffered batch is not saved, so a resume from
     the middle of one would generate anew and part from an uninterrupted run."""
-    generate_every = generation_period(trainer)
-    if recipe.run.save_every % generate_every:
-        raise UserError(f"run.save_every: {recipe.run.save_every} steps; expected a multiple of "
-                        f"steps_per_generation × num_iterations = {generate_every}")
+    if not ends_generation_batch(trainer, recipe.run.save_every):
+        args = trainer.args
+        raise UserError(f"run.save_every: {recipe.run.save_every} steps would save inside a generation batch; "
+                        f"expected a multiple of the optimiser steps per batch, steps_per_generation × "
+                        f"num_iterations / gradient_accumulation_steps = {args.steps_per_generation} × "
+                        f"{trainer.num_iterations} / {args.gradient_accumulation_steps}")
 
 
-def generation_period(trainer: IIFGRPOTrainer) -> int:
-    """Optimiser steps per generation batch."""
-    return trainer.args.steps_per_generation * trainer.num_iterations
+def ends_generation_batch(trainer: IIFGRPOTrainer, step: int) -> bool:
+    """Whether optimiser step ``step`` ends a generation batch. trl generates every steps_per_generation ×
+    num_iterations micro-batches, and an optimiser step takes gradient_accumulation_steps of them."""
+    args = trainer.args
+    return step * args.gradient_accumulation_steps % (args.steps_per_generation * trainer.num_iterations) == 0
 
 
 def peft_config(recipe: GRPORecipe):
@@ -178,10 +182,10 @@ def save_final(trainer: IIFGRPOTrainer, checkpoints: CheckpointsAndSignals, path
     """final/: trl's checkpoint of the last step (the adapter in HF format, optimiser, RNG, IIF state), so a
     finished run can be extended with ``--resume`` and ``--set run.steps=N``. A periodic checkpoint-N/ of the
     same step stays; otherwise the temporary one is removed."""
-    step = trainer.state.global_step
+    step, save_every = trainer.state.global_step, checkpoints.recipe.run.save_every
     checkpoint = paths.checkpoint(step)
-    periodic = checkpoint.is_dir()
-    if not periodic:
+    periodic = bool(save_every) and step % save_every == 0
+    if not checkpoint.is_dir():  # with save_every, trl has saved the last step already
         trainer._save_checkpoint(trainer.model, trial=None)
         checkpoints.write_manifest(step)
     if trainer.accelerator.is_main_process:
@@ -210,7 +214,7 @@ class CheckpointsAndSignals(TrainerCallback):
         self.last_saved: Path | None = None
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step % generation_period(self.trainer) or state.global_step >= state.max_steps:
+        if not ends_generation_batch(self.trainer, state.global_step) or state.global_step >= state.max_steps:
             return
         acc = self.trainer.accelerator
         received = self.signals is not None and self.signals.received is not None

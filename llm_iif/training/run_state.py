@@ -118,15 +118,15 @@ def manifest_kind(checkpoint: Path) -> tuple[str, str]:
 
 def verify(checkpoint: Path) -> dict:
     """The manifest of a complete, undamaged checkpoint; `UserError` naming what is wrong otherwise."""
-    name, state_file = manifest_kind(checkpoint)
+    manifest_name, state_file = manifest_kind(checkpoint)
     try:
-        manifest = json.loads((Path(checkpoint) / name).read_text())
+        manifest = json.loads((Path(checkpoint) / manifest_name).read_text())
         expected = manifest["files"]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UserError(f"{checkpoint}: not a complete checkpoint ({name} missing or unreadable)") from err
-    actual = file_checksums(checkpoint, name)
+        raise UserError(f"{checkpoint}: not a complete checkpoint ({manifest_name} missing or unreadable)") from err
+    actual = file_checksums(checkpoint, manifest_name)
     if state_file not in expected:
-        raise UserError(f"{checkpoint}: damaged checkpoint ({name} does not list {state_file})")
+        raise UserError(f"{checkpoint}: damaged checkpoint ({manifest_name} does not list {state_file})")
     for name, digest in expected.items():
         if name not in actual:
             raise UserError(f"{checkpoint}: damaged checkpoint ({name} is missing)")
@@ -134,7 +134,7 @@ def verify(checkpoint: Path) -> dict:
             raise UserError(f"{checkpoint}: damaged checkpoint ({name} does not match its checksum)")
     unlisted = sorted(set(actual) - set(expected))
     if unlisted:
-        raise UserError(f"{checkpoint}: {unlisted[0]} is not listed in {name}; a checkpoint holds only "
+        raise UserError(f"{checkpoint}: {unlisted[0]} is not listed in {manifest_name}; a checkpoint holds only "
                         "the files it was saved with")
     return manifest
 

@@ -1,6 +1,7 @@
 """The GPU GRPO recipes (Qwen2.5 on GSM8K): their settings, the commands in their headers, and a stand-in run of
-each by `llm-iif train` on CPU, with only what a CPU cannot do overridden (the model, the data source, sizes,
-bf16 and gradient checkpointing)."""
+each by `llm-iif train` on CPU. Only what a CPU cannot do is overridden: the model (a random tiny GPT-2, hence
+its LoRA target modules and, for the 0.5B recipe, no chat template), the hub data (a local GSM8K-format file),
+sizes, and bf16 autocast and gradient checkpointing."""
 
 import dataclasses
 import json
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from llm_iif.core.config import GRPORecipe, load_recipe
 
@@ -111,9 +113,8 @@ def write_gsm8k_like(path: Path, rows: int = 96, seed: int = 0) -> Path:
     with path.open("w") as f:
         for ops in operands:
             question, total = "+".join(map(str, ops)) + "=", sum(ops)
-            worked = " + ".join(map(str, ops))
-            f.write(json.dumps({"question": question, "answer": f"{worked} = <<{question}{total}>>{total}\n#### {total}"})
-                    + "\n")
+            answer = f"{' + '.join(map(str, ops))} = <<{question}{total}>>{total}\n#### {total}"
+            f.write(json.dumps({"question": question, "answer": answer}) + "\n")
     return path
 
 
@@ -159,13 +160,13 @@ def check_run(out: Path, recipe_path: Path, completions_per_step: int) -> list[d
 
 
 def test_small_recipe_trains_offline(random_adder_dir, gsm8k_file, tmp_path):
-    """The 0.5B recipe with its 8 accumulation steps, so 8 × 4 = 32 completions per step scored in chunks of 8."""
+    """The 0.5B recipe with its 8 accumulation steps, so 8 × 2 = 16 completions per step scored in chunks of 8."""
     out = tmp_path / "run"
     proc = llm_iif("train", SMALL, "--output-dir", out,
                    *stand_in(random_adder_dir, gsm8k_file, "model.chat_template=false",
-                             "grpo.per_device_train_batch_size=4"))
+                             "grpo.per_device_train_batch_size=2"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    check_run(out, SMALL, completions_per_step=32)
+    check_run(out, SMALL, completions_per_step=16)
 
 
 def test_large_recipe_trains_offline_through_a_chat_template(random_adder_dir, gsm8k_file, tmp_path):
@@ -184,20 +185,14 @@ def test_large_recipe_trains_offline_through_a_chat_template(random_adder_dir, g
                    *stand_in(model_dir, gsm8k_file, "grpo.per_device_train_batch_size=8", "run.save_every=2"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_run(out, LARGE, completions_per_step=16)
-    saved = yaml_recipe(out)
+    saved = yaml.safe_load((out / "recipe.yaml").read_text())
     assert saved["model"]["chat_template"] is True and saved["grpo"]["model_init_kwargs"] == {"dtype": "bfloat16"}
     assert (out / "checkpoint-2" / "manifest.json").is_file() and (out / "checkpoint-2" / "iif_state.pt").is_file()
 
 
-def yaml_recipe(out: Path) -> dict:
-    import yaml
-
-    return yaml.safe_load((out / "recipe.yaml").read_text())
-
-
 def test_chat_template_needs_a_tokenizer_that_has_one(random_adder_dir, gsm8k_file, tmp_path):
     proc = llm_iif("train", SMALL, "--output-dir", tmp_path / "run",
-                   *stand_in(random_adder_dir, gsm8k_file, "grpo.per_device_train_batch_size=4"))
+                   *stand_in(random_adder_dir, gsm8k_file, "grpo.per_device_train_batch_size=2"))
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.startswith("llm-iif: error: model.chat_template: the tokenizer of ")
     assert "has no chat template" in proc.stderr and "Traceback" not in proc.stderr

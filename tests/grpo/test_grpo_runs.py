@@ -48,11 +48,19 @@ def uninterrupted(random_adder_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("grpo") / "whole"
     proc = llm_iif("train", RECIPE, "--output-dir", out, *small(random_adder_dir, "run.steps=4", "run.save_every=2"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (out / "stdout.txt").write_text(proc.stdout)  # not a run output: --overwrite would leave it
     return out
 
 
 def test_a_run_writes_the_ppo_run_layout(uninterrupted):
     out = uninterrupted
+    lines = metrics(out)
+    assert [m["step"] for m in lines] == [1, 2, 3, 4] and [m["round"] for m in lines] == [0, 1, 2, 3]
+    for m in lines:
+        assert 0 <= m["reward_mean"] <= 1 and 0 < m["kept_fraction"] <= 1
+        assert {"eval/exact_match_reward", "eval/format_reward", "kl", "target_split_cos"} <= m.keys()
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["algorithm"] == "grpo"
+    assert "held-out exact_match_reward" in (out / "stdout.txt").read_text()
     assert {"recipe.yaml", "environment.json", "metrics.jsonl", "timings.jsonl", "samples.jsonl", "records",
             "report.html", "reward_curve.png", "final", "checkpoint-2", "checkpoint-4"} <= set(os.listdir(out))
     timings = [json.loads(line) for line in (out / "timings.jsonl").read_text().splitlines()]
@@ -71,7 +79,7 @@ def test_resume_continues_exactly(uninterrupted, tmp_path):
     with `--resume RUN_DIR` to the same metrics, line for line, as the run that was never stopped."""
     out = tmp_path / "killed"
     shutil.copytree(uninterrupted, out)
-    for later in ("checkpoint-4", "final", "report.html"):
+    for later in ("checkpoint-4", "final", "report.html", "stdout.txt"):
         shutil.rmtree(out / later) if (out / later).is_dir() else (out / later).unlink()
     proc = llm_iif("train", "--resume", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -140,7 +148,9 @@ def test_save_every_must_not_split_a_generation_batch(random_adder_dir, tmp_path
     proc = llm_iif("train", RECIPE, "--output-dir", tmp_path / "run",
                    *small(random_adder_dir, "run.steps=4", "run.save_every=3", "grpo.steps_per_generation=2"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "run.save_every: 3 steps; expected a multiple of steps_per_generation × num_iterations = 2" in proc.stderr
+    assert ("run.save_every: 3 steps would save inside a generation batch; expected a multiple of the optimiser "
+            "steps per batch, steps_per_generation × num_iterations / gradient_accumulation_steps = 2 × 1 / 1"
+            ) in proc.stderr
     assert not (tmp_path / "run" / "recipe.yaml").exists()  # nothing written before the run could start
 
 
