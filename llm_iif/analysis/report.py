@@ -99,6 +99,9 @@ def write_report(run_dir: Path, round_index: int | None = None, top: int = 5) ->
         "<h2>Curves over rounds</h2>",
         _image(figure_png(_curves(metrics))),
     ]
+    if GridPaths(run_dir).reward_curves.is_file():  # a comparison: the seed means with their intervals
+        sections += ["<h2>Mean over seeds, ± one standard error</h2>",
+                     _image(GridPaths(run_dir).reward_curves.read_bytes())]
     if rounds:
         records = read_records(shown, round_index)
         if has_influence(records):  # not for runs without IIF

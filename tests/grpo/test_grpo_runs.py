@@ -164,3 +164,28 @@ def test_sharded_launches_are_refused_with_iif(random_adder_dir, tmp_path, monke
     with pytest.raises(UserError, match="shards them"):
         make_trainer(random_adder_dir, tmp_path, iif=GRPOIIFConfig(enabled=True))
     make_trainer(random_adder_dir, tmp_path, iif=GRPOIIFConfig(enabled=True, mode="random", p=0.5))
+
+
+def test_a_reward_function_that_raises_is_one_line(random_adder_dir, tmp_path):
+    from grpo_setup import make_trainer
+
+    def broken_reward(prompts, completions, **columns):
+        raise KeyError("answer")
+
+    trainer = make_trainer(random_adder_dir, tmp_path, reward_funcs=[broken_reward])
+    with pytest.raises(UserError, match=r"^rewards.broken_reward: raised KeyError \('answer'\)$"):
+        trainer.train()
+
+
+def test_damaged_model_weights_are_one_line_and_write_nothing(random_adder_dir, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(random_adder_dir, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    out = tmp_path / "run"
+    proc = llm_iif("train", RECIPE, "--output-dir", out, *small(random_adder_dir, "run.steps=1",
+                                                                 f"model.name_or_path={model}"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (f"llm-iif: error: model.name_or_path: cannot load '{model}' as a causal LM "
+                                   "(model.safetensors: damaged or truncated)")
+    assert not out.exists() or not any(out.iterdir())
