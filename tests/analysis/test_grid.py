@@ -126,7 +126,9 @@ def test_lm_comparison_writes_influence_figure_and_report(tmp_path):
     write_comparison(tmp_path, histories)
     assert grid.influence.stat().st_size > 0 and grid.reward_curves.stat().st_size > 0
     page = grid.report.read_text()
-    assert "Influence scores (iif/seed-0)" in page and "SE_ave %" in page and page.count("<img") == 2
+    # the per-run curves, the seed means with their intervals (reward_curves.png), the influence histograms
+    assert "Influence scores (iif/seed-0)" in page and "SE_ave %" in page and page.count("<img") == 3
+    assert "Mean over seeds, ± one standard error" in page
     assert "iif / seed-1" in page and "standard / seed-0" in page
 
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import launch_command
-from test_grpo_recipes import RECIPE, REPO, llm_iif, small
+from test_grpo_recipes import RECIPE, REPO, llm_iif, llm_iif_here, small
 
 from llm_iif.core.config import GRPORecipe, load_recipe
 from llm_iif.core.errors import UserError
@@ -144,13 +144,14 @@ def test_grpo_defaults_to_the_batch_target_source(tmp_path):
     assert load_recipe(recipe_file, kind=GRPORecipe).iif.target_source == "batch"
 
 
-def test_save_every_must_not_split_a_generation_batch(random_adder_dir, tmp_path):
-    proc = llm_iif("train", RECIPE, "--output-dir", tmp_path / "run",
-                   *small(random_adder_dir, "run.steps=4", "run.save_every=3", "grpo.steps_per_generation=2"))
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+def test_save_every_must_not_split_a_generation_batch(random_adder_dir, tmp_path, capsys):
+    code, stderr = llm_iif_here(capsys, "train", RECIPE, "--output-dir", tmp_path / "run",
+                                *small(random_adder_dir, "run.steps=4", "run.save_every=3",
+                                       "grpo.steps_per_generation=2"))
+    assert code == 2
     assert ("run.save_every: 3 steps would save inside a generation batch; expected a multiple of the optimiser "
             "steps per batch, steps_per_generation × num_iterations / gradient_accumulation_steps = 2 × 1 / 1"
-            ) in proc.stderr
+            ) in stderr
     assert not (tmp_path / "run" / "recipe.yaml").exists()  # nothing written before the run could start
 
 
@@ -177,15 +178,15 @@ def test_a_reward_function_that_raises_is_one_line(random_adder_dir, tmp_path):
         trainer.train()
 
 
-def test_damaged_model_weights_are_one_line_and_write_nothing(random_adder_dir, tmp_path):
+def test_damaged_model_weights_are_one_line_and_write_nothing(random_adder_dir, tmp_path, capsys):
     model = tmp_path / "model"
     shutil.copytree(random_adder_dir, model)
     weights = model / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     out = tmp_path / "run"
-    proc = llm_iif("train", RECIPE, "--output-dir", out, *small(random_adder_dir, "run.steps=1",
-                                                                 f"model.name_or_path={model}"))
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == (f"llm-iif: error: model.name_or_path: cannot load '{model}' as a causal LM "
+    code, stderr = llm_iif_here(capsys, "train", RECIPE, "--output-dir", out,
+                                *small(random_adder_dir, "run.steps=1", f"model.name_or_path={model}"))
+    assert code == 2
+    assert stderr.strip() == (f"llm-iif: error: model.name_or_path: cannot load '{model}' as a causal LM "
                                    "(model.safetensors: damaged or truncated)")
     assert not out.exists() or not any(out.iterdir())
