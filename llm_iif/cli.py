@@ -104,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"llm-iif: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside training (loading, a second Ctrl-C); in training the round finishes first
+        if args.debug:
+            raise
+        print("llm-iif: interrupted", file=sys.stderr)
+        return 130
 
 
 def _train(args) -> int:

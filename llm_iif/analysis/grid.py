@@ -20,7 +20,7 @@ from llm_iif.core.errors import UserError
 from llm_iif.core.fileio import atomic_write_text
 from llm_iif.core.paths import GridPaths, RunPaths
 from llm_iif.training import build_trainer
-from llm_iif.training.run_outputs import check_writable_directory, delete_outputs, first_few
+from llm_iif.training.run_outputs import check_writable_directory, delete_outputs, listed
 
 # `llm-iif compare`: the recipe overrides of each method.
 LM_METHODS = {
@@ -77,10 +77,8 @@ def run_grid(table: Mapping[str, object], methods: list[str], seeds: list[int], 
     grid = GridPaths(output_dir)
     earlier = claim_comparison_directory(grid, overwrite)
     if main_process:
-        delete_outputs(earlier)
-        for method_dir in {run.parent for run in earlier if run.parent != grid.root}:
-            if not any(method_dir.iterdir()):
-                method_dir.rmdir()
+        delete_outputs(earlier, grid.root)
+        atomic_write_text(grid.comparison, json.dumps({"methods": methods, "seeds": seeds}))
     histories: dict[str, dict[int, list[dict]]] = {m: {} for m in methods}
     for seed in seeds:
         for method in methods:
@@ -97,8 +95,8 @@ def claim_comparison_directory(grid: GridPaths, overwrite: bool) -> list[Path]:
     check_writable_directory(grid.root, "--output-dir")
     earlier = grid.outputs()
     if earlier and not overwrite:
-        raise UserError(f"--output-dir: {grid.root} already holds a comparison ({first_few(earlier, grid.root)}); "
-                        "choose another directory, or start over with --overwrite, which deletes those outputs")
+        raise UserError(f"--output-dir: {grid.root} already holds a comparison ({listed(earlier, grid.root)}); "
+                        "choose another directory, or start over with --overwrite, which deletes exactly those")
     return earlier
 
 

@@ -499,6 +499,8 @@ class GRPORecipe:
         require(self.run.steps > 0, "run.steps", "a positive integer")
         require(self.run.nonfinite_patience >= 0, "run.nonfinite_patience", "a non-negative integer")
         require(self.lora.r > 0, "lora.r", "a positive integer")
+        require(self.lora.target_modules != [], "lora.target_modules",
+                "module names, or null for peft's default for the architecture")
         for key in ("data.train_size", "data.validation_size", "data.eval_size", "iif.score_batch_size"):
             require(_value(self, key) > 0, key, "a positive integer")
         require(0.0 <= self.iif.p <= 1.0, "iif.p", "a value in [0, 1]")
@@ -685,6 +687,8 @@ def _check_values(recipe: Recipe, source: str) -> None:
     require = _requirement(recipe, source)
 
     require(recipe.lora.r > 0, "lora.r", "a positive integer")
+    require(recipe.lora.target_modules != [], "lora.target_modules",
+            "module names, or null for peft's default for the architecture")
     require(0.0 <= recipe.lora.dropout < 1.0, "lora.dropout", "a value in [0, 1)")
     require(0.0 <= recipe.data.validation_fraction < 1.0, "data.validation_fraction", "a value in [0, 1)")
     require(recipe.data.min_prompt_tokens >= 1, "data.min_prompt_tokens", "at least 1")

@@ -7,6 +7,7 @@ it into place; appended JSONL lines go out in one flushed write each.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -56,9 +57,15 @@ def write_parquet(path: Path, rows: list[dict]) -> None:
 
 
 def append_jsonl(path: Path, record: dict) -> None:
+    """Append ``record`` as one line of JSON; NaN and inf values (a reward function's, say) become null, which
+    JSON has, where Python's bare NaN is not JSON."""
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps({key: _finite_or_none(value) for key, value in record.items()}, allow_nan=False) + "\n")
         f.flush()
+
+
+def _finite_or_none(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def write_directory_atomically(directory: Path, write) -> None:

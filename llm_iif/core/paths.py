@@ -11,7 +11,8 @@ An LM run (`llm-iif train`)::
 
 A comparison (`llm-iif compare`, `llm-iif classic compare`) holds one run per method and seed::
 
-    GRID/METHOD/seed-S/   GRID/summary.json  GRID/reward_curves.png  GRID/influence.png  GRID/report.html
+    GRID/comparison.json  GRID/METHOD/seed-S/   GRID/summary.json  GRID/reward_curves.png  GRID/influence.png
+    GRID/report.html
 """
 
 from __future__ import annotations
@@ -158,10 +159,33 @@ class GridPaths:
         return {method: [run for _, run in sorted(runs, key=lambda r: r[0])] for method, runs in sorted(found.items())}
 
     def outputs(self) -> list[Path]:
-        """Every file and run directory of a comparison that exists under ``root``."""
-        named = [self.summary, self.reward_curves, self.influence, self.report]
-        runs = sorted(p for p in self.root.glob("*/seed-*") if p.is_dir() and _SEED.fullmatch(p.name))
+        """Every file a comparison wrote under ``root``: its own files and, for each method and seed it recorded
+        (comparison.json, or summary.json of a comparison from before it), the files that run wrote. Other
+        folders and files, even ``*/seed-*`` ones, are not the comparison's."""
+        named = [self.comparison, self.summary, self.reward_curves, self.influence, self.report]
+        runs = [path for method, seeds in self.recorded_runs().items() for seed in seeds
+                for path in self.run(method, seed).outputs()]
         return [path for path in named if path.exists()] + runs
+
+    def recorded_runs(self) -> dict[str, list[int]]:
+        """{method: seeds} of the comparison recorded in ``root`` ({} when none is)."""
+        import json
+
+        for record in (self.comparison, self.summary):
+            try:
+                content = json.loads(record.read_text())
+                methods = content["methods"]
+                if isinstance(methods, dict):  # summary.json: {method: {"seeds": {seed: ...}}}
+                    return {m: [int(s) for s in entry["seeds"]] for m, entry in methods.items()}
+                return {m: [int(s) for s in content["seeds"]] for m in methods}
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                continue
+        return {}
+
+    @property
+    def comparison(self) -> Path:
+        """comparison.json: the methods and seeds of the comparison, written before its first run."""
+        return self.root / "comparison.json"
 
     @property
     def summary(self) -> Path:

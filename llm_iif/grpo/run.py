@@ -13,6 +13,7 @@ Only the main process writes; every process evaluates its share of the held-out 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate.utils import is_wandb_available
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -68,13 +70,21 @@ def train_grpo(recipe: GRPORecipe, overwrite: bool = False, resume_from: Path | 
                         f"({', '.join(damaged)}: damaged or truncated)")
     train, validation, evaluation = grpo_datasets(recipe.data, recipe.model.chat_template)
     check_chat_template(tokenizer, recipe.model.chat_template or is_conversational(train), str(model_dir))
-    reward_funcs = [import_object(name, f"rewards.{name}") for name in recipe.rewards]
+    reward_funcs = reward_functions(recipe)
+    if "wandb" in recipe.run.report_to and not is_wandb_available():
+        raise UserError("run.report_to: wandb needs `pip install wandb` (WANDB_MODE=offline logs without a network)")
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(paths.tensorboard)  # transformers 5 reads it from here only
-    trainer = IIFGRPOTrainer(
-        model=model_dir, reward_funcs=reward_funcs, args=grpo_config(recipe, paths), train_dataset=train,
-        processing_class=tokenizer, peft_config=peft_config(recipe),
-        iif=recipe.iif if recipe.iif.enabled else None, group_filter=group_filter(recipe),
-        validation_dataset=validation, nonfinite_patience=recipe.run.nonfinite_patience)
+    try:
+        trainer = IIFGRPOTrainer(
+            model=model_dir, reward_funcs=reward_funcs, args=grpo_config(recipe, paths), train_dataset=train,
+            processing_class=tokenizer, peft_config=peft_config(recipe),
+            iif=recipe.iif if recipe.iif.enabled else None, group_filter=group_filter(recipe),
+            validation_dataset=validation, nonfinite_patience=recipe.run.nonfinite_patience)
+    except ValueError as err:
+        if "target modules" in str(err).lower():  # peft found no layer to adapt
+            raise UserError(f"lora.target_modules: {recipe.lora.target_modules} match no layer of "
+                            f"'{recipe.model.name_or_path}' ({first_line(err)})") from err
+        raise
     check_save_every(recipe, trainer)
     # 3. Outputs: a new run's files, or a resumed run's files as they were at its checkpoint.
     outputs = RunOutputs(paths, recipe, trainer.accelerator)
@@ -96,13 +106,29 @@ def train_grpo(recipe: GRPORecipe, overwrite: bool = False, resume_from: Path | 
         trainer.remove_callback(printer)
     trainer.add_callback(StepProgress)
     # 4. Train.
+    progress = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, StepProgress))
     with FinishOnSignal() as signals:
         checkpoints.signals = signals
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        try:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        finally:  # an error (a reward function's, say) then starts on a line of its own, not after the bar
+            progress.close()
     # 5. Save.
     if checkpoints.stopped_by is None:
         save_final(trainer, checkpoints, paths)
     return GRPORunResult(evaluator.history, checkpoints.stopped_by, checkpoints.last_saved)
+
+
+def reward_functions(recipe: GRPORecipe) -> list:
+    """The recipe's reward functions, imported; `UserError` for a name that is not a function."""
+    funcs = []
+    for name in recipe.rewards:
+        func = import_object(name, f"rewards.{name}")
+        if not callable(func):
+            raise UserError(f"rewards.{name}: is a {type(func).__name__}, not a function of (prompts, completions, "
+                            "**columns)")
+        funcs.append(func)
+    return funcs
 
 
 def check_resumable(checkpoint: Path, paths: RunPaths, recipe: GRPORecipe) -> int:
@@ -137,12 +163,29 @@ def grpo_config(recipe: GRPORecipe, paths: RunPaths):
                 # trl's defaults suit GPUs: bf16 and gradient checkpointing only slow a CPU down.
                 "use_cpu": not torch.cuda.is_available(), "bf16": torch.cuda.is_available(),
                 "gradient_checkpointing": torch.cuda.is_available(), **recipe.grpo}
+    check_field_types(GRPOConfig, recipe.grpo)
     try:
         return GRPOConfig(**settings)
     except TypeError as err:  # an unknown field, or a value of the wrong type
         raise UserError(f"grpo: {first_line(err)} (expected fields of trl's GRPOConfig)") from err
     except ValueError as err:
         raise UserError(f"grpo: {first_line(err)}") from err
+
+
+def check_field_types(config_class, values: dict) -> None:
+    """`UserError` for a ``grpo`` value whose GRPOConfig field is a plain number, flag or text of another type
+    (trl would fail on it later, mid-training, with a traceback)."""
+    plain = {"float": (int, float), "int": (int,), "bool": (bool,), "str": (str,)}
+    expected = {"float": "a number", "int": "an integer", "bool": "true or false", "str": "a string"}
+    fields = {f.name: str(getattr(f.type, "__name__", f.type)) for f in dataclasses.fields(config_class)}
+    for key, value in values.items():
+        kind = fields.get(key, "")
+        optional = kind.endswith(" | None")
+        kind = kind.removesuffix(" | None")
+        if kind not in plain or (optional and value is None):
+            continue
+        if not isinstance(value, plain[kind]) or (kind != "bool" and isinstance(value, bool)):
+            raise UserError(f"grpo.{key}: expected {expected[kind]}{' or null' if optional else ''}, got {value!r}")
 
 
 def check_save_every(recipe: GRPORecipe, trainer: IIFGRPOTrainer) -> None:
@@ -200,6 +243,11 @@ class StepProgress(ProgressCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         pass
+
+    def close(self) -> None:
+        if self.training_bar is not None:
+            self.training_bar.close()
+            self.training_bar = None
 
 
 class CheckpointsAndSignals(TrainerCallback):
@@ -302,10 +350,10 @@ class HeldOutEvaluation(TrainerCallback):
         metrics = {}
         for i, name in enumerate(names):
             total, squares, count = totals[3 * i:3 * i + 3].tolist()
-            if count == 0:
-                raise UserError(f"rewards.{name}: returned no reward (None) for any of the {len(self.rows)} "
+            if count == 0 and i == 0:  # the run's curve: without it there is nothing to measure
+                raise UserError(f"rewards.{name}: returned no finite reward for any of the {len(self.rows)} "
                                 "held-out completions")
-            mean = total / count
+            mean = total / count if count else math.nan  # written as null
             metrics[f"eval/{name}"] = mean
             if i == 0:  # the first reward function is the run's curve
                 metrics["reward_mean"] = mean

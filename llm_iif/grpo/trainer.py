@@ -140,6 +140,10 @@ class IIFGRPOTrainer(GRPOTrainer):
         if iif.target_source not in ("batch", "fresh"):
             raise UserError(f"iif.target_source: '{iif.target_source}' is not available for GRPO "
                             "(expected batch or fresh)")
+        completions = args.generation_batch_size  # per generation batch, over all processes
+        if iif.target_source == "batch" and iif.folds > completions:
+            raise UserError(f"iif.folds: {iif.folds} folds of a generation batch of {completions} completions; "
+                            f"expected at most {completions}")
         if iif.mode in ("bottom", "random") and iif.p >= 1.0:
             raise UserError(f"iif.p: {iif.p} with iif.mode {iif.mode} would drop every completion; expected p < 1")
         if args.top_entropy_quantile < 1.0:
@@ -461,6 +465,7 @@ def _checked_reward(func, nonfinite_rows: set[int]):
             rewards = list(func(*args, **kwargs))
         except Exception as err:  # a user's function: one line naming it, not trl's traceback
             raise UserError(f"rewards.{name}: raised {type(err).__name__} ({first_line(err)})") from err
+        check_rewards(name, rewards, len(kwargs.get("completions", rewards)))
         for i, reward in enumerate(rewards):
             if reward is not None and not math.isfinite(reward):
                 nonfinite_rows.add(i)
@@ -468,3 +473,15 @@ def _checked_reward(func, nonfinite_rows: set[int]):
         return rewards
 
     return checked
+
+
+def check_rewards(name: str, rewards: list, completions: int) -> None:
+    """`UserError` unless a reward function returned one number (or None) per completion."""
+    if len(rewards) != completions:
+        raise UserError(f"rewards.{name}: returned {len(rewards)} rewards for {completions} completions; expected "
+                        "one per completion")
+    wrong = next((r for r in rewards if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)))),
+                 None)
+    if wrong is not None:
+        raise UserError(f"rewards.{name}: returned {wrong!r} ({type(wrong).__name__}); expected a number or None "
+                        "per completion")

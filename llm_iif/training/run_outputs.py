@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import shlex
 import shutil
 import sys
 import tempfile
@@ -91,25 +92,32 @@ def claim_run_directory(paths: RunPaths, overwrite: bool = False) -> list[Path]:
     check_writable_directory(paths.root)
     earlier = paths.outputs()
     if earlier and not overwrite:
-        raise UserError(f"run.output_dir: {paths.root} already holds a run ({first_few(earlier, paths.root)}); "
-                        f"continue it with --resume {paths.root}, or start over with --overwrite, which deletes "
-                        "those outputs")
+        resumable = paths.numbered_checkpoints() or paths.final.is_dir()
+        resume = f"continue it with --resume {shlex.quote(str(paths.root))}, or " if resumable else ""
+        raise UserError(f"run.output_dir: {paths.root} already holds a run ({listed(earlier, paths.root)}); "
+                        f"{resume}start over with --overwrite, which deletes exactly those")
     return earlier
 
 
-def first_few(outputs: list[Path], root: Path, shown: int = 4) -> str:
-    """``a, b, c, d and N more``: the first outputs of an earlier run, relative to ``root``, for an error."""
-    names = ", ".join(str(path.relative_to(root)) for path in outputs[:shown])
-    return names + (f" and {len(outputs) - shown} more" if len(outputs) > shown else "")
+def listed(outputs: list[Path], root: Path) -> str:
+    """Every one of ``outputs``, relative to ``root``, for an error that says what --overwrite would delete."""
+    return ", ".join(str(path.relative_to(root)) for path in outputs)
 
 
-def delete_outputs(outputs: list[Path]) -> None:
-    """Delete the files and directories of an earlier run (from `claim_run_directory`)."""
+def delete_outputs(outputs: list[Path], root: Path | None = None) -> None:
+    """Delete the files and directories of an earlier run or comparison (from `claim_run_directory` or
+    `GridPaths.outputs`). A symlink is removed, never what it points to. With ``root``, directories under it that
+    are left empty are removed too."""
     for path in outputs:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
+        if path.is_symlink() or not path.is_dir():
             path.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(path)
+    if root is not None:
+        for directory in sorted({p.parent for p in outputs}, key=lambda d: len(d.parts), reverse=True):
+            while directory != Path(root) and directory.is_dir() and not any(directory.iterdir()):
+                directory.rmdir()
+                directory = directory.parent
 
 
 class RunOutputs:

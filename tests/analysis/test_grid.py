@@ -85,12 +85,33 @@ def test_a_second_comparison_in_a_used_directory_is_refused_and_overwrite_replac
     run_grid(CLASSIC_METHODS, ["iif", "standard"], [0, 1], tmp_path, train_one)
     (tmp_path / "summary.json").write_text("{}")
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match=r"already holds a comparison \(summary.json, iif/seed-0, iif/seed-1, "
-                                        r"standard/seed-0 and 1 more\); .* --overwrite"):
+    with pytest.raises(UserError, match=r"already holds a comparison \(comparison.json, summary.json, "
+                                        r"iif/seed-0/metrics.jsonl, iif/seed-1/metrics.jsonl, "
+                                        r"standard/seed-0/metrics.jsonl, standard/seed-1/metrics.jsonl\); .* "
+                                        r"--overwrite, which deletes exactly those"):
         run_grid(CLASSIC_METHODS, ["iif"], [5], tmp_path, train_one)
     run_grid(CLASSIC_METHODS, ["iif"], [5], tmp_path, train_one, overwrite=True)
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == \
-        ["iif", "iif/seed-5", "iif/seed-5/metrics.jsonl", "notes.txt"]
+        ["comparison.json", "iif", "iif/seed-5", "iif/seed-5/metrics.jsonl", "notes.txt"]
+
+
+def test_overwrite_deletes_only_what_the_recorded_comparison_wrote(tmp_path):
+    """Issue 24: folders that look like runs but are not this comparison's, and a user's files inside its run
+    folders, survive --overwrite."""
+    def train_one(method, seed, run):
+        run.root.mkdir(parents=True, exist_ok=True)
+        run.metrics.write_text("{}\n")
+        run.recipe.write_text("run: {}\n")
+        return history(1, seed, lm=False)
+
+    run_grid(CLASSIC_METHODS, ["standard"], [0], tmp_path, train_one)
+    (tmp_path / "mydata" / "seed-7").mkdir(parents=True)
+    (tmp_path / "mydata" / "seed-7" / "important.txt").write_text("keep")
+    (tmp_path / "standard" / "seed-0" / "notes.txt").write_text("keep too")
+    run_grid(CLASSIC_METHODS, ["iif"], [1], tmp_path, train_one, overwrite=True)
+    assert (tmp_path / "mydata" / "seed-7" / "important.txt").read_text() == "keep"
+    assert sorted(p.name for p in (tmp_path / "standard" / "seed-0").iterdir()) == ["notes.txt"]
+    assert json.loads((tmp_path / "comparison.json").read_text()) == {"methods": ["iif"], "seeds": [1]}
 
 
 def test_the_method_tables():

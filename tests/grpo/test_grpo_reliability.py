@@ -1,0 +1,141 @@
+"""Issue 24's probe of GRPO runs: each case gives one line and exit code 2 (or the right result), and loses
+nothing. The CLI runs in this process where the case fails before training (see `llm_iif_here`)."""
+
+import importlib.util
+import json
+import shutil
+
+import pytest
+import yaml
+
+from test_grpo_recipes import RECIPE, llm_iif, llm_iif_here, small
+
+from llm_iif.core.fileio import append_jsonl
+
+
+def train_here(capsys, model_dir, out, *overrides, flags=(), recipe=RECIPE):
+    return llm_iif_here(capsys, "train", recipe, "--output-dir", out, *flags,
+                        *small(model_dir, "run.steps=1", *overrides))
+
+
+def with_rewards(tmp_path, rewards: dict):
+    """The shipped recipe with other reward functions (``rewards`` is top level, out of --set's reach)."""
+    raw = yaml.safe_load(RECIPE.read_text())
+    raw["rewards"] = rewards
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))  # the first reward function is the curve
+    return path
+
+
+@pytest.mark.parametrize("reward,message", [
+    ("grpo_rewards:none_reward", "rewards.none_reward: returned no finite reward for any of the 16 held-out"),
+    ("grpo_rewards:text_reward", "rewards.text_reward: returned 'good' (str); expected a number or None"),
+    ("grpo_rewards:short_reward", "rewards.short_reward: returned 15 rewards for 16 completions"),
+    ("grpo_rewards:NOT_A_FUNCTION", "rewards.grpo_rewards:NOT_A_FUNCTION: is a int, not a function"),
+])
+def test_reward_functions_that_misbehave(random_adder_dir, tmp_path, capsys, reward, message):
+    code, stderr = train_here(capsys, random_adder_dir, tmp_path / "run", recipe=with_rewards(tmp_path, {reward: 1.0}))
+    # the progress bar may stand above it, closed on a line of its own
+    assert code == 2 and stderr.splitlines()[-1].startswith(f"llm-iif: error: {message}"), stderr
+    assert stderr.count("llm-iif: error") == 1 and stderr.endswith("\n")
+
+
+def test_a_nan_reward_on_held_out_completions_is_written_as_null(random_adder_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    recipe = with_rewards(tmp_path, {"llm_iif.lm.addition:exact_match_reward": 1.0,
+                                     "grpo_rewards:nan_when_evaluated": 0.1})
+    code, stderr = train_here(capsys, random_adder_dir, out, recipe=recipe)
+    assert code == 0, stderr
+    line = (out / "metrics.jsonl").read_text().splitlines()[0]
+    assert '"eval/nan_when_evaluated": null' in line and "NaN" not in line
+    assert json.loads(line)["reward_mean"] >= 0
+
+
+def test_jsonl_lines_are_always_json(tmp_path):
+    path = tmp_path / "m.jsonl"
+    append_jsonl(path, {"a": float("nan"), "b": float("inf"), "c": 1.5, "d": "x"})
+    assert json.loads(path.read_text()) == {"a": None, "b": None, "c": 1.5, "d": "x"}
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["grpo.learning_rate=abc"], "grpo.learning_rate: expected a number, got 'abc'"),
+    (["grpo.num_generations=four"], "grpo.num_generations: expected an integer or null, got 'four'"),
+    (["lora.target_modules=[]"], "lora.target_modules: expected module names, or null"),
+    (["lora.target_modules=[no_such_layer]"], "lora.target_modules: ['no_such_layer'] match no layer of"),
+    (["run.report_to=[wandb]"], "run.report_to: wandb needs `pip install wandb`"),
+    (["iif.folds=17"], "iif.folds: 17 folds of a generation batch of 16 completions; expected at most 16"),
+])
+def test_bad_settings_are_one_line(random_adder_dir, tmp_path, capsys, overrides, message):
+    if "wandb" in overrides[0] and importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed")
+    code, stderr = train_here(capsys, random_adder_dir, tmp_path / "run", *overrides)
+    assert code == 2 and message in stderr and stderr.count("\n") == 1, stderr
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+@pytest.fixture(scope="module")
+def one_step_run(random_adder_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reliability") / "run"
+    proc = llm_iif("train", RECIPE, "--output-dir", out, *small(random_adder_dir, "run.steps=1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_a_failed_start_with_overwrite_deletes_nothing(one_step_run, random_adder_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(one_step_run, out)
+    (out / "recipe.yaml").write_text("# my notes\n")
+    before = sorted(p.name for p in out.iterdir())
+    code, stderr = train_here(capsys, random_adder_dir, out, "iif.mode=bottom", flags=["--overwrite"])
+    assert code == 2 and "would drop every completion" in stderr
+    assert sorted(p.name for p in out.iterdir()) == before and (out / "recipe.yaml").read_text() == "# my notes\n"
+
+
+def test_overwrite_removes_a_symlinked_final_not_its_target(one_step_run, random_adder_dir, tmp_path, capsys):
+    out, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    shutil.copytree(one_step_run, out)
+    shutil.move(out / "final", elsewhere)
+    (out / "final").symlink_to(elsewhere, target_is_directory=True)
+    (out / "mine.txt").write_text("not the run's")
+    code, stderr = train_here(capsys, random_adder_dir, out, flags=["--overwrite"])
+    assert code == 0, stderr
+    assert (elsewhere / "adapter_config.json").is_file() and (out / "mine.txt").read_text() == "not the run's"
+    assert (out / "final").is_dir() and not (out / "final").is_symlink()
+
+
+def test_a_used_directory_lists_everything_and_quotes_the_resume_command(one_step_run, random_adder_dir, tmp_path,
+                                                                          capsys):
+    out = tmp_path / "$(touch X)"
+    shutil.copytree(one_step_run, out)
+    code, stderr = train_here(capsys, random_adder_dir, out)
+    assert code == 2
+    for name in ("recipe.yaml", "metrics.jsonl", "records", "final", "README.md", "report.html"):
+        assert name in stderr
+    assert f"--resume '{out}'" in stderr and "more" not in stderr
+
+
+def test_report_marks_an_incomplete_run_and_skips_a_torn_line(one_step_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(one_step_run, out)
+    shutil.rmtree(out / "final")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"round": 1, "step"')  # killed mid-write
+    code, stderr = llm_iif_here(capsys, "report", out)
+    page = (out / "report.html").read_text()
+    assert code == 0, stderr
+    assert "(incomplete: no final/)" in page and "(1 torn metrics line skipped)" in page
+    assert "Not recorded" not in page  # environment.json is written when a run starts
+    (out / "metrics.jsonl").write_text("")
+    code, stderr = llm_iif_here(capsys, "report", out)
+    assert code == 2 and "metrics.jsonl: no complete line yet" in stderr
+
+
+def test_interrupt_outside_training_is_one_line(monkeypatch, capsys):
+    from llm_iif import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "report", interrupted)
+    assert cli.main(["report", "anywhere"]) == 130
+    assert capsys.readouterr().err == "llm-iif: interrupted\n"
