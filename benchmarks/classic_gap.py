@@ -30,7 +30,7 @@ import torch
 
 from llm_iif.analysis.grid import CLASSIC_METHODS
 from llm_iif.analysis.summary import mean_and_sem, rounds_to_reach, summarize, trailing_mean
-from llm_iif.classic.train import final_model, train_classic
+from llm_iif.classic.train import train_classic
 from llm_iif.core.config import ClassicRecipe, load_recipe
 from llm_iif.core.paths import GridPaths, RunPaths
 
@@ -52,7 +52,7 @@ STALL_FROM, STALL_TO, STALL_ROUNDS, STALL_SMOOTH = 0.5, 0.9, 10, 5
 
 def finished(run: RunPaths, rounds: int) -> bool:
     """Whether ``run`` holds a complete run of ``rounds`` rounds (metrics.jsonl and final.zip)."""
-    return (final_model(run).exists() and run.metrics.exists()
+    return (run.classic_model.exists() and run.metrics.exists()
             and len(run.metrics.read_text().splitlines()) == rounds)
 
 

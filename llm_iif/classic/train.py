@@ -153,10 +153,6 @@ def train_classic(recipe, iif_mode: str, iif_p: float, output_dir: Path) -> list
         history.append(metrics)
         append_jsonl(run.metrics, metrics)
         bar.set_postfix(test_return=f"{metrics['reward_mean']:.3f}", kept=f"{metrics['kept_fraction']:.2f}")
-    model.save(final_model(run))
+    model.save(run.classic_model)
     return history
 
-
-def final_model(run: RunPaths) -> Path:
-    """The trained SB3 model of a classic run: final.zip beside metrics.jsonl."""
-    return run.final.with_suffix(".zip")

@@ -8,6 +8,7 @@ An LM run (`llm-iif train`)::
     RUN/checkpoint-N/  RUN/final/             see `llm_iif.training.run_state`
     RUN/tensorboard/  RUN/wandb/  RUN/reward_curve.png  RUN/report.html
     RUN/README.md                             a GRPO run's model card, written by trl
+    RUN/final.zip                             a classic run's SB3 model (beside its metrics.jsonl)
 
 A comparison (`llm-iif compare`, `llm-iif classic compare`) holds one run per method and seed::
 
@@ -106,7 +107,7 @@ class RunPaths:
         """Every file and directory of a run that exists under ``root``; other files are not the run's."""
         named = [self.recipe, self.environment, self.metrics, self.timings, self.samples, self.records_dir,
                  self.lds_dir, self.tensorboard, self.wandb, self.reward_curve, self.report, self.final,
-                 self.model_card]
+                 self.model_card, self.classic_model]
         return ([path for path in named if path.exists()] + [p for _, p in self.numbered_checkpoints()]
                 + self.unfinished_checkpoints())
 
@@ -130,6 +131,11 @@ class RunPaths:
     @property
     def report(self) -> Path:
         return self.root / "report.html"
+
+    @property
+    def classic_model(self) -> Path:
+        """final.zip: a classic run's trained Stable-Baselines3 model."""
+        return self.root / "final.zip"
 
     @property
     def model_card(self) -> Path:
