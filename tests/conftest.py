@@ -23,6 +23,16 @@ def launch_command(script: str, processes: int) -> list[str]:
             str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", script]
 
 
+def cli_in_process(capsys, *args) -> tuple[int, str]:
+    """`llm-iif ARGS` in this process: (exit code, stderr). For errors raised before training, without the
+    seconds a new interpreter spends importing torch and transformers; an uncaught exception fails the test."""
+    from llm_iif.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
 def tiny_recipe_dict(output_dir) -> dict:
     """A recipe for the built-in tiny model that runs a round in about a second."""
     return {

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import cli_in_process
+
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "tiny-addition-grpo.yaml"
 
@@ -22,16 +24,6 @@ def small(model_dir, *extra):
 def llm_iif(*args, timeout=600):
     return subprocess.run([sys.executable, "-m", "llm_iif", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO)
-
-
-def llm_iif_here(capsys, *args) -> tuple[int, str]:
-    """The CLI in this process (exit code, stderr): for errors raised before training, without the seconds a
-    new interpreter spends importing torch and transformers."""
-    from llm_iif.cli import main
-
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    return code, capsys.readouterr().err
 
 
 def test_compare_runs_every_baseline(random_adder_dir, tmp_path):
@@ -58,7 +50,7 @@ def test_compare_runs_every_baseline(random_adder_dir, tmp_path):
     (["iif.target_source=fresh", "iif.val_size=6"], "iif.val_size: 6 completions; expected a multiple of"),
 ])
 def test_bad_input_is_one_line(random_adder_dir, tmp_path, capsys, overrides, message):
-    code, stderr = llm_iif_here(capsys, "train", RECIPE, "--output-dir", tmp_path / "bad",
+    code, stderr = cli_in_process(capsys, "train", RECIPE, "--output-dir", tmp_path / "bad",
                                 *small(random_adder_dir, "run.steps=1", *overrides))
     assert code == 2, stderr[-2000:]
     assert message in stderr and stderr.strip().count("\n") == 0, stderr
@@ -69,7 +61,7 @@ def test_unknown_reward_function(random_adder_dir, tmp_path, capsys):
     raw["rewards"] = {"llm_iif.lm.addition:no_such": 1.0}
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(yaml.safe_dump(raw))
-    code, stderr = llm_iif_here(capsys, "train", recipe, "--output-dir", tmp_path / "bad",
+    code, stderr = cli_in_process(capsys, "train", recipe, "--output-dir", tmp_path / "bad",
                                 *small(random_adder_dir, "run.steps=1"))
     assert code == 2
     assert stderr.strip() == ("llm-iif: error: rewards.llm_iif.lm.addition:no_such: cannot import "

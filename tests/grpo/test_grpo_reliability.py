@@ -8,13 +8,14 @@ import shutil
 import pytest
 import yaml
 
-from test_grpo_recipes import RECIPE, llm_iif, llm_iif_here, small
+from conftest import cli_in_process
+from test_grpo_recipes import RECIPE, llm_iif, small
 
 from llm_iif.core.fileio import append_jsonl
 
 
 def train_here(capsys, model_dir, out, *overrides, flags=(), recipe=RECIPE):
-    return llm_iif_here(capsys, "train", recipe, "--output-dir", out, *flags,
+    return cli_in_process(capsys, "train", recipe, "--output-dir", out, *flags,
                         *small(model_dir, "run.steps=1", *overrides))
 
 
@@ -120,13 +121,13 @@ def test_report_marks_an_incomplete_run_and_skips_a_torn_line(one_step_run, tmp_
     shutil.rmtree(out / "final")
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"round": 1, "step"')  # killed mid-write
-    code, stderr = llm_iif_here(capsys, "report", out)
+    code, stderr = cli_in_process(capsys, "report", out)
     page = (out / "report.html").read_text()
     assert code == 0, stderr
     assert "(incomplete: no final/)" in page and "(1 torn metrics line skipped)" in page
     assert "Not recorded" not in page  # environment.json is written when a run starts
     (out / "metrics.jsonl").write_text("")
-    code, stderr = llm_iif_here(capsys, "report", out)
+    code, stderr = cli_in_process(capsys, "report", out)
     assert code == 2 and "metrics.jsonl: no complete line yet" in stderr
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import launch_command
-from test_grpo_recipes import RECIPE, REPO, llm_iif, llm_iif_here, small
+from conftest import cli_in_process, launch_command
+from test_grpo_recipes import RECIPE, REPO, llm_iif, small
 
 from llm_iif.core.config import GRPORecipe, load_recipe
 from llm_iif.core.errors import UserError
@@ -145,7 +145,7 @@ def test_grpo_defaults_to_the_batch_target_source(tmp_path):
 
 
 def test_save_every_must_not_split_a_generation_batch(random_adder_dir, tmp_path, capsys):
-    code, stderr = llm_iif_here(capsys, "train", RECIPE, "--output-dir", tmp_path / "run",
+    code, stderr = cli_in_process(capsys, "train", RECIPE, "--output-dir", tmp_path / "run",
                                 *small(random_adder_dir, "run.steps=4", "run.save_every=3",
                                        "grpo.steps_per_generation=2"))
     assert code == 2
@@ -184,7 +184,7 @@ def test_damaged_model_weights_are_one_line_and_write_nothing(random_adder_dir, 
     weights = model / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     out = tmp_path / "run"
-    code, stderr = llm_iif_here(capsys, "train", RECIPE, "--output-dir", out,
+    code, stderr = cli_in_process(capsys, "train", RECIPE, "--output-dir", out,
                                 *small(random_adder_dir, "run.steps=1", f"model.name_or_path={model}"))
     assert code == 2
     assert stderr.strip() == (f"llm-iif: error: model.name_or_path: cannot load '{model}' as a causal LM "

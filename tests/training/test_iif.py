@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import tiny_recipe_dict
+from conftest import cli_in_process, tiny_recipe_dict
 from llm_iif.attribution.influence import influence_scores
 from llm_iif.attribution.gradients import grad_dot, lora_parameters
 from llm_iif.analysis.summary import efficiency, rounds_to_reach, summarize, trailing_mean
@@ -122,14 +122,14 @@ def test_unreliable_target_turns_filtering_off(tmp_path, tiny_model_dir):
     assert all(m["filtered"] == 0 and m["kept_fraction"] == 1.0 for m in history)
 
 
-def test_gold_target_without_pairs_exits_2(tmp_path):
+def test_gold_target_without_pairs_exits_2(tmp_path, capsys):
     raw = tiny_recipe_dict(tmp_path)
     raw["iif"] = {"enabled": True, "target": "gold"}
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(raw))
-    proc = subprocess.run([sys.executable, "-m", "llm_iif", "train", str(recipe)], capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and "iif.val_prompts" in proc.stderr
+    code, stderr = cli_in_process(capsys, "train", recipe)
+    assert code == 2
+    assert stderr.count("\n") == 1 and "iif.val_prompts" in stderr
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -198,12 +198,11 @@ def test_compare_command_writes_summary_and_plots(tmp_path, tiny_model_dir):
     assert "Influence scores (iif/seed-0)" in report and "SE_peak %" in report
 
 
-def test_compare_rejects_unknown_methods(tmp_path):
+def test_compare_rejects_unknown_methods(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tmp_path)))
-    proc = subprocess.run([sys.executable, "-m", "llm_iif", "compare", str(recipe), "--methods", "iif,best"],
-                          capture_output=True, text=True)
-    assert proc.returncode == 2 and "--methods: unknown method 'best'" in proc.stderr
+    code, stderr = cli_in_process(capsys, "compare", recipe, "--methods", "iif,best")
+    assert code == 2 and "--methods: unknown method 'best'" in stderr
 
 
 @pytest.mark.parametrize("target_source", ["fresh", "batch"])
