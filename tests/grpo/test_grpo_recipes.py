@@ -39,6 +39,9 @@ def test_compare_runs_every_baseline(random_adder_dir, tmp_path):
     pods = [json.loads(line) for line in (out / "pods" / "seed-0" / "metrics.jsonl").read_text().splitlines()]
     assert all(m["kept_fraction"] == 0.5 for m in pods)  # 2 of every 4
     assert (out / "reward_curves.png").is_file()
+    report = (out / "report.html").read_text()  # per-run curves, seed means with intervals, influence, samples
+    assert "Mean over seeds, ± one standard error" in report and "Influence scores (iif/seed-0)" in report
+    assert "mean kept" in report and "Samples of round 1" in report
 
 
 @pytest.mark.parametrize("overrides,message", [
