@@ -25,6 +25,7 @@ from llm_iif.analysis.diagnosis import diagnose, intervene
 from llm_iif.analysis.grid import LM_METHODS, run_classic_compare, run_compare, run_grpo_compare
 from llm_iif.analysis.plots import run_title, write_run_figures
 from llm_iif.analysis.report import write_report
+from llm_iif.analysis.statistics import interval_table
 from llm_iif.analysis.summary import BUDGET_FRACTIONS
 from llm_iif.core.config import ClassicRecipe, GRPORecipe, RewardTrainRecipe, load_recipe, recipe_kind
 from llm_iif.core.errors import UserError
@@ -377,9 +378,16 @@ def _print_comparison(summary: dict, output_dir, reward_name: str = "final rewar
         print(f"{key[len('final_'):]} (not trained on), last rounds: " + ", ".join(
             f"{method} {entry[key][0]:+.3f}±{entry[key][1]:.3f}" for method, entry in summary["methods"].items()
             if key in entry))
+    header, rows = interval_table(summary)
+    if rows:
+        seeds = len(next(iter(summary["methods"].values()))["seeds"])
+        print(f"\nAgainst standard, over {seeds} seeds: IQM [95% stratified bootstrap interval]; ratios (1 = standard) "
+              "and differences (0 = standard); ≈ marks no measurable difference")
+        widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+        for row in (header, *rows):
+            print("  ".join(f"{cell:<{width}}" for cell, width in zip(row, widths)))
     written = ", ".join(path.name for path in sorted(Path(output_dir).glob("*.*")))
     print(f"outputs in {output_dir}: {written}")
-
 
 
 def _pm(stat) -> str:

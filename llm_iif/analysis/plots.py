@@ -69,6 +69,27 @@ def curves_figure(panels: list[Panel], title: str = "", columns: int = 3):
     return fig
 
 
+def performance_profile_figure(finals: dict[str, Sequence[float]], xlabel: str = "final reward"):
+    """rliable's performance profile of a comparison: for each method, the fraction of its seeds whose final
+    reward exceeds τ, over τ, with 95% stratified bootstrap bands. ``finals``: method -> one value per seed."""
+    from rliable import library as rly
+
+    plt = pyplot()
+    everything = [v for values in finals.values() for v in values]
+    taus = np.linspace(min(everything), max(everything), 81)
+    scores = {method: np.asarray(values, dtype=float).reshape(-1, 1) for method, values in finals.items()}
+    profiles, intervals = rly.create_performance_profile(scores, taus, reps=1000)
+    fig, ax = plt.subplots(figsize=PANEL_SIZE)
+    for i, method in enumerate(finals):
+        ax.plot(taus, profiles[method], label=method, color=f"C{i}")
+        ax.fill_between(taus, intervals[method][0], intervals[method][1], color=f"C{i}", alpha=0.2)
+    ax.set(xlabel=f"τ ({xlabel})", ylabel="fraction of seeds with a value > τ",
+           title="Performance profile (95% bootstrap bands)")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
 def influence_figure(by_round: dict[int, tuple[Sequence[float], Sequence[bool]]], note: str = "",
                      beside: Panel | None = None):
     """One histogram panel per round of ``by_round`` {round: (influence of each sample, whether it was kept)},

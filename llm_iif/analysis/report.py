@@ -15,7 +15,9 @@ import json
 import math
 from pathlib import Path
 
-from llm_iif.analysis.plots import Curve, Panel, curves_figure, figure_png, influence_figure, lds_figure
+from llm_iif.analysis.plots import (Curve, Panel, curves_figure, figure_png, influence_figure, lds_figure,
+                                    performance_profile_figure)
+from llm_iif.analysis.statistics import interval_table
 from llm_iif.analysis.summary import BUDGET_FRACTIONS
 from llm_iif.core.errors import UserError
 from llm_iif.core.fileio import atomic_write_text
@@ -124,6 +126,11 @@ def write_report(run_dir: Path, round_index: int | None = None, top: int = 5) ->
     if GridPaths(run_dir).reward_curves.is_file():  # a comparison: the seed means with their intervals
         sections += ["<h2>Mean over seeds, ± one standard error</h2>",
                      _image(GridPaths(run_dir).reward_curves.read_bytes())]
+    finals = {label: [_final_reward(history) for (each, _), history in metrics.items() if each == label]
+              for label in runs}
+    if len(runs) > 1 and all(len(values) >= 2 for values in finals.values()):
+        sections += ["<h2>Performance profile: final reward over seeds</h2>",
+                     _image(figure_png(performance_profile_figure(finals)))]
     if rounds:
         records = read_records(shown, round_index)
         if has_influence(records):  # not for runs without IIF
@@ -171,13 +178,24 @@ def _summary(run_dir: Path, runs: dict, metrics: dict) -> str:
     fractions = [key for key in BUDGET_FRACTIONS if all(key in vs for vs in versus.values())]  # older summaries
     compared = [[method, *(f"{vs[key][0]:+.1f} ± {vs[key][1]:.1f}" for key in ("SE_ave", "SE_peak", "RT_peak")),
                  *(f"{vs[key][0]:.2f} ± {vs[key][1]:.2f}" for key in fractions)] for method, vs in versus.items()]
+    header, rows = interval_table(json.loads(summary_file.read_text()))
+    intervals = ("<p>Against standard, seed by seed: the interquartile mean (IQM) over seeds with its 95% "
+                 "stratified bootstrap interval (rliable). Ratios: 1 is standard; differences: 0 is standard; "
+                 "P(final &gt; std): 0.5 is standard. ≈ marks an interval that covers that value: no measurable "
+                 "difference.</p>" + _table(header, rows)) if rows else ""
     if not compared:
-        return table
-    return table + ("<p>Against standard PPO (mean ± s.e. over seeds): % fewer rounds or seconds, then the "
+        return table + intervals
+    return table + intervals + ("<p>Against standard PPO (mean ± s.e. over seeds): % fewer rounds or seconds, then the "
                     "fraction of standard's rounds and seconds needed to reach its final reward and its peak, "
                     "and the round time against standard's:</p>") + _table(
         ["method", "SE_ave %", "SE_peak %", "RT_peak %", *(BUDGET_FRACTIONS[key] for key in fractions)], compared)
 
+
+
+def _final_reward(history: list[dict], smooth: int = 5) -> float:
+    """The mean of the last ``smooth`` evaluated rewards (summary.json's final reward)."""
+    rewards = [m["reward_mean"] for m in history if "reward_mean" in m][-smooth:]
+    return sum(rewards) / len(rewards)
 
 
 def _number(metrics: dict, key: str, spec: str) -> str:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 import statistics
 
+from llm_iif.analysis.statistics import auc_above_start, paired_statistics
+
 LEVELS = tuple(round(0.1 * i, 1) for i in range(2, 10))  # 0.2 ... 0.9
 # `efficiency`'s fractions of standard's budget -> their column header in printed and HTML tables.
 BUDGET_FRACTIONS = {"rounds_to_standard_final": "rounds→final", "seconds_to_standard_final": "s→final",
@@ -119,5 +121,31 @@ def summarize(histories: dict[str, dict[int, list[dict]]], smooth: int = 5) -> d
             entry["vs_standard"] = {key: mean_and_sem([r["vs_standard"][key] for r in runs])
                                     for key in runs[0]["vs_standard"]}
         summary["methods"][method] = entry
+    for method, entry in summary["methods"].items():  # once standard's runs are summarised too
+        if "vs_standard" in entry and len(entry["seeds"]) >= 2:  # intervals over seeds need two of them
+            base = summary["methods"]["standard"]["seeds"]
+            entry["intervals"] = paired_statistics(*paired_values(entry["seeds"], base, smooth))
     return summary
+
+
+def paired_values(runs: dict[str, dict], base: dict[str, dict], smooth: int
+                  ) -> tuple[dict[str, list[float]], tuple[list[float], list[float]]]:
+    """Per seed, a method's run against the baseline's run of the same seed: the statistics of
+    `llm_iif.analysis.statistics.paired_statistics`, and the two final rewards."""
+    seeds = [seed for seed in runs if seed in base]
+    per_seed = {key: [runs[s]["vs_standard"][key] for s in seeds] for key in
+                ("rounds_to_standard_final", "seconds_to_standard_final", "rounds_to_standard_peak",
+                 "seconds_to_standard_peak")}
+    areas = []
+    for s in seeds:  # the area above standard's first (smoothed) round; no ratio when standard gained nothing
+        start = trailing_mean(base[s]["reward"], smooth)[0]
+        baseline_area = auc_above_start(trailing_mean(base[s]["reward"], smooth), start)
+        areas.append(auc_above_start(trailing_mean(runs[s]["reward"], smooth), start) / baseline_area
+                     if baseline_area > 0 else None)
+    if all(area is not None for area in areas):
+        per_seed["auc_ratio"] = areas
+    per_seed["final_reward_difference"] = [runs[s]["final_reward"] - base[s]["final_reward"] for s in seeds]
+    if all("final_kl" in runs[s] and "final_kl" in base[s] for s in seeds):
+        per_seed["final_kl_difference"] = [runs[s]["final_kl"] - base[s]["final_kl"] for s in seeds]
+    return per_seed, ([runs[s]["final_reward"] for s in seeds], [base[s]["final_reward"] for s in seeds])
 

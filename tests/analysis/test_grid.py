@@ -147,9 +147,10 @@ def test_lm_comparison_writes_influence_figure_and_report(tmp_path):
     write_comparison(tmp_path, histories)
     assert grid.influence.stat().st_size > 0 and grid.reward_curves.stat().st_size > 0
     page = grid.report.read_text()
-    # the per-run curves, the seed means with their intervals (reward_curves.png), the influence histograms
-    assert "Influence scores (iif/seed-0)" in page and "SE_ave %" in page and page.count("<img") == 3
-    assert "Mean over seeds, ± one standard error" in page
+    # the per-run curves, the seed means (reward_curves.png), the performance profile, the influence histograms
+    assert "Influence scores (iif/seed-0)" in page and "SE_ave %" in page and page.count("<img") == 4
+    assert "Mean over seeds, ± one standard error" in page and "Performance profile" in page
+    assert "95% stratified bootstrap interval" in page and "P(final &gt; std)" in page
     assert "iif / seed-1" in page and "standard / seed-0" in page
 
 

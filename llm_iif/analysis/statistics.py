@@ -1,0 +1,138 @@
+"""Interval estimates for a methods × seeds comparison, the way rliable reports RL results (Agarwal et al.,
+NeurIPS 2021): interquartile means (IQM) and means over seeds with 95% stratified bootstrap confidence intervals,
+and the probability of improvement over the baseline. The bootstraps are rliable's.
+
+Each method is compared with the baseline seed by seed (the same seed's standard run), so every statistic is a
+paired one:
+
+- ratios, where "1" is the baseline: rounds and seconds to the baseline's final reward and to its peak
+  (`llm_iif.analysis.summary.efficiency`), and the area under the reward curve above the baseline's first round;
+- differences, where "0" is the baseline: final reward and final KL (rewards can be negative, so no ratio);
+- P(method's final reward > baseline's), over pairs of seeds, where "0.5" is the baseline.
+
+A statistic whose interval covers its null value is reported as "no measurable difference".
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from llm_iif.core.errors import UserError
+
+CONFIDENCE = 0.95
+BOOTSTRAP_REPS = 2000
+# The paired statistics: name -> (what it compares, null value, True when lower means the method is better).
+RATIOS = {"rounds_to_standard_final": "rounds to standard's final reward",
+          "seconds_to_standard_final": "seconds to standard's final reward",
+          "rounds_to_standard_peak": "rounds to standard's peak",
+          "seconds_to_standard_peak": "seconds to standard's peak",
+          "auc_ratio": "area under the reward curve"}
+DIFFERENCES = {"final_reward_difference": "final reward", "final_kl_difference": "final KL"}
+LOWER_IS_BETTER = {"rounds_to_standard_final", "seconds_to_standard_final", "rounds_to_standard_peak",
+                   "seconds_to_standard_peak", "final_kl_difference"}
+NO_DIFFERENCE = "no measurable difference"
+
+
+def interval_estimates(values: list[float], seed: int = 0) -> dict:
+    """{"iqm": [point, low, high], "mean": [point, low, high]} of per-seed ``values`` [n ≥ 2], with rliable's
+    stratified (here: one task) percentile bootstrap."""
+    from rliable import library as rly
+    from rliable import metrics
+
+    scores = np.asarray(values, dtype=float).reshape(-1, 1)  # [seeds, 1 task]
+    _require_seeds(len(scores))
+    with warnings.catch_warnings():  # arch's notice that RandomState will give way to Generator
+        warnings.simplefilter("ignore", FutureWarning)
+        points, intervals = rly.get_interval_estimates(
+            {"x": scores}, lambda s: np.array([metrics.aggregate_iqm(s), metrics.aggregate_mean(s)]),
+            reps=BOOTSTRAP_REPS, confidence_interval_size=CONFIDENCE, random_state=np.random.RandomState(seed))
+    (iqm, mean), (low, high) = points["x"], intervals["x"]
+    return {"iqm": [float(iqm), float(low[0]), float(high[0])], "mean": [float(mean), float(low[1]), float(high[1])]}
+
+
+def probability_of_improvement(method: list[float], baseline: list[float], seed: int = 0) -> list[float]:
+    """[point, low, high] of P(X > Y) + ½ P(X = Y), X a method's and Y the baseline's per-seed score (rliable's
+    Mann-Whitney estimate; exactly 0.5 for identical samples), with a 95% bootstrap interval over seeds."""
+    from rliable import library as rly
+    from rliable import metrics
+
+    x = np.asarray(method, dtype=float).reshape(-1, 1)
+    y = np.asarray(baseline, dtype=float).reshape(-1, 1)
+    _require_seeds(min(len(x), len(y)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        points, intervals = rly.get_interval_estimates(
+            {"x,y": [x, y]}, lambda a, b: np.array([metrics.probability_of_improvement(a, b)]),
+            reps=BOOTSTRAP_REPS, confidence_interval_size=CONFIDENCE, random_state=np.random.RandomState(seed))
+    return [float(points["x,y"][0]), float(intervals["x,y"][0][0]), float(intervals["x,y"][1][0])]
+
+
+def verdict(estimate: list[float], null: float, lower_is_better: bool = False) -> str:
+    """"better", "worse" or "no measurable difference": whether [point, low, high] excludes ``null``."""
+    _, low, high = estimate
+    if low <= null <= high:
+        return NO_DIFFERENCE
+    above = low > null
+    return "better" if above != lower_is_better else "worse"
+
+
+def paired_statistics(per_seed: dict[str, list[float]], final_rewards: tuple[list[float], list[float]]) -> dict:
+    """Every paired statistic of one method against the baseline.
+
+    per_seed: statistic name (a key of `RATIOS` or `DIFFERENCES`) -> one value per seed, seeds in order;
+    final_rewards: (method's, baseline's) final reward per seed.
+    Returns {name: {"iqm": [...], "mean": [...], "verdict": ...}, "probability_of_improvement": {...}}.
+    """
+    out = {}
+    for name, values in per_seed.items():
+        null = 1.0 if name in RATIOS else 0.0
+        estimates = interval_estimates(values)
+        out[name] = {**estimates, "null": null,
+                     "verdict": verdict(estimates["iqm"], null, name in LOWER_IS_BETTER)}
+    improvement = probability_of_improvement(*final_rewards)
+    out["probability_of_improvement"] = {"estimate": improvement, "null": 0.5,
+                                         "verdict": verdict(improvement, 0.5)}
+    return out
+
+
+def auc_above_start(curve: list[float], start: float) -> float:
+    """Σ_k (r_k − start): the area of a per-round reward curve above the baseline's first-round reward."""
+    return float(sum(value - start for value in curve))
+
+
+def _require_seeds(n: int) -> None:
+    if n < 2:
+        raise UserError(f"--seeds: {n} seed; intervals over seeds need at least 2")
+
+
+# Column headers of the interval tables (printed and in report.html), in order.
+INTERVAL_COLUMNS = {"rounds_to_standard_final": "rounds→final", "seconds_to_standard_final": "s→final",
+                    "rounds_to_standard_peak": "rounds→peak", "auc_ratio": "AUC ×",
+                    "final_reward_difference": "Δ final reward", "final_kl_difference": "Δ final KL",
+                    "probability_of_improvement": "P(final > std)"}
+
+
+def estimate_text(estimate: list[float]) -> str:
+    """``0.57 [0.50, 0.63]``: a point estimate and its interval."""
+    point, low, high = estimate
+    return f"{point:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def interval_table(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of every method's IQM (P(improve): its estimate) with its 95% interval against standard;
+    a cell is marked "≈" where the interval covers the null value. Empty when no method has intervals."""
+    methods = {m: entry["intervals"] for m, entry in summary["methods"].items() if "intervals" in entry}
+    columns = [key for key in INTERVAL_COLUMNS if any(key in stats for stats in methods.values())]
+    rows = []
+    for method, stats in methods.items():
+        row = [method]
+        for key in columns:
+            if key not in stats:
+                row.append("–")
+                continue
+            estimate = stats[key].get("iqm") or stats[key]["estimate"]
+            row.append(estimate_text(estimate) + (" ≈" if stats[key]["verdict"] == NO_DIFFERENCE else ""))
+        rows.append(row)
+    return ["method", *(INTERVAL_COLUMNS[key] for key in columns)], rows
