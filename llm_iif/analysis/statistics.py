@@ -37,26 +37,39 @@ NO_DIFFERENCE = "no measurable difference"
 
 def interval_estimates(values: list[float], seed: int = 0) -> dict:
     """{"iqm": [point, low, high], "mean": [point, low, high]} of per-seed ``values`` [n ≥ 2], with rliable's
-    stratified (here: one task) percentile bootstrap."""
+    percentile bootstrap over seeds."""
+    return interval_estimates_by_statistic({"x": values}, seed)["x"]
+
+
+def interval_estimates_by_statistic(per_seed: dict[str, list[float]], seed: int = 0) -> dict[str, dict]:
+    """`interval_estimates` of several statistics over the same seeds in one rliable call: each statistic is a
+    task of rliable's stratified bootstrap, so its seeds are resampled on their own, as in separate calls."""
     from rliable import library as rly
     from rliable import metrics
 
-    scores = np.asarray(values, dtype=float).reshape(-1, 1)  # [seeds, 1 task]
+    names = list(per_seed)
+    scores = np.asarray([per_seed[name] for name in names], dtype=float).T  # [seeds, statistics]
     _require_seeds(len(scores))
+
+    def iqm_and_mean(s: np.ndarray) -> np.ndarray:  # [2 × statistics]: every IQM, then every mean
+        return np.concatenate([[metrics.aggregate_iqm(s[:, j]) for j in range(s.shape[1])], s.mean(axis=0)])
+
     with warnings.catch_warnings():  # arch's notice that RandomState will give way to Generator
         warnings.simplefilter("ignore", FutureWarning)
         points, intervals = rly.get_interval_estimates(
-            {"x": scores}, lambda s: np.array([metrics.aggregate_iqm(s), metrics.aggregate_mean(s)]),
-            reps=BOOTSTRAP_REPS, confidence_interval_size=CONFIDENCE, random_state=np.random.RandomState(seed))
-    (iqm, mean), (low, high) = points["x"], intervals["x"]
-    return {"iqm": [float(iqm), float(low[0]), float(high[0])], "mean": [float(mean), float(low[1]), float(high[1])]}
+            {"x": scores}, iqm_and_mean, reps=BOOTSTRAP_REPS, confidence_interval_size=CONFIDENCE,
+            random_state=np.random.RandomState(seed))
+    point, (low, high), k = points["x"], intervals["x"], len(names)
+    return {name: {"iqm": [float(point[j]), float(low[j]), float(high[j])],
+                   "mean": [float(point[k + j]), float(low[k + j]), float(high[k + j])]}
+            for j, name in enumerate(names)}
 
 
 def probability_of_improvement(method: list[float], baseline: list[float], seed: int = 0) -> list[float]:
-    """[point, low, high] of P(X > Y) + ½ P(X = Y), X a method's and Y the baseline's per-seed score (rliable's
-    Mann-Whitney estimate; exactly 0.5 for identical samples), with a 95% bootstrap interval over seeds."""
+    """[point, low, high] of P(X > Y) + ½ P(X = Y), X a method's and Y the baseline's per-seed score (the
+    Mann-Whitney estimate of rliable's ``probability_of_improvement``; exactly 0.5 for identical samples), with
+    rliable's 95% stratified bootstrap interval over seeds."""
     from rliable import library as rly
-    from rliable import metrics
 
     x = np.asarray(method, dtype=float).reshape(-1, 1)
     y = np.asarray(baseline, dtype=float).reshape(-1, 1)
@@ -64,9 +77,18 @@ def probability_of_improvement(method: list[float], baseline: list[float], seed:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         points, intervals = rly.get_interval_estimates(
-            {"x,y": [x, y]}, lambda a, b: np.array([metrics.probability_of_improvement(a, b)]),
+            {"x,y": [x, y]}, lambda a, b: np.array([improvement_probability(a[:, 0], b[:, 0])]),
             reps=BOOTSTRAP_REPS, confidence_interval_size=CONFIDENCE, random_state=np.random.RandomState(seed))
     return [float(points["x,y"][0]), float(intervals["x,y"][0][0]), float(intervals["x,y"][1][0])]
+
+
+def improvement_probability(x: np.ndarray, y: np.ndarray) -> float:
+    """P(X > Y) + ½ P(X = Y) over all pairs of ``x`` [n] and ``y`` [m]: the Mann-Whitney U statistic over n·m,
+    as rliable's ``metrics.probability_of_improvement`` computes it for one task, without scipy's test around it
+    (which the bootstrap would run thousands of times)."""
+    greater = (x[:, None] > y[None, :]).sum()
+    ties = (x[:, None] == y[None, :]).sum()
+    return float((greater + 0.5 * ties) / (len(x) * len(y)))
 
 
 def verdict(estimate: list[float], null: float, lower_is_better: bool = False) -> str:
@@ -86,9 +108,8 @@ def paired_statistics(per_seed: dict[str, list[float]], final_rewards: tuple[lis
     Returns {name: {"iqm": [...], "mean": [...], "verdict": ...}, "probability_of_improvement": {...}}.
     """
     out = {}
-    for name, values in per_seed.items():
+    for name, estimates in interval_estimates_by_statistic(per_seed).items():
         null = 1.0 if name in RATIOS else 0.0
-        estimates = interval_estimates(values)
         out[name] = {**estimates, "null": null,
                      "verdict": verdict(estimates["iqm"], null, name in LOWER_IS_BETTER)}
     improvement = probability_of_improvement(*final_rewards)

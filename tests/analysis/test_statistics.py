@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from llm_iif.analysis.statistics import (NO_DIFFERENCE, interval_estimates, interval_table,
-                                         probability_of_improvement, verdict)
+from llm_iif.analysis.statistics import (NO_DIFFERENCE, improvement_probability, interval_estimates,
+                                         interval_table, probability_of_improvement, verdict)
 from llm_iif.analysis.summary import summarize
 from llm_iif.core.errors import UserError
 
@@ -32,6 +32,16 @@ def test_probability_of_improvement_known_cases():
     assert better == [1.0, 1.0, 1.0]
     # Mann-Whitney: 3 of the 4 pairs favour x, so 0.75.
     assert probability_of_improvement([2.0, 4.0], [1.0, 3.0])[0] == pytest.approx(0.75)
+
+
+def test_the_improvement_probability_is_rliables():
+    from rliable import metrics
+
+    rng = np.random.default_rng(0)
+    for n, m in ((5, 5), (10, 7), (3, 12)):
+        x, y = rng.integers(0, 4, n).astype(float), rng.integers(0, 4, m).astype(float)  # with ties
+        assert improvement_probability(x, y) == pytest.approx(
+            metrics.probability_of_improvement(x.reshape(-1, 1), y.reshape(-1, 1)))
 
 
 def test_verdicts():
