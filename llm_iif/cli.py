@@ -360,15 +360,16 @@ def _print_comparison(summary: dict, output_dir, reward_name: str = "final rewar
     """One row per method; the last five columns are fractions of standard PPO's budget (see
     `llm_iif.analysis.summary.efficiency`): rounds and seconds to standard's final reward and to its peak,
     and the median round time against standard's."""
-    with_kl = all("final_kl" in entry for entry in summary["methods"].values())
-    print(f"{'method':<11} {'s/round':>8} {'kept':>6} {reward_name:>13}" + (f" {'final KL':>9}" if with_kl else "")
+    with_kl = all("final_kl" in entry and "kl_spikes" in entry for entry in summary["methods"].values())
+    print(f"{'method':<11} {'s/round':>8} {'kept':>6} {reward_name:>13}"
+          + (f" {'final KL':>9} {'KL spikes':>10}" if with_kl else "")
           + f" {'SE_ave %':>10} {'SE_peak %':>10} {'RT_peak %':>10}"
           + "".join(f" {column:>12}" for column in BUDGET_FRACTIONS.values()))
     for method, entry in summary["methods"].items():
         row = (f"{method:<11} {entry['mean_round_s'][0]:>8.2f} {entry['mean_kept_fraction'][0]:>6.2f} "
                f"{entry['final_reward'][0]:>+13.3f}")
-        if with_kl:
-            row += f" {entry['final_kl'][0]:>9.2f}"
+        if with_kl:  # spikes: rounds above 3 × the median KL of standard's run of the same seed
+            row += f" {entry['final_kl'][0]:>9.2f} {entry['kl_spikes'][0]:>10.1f}"
         vs = entry.get("vs_standard")
         if vs:
             row += f" {_pm(vs['SE_ave'])} {_pm(vs['SE_peak'])} {_pm(vs['RT_peak'])}"

@@ -83,6 +83,12 @@ def mean_and_sem(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
+def kl_spikes(kl: list[float], standard_kl: list[float], factor: float = 3.0) -> int:
+    """Rounds whose KL to the reference exceeds ``factor`` × the median KL of standard's run of the same seed."""
+    threshold = factor * statistics.median(standard_kl)
+    return sum(value > threshold for value in kl)
+
+
 def reported_rewards(history: list[dict]) -> list[str]:
     """The ``reward/NAME`` metrics (the rewards of `reward.report`, never trained on) a run logged."""
     return [key for key in history[0] if key.startswith("reward/")]
@@ -105,6 +111,8 @@ def summarize(histories: dict[str, dict[int, list[dict]]], smooth: int = 5) -> d
                 run["final_kl"] = trailing_mean(run["kl"], smooth)[-1]
             for key in reported_rewards(history):  # e.g. the hidden rule behind a learned reward model
                 run[f"final_{key}"] = trailing_mean([m[key] for m in history], smooth)[-1]
+            if standard and seed in standard and "kl" in run and all("kl" in m for m in standard[seed]):
+                run["kl_spikes"] = kl_spikes(run["kl"], [m["kl"] for m in standard[seed]])
             if standard and method != "standard" and seed in standard:
                 base = standard[seed]
                 run["vs_standard"] = efficiency([m["reward_mean"] for m in base], run["reward"],
@@ -115,6 +123,8 @@ def summarize(histories: dict[str, dict[int, list[dict]]], smooth: int = 5) -> d
         for key in ["final_kl", *(f"final_{k}" for k in reported_rewards(next(iter(by_seed.values()))))]:
             if all(key in r for r in runs):
                 entry[key] = mean_and_sem([r[key] for r in runs])
+        if runs and all("kl_spikes" in r for r in runs):
+            entry["kl_spikes"] = mean_and_sem([r["kl_spikes"] for r in runs])
         entry["mean_round_s"] = mean_and_sem([r["wall_time_s"] / len(r["reward"]) for r in runs])
         entry["mean_kept_fraction"] = mean_and_sem([sum(r["kept_fraction"]) / len(r["kept_fraction"]) for r in runs])
         if all("vs_standard" in r for r in runs) and runs:

@@ -78,3 +78,15 @@ def test_a_comparison_reports_intervals_and_verdicts():
     header, rows = interval_table(summary)
     assert header[0] == "method" and "P(final > std)" in header and [row[0] for row in rows] == ["same", "faster"]
     assert rows[0][1].endswith(" ≈") and not rows[1][1].endswith(" ≈")
+
+
+def test_kl_spikes_count_rounds_above_three_times_standards_median():
+    from llm_iif.analysis.summary import kl_spikes
+
+    assert kl_spikes([1.0, 3.5, 2.9, 10.0], [1.0, 1.0, 2.0]) == 2  # threshold 3 × 1.0
+    histories = {"standard": {s: curve(s, 0.01) for s in range(2)}, "iif": {s: curve(s, 0.01) for s in range(2)}}
+    for round_ in histories["iif"][0][5:7]:
+        round_["kl"] = 1.0  # 10 × standard's 0.1
+    summary = summarize(histories)
+    assert summary["methods"]["iif"]["seeds"]["0"]["kl_spikes"] == 2
+    assert summary["methods"]["iif"]["kl_spikes"][0] == 1.0 and summary["methods"]["standard"]["kl_spikes"][0] == 0
