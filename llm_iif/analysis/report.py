@@ -20,7 +20,7 @@ from llm_iif.analysis.plots import (Curve, Panel, curves_figure, figure_png, inf
 from llm_iif.analysis.statistics import interval_table
 from llm_iif.analysis.summary import BUDGET_FRACTIONS
 from llm_iif.core.errors import UserError
-from llm_iif.core.fileio import atomic_write_text
+from llm_iif.core.fileio import atomic_write_text, read_jsonl
 from llm_iif.core.paths import GridPaths, RunPaths
 
 CURVES = (("reward_mean", "mean reward"), ("kl", "KL to the reference"), ("entropy", "entropy per token"),
@@ -46,30 +46,14 @@ def find_runs(run_dir: Path) -> dict[str, list[RunPaths]]:
 
 def read_metrics(run: RunPaths) -> list[dict]:
     """The per-round metrics of ``run``; an older run's influence metrics are renamed to today's names. A torn
-    last line (the run was killed while writing it) is left out; `torn_lines` counts it. null values (NaN or
-    inf when logged) are left out of their row."""
-    rows = []
-    for line in run.metrics.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        rows.append({OLD_METRIC_NAMES.get(key, key): value for key, value in row.items() if value is not None})
+    last line (the run was killed while writing it) is left out; null values (NaN or inf when logged) are left
+    out of their row."""
+    rows = [{OLD_METRIC_NAMES.get(key, key): value for key, value in row.items() if value is not None}
+            for row in read_jsonl(run.metrics)[0]]
     if not rows:
         raise UserError(f"{run.metrics}: no complete line yet (the run stopped before its first round or step "
                         "finished); nothing to report")
     return rows
-
-
-def torn_lines(run: RunPaths) -> int:
-    """The lines of ``run``'s metrics.jsonl that are not JSON (a write cut short by a kill)."""
-    count = 0
-    for line in run.metrics.read_text().splitlines():
-        try:
-            json.loads(line)
-        except ValueError:
-            count += 1
-    return count
 
 
 def read_records(run: RunPaths, k: int) -> list[dict]:
@@ -164,8 +148,9 @@ def _summary(run_dir: Path, runs: dict, metrics: dict) -> str:
         name = label if len(runs[label]) == 1 and run.root == run_dir else f"{label} / {run.root.name}"
         if not run.final.is_dir():  # stopped by a signal (it has a checkpoint to resume) or killed
             name += " (incomplete: no final/)"
-        if torn_lines(run):
-            name += f" ({torn_lines(run)} torn metrics line skipped)"
+        torn = read_jsonl(run.metrics)[1]
+        if torn:
+            name += f" ({torn} torn metrics line skipped)"
         rows.append([name, len(history), _number(evaluated[0], "reward_mean", "+.3f"),
                      _number(evaluated[-1], "reward_mean", "+.3f"), _number(evaluated[-1], "kl", ".2f"),
                      f"{sum(m.get('kept_fraction', 1.0) for m in history) / max(len(history), 1):.2f}"])

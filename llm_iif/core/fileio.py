@@ -64,6 +64,18 @@ def append_jsonl(path: Path, record: dict) -> None:
         f.flush()
 
 
+def read_jsonl(path: Path) -> tuple[list[dict], int]:
+    """(the rows of a JSONL file that parse, the number of lines that do not): a line torn by a killed write is
+    left out and counted. A missing file has no rows."""
+    rows, torn = [], 0
+    for line in Path(path).read_text().splitlines() if Path(path).exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            torn += 1
+    return rows, torn
+
+
 def _finite_or_none(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 

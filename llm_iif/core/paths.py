@@ -18,6 +18,7 @@ A comparison (`llm-iif compare`, `llm-iif classic compare`) holds one run per me
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,8 +176,6 @@ class GridPaths:
 
     def recorded_runs(self) -> dict[str, list[int]]:
         """{method: seeds} of the comparison recorded in ``root`` ({} when none is)."""
-        import json
-
         for record in (self.comparison, self.summary):
             try:
                 content = json.loads(record.read_text())

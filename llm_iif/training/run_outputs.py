@@ -25,7 +25,7 @@ from accelerate.utils import gather_object, is_wandb_available
 from llm_iif.core import ppo
 from llm_iif.core.config import Recipe
 from llm_iif.core.errors import UserError, first_line
-from llm_iif.core.fileio import append_jsonl, atomic_write_text, write_parquet
+from llm_iif.core.fileio import append_jsonl, atomic_write_text, read_jsonl, write_parquet
 from llm_iif.core.paths import RunPaths
 from llm_iif.core.records import Advantages, Rollout
 
@@ -204,8 +204,8 @@ class RunOutputs:
     def logged_history(self, rounds: int) -> list[dict]:
         """The first ``rounds`` rounds' metrics as logged, with their timings merged back in: what a trainer that
         does not keep its own history (GRPO) resumes from. A torn last line (a killed write) is skipped."""
-        timings = {row["round"]: row for row in _jsonl_rows(self.paths.timings)}
-        return [{**metrics, **timings.get(metrics["round"], {})} for metrics in _jsonl_rows(self.paths.metrics)
+        timings = {row["round"]: row for row in read_jsonl(self.paths.timings)[0]}
+        return [{**metrics, **timings.get(metrics["round"], {})} for metrics in read_jsonl(self.paths.metrics)[0]
                 if metrics["round"] < rounds]
 
     def write_lds(self, k: int, details: dict) -> None:
@@ -225,8 +225,8 @@ class RunOutputs:
         for metrics in history:
             self._append_metrics(metrics)
         if self.paths.samples.exists():
-            kept = [line for line in self.paths.samples.read_text().splitlines() if json.loads(line)["round"] < done]
-            atomic_write_text(self.paths.samples, "".join(line + "\n" for line in kept))
+            kept = [row for row in read_jsonl(self.paths.samples)[0] if row["round"] < done]
+            atomic_write_text(self.paths.samples, "".join(json.dumps(row) + "\n" for row in kept))
         for k in self.paths.record_rounds():
             if k >= done:
                 self.paths.record(k).unlink()
@@ -234,14 +234,3 @@ class RunOutputs:
             if k >= done:
                 self.paths.lds(k).unlink()
         self.write_recipe()
-
-
-def _jsonl_rows(path: Path) -> list[dict]:
-    """The rows of a JSONL file that parse (a line torn by a killed write does not); [] when it is missing."""
-    rows = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows
