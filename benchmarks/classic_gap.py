@@ -127,9 +127,9 @@ def variant_rows(variant: str, grid: GridPaths, seeds: list[int], rounds: int, e
                  for m in curves}
         finals = "/".join(f"{smoothed['methods'][m]['final_reward'][0]:.3f}" for m in ("standard", "iif"))
         rows.append(f"| {variant} | {episodes or eval_episodes} | {len(both)} | "
-                    f"{pm(smoothed['methods']['iif']['vs_standard']['SE_ave'])} | "
-                    f"{pm(raw['methods']['iif']['vs_standard']['SE_ave'])} | "
-                    f"{pm(smoothed['methods']['iif']['vs_standard']['SE_peak'])} | {finals} | "
+                    f"{pm(smoothed['methods']['iif']['vs_baseline']['SE_ave'])} | "
+                    f"{pm(raw['methods']['iif']['vs_baseline']['SE_ave'])} | "
+                    f"{pm(smoothed['methods']['iif']['vs_baseline']['SE_peak'])} | {finals} | "
                     f"{smoothed['methods']['iif']['mean_kept_fraction'][0]:.2f} | "
                     f"{stalls['iif']} / {stalls['standard']} | {collapses['iif']} / {collapses['standard']} | "
                     f"{climb['iif']:.1f} / {climb['standard']:.1f} |")

@@ -55,7 +55,7 @@ def rows(env: str, histories: dict, smooth: int, with_paper: bool) -> list[str]:
         entry = summary["methods"].get(method)
         if entry is None:
             continue
-        vs = entry.get("vs_standard")
+        vs = entry.get("vs_baseline")
         cells = [pm(vs[k]) for k in ("SE_ave", "SE_peak", "RT_peak")] if vs else ["", "", ""]
         scoring = [m["time_influence_s"] for runs in histories[method].values() for m in runs]
         lines.append(f"| {env} | {method} | {' | '.join(cells)} | {pm(entry['final_reward'])} | "

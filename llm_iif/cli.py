@@ -7,6 +7,7 @@
     llm-iif classic diagnose RECIPE [--round K] [--action-target S,A] [--bottom N] [--set ...] [--output-dir DIR]
     llm-iif classic intervene RECIPE [--rounds 1-10] [--seeds 0,1,2] [--set ...] [--output-dir DIR]
     llm-iif reward train RECIPE [--set ...] [--output-dir DIR]
+    llm-iif suite SUITE.yaml [--tasks NAME,...] [--output-dir DIR] [--overwrite]
 
 Bad input (a `UserError`) prints one line and exits with code 2; ``--debug`` shows the traceback instead.
 """
@@ -22,15 +23,16 @@ import time
 import warnings
 
 from llm_iif.analysis.diagnosis import diagnose, intervene
-from llm_iif.analysis.grid import LM_METHODS, run_classic_compare, run_compare, run_grpo_compare
+from llm_iif.analysis.grid import LM_METHODS, RunStopped, run_classic_compare, run_compare, run_grpo_compare
 from llm_iif.analysis.plots import run_title, write_run_figures
 from llm_iif.analysis.report import write_report
 from llm_iif.analysis.statistics import interval_table
+from llm_iif.analysis.suite import load_suite, run_suite
 from llm_iif.analysis.summary import BUDGET_FRACTIONS
 from llm_iif.core.config import ClassicRecipe, GRPORecipe, RewardTrainRecipe, load_recipe, recipe_kind
 from llm_iif.core.errors import UserError
 from llm_iif.core.imports import require_classic
-from llm_iif.core.paths import RunPaths
+from llm_iif.core.paths import RunPaths, SuitePaths
 from llm_iif.training import build_trainer
 from llm_iif.training.builtins import resolve_builtin
 from llm_iif.training.factory import make_accelerator
@@ -57,6 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--round", type=int, help="the round whose top and bottom samples are tabled (default: last)")
     report.add_argument("--top", type=int, default=5, help="samples at each end of the table")
     report.add_argument("--debug", action="store_true", help="show full tracebacks for bad input")
+    suite = commands.add_parser("suite", help="run a benchmark suite (tasks × methods × seeds) and write its "
+                                              "scorecard; run it again to continue where it stopped")
+    suite.add_argument("suite", help="a suite file, e.g. benchmarks/suites/quick.yaml")
+    suite.add_argument("--tasks", help="comma-separated: run only these tasks of the suite")
+    suite.add_argument("--output-dir", help="where the suite writes (overrides the suite file's output_dir)")
+    suite.add_argument("--overwrite", action="store_true",
+                       help="delete the outputs of another suite in the output directory first (without it, such a "
+                            "directory is refused; the same suite continues)")
+    suite.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. for logs)")
+    suite.add_argument("--debug", action="store_true", help="show full tracebacks for bad input")
     reward = commands.add_parser("reward", help="reward models")
     reward_train = reward.add_subparsers(dest="reward_command", required=True).add_parser(
         "train", help="train a reward model on preference pairs with trl's RewardTrainer")
@@ -290,19 +302,35 @@ def _round_list(text: str) -> list[int]:
 def _compare(args) -> int:
     methods, seeds = _methods_and_seeds(args)
     quiet_libraries()
-    if recipe_kind(args.recipe) is GRPORecipe:
-        output_dir = Path(args.output_dir)
-        _print_comparison(run_grpo_compare(args.recipe, args.overrides, methods, seeds, output_dir, args.overwrite),
-                          output_dir, reward_name="final held-out")
-        return 0
-    accelerator = make_accelerator(load_recipe(args.recipe, args.overrides))
+    output_dir = Path(args.output_dir)
     try:
-        output_dir = Path(args.output_dir)
-        summary = run_compare(args.recipe, args.overrides, methods, seeds, output_dir, accelerator, args.overwrite)
-        if accelerator.is_main_process:
-            _print_comparison(summary, output_dir)
-    finally:
-        accelerator.end_training()
+        if recipe_kind(args.recipe) is GRPORecipe:
+            summary = run_grpo_compare(args.recipe, args.overrides, methods, seeds, output_dir, args.overwrite)
+            _print_comparison(summary, output_dir, reward_name="final held-out")
+            return 0
+        accelerator = make_accelerator(load_recipe(args.recipe, args.overrides))
+        try:
+            summary = run_compare(args.recipe, args.overrides, methods, seeds, output_dir, accelerator, args.overwrite)
+            if accelerator.is_main_process:
+                _print_comparison(summary, output_dir)
+        finally:
+            accelerator.end_training()
+    except RunStopped as err:
+        raise UserError(f"compare {err}; a comparison cannot be resumed: start it again, or run it in a suite "
+                        "(llm-iif suite), which keeps finished runs") from None
+    return 0
+
+
+def _suite(args) -> int:
+    suite = load_suite(args.suite, args.output_dir)
+    only = [name.strip() for name in args.tasks.split(",") if name.strip()] if args.tasks else None
+    command = ["llm-iif", "suite", args.suite, *(["--tasks", args.tasks] if args.tasks else []),
+               *(["--output-dir", args.output_dir] if args.output_dir else [])]
+    quiet_libraries()
+    run_suite(suite, shlex.join(command), args.overwrite, only, progress=not args.no_progress)
+    paths = SuitePaths(suite.output_dir)
+    print(f"\n{paths.scorecard_markdown.read_text()}")
+    print(f"outputs in {paths.root}: scorecard.md, scorecard.json, scorecard.png, one comparison per task")
     return 0
 
 
@@ -328,7 +356,7 @@ def _report(args) -> int:
 
 COMMANDS = {"train": _train, "compare": _compare, "report": _report, "classic compare": _classic_compare,
             "classic diagnose": _classic_diagnose, "classic intervene": _classic_intervene,
-            "reward train": _reward_train}
+            "reward train": _reward_train, "suite": _suite}
 
 
 def quiet_libraries() -> None:
@@ -370,7 +398,7 @@ def _print_comparison(summary: dict, output_dir, reward_name: str = "final rewar
                f"{entry['final_reward'][0]:>+13.3f}")
         if with_kl:  # spikes: rounds above 3 × the median KL of standard's run of the same seed
             row += f" {entry['final_kl'][0]:>9.2f} {entry['kl_spikes'][0]:>10.1f}"
-        vs = entry.get("vs_standard")
+        vs = entry.get("vs_baseline")
         if vs:
             row += f" {_pm(vs['SE_ave'])} {_pm(vs['SE_peak'])} {_pm(vs['RT_peak'])}"
             row += "".join(f" {vs[key][0]:>12.2f}" for key in BUDGET_FRACTIONS)

@@ -59,6 +59,10 @@ CLASSIC_METHODS = {
 
 TrainOne = Callable[[str, int, RunPaths], list[dict]]
 
+# The reward axis of a comparison's curves, by kind of recipe (PPO's is write_comparison's default).
+GRPO_CURVE = "held-out reward (first reward function)"
+CLASSIC_CURVE = "test return (stochastic policy)"
+
 
 def run_grid(table: Mapping[str, object], methods: list[str], seeds: list[int], output_dir: Path,
              train_one: TrainOne, overwrite: bool = False, main_process: bool = True
@@ -123,29 +127,25 @@ def write_comparison(output_dir: Path, histories: dict[str, dict[int, list[dict]
     return summary
 
 
-def run_compare(recipe_path: str, overrides: list[str], methods: list[str], seeds: list[int], output_dir: Path,
-                accelerator, overwrite: bool = False) -> dict:
-    """`llm-iif compare`: the recipe with each of ``methods`` (see `LM_METHODS`) and ``seeds`` in turn, each run
-    with its reward_curve.png, then the comparison's outputs; returns the summary."""
+def lm_trainer(recipe_path: str, overrides: list[str], accelerator) -> TrainOne:
+    """A `TrainOne` for a PPO recipe: each method of `LM_METHODS` with our PPO trainer, each run with its
+    reward_curve.png."""
     def train_one(method: str, seed: int, run: RunPaths) -> list[dict]:
         recipe = load_recipe(recipe_path, [*overrides, *LM_METHODS[method], f"run.seed={seed}",
                                            f"run.output_dir={run.root}"])
-        history = build_trainer(recipe, accelerator).train()
+        trainer = build_trainer(recipe, accelerator)
+        history = trainer.train()
+        if trainer.stopped_by:
+            raise RunStopped(trainer.stopped_by, run)
         if accelerator.is_main_process:
             write_run_figures(run.root, history, run_title(recipe))
         accelerator.free_memory()
         return history
-
-    histories = run_grid(LM_METHODS, methods, seeds, output_dir, train_one, overwrite,
-                         main_process=accelerator.is_main_process)
-    if not accelerator.is_main_process:
-        return summarize(histories)
-    return write_comparison(output_dir, histories)
+    return train_one
 
 
-def run_grpo_compare(recipe_path: str, overrides: list[str], methods: list[str], seeds: list[int],
-                     output_dir: Path, overwrite: bool = False) -> dict:
-    """`llm-iif compare` on a GRPO recipe: every method of `GRPO_METHODS` trains with trl's GRPOTrainer through
+def grpo_trainer(recipe_path: str, overrides: list[str]) -> TrainOne:
+    """A `TrainOne` for a GRPO recipe: every method of `GRPO_METHODS` trains with trl's GRPOTrainer through
     `IIFGRPOTrainer`; the curves are held-out accuracy (the first reward function) per step."""
     from llm_iif.grpo.run import grpo_run_title, train_grpo
 
@@ -157,25 +157,54 @@ def run_grpo_compare(recipe_path: str, overrides: list[str], methods: list[str],
                             "(expected 1)")
         result = train_grpo(recipe)
         if result.stopped_by:
-            raise UserError(f"compare stopped by {result.stopped_by} during {run.root}; its checkpoint is "
-                            f"{result.checkpoint}, but a comparison cannot be resumed: start it again")
+            raise RunStopped(result.stopped_by, run)
         write_run_figures(run.root, result.history, grpo_run_title(recipe))
         return result.history
-
-    histories = run_grid(GRPO_METHODS, methods, seeds, output_dir, train_one, overwrite)
-    return write_comparison(output_dir, histories, ylabel="held-out reward (first reward function)")
+    return train_one
 
 
-def run_classic_compare(recipe_path: str, overrides: list[str], methods: list[str], seeds: list[int],
-                        output_dir: Path, overwrite: bool = False) -> dict:
-    """`llm-iif classic compare`: the classic recipe with each of ``methods`` (see `CLASSIC_METHODS`) and
-    ``seeds`` in turn, then summary.json and reward_curves.png; returns the summary. Needs the classic extra."""
+def classic_trainer(recipe_path: str, overrides: list[str]) -> TrainOne:
+    """A `TrainOne` for a classic recipe: each method of `CLASSIC_METHODS` with `IIFPPO`. Needs the classic
+    extra."""
     from llm_iif.classic.train import train_classic  # Stable-Baselines3: imported only when used
 
     def train_one(method: str, seed: int, run: RunPaths) -> list[dict]:
         recipe = load_recipe(recipe_path, [*overrides, f"run.seed={seed}"], kind=ClassicRecipe)
         mode, p = CLASSIC_METHODS[method](recipe.iif)
         return train_classic(recipe, mode, p, run.root)
+    return train_one
 
-    histories = run_grid(CLASSIC_METHODS, methods, seeds, output_dir, train_one, overwrite)
-    return write_comparison(output_dir, histories, ylabel="test return (stochastic policy)", report=False)
+
+class RunStopped(UserError):
+    """A run of a comparison or suite stopped early, by a signal."""
+
+    def __init__(self, signal: str, run: RunPaths):
+        super().__init__(f"stopped by {signal} during {run.root}")
+        self.run = run
+
+
+def run_compare(recipe_path: str, overrides: list[str], methods: list[str], seeds: list[int], output_dir: Path,
+                accelerator, overwrite: bool = False) -> dict:
+    """`llm-iif compare` on a PPO recipe: the recipe with each of ``methods`` (see `LM_METHODS`) and ``seeds``
+    in turn, then the comparison's outputs; returns the summary."""
+    histories = run_grid(LM_METHODS, methods, seeds, output_dir, lm_trainer(recipe_path, overrides, accelerator),
+                         overwrite, main_process=accelerator.is_main_process)
+    if not accelerator.is_main_process:
+        return summarize(histories)
+    return write_comparison(output_dir, histories)
+
+
+def run_grpo_compare(recipe_path: str, overrides: list[str], methods: list[str], seeds: list[int],
+                     output_dir: Path, overwrite: bool = False) -> dict:
+    """`llm-iif compare` on a GRPO recipe (see `grpo_trainer`); returns the summary."""
+    histories = run_grid(GRPO_METHODS, methods, seeds, output_dir, grpo_trainer(recipe_path, overrides), overwrite)
+    return write_comparison(output_dir, histories, ylabel=GRPO_CURVE)
+
+
+def run_classic_compare(recipe_path: str, overrides: list[str], methods: list[str], seeds: list[int],
+                        output_dir: Path, overwrite: bool = False) -> dict:
+    """`llm-iif classic compare` (see `classic_trainer`): summary.json and reward_curves.png, no report;
+    returns the summary."""
+    histories = run_grid(CLASSIC_METHODS, methods, seeds, output_dir, classic_trainer(recipe_path, overrides),
+                         overwrite)
+    return write_comparison(output_dir, histories, ylabel=CLASSIC_CURVE, report=False)

@@ -90,6 +90,28 @@ def performance_profile_figure(finals: dict[str, Sequence[float]], xlabel: str =
     return fig
 
 
+def interval_figure(panels: list[tuple[str, list[tuple[str, Sequence[float]]], float]]):
+    """Side-by-side panels of point estimates with their intervals, one row per label, as rliable draws
+    aggregate metrics. ``panels``: (title, [(label, [point, low, high])], the null value drawn as a line)."""
+    plt = pyplot()
+    height = max(len(rows) for _, rows, _ in panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(PANEL_SIZE[0] * len(panels), 1.0 + 0.32 * height),
+                             squeeze=False, sharey=True)
+    labels = list(dict.fromkeys(label for _, rows, _ in panels for label, _ in rows))
+    for ax, (title, rows, null) in zip(axes.flat, panels):
+        for label, (point, low, high) in rows:
+            y = labels.index(label)
+            colour = "C1" if low <= null <= high else "C0"  # orange: no measurable difference
+            ax.plot([low, high], [y, y], color=colour, linewidth=4, alpha=0.5)
+            ax.plot([point], [y], "|", color=colour, markersize=12)
+        ax.axvline(null, color="k", linewidth=0.8, linestyle="--")
+        ax.set_yticks(range(len(labels)), labels)
+        ax.invert_yaxis()
+        ax.set(title=title)
+    fig.suptitle("IQM over seeds, 95% stratified bootstrap intervals (orange: covers the baseline's value)")
+    return fig
+
+
 def influence_figure(by_round: dict[int, tuple[Sequence[float], Sequence[bool]]], note: str = "",
                      beside: Panel | None = None):
     """One histogram panel per round of ``by_round`` {round: (influence of each sample, whether it was kept)},

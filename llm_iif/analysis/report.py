@@ -159,7 +159,7 @@ def _summary(run_dir: Path, runs: dict, metrics: dict) -> str:
     if not summary_file.is_file():
         return table
     methods = json.loads(summary_file.read_text())["methods"]
-    versus = {method: entry["vs_standard"] for method, entry in methods.items() if "vs_standard" in entry}
+    versus = {method: entry["vs_baseline"] for method, entry in methods.items() if "vs_baseline" in entry}
     fractions = [key for key in BUDGET_FRACTIONS if all(key in vs for vs in versus.values())]  # older summaries
     compared = [[method, *(f"{vs[key][0]:+.1f} ± {vs[key][1]:.1f}" for key in ("SE_ave", "SE_peak", "RT_peak")),
                  *(f"{vs[key][0]:.2f} ± {vs[key][1]:.2f}" for key in fractions)] for method, vs in versus.items()]

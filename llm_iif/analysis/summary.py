@@ -1,7 +1,8 @@
-"""Summaries of a methods × seeds comparison: smoothed curves, efficiency against standard PPO, means ± SE.
+"""Summaries of a methods × seeds comparison: smoothed curves, efficiency against a baseline, means ± SE.
 
 The efficiency figures follow the paper (Hu et al. 2025, §5): SE_ave and SE_peak compare the rounds a
-method needs against standard PPO's; RT_peak compares wall-clock seconds to standard's peak.
+method needs against a baseline's (standard PPO or GRPO, unless told otherwise); RT_peak compares wall-clock
+seconds to the baseline's peak.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import statistics
 from llm_iif.analysis.statistics import auc_above_start, paired_statistics
 
 LEVELS = tuple(round(0.1 * i, 1) for i in range(2, 10))  # 0.2 ... 0.9
-# `efficiency`'s fractions of standard's budget -> their column header in printed and HTML tables.
-BUDGET_FRACTIONS = {"rounds_to_standard_final": "rounds→final", "seconds_to_standard_final": "s→final",
-                    "rounds_to_standard_peak": "rounds→peak", "seconds_to_standard_peak": "s→peak",
+# `efficiency`'s fractions of the baseline's budget -> their column header in printed and HTML tables.
+BUDGET_FRACTIONS = {"rounds_to_baseline_final": "rounds→final", "seconds_to_baseline_final": "s→final",
+                    "rounds_to_baseline_peak": "rounds→peak", "seconds_to_baseline_peak": "s→peak",
                     "round_time_ratio": "s/round ×"}
 
 
@@ -29,20 +30,20 @@ def rounds_to_reach(curve: list[float], level: float) -> int | None:
     return next((i + 1 for i, value in enumerate(curve) if value >= level), None)
 
 
-def efficiency(standard: list[float], method: list[float], standard_seconds: list[float],
+def efficiency(baseline: list[float], method: list[float], baseline_seconds: list[float],
                method_seconds: list[float], smooth: int = 5) -> dict:
-    """The paper's SE_ave, SE_peak and RT_peak (in %) of ``method`` against ``standard``, and the fractions
-    of standard's budget the method needs, in rounds and in seconds:
+    """The paper's SE_ave, SE_peak and RT_peak (in %) of ``method`` against ``baseline``, and the fractions
+    of the baseline's budget the method needs, in rounds and in seconds:
 
-      rounds_to_standard_final, seconds_to_standard_final   to reach standard's final (smoothed) reward, as a
-                                                             fraction of standard's whole run;
-      rounds_to_standard_peak, seconds_to_standard_peak     to reach standard's peak, as a fraction of what
-                                                             standard needed to reach it;
-      round_time_ratio                                      median round time, method / standard.
+      rounds_to_baseline_final, seconds_to_baseline_final   to reach the baseline's final (smoothed) reward, as
+                                                             a fraction of the baseline's whole run;
+      rounds_to_baseline_peak, seconds_to_baseline_peak     to reach the baseline's peak, as a fraction of what
+                                                             the baseline needed to reach it;
+      round_time_ratio                                      median round time, method / baseline.
 
-    standard, method: per-round mean rewards; *_seconds: per-round wall times.
+    baseline, method: per-round mean rewards; *_seconds: per-round wall times.
     """
-    std, meth = trailing_mean(standard, smooth), trailing_mean(method, smooth)
+    std, meth = trailing_mean(baseline, smooth), trailing_mean(method, smooth)
     start, peak = std[0], max(std)
     unreached = 0
 
@@ -64,14 +65,14 @@ def efficiency(standard: list[float], method: list[float], standard_seconds: lis
     se_ave = sum(reduction(start + f * (peak - start)) for f in LEVELS) / len(LEVELS)
     se_peak = reduction(peak)
     m_std, m_meth = rounds(std, peak), rounds(meth, peak)
-    seconds_std, seconds_meth = seconds(standard_seconds, m_std), seconds(method_seconds, m_meth)
+    seconds_std, seconds_meth = seconds(baseline_seconds, m_std), seconds(method_seconds, m_meth)
     to_final = rounds(meth, std[-1])
     return {"SE_ave": se_ave, "SE_peak": se_peak, "RT_peak": 100.0 * (1.0 - seconds_meth / seconds_std),
-            "rounds_to_standard_final": to_final / len(std),
-            "seconds_to_standard_final": seconds(method_seconds, to_final) / sum(standard_seconds),
-            "rounds_to_standard_peak": m_meth / m_std,
-            "seconds_to_standard_peak": seconds_meth / seconds_std,
-            "round_time_ratio": statistics.median(method_seconds) / statistics.median(standard_seconds),
+            "rounds_to_baseline_final": to_final / len(std),
+            "seconds_to_baseline_final": seconds(method_seconds, to_final) / sum(baseline_seconds),
+            "rounds_to_baseline_peak": m_meth / m_std,
+            "seconds_to_baseline_peak": seconds_meth / seconds_std,
+            "round_time_ratio": statistics.median(method_seconds) / statistics.median(baseline_seconds),
             "unreached_levels": unreached}
 
 
@@ -83,9 +84,9 @@ def mean_and_sem(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
-def kl_spikes(kl: list[float], standard_kl: list[float], factor: float = 3.0) -> int:
-    """Rounds whose KL to the reference exceeds ``factor`` × the median KL of standard's run of the same seed."""
-    threshold = factor * statistics.median(standard_kl)
+def kl_spikes(kl: list[float], baseline_kl: list[float], factor: float = 3.0) -> int:
+    """Rounds whose KL to the reference exceeds ``factor`` × the median KL of the baseline's run of the same seed."""
+    threshold = factor * statistics.median(baseline_kl)
     return sum(value > threshold for value in kl)
 
 
@@ -94,10 +95,11 @@ def reported_rewards(history: list[dict]) -> list[str]:
     return [key for key in history[0] if key.startswith("reward/")]
 
 
-def summarize(histories: dict[str, dict[int, list[dict]]], smooth: int = 5) -> dict:
-    """summary.json's content from {method: {seed: per-round metrics}}."""
-    summary = {"smooth": smooth, "levels": list(LEVELS), "methods": {}}
-    standard = histories.get("standard")
+def summarize(histories: dict[str, dict[int, list[dict]]], smooth: int = 5, baseline: str = "standard") -> dict:
+    """summary.json's content from {method: {seed: per-round metrics}}: every method against ``baseline``'s run
+    of the same seed (its efficiency, KL spikes and, over two or more seeds, its interval estimates)."""
+    summary = {"smooth": smooth, "levels": list(LEVELS), "baseline": baseline, "methods": {}}
+    base_runs = histories.get(baseline)
     for method, by_seed in histories.items():
         entry = {"seeds": {}}
         for seed, history in by_seed.items():
@@ -111,11 +113,11 @@ def summarize(histories: dict[str, dict[int, list[dict]]], smooth: int = 5) -> d
                 run["final_kl"] = trailing_mean(run["kl"], smooth)[-1]
             for key in reported_rewards(history):  # e.g. the hidden rule behind a learned reward model
                 run[f"final_{key}"] = trailing_mean([m[key] for m in history], smooth)[-1]
-            if standard and seed in standard and "kl" in run and all("kl" in m for m in standard[seed]):
-                run["kl_spikes"] = kl_spikes(run["kl"], [m["kl"] for m in standard[seed]])
-            if standard and method != "standard" and seed in standard:
-                base = standard[seed]
-                run["vs_standard"] = efficiency([m["reward_mean"] for m in base], run["reward"],
+            if base_runs and seed in base_runs and "kl" in run and all("kl" in m for m in base_runs[seed]):
+                run["kl_spikes"] = kl_spikes(run["kl"], [m["kl"] for m in base_runs[seed]])
+            if base_runs and method != baseline and seed in base_runs:
+                base = base_runs[seed]
+                run["vs_baseline"] = efficiency([m["reward_mean"] for m in base], run["reward"],
                                                 [m["time_round_s"] for m in base], run["seconds"], smooth)
             entry["seeds"][str(seed)] = run
         runs = list(entry["seeds"].values())
@@ -127,13 +129,13 @@ def summarize(histories: dict[str, dict[int, list[dict]]], smooth: int = 5) -> d
             entry["kl_spikes"] = mean_and_sem([r["kl_spikes"] for r in runs])
         entry["mean_round_s"] = mean_and_sem([r["wall_time_s"] / len(r["reward"]) for r in runs])
         entry["mean_kept_fraction"] = mean_and_sem([sum(r["kept_fraction"]) / len(r["kept_fraction"]) for r in runs])
-        if all("vs_standard" in r for r in runs) and runs:
-            entry["vs_standard"] = {key: mean_and_sem([r["vs_standard"][key] for r in runs])
-                                    for key in runs[0]["vs_standard"]}
+        if all("vs_baseline" in r for r in runs) and runs:
+            entry["vs_baseline"] = {key: mean_and_sem([r["vs_baseline"][key] for r in runs])
+                                    for key in runs[0]["vs_baseline"]}
         summary["methods"][method] = entry
-    for method, entry in summary["methods"].items():  # once standard's runs are summarised too
-        if "vs_standard" in entry and len(entry["seeds"]) >= 2:  # intervals over seeds need two of them
-            base = summary["methods"]["standard"]["seeds"]
+    for method, entry in summary["methods"].items():  # once the baseline's runs are summarised too
+        if "vs_baseline" in entry and len(entry["seeds"]) >= 2:  # intervals over seeds need two of them
+            base = summary["methods"][baseline]["seeds"]
             entry["intervals"] = paired_statistics(*paired_values(entry["seeds"], base, smooth))
     return summary
 
@@ -143,11 +145,11 @@ def paired_values(runs: dict[str, dict], base: dict[str, dict], smooth: int
     """Per seed, a method's run against the baseline's run of the same seed: the statistics of
     `llm_iif.analysis.statistics.paired_statistics`, and the two final rewards."""
     seeds = [seed for seed in runs if seed in base]
-    per_seed = {key: [runs[s]["vs_standard"][key] for s in seeds] for key in
-                ("rounds_to_standard_final", "seconds_to_standard_final", "rounds_to_standard_peak",
-                 "seconds_to_standard_peak")}
+    per_seed = {key: [runs[s]["vs_baseline"][key] for s in seeds] for key in
+                ("rounds_to_baseline_final", "seconds_to_baseline_final", "rounds_to_baseline_peak",
+                 "seconds_to_baseline_peak")}
     areas = []
-    for s in seeds:  # the area above standard's first (smoothed) round; no ratio when standard gained nothing
+    for s in seeds:  # the area above the baseline's first (smoothed) round; no ratio when it gained nothing
         start = trailing_mean(base[s]["reward"], smooth)[0]
         baseline_area = auc_above_start(trailing_mean(base[s]["reward"], smooth), start)
         areas.append(auc_above_start(trailing_mean(runs[s]["reward"], smooth), start) / baseline_area

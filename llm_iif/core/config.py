@@ -385,8 +385,9 @@ GroupFilterName = Literal["dapo", "pods"]
 @dataclass
 class GRPOModelConfig:
     name_or_path: str
-    """A hub id, a local directory, or ``builtin:tiny-adder`` for the offline character-level adder. Loading
-    options (dtype, attention) go in ``grpo.model_init_kwargs``, trl's own field."""
+    """A hub id, a local directory, ``builtin:tiny-adder`` for the offline character-level adder or
+    ``builtin:tiny-reasoner`` for the offline model of chained sums. Loading options (dtype, attention) go in
+    ``grpo.model_init_kwargs``, trl's own field."""
     chat_template: bool = False
     """Wrap each plain-text prompt as a user turn, so that trl prompts the model through the tokenizer's chat
     template (instruct models). Conversational prompts (lists of role/content messages) always go through it.
@@ -396,7 +397,8 @@ class GRPOModelConfig:
 @dataclass
 class GRPODataConfig:
     source: str
-    """``builtin:addition`` (generated 2-3 digit sums), a local .json/.jsonl/.parquet file, such files in a hub
+    """``builtin:addition`` (generated 2-3 digit sums), ``builtin:chain-sums`` (sums of four 2-digit numbers,
+    worked out as a chain of running sums), a local .json/.jsonl/.parquet file, such files in a hub
     repo as an ``hf://datasets/...`` path (glob patterns allowed), or a `datasets` hub id (with ``split`` and
     ``subset``), e.g. ``openai/gsm8k``."""
     prompt_column: str = "prompt"
@@ -414,7 +416,8 @@ class GRPODataConfig:
     shuffled rows are the validation set, the next eval_size the evaluation set, the rest training. It is not
     the run seed, so every seed and method of a comparison is evaluated on the same rows."""
     train_size: int = 4000
-    """builtin:addition: training problems generated (files and hub splits train on all rows not held out)."""
+    """builtin:addition and builtin:chain-sums: training problems generated (files and hub splits train on all
+    rows not held out)."""
     validation_size: int = 256
     """Held-out rows whose prompts build the fresh target (``iif.target_source: fresh``)."""
     eval_size: int = 256
@@ -524,12 +527,17 @@ class GRPORecipe:
 
 
 def recipe_kind(path: str | Path) -> type:
-    """`GRPORecipe` for a recipe file that says ``algorithm: grpo``, else `Recipe` (PPO)."""
+    """`GRPORecipe` for a recipe file that says ``algorithm: grpo``, `ClassicRecipe` for one with an ``env``
+    section (recipes/classic/), else `Recipe` (PPO)."""
     try:
         raw = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError):
         return Recipe  # load_recipe reports the problem
-    return GRPORecipe if isinstance(raw, dict) and raw.get("algorithm") == "grpo" else Recipe
+    if not isinstance(raw, dict):
+        return Recipe
+    if raw.get("algorithm") == "grpo":
+        return GRPORecipe
+    return ClassicRecipe if "env" in raw else Recipe
 
 
 def load_recipe(path: str | Path, overrides: list[str] = (), kind: type = Recipe):

@@ -14,6 +14,10 @@ A comparison (`llm-iif compare`, `llm-iif classic compare`) holds one run per me
 
     GRID/comparison.json  GRID/METHOD/seed-S/   GRID/summary.json  GRID/reward_curves.png  GRID/influence.png
     GRID/report.html
+
+A suite (`llm-iif suite`) holds one comparison per task, beside its scorecard (see `SuitePaths`)::
+
+    SUITE/suite.json  SUITE/finished.jsonl  SUITE/TASK/...  SUITE/scorecard.md  scorecard.json  scorecard.png
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from llm_iif.core.fileio import read_jsonl
 
 _RECORD = re.compile(r"round_(\d+)\.parquet")
 _LDS = re.compile(r"round_(\d+)\.json")
@@ -93,6 +99,14 @@ class RunPaths:
     @property
     def final(self) -> Path:
         return self.root / "final"
+
+    def logged_history(self, rounds: int | None = None) -> list[dict]:
+        """The metrics of the first ``rounds`` rounds (all when None) as logged, with their timings merged back
+        in: what a trainer that keeps no history of its own (GRPO) resumes from, and what a suite reads of a
+        finished run. A torn line (a killed write) is skipped."""
+        timings = {row["round"]: row for row in read_jsonl(self.timings)[0]}
+        return [{**metrics, **timings.get(metrics["round"], {})} for metrics in read_jsonl(self.metrics)[0]
+                if rounds is None or metrics["round"] < rounds]
 
     def numbered_checkpoints(self) -> list[tuple[int, Path]]:
         """(rounds completed, directory) of every checkpoint-N/ directory, oldest first."""
@@ -207,3 +221,46 @@ class GridPaths:
     @property
     def report(self) -> Path:
         return self.root / "report.html"
+
+
+@dataclass(frozen=True)
+class SuitePaths:
+    """The files of a benchmark suite's directory ``root`` (`llm-iif suite`)::
+
+        SUITE/suite.json        the suite as loaded, written before its first run; a restart must match it
+        SUITE/finished.jsonl    one line per finished run: task, method, seed, seconds, CPU model
+        SUITE/TASK/             a comparison directory (`GridPaths`) per task
+        SUITE/scorecard.md  scorecard.json  scorecard.png
+    """
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    def task(self, name: str) -> GridPaths:
+        return GridPaths(self.root / name)
+
+    @property
+    def record(self) -> Path:
+        return self.root / "suite.json"
+
+    @property
+    def finished(self) -> Path:
+        return self.root / "finished.jsonl"
+
+    @property
+    def scorecard_markdown(self) -> Path:
+        return self.root / "scorecard.md"
+
+    @property
+    def scorecard_json(self) -> Path:
+        return self.root / "scorecard.json"
+
+    @property
+    def scorecard_figure(self) -> Path:
+        return self.root / "scorecard.png"
+
+    def outputs(self, tasks: list[str]) -> list[Path]:
+        """Every file the suite of ``tasks`` wrote under ``root``: its own files and each task's comparison."""
+        named = [self.record, self.finished, self.scorecard_markdown, self.scorecard_json, self.scorecard_figure]
+        return [path for path in named if path.exists()] + [p for task in tasks for p in self.task(task).outputs()]

@@ -92,7 +92,7 @@ def train_grpo(recipe: GRPORecipe, overwrite: bool = False, resume_from: Path | 
     if resume_from is None:
         outputs.start(overwrite)
     else:
-        history = outputs.logged_history(completed)
+        history = paths.logged_history(completed)
         outputs.rewind(history)
         if trainer.accelerator.is_main_process:
             run_state.discard_checkpoints_after(paths.root, completed)

@@ -25,7 +25,8 @@ from accelerate.utils import gather_object, is_wandb_available
 from llm_iif.core import ppo
 from llm_iif.core.config import Recipe
 from llm_iif.core.errors import UserError, first_line
-from llm_iif.core.fileio import append_jsonl, atomic_write_text, read_jsonl, write_parquet
+from llm_iif.core.fileio import append_jsonl, atomic_write_text, write_parquet
+from llm_iif.core.machine import cpu_model
 from llm_iif.core.paths import RunPaths
 from llm_iif.core.records import Advantages, Rollout
 
@@ -57,7 +58,7 @@ def open_trackers(names: list[str], output_dir: Path, run_name: str, recipe: dic
 
 
 def environment(accelerator) -> dict:
-    """What a run trained with: Python, platform, package versions, device and process count."""
+    """What a run trained with: Python, platform, CPU model, package versions, device and process count."""
     versions = {}
     for package in PACKAGES:
         try:
@@ -67,7 +68,8 @@ def environment(accelerator) -> dict:
     device = str(accelerator.device)
     if accelerator.device.type == "cuda":
         device += f" ({torch.cuda.get_device_name(accelerator.device)})"
-    return {"python": sys.version.split()[0], "platform": platform.platform(), **versions, "device": device,
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "cpu_model": cpu_model(), **versions,
+            "device": device,
             "processes": accelerator.num_processes, "mixed_precision": str(accelerator.mixed_precision)}
 
 
@@ -200,13 +202,6 @@ class RunOutputs:
         records = gather_object(local_rows)
         if self.is_writer:
             write_parquet(self.paths.record(k), records)
-
-    def logged_history(self, rounds: int) -> list[dict]:
-        """The first ``rounds`` rounds' metrics as logged, with their timings merged back in: what a trainer that
-        does not keep its own history (GRPO) resumes from. A torn last line (a killed write) is skipped."""
-        timings = {row["round"]: row for row in read_jsonl(self.paths.timings)[0]}
-        return [{**metrics, **timings.get(metrics["round"], {})} for metrics in read_jsonl(self.paths.metrics)[0]
-                if metrics["round"] < rounds]
 
     def write_lds(self, k: int, details: dict) -> None:
         """lds/round_XXXX.json: round ``k``'s LDS check (`llm_iif.training.lds_check`)."""

@@ -136,7 +136,7 @@ def test_classic_comparison_writes_the_summary_and_curves_only(tmp_path):
     grid = GridPaths(tmp_path)
     written = json.loads(grid.summary.read_text())
     assert written == json.loads(json.dumps(summary))
-    assert written["methods"]["iif"]["vs_standard"]["SE_ave"] == [0.0, 0.0]  # the same curves as standard
+    assert written["methods"]["iif"]["vs_baseline"]["SE_ave"] == [0.0, 0.0]  # the same curves as standard
     assert grid.reward_curves.stat().st_size > 0
     assert not grid.influence.exists() and not grid.report.exists()  # classic runs keep no records
 

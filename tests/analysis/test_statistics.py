@@ -71,10 +71,10 @@ def test_a_comparison_reports_intervals_and_verdicts():
     assert "intervals" not in summary["methods"]["standard"]
     assert all(entry["verdict"] == NO_DIFFERENCE for entry in same.values())
     assert same["probability_of_improvement"]["estimate"][0] == 0.5
-    for key in ("rounds_to_standard_final", "rounds_to_standard_peak", "auc_ratio", "final_reward_difference",
+    for key in ("rounds_to_baseline_final", "rounds_to_baseline_peak", "auc_ratio", "final_reward_difference",
                 "probability_of_improvement"):
         assert faster[key]["verdict"] == "better", key
-    assert faster["rounds_to_standard_final"]["iqm"][2] < 1.0
+    assert faster["rounds_to_baseline_final"]["iqm"][2] < 1.0
     header, rows = interval_table(summary)
     assert header[0] == "method" and "P(final > std)" in header and [row[0] for row in rows] == ["same", "faster"]
     assert rows[0][1].endswith(" ≈") and not rows[1][1].endswith(" ≈")

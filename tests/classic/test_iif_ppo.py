@@ -292,7 +292,7 @@ def test_classic_compare_command(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["methods"]) == {"standard", "iif", "random"}
     assert summary["methods"]["standard"]["mean_kept_fraction"][0] == 1.0
-    assert {"SE_ave", "SE_peak", "RT_peak"} <= summary["methods"]["iif"]["vs_standard"].keys()
+    assert {"SE_ave", "SE_peak", "RT_peak"} <= summary["methods"]["iif"]["vs_baseline"].keys()
     assert (out / "reward_curves.png").exists() and "test return" in proc.stdout
 
 

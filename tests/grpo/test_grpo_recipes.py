@@ -35,7 +35,7 @@ def test_compare_runs_every_baseline(random_adder_dir, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["methods"]) == methods.split(",")
     for method in methods.split(",")[1:]:
-        assert "seconds_to_standard_final" in summary["methods"][method]["vs_standard"]
+        assert "seconds_to_baseline_final" in summary["methods"][method]["vs_baseline"]
     pods = [json.loads(line) for line in (out / "pods" / "seed-0" / "metrics.jsonl").read_text().splitlines()]
     assert all(m["kept_fraction"] == 0.5 for m in pods)  # 2 of every 4
     assert (out / "reward_curves.png").is_file()

@@ -150,10 +150,10 @@ def test_efficiency_matches_the_paper_definitions():
     expected = [1 - m / s for m, s in zip(method_rounds, standard_rounds)]
     assert result["SE_ave"] == pytest.approx(100 * sum(expected) / 8)
     assert result["RT_peak"] == pytest.approx(100 * (1 - 12 / 11))  # 6 rounds at 2 s vs 11 at 1 s
-    assert result["rounds_to_standard_final"] == pytest.approx(6 / 11)
-    assert result["seconds_to_standard_final"] == pytest.approx(12 / 11)  # 6 rounds at 2 s of standard's 11 s
-    assert result["rounds_to_standard_peak"] == pytest.approx(6 / 11)
-    assert result["seconds_to_standard_peak"] == pytest.approx(12 / 11)
+    assert result["rounds_to_baseline_final"] == pytest.approx(6 / 11)
+    assert result["seconds_to_baseline_final"] == pytest.approx(12 / 11)  # 6 rounds at 2 s of standard's 11 s
+    assert result["rounds_to_baseline_peak"] == pytest.approx(6 / 11)
+    assert result["seconds_to_baseline_peak"] == pytest.approx(12 / 11)
     assert result["round_time_ratio"] == 2.0
     assert result["unreached_levels"] == 0
 
@@ -171,11 +171,11 @@ def test_summary_pairs_each_seed_with_its_standard_run():
     summary = summarize({"standard": {0: history([0, 1, 2], 1.0), 1: history([0, 1, 2], 1.0)},
                          "iif": {0: history([0, 2, 2], 1.0), 1: history([0, 1, 2], 1.0)}}, smooth=1)
     per_seed = summary["methods"]["iif"]["seeds"]
-    assert per_seed["0"]["vs_standard"]["SE_peak"] == pytest.approx(100 * (1 - 2 / 3))
-    assert per_seed["1"]["vs_standard"]["SE_peak"] == 0.0
-    mean, sem = summary["methods"]["iif"]["vs_standard"]["SE_peak"]
+    assert per_seed["0"]["vs_baseline"]["SE_peak"] == pytest.approx(100 * (1 - 2 / 3))
+    assert per_seed["1"]["vs_baseline"]["SE_peak"] == 0.0
+    mean, sem = summary["methods"]["iif"]["vs_baseline"]["SE_peak"]
     assert mean == pytest.approx(50 * (1 - 2 / 3)) and sem > 0
-    assert "vs_standard" not in summary["methods"]["standard"]
+    assert "vs_baseline" not in summary["methods"]["standard"]
 
 
 def test_compare_command_writes_summary_and_plots(tmp_path, tiny_model_dir):
@@ -189,7 +189,7 @@ def test_compare_command_writes_summary_and_plots(tmp_path, tiny_model_dir):
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["methods"]) == {"standard", "iif", "random"}
-    assert {"SE_ave", "SE_peak", "RT_peak"} <= summary["methods"]["iif"]["vs_standard"].keys()
+    assert {"SE_ave", "SE_peak", "RT_peak"} <= summary["methods"]["iif"]["vs_baseline"].keys()
     for name in ("reward_curves.png", "influence.png", "iif/seed-0/metrics.jsonl", "random/seed-0/final"):
         assert (out / name).exists(), name
     assert "SE_peak" in proc.stdout and "final KL" in proc.stdout

@@ -1,0 +1,311 @@
+"""`llm-iif suite SUITE.yaml`: several comparisons (tasks × methods × seeds) into one directory, and one scorecard.
+
+A suite file names its tasks, each a recipe with the methods and seeds to compare and any recipe overrides::
+
+    output_dir: runs/suite-quick          # where the suite writes (--output-dir overrides it)
+    seeds: [0, 1, 2]                      # every task's seeds, unless a task gives its own
+    methods: [standard, iif, random]      # every task's methods, unless a task gives its own
+    tasks:
+      tiny-sentiment:
+        recipe: ../../recipes/tiny-sentiment.yaml   # relative to the suite file
+        set: {run.rounds: 40}                       # overrides, as with --set
+
+A recipe's kind (PPO, GRPO, classic) picks its trainer and its methods (`llm_iif.analysis.grid`). The suite is
+restartable: every finished run is logged in finished.jsonl, and running the same suite file again into the
+same directory skips those and starts any unfinished run afresh. Each task's directory is an ordinary
+comparison (summary.json, reward_curves.png, report.html); `llm_iif.analysis.scorecard` writes the scorecard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+from llm_iif.analysis.grid import (CLASSIC_CURVE, CLASSIC_METHODS, GRPO_CURVE, GRPO_METHODS, LM_METHODS, RunStopped,
+                                   TrainOne, classic_trainer, grpo_trainer, lm_trainer, write_comparison)
+from llm_iif.analysis.scorecard import task_histories, write_scorecard
+from llm_iif.core.config import ClassicRecipe, GRPORecipe, Recipe, load_recipe, recipe_kind
+from llm_iif.core.errors import UserError
+from llm_iif.core.fileio import append_jsonl, atomic_write_text, read_jsonl
+from llm_iif.core.machine import cpu_model
+from llm_iif.core.paths import SuitePaths
+from llm_iif.training.run_outputs import check_writable_directory, delete_outputs, listed
+
+SUITE_KEYS = ("output_dir", "seeds", "methods", "tasks")
+TASK_KEYS = ("recipe", "set", "seeds", "methods")
+DEFAULT_METHODS = ["standard", "iif", "random"]
+# Recipe kind -> (its methods, the y-axis of its curves).
+KINDS = {Recipe: (LM_METHODS, "mean reward"), GRPORecipe: (GRPO_METHODS, GRPO_CURVE),
+         ClassicRecipe: (CLASSIC_METHODS, CLASSIC_CURVE)}
+KIND_NAMES = {Recipe: "PPO", GRPORecipe: "GRPO", ClassicRecipe: "classic PPO (Stable-Baselines3)"}
+
+
+@dataclass
+class SuiteTask:
+    """One comparison of a suite: ``recipe`` with each of ``methods`` and ``seeds``, plus ``overrides``."""
+    name: str
+    recipe: Path
+    kind: type
+    methods: list[str]
+    seeds: list[int]
+    overrides: list[str] = field(default_factory=list)
+
+    def runs(self) -> list[tuple[str, int]]:
+        """(method, seed) pairs, seed-major as in a comparison: all methods of a seed run back to back, so a
+        slowdown of the machine hits every method of that seed alike."""
+        return [(method, seed) for seed in self.seeds for method in self.methods]
+
+    def record(self) -> dict:
+        """What a restart must find unchanged, the recipe's content included."""
+        return {"recipe": str(self.recipe), "recipe_sha256": hashlib.sha256(self.recipe.read_bytes()).hexdigest(),
+                "methods": self.methods, "seeds": self.seeds, "set": self.overrides}
+
+
+@dataclass
+class Suite:
+    path: Path
+    output_dir: Path
+    tasks: list[SuiteTask]
+
+    def record(self) -> dict:
+        return {"suite": str(self.path), "tasks": {task.name: task.record() for task in self.tasks}}
+
+
+def load_suite(path: str | Path, output_dir: str | None = None) -> Suite:
+    """Read and check a suite file: every recipe loads with every method's overrides, before any run starts.
+    Raises `UserError` naming the file and key on bad input."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: suite file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping with {', '.join(SUITE_KEYS)}")
+    _known_keys(raw, SUITE_KEYS, f"{path}")
+    tasks = raw.get("tasks")
+    if not isinstance(tasks, dict) or not tasks:
+        raise UserError(f"{path}: tasks: expected a mapping of task names to recipes")
+    output = output_dir or raw.get("output_dir")
+    if not output:
+        raise UserError(f"{path}: output_dir: expected a directory (or pass --output-dir)")
+    default_seeds = _seeds(raw.get("seeds", [0, 1, 2]), f"{path}: seeds")
+    default_methods = raw.get("methods", DEFAULT_METHODS)
+    loaded = [_load_task(path, str(name), entry, default_seeds, default_methods) for name, entry in tasks.items()]
+    return Suite(path, Path(output), loaded)
+
+
+def _load_task(suite_path: Path, name: str, entry, default_seeds: list[int], default_methods) -> SuiteTask:
+    where = f"{suite_path}: tasks.{name}"
+    if not isinstance(entry, dict) or "recipe" not in entry:
+        raise UserError(f"{where}: expected a mapping with a recipe")
+    _known_keys(entry, TASK_KEYS, where)
+    recipe = suite_path.parent / str(entry["recipe"])
+    if not recipe.is_file():
+        raise UserError(f"{where}.recipe: {recipe} not found (a recipe path is relative to the suite file)")
+    overrides = entry.get("set") or {}
+    if not isinstance(overrides, dict):
+        raise UserError(f"{where}.set: expected a mapping of section.key to values, e.g. {{run.rounds: 40}}")
+    overrides = [f"{key}={json.dumps(value)}" for key, value in overrides.items()]  # JSON is YAML
+    kind = recipe_kind(recipe)
+    table = KINDS[kind][0]
+    methods = entry.get("methods", default_methods)
+    if not isinstance(methods, list) or not methods:
+        raise UserError(f"{where}.methods: expected a list, e.g. [standard, iif, random]")
+    for method in methods:
+        if method not in table:
+            raise UserError(f"{where}.methods: unknown method '{method}' for a {KIND_NAMES[kind]} recipe "
+                            f"(expected some of: {', '.join(table)})")
+    if "standard" not in methods:
+        raise UserError(f"{where}.methods: {methods} lacks standard, the baseline every method is compared with")
+    seeds = _seeds(entry["seeds"], f"{where}.seeds") if "seeds" in entry else default_seeds
+    for method in methods:  # every run's recipe, checked now rather than hours into the suite
+        method_overrides = table[method] if kind is not ClassicRecipe else []
+        try:
+            load_recipe(recipe, [*overrides, *method_overrides], kind=kind)
+        except UserError as err:
+            raise UserError(f"{where} ({method}): {err}") from None
+    return SuiteTask(name, recipe, kind, list(methods), seeds, overrides)
+
+
+def _known_keys(raw: dict, known: tuple[str, ...], where: str) -> None:
+    for key in raw:
+        if key not in known:
+            raise UserError(f"{where}: unknown key '{key}' (expected some of: {', '.join(known)})")
+
+
+def _seeds(value, where: str) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise UserError(f"{where}: expected a list of integer seeds, e.g. [0, 1, 2]")
+    if len(set(value)) < 2:
+        raise UserError(f"{where}: {len(set(value))} seed; the scorecard's intervals over seeds need at least 2")
+    return list(value)
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+def run_suite(suite: Suite, command: str, overwrite: bool = False, only: list[str] | None = None,
+              progress: bool = True) -> dict:
+    """Train every run of ``suite`` not yet finished (of the tasks in ``only``, when given), writing each task's
+    comparison as soon as its runs are done and the scorecard after every task; returns the scorecard.
+
+    command: the command line, for the scorecard's header.
+    """
+    tasks = _selected(suite, only)
+    paths = SuitePaths(suite.output_dir)
+    finished = claim_suite_directory(suite, paths, overwrite)
+    eta = TimeLeft(suite, finished)
+    bar = _bar(sum(len(t.runs()) for t in tasks), sum((t.name, m, s) in finished for t in tasks
+                                                       for m, s in t.runs()), progress)
+    card = None
+    for task in tasks:
+        grid = paths.task(task.name)
+        grid.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(grid.comparison, json.dumps({"methods": task.methods, "seeds": task.seeds}))
+        to_run = [(method, seed) for method, seed in task.runs() if (task.name, method, seed) not in finished]
+        if not to_run and grid.summary.exists():
+            continue  # finished before this restart, comparison written
+        train_one = _trainer(task) if to_run else None
+        for method, seed in to_run:
+            run = grid.run(method, seed)
+            delete_outputs(run.outputs(), grid.root)  # an unfinished run starts afresh
+            bar.set_postfix_str(f"{task.name}: {method}, seed {seed}; {eta.text(tasks)}")
+            start = time.perf_counter()
+            try:
+                train_one(method, seed, run)
+            except RunStopped as err:
+                raise UserError(f"suite {err}; run the same command again to continue (finished runs are kept)") \
+                    from None
+            seconds = time.perf_counter() - start
+            row = {"task": task.name, "method": method, "seed": seed, "seconds": seconds, "cpu_model": cpu_model(),
+                   "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            append_jsonl(paths.finished, row)
+            finished[(task.name, method, seed)] = row
+            eta.add(task.name, seconds)
+            bar.update(1)
+        write_comparison(grid.root, task_histories(task, paths), ylabel=KINDS[task.kind][1],
+                         report=task.kind is not ClassicRecipe)
+        card = write_scorecard(paths, suite, finished, command)  # after every task: a long suite shows results early
+    bar.close()
+    return card if card is not None else write_scorecard(paths, suite, finished, command)
+
+
+def claim_suite_directory(suite: Suite, paths: SuitePaths, overwrite: bool) -> dict[tuple[str, str, int], dict]:
+    """Check that ``suite`` may write into ``paths.root`` and return its finished runs, {(task, method, seed):
+    finished.jsonl row}: none for a new suite, the logged ones when the same suite restarts. Another suite's
+    directory is refused (``overwrite`` deletes exactly its outputs first), and so are runs made on another CPU
+    model, which a scorecard could not pair with this machine's."""
+    check_writable_directory(paths.root, "--output-dir")
+    names = [task.name for task in suite.tasks]
+    earlier_record = _read_record(paths)
+    if earlier_record is None:
+        earlier = paths.outputs(names)
+        if earlier and not overwrite:
+            raise UserError(f"--output-dir: {paths.root} already holds comparisons ({listed(earlier, paths.root)}); "
+                            "choose another directory, or start over with --overwrite, which deletes exactly those")
+    elif earlier_record != suite.record() or overwrite:
+        earlier = paths.outputs(list(earlier_record.get("tasks", {})) or names)
+        if not overwrite:
+            raise UserError(f"--output-dir: {paths.root} holds another suite ({_difference(earlier_record, suite)}); "
+                            "choose another directory, or start over with --overwrite, which deletes its outputs")
+    else:
+        earlier = []
+    if earlier:
+        delete_outputs(earlier, paths.root)
+    atomic_write_text(paths.record, json.dumps(suite.record(), indent=2))
+    finished = {(row["task"], row["method"], row["seed"]): row for row in read_jsonl(paths.finished)[0]}
+    others = sorted({row["cpu_model"] for row in finished.values()} - {cpu_model()})
+    if others:
+        raise UserError(f"--output-dir: {paths.root} holds runs made on the CPU '{others[0]}', and this one is "
+                        f"'{cpu_model()}'; runs on different CPU models take different trajectories and are not "
+                        "paired: finish the suite on the first model, or start over with --overwrite")
+    return finished
+
+
+def _read_record(paths: SuitePaths) -> dict | None:
+    try:
+        return json.loads(paths.record.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _difference(earlier: dict, suite: Suite) -> str:
+    """The first way the recorded suite differs from ``suite``, for the error that refuses to mix them."""
+    if earlier.get("suite") != str(suite.path):
+        return f"from {earlier.get('suite')}"
+    tasks = earlier.get("tasks", {})
+    for task in suite.tasks:
+        if task.name not in tasks:
+            return f"without task {task.name}"
+        for key, value in task.record().items():
+            if tasks[task.name].get(key) != value:
+                what = "its recipe file has changed since" if key == "recipe_sha256" else f"{key} differs from"
+                return f"task {task.name}: {what} this suite's"
+    return "with other tasks"
+
+
+def _selected(suite: Suite, only: list[str] | None) -> list[SuiteTask]:
+    if not only:
+        return suite.tasks
+    names = [task.name for task in suite.tasks]
+    for name in only:
+        if name not in names:
+            raise UserError(f"--tasks: unknown task '{name}' (the suite has: {', '.join(names)})")
+    return [task for task in suite.tasks if task.name in only]
+
+
+def _trainer(task: SuiteTask) -> TrainOne:
+    if task.kind is ClassicRecipe:
+        return classic_trainer(str(task.recipe), task.overrides)
+    if task.kind is GRPORecipe:
+        return grpo_trainer(str(task.recipe), task.overrides)
+    from accelerate import Accelerator
+
+    return lm_trainer(str(task.recipe), task.overrides, Accelerator())
+
+
+class TimeLeft:
+    """The time a suite's remaining runs will take: each at the mean time of its task's finished runs, or of
+    all finished runs while its task has none."""
+
+    def __init__(self, suite: Suite, finished: dict):
+        self.seconds: dict[str, list[float]] = {}
+        for (task, _, _), row in finished.items():
+            self.add(task, row["seconds"])
+        self.finished = finished
+
+    def add(self, task: str, seconds: float) -> None:
+        self.seconds.setdefault(task, []).append(seconds)
+
+    def text(self, tasks: list[SuiteTask]) -> str:
+        everything = [s for values in self.seconds.values() for s in values]
+        if not everything:
+            return "time left: known after the first run"
+        overall = sum(everything) / len(everything)
+        left = 0.0
+        for task in tasks:
+            own = self.seconds.get(task.name)
+            per_run = sum(own) / len(own) if own else overall
+            left += per_run * sum((task.name, m, s) not in self.finished for m, s in task.runs())
+        return f"about {_duration(left)} left"
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{max(minutes, 1)} min"
+
+
+def _bar(total: int, done: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, desc="suite runs", unit="run", disable=not enabled, position=0,
+                dynamic_ncols=True)
+
