@@ -6,13 +6,15 @@ Methods: ``grpo`` (trl's GRPOTrainer class itself), ``iif-batch`` and ``iif-fres
 each target source). Every block builds one trainer from the recipe (same model, seed and data, so the first
 generation batch is the same for all) and trains ``--steps`` steps; blocks alternate between the methods
 ``--repeats`` times, so that a slowdown of the machine part-way hits all alike. The first step of a block is
-a warm-up and is not counted. Prints the median seconds per step, the ratio to grpo's, and the filter's own
-median seconds (scoring, plus fresh validation generation).
+a warm-up and is not counted. Prints the median seconds per step, the ratio to grpo's, the filter's own
+median seconds (scoring, plus fresh validation generation), and the median share of a step spent generating
+(trl's `_generate_single_turn`: sampling the completions, and the fresh target's).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import tempfile
 import time
@@ -35,13 +37,26 @@ METHODS = ("grpo", "iif-batch", "iif-fresh")
 
 class StepTimes(TrainerCallback):
     def __init__(self):
-        self.seconds, self.filter_seconds, self._start = [], [], 0.0
+        self.seconds, self.filter_seconds, self.generation_seconds = [], [], []
+        self._start, self._generating = 0.0, 0.0
+
+    def timed(self, generate):
+        """``generate`` (a trainer's generation method), adding its seconds to the current step's."""
+        @functools.wraps(generate)
+        def timed_generate(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return generate(*args, **kwargs)
+            finally:
+                self._generating += time.perf_counter() - start
+        return timed_generate
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._start = time.perf_counter()
+        self._start, self._generating = time.perf_counter(), 0.0
 
     def on_step_end(self, args, state, control, **kwargs):
         self.seconds.append(time.perf_counter() - self._start)
+        self.generation_seconds.append(self._generating)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "iif/time_filter_s" in logs:
@@ -62,6 +77,7 @@ def run_block(recipe: GRPORecipe, method: str, steps: int, out: Path) -> StepTim
     else:
         recipe.iif.enabled, recipe.iif.target_source = True, method.removeprefix("iif-")
         trainer = IIFGRPOTrainer(**common, iif=recipe.iif, validation_dataset=validation)
+    trainer._generate_single_turn = times.timed(trainer._generate_single_turn)
     trainer.train()
     return times
 
@@ -75,6 +91,7 @@ def main() -> None:
     args = parser.parse_args()
     step_seconds = {m: [] for m in METHODS}
     filter_seconds = {m: [] for m in METHODS}
+    generation_shares = {m: [] for m in METHODS}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
             for method in METHODS:
@@ -82,13 +99,16 @@ def main() -> None:
                 times = run_block(recipe, method, args.steps, Path(tmp) / f"{method}-{repeat}")
                 step_seconds[method] += times.seconds[1:]
                 filter_seconds[method] += times.filter_seconds[1:]
+                generation_shares[method] += [g / s for g, s in zip(times.generation_seconds[1:], times.seconds[1:])]
                 print(f"repeat {repeat} {method}: median step {statistics.median(times.seconds[1:]):.3f} s", flush=True)
     base = statistics.median(step_seconds["grpo"])
-    print(f"\n{'method':<10} {'s/step':>8} {'× grpo':>7} {'filter s':>9}   ({args.repeats} × {args.steps - 1} steps each)")
+    print(f"\n{'method':<10} {'s/step':>8} {'× grpo':>7} {'filter s':>9} {'generating':>10}   "
+          f"({args.repeats} × {args.steps - 1} steps each)")
     for method in METHODS:
         median = statistics.median(step_seconds[method])
         filtering = f"{statistics.median(filter_seconds[method]):>9.3f}" if filter_seconds[method] else f"{'-':>9}"
-        print(f"{method:<10} {median:>8.3f} {median / base:>7.2f} {filtering}")
+        generating = statistics.median(generation_shares[method])
+        print(f"{method:<10} {median:>8.3f} {median / base:>7.2f} {filtering} {generating:>10.0%}")
 
 
 if __name__ == "__main__":

@@ -95,10 +95,27 @@ def reported_rewards(history: list[dict]) -> list[str]:
     return [key for key in history[0] if key.startswith("reward/")]
 
 
+def evaluated_rounds(history: list[dict]) -> list[dict]:
+    """The rounds of ``history`` that have a reward (GRPO evaluates every ``run.eval_every`` steps), each with
+    the wall time of every round since the previous one and their mean kept fraction: the points of its curve.
+    A history with a reward every round comes back as it is."""
+    points, seconds, kept = [], 0.0, []
+    for metrics in history:
+        seconds += metrics["time_round_s"]
+        kept.append(metrics["kept_fraction"])
+        if "reward_mean" in metrics:
+            points.append({**metrics, "time_round_s": seconds, "kept_fraction": sum(kept) / len(kept)})
+            seconds, kept = 0.0, []
+    return points
+
+
 def summarize(histories: dict[str, dict[int, list[dict]]], smooth: int = 5, baseline: str = "standard") -> dict:
     """summary.json's content from {method: {seed: per-round metrics}}: every method against ``baseline``'s run
-    of the same seed (its efficiency, KL spikes and, over two or more seeds, its interval estimates)."""
+    of the same seed (its efficiency, KL spikes and, over two or more seeds, its interval estimates). Curves are
+    over the evaluated rounds (`evaluated_rounds`)."""
     summary = {"smooth": smooth, "levels": list(LEVELS), "baseline": baseline, "methods": {}}
+    histories = {method: {seed: evaluated_rounds(history) for seed, history in by_seed.items()}
+                 for method, by_seed in histories.items()}
     base_runs = histories.get(baseline)
     for method, by_seed in histories.items():
         entry = {"seeds": {}}

@@ -1,8 +1,11 @@
 """The data of a GRPO recipe: its ``data`` section read into trl-ready (train, validation, evaluation) datasets.
 
 Sources (``data.source``):
-- ``builtin:addition``: generated 2-3 digit sums (`llm_iif.lm.addition.addition_problems`), ``train_size``,
-  ``validation_size`` and ``eval_size`` of them, each split from its own fixed seed;
+- ``builtin:addition``: generated 2-3 digit sums (`llm_iif.lm.addition.addition_problems`), and
+  ``builtin:chain-sums``: sums of four 2-digit numbers to be worked out as a chain of running sums
+  (`llm_iif.lm.reasoning.chain_problems`), and ``builtin:equal-length-reviews``: review prompts of one token
+  length, answered freely (`llm_iif.lm.builtin.equal_length_review_prompts`, for a sentiment reward);
+  ``train_size``, ``validation_size`` and ``eval_size`` of them, each split from its own fixed seed;
 - a local .json/.jsonl/.parquet (or .txt, one prompt per line) file, such files in a hub repo as an
   ``hf://datasets/...`` path, or a `datasets` hub id read with ``data.split`` and ``data.subset``, e.g.
   ``openai/gsm8k`` with subset ``main``. These are read by `llm_iif.lm.data.load_table`, as on the PPO side.
@@ -27,11 +30,18 @@ import random
 from llm_iif.core.config import GRPODataConfig
 from llm_iif.core.errors import UserError
 from llm_iif.lm.addition import addition_problems
+from llm_iif.lm.builtin import equal_length_review_prompts
 from llm_iif.lm.data import column_values, load_table, source_kind
+from llm_iif.lm.reasoning import chain_problems
 
 BUILTIN_ADDITION = "builtin:addition"
+BUILTIN_CHAIN_SUMS = "builtin:chain-sums"
+BUILTIN_REVIEWS = "builtin:equal-length-reviews"
+# The generated problem sets: each source's (num, seed) -> rows with "prompt" and "answer".
+GENERATED_SOURCES = {BUILTIN_ADDITION: addition_problems, BUILTIN_CHAIN_SUMS: chain_problems,
+                     BUILTIN_REVIEWS: equal_length_review_prompts}
 # Seeds of the generated problem sets: the same problems for every run seed, disjoint draws per split.
-ADDITION_SEEDS = {"train": 1, "validation": 2, "eval": 3}
+SPLIT_SEEDS = {"train": 1, "validation": 2, "eval": 3}
 
 
 def grpo_datasets(data: GRPODataConfig, model_chat_template: bool = False):
@@ -40,9 +50,9 @@ def grpo_datasets(data: GRPODataConfig, model_chat_template: bool = False):
     plain-text prompts as user messages. Raises a one-line `UserError` for any problem with the data."""
     from datasets import Dataset
 
-    if data.source == BUILTIN_ADDITION:
+    if data.source in GENERATED_SOURCES:
         return tuple(Dataset.from_dict(grpo_columns(table, data, model_chat_template))
-                     for table in _addition_tables(data))
+                     for table in _generated_tables(data))
     table = _read_source(data)
     rows = Dataset.from_dict(grpo_columns(table, data, model_chat_template))
     return tuple(rows.select(indices) for indices in held_out_split(len(rows), data))
@@ -52,22 +62,22 @@ def _read_source(data: GRPODataConfig):
     """The whole table of a file or hub ``data.source`` (`load_table`), after the checks only GRPO makes."""
     kind = source_kind(data.source)
     if kind == "builtin":  # the PPO side's built-in sets have no answers to reward
-        raise UserError(f"data.source: unknown built-in data set '{data.source}' (expected {BUILTIN_ADDITION}, "
-                        "a .json/.jsonl/.parquet file or a hub id)")
+        raise UserError(f"data.source: unknown built-in data set '{data.source}' (expected "
+                        f"{', '.join(GENERATED_SOURCES)}, a .json/.jsonl/.parquet file or a hub id)")
     if data.subset is not None and kind != "hub":
         raise UserError(f"data.subset: '{data.subset}' names a configuration of a hub id, but data.source "
                         f"'{data.source}' is a file (expected data.subset: null)")
     return load_table(data.source, "data.source", data.split, data.subset, text_column=data.prompt_column)
 
 
-def _addition_tables(data: GRPODataConfig) -> list[dict[str, list]]:
-    """builtin:addition's train, validation and evaluation problems, each ``{"prompt": [...], "answer": [...]}``
-    (``train_size``, ``validation_size`` and ``eval_size`` of them, from the split's seed in `ADDITION_SEEDS`)."""
+def _generated_tables(data: GRPODataConfig) -> list[dict[str, list]]:
+    """A generated source's train, validation and evaluation rows, each ``{"prompt": [...], "answer": [...]}``
+    (prompts alone for the reviews) (``train_size``, ``validation_size`` and ``eval_size`` of them, from the split's seed in `SPLIT_SEEDS`)."""
     sizes = {"train": data.train_size, "validation": data.validation_size, "eval": data.eval_size}
     tables = []
     for split in ("train", "validation", "eval"):
-        rows = addition_problems(sizes[split], ADDITION_SEEDS[split])
-        tables.append({name: [row[name] for row in rows] for name in ("prompt", "answer")})
+        rows = GENERATED_SOURCES[data.source](sizes[split], SPLIT_SEEDS[split])
+        tables.append({name: [row[name] for row in rows] for name in rows[0]})
     return tables
 
 

@@ -94,6 +94,17 @@ def review_prompts() -> list[str]:
     return sorted(prompts)
 
 
+def equal_length_review_prompts(num: int, seed: int) -> list[dict]:
+    """``num`` rows ``{"prompt": ...}`` drawn with replacement (deterministic in ``seed``) from the 500 prompts
+    of the two templates with a verb, "i {v} the {n} and it was" and "we {v} this {n} , it felt": GRPO's
+    built-in sentiment prompts. Each is 7 tokens for builtin:tiny-sentiment's tokenizer, so trl's left
+    padding shifts no positions of this GPT-2 (see `llm_iif.lm.addition.addition_problems`)."""
+    prefixes = sorted({prefix for prefix, _ in TEMPLATES if "{v}" in prefix})
+    pool = [prefix.format(n=noun, v=verb) for prefix in prefixes for noun in NOUNS for verb in VERBS]
+    rng = random.Random(seed)
+    return [{"prompt": prompt} for prompt in rng.choices(pool, k=num)]
+
+
 def review_corpus(num_sentences: int, seed: int) -> list[str]:
     """``num_sentences`` review-like sentences, a third each positive, negative and neutral.
 

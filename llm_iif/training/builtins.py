@@ -16,6 +16,7 @@ from llm_iif.core.errors import UserError
 from llm_iif.lm.addition import ADDER_MODEL_NAME, ensure_tiny_adder
 from llm_iif.lm.builtin import (BUILTIN_PREFIX, TINY_MODEL_NAME, TINY_REWARD_MODEL_NAME, TINY_REWARD_MODEL_VERSION,
                                 cache_dir, ensure_tiny_model)
+from llm_iif.lm.reasoning import REASONER_MODEL_NAME, ensure_tiny_reasoner
 from llm_iif.training.reward_model import train_reward_model
 
 logger = logging.getLogger(__name__)
@@ -25,11 +26,12 @@ def resolve_builtin(name_or_path: str, key: str = "model.name_or_path") -> str:
     """Map ``builtin:NAME`` to its cached directory, building it on first use; pass others through.
 
     Built-ins: ``tiny-sentiment`` (the tiny GPT-2), ``tiny-reward-model`` (a classifier trained on
-    ``builtin:tiny-preferences``) and ``tiny-adder`` (a character-level GPT-2 warmed up on sums). ``key`` names the recipe key in errors."""
+    ``builtin:tiny-preferences``), ``tiny-adder`` (a character-level GPT-2 warmed up on sums) and
+    ``tiny-reasoner`` (one warmed up on chains of running sums). ``key`` names the recipe key in errors."""
     if not name_or_path.startswith(BUILTIN_PREFIX):
         return name_or_path
     builders = {TINY_MODEL_NAME: ensure_tiny_model, TINY_REWARD_MODEL_NAME: ensure_tiny_reward_model,
-                ADDER_MODEL_NAME: ensure_tiny_adder}
+                ADDER_MODEL_NAME: ensure_tiny_adder, REASONER_MODEL_NAME: ensure_tiny_reasoner}
     name = name_or_path[len(BUILTIN_PREFIX):]
     if name not in builders:
         raise UserError(f"{key}: unknown built-in model '{name_or_path}' "

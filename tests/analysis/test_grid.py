@@ -190,3 +190,16 @@ def test_report_of_an_unscored_run_sorts_by_reward(tmp_path):
     page = write_report(tmp_path, round_index=0, top=2).read_text()
     assert "Influence scores" not in page and page.count("<img") == 1
     assert "Sorted by reward (this run was not scored)" in page
+
+
+def test_a_curve_evaluated_every_few_steps_counts_the_seconds_between_its_points():
+    from llm_iif.analysis.summary import evaluated_rounds, summarize
+
+    steps = [{"round": k, "time_round_s": 1.0, "kept_fraction": 0.5 if k % 2 else 1.0,
+              **({"reward_mean": 0.1 * k, "kl": 0.0} if k % 3 == 2 else {})} for k in range(6)]
+    points = evaluated_rounds(steps)
+    assert [p["round"] for p in points] == [2, 5] and [p["time_round_s"] for p in points] == [3.0, 3.0]
+    assert [p["kept_fraction"] for p in points] == pytest.approx([2.5 / 3, 2.0 / 3])
+    assert evaluated_rounds(history(4)) == history(4)  # a reward every round: unchanged
+    run = summarize({"standard": {0: steps}})["methods"]["standard"]["seeds"]["0"]
+    assert run["reward"] == pytest.approx([0.2, 0.5]) and run["wall_time_s"] == 6.0

@@ -149,3 +149,13 @@ def test_a_suite_restarts_where_it_stopped_and_keeps_finished_runs(tmp_path, cap
     assert len(last_run.logged_history()) == FAST_CLASSIC["run.rounds"]  # retrained whole
     assert len(paths.finished.read_text().splitlines()) == len(lines)
     assert "| frozenlake | 2 |" in paths.scorecard_markdown.read_text()
+
+
+@pytest.mark.parametrize("name", ["quick", "full"])
+def test_the_shipped_suites_load_with_every_recipe_and_method(name):
+    suite = load_suite(REPO / "benchmarks" / "suites" / f"{name}.yaml")
+    assert {task.name for task in suite.tasks} == {"tiny-sentiment", "tiny-learned-rm", "tiny-addition",
+                                                   "tiny-sentiment-grpo", "tiny-reasoning", "frozenlake", "acrobot"}
+    for task in suite.tasks:
+        assert {"standard", "iif", "random"} <= set(task.methods)
+        assert len(task.seeds) == (3 if name == "quick" else 5 if task.name == "tiny-reasoning" else 10)

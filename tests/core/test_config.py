@@ -35,6 +35,7 @@ def test_shipped_recipes_load():
         for path in paths:
             load_recipe(path, kind=recipe_kind(path) if kind is Recipe else kind)
     assert recipe_kind(REPO / "recipes" / "tiny-addition-grpo.yaml") is GRPORecipe
+    assert recipe_kind(REPO / "recipes" / "tiny-reasoning-grpo.yaml") is GRPORecipe
 
 
 def test_defaults_fill_missing_sections(tmp_path):

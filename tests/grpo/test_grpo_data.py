@@ -7,9 +7,10 @@ import pytest
 
 from llm_iif.core.config import GRPODataConfig
 from llm_iif.core.errors import UserError
-from llm_iif.grpo.data import (ADDITION_SEEDS, BUILTIN_ADDITION, check_chat_template, grpo_datasets,
-                               is_conversational)
+from llm_iif.grpo.data import (BUILTIN_ADDITION, BUILTIN_CHAIN_SUMS, SPLIT_SEEDS, check_chat_template,
+                               grpo_datasets, is_conversational)
 from llm_iif.lm.addition import adder_tokenizer, addition_problems
+from llm_iif.lm.reasoning import chain_problems
 
 # A chat template of the ChatML shape, enough for apply_chat_template to render a user turn.
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
@@ -83,9 +84,16 @@ def test_without_a_mapping_every_column_is_kept(tmp_path):
 def test_builtin_addition_is_unchanged():
     data = GRPODataConfig(source=BUILTIN_ADDITION, train_size=12, validation_size=3, eval_size=5)
     train, validation, evaluation = grpo_datasets(data)
-    assert train.to_list() == addition_problems(12, ADDITION_SEEDS["train"])
-    assert validation.to_list() == addition_problems(3, ADDITION_SEEDS["validation"])
-    assert evaluation.to_list() == addition_problems(5, ADDITION_SEEDS["eval"])
+    assert train.to_list() == addition_problems(12, SPLIT_SEEDS["train"])
+    assert validation.to_list() == addition_problems(3, SPLIT_SEEDS["validation"])
+    assert evaluation.to_list() == addition_problems(5, SPLIT_SEEDS["eval"])
+
+
+def test_builtin_chain_sums_are_the_generated_problems():
+    data = GRPODataConfig(source=BUILTIN_CHAIN_SUMS, train_size=12, validation_size=3, eval_size=5)
+    splits = grpo_datasets(data)
+    for split, size, seed in zip(splits, (12, 3, 5), SPLIT_SEEDS.values()):
+        assert split.to_list() == chain_problems(size, seed)
 
 
 def test_conversational_prompts_pass_through(tmp_path):
@@ -114,7 +122,7 @@ def test_chat_template_wraps_plain_prompts_for_trl(tmp_path):
     text = tokenizer.apply_chat_template(wrapped[0]["prompt"], tokenize=False, add_generation_prompt=True)
     assert text == f"<|user|>{plain[0]['prompt']}<|end|><|assistant|>"
     builtin, _, _ = grpo_datasets(GRPODataConfig(source=BUILTIN_ADDITION, train_size=4), model_chat_template=True)
-    assert builtin[0]["prompt"] == [{"role": "user", "content": addition_problems(1, ADDITION_SEEDS["train"])[0]
+    assert builtin[0]["prompt"] == [{"role": "user", "content": addition_problems(1, SPLIT_SEEDS["train"])[0]
                                      ["prompt"]}]
 
 
@@ -218,7 +226,7 @@ def test_empty_parquet(tmp_path):
 @pytest.mark.parametrize("kwargs, message", [
     ({"source": "missing.jsonl"}, "data.source: file not found: missing.jsonl"),
     ({"source": "builtin:review-prompts"}, "data.source: unknown built-in data set 'builtin:review-prompts' "
-                                           "(expected builtin:addition"),
+                                           "(expected builtin:addition, builtin:chain-sums,"),
 ])
 def test_bad_sources(kwargs, message):
     with pytest.raises(UserError) as err:

@@ -69,3 +69,19 @@ def test_unknown_reward_function(random_adder_dir, tmp_path, capsys):
     assert code == 2
     assert stderr.strip() == ("llm-iif: error: rewards.llm_iif.lm.addition:no_such: cannot import "
                                    "'llm_iif.lm.addition:no_such' (module 'llm_iif.lm.addition' has no 'no_such')")
+
+
+def test_reasoning_recipe_trains_and_evaluates_a_step(tmp_path, capsys):
+    """recipes/tiny-reasoning-grpo.yaml end to end, on a randomly initialised stand-in for builtin:tiny-reasoner."""
+    from llm_iif.lm.char_tasks import character_gpt2
+    from llm_iif.lm.reasoning import reasoner_tokenizer
+
+    tokenizer = reasoner_tokenizer()
+    character_gpt2(tokenizer, n_positions=64, n_embd=32, n_layer=1).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    code, stderr = cli_in_process(capsys, "train", REPO / "recipes" / "tiny-reasoning-grpo.yaml", "--output-dir",
+                                  tmp_path / "run", *small(tmp_path / "model", "run.steps=1"))
+    assert code == 0, stderr[-3000:]
+    (metrics,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics["eval_completions"] == 16 and 0.0 <= metrics["eval/answer_reward"] <= 1.0
+    assert "eval/format_reward" in metrics

@@ -103,3 +103,16 @@ def test_truncated_prompts_keep_their_first_tokens(tmp_path, tokenizer):
                      validation_fraction=0.0)
     kept = load_prompts(cfg, tokenizer, seed=0).train
     assert sorted(kept) == sorted(["the movie was", "great fun"])  # "x" is 1 token: below the minimum
+
+
+def test_equal_length_review_prompts_are_one_token_length_and_seeded(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from llm_iif.lm.builtin import equal_length_review_prompts
+
+    rows = equal_length_review_prompts(300, seed=1)
+    assert rows == equal_length_review_prompts(300, seed=1) != equal_length_review_prompts(300, seed=2)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    # one length, so trl's left padding shifts no positions of the tiny GPT-2
+    assert {len(tokenizer(row["prompt"])["input_ids"]) for row in rows} == {7}
+    assert len({row["prompt"] for row in rows}) > 150 and set(rows[0]) == {"prompt"}

@@ -15,6 +15,13 @@ def test_vader_scores_the_response_sentiment():
     assert good > 0.5 and bad < -0.4 and flat == 0.0
 
 
+def test_vader_as_a_trl_reward_function_reads_text_and_conversational_completions():
+    from reward_models.vader import sentiment_reward
+
+    rewards = sentiment_reward([" great .", [{"role": "assistant", "content": " awful ."}]], prompts=["a", "b"])
+    assert rewards[0] > 0.5 and rewards[1] < -0.4
+
+
 def save_tiny_classifier(directory, tokenizer_dir, num_labels: int, names=None):
     from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
 
