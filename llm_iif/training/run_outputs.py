@@ -25,7 +25,7 @@ from accelerate.utils import gather_object, is_wandb_available
 from llm_iif.core import ppo
 from llm_iif.core.config import Recipe
 from llm_iif.core.errors import UserError, first_line
-from llm_iif.core.fileio import append_jsonl, atomic_write_text, write_parquet
+from llm_iif.core.fileio import append_jsonl, atomic_write_text, read_jsonl, write_parquet
 from llm_iif.core.machine import cpu_model
 from llm_iif.core.paths import RunPaths
 from llm_iif.core.records import Advantages, Rollout
