@@ -11,6 +11,7 @@ the others are shown beside it.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from llm_iif.analysis.plots import interval_figure, save_figure
 from llm_iif.analysis.statistics import estimate_text, interval_table, verdict
-from llm_iif.analysis.summary import rounds_to_reach, summarize, trailing_mean
+from llm_iif.analysis.summary import evaluated_rounds, rounds_to_reach, summarize, trailing_mean
 from llm_iif.core.errors import UserError
 from llm_iif.core.fileio import atomic_write_text
 from llm_iif.core.paths import SuitePaths
@@ -83,7 +84,8 @@ def task_scorecard(task: SuiteTask, histories: dict[str, dict[int, list[dict]]],
     entry = {"recipe": str(task.recipe), "set": task.overrides, "seeds": task.seeds, "seconds": seconds,
              "standard_climb": standard_climb(histories["standard"], summary["smooth"]),
              "methods": {method: {key: value for key, value in stats.items()
-                                  if key in ("final_reward", "final_kl", "kl_spikes", "intervals")}
+                                  if key in ("final_reward", "final_kl", "kl_spikes", "intervals")
+                                  or key.startswith("final_reward/")}  # e.g. a learned reward's hidden rule
                          for method, stats in summary["methods"].items()}}
     if "iif" in histories:
         entry["verdicts"] = {"iif_vs_standard": verdict_text(summary["methods"]["iif"]["intervals"])}
@@ -95,9 +97,11 @@ def task_scorecard(task: SuiteTask, histories: dict[str, dict[int, list[dict]]],
 
 
 def standard_climb(runs: dict[int, list[dict]], smooth: int) -> float | None:
-    """How far into the run (0-1) the seed-mean of standard's smoothed reward curves first reaches
-    `CLIMB_LEVEL` of its gain from first to last round; None when it ends no higher than it starts."""
-    curves = [trailing_mean([m["reward_mean"] for m in history], smooth) for history in runs.values()]
+    """How far into the run (0-1) the seed-mean of standard's smoothed reward curves (over its evaluated rounds)
+    first reaches `CLIMB_LEVEL` of its gain from first to last point; None when it ends no higher than it
+    starts."""
+    curves = [trailing_mean([m["reward_mean"] for m in evaluated_rounds(history)], smooth)
+              for history in runs.values()]
     curve = [sum(values) / len(values) for values in zip(*curves)]
     gain = curve[-1] - curve[0]
     if gain <= 0:
@@ -162,16 +166,20 @@ def scorecard_markdown(card: dict) -> str:
         lines.append(f"| {name} | {len(task['seeds'])} | {verdicts.get('iif_vs_standard', '–')} | "
                      f"{verdicts.get('iif_vs_random', '–')} | {climb_text} |")
     for name, task in finished.items():
-        lines += ["", f"## {name}", "", f"`{task['recipe']}`" + (f" with {', '.join(task['set'])}" if task["set"]
-                                                                   else "") + f", seeds {task['seeds']}", ""]
+        lines += ["", f"## {name}", "", f"`{os.path.normpath(task['recipe'])}`"
+                  + (f" with {', '.join(task['set'])}" if task["set"] else "") + f", seeds {task['seeds']}", ""]
         header, rows = interval_table({"methods": task["methods"]})
-        extra = ["final reward (mean ± SE)", "KL spikes"]
+        reported = sorted({key for stats in task["methods"].values() for key in stats if key.startswith("final_reward/")})
+        extra = ["final reward (mean ± SE)", *(f"{key[len('final_reward/'):]} (not trained on)" for key in reported),
+                 "KL spikes"]
         lines += ["| " + " | ".join([header[0], *extra, *header[1:]]) + " |",
                   "|" + "---|" * (len(header) + len(extra))]
         for method, stats in task["methods"].items():
             row = next((r for r in rows if r[0] == method), [method] + ["–"] * (len(header) - 1))
             spikes = stats.get("kl_spikes")
             lines.append("| " + " | ".join([method, "{:+.3f} ± {:.3f}".format(*stats["final_reward"]),
+                                            *("{:+.3f} ± {:.3f}".format(*stats[key]) if key in stats else "–"
+                                              for key in reported),
                                             f"{spikes[0]:.1f}" if spikes else "–", *row[1:]]) + " |")
         if "iif_vs_random" in task:
             header, rows = interval_table({"methods": {"iif vs random": {"intervals": task["iif_vs_random"]}}})

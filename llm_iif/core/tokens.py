@@ -7,7 +7,6 @@ at position P-1+t predicts response token t.
 from __future__ import annotations
 
 import torch
-from trl.trainer.utils import selective_log_softmax
 
 
 def response_logprobs(logits: torch.Tensor, response_ids: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -16,6 +15,10 @@ def response_logprobs(logits: torch.Tensor, response_ids: torch.Tensor, temperat
     Logits at position P-1+t predict response token t. They are divided by the sampling temperature, so
     the ratio is taken under the distribution that actually sampled the tokens.
     """
+    # Imported here: trl takes seconds to import, which a process that never scores tokens (a bad recipe, a
+    # classic run) should not pay.
+    from trl.trainer.utils import selective_log_softmax
+
     response_len = response_ids.shape[1]
     return selective_log_softmax(at_response_positions(logits, response_len) / temperature, response_ids)
 

@@ -6,7 +6,6 @@ Responses are right-padded after their first EOS, which stays in the response an
 from __future__ import annotations
 
 import torch
-from trl.trainer.utils import entropy_from_logits
 
 from llm_iif.core.config import PPOConfig
 from llm_iif.core.tokens import at_response_positions, response_logprobs
@@ -66,6 +65,8 @@ def tokenize_pairs(tokenizer, prompts: list[str], responses: list[str], device) 
 def per_token_outputs(policy, query_ids, query_mask, response_ids, response_mask, temperature: float,
                  chunk_size: int) -> dict[str, torch.Tensor]:
     """Per-token log-probs, reference log-probs, values and entropies [B, T] at the current parameters."""
+    from trl.trainer.utils import entropy_from_logits  # slow to import: only a process that generates pays it
+
     input_ids = torch.cat([query_ids, response_ids], dim=1)
     attention_mask = torch.cat([query_mask, response_mask], dim=1)
     response_len = response_ids.shape[1]

@@ -94,6 +94,12 @@ def test_standard_climb_is_where_the_seed_mean_reaches_90_percent_of_its_gain():
     # smoothed over 5 rounds: round 17's mean of 0.8, 0.9, 1, 1, 1 is the first above 0.9
     assert standard_climb(rising, smooth=5) == pytest.approx(17 / 20)
     assert standard_climb({0: curve_history([1.0, 0.5, 0.5])}, smooth=1) is None  # no gain
+    every_other = {0: [{**m, "round": 2 * m["round"] + 1} for m in rising[0]]}  # GRPO evaluating every 2 steps
+    for m in curve_history([0.0] * 20):
+        every_other[0].append({key: value for key, value in {**m, "round": 2 * m["round"]}.items()
+                               if key != "reward_mean"})
+    every_other[0].sort(key=lambda m: m["round"])
+    assert standard_climb(every_other, smooth=1) == pytest.approx(14 / 20)
 
 
 def test_task_scorecard_verdicts_on_known_curves(tmp_path):
