@@ -162,7 +162,7 @@ def run_suite(suite: Suite, command: str, overwrite: bool = False, only: list[st
     tasks = _selected(suite, only)
     paths = SuitePaths(suite.output_dir)
     finished = claim_suite_directory(suite, paths, overwrite)
-    eta = TimeLeft(suite, finished)
+    eta = TimeLeft(finished)
     bar = _bar(sum(len(t.runs()) for t in tasks), sum((t.name, m, s) in finished for t in tasks
                                                        for m, s in t.runs()), progress)
     card = None
@@ -276,7 +276,7 @@ class TimeLeft:
     """The time a suite's remaining runs will take: each at the mean time of its task's finished runs, or of
     all finished runs while its task has none."""
 
-    def __init__(self, suite: Suite, finished: dict):
+    def __init__(self, finished: dict):
         self.seconds: dict[str, list[float]] = {}
         for (task, _, _), row in finished.items():
             self.add(task, row["seconds"])
