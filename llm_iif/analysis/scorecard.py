@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +22,7 @@ from llm_iif.analysis.statistics import estimate_text, interval_table, verdict
 from llm_iif.analysis.summary import evaluated_rounds, rounds_to_reach, summarize, trailing_mean
 from llm_iif.core.errors import UserError
 from llm_iif.core.fileio import atomic_write_text
+from llm_iif.core.machine import package_versions
 from llm_iif.core.paths import SuitePaths
 
 if TYPE_CHECKING:
@@ -129,14 +129,9 @@ def provenance(finished: dict) -> dict:
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
     if git("status", "--porcelain", "--untracked-files=no"):
         commit += " (with uncommitted changes)"
-    versions = {}
-    for package in VERSIONS:
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            versions[package] = "not installed"
     return {"date": datetime.now(timezone.utc).date().isoformat(), "commit": commit,
-            "cpu_models": sorted({row["cpu_model"] for row in finished.values()}), "versions": versions}
+            "cpu_models": sorted({row["cpu_model"] for row in finished.values()}),
+            "versions": package_versions(VERSIONS)}
 
 
 def scorecard_markdown(card: dict) -> str:

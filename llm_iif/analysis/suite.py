@@ -25,12 +25,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import yaml
-
 from llm_iif.analysis.grid import (CLASSIC_CURVE, CLASSIC_METHODS, GRPO_CURVE, GRPO_METHODS, LM_METHODS, RunStopped,
                                    TrainOne, classic_trainer, grpo_trainer, lm_trainer, write_comparison)
 from llm_iif.analysis.scorecard import task_histories, write_scorecard
-from llm_iif.core.config import ClassicRecipe, GRPORecipe, Recipe, load_recipe, recipe_kind
+from llm_iif.core.config import ClassicRecipe, GRPORecipe, Recipe, load_recipe, read_yaml_mapping, recipe_kind
 from llm_iif.core.errors import UserError
 from llm_iif.core.fileio import append_jsonl, atomic_write_text, read_jsonl
 from llm_iif.core.machine import cpu_model
@@ -81,14 +79,7 @@ def load_suite(path: str | Path, output_dir: str | None = None) -> Suite:
     """Read and check a suite file: every recipe loads with every method's overrides, before any run starts.
     Raises `UserError` naming the file and key on bad input."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: suite file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a mapping with {', '.join(SUITE_KEYS)}")
+    raw = read_yaml_mapping(path, "suite")
     _known_keys(raw, SUITE_KEYS, f"{path}")
     tasks = raw.get("tasks")
     if not isinstance(tasks, dict) or not tasks:

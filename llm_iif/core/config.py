@@ -545,16 +545,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), kind: type = Recipe
 
     Raises `UserError` naming the file and key on bad input."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: recipe file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: {_yaml_problem(err)}") from err
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    raw = read_yaml_mapping(path, "recipe")
     for item in overrides:
         _apply_override(raw, item)
     return recipe_from_dict(raw, source=str(path), kind=kind)
@@ -585,6 +576,22 @@ def _apply_override(raw: dict, item: str) -> None:
     except yaml.YAMLError as err:
         raise UserError(f"--set {item}: the value {value!r} is not valid YAML ({_yaml_problem(err, where=False)})"
                         ) from err
+
+
+def read_yaml_mapping(path: Path, what: str) -> dict:
+    """The mapping a YAML file (a recipe, a suite) holds, {} for an empty one; a `UserError` naming the file when
+    it is missing, not valid YAML or not a mapping. ``what`` names the kind of file in the errors."""
+    if not path.is_file():
+        raise UserError(f"{path}: {what} file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: {_yaml_problem(err)}") from err
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return raw
 
 
 def _yaml_problem(err: yaml.YAMLError, where: bool = True) -> str:

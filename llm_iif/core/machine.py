@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import platform
 from functools import cache
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+
+def package_versions(packages) -> dict[str, str]:
+    """{package: its installed version, or "not installed"} for each of ``packages``."""
+    versions = {}
+    for package in packages:
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
 
 
 @cache

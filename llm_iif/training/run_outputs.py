@@ -13,7 +13,6 @@ import shlex
 import shutil
 import sys
 import tempfile
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from llm_iif.core import ppo
 from llm_iif.core.config import Recipe
 from llm_iif.core.errors import UserError, first_line
 from llm_iif.core.fileio import append_jsonl, atomic_write_text, read_jsonl, write_parquet
-from llm_iif.core.machine import cpu_model
+from llm_iif.core.machine import cpu_model, package_versions
 from llm_iif.core.paths import RunPaths
 from llm_iif.core.records import Advantages, Rollout
 
@@ -59,12 +58,7 @@ def open_trackers(names: list[str], output_dir: Path, run_name: str, recipe: dic
 
 def environment(accelerator) -> dict:
     """What a run trained with: Python, platform, CPU model, package versions, device and process count."""
-    versions = {}
-    for package in PACKAGES:
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            versions[package] = "not installed"
+    versions = package_versions(PACKAGES)
     device = str(accelerator.device)
     if accelerator.device.type == "cuda":
         device += f" ({torch.cuda.get_device_name(accelerator.device)})"
