@@ -89,8 +89,11 @@ class LayerGradientCapture:
 
     def sum_by_group(self, groups: torch.Tensor, n_groups: int) -> None:
         """From the next backward on, sum the per-sample gradients within each group instead: ``groups``
-        [B] gives each sample's group in [0, n_groups); read the sums with `group_sums`."""
-        self._groups = torch.nn.functional.one_hot(groups.long(), n_groups).float()   # [B, K]
+        [B] gives each sample's group in [0, n_groups), or -1 to leave the sample out (its gradient may be NaN
+        and still adds nothing); read the sums with `group_sums`."""
+        groups = groups.long()
+        self._groups = torch.nn.functional.one_hot(groups.clamp(min=0), n_groups).float()   # [B, K]
+        self._groups[groups < 0] = 0.0
         self._group_sums.clear()
 
     # ---------------------------------------------------------------- results
@@ -134,6 +137,8 @@ class LayerGradientCapture:
         weight_name, bias_name = self._params[key]
         if self._groups is not None:
             groups = self._groups.to(g.device)
+            counted = groups.sum(dim=1).bool()[:, None, None]  # where, not a product: 0 · NaN would be NaN
+            x, g = torch.where(counted, x, 0.0), torch.where(counted, g, 0.0)
             self._group_sums[weight_name] = torch.einsum("bk,bto,bti->koi", groups, g, x).reshape(
                 -1, *layer.weight.shape)
             if bias_name is not None:

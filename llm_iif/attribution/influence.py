@@ -49,22 +49,36 @@ PerSampleLossAndTarget = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor,
 
 
 def target_gradient_parts(model: nn.Module, rows: TargetBatch, sequence_logprobs: SequenceLogprobs,
-                          part: torch.Tensor, n_parts: int, chunk_size: int) -> list[dict]:
-    """∇ of -Σ_v Σ_t w_{v,t} log π(y_{v,t}) over the scored parameters (`scored_parameters`), summed separately over each part of the
-    rows: ``part`` [V] gives each row's part in [0, n_parts). Returns n_parts {name: tensor} dicts (fp32);
-    a part without rows is zero. One forward and backward per chunk of a part's rows."""
+                          part: torch.Tensor, n_parts: int, chunk_size: int) -> tuple[list[dict], int]:
+    """∇ of -Σ_v Σ_t w_{v,t} log π(y_{v,t}) over the scored parameters (`scored_parameters`), summed separately
+    over each part of the rows: ``part`` [V] gives each row's part in [0, n_parts). Returns n_parts
+    {name: tensor} dicts (fp32; a part without rows is zero) and the number of rows left out because their
+    term is NaN or inf. One forward and backward per chunk of a part's rows (two for a chunk with such rows)."""
     params = scored_parameters(model)
-    sums = []
+    sums, left_out = [], 0
     for index in range(n_parts):
         total = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
         for chunk in torch.split((part == index).nonzero().flatten().to(rows.query_ids.device), chunk_size):
-            logprobs = sequence_logprobs(model, rows.query_ids[chunk], rows.query_mask[chunk],
-                                         rows.response_ids[chunk], rows.response_mask[chunk])
-            loss = -(rows.weights[chunk] * logprobs * rows.response_mask[chunk]).sum()
-            for name, grad in zip(params, torch.autograd.grad(loss, list(params.values()))):
+            terms = _target_terms(model, rows, sequence_logprobs, chunk)
+            finite = torch.isfinite(terms.detach())
+            if not finite.all():  # again without them: their NaN would reach every gradient through the sum
+                left_out += int((~finite).sum())
+                chunk = chunk[finite]
+                if len(chunk) == 0:
+                    continue
+                terms = _target_terms(model, rows, sequence_logprobs, chunk)
+            for name, grad in zip(params, torch.autograd.grad(terms.sum(), list(params.values()))):
                 total[name] += grad.float()
         sums.append(total)
-    return sums
+    return sums, left_out
+
+
+def _target_terms(model: nn.Module, rows: TargetBatch, sequence_logprobs: SequenceLogprobs,
+                  chunk: torch.Tensor) -> torch.Tensor:
+    """[b] -Σ_t w_{v,t} log π(y_{v,t}) of the rows ``chunk``, with gradient."""
+    logprobs = sequence_logprobs(model, rows.query_ids[chunk], rows.query_mask[chunk],
+                                 rows.response_ids[chunk], rows.response_mask[chunk])
+    return -(rows.weights[chunk] * logprobs * rows.response_mask[chunk]).sum(dim=1)
 
 
 def target_value(model: nn.Module, rows: TargetBatch, sequence_logprobs: SequenceLogprobs,
@@ -98,9 +112,10 @@ def influence_scores(model: nn.Module, per_sample_loss: PerSampleLoss, batch_siz
 
 def cross_fitted_dots(model: nn.Module, loss_and_target: PerSampleLossAndTarget, batch_size: int, fold: torch.Tensor,
                       n_folds: int, chunk_size: int, sum_over_processes: Callable[[list[dict]], list[dict]],
-                      device) -> tuple[torch.Tensor, list[dict]]:
-    """[B, K] dot products ⟨G_j, ∇L_i⟩ of every sample with every fold's summed target gradient G_j, and the
-    G_j (fp32 {name: tensor}, summed over processes by ``sum_over_processes``).
+                      device) -> tuple[torch.Tensor, list[dict], torch.Tensor]:
+    """[B, K] dot products ⟨G_j, ∇L_i⟩ of every sample with every fold's summed target gradient G_j, the
+    G_j (fp32 {name: tensor}, summed over processes by ``sum_over_processes``), and [B] bool: the rows whose
+    target term is finite, the only ones in the G_j (one NaN or inf row would spoil its whole fold).
 
     ``fold`` [B] gives each row's fold. When the batch fits one chunk, one forward serves both backward
     passes: the target terms' (summed per fold by the hooks), then the losses' (scored against the stacked
@@ -108,11 +123,13 @@ def cross_fitted_dots(model: nn.Module, loss_and_target: PerSampleLossAndTarget,
     params = list(scored_parameters(model).values())
     chunks = torch.split(torch.arange(batch_size, device=device), chunk_size)
     fused = len(chunks) == 1
+    in_target = torch.ones(batch_size, dtype=torch.bool)
     with LayerGradientCapture(model, scored_layers(model)) as capture:
         totals: dict | None = None
         for chunk in chunks:
             losses, target_terms = loss_and_target(model, chunk)
-            capture.sum_by_group(fold[chunk.cpu()], n_folds)
+            in_target[chunk.cpu()] = torch.isfinite(target_terms.detach()).cpu()
+            capture.sum_by_group(fold[chunk.cpu()].where(in_target[chunk.cpu()], -1), n_folds)
             torch.autograd.grad(target_terms.sum(), params, retain_graph=fused)  # fused: the losses reuse it
             sums = capture.group_sums()
             totals = sums if totals is None else {name: totals[name] + sums[name] for name in totals}
@@ -124,4 +141,4 @@ def cross_fitted_dots(model: nn.Module, loss_and_target: PerSampleLossAndTarget,
                 losses, _ = loss_and_target(model, chunk)
             torch.autograd.grad(losses.sum(), params)
             dots.append(capture.scores())
-    return torch.cat(dots), parts
+    return torch.cat(dots), parts, in_target

@@ -7,7 +7,8 @@ At the parameters θ(k) that generated a batch, before its first optimiser step:
     keep    filter_mask(I over every process's samples, mode, p)
 
 With ``iif.target_source: batch`` the rows v are the training batch itself, cross-fitted: the batch is split
-into K folds by global row index, G_k is the summed target gradient of fold k, and sample i in fold k(i) is
+into K folds by global row index (by whole groups where rows come in groups, `fold_of_rows`), G_k is the summed
+target gradient of fold k, and sample i in fold k(i) is
 scored against the other folds only, I_i = ⟨Σ_{j≠k(i)} G_j, ∇L_i⟩ / (N - N_{k(i)}), so its own gradient
 never inflates its score. One forward serves two backward passes: the first sums the target terms' gradients
 per fold (G_j), the second gives every ⟨G_j, ∇L_i⟩ at once.
@@ -57,12 +58,14 @@ class IIFStage:
 
     ``config`` is the recipe's ``iif`` section (mode, p, min_split_cos, score_batch_size, target_source, folds).
     ``target_source`` may be None with ``target_source: batch``. ``generator`` draws the random modes'
-    choices; it must be seeded the same on every process.
+    choices; it must be seeded the same on every process. ``group_size``: the batch's rows come in groups of
+    this many consecutive rows (GRPO's completions of one prompt), which the batch target folds together.
     """
 
     def __init__(self, config: IIFConfig, accelerator: Accelerator, target_source: TargetSource | None,
-                 sequence_logprobs: SequenceLogprobs, guard: NonfiniteGuard, generator: torch.Generator):
-        self.config, self.accelerator = config, accelerator
+                 sequence_logprobs: SequenceLogprobs, guard: NonfiniteGuard, generator: torch.Generator,
+                 group_size: int = 1):
+        self.config, self.accelerator, self.group_size = config, accelerator, group_size
         self.target_source, self.sequence_logprobs = target_source, sequence_logprobs
         self.guard, self.generator = guard, generator
         self.timer = PhaseTimer()
@@ -134,14 +137,15 @@ class IIFStage:
         gradient preconditioned, when given), and the cosine between the even and the odd folds' gradients."""
         acc, folds = self.accelerator, self.config.folds
         _, offset = gather_values(acc, torch.zeros(batch_size))
-        fold = (torch.arange(batch_size) + offset) % folds  # by global row: N processes fold as one would
-        rows_per_fold = acc.reduce(torch.bincount(fold, minlength=folds).float().to(acc.device), "sum")
+        fold = fold_of_rows(batch_size, offset, folds, self.group_size)
         with self.timer.phase("scoring"), acc.no_sync(model), acc.autocast():  # target and scores: one pass
-            dots, parts = cross_fitted_dots(acc.unwrap_model(model), loss_and_target, batch_size, fold, folds,
+            dots, parts, in_target = cross_fitted_dots(acc.unwrap_model(model), loss_and_target, batch_size, fold, folds,
                                             self.config.score_batch_size,
                                             lambda g: [precondition(part) if precondition else part
                                                        for part in sum_gradients(acc, *g)],
                                             acc.device)                                        # [B, K]
+        self._flag_left_out_rows(int((~in_target).sum()), batch_size)
+        rows_per_fold = acc.reduce(torch.bincount(fold[in_target], minlength=folds).float().to(acc.device), "sum")
         fold = fold.to(dots.device)
         own = dots.gather(1, fold[:, None]).squeeze(1)
         influence = (dots.sum(dim=1) - own) / (rows_per_fold.sum() - rows_per_fold[fold])
@@ -160,12 +164,22 @@ class IIFStage:
         self.target_rows = rows
         with self.timer.phase("target"):
             with acc.no_sync(model), acc.autocast():  # each process's part is summed by the reduce below
-                half_a, half_b = target_gradient_parts(acc.unwrap_model(model), rows, self.sequence_logprobs,
-                                                       torch.arange(len(rows)) % 2, 2, self.config.score_batch_size)
+                (half_a, half_b), left_out = target_gradient_parts(
+                    acc.unwrap_model(model), rows, self.sequence_logprobs, torch.arange(len(rows)) % 2, 2,
+                    self.config.score_batch_size)
             half_a, half_b = sum_gradients(acc, half_a, half_b)
-            n_total = acc.reduce(torch.tensor(float(len(rows)), device=acc.device), "sum").item()
+            n_total = self._flag_left_out_rows(left_out, len(rows))
         target = {name: (half_a[name] + half_b[name]) / n_total for name in half_a}
         return target, grad_cosine(half_a, half_b)
+
+    def _flag_left_out_rows(self, left_out: int, rows: int) -> float:
+        """Report this process's target rows left out as NaN or inf to the guard (summed over processes);
+        returns how many rows, over all processes, the target keeps."""
+        counts = self.accelerator.reduce(torch.tensor([float(left_out), float(rows)], device=self.accelerator.device),
+                                         "sum").tolist()
+        self.guard.flag("target", int(counts[0]), f"IIF target: NaN or inf terms for {int(counts[0])} of "
+                        f"{int(counts[1])} target rows, left out of the target", counts[0] == counts[1])
+        return counts[1] - counts[0]
 
     def _decide(self, influence: torch.Tensor | None, batch_size: int, mode: str) -> tuple[torch.Tensor, dict]:
         """One filter decision over every process's scores, so N processes filter exactly as one would.
@@ -181,6 +195,15 @@ class IIFStage:
         keep_all[scored] = filter_mask(everyone[scored], mode, self.config.p, self.generator)
         keep = keep_all[offset:offset + batch_size].to(acc.device)
         return keep, {"influence": everyone, "scored": scored, "keep": keep_all}
+
+
+def fold_of_rows(batch_size: int, offset: int, folds: int, group_size: int = 1) -> torch.Tensor:
+    """[B] the fold of each of this process's rows, by global row index (``offset`` + i), so that N processes
+    fold as one would; groups of ``group_size`` consecutive rows share a fold.
+
+    Whole groups, because a group's advantages sum to zero: a completion's groupmates in its target would pull
+    against its own advantage and push every score towards -Â_i²."""
+    return ((torch.arange(batch_size) + offset) // group_size) % folds
 
 
 def _summed(gradients: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -1,7 +1,7 @@
 """The non-finite guard: NaN or inf values are skipped and counted, and stop the run after a patience.
 
 Every kind of value that can go non-finite in a round (rewards, policy log-probs or values, advantages,
-influence scores, gradients) reports here with a count already summed over processes. The affected samples
+IIF's target rows, influence scores, gradients) reports here with a count already summed over processes. The affected samples
 or optimiser steps are skipped by the caller; the guard counts them in ``nonfinite_<kind>`` and raises a
 `UserError` once more rounds in a row than ``patience`` contained any.
 """
@@ -16,7 +16,7 @@ from llm_iif.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-NONFINITE_KINDS = ("reward", "policy", "advantage", "influence", "grad_steps")
+NONFINITE_KINDS = ("reward", "policy", "advantage", "target", "influence", "grad_steps")
 
 
 class NonfiniteGuard:

@@ -12,7 +12,9 @@ share of the batch loss, its normaliser:
           1 / N                luspo
           1 / Σ_j |y_j|        bnpo, dapo, cispo, vespo   (a token sum over the batch)
 
-with N completions and Σ_j |y_j| tokens in the generation batch, over all processes.
+with N completions and Σ_j |y_j| tokens in the generation batch, over all processes. trl computes the
+`RESCALED_LOSSES` per micro-batch (bnpo as a token mean of the micro-batch); after filtering,
+`IIFGRPOTrainer._compute_loss` rescales them to the whole batch's kept completions or tokens, as above.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import torch
 ROW_MEAN_LOSSES = ("grpo", "sapo", "dr_grpo", "luspo")
 """Loss types that trl averages over the completions of a micro-batch (the others normalise by tokens)."""
 TOKEN_SUM_LOSSES = ("bnpo", "dapo", "cispo", "vespo")
+RESCALED_LOSSES = ROW_MEAN_LOSSES + ("bnpo",)
+"""Loss types whose trl normaliser counts one micro-batch only, so filtering must rescale them."""
 SUPPORTED_LOSSES = ROW_MEAN_LOSSES + TOKEN_SUM_LOSSES
 
 

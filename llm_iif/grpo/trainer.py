@@ -41,7 +41,7 @@ from llm_iif.core.distributed import gather_values, shards_parameters
 from llm_iif.core.errors import UserError, first_line
 from llm_iif.core.guards import NonfiniteGuard
 from llm_iif.grpo.groups import max_variance_subsets, varied_groups
-from llm_iif.grpo.losses import (ROW_MEAN_LOSSES, SUPPORTED_LOSSES, completion_losses, completion_normalisers,
+from llm_iif.grpo.losses import (RESCALED_LOSSES, SUPPORTED_LOSSES, completion_losses, completion_normalisers,
                                  group_target_terms, token_losses)
 from llm_iif.training.run_state import IIF_STATE_FILE
 
@@ -105,7 +105,8 @@ class IIFGRPOTrainer(GRPOTrainer):
         self.generation_records: list[dict] = []
         if iif is not None:
             source = None if iif.target_source == "batch" else FreshGroupTarget(self)
-            self._stage = IIFStage(iif, self.accelerator, source, self._sequence_logprobs, self._guard, generator)
+            self._stage = IIFStage(iif, self.accelerator, source, self._sequence_logprobs, self._guard, generator,
+                                   group_size=self.num_generations)
 
     # ------------------------------------------------------------------------------------------------ checks
     def _check_settings(self) -> None:
@@ -118,9 +119,9 @@ class IIFGRPOTrainer(GRPOTrainer):
         if self.loss_type not in SUPPORTED_LOSSES:
             raise UserError(f"loss_type: '{self.loss_type}' is not supported with filtering "
                             f"(expected one of {', '.join(SUPPORTED_LOSSES)})")
-        if self.loss_type in ROW_MEAN_LOSSES and (self._entropy_bonus_enabled or self.aux_loss_enabled):
-            raise UserError(f"entropy_coef / router aux loss: loss_type '{self.loss_type}' rescales the loss to "
-                            "the kept completions, which would rescale these terms too; use loss_type dapo or bnpo")
+        if self.loss_type in RESCALED_LOSSES and (self._entropy_bonus_enabled or self.aux_loss_enabled):
+            raise UserError(f"entropy_coef / router aux loss: loss_type '{self.loss_type}' is rescaled to the kept "
+                            "completions, which would rescale these terms too; use loss_type dapo")
         if self.multi_objective_aggregation != "sum_then_normalize":
             raise UserError("multi_objective_aggregation: filtering needs per-group rewards "
                             "(expected sum_then_normalize)")
@@ -140,10 +141,10 @@ class IIFGRPOTrainer(GRPOTrainer):
         if iif.target_source not in ("batch", "fresh"):
             raise UserError(f"iif.target_source: '{iif.target_source}' is not available for GRPO "
                             "(expected batch or fresh)")
-        completions = args.generation_batch_size  # per generation batch, over all processes
-        if iif.target_source == "batch" and iif.folds > completions:
-            raise UserError(f"iif.folds: {iif.folds} folds of a generation batch of {completions} completions; "
-                            f"expected at most {completions}")
+        groups = args.generation_batch_size // self.num_generations  # per generation batch, over all processes
+        if iif.target_source == "batch" and iif.folds > groups:
+            raise UserError(f"iif.folds: {iif.folds} folds of a generation batch of {groups} prompts (folds take "
+                            f"whole groups of {self.num_generations} completions); expected at most {groups}")
         if iif.mode in ("bottom", "random") and iif.p >= 1.0:
             raise UserError(f"iif.p: {iif.p} with iif.mode {iif.mode} would drop every completion; expected p < 1")
         if args.top_entropy_quantile < 1.0:
@@ -194,7 +195,8 @@ class IIFGRPOTrainer(GRPOTrainer):
                                            self._preconditioner())
             keep, metrics, influence = selection.keep & ~nonfinite, selection.metrics, selection.influence
             metrics["kept_fraction"] = self._global_mean(keep)
-        metrics["nonfinite_reward"] = self._guard.end_round()["nonfinite_reward"]
+        counts = self._guard.end_round()
+        metrics.update({name: counts[name] for name in ("nonfinite_reward", "nonfinite_target", "nonfinite_influence")})
         self.generation_records = self._records(batch, rewards, keep, influence)
         batch = self._kept_rows(batch, keep)
         metrics["time_filter_s"] = time.perf_counter() - start
@@ -204,13 +206,17 @@ class IIFGRPOTrainer(GRPOTrainer):
 
     def _compute_loss(self, model, inputs):
         loss = super()._compute_loss(model, inputs)
-        if "iif_kept_rows" in inputs and self.loss_type in ROW_MEAN_LOSSES:
-            # trl averages over the micro-batch's rows, padding included: rescale to a mean over kept rows,
-            # the way trl's token-sum losses use num_items_in_batch (see _kept_rows).
-            rows = inputs["completion_ids"].shape[0]
-            scale = rows * self.accelerator.num_processes * self.args.steps_per_generation
-            loss = loss * scale / inputs["iif_kept_rows"].clamp(min=1)
-        return loss
+        if "iif_kept_rows" not in inputs or self.loss_type not in RESCALED_LOSSES:
+            return loss
+        # trl averages these over one micro-batch (its rows, padding included, or bnpo's tokens), so after
+        # filtering micro-batches and processes would weigh their completions unequally: rescale to a mean over
+        # the whole batch's kept rows or tokens, the way trl's dapo loss uses num_items_in_batch (_kept_rows).
+        micro_batches = self.accelerator.num_processes * self.args.steps_per_generation
+        if self.loss_type == "bnpo":
+            tokens = _loss_mask(inputs).sum().clamp(min=1)
+            return loss * tokens * micro_batches / inputs["num_items_in_batch"].clamp(min=1)
+        rows = inputs["completion_ids"].shape[0]
+        return loss * rows * micro_batches / inputs["iif_kept_rows"].clamp(min=1)
 
     def _records(self, batch: dict, rewards: torch.Tensor, keep: torch.Tensor, influence: torch.Tensor | None
                  ) -> list[dict]:

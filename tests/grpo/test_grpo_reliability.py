@@ -64,7 +64,7 @@ def test_jsonl_lines_are_always_json(tmp_path):
     (["lora.target_modules=[]"], "lora.target_modules: expected module names, or null"),
     (["lora.target_modules=[no_such_layer]"], "lora.target_modules: ['no_such_layer'] match no layer of"),
     (["run.report_to=[wandb]"], "run.report_to: wandb needs `pip install wandb`"),
-    (["iif.folds=17"], "iif.folds: 17 folds of a generation batch of 16 completions; expected at most 16"),
+    (["iif.folds=5"], "iif.folds: 5 folds of a generation batch of 4 prompts (folds take whole groups of 4"),
 ])
 def test_bad_settings_are_one_line(random_adder_dir, tmp_path, capsys, overrides, message):
     if "wandb" in overrides[0] and importlib.util.find_spec("wandb") is not None:

@@ -43,9 +43,9 @@ def test_completion_losses_sum_to_trls_loss(random_adder_dir, tmp_path, loss_typ
     torch.testing.assert_close(flat_grad(ours.sum(), params), flat_grad(theirs, params), rtol=1e-4, atol=1e-7)
 
 
-def brute_force_scores(trainer, batch, target=None, folds=2):
+def brute_force_scores(trainer, batch, target=None, folds=2, left_out=()):
     """Each completion's ⟨target gradient, ∇L_i⟩ from one autograd call per completion; without ``target``,
-    the cross-fitted target of the other folds (global row index mod folds)."""
+    the cross-fitted target of the other folds (a completion's whole group in one fold: group index mod folds)."""
     fn = trainer._loss_and_target(batch)
     params = list(scored_parameters(trainer.model).values())
     n = len(batch["advantages"])
@@ -58,10 +58,10 @@ def brute_force_scores(trainer, batch, target=None, folds=2):
             target_grads.append(flat_grad(term.sum(), params))
     if target is not None:
         return torch.stack(loss_grads) @ target
-    fold = torch.arange(n) % folds
+    fold = (torch.arange(n) // trainer.num_generations) % folds
     scores = []
     for i in range(n):
-        others = [target_grads[j] for j in range(n) if fold[j] != fold[i]]
+        others = [target_grads[j] for j in range(n) if fold[j] != fold[i] and j not in left_out]
         scores.append(torch.dot(sum(others) / len(others), loss_grads[i]))
     return torch.stack(scores)
 
@@ -75,6 +75,23 @@ def test_cross_fitted_scores_equal_brute_force(random_adder_dir, tmp_path, score
     expected = brute_force_scores(trainer, batch)
     assert expected.abs().max() > 0
     torch.testing.assert_close(selection.influence, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_a_nan_target_row_is_left_out_of_its_fold_and_counted(random_adder_dir, tmp_path):
+    """A completion whose target term is NaN (here its advantage) would spoil its fold's gradient and so every
+    other fold's scores; it is left out of the target, counted, and only its own score is NaN."""
+    trainer = make_trainer(random_adder_dir, tmp_path, nonfinite_patience=1,
+                           iif=GRPOIIFConfig(enabled=True, target_source="batch", folds=2))
+    batch = generation_batch(trainer)
+    batch["advantages"][5] = float("nan")
+    trainer._guard.start_round()
+    selection = trainer._stage.select(trainer.model, trainer._loss_and_target(batch), len(batch["advantages"]))
+    assert trainer._guard.end_round()["nonfinite_target"] == 1
+    scores = selection.influence
+    assert scores[5].isnan() and scores.isfinite().sum() == 15 and not selection.keep[5]
+    expected = brute_force_scores(trainer, batch, left_out={5})
+    torch.testing.assert_close(scores[scores.isfinite()], expected[expected.isfinite()], rtol=1e-4,
+                               atol=1e-4 * expected[expected.isfinite()].abs().max().item())
 
 
 def test_fresh_target_scores_equal_brute_force(random_adder_dir, tmp_path):
@@ -95,6 +112,37 @@ def test_fresh_target_scores_equal_brute_force(random_adder_dir, tmp_path):
     logps = trainer._sequence_logprobs(trainer.model, rows.query_ids, rows.query_mask, rows.response_ids,
                                        rows.response_mask)
     target = flat_grad(-(rows.weights * logps * rows.response_mask).sum() / len(rows), params)
+    expected = brute_force_scores(trainer, batch, target)
+    torch.testing.assert_close(selection.influence, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_a_nan_row_of_the_fresh_target_is_left_out_and_counted(random_adder_dir, tmp_path):
+    from datasets import Dataset
+
+    from llm_iif.lm.addition import addition_problems
+
+    trainer = make_trainer(random_adder_dir, tmp_path, nonfinite_patience=1,
+                           validation_dataset=Dataset.from_list(addition_problems(8, seed=5)),
+                           iif=GRPOIIFConfig(enabled=True, target_source="fresh", val_size=8))
+    batch = generation_batch(trainer)
+    source, seen = trainer._stage.target_source, []
+
+    def with_a_nan_row(model):
+        rows = source(model)
+        rows.weights = rows.weights.clone()  # expanded from one advantage per row
+        rows.weights[0] = float("nan")
+        seen.append(rows)
+        return rows
+
+    trainer._stage.target_source = with_a_nan_row
+    trainer._guard.start_round()
+    selection = trainer._stage.select(trainer.model, trainer._loss_and_target(batch), len(batch["advantages"]))
+    assert trainer._guard.end_round()["nonfinite_target"] == 1
+    rows = seen[0]
+    params = list(scored_parameters(trainer.model).values())
+    logps = trainer._sequence_logprobs(trainer.model, rows.query_ids[1:], rows.query_mask[1:],
+                                       rows.response_ids[1:], rows.response_mask[1:])
+    target = flat_grad(-(rows.weights[1:] * logps * rows.response_mask[1:]).sum() / (len(rows) - 1), params)
     expected = brute_force_scores(trainer, batch, target)
     torch.testing.assert_close(selection.influence, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
@@ -137,6 +185,27 @@ def test_dropped_completions_leave_the_batch_and_the_normaliser(random_adder_dir
     assert cut["num_items_in_batch"].item() == batch["completion_mask"][keep].sum().item()
     trainer.current_gradient_accumulation_steps = 2
     ours = trainer._compute_loss(trainer.model, cut)
+    kept_only = {k: (v[keep] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == 16 else v)
+                 for k, v in batch.items()}
+    trainer.current_gradient_accumulation_steps = 1
+    torch.testing.assert_close(ours, GRPOTrainer._compute_loss(trainer, trainer.model, kept_only))
+
+
+def test_bnpo_after_filtering_is_a_token_mean_over_the_kept_batch(random_adder_dir, tmp_path):
+    """trl's bnpo is a token mean per micro-batch; after filtering the micro-batches hold unequal token counts
+    (here the second has the padding row), and their losses must still add up to the kept batch's token mean."""
+    trainer = make_trainer(random_adder_dir, tmp_path, loss_type="bnpo", steps_per_generation=2,
+                           gradient_accumulation_steps=2, per_device_train_batch_size=8,
+                           iif=GRPOIIFConfig(enabled=True, target_source="batch", p=1.0))
+    batch = generation_batch(trainer)
+    keep = torch.zeros(16, dtype=torch.bool)
+    keep[[0, 3, 4, 9, 14]] = True
+    cut = trainer._kept_rows(batch, keep)
+    micro_batches = [{k: (v[rows] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == 6 else v)
+                      for k, v in cut.items()} for rows in (slice(0, 3), slice(3, 6))]
+    assert micro_batches[0]["completion_mask"].sum() != micro_batches[1]["completion_mask"].sum()
+    trainer.current_gradient_accumulation_steps = 2
+    ours = sum(trainer._compute_loss(trainer.model, micro) for micro in micro_batches)
     kept_only = {k: (v[keep] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == 16 else v)
                  for k, v in batch.items()}
     trainer.current_gradient_accumulation_steps = 1
