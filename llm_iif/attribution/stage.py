@@ -27,6 +27,7 @@ All processes must call `IIFStage.select` together: it reduces the target and ga
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -127,7 +128,8 @@ class IIFStage:
     def _scores(self, model: nn.Module, per_sample_loss: PerSampleLoss, batch_size: int,
                 target: dict[str, torch.Tensor]) -> torch.Tensor:
         acc = self.accelerator
-        with self.timer.phase("scoring"), acc.no_sync(model), acc.autocast():  # per-process gradients: no
+        # no_sync: per-process gradients; the scores are gathered by _decide
+        with self.timer.phase("scoring"), acc.no_sync(model), acc.autocast(), dropout_off(acc.unwrap_model(model)):
             return influence_scores(acc.unwrap_model(model), per_sample_loss, batch_size, target,
                                     self.config.score_batch_size, acc.device)
 
@@ -138,7 +140,8 @@ class IIFStage:
         acc, folds = self.accelerator, self.config.folds
         _, offset = gather_values(acc, torch.zeros(batch_size))
         fold = fold_of_rows(batch_size, offset, folds, self.group_size)
-        with self.timer.phase("scoring"), acc.no_sync(model), acc.autocast():  # target and scores: one pass
+        # one forward serves the target and the scores; the fold gradients are summed over processes inside
+        with self.timer.phase("scoring"), acc.no_sync(model), acc.autocast(), dropout_off(acc.unwrap_model(model)):
             dots, parts, in_target = cross_fitted_dots(acc.unwrap_model(model), loss_and_target, batch_size, fold, folds,
                                             self.config.score_batch_size,
                                             lambda g: [precondition(part) if precondition else part
@@ -163,7 +166,8 @@ class IIFStage:
         rows = rows if rows is not None else self.target_source(acc.unwrap_model(model))
         self.target_rows = rows
         with self.timer.phase("target"):
-            with acc.no_sync(model), acc.autocast():  # each process's part is summed by the reduce below
+            # no_sync: each process's part is summed by the reduce below
+            with acc.no_sync(model), acc.autocast(), dropout_off(acc.unwrap_model(model)):
                 (half_a, half_b), left_out = target_gradient_parts(
                     acc.unwrap_model(model), rows, self.sequence_logprobs, torch.arange(len(rows)) % 2, 2,
                     self.config.score_batch_size)
@@ -195,6 +199,18 @@ class IIFStage:
         keep_all[scored] = filter_mask(everyone[scored], mode, self.config.p, self.generator)
         keep = keep_all[offset:offset + batch_size].to(acc.device)
         return keep, {"influence": everyone, "scored": scored, "keep": keep_all}
+
+
+@contextmanager
+def dropout_off(model: nn.Module):
+    """The model in eval mode while gradients are scored, so that dropout does not make the scores random (it
+    also turns off gradient checkpointing, which transformers only applies in training mode)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def fold_of_rows(batch_size: int, offset: int, folds: int, group_size: int = 1) -> torch.Tensor:

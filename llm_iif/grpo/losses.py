@@ -2,10 +2,14 @@
 
 At θ(k) the importance ratio r_t = π_θ(y_t)/π_θ(k)(y_t) is 1, and every trl ``loss_type`` (grpo, bnpo, dr_grpo,
 dapo, cispo, sapo, vespo, luspo) has the same per-token gradient there, -A_i ∇log π(y_t): clipping is inactive
-at r = 1 and the soft or gamma weights of sapo and vespo have slope 1 there. What differs is each completion's
-share of the batch loss, its normaliser:
+at r = 1 and the soft or gamma weights of sapo and vespo have slope 1 there. Only cispo differs: it scales the
+policy term by its detached ratio clamped at ``epsilon_high``, min(1, ε_high) at r = 1 (0.2 at trl's default),
+and not the KL term. With ``importance_sampling_level: sequence`` (GSPO) r_i is one ratio per completion, the
+mean log-ratio over its tokens exponentiated: the policy term's gradient summed over the tokens is unchanged,
+but the bias-corrected KL term's is not. What differs is each completion's share of the batch loss, its
+normaliser:
 
-    L_i = c_i · Σ_t m_{i,t} ℓ_{i,t},   ℓ_{i,t} = -A_i r_{i,t} (· vLLM IS ratio) + β k3_{i,t} (· r_{i,t} with bias correction)
+    L_i = c_i · Σ_t m_{i,t} ℓ_{i,t},   ℓ_{i,t} = -s A_i r_{i,t} (· vLLM IS ratio) + β k3_{i,t} (· r_{i,t} with bias correction)
 
     c_i = 1 / (|y_i| N)        grpo, sapo        (each completion's token mean, averaged over completions)
           1 / (N · L_max)      dr_grpo
@@ -31,13 +35,19 @@ SUPPORTED_LOSSES = ROW_MEAN_LOSSES + TOKEN_SUM_LOSSES
 
 def token_losses(logps: torch.Tensor, advantages: torch.Tensor, ref_logps: torch.Tensor | None = None,
                  beta: float = 0.0, bias_corrected_kl: bool = False,
-                 sampling_ratio: torch.Tensor | None = None) -> torch.Tensor:
+                 sampling_ratio: torch.Tensor | None = None, policy_scale: float = 1.0,
+                 sequence_mask: torch.Tensor | None = None) -> torch.Tensor:
     """[B, T] per-token GRPO loss at ratio 1, with the ratio's gradient kept.
 
     logps [B, T]: log π_θ(y_t) with grad; advantages [B]; ref_logps [B, T] (needed when beta > 0);
-    sampling_ratio [B, T] or [B, 1]: trl's vLLM importance-sampling correction, a constant."""
-    ratio = torch.exp(logps - logps.detach())  # 1, with gradient ∇log π
-    loss = -ratio * advantages[:, None]
+    sampling_ratio [B, T] or [B, 1]: trl's vLLM importance-sampling correction, a constant; policy_scale: s
+    of the module docstring (cispo); sequence_mask [B, T]: one ratio per completion over these tokens
+    (``importance_sampling_level: sequence``) instead of one per token."""
+    log_ratio = logps - logps.detach()  # 0, with gradient ∇log π
+    if sequence_mask is not None:
+        log_ratio = ((log_ratio * sequence_mask).sum(dim=1) / sequence_mask.sum(dim=1).clamp(min=1))[:, None]
+    ratio = torch.exp(log_ratio)
+    loss = -policy_scale * ratio * advantages[:, None]
     if sampling_ratio is not None:
         loss = loss * sampling_ratio
     if beta:

@@ -37,7 +37,7 @@ from llm_iif.attribution.influence import TargetBatch
 from llm_iif.attribution.precondition import adam_preconditioner, check_second_moments
 from llm_iif.attribution.stage import IIFStage
 from llm_iif.core.config import GRPOIIFConfig
-from llm_iif.core.distributed import gather_values, shards_parameters
+from llm_iif.core.distributed import shards_parameters
 from llm_iif.core.errors import UserError, first_line
 from llm_iif.core.guards import NonfiniteGuard
 from llm_iif.grpo.groups import max_variance_subsets, varied_groups
@@ -134,6 +134,11 @@ class IIFGRPOTrainer(GRPOTrainer):
                                 f"or every completion; expected 1..{self.num_generations - 1}")
             if self.group_filter.max_refill_batches < 0:
                 raise UserError("group_filter.max_refill_batches: expected 0 or more")
+            per_process = args.generation_batch_size // self.accelerator.num_processes
+            if kind == "dapo" and self.group_filter.refill and per_process % self.num_generations:
+                raise UserError(f"group_filter.refill: each process's generation batch of {per_process} completions "
+                                f"must hold whole groups (expected a multiple of num_generations = "
+                                f"{self.num_generations})")
             return
         if shards_parameters(self.accelerator) and iif.mode != "random":
             raise UserError("iif: influence scoring needs whole LoRA weights on every process, and this launch "
@@ -150,6 +155,16 @@ class IIFGRPOTrainer(GRPOTrainer):
         if args.top_entropy_quantile < 1.0:
             raise UserError("top_entropy_quantile: < 1 masks tokens per micro-batch after scoring; the scores "
                             "would not match the update (expected 1.0 with iif)")
+        # Terms of trl's loss that the scored per-completion loss (llm_iif.grpo.losses) leaves out.
+        if self._entropy_bonus_enabled or self.aux_loss_enabled:
+            raise UserError("entropy_coef / router aux loss: these terms are trained but not scored; expected "
+                            "entropy_coef 0 and no router aux loss with iif")
+        if self.off_policy_mask_threshold is not None:
+            raise UserError("off_policy_mask_threshold: masks sequences per micro-batch after scoring; the scores "
+                            "would not match the update (expected null with iif)")
+        if self.loss_type == "vespo" and self.use_vllm and self.vllm_importance_sampling_correction:
+            raise UserError("loss_type: vespo weighs completions by vLLM's importance-sampling ratio, which IIF's "
+                            "scores leave out; use another loss_type or vllm_importance_sampling_correction: false")
         try:
             scored_layers(self.accelerator.unwrap_model(self.model))
         except ValueError as err:
@@ -287,13 +302,16 @@ class IIFGRPOTrainer(GRPOTrainer):
         normalisers = completion_normalisers(self.loss_type, mask, num_completions, batch["num_items_in_batch"].item(),
                                              self.max_completion_length)
         ratio = batch.get("importance_sampling_ratio") if self.loss_type != "vespo" else None
+        policy_scale = min(1.0, self.epsilon_high) if self.loss_type == "cispo" else 1.0
+        sequence_level = self.importance_sampling_level == "sequence"
 
         def loss_and_target(model, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             logps = self._sequence_logprobs(model, batch["prompt_ids"][rows], batch["prompt_mask"][rows],
                                             batch["completion_ids"][rows], batch["completion_mask"][rows])
             ref = batch["ref_per_token_logps"][rows] if self.beta else None
             per_token = token_losses(logps, advantages[rows], ref, self.beta, self.args.use_bias_correction_kl,
-                                     ratio[rows] if ratio is not None else None)
+                                     ratio[rows] if ratio is not None else None, policy_scale,
+                                     mask[rows] if sequence_level else None)
             return (completion_losses(per_token, mask[rows], normalisers[rows]),
                     group_target_terms(logps, mask[rows], advantages[rows]))
 
@@ -328,8 +346,9 @@ class IIFGRPOTrainer(GRPOTrainer):
                 else max_variance_subsets(rewards, group, flt.keep_per_group))[local].to(nonfinite.device) & ~nonfinite
         metrics = {"kept_fraction": self._global_mean(keep), "refill_batches": 0}
         if flt.kind == "dapo" and flt.refill:
-            wanted = self._global_sum(torch.ones_like(keep))  # completions in the original batch
-            while self._global_sum(keep) < wanted and metrics["refill_batches"] < flt.max_refill_batches:
+            # Every process refills until it has its own batch's worth of informative completions, and keeps no
+            # more, so that no process trains on (and pads every other process up to) a larger batch.
+            while self._global_min(keep.sum()) < len(inputs) and metrics["refill_batches"] < flt.max_refill_batches:
                 extra_inputs = self._refill_inputs(len(inputs))
                 extra = super()._generate_and_score_completions(extra_inputs)
                 extra_keep = varied_groups(self._rewards, group)[local].to(keep.device)
@@ -337,7 +356,7 @@ class IIFGRPOTrainer(GRPOTrainer):
                 batch, keep = _concatenated(batch, extra, self._tokenizer.pad_token_id), torch.cat([keep, extra_keep])
                 rewards = torch.cat([rewards, self._rewards[local]])
                 metrics["refill_batches"] += 1
-            keep = _first_kept(self.accelerator, keep, wanted)
+            keep = _first_kept(keep, len(inputs))
         return batch, keep, metrics, rewards
 
     def _refill_inputs(self, size: int) -> list:
@@ -386,6 +405,9 @@ class IIFGRPOTrainer(GRPOTrainer):
     def _global_sum(self, values: torch.Tensor) -> float:
         return self.accelerator.reduce(values.float().sum().to(self.accelerator.device), "sum").item()
 
+    def _global_min(self, value: torch.Tensor) -> float:
+        return self.accelerator.gather(value.float().reshape(1).to(self.accelerator.device)).min().item()
+
     def _global_mean(self, values: torch.Tensor) -> float:
         return self._global_sum(values) / max(self._global_sum(torch.ones_like(values)), 1.0)
 
@@ -424,13 +446,10 @@ def _process_slice(accelerator, batch_size: int) -> slice:
     return slice(start, start + batch_size)
 
 
-def _first_kept(accelerator, keep: torch.Tensor, wanted: float) -> torch.Tensor:
-    """``keep`` limited to its first ``wanted`` kept completions over all processes, process by process (the
-    global row order), so that a refilled batch is no larger than the original."""
-    counts, offset = gather_values(accelerator, keep.float().sum()[None])
-    room = max(0.0, wanted - counts[:offset].sum().item())
+def _first_kept(keep: torch.Tensor, most: int) -> torch.Tensor:
+    """``keep`` limited to its first ``most`` kept completions."""
     limited = keep.clone()
-    limited[keep.nonzero().flatten()[int(room):]] = False
+    limited[keep.nonzero().flatten()[most:]] = False
     return limited
 
 

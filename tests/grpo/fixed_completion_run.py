@@ -1,4 +1,5 @@
-"""Train IIF-GRPO on fixed completions, then save each step's kept completions and this process's weights.
+"""Train IIF-GRPO on fixed completions, then save each step's kept completions and this process's weights;
+then one step of DAPO with refill, saving how many rows each process kept.
 
 ``python tests/grpo/fixed_completion_run.py MODEL_DIR OUT_DIR PROCESSES``, as one process or under
 ``accelerate launch``. Completions come from trl's ``rollout_func`` hook and depend only on the prompt and
@@ -14,7 +15,7 @@ import torch
 from grpo_setup import make_trainer
 
 from llm_iif.core.config import GRPOIIFConfig
-from llm_iif.grpo import IIFGRPOTrainer
+from llm_iif.grpo import GroupFilter, IIFGRPOTrainer
 
 GLOBAL_BATCH = 16
 
@@ -34,11 +35,19 @@ def fixed_completions(prompts, trainer):
     return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None}
 
 
+def length_when_odd(prompts, completions, **kwargs):
+    """Constant for even first operands (a group DAPO drops), the completion's length otherwise."""
+    return [0.0 if int(p.split("+")[0]) % 2 == 0 else float(len(c)) for p, c in zip(prompts, completions)]
+
+
 class RecordingTrainer(IIFGRPOTrainer):
-    """Records every step's kept completions, by prompt and completion text, over all processes."""
+    """Records every step's kept completions, by prompt and completion text, over all processes, and this
+    process's (rows, kept rows) before the cut."""
     kept_by_step: list = []
+    rows_by_step: list = []
 
     def _kept_rows(self, batch, keep):
+        self.rows_by_step.append((len(keep), int(keep.sum())))
         tokenizer = self.processing_class
         texts = [tokenizer.decode(p, skip_special_tokens=True) + "|" + tokenizer.decode(c, skip_special_tokens=True)
                  for p, c in zip(batch["prompt_ids"], batch["completion_ids"])]
@@ -61,4 +70,10 @@ if __name__ == "__main__":
     torch.save(weights, out / f"weights_rank{accelerator.process_index}.pt")
     if accelerator.is_main_process:
         (out / "kept.json").write_text(json.dumps(RecordingTrainer.kept_by_step))
+    RecordingTrainer.rows_by_step.clear()
+    dapo = make_trainer(model_dir, out / "dapo", max_steps=1, per_device_train_batch_size=GLOBAL_BATCH // processes,
+                        rollout_func=fixed_completions, reward_funcs=[length_when_odd],
+                        group_filter=GroupFilter("dapo", refill=True, max_refill_batches=4))
+    dapo.train()
+    (out / f"dapo_rows_rank{accelerator.process_index}.json").write_text(json.dumps(RecordingTrainer.rows_by_step))
     accelerator.end_training()

@@ -30,16 +30,25 @@ def flat_grad(value, params):
     return torch.cat([g.flatten() for g in torch.autograd.grad(value, params, retain_graph=True)])
 
 
-@pytest.mark.parametrize("loss_type,beta", [("grpo", 0.0), ("dapo", 0.0), ("bnpo", 0.1), ("dr_grpo", 0.1),
-                                            ("dapo", 0.1)])
-def test_completion_losses_sum_to_trls_loss(random_adder_dir, tmp_path, loss_type, beta):
-    trainer = make_trainer(random_adder_dir, tmp_path, loss_type=loss_type, beta=beta,
+@pytest.mark.parametrize("loss_type,beta,extra", [
+    ("grpo", 0.0, {}), ("dapo", 0.0, {}), ("bnpo", 0.1, {}), ("dr_grpo", 0.1, {}), ("dapo", 0.1, {}),
+    ("cispo", 0.1, {}),  # the policy term scaled by epsilon_high (0.2), the KL term not
+    ("grpo", 0.1, dict(importance_sampling_level="sequence", use_bias_correction_kl=True)),  # GSPO's ratio
+])
+def test_completion_losses_sum_to_trls_loss(random_adder_dir, tmp_path, loss_type, beta, extra):
+    trainer = make_trainer(random_adder_dir, tmp_path, loss_type=loss_type, beta=beta, **extra,
                            iif=GRPOIIFConfig(enabled=True, target_source="batch"))
+    torch.manual_seed(0)
+    with torch.no_grad():  # LoRA's B starts at zero: move the policy off the reference so the KL term counts
+        for name, param in trainer.model.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.1 * torch.randn_like(param))
     batch = generation_batch(trainer)
     params = list(scored_parameters(trainer.model).values())
     ours, _ = trainer._loss_and_target(batch)(trainer.model, torch.arange(len(batch["advantages"])))
     theirs = GRPOTrainer._compute_loss(trainer, trainer.model, batch)
-    torch.testing.assert_close(ours.sum(), theirs, rtol=1e-5, atol=1e-7)
+    if loss_type != "cispo":  # cispo's value is -A log π, not -A r: only the gradients agree
+        torch.testing.assert_close(ours.sum(), theirs, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(flat_grad(ours.sum(), params), flat_grad(theirs, params), rtol=1e-4, atol=1e-7)
 
 
@@ -145,6 +154,18 @@ def test_a_nan_row_of_the_fresh_target_is_left_out_and_counted(random_adder_dir,
     target = flat_grad(-(rows.weights[1:] * logps * rows.response_mask[1:]).sum() / (len(rows) - 1), params)
     expected = brute_force_scores(trainer, batch, target)
     torch.testing.assert_close(selection.influence, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_scores_are_computed_without_dropout(random_adder_dir, tmp_path):
+    trainer = make_trainer(random_adder_dir, tmp_path, iif=GRPOIIFConfig(enabled=True, target_source="batch"))
+    for module in trainer.model.modules():
+        if hasattr(module, "lora_dropout"):
+            module.lora_dropout["default"] = torch.nn.Dropout(0.5)
+    batch = generation_batch(trainer)
+    first, second = (trainer._stage.select(trainer.model, trainer._loss_and_target(batch), 16).influence
+                     for _ in range(2))
+    assert trainer.model.training  # back in training mode for the update
+    torch.testing.assert_close(first, second)
 
 
 def test_scores_without_lora_cover_the_linear_layers(tmp_path):
@@ -281,11 +302,23 @@ def nan_reward(completions, **kwargs):
     (dict(iif=GRPOIIFConfig(enabled=True), loss_type="grpo", entropy_coef=0.01), "entropy_coef / router aux loss"),
     (dict(iif=GRPOIIFConfig(enabled=True), multi_objective_aggregation="normalize_then_sum"),
      "multi_objective_aggregation: filtering needs per-group rewards"),
+    (dict(iif=GRPOIIFConfig(enabled=True), loss_type="dapo", entropy_coef=0.01), "trained but not scored"),
+    (dict(iif=GRPOIIFConfig(enabled=True), off_policy_mask_threshold=0.5), "off_policy_mask_threshold: masks"),
 ])
 def test_conflicting_settings_are_one_line_errors(random_adder_dir, tmp_path, kwargs, message):
     with pytest.raises(UserError, match=message) as err:
         make_trainer(random_adder_dir, tmp_path, **kwargs)
     assert "\n" not in str(err.value)
+
+
+def test_refill_needs_whole_groups_on_every_process(random_adder_dir, tmp_path, monkeypatch):
+    """12 completions over 2 processes put 6 on each, which splits a group of 4; one process is simulated."""
+    from accelerate import Accelerator
+
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
+    with pytest.raises(UserError, match="group_filter.refill: each process's generation batch of 6 completions"):
+        make_trainer(random_adder_dir, tmp_path, per_device_train_batch_size=12,
+                     group_filter=GroupFilter("dapo", refill=True))
 
 
 def test_validation_set_without_prompts(random_adder_dir, tmp_path):
@@ -353,6 +386,10 @@ def test_two_processes_keep_what_one_keeps_and_end_with_identical_weights(random
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name])
         torch.testing.assert_close(rank0[name], single[name], rtol=1e-4, atol=1e-6)
+    # DAPO with refill: each process keeps at most its own batch of 8, however its refills went
+    for rank in (0, 1):
+        [(rows, kept)] = json.loads((tmp_path / "two" / f"dapo_rows_rank{rank}.json").read_text())
+        assert rows >= 8 and kept == 8, (rank, rows, kept)
 
 
 def test_trl_buffering_features_keep_working(random_adder_dir, tmp_path):
