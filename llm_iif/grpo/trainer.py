@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import functools
-import inspect
+import logging
 import math
 import pickle
 import time
@@ -30,7 +30,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import trl
+from packaging.specifiers import SpecifierSet
 from trl import GRPOTrainer
+from trl.trainer.utils import is_async_callable
 
 from llm_iif.attribution.gradients import scored_layers, scored_parameters
 from llm_iif.attribution.influence import TargetBatch
@@ -40,10 +43,12 @@ from llm_iif.core.config import GRPOIIFConfig
 from llm_iif.core.distributed import shards_parameters
 from llm_iif.core.errors import UserError, first_line
 from llm_iif.core.guards import NonfiniteGuard
-from llm_iif.grpo.groups import max_variance_subsets, varied_groups
+from llm_iif.grpo.groups import max_variance_subsets, subset_advantages, varied_groups
 from llm_iif.grpo.losses import (RESCALED_LOSSES, SUPPORTED_LOSSES, completion_losses, completion_normalisers,
                                  group_target_terms, token_losses)
 from llm_iif.training.run_state import IIF_STATE_FILE
+
+logger = logging.getLogger(__name__)
 
 TRL_RANGE = ">=1.16,<1.17"  # the versions whose GRPOTrainer internals were checked
 
@@ -92,6 +97,9 @@ class IIFGRPOTrainer(GRPOTrainer):
 
     def __init__(self, *args, iif: GRPOIIFConfig | None = None, group_filter: GroupFilter | None = None,
                  validation_dataset=None, nonfinite_patience: int = 0, **kwargs):
+        if trl.__version__ not in SpecifierSet(TRL_RANGE):
+            raise UserError(f"trl {trl.__version__}: IIFGRPOTrainer overrides GRPOTrainer internals checked for trl "
+                            f"{TRL_RANGE}; install a version in that range")
         super().__init__(*args, **kwargs)
         self.iif, self.group_filter, self.validation_dataset = iif, group_filter, validation_dataset
         self._check_settings()
@@ -99,6 +107,7 @@ class IIFGRPOTrainer(GRPOTrainer):
         self._nonfinite_rows: set[int] = set()
         self.reward_funcs = [_checked_reward(f, self._nonfinite_rows) for f in self.reward_funcs]
         self._rewards = None  # the latest generation batch's weighted rewards [N], all processes
+        self._kept_rows_in_window = 0.0  # kept completions behind the optimiser step being accumulated
         generator = torch.Generator().manual_seed(self.args.seed)  # the same draws on every process
         self._refill_generator = torch.Generator().manual_seed(self.args.seed + 1)
         self._stage = None
@@ -116,6 +125,9 @@ class IIFGRPOTrainer(GRPOTrainer):
             return
         if iif is not None and self.group_filter is not None:
             raise UserError("iif and group_filter: expected one filter, got both")
+        if self._is_vlm:
+            raise UserError("model: filtering supports text-only models; this processing class is a multimodal "
+                            "processor")
         if self.loss_type not in SUPPORTED_LOSSES:
             raise UserError(f"loss_type: '{self.loss_type}' is not supported with filtering "
                             f"(expected one of {', '.join(SUPPORTED_LOSSES)})")
@@ -184,11 +196,16 @@ class IIFGRPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------------------------------- trl hooks
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        """trl's rewards [N, F] over all processes; keeps the weighted sum for the group filters."""
+        """trl's rewards [N, F] over all processes; keeps the weighted sum for the group filters, NaN where no
+        function scored the completion (as trl's advantages treat it) or one returned NaN or inf."""
         self._nonfinite_rows.clear()
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         weights = self.reward_weights.to(rewards_per_func.device)
         self._rewards = (rewards_per_func * weights).nansum(dim=1)
+        flagged = torch.zeros(len(inputs), dtype=torch.bool, device=rewards_per_func.device)
+        flagged[sorted(self._nonfinite_rows)] = True
+        unscored = rewards_per_func.isnan().all(dim=1) | self.accelerator.gather(flagged)
+        self._rewards[unscored] = torch.nan
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
@@ -219,7 +236,28 @@ class IIFGRPOTrainer(GRPOTrainer):
             self._metrics["train"][f"iif/{name}"].append(float(value))
         return batch
 
+    def create_optimizer(self, model=None):
+        """trl's optimiser, whose step is skipped (with a warning) when filtering kept no completion behind it:
+        with zero gradients AdamW would still move the weights by its momentum."""
+        optimizer = super().create_optimizer(model)
+        if (self.iif is None and self.group_filter is None) or hasattr(optimizer, "iif_unfiltered_step"):
+            return optimizer
+        optimizer.iif_unfiltered_step = optimizer.step
+
+        def step_unless_nothing_kept(*args, **kwargs):
+            kept, self._kept_rows_in_window = self._kept_rows_in_window, 0.0
+            if kept == 0:
+                logger.warning("filtering kept no completion for optimiser step %d; the step is skipped",
+                               self.state.global_step + 1)
+                return None
+            return optimizer.iif_unfiltered_step(*args, **kwargs)
+
+        optimizer.step = step_unless_nothing_kept
+        return optimizer
+
     def _compute_loss(self, model, inputs):
+        if self.model.training:
+            self._kept_rows_in_window += float(inputs["iif_kept_rows"]) if "iif_kept_rows" in inputs else 1.0
         loss = super()._compute_loss(model, inputs)
         if "iif_kept_rows" not in inputs or self.loss_type not in RESCALED_LOSSES:
             return loss
@@ -322,7 +360,9 @@ class IIFGRPOTrainer(GRPOTrainer):
     def _validation_batch(self, rows: list) -> dict:
         """trl's generation batch for ``num_generations`` completions of each of ``rows``, kept out of the logs."""
         with self._quiet_generation():
-            return super()._generate_and_score_completions([row for row in rows for _ in range(self.num_generations)])
+            # a copy per completion: trl writes into its input rows
+            return super()._generate_and_score_completions([copy.deepcopy(row) for row in rows
+                                                            for _ in range(self.num_generations)])
 
     @contextmanager
     def _quiet_generation(self):
@@ -341,9 +381,14 @@ class IIFGRPOTrainer(GRPOTrainer):
         of new prompts until the batch has as many informative groups as it had groups, or
         ``max_refill_batches`` is spent."""
         flt, group = self.group_filter, self.num_generations
-        rewards, local = self._rewards, _process_slice(self.accelerator, len(inputs))
-        keep = (varied_groups(rewards, group) if flt.kind == "dapo"
-                else max_variance_subsets(rewards, group, flt.keep_per_group))[local].to(nonfinite.device) & ~nonfinite
+        local = _process_slice(self.accelerator, len(inputs))
+        if flt.kind == "pods":
+            everyone = max_variance_subsets(self._rewards, group, flt.keep_per_group)
+            batch["advantages"] = subset_advantages(self._rewards, everyone, group, self.scale_rewards)[local].to(
+                batch["advantages"].device)
+        else:
+            everyone = varied_groups(self._rewards, group)
+        keep = everyone[local].to(nonfinite.device) & ~nonfinite
         metrics = {"kept_fraction": self._global_mean(keep), "refill_batches": 0}
         if flt.kind == "dapo" and flt.refill:
             # Every process refills until it has its own batch's worth of informative completions, and keeps no
@@ -479,7 +524,7 @@ def _padded(values: torch.Tensor, width: int, fill, side: str) -> torch.Tensor:
 def _checked_reward(func, nonfinite_rows: set[int]):
     """A synchronous reward function whose NaN or inf rewards are recorded in ``nonfinite_rows`` and handed
     to trl as None, so that they stay out of their group's baseline. Models and async functions pass through."""
-    if isinstance(func, torch.nn.Module) or inspect.iscoroutinefunction(func):
+    if isinstance(func, torch.nn.Module) or is_async_callable(func):
         return func
 
     name = getattr(func, "__name__", type(func).__name__)

@@ -15,7 +15,7 @@ from llm_iif.attribution.gradients import scored_parameters
 from llm_iif.core.config import GRPOIIFConfig
 from llm_iif.core.errors import UserError
 from llm_iif.grpo import GroupFilter
-from llm_iif.grpo.groups import max_variance_subsets, varied_groups
+from llm_iif.grpo.groups import max_variance_subsets, subset_advantages, varied_groups
 
 
 def generation_batch(trainer, prompts=4):
@@ -246,10 +246,59 @@ def test_training_filters_each_generation_batch(random_adder_dir, tmp_path):
     assert len(trainer._buffered_inputs[0]["advantages"]) < 16 or logged[-1]["iif/kept_fraction"] == 1
 
 
+def test_a_step_without_kept_completions_leaves_the_weights(random_adder_dir, tmp_path, caplog):
+    """Step 1 keeps informative groups; step 2's rewards are all equal, so DAPO keeps nothing. AdamW would
+    still move the weights by its momentum: the step is skipped instead."""
+    from transformers import TrainerCallback
+
+    calls = []
+
+    def varied_then_constant(completions, **kwargs):
+        calls.append(len(completions))
+        return [float(i % 2) if len(calls) == 1 else 0.0 for i in range(len(completions))]
+
+    trainer = make_trainer(random_adder_dir, tmp_path, reward_funcs=[varied_then_constant], max_steps=2,
+                           group_filter=GroupFilter("dapo"))
+    weights = []
+
+    class AfterEachStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            weights.append({n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad})
+
+    trainer.add_callback(AfterEachStep())
+    trainer.train()
+    assert len(weights) == 2 and len(calls) == 2
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    assert "filtering kept no completion for optimiser step 2; the step is skipped" in caplog.text
+
+
 # ------------------------------------------------------------------------------------------- group filters
 def test_varied_groups_drop_groups_with_equal_rewards():
     rewards = torch.tensor([1.0, 1, 1, 0, 0, 0, 1, 0.5])
     assert varied_groups(rewards, 2).tolist() == [False, False, True, True, False, False, True, True]
+
+
+def test_group_filters_ignore_nan_rewards_and_float_noise():
+    nan = float("nan")
+    rewards = torch.tensor([1.0, 1.0 + 1e-9, nan, 0.0, nan, nan, 2.0, nan])
+    # float noise is no spread; a NaN reward neither counts nor is kept; one finite reward is no spread either
+    assert varied_groups(rewards, 2).tolist() == [False, False, False, False, False, False, False, False]
+    assert varied_groups(torch.tensor([nan, 1.0, 0.0, 1.0]), 4).tolist() == [False, True, True, True]
+    kept = max_variance_subsets(torch.tensor([0.0, nan, 5.0, 1.0, nan, nan, nan, 3.0]), 4, 2)
+    assert kept.tolist() == [True, False, True, False, False, False, False, True]
+
+
+def test_pods_advantages_are_renormalised_over_the_kept_completions():
+    """As in the PODS authors' code: centred on the kept group's mean, divided by its std (Bessel) + 1e-4."""
+    rewards = torch.tensor([0.0, 1.0, 1.0, 3.0, 2.0, 2.0, 2.0, 4.0])
+    keep = max_variance_subsets(rewards, 4, 2)
+    advantages = subset_advantages(rewards, keep, 4, "group")
+    for group in range(2):
+        rows = torch.arange(4 * group, 4 * group + 4)[keep[4 * group:4 * group + 4]]
+        kept = rewards[rows]
+        torch.testing.assert_close(advantages[rows], (kept - kept.mean()) / (kept.std() + 1e-4))
+    assert (advantages[~keep] == 0).all()
+    torch.testing.assert_close(subset_advantages(rewards, keep, 4, "none")[keep], torch.tensor([-1.5, 1.5, -1.0, 1.0]))
 
 
 def test_max_variance_subsets_match_exhaustive_search():
@@ -319,6 +368,58 @@ def test_refill_needs_whole_groups_on_every_process(random_adder_dir, tmp_path, 
     with pytest.raises(UserError, match="group_filter.refill: each process's generation batch of 6 completions"):
         make_trainer(random_adder_dir, tmp_path, per_device_train_batch_size=12,
                      group_filter=GroupFilter("dapo", refill=True))
+
+
+def test_an_async_callable_class_reward_is_left_to_trl():
+    from llm_iif.grpo.trainer import _checked_reward
+
+    class Judge:
+        async def __call__(self, completions, **kwargs):
+            return [1.0] * len(completions)
+
+    judge = Judge()
+    assert _checked_reward(judge, set()) is judge  # wrapped, its coroutine would never be awaited
+
+
+def test_an_unchecked_trl_version_is_refused(random_adder_dir, tmp_path, monkeypatch):
+    import trl
+
+    monkeypatch.setattr(trl, "__version__", "1.17.0")
+    with pytest.raises(UserError, match=r"trl 1.17.0: IIFGRPOTrainer overrides GRPOTrainer internals checked for"):
+        make_trainer(random_adder_dir, tmp_path)
+
+
+def test_a_multimodal_model_is_refused_with_filtering(random_adder_dir, tmp_path):
+    trainer = make_trainer(random_adder_dir, tmp_path, iif=GRPOIIFConfig(enabled=True))
+    trainer._is_vlm = True  # what trl sets for a ProcessorMixin processing class
+    with pytest.raises(UserError, match="model: filtering supports text-only models"):
+        trainer._check_settings()
+
+
+def test_validation_rows_are_copied_before_trl_writes_into_them(random_adder_dir, tmp_path):
+    """trl merges a rollout_func's extra fields into its input rows: G references to one row would all end up
+    with the last completion's value."""
+    from datasets import Dataset
+    from fixed_completion_run import fixed_completions
+
+    from llm_iif.lm.addition import addition_problems
+
+    seen = []
+
+    def tagged(prompts, trainer):
+        return {**fixed_completions(prompts, trainer), "tag": list(range(len(prompts)))}
+
+    def tag_reward(completions, tag, **kwargs):
+        seen.append(list(tag))
+        return [0.0] * len(completions)
+
+    validation = Dataset.from_list(addition_problems(8, seed=5))
+    trainer = make_trainer(random_adder_dir, tmp_path, rollout_func=tagged, reward_funcs=[tag_reward],
+                           validation_dataset=validation,
+                           iif=GRPOIIFConfig(enabled=True, target_source="fresh", val_size=8))
+    trainer.model.train()
+    trainer._validation_batch([validation[0], validation[1]])
+    assert seen[-1] == list(range(8))
 
 
 def test_validation_set_without_prompts(random_adder_dir, tmp_path):
