@@ -1,5 +1,7 @@
 """Train IIF-GRPO on fixed completions, then save each step's kept completions and this process's weights;
-then one step of DAPO with refill, saving how many rows each process kept.
+then one step of DAPO with refill, saving how many rows each process kept; then, for three loss types (one of
+each normaliser: per completion, per micro-batch token mean rescaled, per batch token sum), one step with
+gradient accumulation, saving every completion's influence score.
 
 ``python tests/grpo/fixed_completion_run.py MODEL_DIR OUT_DIR PROCESSES``, as one process or under
 ``accelerate launch``. Completions come from trl's ``rollout_func`` hook and depend only on the prompt and
@@ -12,12 +14,14 @@ import zlib
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 from grpo_setup import make_trainer
 
 from llm_iif.core.config import GRPOIIFConfig
 from llm_iif.grpo import GroupFilter, IIFGRPOTrainer
 
 GLOBAL_BATCH = 16
+SCORED_LOSS_TYPES = ("grpo", "bnpo", "dapo")
 
 
 def fixed_completions(prompts, trainer):
@@ -51,7 +55,6 @@ class RecordingTrainer(IIFGRPOTrainer):
         tokenizer = self.processing_class
         texts = [tokenizer.decode(p, skip_special_tokens=True) + "|" + tokenizer.decode(c, skip_special_tokens=True)
                  for p, c in zip(batch["prompt_ids"], batch["completion_ids"])]
-        from accelerate.utils import gather_object
         everyone = gather_object([(t, bool(k)) for t, k in zip(texts, keep.tolist())])
         self.kept_by_step.append(sorted(everyone))
         return super()._kept_rows(batch, keep)
@@ -76,4 +79,16 @@ if __name__ == "__main__":
                         group_filter=GroupFilter("dapo", refill=True, max_refill_batches=4))
     dapo.train()
     (out / f"dapo_rows_rank{accelerator.process_index}.json").write_text(json.dumps(RecordingTrainer.rows_by_step))
+    scores = {}
+    for loss_type in SCORED_LOSS_TYPES:
+        scored = make_trainer(model_dir, out / loss_type, max_steps=1, loss_type=loss_type, beta=0.1,
+                              steps_per_generation=2, gradient_accumulation_steps=2,
+                              per_device_train_batch_size=GLOBAL_BATCH // processes // 2,
+                              rollout_func=fixed_completions,
+                              iif=GRPOIIFConfig(enabled=True, target_source="batch", folds=2, mode="bottom", p=0.5))
+        scored.train()
+        rows = [(r["prompt"] + "|" + r["response"], r["influence"]) for r in scored.generation_records]
+        scores[loss_type] = sorted(gather_object(rows))
+    if accelerator.is_main_process:
+        (out / "scores.json").write_text(json.dumps(scores))
     accelerator.end_training()

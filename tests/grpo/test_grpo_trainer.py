@@ -15,6 +15,7 @@ from llm_iif.attribution.gradients import scored_parameters
 from llm_iif.core.config import GRPOIIFConfig
 from llm_iif.core.errors import UserError
 from llm_iif.grpo import GroupFilter
+from llm_iif.grpo.losses import SUPPORTED_LOSSES
 from llm_iif.grpo.groups import max_variance_subsets, subset_advantages, varied_groups
 
 
@@ -30,24 +31,41 @@ def flat_grad(value, params):
     return torch.cat([g.flatten() for g in torch.autograd.grad(value, params, retain_graph=True)])
 
 
-@pytest.mark.parametrize("loss_type,beta,extra", [
-    ("grpo", 0.0, {}), ("dapo", 0.0, {}), ("bnpo", 0.1, {}), ("dr_grpo", 0.1, {}), ("dapo", 0.1, {}),
-    ("cispo", 0.1, {}),  # the policy term scaled by epsilon_high (0.2), the KL term not
-    ("grpo", 0.1, dict(importance_sampling_level="sequence", use_bias_correction_kl=True)),  # GSPO's ratio
-])
-def test_completion_losses_sum_to_trls_loss(random_adder_dir, tmp_path, loss_type, beta, extra):
-    trainer = make_trainer(random_adder_dir, tmp_path, loss_type=loss_type, beta=beta, **extra,
-                           iif=GRPOIIFConfig(enabled=True, target_source="batch"))
+def batch_rows(batch, rows, size):
+    """The rows ``rows`` of a generation batch of ``size`` rows (per-row tensors cut, the rest kept)."""
+    return {k: (v[rows] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == size else v) for k, v in batch.items()}
+
+
+def off_the_reference(trainer):
+    """LoRA's B starts at zero: move the policy off the reference so that the KL term counts."""
     torch.manual_seed(0)
-    with torch.no_grad():  # LoRA's B starts at zero: move the policy off the reference so the KL term counts
+    with torch.no_grad():
         for name, param in trainer.model.named_parameters():
             if "lora_B" in name:
                 param.add_(0.1 * torch.randn_like(param))
+
+
+@pytest.mark.parametrize("loss_type,beta,extra", [
+    *((loss_type, 0.1, {}) for loss_type in SUPPORTED_LOSSES),  # cispo: policy term scaled by epsilon_high
+    ("dapo", 0.0, {}),
+    ("grpo", 0.1, dict(importance_sampling_level="sequence", use_bias_correction_kl=True)),  # GSPO's ratio
+])
+def test_completion_losses_sum_to_trls_loss(random_adder_dir, tmp_path, loss_type, beta, extra):
+    """Σ_i L_i over a generation batch equals the trained loss (trl's, rescaled after filtering) summed over
+    its micro-batches, with gradient accumulation (2 micro-batches of 8 per optimiser step); the gradients agree
+    for every loss type."""
+    trainer = make_trainer(random_adder_dir, tmp_path, loss_type=loss_type, beta=beta, steps_per_generation=2,
+                           gradient_accumulation_steps=2, per_device_train_batch_size=8, **extra,
+                           iif=GRPOIIFConfig(enabled=True, target_source="batch"))
+    off_the_reference(trainer)
     batch = generation_batch(trainer)
     params = list(scored_parameters(trainer.model).values())
-    ours, _ = trainer._loss_and_target(batch)(trainer.model, torch.arange(len(batch["advantages"])))
-    theirs = GRPOTrainer._compute_loss(trainer, trainer.model, batch)
-    if loss_type != "cispo":  # cispo's value is -A log π, not -A r: only the gradients agree
+    ours, _ = trainer._loss_and_target(batch)(trainer.model, torch.arange(16))
+    trainer.current_gradient_accumulation_steps = 2
+    trained = trainer._kept_rows(batch, torch.ones(16, dtype=torch.bool))
+    theirs = sum(trainer._compute_loss(trainer.model, batch_rows(trained, rows, 16))
+                 for rows in (slice(0, 8), slice(8, 16)))
+    if loss_type not in ("cispo", "sapo", "vespo"):  # their values are not -A·r at r = 1; only gradients agree
         torch.testing.assert_close(ours.sum(), theirs, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(flat_grad(ours.sum(), params), flat_grad(theirs, params), rtol=1e-4, atol=1e-7)
 
@@ -75,10 +93,15 @@ def brute_force_scores(trainer, batch, target=None, folds=2, left_out=()):
     return torch.stack(scores)
 
 
-@pytest.mark.parametrize("score_batch_size", [64, 5])  # one fused pass; chunks that run forward twice
-def test_cross_fitted_scores_equal_brute_force(random_adder_dir, tmp_path, score_batch_size):
-    trainer = make_trainer(random_adder_dir, tmp_path, beta=0.1, iif=GRPOIIFConfig(
-        enabled=True, target_source="batch", folds=2, score_batch_size=score_batch_size))
+@pytest.mark.parametrize("loss_type,score_batch_size", [
+    *((loss_type, 64) for loss_type in SUPPORTED_LOSSES),  # one fused pass
+    ("dapo", 5),                                          # chunks that run forward twice
+])
+def test_cross_fitted_scores_equal_brute_force(random_adder_dir, tmp_path, loss_type, score_batch_size):
+    trainer = make_trainer(random_adder_dir, tmp_path, beta=0.1, loss_type=loss_type, steps_per_generation=2,
+                           gradient_accumulation_steps=2, per_device_train_batch_size=8, iif=GRPOIIFConfig(
+                               enabled=True, target_source="batch", folds=2, score_batch_size=score_batch_size))
+    off_the_reference(trainer)
     batch = generation_batch(trainer)
     selection = trainer._stage.select(trainer.model, trainer._loss_and_target(batch), len(batch["advantages"]))
     expected = brute_force_scores(trainer, batch)
@@ -206,8 +229,7 @@ def test_dropped_completions_leave_the_batch_and_the_normaliser(random_adder_dir
     assert cut["num_items_in_batch"].item() == batch["completion_mask"][keep].sum().item()
     trainer.current_gradient_accumulation_steps = 2
     ours = trainer._compute_loss(trainer.model, cut)
-    kept_only = {k: (v[keep] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == 16 else v)
-                 for k, v in batch.items()}
+    kept_only = batch_rows(batch, keep, 16)
     trainer.current_gradient_accumulation_steps = 1
     torch.testing.assert_close(ours, GRPOTrainer._compute_loss(trainer, trainer.model, kept_only))
 
@@ -222,13 +244,11 @@ def test_bnpo_after_filtering_is_a_token_mean_over_the_kept_batch(random_adder_d
     keep = torch.zeros(16, dtype=torch.bool)
     keep[[0, 3, 4, 9, 14]] = True
     cut = trainer._kept_rows(batch, keep)
-    micro_batches = [{k: (v[rows] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == 6 else v)
-                      for k, v in cut.items()} for rows in (slice(0, 3), slice(3, 6))]
+    micro_batches = [batch_rows(cut, rows, 6) for rows in (slice(0, 3), slice(3, 6))]
     assert micro_batches[0]["completion_mask"].sum() != micro_batches[1]["completion_mask"].sum()
     trainer.current_gradient_accumulation_steps = 2
     ours = sum(trainer._compute_loss(trainer.model, micro) for micro in micro_batches)
-    kept_only = {k: (v[keep] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == 16 else v)
-                 for k, v in batch.items()}
+    kept_only = batch_rows(batch, keep, 16)
     trainer.current_gradient_accumulation_steps = 1
     torch.testing.assert_close(ours, GRPOTrainer._compute_loss(trainer, trainer.model, kept_only))
 
@@ -487,6 +507,12 @@ def test_two_processes_keep_what_one_keeps_and_end_with_identical_weights(random
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name])
         torch.testing.assert_close(rank0[name], single[name], rtol=1e-4, atol=1e-6)
+    # with gradient accumulation, 2 processes score every completion as one does (to 1e-4)
+    scores_one, scores_two = (json.loads((tmp_path / run / "scores.json").read_text()) for run in ("one", "two"))
+    for loss_type, rows in scores_one.items():
+        assert [text for text, _ in rows] == [text for text, _ in scores_two[loss_type]]
+        one_values, two_values = (torch.tensor([v for _, v in r]) for r in (rows, scores_two[loss_type]))
+        torch.testing.assert_close(two_values, one_values, rtol=1e-4, atol=1e-4 * one_values.abs().max().item())
     # DAPO with refill: each process keeps at most its own batch of 8, however its refills went
     for rank in (0, 1):
         [(rows, kept)] = json.loads((tmp_path / "two" / f"dapo_rows_rank{rank}.json").read_text())
