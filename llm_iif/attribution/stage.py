@@ -217,8 +217,9 @@ def fold_of_rows(batch_size: int, offset: int, folds: int, group_size: int = 1) 
     """[B] the fold of each of this process's rows, by global row index (``offset`` + i), so that N processes
     fold as one would; groups of ``group_size`` consecutive rows share a fold.
 
-    Whole groups, because a group's advantages sum to zero: a completion's groupmates in its target would pull
-    against its own advantage and push every score towards -Â_i²."""
+    Whole groups, so that a completion is scored against other prompts only: by row, half of its groupmates
+    (whose advantages sum to minus its own) would sit in its target. On the tiny GRPO tasks that changed the
+    sign of about 40% of the scores (benchmarks/grpo_fold_bias.py, docs/results.md)."""
     return ((torch.arange(batch_size) + offset) // group_size) % folds
 
 

@@ -440,7 +440,8 @@ class GRPOIIFConfig(IIFFilterConfig):
     """IIF for GRPO: every completion of a generation batch scored at θ(k) against the f_seq target (Σ log-prob ×
     group advantage), then the filter. GRPO reads only these keys; the PPO-only ones are refused."""
     target_source: Literal["batch", "fresh"] = "batch"
-    """``batch``: the generation batch is its own target, cross-fitted over ``folds`` folds (no extra generation);
+    """``batch``: the generation batch is its own target, cross-fitted over ``folds`` folds of whole groups (at
+    most the generation batch's number of prompts; no extra generation);
     ``fresh``: ``val_size`` new completions of the validation prompts every generation batch (the paper's source;
     about 4.5× a step on the tiny recipe, docs/results.md section 12)."""
 
