@@ -5,7 +5,7 @@
 With ``iif.target_source: batch`` a completion is scored against the target built from the other folds. When
 folds follow the row index, half of a completion's groupmates sit in its target; a group's advantages sum to
 zero, so those groupmates' terms can add to its score a term that grows with Â_i². IIFGRPOTrainer folds whole
-groups instead (`llm_iif.attribution.stage.fold_of_rows`).
+groups instead (`IIFGRPOTrainer._group_ids`).
 
 This trains IIF-GRPO from the recipe for ``--steps`` steps and, at every generation batch, scores the same
 completions at the same θ(k) both ways. Per batch it fits d_i = I_row,i − I_group,i ≈ a + b·Â_i² and prints the
@@ -43,11 +43,9 @@ def both_fold_layouts(trainer: IIFGRPOTrainer, found: list[dict]):
         found.append({"advantages": batch["advantages"].detach().clone()})
         return make_loss(batch)
 
-    def cross_fitted_scores(model, loss_and_target, batch_size, precondition=None):
-        stage.group_size = 1
+    def cross_fitted_scores(model, loss_and_target, batch_size, precondition=None, groups=None):
         by_row, _ = scored(model, loss_and_target, batch_size, precondition)
-        stage.group_size = trainer.num_generations
-        by_group, split_cos = scored(model, loss_and_target, batch_size, precondition)
+        by_group, split_cos = scored(model, loss_and_target, batch_size, precondition, groups)
         found[-1].update(by_row=by_row.detach().cpu(), by_group=by_group.detach().cpu())
         return by_group, split_cos
 

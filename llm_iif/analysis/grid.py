@@ -46,6 +46,7 @@ GRPO_METHODS = {
     "dapo": [*NO_FILTER[:1], "group_filter.kind=dapo", "group_filter.refill=false"],
     "dapo-refill": [*NO_FILTER[:1], "group_filter.kind=dapo", "group_filter.refill=true"],
     "pods": [*NO_FILTER[:1], "group_filter.kind=pods"],
+    "dapo-refill-iif": ["iif.enabled=true", "group_filter.kind=dapo", "group_filter.refill=true"],
 }
 
 # `llm-iif classic compare`: the (filter mode, p) of each method, given the recipe's ``iif`` section.

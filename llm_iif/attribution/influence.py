@@ -101,7 +101,7 @@ def influence_scores(model: nn.Module, per_sample_loss: PerSampleLoss, batch_siz
     ``target`` is ∇L_val = -∇f over the scored parameters ([B, K] scores for K targets stacked as
     [K, *param.shape]); ``per_sample_loss(model, rows)`` gives L_i [b] of the batch rows ``rows``."""
     params = list(scored_parameters(model).values())
-    scores = []
+    scores = [torch.zeros(0, device=device)]  # a process may have no rows to score
     for chunk in torch.split(torch.arange(batch_size, device=device), chunk_size):
         with LayerGradientCapture(model, scored_layers(model), target=target) as capture:
             losses = per_sample_loss(model, chunk)
@@ -120,22 +120,25 @@ def cross_fitted_dots(model: nn.Module, loss_and_target: PerSampleLossAndTarget,
     ``fold`` [B] gives each row's fold. When the batch fits one chunk, one forward serves both backward
     passes: the target terms' (summed per fold by the hooks), then the losses' (scored against the stacked
     G_j). Otherwise the chunks run forward twice, once per backward."""
-    params = list(scored_parameters(model).values())
+    named = scored_parameters(model)
+    params = list(named.values())
     chunks = torch.split(torch.arange(batch_size, device=device), chunk_size)
     fused = len(chunks) == 1
     in_target = torch.ones(batch_size, dtype=torch.bool)
     with LayerGradientCapture(model, scored_layers(model)) as capture:
-        totals: dict | None = None
+        # a process without rows still joins the sum over processes
+        totals = {name: torch.zeros(n_folds, *p.shape, dtype=torch.float32, device=p.device)
+                  for name, p in named.items()}
         for chunk in chunks:
             losses, target_terms = loss_and_target(model, chunk)
             in_target[chunk.cpu()] = torch.isfinite(target_terms.detach()).cpu()
             capture.sum_by_group(fold[chunk.cpu()].where(in_target[chunk.cpu()], -1), n_folds)
             torch.autograd.grad(target_terms.sum(), params, retain_graph=fused)  # fused: the losses reuse it
             sums = capture.group_sums()
-            totals = sums if totals is None else {name: totals[name] + sums[name] for name in totals}
+            totals = {name: totals[name] + sums[name] for name in totals}
         parts = sum_over_processes([{name: t[j] for name, t in totals.items()} for j in range(n_folds)])
         capture.score_against({name: torch.stack([part[name] for part in parts]) for name in parts[0]})
-        dots = []
+        dots = [torch.zeros(0, n_folds, device=device)]
         for chunk in chunks:
             if not fused:
                 losses, _ = loss_and_target(model, chunk)

@@ -7,8 +7,8 @@ At the parameters θ(k) that generated a batch, before its first optimiser step:
     keep    filter_mask(I over every process's samples, mode, p)
 
 With ``iif.target_source: batch`` the rows v are the training batch itself, cross-fitted: the batch is split
-into K folds by global row index (by whole groups where rows come in groups, `fold_of_rows`), G_k is the summed
-target gradient of fold k, and sample i in fold k(i) is
+into K folds by global row index (or by the group ids the caller gives: GRPO folds whole groups), G_k is the
+summed target gradient of fold k, and sample i in fold k(i) is
 scored against the other folds only, I_i = ⟨Σ_{j≠k(i)} G_j, ∇L_i⟩ / (N - N_{k(i)}), so its own gradient
 never inflates its score. One forward serves two backward passes: the first sums the target terms' gradients
 per fold (G_j), the second gives every ⟨G_j, ∇L_i⟩ at once.
@@ -27,6 +27,7 @@ All processes must call `IIFStage.select` together: it reduces the target and ga
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -59,36 +60,39 @@ class IIFStage:
 
     ``config`` is the recipe's ``iif`` section (mode, p, min_split_cos, score_batch_size, target_source, folds).
     ``target_source`` may be None with ``target_source: batch``. ``generator`` draws the random modes'
-    choices; it must be seeded the same on every process. ``group_size``: the batch's rows come in groups of
-    this many consecutive rows (GRPO's completions of one prompt), which the batch target folds together.
+    choices; it must be seeded the same on every process.
     """
 
     def __init__(self, config: IIFConfig, accelerator: Accelerator, target_source: TargetSource | None,
-                 sequence_logprobs: SequenceLogprobs, guard: NonfiniteGuard, generator: torch.Generator,
-                 group_size: int = 1):
-        self.config, self.accelerator, self.group_size = config, accelerator, group_size
+                 sequence_logprobs: SequenceLogprobs, guard: NonfiniteGuard, generator: torch.Generator):
+        self.config, self.accelerator = config, accelerator
         self.target_source, self.sequence_logprobs = target_source, sequence_logprobs
         self.guard, self.generator = guard, generator
         self.timer = PhaseTimer()
         self.target_rows: TargetBatch | None = None  # the validation rows of the last target gradient
 
     def select(self, model: nn.Module, per_sample_loss: PerSampleLoss | PerSampleLossAndTarget,
-               batch_size: int, precondition: Preconditioner | None = None) -> Selection:
+               batch_size: int, precondition: Preconditioner | None = None,
+               groups: torch.Tensor | None = None) -> Selection:
         """Influence scores and the keep-mask for this process's ``batch_size`` samples.
 
         ``model`` may be wrapped (DDP); scoring runs on the unwrapped module, outside gradient sync. Samples
         with a NaN or inf score are never kept and are reported to the guard. With ``target_source: batch``,
         ``per_sample_loss`` must also return each row's target term (a `PerSampleLossAndTarget`).
         ``precondition`` (`llm_iif.attribution.precondition`) is applied once to the target gradient.
+        ``groups`` [B]: ids, unique over all processes, of groups of samples that the batch target folds
+        together (GRPO's completions of one prompt); None folds by global row.
         """
         cfg = self.config
         self.timer = PhaseTimer()
         metrics, influence, filtering = {}, None, True
         if cfg.mode != "random":
-            influence, metrics["target_split_cos"] = self.influence(model, per_sample_loss, batch_size, precondition)
+            influence, metrics["target_split_cos"] = self.influence(model, per_sample_loss, batch_size, precondition,
+                                                                    groups=groups)
             metrics["preconditioned"] = int(precondition is not None)
-        if influence is not None:
-            filtering = cfg.min_split_cos is None or metrics["target_split_cos"] >= cfg.min_split_cos
+            # None: the batch target had a fold without rows (fewer groups than folds), so nothing is dropped
+            filtering = influence is not None and (cfg.min_split_cos is None
+                                                   or metrics["target_split_cos"] >= cfg.min_split_cos)
         keep, everyone = self._decide(influence, batch_size, cfg.mode if filtering else "none")
         metrics["kept_fraction"] = everyone["keep"].float().mean().item()
         metrics["filtered"] = int(filtering)
@@ -104,15 +108,16 @@ class IIFStage:
 
     def influence(self, model: nn.Module, per_sample_loss: PerSampleLoss | PerSampleLossAndTarget,
                   batch_size: int, precondition: Preconditioner | None = None,
-                  rows: TargetBatch | None = None) -> tuple[torch.Tensor, float]:
-        """([B] influence scores, target_split_cos) of this process's samples, without filtering.
+                  rows: TargetBatch | None = None, groups: torch.Tensor | None = None) -> tuple[torch.Tensor | None, float]:
+        """([B] influence scores, target_split_cos) of this process's samples, without filtering; (None, NaN)
+        when the batch target has a fold without rows, so that some samples would have no target.
 
         The target is built from the source's rows at θ(k), or from ``rows`` when given (the rows of an
         earlier call, `target_rows`, so that a second scoring sees the same target); ignored with the batch
-        source, whose rows are the batch itself.
+        source, whose rows are the batch itself. ``groups``: as in `select`.
         """
         if self.config.target_source == "batch":
-            return self.cross_fitted_scores(model, per_sample_loss, batch_size, precondition)
+            return self.cross_fitted_scores(model, per_sample_loss, batch_size, precondition, groups)
         target, split_cos = self.target_gradient(model, rows)
         return self._scores(model, per_sample_loss, batch_size, precondition(target) if precondition else target), \
             split_cos
@@ -134,12 +139,20 @@ class IIFStage:
                                     self.config.score_batch_size, acc.device)
 
     def cross_fitted_scores(self, model: nn.Module, loss_and_target: PerSampleLossAndTarget,
-                            batch_size: int, precondition: Preconditioner | None = None) -> tuple[torch.Tensor, float]:
+                            batch_size: int, precondition: Preconditioner | None = None,
+                            groups: torch.Tensor | None = None) -> tuple[torch.Tensor | None, float]:
         """[B] influence of each sample on the target built from the other folds of the whole batch (each fold's
-        gradient preconditioned, when given), and the cosine between the even and the odd folds' gradients."""
+        gradient preconditioned, when given), and the cosine between the even and the odd folds' gradients.
+
+        Sample i's fold is its group id (``groups``, as in `select`) or else its global row index, mod K, so
+        that N processes fold as one would."""
         acc, folds = self.accelerator, self.config.folds
-        _, offset = gather_values(acc, torch.zeros(batch_size))
-        fold = fold_of_rows(batch_size, offset, folds, self.group_size)
+        if groups is None:
+            _, offset = gather_values(acc, torch.zeros(batch_size))
+            groups = torch.arange(batch_size) + offset
+        fold = groups.cpu().long() % folds
+        if (acc.reduce(torch.bincount(fold, minlength=folds).float().to(acc.device), "sum") == 0).any():
+            return None, math.nan
         # one forward serves the target and the scores; the fold gradients are summed over processes inside
         with self.timer.phase("scoring"), acc.no_sync(model), acc.autocast(), dropout_off(acc.unwrap_model(model)):
             dots, parts, in_target = cross_fitted_dots(acc.unwrap_model(model), loss_and_target, batch_size, fold, folds,
@@ -211,16 +224,6 @@ def dropout_off(model: nn.Module):
         yield
     finally:
         model.train(was_training)
-
-
-def fold_of_rows(batch_size: int, offset: int, folds: int, group_size: int = 1) -> torch.Tensor:
-    """[B] the fold of each of this process's rows, by global row index (``offset`` + i), so that N processes
-    fold as one would; groups of ``group_size`` consecutive rows share a fold.
-
-    Whole groups, so that a completion is scored against other prompts only: by row, half of its groupmates
-    (whose advantages sum to minus its own) would sit in its target. On the tiny GRPO tasks that changed the
-    sign of about 40% of the scores (benchmarks/grpo_fold_bias.py, docs/results.md)."""
-    return ((torch.arange(batch_size) + offset) // group_size) % folds
 
 
 def _summed(gradients: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -426,9 +426,10 @@ class GRPODataConfig:
 
 @dataclass
 class GroupFilterConfig:
-    """A baseline filter instead of IIF: ``dapo`` drops groups whose rewards are all equal (with ``refill``,
-    it generates up to ``max_refill_batches`` more batches to fill their place); ``pods`` keeps the
-    ``keep_per_group`` completions of each group whose rewards vary most."""
+    """A group filter: ``dapo`` drops groups whose rewards are all equal (with ``refill``, it generates up to
+    ``max_refill_batches`` more batches to fill their place), and IIF, if enabled, then filters among the
+    completions it kept; ``pods`` (a baseline, without IIF) keeps the ``keep_per_group`` completions of each
+    group whose rewards vary most."""
     kind: Optional[GroupFilterName] = None
     refill: bool = False
     max_refill_batches: int = 4
@@ -522,9 +523,9 @@ class GRPORecipe:
         for name in self.rewards:
             if name.count(":") != 1:
                 raise UserError(f"{source}: rewards.{name}: expected an import path module:function")
-        if self.iif.enabled and self.group_filter.kind is not None:
-            raise UserError(f"{source}: group_filter.kind: {self.group_filter.kind} with iif.enabled: true; "
-                            "expected one filter (set iif.enabled: false or group_filter.kind: null)")
+        if self.iif.enabled and self.group_filter.kind not in (None, "dapo"):
+            raise UserError(f"{source}: group_filter.kind: {self.group_filter.kind} with iif.enabled: true; IIF runs "
+                            "after a dapo filter only (set group_filter.kind: dapo or null, or iif.enabled: false)")
 
 
 def recipe_kind(path: str | Path) -> type:

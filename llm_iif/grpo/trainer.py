@@ -4,9 +4,10 @@ trl generates one generation batch every ``steps_per_generation × num_iteration
 `_generate_and_score_completions`, while the model still holds the parameters θ(k) that sampled it. This
 subclass takes the batch from there and, before trl buffers it:
 
-1. scores every completion at θ(k) with the shared attribution core (`IIFStage`): the gradient of its GRPO
-   loss term (`llm_iif.grpo.losses`) against the target gradient, decided once over all processes; or
-   applies a group filter instead (DAPO's dynamic sampling, PODS's max-variance down-sampling);
+1. applies a group filter, if any (DAPO's dynamic sampling, PODS's max-variance down-sampling), then IIF, if
+   any, among what the group filter kept: it scores every candidate completion at θ(k) with the shared
+   attribution core (`IIFStage`), the gradient of its GRPO loss term (`llm_iif.grpo.losses`) against the
+   target gradient, and decides once over all processes;
 2. removes the dropped completions, so that the update runs on fewer sequences;
 3. fixes the loss normaliser so that it counts only the kept completions or tokens.
 
@@ -78,7 +79,7 @@ class IIFGRPOTrainer(GRPOTrainer):
       iif: what to score against and how much to drop (`llm_iif.core.config.GRPOIIFConfig`; ``target_source``
         ``batch`` or ``fresh``). Passing one turns filtering on (its ``enabled`` field is the recipe's switch
         and is not read here); None, and no group_filter, trains as plain GRPO.
-      group_filter: a `GroupFilter` baseline instead of ``iif``.
+      group_filter: a `GroupFilter`: a baseline instead of ``iif``, or, for ``dapo``, the filter IIF runs after.
       validation_dataset: rows with a ``prompt`` column (and whatever the reward functions read), for
         ``target_source: fresh``: each round samples ``num_generations`` completions for each of
         ``iif.val_size / num_generations`` of its prompts and builds f_seq from their group advantages.
@@ -114,8 +115,7 @@ class IIFGRPOTrainer(GRPOTrainer):
         self.generation_records: list[dict] = []
         if iif is not None:
             source = None if iif.target_source == "batch" else FreshGroupTarget(self)
-            self._stage = IIFStage(iif, self.accelerator, source, self._sequence_logprobs, self._guard, generator,
-                                   group_size=self.num_generations)
+            self._stage = IIFStage(iif, self.accelerator, source, self._sequence_logprobs, self._guard, generator)
 
     # ------------------------------------------------------------------------------------------------ checks
     def _check_settings(self) -> None:
@@ -123,8 +123,9 @@ class IIFGRPOTrainer(GRPOTrainer):
         iif, args = self.iif, self.args
         if iif is None and self.group_filter is None:
             return
-        if iif is not None and self.group_filter is not None:
-            raise UserError("iif and group_filter: expected one filter, got both")
+        if iif is not None and self.group_filter is not None and self.group_filter.kind != "dapo":
+            raise UserError(f"iif and group_filter.kind {self.group_filter.kind}: IIF runs after a dapo group filter "
+                            "only (expected group_filter.kind dapo, or one filter)")
         if self._is_vlm:
             raise UserError("model: filtering supports text-only models; this processing class is a multimodal "
                             "processor")
@@ -151,7 +152,8 @@ class IIFGRPOTrainer(GRPOTrainer):
                 raise UserError(f"group_filter.refill: each process's generation batch of {per_process} completions "
                                 f"must hold whole groups (expected a multiple of num_generations = "
                                 f"{self.num_generations})")
-            return
+            if iif is None:
+                return
         if shards_parameters(self.accelerator) and iif.mode != "random":
             raise UserError("iif: influence scoring needs whole LoRA weights on every process, and this launch "
                             "shards them (DeepSpeed ZeRO-3 or FSDP); use DDP or ZeRO-2, or iif.mode: random")
@@ -219,14 +221,14 @@ class IIFGRPOTrainer(GRPOTrainer):
         start = time.perf_counter()
         self._guard.start_round()
         nonfinite = self._nonfinite_mask(len(inputs))
-        influence = None
+        influence, metrics, groups = None, {}, self._group_ids(len(inputs), generation=0)
+        keep = ~nonfinite
         if self.group_filter is not None:
-            batch, keep, metrics, rewards = self._group_filtered(batch, inputs, nonfinite, rewards)
-        else:
-            selection = self._stage.select(self.model, self._loss_and_target(batch), len(inputs),
-                                           self._preconditioner())
-            keep, metrics, influence = selection.keep & ~nonfinite, selection.metrics, selection.influence
-            metrics["kept_fraction"] = self._global_mean(keep)
+            batch, keep, metrics, rewards, groups = self._group_filtered(batch, inputs, nonfinite, rewards)
+        if self._stage is not None:  # IIF, alone or among the groups a dapo filter kept
+            keep, influence, scored = self._influence_filtered(batch, keep, groups)
+            metrics.update(scored)
+        metrics["kept_fraction"] = self._global_sum(keep) / (len(inputs) * self.accelerator.num_processes)
         counts = self._guard.end_round()
         metrics.update({name: counts[name] for name in ("nonfinite_reward", "nonfinite_target", "nonfinite_influence")})
         self.generation_records = self._records(batch, rewards, keep, influence)
@@ -375,11 +377,32 @@ class IIFGRPOTrainer(GRPOTrainer):
         finally:
             self._metrics, self._logs, self.state.num_input_tokens_seen, self._rewards = saved
 
+    def _influence_filtered(self, batch: dict, candidates: torch.Tensor, groups: torch.Tensor):
+        """IIF's decision among this process's ``candidates`` [B] rows of ``batch`` (a group filter's kept rows,
+        or every row with a finite reward), folded by ``groups`` [B]: the keep-mask [B], the influence [B]
+        (NaN where not scored) and the stage's metrics."""
+        rows = candidates.nonzero().flatten()
+        scored = batch if len(rows) == len(candidates) else _rows_of(batch, rows)
+        selection = self._stage.select(self.model, self._loss_and_target(scored), len(rows), self._preconditioner(),
+                                       groups=groups[rows.cpu()])
+        keep = torch.zeros_like(candidates)
+        keep[rows] = selection.keep.to(keep.device)
+        influence = torch.full(candidates.shape, torch.nan)
+        if selection.influence is not None:
+            influence[rows.cpu()] = selection.influence.float().cpu()
+        return keep, influence, selection.metrics
+
+    def _group_ids(self, size: int, generation: int) -> torch.Tensor:
+        """[size] ids of the prompt groups of this process's rows of a generation batch (``generation`` 0, or the
+        n-th refill batch), unique over processes and batches: a group's G completions are consecutive rows."""
+        processes, rank = self.accelerator.num_processes, self.accelerator.process_index
+        return generation * processes * size + (rank * size + torch.arange(size)) // self.num_generations
+
     # ---------------------------------------------------------------------------------------- group filters
     def _group_filtered(self, batch: dict, inputs: list, nonfinite: torch.Tensor, rewards: torch.Tensor):
-        """A group filter's decision, and this process's rows' rewards; DAPO with refill generates more batches
-        of new prompts until the batch has as many informative groups as it had groups, or
-        ``max_refill_batches`` is spent."""
+        """A group filter's decision: (batch, keep-mask, metrics, this process's rows' rewards, their group ids
+        for `_group_ids`). DAPO with refill generates more batches of new prompts until every process has as many
+        completions in informative groups as its batch had rows, or ``max_refill_batches`` is spent."""
         flt, group = self.group_filter, self.num_generations
         local = _process_slice(self.accelerator, len(inputs))
         if flt.kind == "pods":
@@ -389,7 +412,8 @@ class IIFGRPOTrainer(GRPOTrainer):
         else:
             everyone = varied_groups(self._rewards, group)
         keep = everyone[local].to(nonfinite.device) & ~nonfinite
-        metrics = {"kept_fraction": self._global_mean(keep), "refill_batches": 0}
+        groups = self._group_ids(len(inputs), generation=0)
+        metrics = {"informative_fraction": self._global_mean(keep), "refill_batches": 0}
         if flt.kind == "dapo" and flt.refill:
             # Every process refills until it has its own batch's worth of informative completions, and keeps no
             # more, so that no process trains on (and pads every other process up to) a larger batch.
@@ -401,8 +425,9 @@ class IIFGRPOTrainer(GRPOTrainer):
                 batch, keep = _concatenated(batch, extra, self._tokenizer.pad_token_id), torch.cat([keep, extra_keep])
                 rewards = torch.cat([rewards, self._rewards[local]])
                 metrics["refill_batches"] += 1
+                groups = torch.cat([groups, self._group_ids(len(inputs), generation=metrics["refill_batches"])])
             keep = _first_kept(keep, len(inputs))
-        return batch, keep, metrics, rewards
+        return batch, keep, metrics, rewards, groups
 
     def _refill_inputs(self, size: int) -> list:
         """``size`` new rows (size / num_generations prompts, each repeated), drawn at random from the train set
@@ -432,12 +457,7 @@ class IIFGRPOTrainer(GRPOTrainer):
         most = int(acc.gather(torch.tensor([kept], device=acc.device)).max())
         rows_per_process = max(chunks, math.ceil(most / chunks) * chunks)
         order = torch.cat([keep.nonzero().flatten(), (~keep).nonzero().flatten()])[:rows_per_process]
-        cut = {}
-        for key, value in batch.items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == len(keep):
-                cut[key] = value[order.to(value.device)]
-            else:
-                cut[key] = value
+        cut = _rows_of(batch, order)
         padding = ~keep[order]
         for key in ("completion_mask", "tool_mask"):
             if key in cut:
@@ -489,6 +509,13 @@ def _loss_mask(batch: dict) -> torch.Tensor:
 def _process_slice(accelerator, batch_size: int) -> slice:
     start = accelerator.process_index * batch_size
     return slice(start, start + batch_size)
+
+
+def _rows_of(batch: dict, rows: torch.Tensor) -> dict:
+    """The batch's per-row tensors cut to ``rows``; everything else as it is."""
+    size = len(batch["advantages"])
+    return {key: (value[rows.to(value.device)] if isinstance(value, torch.Tensor) and value.dim() > 0
+                  and value.shape[0] == size else value) for key, value in batch.items()}
 
 
 def _first_kept(keep: torch.Tensor, most: int) -> torch.Tensor:

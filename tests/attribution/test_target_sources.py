@@ -8,7 +8,6 @@ import torch
 
 from conftest import tiny_recipe_dict
 from llm_iif.attribution.gradients import LoraGradientCapture, lora_parameters
-from llm_iif.attribution.stage import fold_of_rows
 from llm_iif.core.config import recipe_from_dict
 from llm_iif.core.errors import UserError
 from llm_iif.lm.iif import importance_weights, ppo_sample_loss, ppo_sample_loss_and_target, rollout_target_rows
@@ -52,14 +51,6 @@ def test_cross_fitted_scores_equal_a_brute_force_computation(tmp_path, tiny_mode
         expected[mine] = sum((per_sample[n][mine].flatten(1) * target[n].flatten()).sum(1) for n in params)
     assert torch.allclose(scores, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
     assert expected.abs().max() > 0
-
-
-def test_folds_take_whole_groups_and_processes_fold_as_one():
-    one_process = fold_of_rows(12, 0, folds=2, group_size=3)
-    assert one_process.tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 1]
-    # two processes of 6 rows each: the second starts at global row 6, and a group may straddle them
-    assert torch.cat([fold_of_rows(6, 0, 2, 3), fold_of_rows(6, 6, 2, 3)]).equal(one_process)
-    assert fold_of_rows(5, 0, folds=3).tolist() == [0, 1, 2, 0, 1]  # rows without groups: by row
 
 
 def test_importance_weights_are_one_when_the_policy_has_not_changed(tmp_path, tiny_model_dir):

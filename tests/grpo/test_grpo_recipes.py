@@ -47,7 +47,7 @@ def test_compare_runs_every_baseline(random_adder_dir, tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     (["grpo.no_such_field=1"], "grpo: GRPOConfig.__init__() got an unexpected keyword argument 'no_such_field'"),
     (["iif.mode=bottom", "iif.p=1.0"], "iif.p: 1.0 with iif.mode bottom would drop every completion"),
-    (["group_filter.kind=dapo"], "group_filter.kind: dapo with iif.enabled: true; expected one filter"),
+    (["group_filter.kind=pods"], "group_filter.kind: pods with iif.enabled: true; IIF runs after a dapo filter"),
     (["group_filter.kind=pods", "iif.enabled=false", "group_filter.keep_per_group=4"],
      "group_filter.keep_per_group: 4 would keep no or every completion"),
     (["iif.target_source=fresh", "iif.val_size=6"], "iif.val_size: 6 completions; expected a multiple of"),

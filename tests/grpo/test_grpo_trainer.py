@@ -27,6 +27,13 @@ def generation_batch(trainer, prompts=4):
     return GRPOTrainer._generate_and_score_completions(trainer, rows)
 
 
+def select(trainer, batch):
+    """The stage's selection over every row of a generation batch, folded by group as the trainer folds it."""
+    size = len(batch["advantages"])
+    return trainer._stage.select(trainer.model, trainer._loss_and_target(batch), size,
+                                 groups=trainer._group_ids(size, generation=0))
+
+
 def flat_grad(value, params):
     return torch.cat([g.flatten() for g in torch.autograd.grad(value, params, retain_graph=True)])
 
@@ -70,7 +77,7 @@ def test_completion_losses_sum_to_trls_loss(random_adder_dir, tmp_path, loss_typ
     torch.testing.assert_close(flat_grad(ours.sum(), params), flat_grad(theirs, params), rtol=1e-4, atol=1e-7)
 
 
-def brute_force_scores(trainer, batch, target=None, folds=2, left_out=()):
+def brute_force_scores(trainer, batch, target=None, folds=2, left_out=(), fold=None):
     """Each completion's ⟨target gradient, ∇L_i⟩ from one autograd call per completion; without ``target``,
     the cross-fitted target of the other folds (a completion's whole group in one fold: group index mod folds)."""
     fn = trainer._loss_and_target(batch)
@@ -85,7 +92,7 @@ def brute_force_scores(trainer, batch, target=None, folds=2, left_out=()):
             target_grads.append(flat_grad(term.sum(), params))
     if target is not None:
         return torch.stack(loss_grads) @ target
-    fold = (torch.arange(n) // trainer.num_generations) % folds
+    fold = (torch.arange(n) // trainer.num_generations) % folds if fold is None else fold
     scores = []
     for i in range(n):
         others = [target_grads[j] for j in range(n) if fold[j] != fold[i] and j not in left_out]
@@ -103,7 +110,7 @@ def test_cross_fitted_scores_equal_brute_force(random_adder_dir, tmp_path, loss_
                                enabled=True, target_source="batch", folds=2, score_batch_size=score_batch_size))
     off_the_reference(trainer)
     batch = generation_batch(trainer)
-    selection = trainer._stage.select(trainer.model, trainer._loss_and_target(batch), len(batch["advantages"]))
+    selection = select(trainer, batch)
     expected = brute_force_scores(trainer, batch)
     assert expected.abs().max() > 0
     torch.testing.assert_close(selection.influence, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
@@ -117,7 +124,7 @@ def test_a_nan_target_row_is_left_out_of_its_fold_and_counted(random_adder_dir, 
     batch = generation_batch(trainer)
     batch["advantages"][5] = float("nan")
     trainer._guard.start_round()
-    selection = trainer._stage.select(trainer.model, trainer._loss_and_target(batch), len(batch["advantages"]))
+    selection = select(trainer, batch)
     assert trainer._guard.end_round()["nonfinite_target"] == 1
     scores = selection.influence
     assert scores[5].isnan() and scores.isfinite().sum() == 15 and not selection.keep[5]
@@ -137,7 +144,7 @@ def test_fresh_target_scores_equal_brute_force(random_adder_dir, tmp_path):
     batch = generation_batch(trainer)
     source, seen = trainer._stage.target_source, []
     trainer._stage.target_source = lambda model: seen.append(source(model)) or seen[-1]
-    selection = trainer._stage.select(trainer.model, trainer._loss_and_target(batch), len(batch["advantages"]))
+    selection = select(trainer, batch)
     rows = seen[0]
     assert len(rows) == 8 and rows.weights.shape == rows.response_mask.shape
     params = list(scored_parameters(trainer.model).values())
@@ -168,7 +175,7 @@ def test_a_nan_row_of_the_fresh_target_is_left_out_and_counted(random_adder_dir,
 
     trainer._stage.target_source = with_a_nan_row
     trainer._guard.start_round()
-    selection = trainer._stage.select(trainer.model, trainer._loss_and_target(batch), len(batch["advantages"]))
+    selection = select(trainer, batch)
     assert trainer._guard.end_round()["nonfinite_target"] == 1
     rows = seen[0]
     params = list(scored_parameters(trainer.model).values())
@@ -185,8 +192,7 @@ def test_scores_are_computed_without_dropout(random_adder_dir, tmp_path):
         if hasattr(module, "lora_dropout"):
             module.lora_dropout["default"] = torch.nn.Dropout(0.5)
     batch = generation_batch(trainer)
-    first, second = (trainer._stage.select(trainer.model, trainer._loss_and_target(batch), 16).influence
-                     for _ in range(2))
+    first, second = (select(trainer, batch).influence for _ in range(2))
     assert trainer.model.training  # back in training mode for the update
     torch.testing.assert_close(first, second)
 
@@ -209,7 +215,7 @@ def test_scores_without_lora_cover_the_linear_layers(tmp_path):
                            iif=GRPOIIFConfig(enabled=True, target_source="batch", folds=2))
     assert "model.layers.0.mlp.up_proj.weight" in scored_parameters(trainer.model)
     batch = generation_batch(trainer)
-    selection = trainer._stage.select(trainer.model, trainer._loss_and_target(batch), len(batch["advantages"]))
+    selection = select(trainer, batch)
     expected = brute_force_scores(trainer, batch)
     torch.testing.assert_close(selection.influence, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
@@ -339,6 +345,33 @@ def parity_reward(prompts, completions, **kwargs):
     return [0.0 if int(p.split("+")[0]) % 2 == 0 else float(len(c)) for p, c in zip(prompts, completions)]
 
 
+def test_iif_after_dapo_scores_the_informative_groups_only(random_adder_dir, tmp_path):
+    trainer = make_trainer(random_adder_dir, tmp_path, reward_funcs=[parity_reward], max_completion_length=6,
+                           group_filter=GroupFilter("dapo"), iif=GRPOIIFConfig(enabled=True, folds=2))
+    rows = [trainer.train_dataset[i] for i in range(8) for _ in range(4)]
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    batch = GRPOTrainer._generate_and_score_completions(trainer, rows)
+    informative = varied_groups(trainer._rewards, 4)
+    groups = trainer._group_ids(32, generation=0)
+    assert 0 < informative.sum() < 32 and len(set((groups[informative] % 2).tolist())) == 2
+    keep, influence, _ = trainer._influence_filtered(batch, informative, groups)
+    assert not keep[~informative].any() and influence[~informative].isnan().all()
+    sub = batch_rows(batch, informative, 32)
+    expected = brute_force_scores(trainer, sub, fold=groups[informative] % 2)
+    torch.testing.assert_close(influence[informative], expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    assert keep[informative].equal(expected >= 0)  # neg-bottom, p = 1: the negative ones go
+
+
+def test_iif_keeps_everything_when_the_batch_has_fewer_prompts_than_folds(random_adder_dir, tmp_path):
+    trainer = make_trainer(random_adder_dir, tmp_path, iif=GRPOIIFConfig(enabled=True, folds=2))
+    batch = generation_batch(trainer)
+    one_group = torch.zeros(16, dtype=torch.bool)
+    one_group[4:8] = True
+    keep, influence, metrics = trainer._influence_filtered(batch, one_group, trainer._group_ids(16, generation=0))
+    assert keep.equal(one_group) and influence.isnan().all() and metrics["filtered"] == 0
+
+
 @pytest.mark.parametrize("refill", [False, True])
 def test_dapo_drops_equal_groups_and_refills(random_adder_dir, tmp_path, refill):
     trainer = make_trainer(random_adder_dir, tmp_path, reward_funcs=[parity_reward], max_completion_length=6,
@@ -365,7 +398,8 @@ def nan_reward(completions, **kwargs):
     (dict(iif=GRPOIIFConfig(enabled=True, target_source="cached")), "iif.target_source: 'cached'"),
     (dict(iif=GRPOIIFConfig(enabled=True, mode="bottom", p=1.0)), "would drop every completion"),
     (dict(iif=GRPOIIFConfig(enabled=True), top_entropy_quantile=0.5), "top_entropy_quantile"),
-    (dict(iif=GRPOIIFConfig(enabled=True), group_filter=GroupFilter("dapo")), "expected one filter"),
+    (dict(iif=GRPOIIFConfig(enabled=True), group_filter=GroupFilter("pods", keep_per_group=2)),
+     "iif and group_filter.kind pods: IIF runs after a dapo group filter only"),
     (dict(group_filter=GroupFilter("pods", keep_per_group=4)), "group_filter.keep_per_group: 4"),
     (dict(iif=GRPOIIFConfig(enabled=True, target_source="fresh")), "validation_dataset"),
     (dict(iif=GRPOIIFConfig(enabled=True), loss_type="grpo", entropy_coef=0.01), "entropy_coef / router aux loss"),
