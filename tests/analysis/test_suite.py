@@ -165,3 +165,10 @@ def test_the_shipped_suites_load_with_every_recipe_and_method(name):
     for task in suite.tasks:
         assert {"standard", "iif", "random"} <= set(task.methods)
         assert len(task.seeds) == (3 if name == "quick" else 5 if task.name == "tiny-reasoning" else 10)
+
+
+def test_the_grpo_suite_loads_with_every_method():
+    suite = load_suite(REPO / "benchmarks" / "suites" / "grpo.yaml")
+    assert {task.name for task in suite.tasks} == {"tiny-addition", "tiny-reasoning", "tiny-sentiment-grpo"}
+    for task in suite.tasks:
+        assert task.methods == ["standard", "iif", "random", "dapo-refill", "dapo-refill-iif"]
