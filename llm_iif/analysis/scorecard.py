@@ -1,6 +1,7 @@
-"""A suite's scorecard: per task, every method against standard (and IIF against size-matched random) with
-interval estimates over seeds, a one-line verdict, and whether standard's curve climbs long enough for the
-ratios to mean something. Written as scorecard.md, scorecard.json and scorecard.png.
+"""A suite's scorecard: per task, every method against standard, and IIF (alone or after DAPO) against the
+baselines it must beat (`PAIRS`), with interval estimates over seeds, one-line verdicts, and whether standard's
+curve climbs long enough for the ratios to mean something. Written as scorecard.md, scorecard.json and
+scorecard.png.
 
 The verdict reads the area under the reward curve (`llm_iif.analysis.statistics`, "AUC ×"): the IQM over seeds
 of a method's area above the baseline's first round, as a ratio of the baseline's, with its 95% stratified
@@ -34,6 +35,10 @@ VERSIONS = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "s
 # final reward measure noise on a plateau.
 CLIMB_LEVEL, CLIMB_MIN = 0.9, 0.4
 VERDICT_STATISTIC = "auc_ratio"
+# (method, baseline) pairs compared when a task ran both: IIF alone, and IIF after DAPO with refill, against the
+# size-matched random filter and DAPO with refill.
+PAIRS = (("iif", "random"), ("iif", "dapo-refill"), ("dapo-refill-iif", "dapo-refill"), ("dapo-refill-iif", "random"))
+IIF_METHODS = ("iif", "dapo-refill-iif")
 
 
 def write_scorecard(paths: SuitePaths, suite: Suite, finished: dict, command: str) -> dict:
@@ -79,20 +84,20 @@ def check_same_cpu(task: SuiteTask, finished: dict) -> None:
 def task_scorecard(task: SuiteTask, histories: dict[str, dict[int, list[dict]]], summary: dict,
                    seconds: float) -> dict:
     """One task's scorecard entry: each method's final reward and KL spikes, its interval estimates against
-    standard (from ``summary``, `summarize` of ``histories``) and, when both ran, IIF's against size-matched
-    random; the verdicts; standard's climb."""
+    standard (from ``summary``, `summarize` of ``histories``) and those of every pair of `PAIRS` that ran; the
+    verdicts ("iif vs standard", "iif vs random", ...); standard's climb."""
     entry = {"recipe": str(task.recipe), "set": task.overrides, "seeds": task.seeds, "seconds": seconds,
              "standard_climb": standard_climb(histories["standard"], summary["smooth"]),
              "methods": {method: {key: value for key, value in stats.items()
                                   if key in ("final_reward", "final_kl", "kl_spikes", "intervals")
                                   or key.startswith("final_reward/")}  # e.g. a learned reward's hidden rule
                          for method, stats in summary["methods"].items()}}
-    if "iif" in histories:
-        entry["verdicts"] = {"iif_vs_standard": verdict_text(summary["methods"]["iif"]["intervals"])}
-        if "random" in histories:
-            against_random = summarize({"random": histories["random"], "iif": histories["iif"]}, baseline="random")
-            entry["iif_vs_random"] = against_random["methods"]["iif"]["intervals"]
-            entry["verdicts"]["iif_vs_random"] = verdict_text(entry["iif_vs_random"])
+    entry["pairs"] = {f"{method} vs {baseline}": summarize({baseline: histories[baseline], method: histories[method]},
+                                                           baseline=baseline)["methods"][method]["intervals"]
+                      for method, baseline in PAIRS if method in histories and baseline in histories}
+    entry["verdicts"] = {f"{method} vs standard": verdict_text(summary["methods"][method]["intervals"])
+                         for method in IIF_METHODS if method in histories}
+    entry["verdicts"].update({pair: verdict_text(intervals) for pair, intervals in entry["pairs"].items()})
     return entry
 
 
@@ -158,8 +163,12 @@ def scorecard_markdown(card: dict) -> str:
         climb = task["standard_climb"]
         climb_text = ("never (no gain)" if climb is None else f"{climb:.0%} of the run"
                       + (" (a plateau: below 40%)" if climb < CLIMB_MIN else ""))
-        lines.append(f"| {name} | {len(task['seeds'])} | {verdicts.get('iif_vs_standard', '–')} | "
-                     f"{verdicts.get('iif_vs_random', '–')} | {climb_text} |")
+        lines.append(f"| {name} | {len(task['seeds'])} | {verdicts.get('iif vs standard', '–')} | "
+                     f"{verdicts.get('iif vs random', '–')} | {climb_text} |")
+    others = [f"- {name}, {pair}: {text}" for name, task in finished.items()
+              for pair, text in task.get("verdicts", {}).items() if pair not in ("iif vs standard", "iif vs random")]
+    if others:
+        lines += ["", "Further verdicts:", "", *others]
     for name, task in finished.items():
         lines += ["", f"## {name}", "", f"`{os.path.normpath(task['recipe'])}`"
                   + (f" with {', '.join(task['set'])}" if task["set"] else "") + f", seeds {task['seeds']}", ""]
@@ -176,17 +185,18 @@ def scorecard_markdown(card: dict) -> str:
                                             *("{:+.3f} ± {:.3f}".format(*stats[key]) if key in stats else "–"
                                               for key in reported),
                                             f"{spikes[0]:.1f}" if spikes else "–", *row[1:]]) + " |")
-        if "iif_vs_random" in task:
-            header, rows = interval_table({"methods": {"iif vs random": {"intervals": task["iif_vs_random"]}}})
-            lines += ["", "IIF against size-matched random (1 or 0 = random; P: IIF's final above random's):", "",
-                      "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+        if task.get("pairs"):
+            header, rows = interval_table({"methods": {pair: {"intervals": intervals}
+                                                       for pair, intervals in task["pairs"].items()}})
+            lines += ["", "IIF against the other baselines (1 or 0 = the baseline after \"vs\"; P: the method's final "
+                      "above the baseline's):", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
                       *("| " + " | ".join(row) + " |" for row in rows)]
     return "\n".join(lines) + "\n"
 
 
 def scorecard_figure(card: dict):
-    """Per finished task, the AUC ratio and rounds to standard's final of each method against standard, and of
-    IIF against random, as intervals; None before any task has finished."""
+    """Per finished task, the AUC ratio and rounds to the baseline's final of each method against standard, and
+    of each pair of `PAIRS`, as intervals; None before any task has finished."""
     panels = {"area under the curve (× baseline's)": "auc_ratio",
               "rounds to the baseline's final reward (× its run)": "rounds_to_baseline_final"}
     rows: dict[str, list[tuple[str, list[float]]]] = {title: [] for title in panels}
@@ -195,8 +205,7 @@ def scorecard_figure(card: dict):
             continue
         compared = {f"{method} vs standard": stats["intervals"] for method, stats in task["methods"].items()
                     if "intervals" in stats}
-        if "iif_vs_random" in task:
-            compared["iif vs random"] = task["iif_vs_random"]
+        compared.update(task.get("pairs", {}))
         for label, intervals in compared.items():
             for title, key in panels.items():
                 if key in intervals:

@@ -109,10 +109,16 @@ def test_task_scorecard_verdicts_on_known_curves(tmp_path):
     rounds = 20
     standard = {s: curve_history([k / rounds + 0.01 * s for k in range(rounds)]) for s in task.seeds}
     faster = {s: curve_history([min(1.0, 2 * k / rounds) + 0.01 * s for k in range(rounds)]) for s in task.seeds}
-    histories = {"standard": standard, "iif": faster, "random": standard}
+    # GRPO tasks also run DAPO with refill and IIF after it; the scorecard reads only the histories
+    histories = {"standard": standard, "iif": faster, "random": standard, "dapo-refill": faster,
+                 "dapo-refill-iif": standard}
     entry = task_scorecard(task, histories, summarize(histories), seconds=60.0)
-    assert entry["verdicts"]["iif_vs_standard"].startswith("better (AUC × ")
-    assert entry["verdicts"]["iif_vs_random"].startswith("better (AUC × ")  # random is standard's twin here
+    assert entry["verdicts"]["iif vs standard"].startswith("better (AUC × ")
+    assert entry["verdicts"]["iif vs random"].startswith("better (AUC × ")  # random is standard's twin here
+    assert entry["verdicts"]["iif vs dapo-refill"].startswith("no measurable difference")  # the same curves
+    assert entry["verdicts"]["dapo-refill-iif vs dapo-refill"].startswith("worse (AUC × ")
+    assert set(entry["pairs"]) == {"iif vs random", "iif vs dapo-refill", "dapo-refill-iif vs dapo-refill",
+                                   "dapo-refill-iif vs random"}
     random_stats = entry["methods"]["random"]["intervals"]
     assert random_stats["auc_ratio"]["verdict"] == "no measurable difference"
     assert random_stats["probability_of_improvement"]["estimate"][0] == pytest.approx(0.5)
@@ -120,7 +126,8 @@ def test_task_scorecard_verdicts_on_known_curves(tmp_path):
             "cpu_models": ["A"], "versions": {"torch": "2"}, "tasks": {"t": entry, "u": {"finished_runs": 1, "runs": 6}}}
     text = scorecard_markdown(card)
     assert "| t | 4 | better (AUC × " in text and "| u | – | 1 of 6 runs finished |" in text
-    assert "## t" in text and "| random | " in text and "IIF against size-matched random" in text
+    assert "## t" in text and "| random | " in text and "IIF against the other baselines" in text
+    assert "- t, dapo-refill-iif vs dapo-refill: worse (AUC × " in text  # under "Further verdicts"
 
 
 # ------------------------------------------------------------------------------------------------ a real suite
