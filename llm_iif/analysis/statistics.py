@@ -16,6 +16,7 @@ A statistic whose interval covers its null value is reported as "no measurable d
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -53,8 +54,7 @@ def interval_estimates_by_statistic(per_seed: dict[str, list[float]], seed: int 
     def iqm_and_mean(s: np.ndarray) -> np.ndarray:  # [2 × statistics]: every IQM, then every mean
         return np.concatenate([interquartile_means(s), s.mean(axis=0)])
 
-    with warnings.catch_warnings():  # arch's notice that RandomState will give way to Generator
-        warnings.simplefilter("ignore", FutureWarning)
+    with rliable_seeded(seed):
         points, intervals = rly.get_interval_estimates(
             {"x": scores}, iqm_and_mean, reps=BOOTSTRAP_REPS, confidence_interval_size=CONFIDENCE,
             random_state=np.random.RandomState(seed))
@@ -62,6 +62,22 @@ def interval_estimates_by_statistic(per_seed: dict[str, list[float]], seed: int 
     return {name: {"iqm": [float(point[j]), float(low[j]), float(high[j])],
                    "mean": [float(point[k + j]), float(low[k + j]), float(high[k + j])]}
             for j, name in enumerate(names)}
+
+
+@contextmanager
+def rliable_seeded(seed: int):
+    """Make rliable's bootstrap reproducible: its resampling draws from NumPy's global generator, ignoring the
+    ``random_state`` it is given (rliable 1.2.0, `StratifiedBootstrap.update_indices`), so that generator is
+    seeded for the call and restored after it. Also silences arch's notice that RandomState will give way to
+    Generator."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        np.random.set_state(state)
 
 
 def interquartile_means(scores: np.ndarray) -> np.ndarray:
@@ -81,8 +97,7 @@ def probability_of_improvement(method: list[float], baseline: list[float], seed:
     x = np.asarray(method, dtype=float).reshape(-1, 1)
     y = np.asarray(baseline, dtype=float).reshape(-1, 1)
     _require_seeds(min(len(x), len(y)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
+    with rliable_seeded(seed):
         points, intervals = rly.get_interval_estimates(
             {"x,y": [x, y]}, lambda a, b: np.array([improvement_probability(a[:, 0], b[:, 0])]),
             reps=BOOTSTRAP_REPS, confidence_interval_size=CONFIDENCE, random_state=np.random.RandomState(seed))

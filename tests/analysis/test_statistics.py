@@ -26,6 +26,20 @@ def test_the_iqm_interval_matches_scipys_percentile_bootstrap():
     assert ours["mean"][1] < ours["mean"][0] < ours["mean"][2]
 
 
+def test_intervals_are_the_same_every_time():
+    """rliable resamples from NumPy's global generator whatever random_state it is given; ours seeds it."""
+    np.random.seed(123)
+    first = interval_estimates(SAMPLE), probability_of_improvement(SAMPLE[:5], SAMPLE[5:])
+    after = np.random.random()
+    np.random.seed(123)
+    np.random.random(size=7)  # another state: the results must not depend on it
+    assert (interval_estimates(SAMPLE), probability_of_improvement(SAMPLE[:5], SAMPLE[5:])) == first
+    np.random.seed(123)
+    interval_estimates(SAMPLE)
+    probability_of_improvement(SAMPLE[:5], SAMPLE[5:])
+    assert np.random.random() == after  # and the caller's global state is left as it was
+
+
 def test_probability_of_improvement_known_cases():
     assert probability_of_improvement(SAMPLE, SAMPLE)[0] == 0.5
     better = probability_of_improvement([v + 1.0 for v in SAMPLE], SAMPLE)
