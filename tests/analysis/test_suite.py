@@ -139,7 +139,7 @@ def test_a_suite_restarts_where_it_stopped_and_keeps_finished_runs(tmp_path, cap
     card = run_suite(suite, "llm-iif suite suite.yaml", progress=False)
     task = card["tasks"]["frozenlake"]
     assert set(task["methods"]) == {"standard", "iif"} and task["seeds"] == [0, 1] and task["seconds"] > 0
-    assert "iif_vs_standard" in task["verdicts"] and card["cpu_models"] == [cpu_model()]
+    assert "iif vs standard" in task["verdicts"] and card["cpu_models"] == [cpu_model()]
     for name in ("scorecard.md", "scorecard.json", "scorecard.png", "frozenlake/summary.json",
                  "frozenlake/reward_curves.png"):
         assert (paths.root / name).stat().st_size > 0, name
