@@ -73,7 +73,7 @@ class IIFStage:
 
     def select(self, model: nn.Module, per_sample_loss: PerSampleLoss | PerSampleLossAndTarget,
                batch_size: int, precondition: Preconditioner | None = None,
-               groups: torch.Tensor | None = None) -> Selection:
+               groups: torch.Tensor | None = None, centre_in_groups: bool = False) -> Selection:
         """Influence scores and the keep-mask for this process's ``batch_size`` samples.
 
         ``model`` may be wrapped (DDP); scoring runs on the unwrapped module, outside gradient sync. Samples
@@ -81,8 +81,11 @@ class IIFStage:
         ``per_sample_loss`` must also return each row's target term (a `PerSampleLossAndTarget`).
         ``precondition`` (`llm_iif.attribution.precondition`) is applied once to the target gradient.
         ``groups`` [B]: ids, unique over all processes, of groups of samples that the batch target folds
-        together (GRPO's completions of one prompt); None folds by global row.
+        together (GRPO's completions of one prompt); None folds by global row. ``centre_in_groups``: the
+        filter sees each score minus its group's mean score (needs ``groups``); ``Selection.influence`` stays raw.
         """
+        if centre_in_groups and groups is None:
+            raise ValueError("centre_in_groups needs the samples' group ids (groups)")
         cfg = self.config
         self.timer = PhaseTimer()
         metrics, influence, filtering = {}, None, True
@@ -93,7 +96,8 @@ class IIFStage:
             # None: the batch target had a fold without rows (fewer groups than folds), so nothing is dropped
             filtering = influence is not None and (cfg.min_split_cos is None
                                                    or metrics["target_split_cos"] >= cfg.min_split_cos)
-        keep, everyone = self._decide(influence, batch_size, cfg.mode if filtering else "none")
+        keep, everyone = self._decide(influence, batch_size, cfg.mode if filtering else "none",
+                                      groups if centre_in_groups else None)
         metrics["kept_fraction"] = everyone["keep"].float().mean().item()
         metrics["filtered"] = int(filtering)
         if influence is not None:
@@ -198,9 +202,11 @@ class IIFStage:
                         f"{int(counts[1])} target rows, left out of the target", counts[0] == counts[1])
         return counts[1] - counts[0]
 
-    def _decide(self, influence: torch.Tensor | None, batch_size: int, mode: str) -> tuple[torch.Tensor, dict]:
-        """One filter decision over every process's scores, so N processes filter exactly as one would.
-        Returns this process's [B] keep-mask and the whole batch's influence, scored and keep tensors."""
+    def _decide(self, influence: torch.Tensor | None, batch_size: int, mode: str,
+                groups: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """One filter decision over every process's scores (centred within ``groups`` [B] when given), so N
+        processes filter exactly as one would. Returns this process's [B] keep-mask and the whole batch's
+        influence, scored and keep tensors."""
         acc = self.accelerator
         local = influence if influence is not None else torch.zeros(batch_size, device=acc.device)
         everyone, offset = gather_values(acc, local)
@@ -208,8 +214,11 @@ class IIFStage:
         bad = int((~scored).sum())
         self.guard.flag("influence", bad, f"influence scores are NaN or inf for {bad} of {len(everyone)} samples",
                         not scored.any())
+        ranked = everyone
+        if groups is not None:
+            ranked = centred_in_groups(everyone, gather_values(acc, groups.float())[0].long())
         keep_all = torch.zeros_like(scored)  # a sample without a usable score is not trained on
-        keep_all[scored] = filter_mask(everyone[scored], mode, self.config.p, self.generator)
+        keep_all[scored] = filter_mask(ranked[scored], mode, self.config.p, self.generator)
         keep = keep_all[offset:offset + batch_size].to(acc.device)
         return keep, {"influence": everyone, "scored": scored, "keep": keep_all}
 
@@ -224,6 +233,16 @@ def dropout_off(model: nn.Module):
         yield
     finally:
         model.train(was_training)
+
+
+def centred_in_groups(scores: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """[N] each finite score minus the mean of the finite scores of its group; ``groups`` [N] integer ids.
+    NaN and inf stay as they are (they are never kept)."""
+    finite = torch.isfinite(scores)
+    ids, index = torch.unique(groups, return_inverse=True)
+    total = torch.zeros(len(ids), dtype=scores.dtype).index_add_(0, index[finite], scores[finite])
+    count = torch.zeros(len(ids), dtype=scores.dtype).index_add_(0, index[finite], torch.ones_like(scores[finite]))
+    return torch.where(finite, scores - total[index] / count[index].clamp(min=1), scores)
 
 
 def _summed(gradients: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

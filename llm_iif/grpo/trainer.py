@@ -384,7 +384,8 @@ class IIFGRPOTrainer(GRPOTrainer):
         rows = candidates.nonzero().flatten()
         scored = batch if len(rows) == len(candidates) else _rows_of(batch, rows)
         selection = self._stage.select(self.model, self._loss_and_target(scored), len(rows), self._preconditioner(),
-                                       groups=groups[rows.cpu()])
+                                       groups=groups[rows.cpu()],
+                                       centre_in_groups=self.iif.group_scores == "centred")
         keep = torch.zeros_like(candidates)
         keep[rows] = selection.keep.to(keep.device)
         influence = torch.full(candidates.shape, torch.nan)

@@ -12,6 +12,7 @@ from grpo_setup import grpo_args, make_trainer
 from trl import GRPOTrainer
 
 from llm_iif.attribution.gradients import scored_parameters
+from llm_iif.attribution.stage import centred_in_groups
 from llm_iif.core.config import GRPOIIFConfig
 from llm_iif.core.errors import UserError
 from llm_iif.grpo import GroupFilter
@@ -361,6 +362,33 @@ def test_iif_after_dapo_scores_the_informative_groups_only(random_adder_dir, tmp
     expected = brute_force_scores(trainer, sub, fold=groups[informative] % 2)
     torch.testing.assert_close(influence[informative], expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
     assert keep[informative].equal(expected >= 0)  # neg-bottom, p = 1: the negative ones go
+
+
+def test_centred_in_groups_subtracts_each_groups_finite_mean():
+    scores = torch.tensor([1.0, 3.0, -2.0, float("nan"), 4.0, 0.0])
+    groups = torch.tensor([7, 7, 2, 2, 2, 9])
+    centred = centred_in_groups(scores, groups)
+    torch.testing.assert_close(centred[[0, 1, 2, 4, 5]], torch.tensor([-1.0, 1.0, -3.0, 3.0, 0.0]))
+    assert centred[3].isnan()
+
+
+def test_group_centred_scores_drop_the_completions_below_their_groups_mean(random_adder_dir, tmp_path):
+    """With iif.group_scores: centred, neg-bottom (p = 1) drops the completions scored below their group's mean,
+    and the reported influence stays the raw score."""
+    trainer = make_trainer(random_adder_dir, tmp_path, reward_funcs=[parity_reward], max_completion_length=6,
+                           iif=GRPOIIFConfig(enabled=True, folds=2, group_scores="centred"))
+    rows = [trainer.train_dataset[i] for i in range(8) for _ in range(4)]
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    batch = GRPOTrainer._generate_and_score_completions(trainer, rows)
+    groups = trainer._group_ids(32, generation=0)
+    keep, influence, _ = trainer._influence_filtered(batch, torch.ones(32, dtype=torch.bool), groups)
+    expected = brute_force_scores(trainer, batch, fold=groups % 2)
+    torch.testing.assert_close(influence, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    group_mean = expected.view(8, 4).mean(dim=1).repeat_interleave(4)
+    clear = (expected - group_mean).abs() > 1e-4 * expected.abs().max()  # off ties (groups of equal rewards score 0)
+    assert clear.sum() >= 8 and keep[clear].equal((expected >= group_mean)[clear])
+    assert not keep.equal(expected >= 0)  # not the raw filter
 
 
 def test_iif_keeps_everything_when_the_batch_has_fewer_prompts_than_folds(random_adder_dir, tmp_path):
