@@ -51,6 +51,9 @@ GRPO_METHODS = {
     "iif-centred": ["iif.enabled=true", "iif.group_scores=centred", "group_filter.kind=null"],
     "random-centred": ["iif.enabled=true", "iif.mode=matched-random", "iif.group_scores=centred",
                        "group_filter.kind=null"],
+    # IIF dropping tokens instead of completions (iif.granularity), and its size-matched random (as many tokens).
+    "iif-token": ["iif.enabled=true", "iif.granularity=token", "group_filter.kind=null"],
+    "random-token": ["iif.enabled=true", "iif.mode=matched-random", "iif.granularity=token", "group_filter.kind=null"],
 }
 
 # `llm-iif classic compare`: the (filter mode, p) of each method, given the recipe's ``iif`` section.

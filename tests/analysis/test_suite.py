@@ -180,5 +180,5 @@ def test_the_grpo_suite_loads_with_every_method():
     methods = {task.name: task.methods for task in suite.tasks}
     for name in ("tiny-addition", "tiny-reasoning"):
         assert methods[name] == ["standard", "iif", "random", "dapo-refill", "dapo-refill-iif", "iif-centred",
-                                 "random-centred"]
+                                 "random-centred", "iif-token", "random-token"]
     assert methods["tiny-sentiment-grpo"] == ["standard", "iif", "dapo-refill", "iif-centred"]
