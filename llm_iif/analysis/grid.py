@@ -47,13 +47,6 @@ GRPO_METHODS = {
     "dapo-refill": [*NO_FILTER[:1], "group_filter.kind=dapo", "group_filter.refill=true"],
     "pods": [*NO_FILTER[:1], "group_filter.kind=pods"],
     "dapo-refill-iif": ["iif.enabled=true", "group_filter.kind=dapo", "group_filter.refill=true"],
-    # IIF whose filter compares each completion with its groupmates (iif.group_scores), and its size-matched random.
-    "iif-centred": ["iif.enabled=true", "iif.group_scores=centred", "group_filter.kind=null"],
-    "random-centred": ["iif.enabled=true", "iif.mode=matched-random", "iif.group_scores=centred",
-                       "group_filter.kind=null"],
-    # IIF dropping tokens instead of completions (iif.granularity), and its size-matched random (as many tokens).
-    "iif-token": ["iif.enabled=true", "iif.granularity=token", "group_filter.kind=null"],
-    "random-token": ["iif.enabled=true", "iif.mode=matched-random", "iif.granularity=token", "group_filter.kind=null"],
 }
 
 # `llm-iif classic compare`: the (filter mode, p) of each method, given the recipe's ``iif`` section.

@@ -35,13 +35,10 @@ VERSIONS = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "s
 # final reward measure noise on a plateau.
 CLIMB_LEVEL, CLIMB_MIN = 0.9, 0.4
 VERDICT_STATISTIC = "auc_ratio"
-# (method, baseline) pairs compared when a task ran both: IIF alone, IIF after DAPO with refill, IIF with
-# group-centred scores and token-level IIF, against the size-matched random filter (dropping as many completions
-# or tokens) and DAPO with refill.
-PAIRS = (("iif", "random"), ("iif", "dapo-refill"), ("dapo-refill-iif", "dapo-refill"), ("dapo-refill-iif", "random"),
-         ("iif-centred", "random-centred"), ("iif-centred", "dapo-refill"), ("iif-token", "random-token"),
-         ("iif-token", "dapo-refill"))
-IIF_METHODS = ("iif", "dapo-refill-iif", "iif-centred", "iif-token")
+# (method, baseline) pairs compared when a task ran both: IIF alone, and IIF after DAPO with refill, against the
+# size-matched random filter and DAPO with refill.
+PAIRS = (("iif", "random"), ("iif", "dapo-refill"), ("dapo-refill-iif", "dapo-refill"), ("dapo-refill-iif", "random"))
+IIF_METHODS = ("iif", "dapo-refill-iif")
 
 
 def write_scorecard(paths: SuitePaths, suite: Suite, finished: dict, command: str) -> dict:

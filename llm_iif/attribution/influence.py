@@ -16,10 +16,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
-import torch.autograd.forward_ad as forward_ad
 from torch import nn
-from torch.func import functional_call
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llm_iif.attribution.gradients import LayerGradientCapture, scored_layers, scored_parameters
 
@@ -49,8 +46,6 @@ SequenceLogprobs = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor
 PerSampleLoss = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 # (model, rows [b]) -> (L_i [b], each row's target term -Σ_t w_{i,t} log π(y_{i,t}) [b]), from one forward
 PerSampleLossAndTarget = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-# (model, rows [b]) -> each row's per-token shares ℓ_{i,t} [b, T] of its loss, L_i = Σ_t ℓ_{i,t} (0 off the mask)
-PerTokenLoss = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
 def target_gradient_parts(model: nn.Module, rows: TargetBatch, sequence_logprobs: SequenceLogprobs,
@@ -150,40 +145,3 @@ def cross_fitted_dots(model: nn.Module, loss_and_target: PerSampleLossAndTarget,
             torch.autograd.grad(losses.sum(), params)
             dots.append(capture.scores())
     return torch.cat(dots), parts, in_target
-
-
-def token_influence(model: nn.Module, per_token_loss: PerTokenLoss, batch_size: int, direction_of_row: torch.Tensor,
-                    directions: list[dict[str, torch.Tensor]], chunk_size: int, device) -> torch.Tensor:
-    """[B, T] influence ⟨D, ∇ℓ_{i,t}⟩ of every token's share of its row's loss, along the row's target direction
-    D = ``directions[direction_of_row[i]]`` (∇L_val over the scored parameters). Summed over t it is the row's
-    influence ⟨D, ∇L_i⟩.
-
-    Exact and cheap: it is the derivative of ℓ_{i,t}(θ + εD) at ε = 0, so forward-mode AD gives every token's
-    value from one forward pass per chunk (a backward pass would need one per token). Attention runs on
-    torch's math kernel, the one with forward-mode derivatives."""
-    named = scored_parameters(model)
-    scores = []
-    for index, direction in enumerate(directions):
-        rows = (direction_of_row == index).nonzero().flatten().to(device)
-        for chunk in torch.split(rows, chunk_size):
-            with torch.no_grad(), forward_ad.dual_level(), sdpa_kernel(SDPBackend.MATH):
-                dual = {f"model.{name}": forward_ad.make_dual(p.detach(), direction[name].to(p.dtype))
-                        for name, p in named.items()}
-                shares = functional_call(_Applied(model, per_token_loss), dual, (chunk,), strict=False)
-                scores.append((chunk, forward_ad.unpack_dual(shares).tangent))
-    width = max([tangent.shape[1] for _, tangent in scores], default=0)
-    result = torch.zeros(batch_size, width, device=device)
-    for chunk, tangent in scores:
-        result[chunk, :tangent.shape[1]] = tangent.float() if tangent is not None else 0.0
-    return result
-
-
-class _Applied(nn.Module):
-    """``function(model, rows)`` as a module call, so that `functional_call` can swap the model's parameters."""
-
-    def __init__(self, model: nn.Module, function: Callable):
-        super().__init__()
-        self.model, self.function = model, function
-
-    def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.function(self.model, rows)

@@ -38,9 +38,9 @@ from torch import nn
 from llm_iif.attribution.filters import filter_mask
 from llm_iif.attribution.gradients import grad_cosine
 from llm_iif.attribution.precondition import Preconditioner
-from llm_iif.attribution.influence import (PerSampleLoss, PerSampleLossAndTarget, PerTokenLoss, SequenceLogprobs,
-                                           TargetSource, TargetBatch, cross_fitted_dots, influence_scores,
-                                           target_gradient_parts, token_influence)
+from llm_iif.attribution.influence import (PerSampleLoss, PerSampleLossAndTarget, SequenceLogprobs, TargetSource,
+                                           TargetBatch, cross_fitted_dots, influence_scores,
+                                           target_gradient_parts)
 from llm_iif.core.config import IIFConfig
 from llm_iif.core.distributed import gather_values, sum_gradients
 from llm_iif.core.guards import NonfiniteGuard
@@ -49,17 +49,10 @@ from llm_iif.core.timer import PhaseTimer
 
 @dataclass
 class Selection:
-    """What the stage decided for this process's B samples (or, with `TokenLosses`, their [B, T] tokens)."""
-    keep: torch.Tensor                  # [B] bool: the update trains on these ([B, T] tokens)
-    influence: torch.Tensor | None      # [B] I_i ([B, T], NaN off the mask), or None when nothing was scored
+    """What the stage decided for this process's B samples."""
+    keep: torch.Tensor                  # [B] bool: the update trains on these
+    influence: torch.Tensor | None      # [B] I_i, or None when nothing was scored (mode random)
     metrics: dict                       # kept_fraction, filtered, influence_mean, ..., over all processes
-
-
-@dataclass
-class TokenLosses:
-    """Token-level filtering: each sample's loss split into per-token shares, and the tokens that count."""
-    per_token_loss: PerTokenLoss
-    mask: torch.Tensor                  # [B, T] bool
 
 
 class IIFStage:
@@ -77,13 +70,10 @@ class IIFStage:
         self.guard, self.generator = guard, generator
         self.timer = PhaseTimer()
         self.target_rows: TargetBatch | None = None  # the validation rows of the last target gradient
-        # the last scores' target directions: each row's index [B] into a list of {name: tensor} (one per fold)
-        self.directions: tuple[torch.Tensor, list[dict[str, torch.Tensor]]] | None = None
 
     def select(self, model: nn.Module, per_sample_loss: PerSampleLoss | PerSampleLossAndTarget,
                batch_size: int, precondition: Preconditioner | None = None,
-               groups: torch.Tensor | None = None, centre_in_groups: bool = False,
-               tokens: TokenLosses | None = None) -> Selection:
+               groups: torch.Tensor | None = None) -> Selection:
         """Influence scores and the keep-mask for this process's ``batch_size`` samples.
 
         ``model`` may be wrapped (DDP); scoring runs on the unwrapped module, outside gradient sync. Samples
@@ -91,13 +81,8 @@ class IIFStage:
         ``per_sample_loss`` must also return each row's target term (a `PerSampleLossAndTarget`).
         ``precondition`` (`llm_iif.attribution.precondition`) is applied once to the target gradient.
         ``groups`` [B]: ids, unique over all processes, of groups of samples that the batch target folds
-        together (GRPO's completions of one prompt); None folds by global row. ``centre_in_groups``: the
-        filter sees each score minus its group's mean score (needs ``groups``); ``Selection.influence`` stays raw.
-        ``tokens``: score and filter each token's share of its sample's loss instead of whole samples
-        (`token_influence`); the filter ranks the tokens of every process's samples at once.
+        together (GRPO's completions of one prompt); None folds by global row.
         """
-        if centre_in_groups and groups is None:
-            raise ValueError("centre_in_groups needs the samples' group ids (groups)")
         cfg = self.config
         self.timer = PhaseTimer()
         metrics, influence, filtering = {}, None, True
@@ -108,19 +93,8 @@ class IIFStage:
             # None: the batch target had a fold without rows (fewer groups than folds), so nothing is dropped
             filtering = influence is not None and (cfg.min_split_cos is None
                                                    or metrics["target_split_cos"] >= cfg.min_split_cos)
-        units, unit_groups = batch_size, groups
-        if tokens is not None:  # the filter's units are the masked tokens, in row order
-            units = int(tokens.mask.sum())
-            if groups is not None:
-                unit_groups = groups[:, None].expand(tokens.mask.shape)[tokens.mask.cpu()]
-            if influence is not None:
-                influence = self._token_scores(model, tokens, batch_size)
-        keep, everyone = self._decide(influence[tokens.mask] if tokens is not None and influence is not None
-                                      else influence, units, cfg.mode if filtering else "none",
-                                      unit_groups if centre_in_groups else None)
-        if tokens is not None:
-            keep = torch.zeros_like(tokens.mask, dtype=torch.bool).masked_scatter(tokens.mask, keep)
-        metrics["kept_token_fraction" if tokens is not None else "kept_fraction"] = everyone["keep"].float().mean().item()
+        keep, everyone = self._decide(influence, batch_size, cfg.mode if filtering else "none")
+        metrics["kept_fraction"] = everyone["keep"].float().mean().item()
         metrics["filtered"] = int(filtering)
         if influence is not None:
             scored = everyone["influence"][everyone["scored"]]
@@ -145,19 +119,8 @@ class IIFStage:
         if self.config.target_source == "batch":
             return self.cross_fitted_scores(model, per_sample_loss, batch_size, precondition, groups)
         target, split_cos = self.target_gradient(model, rows)
-        target = precondition(target) if precondition else target
-        self.directions = (torch.zeros(batch_size, dtype=torch.long), [target])
-        return self._scores(model, per_sample_loss, batch_size, target), split_cos
-
-    def _token_scores(self, model: nn.Module, tokens: TokenLosses, batch_size: int) -> torch.Tensor:
-        """[B, T] each token's influence along its sample's target direction (the one `influence` just used),
-        NaN off the mask."""
-        acc = self.accelerator
-        direction_of_row, directions = self.directions
-        with self.timer.phase("token_scoring"), acc.autocast(), dropout_off(acc.unwrap_model(model)):
-            scores = token_influence(acc.unwrap_model(model), tokens.per_token_loss, batch_size, direction_of_row,
-                                     directions, self.config.score_batch_size, acc.device)
-        return scores[:, :tokens.mask.shape[1]].masked_fill(~tokens.mask.to(scores.device), math.nan)
+        return self._scores(model, per_sample_loss, batch_size, precondition(target) if precondition else target), \
+            split_cos
 
     def state_dict(self) -> dict:
         """The target source's state, when it keeps any between rounds (cached responses)."""
@@ -202,9 +165,6 @@ class IIFStage:
         fold = fold.to(dots.device)
         own = dots.gather(1, fold[:, None]).squeeze(1)
         influence = (dots.sum(dim=1) - own) / (rows_per_fold.sum() - rows_per_fold[fold])
-        everything = _summed(parts)
-        self.directions = (fold.cpu(), [{name: (everything[name] - part[name]) / (rows_per_fold.sum() - rows_per_fold[k])
-                                         for name in part} for k, part in enumerate(parts)])
         even, odd = (_summed(parts[parity::2]) for parity in (0, 1))
         return influence, grad_cosine(even, odd)
 
@@ -238,11 +198,9 @@ class IIFStage:
                         f"{int(counts[1])} target rows, left out of the target", counts[0] == counts[1])
         return counts[1] - counts[0]
 
-    def _decide(self, influence: torch.Tensor | None, batch_size: int, mode: str,
-                groups: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        """One filter decision over every process's scores (centred within ``groups`` [B] when given), so N
-        processes filter exactly as one would. Returns this process's [B] keep-mask and the whole batch's
-        influence, scored and keep tensors."""
+    def _decide(self, influence: torch.Tensor | None, batch_size: int, mode: str) -> tuple[torch.Tensor, dict]:
+        """One filter decision over every process's scores, so N processes filter exactly as one would.
+        Returns this process's [B] keep-mask and the whole batch's influence, scored and keep tensors."""
         acc = self.accelerator
         local = influence if influence is not None else torch.zeros(batch_size, device=acc.device)
         everyone, offset = gather_values(acc, local)
@@ -250,11 +208,8 @@ class IIFStage:
         bad = int((~scored).sum())
         self.guard.flag("influence", bad, f"influence scores are NaN or inf for {bad} of {len(everyone)} samples",
                         not scored.any())
-        ranked = everyone
-        if groups is not None:
-            ranked = centred_in_groups(everyone, gather_values(acc, groups.float())[0].long())
         keep_all = torch.zeros_like(scored)  # a sample without a usable score is not trained on
-        keep_all[scored] = filter_mask(ranked[scored], mode, self.config.p, self.generator)
+        keep_all[scored] = filter_mask(everyone[scored], mode, self.config.p, self.generator)
         keep = keep_all[offset:offset + batch_size].to(acc.device)
         return keep, {"influence": everyone, "scored": scored, "keep": keep_all}
 
@@ -269,16 +224,6 @@ def dropout_off(model: nn.Module):
         yield
     finally:
         model.train(was_training)
-
-
-def centred_in_groups(scores: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """[N] each finite score minus the mean of the finite scores of its group; ``groups`` [N] integer ids.
-    NaN and inf stay as they are (they are never kept)."""
-    finite = torch.isfinite(scores)
-    ids, index = torch.unique(groups, return_inverse=True)
-    total = torch.zeros(len(ids), dtype=scores.dtype).index_add_(0, index[finite], scores[finite])
-    count = torch.zeros(len(ids), dtype=scores.dtype).index_add_(0, index[finite], torch.ones_like(scores[finite]))
-    return torch.where(finite, scores - total[index] / count[index].clamp(min=1), scores)
 
 
 def _summed(gradients: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -445,14 +445,6 @@ class GRPOIIFConfig(IIFFilterConfig):
     most the generation batch's number of prompts; no extra generation);
     ``fresh``: ``val_size`` new completions of the validation prompts every generation batch (the paper's source;
     about 4.5× a step on the tiny recipe, docs/results.md section 12)."""
-    granularity: Literal["completion", "token"] = "completion"
-    """What the filter drops: whole ``completion``s, or single ``token``s, each scored by its share of its
-    completion's loss (a dropped token leaves the loss, not the attention): a wrong answer keeps the tokens
-    where it went wrong and loses those it shares with right answers."""
-    group_scores: Literal["raw", "centred"] = "raw"
-    """``raw``: the filter ranks the completions' influence scores over the whole batch; ``centred``: each score
-    minus the mean score of its group (the completions of one prompt), so that the filter compares a completion
-    with its groupmates and drops the ones below their group's mean, whatever the prompt's overall pull."""
 
 
 @dataclass

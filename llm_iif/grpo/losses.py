@@ -73,9 +73,9 @@ def completion_normalisers(loss_type: str, mask: torch.Tensor, num_completions: 
     return rows / max(float(num_tokens), 1.0)
 
 
-def token_shares(token_loss: torch.Tensor, mask: torch.Tensor, normalisers: torch.Tensor) -> torch.Tensor:
-    """[B, T] c_i m_{i,t} ℓ_{i,t}: each token's share of the generation batch's loss; summed over t, L_i."""
-    return normalisers[:, None] * token_loss * mask
+def completion_losses(token_loss: torch.Tensor, mask: torch.Tensor, normalisers: torch.Tensor) -> torch.Tensor:
+    """[B] L_i = c_i Σ_t m_{i,t} ℓ_{i,t}: each completion's share of the generation batch's loss."""
+    return normalisers * (token_loss * mask).sum(dim=1)
 
 
 def group_target_terms(logps: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:

@@ -37,16 +37,16 @@ from trl import GRPOTrainer
 from trl.trainer.utils import is_async_callable
 
 from llm_iif.attribution.gradients import scored_layers, scored_parameters
-from llm_iif.attribution.influence import PerTokenLoss, TargetBatch
+from llm_iif.attribution.influence import TargetBatch
 from llm_iif.attribution.precondition import adam_preconditioner, check_second_moments
-from llm_iif.attribution.stage import IIFStage, TokenLosses
+from llm_iif.attribution.stage import IIFStage
 from llm_iif.core.config import GRPOIIFConfig
 from llm_iif.core.distributed import shards_parameters
 from llm_iif.core.errors import UserError, first_line
 from llm_iif.core.guards import NonfiniteGuard
 from llm_iif.grpo.groups import max_variance_subsets, subset_advantages, varied_groups
-from llm_iif.grpo.losses import (RESCALED_LOSSES, SUPPORTED_LOSSES, completion_normalisers,
-                                 group_target_terms, token_losses, token_shares)
+from llm_iif.grpo.losses import (RESCALED_LOSSES, SUPPORTED_LOSSES, completion_losses, completion_normalisers,
+                                 group_target_terms, token_losses)
 from llm_iif.training.run_state import IIF_STATE_FILE
 
 logger = logging.getLogger(__name__)
@@ -336,35 +336,6 @@ class IIFGRPOTrainer(GRPOTrainer):
 
     def _loss_and_target(self, batch: dict):
         """The `PerSampleLossAndTarget` of this process's rows: (L_i, -Σ_t log π(y_{i,t}) Â_i), one forward."""
-        token_shares_and_target = self._token_shares_and_target(batch, self._sequence_logprobs)
-
-        def loss_and_target(model, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            shares, target = token_shares_and_target(model, rows)
-            return shares.sum(dim=1), target
-
-        if self.iif.target_source == "batch":
-            return loss_and_target
-        return lambda model, rows: loss_and_target(model, rows)[0]
-
-    def _token_losses(self, batch: dict) -> PerTokenLoss:
-        """The `PerTokenLoss` of this process's rows: [b, T] c_i m_{i,t} ℓ_{i,t}, summing over t to L_i, in
-        operations that forward-mode AD differentiates (`token_influence`)."""
-        token_shares_and_target = self._token_shares_and_target(batch, self._unfused_logprobs)
-        return lambda model, rows: token_shares_and_target(model, rows)[0]
-
-    def _unfused_logprobs(self, model, query_ids, query_mask, response_ids, response_mask) -> torch.Tensor:
-        """[b, T] the log-probs of `_sequence_logprobs` from the model's full logits: trl's fused LM head, which
-        never forms them, has no forward-mode derivative."""
-        ids = torch.cat([query_ids, response_ids], dim=1)
-        mask = torch.cat([query_mask, response_mask], dim=1)
-        width = response_ids.shape[1]
-        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=width + 1, use_cache=False).logits
-        logprobs = (logits[:, :-1].float() / self.temperature).log_softmax(dim=-1)
-        return logprobs.gather(-1, response_ids[..., None]).squeeze(-1)
-
-    def _token_shares_and_target(self, batch: dict, sequence_logprobs):
-        """(model, rows) -> ([b, T] each token's share c_i m_{i,t} ℓ_{i,t} of L_i, [b] -Σ_t log π(y_{i,t}) Â_i),
-        with log-probs from ``sequence_logprobs`` (a `SequenceLogprobs`)."""
         mask = _loss_mask(batch).float()
         advantages = batch["advantages"]
         num_completions = self.accelerator.reduce(torch.tensor(float(len(mask)), device=mask.device), "sum").item()
@@ -374,17 +345,19 @@ class IIFGRPOTrainer(GRPOTrainer):
         policy_scale = min(1.0, self.epsilon_high) if self.loss_type == "cispo" else 1.0
         sequence_level = self.importance_sampling_level == "sequence"
 
-        def token_shares_and_target(model, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            logps = sequence_logprobs(model, batch["prompt_ids"][rows], batch["prompt_mask"][rows],
+        def loss_and_target(model, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logps = self._sequence_logprobs(model, batch["prompt_ids"][rows], batch["prompt_mask"][rows],
                                             batch["completion_ids"][rows], batch["completion_mask"][rows])
             ref = batch["ref_per_token_logps"][rows] if self.beta else None
             per_token = token_losses(logps, advantages[rows], ref, self.beta, self.args.use_bias_correction_kl,
                                      ratio[rows] if ratio is not None else None, policy_scale,
                                      mask[rows] if sequence_level else None)
-            return (token_shares(per_token, mask[rows], normalisers[rows]),
+            return (completion_losses(per_token, mask[rows], normalisers[rows]),
                     group_target_terms(logps, mask[rows], advantages[rows]))
 
-        return token_shares_and_target
+        if self.iif.target_source == "batch":
+            return loss_and_target
+        return lambda model, rows: loss_and_target(model, rows)[0]
 
     def _validation_batch(self, rows: list) -> dict:
         """trl's generation batch for ``num_generations`` completions of each of ``rows``, kept out of the logs."""
@@ -410,23 +383,13 @@ class IIFGRPOTrainer(GRPOTrainer):
         (NaN where not scored) and the stage's metrics."""
         rows = candidates.nonzero().flatten()
         scored = batch if len(rows) == len(candidates) else _rows_of(batch, rows)
-        tokens = None
-        if self.iif.granularity == "token":
-            tokens = TokenLosses(self._token_losses(scored), _loss_mask(scored).bool())
         selection = self._stage.select(self.model, self._loss_and_target(scored), len(rows), self._preconditioner(),
-                                       groups=groups[rows.cpu()], centre_in_groups=self.iif.group_scores == "centred",
-                                       tokens=tokens)
-        keep, influence = torch.zeros_like(candidates), torch.full(candidates.shape, torch.nan)
-        kept, scores = selection.keep.to(keep.device), selection.influence
-        if tokens is not None:  # the dropped tokens leave the loss mask; a row without kept tokens leaves the batch
-            kept_tokens = torch.zeros_like(_loss_mask(batch), dtype=torch.bool)
-            kept_tokens[rows] = kept
-            batch["tool_mask"] = _loss_mask(batch) * kept_tokens
-            kept = kept.any(dim=1)
-            scores = scores.nansum(dim=1) if scores is not None else None  # each completion's influence
-        keep[rows] = kept
-        if scores is not None:
-            influence[rows.cpu()] = scores.float().cpu()
+                                       groups=groups[rows.cpu()])
+        keep = torch.zeros_like(candidates)
+        keep[rows] = selection.keep.to(keep.device)
+        influence = torch.full(candidates.shape, torch.nan)
+        if selection.influence is not None:
+            influence[rows.cpu()] = selection.influence.float().cpu()
         return keep, influence, selection.metrics
 
     def _group_ids(self, size: int, generation: int) -> torch.Tensor:

@@ -1,8 +1,7 @@
 """Train IIF-GRPO on fixed completions, then save each step's kept completions and this process's weights;
 then one step of DAPO with refill, saving how many rows each process kept; then, for three loss types (one of
-each normaliser: per completion, per micro-batch token mean rescaled, per batch token sum) and for token-level
-filtering, one step with gradient accumulation, saving every completion's influence score (and which tokens
-token-level filtering kept).
+each normaliser: per completion, per micro-batch token mean rescaled, per batch token sum), one step with
+gradient accumulation, saving every completion's influence score.
 
 ``python tests/grpo/fixed_completion_run.py MODEL_DIR OUT_DIR PROCESSES``, as one process or under
 ``accelerate launch``. Completions come from trl's ``rollout_func`` hook and depend only on the prompt and
@@ -50,26 +49,15 @@ class RecordingTrainer(IIFGRPOTrainer):
     process's (rows, kept rows) before the cut."""
     kept_by_step: list = []
     rows_by_step: list = []
-    kept_tokens: list = []
-
-    def _influence_filtered(self, batch, candidates, groups):
-        result = super()._influence_filtered(batch, candidates, groups)
-        if self.iif.granularity == "token":  # each completion's kept token positions, over all processes
-            self.kept_tokens.extend(gather_object([(text, row.nonzero().flatten().tolist()) for text, row in
-                                                   zip(_texts(self, batch), batch["tool_mask"])]))
-        return result
 
     def _kept_rows(self, batch, keep):
         self.rows_by_step.append((len(keep), int(keep.sum())))
-        everyone = gather_object([(t, bool(k)) for t, k in zip(_texts(self, batch), keep.tolist())])
+        tokenizer = self.processing_class
+        texts = [tokenizer.decode(p, skip_special_tokens=True) + "|" + tokenizer.decode(c, skip_special_tokens=True)
+                 for p, c in zip(batch["prompt_ids"], batch["completion_ids"])]
+        everyone = gather_object([(t, bool(k)) for t, k in zip(texts, keep.tolist())])
         self.kept_by_step.append(sorted(everyone))
         return super()._kept_rows(batch, keep)
-
-
-def _texts(trainer, batch):
-    decode = trainer.processing_class.decode
-    return [decode(p, skip_special_tokens=True) + "|" + decode(c, skip_special_tokens=True)
-            for p, c in zip(batch["prompt_ids"], batch["completion_ids"])]
 
 
 if __name__ == "__main__":
@@ -92,18 +80,15 @@ if __name__ == "__main__":
     dapo.train()
     (out / f"dapo_rows_rank{accelerator.process_index}.json").write_text(json.dumps(RecordingTrainer.rows_by_step))
     scores = {}
-    for loss_type, granularity in [*((loss_type, "completion") for loss_type in SCORED_LOSS_TYPES), ("dapo", "token")]:
-        name = loss_type if granularity == "completion" else f"{loss_type}-{granularity}"
-        scored = make_trainer(model_dir, out / name, max_steps=1, loss_type=loss_type, beta=0.1,
+    for loss_type in SCORED_LOSS_TYPES:
+        scored = make_trainer(model_dir, out / loss_type, max_steps=1, loss_type=loss_type, beta=0.1,
                               steps_per_generation=2, gradient_accumulation_steps=2,
                               per_device_train_batch_size=GLOBAL_BATCH // processes // 2,
                               rollout_func=fixed_completions,
-                              iif=GRPOIIFConfig(enabled=True, target_source="batch", folds=2, mode="bottom", p=0.5,
-                                                granularity=granularity))
+                              iif=GRPOIIFConfig(enabled=True, target_source="batch", folds=2, mode="bottom", p=0.5))
         scored.train()
         rows = [(r["prompt"] + "|" + r["response"], r["influence"]) for r in scored.generation_records]
-        scores[name] = sorted(gather_object(rows))
+        scores[loss_type] = sorted(gather_object(rows))
     if accelerator.is_main_process:
         (out / "scores.json").write_text(json.dumps(scores))
-        (out / "kept_tokens.json").write_text(json.dumps(sorted(RecordingTrainer.kept_tokens)))
     accelerator.end_training()

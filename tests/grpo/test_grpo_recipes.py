@@ -10,15 +10,19 @@ import yaml
 
 from conftest import cli_in_process
 
+from llm_iif.core.config import GRPORecipe, load_recipe
+
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "tiny-addition-grpo.yaml"
 
 
 def small(model_dir, *extra):
-    """Overrides that shrink the shipped recipe to seconds: the random tiny model, 16 completions a step."""
+    """Overrides that shrink the shipped recipe to seconds (the random tiny model, 16 completions a step) and
+    turn on IIF alone, which the recipe ships off (its default is DAPO with refill)."""
     return ["--set", f"model.name_or_path={model_dir}", "--set", "grpo.per_device_train_batch_size=16",
             "--set", "grpo.num_generations=4", "--set", "data.eval_size=16", "--set", "data.validation_size=16",
-            "--set", "run.report_to=[]", *[a for item in extra for a in ("--set", item)]]
+            "--set", "run.report_to=[]", "--set", "iif.enabled=true", "--set", "group_filter.kind=null",
+            *[a for item in extra for a in ("--set", item)]]
 
 
 def llm_iif(*args, timeout=600):
@@ -57,6 +61,13 @@ def test_bad_input_is_one_line(random_adder_dir, tmp_path, capsys, overrides, me
                                 *small(random_adder_dir, "run.steps=1", *overrides))
     assert code == 2, stderr[-2000:]
     assert message in stderr and stderr.strip().count("\n") == 0, stderr
+
+
+@pytest.mark.parametrize("recipe", ["tiny-addition-grpo", "tiny-reasoning-grpo"])
+def test_verifiable_reward_recipes_ship_dapo_with_refill_and_no_iif(recipe):
+    """The best measured setting on these tasks (docs/results.md section 20) is the recipes' default."""
+    loaded = load_recipe(REPO / "recipes" / f"{recipe}.yaml", kind=GRPORecipe)
+    assert (loaded.group_filter.kind, loaded.group_filter.refill, loaded.iif.enabled) == ("dapo", True, False)
 
 
 def test_unknown_reward_function(random_adder_dir, tmp_path, capsys):

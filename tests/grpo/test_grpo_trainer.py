@@ -12,11 +12,9 @@ from grpo_setup import grpo_args, make_trainer
 from trl import GRPOTrainer
 
 from llm_iif.attribution.gradients import scored_parameters
-from llm_iif.attribution.stage import TokenLosses, centred_in_groups
 from llm_iif.core.config import GRPOIIFConfig
 from llm_iif.core.errors import UserError
 from llm_iif.grpo import GroupFilter
-from llm_iif.grpo.trainer import _loss_mask
 from llm_iif.grpo.losses import SUPPORTED_LOSSES
 from llm_iif.grpo.groups import max_variance_subsets, subset_advantages, varied_groups
 
@@ -116,36 +114,6 @@ def test_cross_fitted_scores_equal_brute_force(random_adder_dir, tmp_path, loss_
     expected = brute_force_scores(trainer, batch)
     assert expected.abs().max() > 0
     torch.testing.assert_close(selection.influence, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
-    if score_batch_size == 64:  # token-level: each token's share of L_i, along the same cross-fitted direction
-        mask = _loss_mask(batch).bool()
-        rows = (batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], batch["completion_mask"])
-        torch.testing.assert_close(trainer._unfused_logprobs(trainer.model, *rows)[mask],
-                                   trainer._sequence_logprobs(trainer.model, *rows)[mask], rtol=1e-5, atol=1e-5)
-        tokens = trainer._stage.select(trainer.model, trainer._loss_and_target(batch), 16,
-                                       groups=trainer._group_ids(16, generation=0),
-                                       tokens=TokenLosses(trainer._token_losses(batch), mask)).influence
-        expected_tokens = brute_force_token_scores(trainer, batch, mask)
-        torch.testing.assert_close(tokens[mask], expected_tokens[mask], rtol=1e-4,
-                                   atol=1e-4 * expected_tokens[mask].abs().max().item())
-        assert tokens[~mask].isnan().all()
-        torch.testing.assert_close(tokens.nansum(dim=1), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
-
-
-def brute_force_token_scores(trainer, batch, mask, folds=2):
-    """[B, T] ⟨D_i, ∇ℓ_{i,t}⟩ by autograd, one token at a time; D_i the mean target gradient of the other folds."""
-    params = list(scored_parameters(trainer.model).values())
-    loss_and_target, shares = trainer._loss_and_target(batch), trainer._token_losses(batch)
-    n = len(batch["advantages"])
-    target_grads = [flat_grad(loss_and_target(trainer.model, torch.tensor([j]))[1].sum(), params) for j in range(n)]
-    fold = (torch.arange(n) // trainer.num_generations) % folds
-    scores = torch.full(mask.shape, torch.nan)
-    for i in range(n):
-        others = [target_grads[j] for j in range(n) if fold[j] != fold[i]]
-        direction = sum(others) / len(others)
-        row = shares(trainer.model, torch.tensor([i]))[0]
-        for t in mask[i].nonzero().flatten().tolist():
-            scores[i, t] = torch.dot(direction, flat_grad(row[t], params))
-    return scores
 
 
 def test_a_nan_target_row_is_left_out_of_its_fold_and_counted(random_adder_dir, tmp_path):
@@ -291,22 +259,17 @@ def test_bnpo_after_filtering_is_a_token_mean_over_the_kept_batch(random_adder_d
     torch.testing.assert_close(ours, GRPOTrainer._compute_loss(trainer, trainer.model, kept_only))
 
 
-@pytest.mark.parametrize("granularity", ["completion", "token"])
-def test_training_filters_each_generation_batch(random_adder_dir, tmp_path, granularity):
+def test_training_filters_each_generation_batch(random_adder_dir, tmp_path):
     trainer = make_trainer(random_adder_dir, tmp_path, max_steps=2,
-                           iif=GRPOIIFConfig(enabled=True, target_source="batch", p=1.0, granularity=granularity))
+                           iif=GRPOIIFConfig(enabled=True, target_source="batch", p=1.0))
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "iif/kept_fraction" in entry]
     assert len(logged) == 2
-    kept = "iif/kept_fraction" if granularity == "completion" else "iif/kept_token_fraction"
     for entry in logged:
-        assert 0 < entry[kept] <= 1
-        assert entry[kept] == pytest.approx(1 - entry["iif/influence_neg_fraction"])
+        assert 0 < entry["iif/kept_fraction"] <= 1
+        assert entry["iif/kept_fraction"] == pytest.approx(1 - entry["iif/influence_neg_fraction"])
         assert -1 <= entry["iif/target_split_cos"] <= 1
-    if granularity == "completion":
-        assert len(trainer._buffered_inputs[0]["advantages"]) < 16 or logged[-1]["iif/kept_fraction"] == 1
-    else:
-        assert "tool_mask" in trainer._buffered_inputs[0]
+    assert len(trainer._buffered_inputs[0]["advantages"]) < 16 or logged[-1]["iif/kept_fraction"] == 1
 
 
 def test_a_step_without_kept_completions_leaves_the_weights(random_adder_dir, tmp_path, caplog):
@@ -382,18 +345,13 @@ def parity_reward(prompts, completions, **kwargs):
     return [0.0 if int(p.split("+")[0]) % 2 == 0 else float(len(c)) for p, c in zip(prompts, completions)]
 
 
-def parity_batch(trainer):
-    """trl's generation batch for 8 prompts, 4 completions each, rewarded by `parity_reward`."""
-    rows = [trainer.train_dataset[i] for i in range(8) for _ in range(4)]
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = 1
-    return GRPOTrainer._generate_and_score_completions(trainer, rows)
-
-
 def test_iif_after_dapo_scores_the_informative_groups_only(random_adder_dir, tmp_path):
     trainer = make_trainer(random_adder_dir, tmp_path, reward_funcs=[parity_reward], max_completion_length=6,
                            group_filter=GroupFilter("dapo"), iif=GRPOIIFConfig(enabled=True, folds=2))
-    batch = parity_batch(trainer)
+    rows = [trainer.train_dataset[i] for i in range(8) for _ in range(4)]
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    batch = GRPOTrainer._generate_and_score_completions(trainer, rows)
     informative = varied_groups(trainer._rewards, 4)
     groups = trainer._group_ids(32, generation=0)
     assert 0 < informative.sum() < 32 and len(set((groups[informative] % 2).tolist())) == 2
@@ -403,49 +361,6 @@ def test_iif_after_dapo_scores_the_informative_groups_only(random_adder_dir, tmp
     expected = brute_force_scores(trainer, sub, fold=groups[informative] % 2)
     torch.testing.assert_close(influence[informative], expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
     assert keep[informative].equal(expected >= 0)  # neg-bottom, p = 1: the negative ones go
-
-
-def test_centred_in_groups_subtracts_each_groups_finite_mean():
-    scores = torch.tensor([1.0, 3.0, -2.0, float("nan"), 4.0, 0.0])
-    groups = torch.tensor([7, 7, 2, 2, 2, 9])
-    centred = centred_in_groups(scores, groups)
-    torch.testing.assert_close(centred[[0, 1, 2, 4, 5]], torch.tensor([-1.0, 1.0, -3.0, 3.0, 0.0]))
-    assert centred[3].isnan()
-
-
-def test_group_centred_scores_drop_the_completions_below_their_groups_mean(random_adder_dir, tmp_path):
-    """With iif.group_scores: centred, neg-bottom (p = 1) drops the completions scored below their group's mean,
-    and the reported influence stays the raw score."""
-    trainer = make_trainer(random_adder_dir, tmp_path, reward_funcs=[parity_reward], max_completion_length=6,
-                           iif=GRPOIIFConfig(enabled=True, folds=2, group_scores="centred"))
-    batch = parity_batch(trainer)
-    groups = trainer._group_ids(32, generation=0)
-    keep, influence, _ = trainer._influence_filtered(batch, torch.ones(32, dtype=torch.bool), groups)
-    expected = brute_force_scores(trainer, batch, fold=groups % 2)
-    torch.testing.assert_close(influence, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
-    group_mean = expected.view(8, 4).mean(dim=1).repeat_interleave(4)
-    clear = (expected - group_mean).abs() > 1e-4 * expected.abs().max()  # off ties (groups of equal rewards score 0)
-    assert clear.sum() >= 8 and keep[clear].equal((expected >= group_mean)[clear])
-    assert not keep.equal(expected >= 0)  # not the raw filter
-
-
-def test_token_filtering_drops_tokens_from_the_loss_not_the_attention(random_adder_dir, tmp_path):
-    """With iif.granularity: token, neg-bottom (p = 1) drops every token scored below 0 from trl's loss mask
-    (tool_mask), leaves the attention mask alone and drops the completions left without a token."""
-    trainer = make_trainer(random_adder_dir, tmp_path, reward_funcs=[parity_reward], max_completion_length=6,
-                           iif=GRPOIIFConfig(enabled=True, folds=2, granularity="token"))
-    batch = parity_batch(trainer)
-    groups, mask = trainer._group_ids(32, generation=0), _loss_mask(batch).bool()
-    attention = batch["completion_mask"].clone()
-    tokens = trainer._stage.select(trainer.model, trainer._loss_and_target(batch), 32, groups=groups,
-                                   tokens=TokenLosses(trainer._token_losses(batch), mask)).influence
-    keep, influence, metrics = trainer._influence_filtered(batch, torch.ones(32, dtype=torch.bool), groups)
-    kept_tokens = mask & (tokens >= 0)
-    assert (mask & (tokens < 0)).any() and kept_tokens.any()
-    assert batch["completion_mask"].equal(attention) and batch["tool_mask"].bool().equal(kept_tokens)
-    assert keep.equal(kept_tokens.any(dim=1))
-    torch.testing.assert_close(influence, tokens.nansum(dim=1))
-    assert metrics["kept_token_fraction"] == pytest.approx(kept_tokens.sum().item() / mask.sum().item())
 
 
 def test_iif_keeps_everything_when_the_batch_has_fewer_prompts_than_folds(random_adder_dir, tmp_path):
@@ -614,7 +529,7 @@ def run_fixed_completions(model_dir, out, processes):
 
 def test_two_processes_keep_what_one_keeps_and_end_with_identical_weights(random_adder_dir, tmp_path):
     """On fixed completions, 2 CPU processes score the same 16 completions, keep the same 8 and train to the
-    same weights as one process; both ranks hold identical weights. Token-level filtering keeps the same tokens."""
+    same weights as one process; both ranks hold identical weights."""
     one = run_fixed_completions(random_adder_dir, tmp_path / "one", 1)
     two = run_fixed_completions(random_adder_dir, tmp_path / "two", 2)
     assert len(one) == len(two) == 2
@@ -632,8 +547,6 @@ def test_two_processes_keep_what_one_keeps_and_end_with_identical_weights(random
         assert [text for text, _ in rows] == [text for text, _ in scores_two[loss_type]]
         one_values, two_values = (torch.tensor([v for _, v in r]) for r in (rows, scores_two[loss_type]))
         torch.testing.assert_close(two_values, one_values, rtol=1e-4, atol=1e-4 * one_values.abs().max().item())
-    kept_one, kept_two = (json.loads((tmp_path / run / "kept_tokens.json").read_text()) for run in ("one", "two"))
-    assert kept_one == kept_two and len(kept_one) == 16  # token-level: the same tokens kept
     # DAPO with refill: each process keeps at most its own batch of 8, however its refills went
     for rank in (0, 1):
         [(rows, kept)] = json.loads((tmp_path / "two" / f"dapo_rows_rank{rank}.json").read_text())
