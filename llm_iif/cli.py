@@ -30,6 +30,7 @@ from llm_iif.analysis.statistics import interval_table
 from llm_iif.analysis.suite import load_suite, run_suite
 from llm_iif.analysis.summary import BUDGET_FRACTIONS
 from llm_iif.core.config import ClassicRecipe, GRPORecipe, RewardTrainRecipe, load_recipe, recipe_kind
+from llm_iif.core.distributed import process_group_released
 from llm_iif.core.errors import UserError
 from llm_iif.core.imports import require_classic
 from llm_iif.core.paths import RunPaths, SuitePaths
@@ -191,7 +192,8 @@ def _train_grpo(args, recipe_path: str, overrides: list[str], checkpoint: Path |
             return 0
     quiet_libraries()
     start = time.perf_counter()
-    result = train_grpo(recipe, overwrite=args.overwrite, resume_from=checkpoint)
+    with process_group_released():
+        result = train_grpo(recipe, overwrite=args.overwrite, resume_from=checkpoint)
     if not PartialState().is_main_process:
         return 0
     output_dir = recipe.run.output_dir
@@ -305,7 +307,8 @@ def _compare(args) -> int:
     output_dir = Path(args.output_dir)
     try:
         if recipe_kind(args.recipe) is GRPORecipe:
-            summary = run_grpo_compare(args.recipe, args.overrides, methods, seeds, output_dir, args.overwrite)
+            with process_group_released():
+                summary = run_grpo_compare(args.recipe, args.overrides, methods, seeds, output_dir, args.overwrite)
             _print_comparison(summary, output_dir, reward_name="final held-out")
             return 0
         accelerator = make_accelerator(load_recipe(args.recipe, args.overrides))

@@ -6,8 +6,11 @@ reduce to the identity, so single-process code runs the same path.
 
 from __future__ import annotations
 
+import gc
+from contextlib import contextmanager
+
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import gather_object
 
 from llm_iif.core.records import concat_rows, map_tensors, pad_to_widths
@@ -20,6 +23,18 @@ def shards_parameters(accelerator: Accelerator) -> bool:
 
     plugin = accelerator.state.deepspeed_plugin
     return accelerator.distributed_type == DistributedType.FSDP or (plugin is not None and plugin.zero_stage == 3)
+
+
+@contextmanager
+def process_group_released():
+    """Destroy the process group when the block ends, after collecting what the block left behind: a trainer
+    held in reference cycles (trl's, through its callbacks) keeps a DDP model whose gloo threads abort the
+    process at exit if they outlive the group."""
+    try:
+        yield
+    finally:
+        gc.collect()
+        PartialState().destroy_process_group()
 
 
 def gather_values(accelerator: Accelerator, local: torch.Tensor) -> tuple[torch.Tensor, int]:

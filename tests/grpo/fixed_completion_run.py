@@ -8,6 +8,7 @@ gradient accumulation, saving every completion's influence score.
 the completion's place in its group, so runs with different process counts train on the same completions.
 """
 
+import gc
 import json
 import sys
 import zlib
@@ -91,4 +92,6 @@ if __name__ == "__main__":
         scores[loss_type] = sorted(gather_object(rows))
     if accelerator.is_main_process:
         (out / "scores.json").write_text(json.dumps(scores))
+    del trainer, dapo, scored  # their DDP models must go while the process group exists: gloo's threads abort
+    gc.collect()               # the process at exit if they outlive it
     accelerator.end_training()
