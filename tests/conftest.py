@@ -68,3 +68,34 @@ def random_adder_dir(tmp_path_factory):
     GPT2LMHeadModel(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+# ------------------------------------------------------------------------------- the preference target
+def moved_off_zero(model):
+    """LoRA's B starts at zero, which zeroes A's gradients: give B values so that every gradient counts."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.1 * torch.randn_like(param))
+
+
+def brute_force_margin_gradient(model, sequence_logprobs, tokenize, triples, rows) -> dict:
+    """∇ of −Σ_v [log π(chosen_v) − log π(rejected_v)] / (2V), one row at a time (no padding shared)."""
+    from llm_iif.attribution.gradients import scored_parameters
+
+    params = scored_parameters(model)
+    total = 0.0
+    for v in range(rows):
+        for response, sign in ((triples["chosen"][v], 1.0), (triples["rejected"][v], -1.0)):
+            ids = tokenize([triples["prompt"][v]], [response])
+            total = total - sign * (sequence_logprobs(model, *ids) * ids[3]).sum()
+    grads = torch.autograd.grad(total / (2 * rows), list(params.values()))
+    return dict(zip(params, grads))
+
+
+def assert_gradients_close(ours: dict, expected: dict):
+    flat = torch.cat([ours[name].flatten() for name in expected])
+    want = torch.cat([grad.flatten() for grad in expected.values()])
+    assert want.norm() > 0
+    assert ((flat - want).norm() / want.norm()).item() <= 1e-4

@@ -40,6 +40,18 @@ class TargetSource(Protocol):
         """This process's validation rows and token weights at the model's current parameters θ(k)."""
 
 
+def preference_target_rows(tokenize: Callable[[list[str], list[str]], tuple[torch.Tensor, ...]], prompts: list[str],
+                           chosen: list[str], rejected: list[str]) -> TargetBatch:
+    """The rows of the preference target f = Σ_v [log π(chosen_v | x_v) − log π(rejected_v | x_v)] over V
+    trusted triples: the V chosen responses with token weight +1, then the V rejected ones with −1. With V even,
+    the target's parity split (`target_split_cos`) keeps both rows of a triple in one half.
+
+    tokenize: (prompts, responses) -> (query_ids [2V, P], query_mask, response_ids [2V, T], response_mask)."""
+    ids = tokenize(prompts + prompts, chosen + rejected)
+    signs = torch.cat([torch.ones(len(chosen)), -torch.ones(len(rejected))]).to(ids[3].device)
+    return TargetBatch(*ids, ids[3].float() * signs[:, None])
+
+
 # (model, query_ids [b, P], query_mask, response_ids [b, T], response_mask) -> log π(y_t | x, y_<t) [b, T]
 SequenceLogprobs = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # (model, rows [b] indices into this process's batch) -> each row's training loss L_i [b]

@@ -25,7 +25,7 @@ from llm_iif.core.errors import UserError, first_line
 # Each enumeration is defined once, as the Literal type recipes are checked against; the tuple of its values
 # is what code that is not handed a recipe checks against.
 FilterMode = Literal["neg-bottom", "bottom", "neg-random", "matched-random", "random", "none"]
-TargetName = Literal["seq", "return", "reward", "gold"]
+TargetName = Literal["seq", "return", "reward", "gold", "preference"]
 TargetSourceName = Literal["fresh", "cached", "batch"]
 ClassicTargetName = Literal["return"]
 ClassicGuard = Literal["none", "positive-advantage", "rewarded"]
@@ -160,7 +160,9 @@ class IIFConfig(IIFFilterConfig):
     """What the kept samples should improve, measured on validation responses generated each round:
     ``seq`` Σ log-prob × last-token advantage (the paper's RLHF target), ``return`` token-level
     advantage-weighted log-prob, ``reward`` Σ log-prob × whitened reward, ``gold`` log-likelihood of
-    reference responses (needs ``val_prompts`` with prompt and response columns)."""
+    reference responses (needs ``val_prompts`` with prompt and response columns), ``preference`` the margin
+    Σ log π(chosen) − log π(rejected) of trusted triples (needs ``val_prompts`` with prompt, chosen and rejected
+    columns; ``val_size`` triples a round)."""
     target_source: TargetSourceName = "fresh"
     """Where the target's responses come from: ``fresh`` responses to the validation prompts every round (the
     paper); ``cached`` ones, generated every ``refresh_every`` rounds and reweighted in between to the current
@@ -451,6 +453,13 @@ class GRPOIIFConfig(IIFFilterConfig):
     most the generation batch's number of prompts; no extra generation);
     ``fresh``: ``val_size`` new completions of the validation prompts every generation batch (the paper's source;
     about 4.5× a step on the tiny recipe, docs/results.md section 12)."""
+    target: Literal["seq", "preference"] = "seq"
+    """``seq``: f_seq, Σ log-prob × group advantage of the target's completions; ``preference``: the margin
+    Σ log π(chosen) − log π(rejected) of ``val_size`` trusted triples a generation batch, from ``val_prompts``
+    (with ``target_source: fresh``; no generation)."""
+    val_prompts: Optional[str] = None
+    """``target: preference``: the trusted (prompt, chosen, rejected) triples: a file, a hub id or
+    builtin:trusted-preferences."""
 
 
 @dataclass
@@ -517,6 +526,10 @@ class GRPORecipe:
         require(0.0 <= self.iif.p <= 1.0, "iif.p", "a value in [0, 1]")
         require(self.iif.folds >= 2, "iif.folds", "at least 2")
         require(self.iif.val_size > 0, "iif.val_size", "a positive integer")
+        require(self.iif.target != "preference" or self.iif.target_source == "fresh", "iif.target_source",
+                "fresh with iif.target preference (the training batch holds no preferences)")
+        require(self.iif.target != "preference" or self.iif.val_prompts is not None, "iif.val_prompts",
+                "trusted (prompt, chosen, rejected) triples with iif.target preference")
         for key in ("run.save_every", "run.keep_last_n", "run.eval_every", "run.log_samples"):
             require(_value(self, key) >= 0, key, "0 or a positive integer")
         require(self.run.eval_batch_size > 0, "run.eval_batch_size", "a positive integer")
@@ -750,6 +763,8 @@ def _check_values(recipe: Recipe, source: str) -> None:
             f"rounds in [0, run.rounds={recipe.run.rounds})")
     require(iif.target_source != "batch" or iif.target != "gold", "iif.target_source",
             "fresh or cached with iif.target gold (the training batch has no reference responses)")
+    require(iif.target_source != "batch" or iif.target != "preference", "iif.target_source",
+            "fresh or cached with iif.target preference (the training batch holds no preferences)")
     run = recipe.run
     require(run.rounds > 0, "run.rounds", "a positive integer")
     require(run.batch_size > 0, "run.batch_size", "a positive integer")

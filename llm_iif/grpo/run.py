@@ -33,6 +33,7 @@ from llm_iif.core.fileio import write_directory_atomically
 from llm_iif.core.paths import RunPaths
 from llm_iif.grpo.data import check_chat_template, grpo_datasets, is_conversational
 from llm_iif.grpo.trainer import GroupFilter, IIFGRPOTrainer
+from llm_iif.lm.data import read_preference_triples
 from llm_iif.lm.policy import load_tokenizer
 from llm_iif.training import run_state
 from llm_iif.training.builtins import resolve_builtin
@@ -69,6 +70,10 @@ def train_grpo(recipe: GRPORecipe, overwrite: bool = False, resume_from: Path | 
         raise UserError(f"model.name_or_path: cannot load '{recipe.model.name_or_path}' as a causal LM "
                         f"({', '.join(damaged)}: damaged or truncated)")
     train, validation, evaluation = grpo_datasets(recipe.data, recipe.model.chat_template)
+    if recipe.iif.enabled and recipe.iif.target == "preference":
+        from datasets import Dataset
+
+        validation = Dataset.from_dict(read_preference_triples(recipe.iif.val_prompts, "iif.val_prompts"))
     check_chat_template(tokenizer, recipe.model.chat_template or is_conversational(train), str(model_dir))
     reward_funcs = reward_functions(recipe)
     if "wandb" in recipe.run.report_to and not is_wandb_available():

@@ -40,7 +40,7 @@ from accelerate.utils import gather_object
 from trl.trainer.utils import is_async_callable
 
 from llm_iif.attribution.gradients import scored_layers, scored_parameters
-from llm_iif.attribution.influence import TargetBatch
+from llm_iif.attribution.influence import TargetBatch, preference_target_rows
 from llm_iif.attribution.precondition import adam_preconditioner, check_second_moments
 from llm_iif.attribution.stage import IIFStage
 from llm_iif.core.config import GRPOIIFConfig
@@ -51,6 +51,8 @@ from llm_iif.grpo.groups import max_variance_subsets, subset_advantages, varied_
 from llm_iif.grpo.losses import (RESCALED_LOSSES, SUPPORTED_LOSSES, completion_losses, completion_normalisers,
                                  group_target_terms, token_losses)
 from llm_iif.grpo.prompt_history import PromptHistory, prompt_key, uniform_kinds
+from llm_iif.lm.data import PREFERENCE_COLUMNS
+from llm_iif.lm.generation import tokenize_pairs
 from llm_iif.training.run_state import IIF_STATE_FILE
 
 logger = logging.getLogger(__name__)
@@ -92,7 +94,9 @@ class IIFGRPOTrainer(GRPOTrainer):
       group_filter: a `GroupFilter`: a baseline instead of ``iif``, or, for ``dapo``, the filter IIF runs after.
       validation_dataset: rows with a ``prompt`` column (and whatever the reward functions read), for
         ``target_source: fresh``: each round samples ``num_generations`` completions for each of
-        ``iif.val_size / num_generations`` of its prompts and builds f_seq from their group advantages.
+        ``iif.val_size / num_generations`` of its prompts and builds f_seq from their group advantages. With
+        ``iif.target: preference``, trusted rows with ``prompt``, ``chosen`` and ``rejected`` text columns:
+        each round's target is the margin of the next ``iif.val_size`` of them (`PreferenceTarget`).
       nonfinite_patience: generation batches in a row that may contain NaN or inf rewards from a reward
         function; those completions are dropped and counted. One more such batch stops training.
 
@@ -128,7 +132,8 @@ class IIFGRPOTrainer(GRPOTrainer):
         self._stage = None
         self.generation_records: list[dict] = []
         if iif is not None:
-            source = None if iif.target_source == "batch" else FreshGroupTarget(self)
+            source = (PreferenceTarget(self) if iif.target == "preference"
+                      else FreshGroupTarget(self) if iif.target_source == "fresh" else None)
             self._stage = IIFStage(iif, self.accelerator, source, self._sequence_logprobs, self._guard, generator)
 
     # ------------------------------------------------------------------------------------------------ checks
@@ -205,7 +210,9 @@ class IIFGRPOTrainer(GRPOTrainer):
             scored_layers(self.accelerator.unwrap_model(self.model))
         except ValueError as err:
             raise UserError(f"iif: {err}; pass a peft_config or leave some nn.Linear layers trainable") from err
-        if iif.target_source == "fresh":
+        if iif.target == "preference":
+            self._check_preferences(iif)
+        elif iif.target_source == "fresh":
             self._check_validation(iif)
 
     def _check_validation(self, iif: GRPOIIFConfig) -> None:
@@ -217,6 +224,23 @@ class IIFGRPOTrainer(GRPOTrainer):
         if iif.val_size % per_round:
             raise UserError(f"iif.val_size: {iif.val_size} completions; expected a multiple of num_generations × "
                             f"processes = {per_round}")
+
+    def _check_preferences(self, iif: GRPOIIFConfig) -> None:
+        data, processes = self.validation_dataset, self.accelerator.num_processes
+        if iif.target_source != "fresh":
+            raise UserError(f"iif.target_source: '{iif.target_source}' with iif.target preference; expected fresh "
+                            "(the training batch holds no preferences)")
+        columns = [] if data is None else data.column_names
+        missing = [name for name in PREFERENCE_COLUMNS if name not in columns]
+        if missing or len(data) == 0:
+            raise UserError(f"validation_dataset: iif.target preference needs trusted rows with prompt, chosen and "
+                            f"rejected text columns (got columns: {', '.join(columns) or 'none'})")
+        if not isinstance(data[0]["prompt"], str):
+            raise UserError("validation_dataset: iif.target preference takes plain-text prompts; conversational "
+                            "prompts are not supported")
+        if iif.val_size % (2 * processes):
+            raise UserError(f"iif.val_size: {iif.val_size} triples; expected an even number per process, a multiple "
+                            f"of 2 × processes = {2 * processes} (the target's two halves take whole triples)")
 
     # ------------------------------------------------------------------------------------------- trl hooks
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -352,8 +376,8 @@ class IIFGRPOTrainer(GRPOTrainer):
             state["prompt_history"] = self._history.state_dict()
         if self._stage is not None:
             state["filter_generator"] = self._stage.generator.get_state()
-            if isinstance(self._stage.target_source, FreshGroupTarget):
-                state["fresh_target_round"] = self._stage.target_source.round
+            if self._stage.target_source is not None:
+                state["target_round"] = self._stage.target_source.round
         return state
 
     def load_iif_state_dict(self, state: dict) -> None:
@@ -364,8 +388,8 @@ class IIFGRPOTrainer(GRPOTrainer):
             self._history.load_state_dict(state["prompt_history"])
         if self._stage is not None:
             self._stage.generator.set_state(state["filter_generator"])
-            if isinstance(self._stage.target_source, FreshGroupTarget):
-                self._stage.target_source.round = state["fresh_target_round"]
+            if self._stage.target_source is not None:
+                self._stage.target_source.round = state["target_round"]
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
@@ -545,27 +569,52 @@ class IIFGRPOTrainer(GRPOTrainer):
         return self._global_sum(values) / max(self._global_sum(torch.ones_like(values)), 1.0)
 
 
-class FreshGroupTarget:
-    """The fresh target's rows (a `TargetSource`): each round, ``num_generations`` completions for each of this
-    process's next ``iif.val_size / (num_generations × processes)`` validation prompts, weighted by their
-    group-relative advantages, so that f = Σ_v Σ_t log π(y_{v,t}) Â_v (f_seq with the group as baseline)."""
+class _ValidationRounds:
+    """A target source that takes this process's next rows of ``validation_dataset`` each round, cycling it;
+    ``round`` is saved in checkpoints."""
 
     def __init__(self, trainer: IIFGRPOTrainer):
         self.trainer, self.round, self.metrics = trainer, 0, {}
 
+    def _next_rows(self, per_process: int) -> list[dict]:
+        processes, rank = self.trainer.accelerator.num_processes, self.trainer.accelerator.process_index
+        first = (self.round * processes + rank) * per_process
+        self.round += 1
+        data = self.trainer.validation_dataset
+        return [data[(first + i) % len(data)] for i in range(per_process)]
+
+
+class FreshGroupTarget(_ValidationRounds):
+    """The fresh target's rows (a `TargetSource`): each round, ``num_generations`` completions for each of this
+    process's next ``iif.val_size / (num_generations × processes)`` validation prompts, weighted by their
+    group-relative advantages, so that f = Σ_v Σ_t log π(y_{v,t}) Â_v (f_seq with the group as baseline)."""
+
     def __call__(self, model) -> TargetBatch:
         trainer = self.trainer
         start = time.perf_counter()
-        processes, rank = trainer.accelerator.num_processes, trainer.accelerator.process_index
-        per_process = trainer.iif.val_size // trainer.num_generations // processes
-        first = (self.round * processes + rank) * per_process
-        self.round += 1
-        data = trainer.validation_dataset
-        batch = trainer._validation_batch([data[(first + i) % len(data)] for i in range(per_process)])
+        per_process = trainer.iif.val_size // trainer.num_generations // trainer.accelerator.num_processes
+        batch = trainer._validation_batch(self._next_rows(per_process))
         self.metrics = {"time_val_generate_s": time.perf_counter() - start}
         mask = _loss_mask(batch)
         return TargetBatch(batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"], mask,
                            batch["advantages"][:, None].expand_as(mask).float())
+
+
+class PreferenceTarget(_ValidationRounds):
+    """The preference target's rows (a `TargetSource`): each round, this process's next
+    ``iif.val_size / processes`` trusted triples of ``validation_dataset``, f = Σ log π(chosen) − log π(rejected)
+    (`preference_target_rows`); nothing is generated."""
+
+    def __call__(self, model) -> TargetBatch:
+        trainer = self.trainer
+        rows = self._next_rows(trainer.iif.val_size // trainer.accelerator.num_processes)
+        device = trainer.accelerator.device
+
+        def tokenize(prompts: list[str], responses: list[str]):
+            return tokenize_pairs(trainer.processing_class, prompts, responses, device)
+
+        return preference_target_rows(tokenize, [r["prompt"] for r in rows], [r["chosen"] for r in rows],
+                                      [r["rejected"] for r in rows])
 
 
 def _loss_mask(batch: dict) -> torch.Tensor:

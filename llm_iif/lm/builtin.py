@@ -164,6 +164,24 @@ def preference_pairs(num_pairs: int = 3000, seed: int = 2) -> dict[str, list[str
     return pairs
 
 
+def trusted_preference_triples(num_triples: int = 256, seed: int = 3) -> dict[str, list[str]]:
+    """``num_triples`` (prompt, chosen, rejected) triples ranked by `hidden_preference_score`, none of which is
+    among the reward model's training pairs (`preference_pairs` with its defaults): the trusted set of the
+    ``preference`` target, as a small set of human or stronger-judge preferences would be."""
+    seen = set(zip(*preference_pairs().values()))
+    triples = {"prompt": [], "chosen": [], "rejected": []}
+    batch = 0
+    while len(triples["prompt"]) < num_triples:
+        candidates = preference_pairs(num_triples, seed=seed * 1000 + batch)
+        batch += 1
+        for triple in zip(*candidates.values()):
+            if triple not in seen and len(triples["prompt"]) < num_triples:
+                seen.add(triple)
+                for column, text in zip(triples, triple):
+                    triples[column].append(text)
+    return triples
+
+
 @functools.lru_cache(maxsize=1)
 def _vader():
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer

@@ -5,6 +5,8 @@ Sources (``data.source`` and ``iif.val_prompts`` in a recipe):
 - ``builtin:positive-reviews``: (prompt, response) pairs of positive reviews, for the ``gold`` target;
 - ``builtin:tiny-preferences``: (prompt, chosen, rejected) triples ranked by a hidden rule, for reward-model
   training;
+- ``builtin:trusted-preferences``: 256 more such triples, none of them in ``tiny-preferences``, for the
+  ``preference`` target;
 - a local ``.json``, ``.jsonl``, ``.parquet`` file (column ``data.prompt_column``) or ``.txt`` file (one prompt
   per line), or such files in a hub repo as an ``hf://datasets/...`` path (glob patterns allowed);
 - anything else is a `datasets` hub id, loaded with ``data.split``.
@@ -21,10 +23,12 @@ from pathlib import Path
 
 from llm_iif.core.config import DataConfig, IIFConfig, parse_filter
 from llm_iif.core.errors import UserError, first_line
-from llm_iif.lm.builtin import BUILTIN_PREFIX, positive_review_pairs, preference_pairs, review_prompts
+from llm_iif.lm.builtin import (BUILTIN_PREFIX, positive_review_pairs, preference_pairs, review_prompts,
+                                trusted_preference_triples)
 
 BUILTIN_SOURCES = {"review-prompts": lambda: {"prompt": review_prompts()}, "positive-reviews": positive_review_pairs,
-                   "tiny-preferences": preference_pairs}
+                   "tiny-preferences": preference_pairs, "trusted-preferences": trusted_preference_triples}
+PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -69,10 +73,16 @@ def load_prompts(cfg: DataConfig, tokenizer, seed: int) -> PromptSplits:
 
 
 def load_validation_set(iif: IIFConfig, splits: PromptSplits) -> dict[str, list[str]]:
-    """The influence target's validation data: {"prompt": [...]}, plus "response" for the gold target.
+    """The influence target's validation data: {"prompt": [...]}, plus "response" for the gold target, or
+    "chosen" and "rejected" for the preference target.
 
     Prompts come from ``iif.val_prompts`` when set, otherwise from the data's validation split.
     """
+    if iif.target == "preference":
+        if iif.val_prompts is None:
+            raise UserError("iif.val_prompts: the preference target needs trusted (prompt, chosen, rejected) "
+                            f"triples; set it to a file with those columns or {BUILTIN_PREFIX}trusted-preferences")
+        return read_preference_triples(iif.val_prompts, "iif.val_prompts")
     if iif.target == "gold":
         if iif.val_prompts is None:
             raise UserError("iif.val_prompts: the gold target needs (prompt, response) pairs; set it to a "
@@ -85,6 +95,21 @@ def load_validation_set(iif: IIFConfig, splits: PromptSplits) -> dict[str, list[
         raise UserError("iif.val_prompts: not set and data.validation_fraction is 0, so there are no "
                         "validation prompts for the influence target")
     return {"prompt": list(splits.validation)}
+
+
+def read_preference_triples(source: str, key: str) -> dict[str, list[str]]:
+    """(prompt, chosen, rejected) triples from ``source`` (any `load_table` source), every row of it. A missing
+    column, or a row without a chosen or rejected text, is a `UserError` naming ``key``: a trusted set is small,
+    and a row skipped silently would change the target."""
+    table = load_table(source, key)
+    triples = {column: column_values(table, source, column, key) for column in PREFERENCE_COLUMNS}
+    for column in PREFERENCE_COLUMNS:
+        for row, text in enumerate(triples[column]):
+            if not isinstance(text, str) or (column != "prompt" and not text.strip()):
+                raise UserError(f"{key}: row {row} of '{source}' has {'no' if text is None else 'an empty'} "
+                                f"{column} text; every trusted triple needs a prompt and non-empty chosen and "
+                                "rejected responses")
+    return triples
 
 
 def read_text_columns(source: str, key: str, columns: dict[str, str], split: str = "train",

@@ -14,7 +14,8 @@ from typing import Callable
 import torch
 from accelerate import Accelerator
 
-from llm_iif.attribution.influence import PerSampleLoss, PerSampleLossAndTarget, SequenceLogprobs, TargetBatch
+from llm_iif.attribution.influence import (PerSampleLoss, PerSampleLossAndTarget, SequenceLogprobs, TargetBatch,
+                                           preference_target_rows)
 from llm_iif.core import ppo
 from llm_iif.core.config import TARGETS, IIFConfig, PPOConfig
 from llm_iif.core.records import Advantages, Rollout
@@ -84,7 +85,8 @@ def importance_weights(logprobs_now: torch.Tensor, logprobs_then: torch.Tensor, 
 class ValidationTarget:
     """`TargetSource` of the LM trainer: this process's share of ``iif.val_size`` validation rows each round.
 
-    For ``gold`` the rows are the validation set's reference responses. Otherwise responses to the validation
+    For ``gold`` the rows are the validation set's reference responses, for ``preference`` its trusted (prompt,
+    chosen, rejected) triples (`preference_target_rows`); neither generates. Otherwise responses to the validation
     prompts are rewarded, scored at θ(k) and weighted by ``iif.target``: ``fresh`` ones every round, or, with
     ``iif.target_source: cached``, ones generated every ``iif.refresh_every`` rounds and, in between, scored
     again at θ(k) (new advantages, same rewards) and reweighted by `importance_weights`. ``advantages_of``
@@ -102,11 +104,17 @@ class ValidationTarget:
     def __call__(self, model) -> TargetBatch:
         acc, cfg = self.accelerator, self.config
         prompts = self._rows("prompt")
+        collector = self.collector
+
+        def tokenize(prompts: list[str], responses: list[str]):
+            return tokenize_pairs(collector.tokenizer, [collector.format_prompt(p) for p in prompts], responses,
+                                  acc.device)
+
         if cfg.target == "gold":
-            collector = self.collector
-            ids = tokenize_pairs(collector.tokenizer, [collector.format_prompt(p) for p in prompts],
-                                 self._rows("response"), acc.device)
+            ids = tokenize(prompts, self._rows("response"))
             return TargetBatch(*ids, target_token_weights("gold", None, None, ids[3]))
+        if cfg.target == "preference":
+            return preference_target_rows(tokenize, prompts, self._rows("chosen"), self._rows("rejected"))
         refresh = cfg.target_source != "cached" or self.calls % cfg.refresh_every == 0
         self.calls += 1
         if refresh:

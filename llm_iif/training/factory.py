@@ -8,6 +8,7 @@ global seed before anything else, and the per-process random streams are seeded 
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 from accelerate import Accelerator
@@ -27,10 +28,13 @@ from llm_iif.lm.iif import ValidationTarget, policy_logprobs
 from llm_iif.lm.policy import load_policy, prompt_formatter
 from llm_iif.lm.rollouts import RolloutCollector, Sampler, estimate_advantages
 from llm_iif.training.builtins import resolve_builtin, resolve_reward_config
+from llm_iif.training.reward_model import reward_training_pairs, triples_among_pairs
 from llm_iif.training.run_outputs import RunOutputs
 from llm_iif.training.trainer import PPOTrainer, TrainerParts
 from reward_models import load_reward_model
 from reward_models.python_callable import CallableReward
+
+logger = logging.getLogger(__name__)
 
 
 def build_trainer(recipe: Recipe, accelerator: Accelerator | None = None, *,
@@ -50,7 +54,8 @@ def build_trainer(recipe: Recipe, accelerator: Accelerator | None = None, *,
     with acc.main_process_first():  # built-in models are built once, by the main process
         model_cfg = dataclasses.replace(recipe.model, name_or_path=resolve_builtin(recipe.model.name_or_path))
         policy, tokenizer = load_policy(model_cfg, recipe.lora)
-        reward_function = load_reward_model(resolve_reward_config(recipe.reward), device=acc.device)
+        reward_cfg = resolve_reward_config(recipe.reward)
+        reward_function = load_reward_model(reward_cfg, device=acc.device)
         eval_rewards = {name: load_reward_model(resolve_reward_config(cfg, f"eval.rewards.{name}"), device=acc.device)
                         for name, cfg in recipe.eval.rewards.items()} if recipe.eval.every else {}
     format_prompt = prompt_formatter(tokenizer, recipe.model.chat_template)
@@ -62,8 +67,14 @@ def build_trainer(recipe: Recipe, accelerator: Accelerator | None = None, *,
         if recipe.iif.val_size % acc.num_processes:
             raise UserError(f"iif.val_size: {recipe.iif.val_size} does not divide evenly over "
                             f"{acc.num_processes} processes")
+        if recipe.iif.target == "preference" and recipe.iif.val_size // acc.num_processes % 2:
+            raise UserError(f"iif.val_size: {recipe.iif.val_size} triples give each of {acc.num_processes} "
+                            "process(es) an odd number; expected an even number per process (the target's two "
+                            "halves take whole triples)")
         if recipe.iif.target_source != "batch":  # the batch source needs no validation data
             validation = load_validation_set(recipe.iif, prompts)
+        if recipe.iif.target == "preference" and reward_cfg.name_or_path and acc.is_main_process:
+            warn_of_shared_pairs(validation, reward_cfg.name_or_path, recipe.iif.val_prompts)
     report_rewards = {name: CallableReward(path, key=f"reward.report.{name}")
                       for name, path in recipe.reward.report.items()}
     optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=recipe.ppo.learning_rate)
@@ -96,6 +107,16 @@ def build_trainer(recipe: Recipe, accelerator: Accelerator | None = None, *,
         kl_controller=kl_controller, iif=iif, guard=guard,
         outputs=RunOutputs(RunPaths(recipe.run.output_dir), recipe, acc), evaluator=evaluator,
         report_rewards=report_rewards, minibatch_generator=minibatch_generator, filter_generator=filter_generator))
+
+
+def warn_of_shared_pairs(triples: dict[str, list[str]], reward_model_dir: str, source: str) -> None:
+    """Warn when trusted triples are among the reward model's training pairs (when those are known): such a
+    target shares the proxy's data, and so its flaws."""
+    pairs = reward_training_pairs(reward_model_dir)
+    shared = triples_among_pairs(triples, pairs) if pairs else 0
+    if shared:
+        logger.warning("iif.val_prompts: %d of %d trusted triples of '%s' are among the reward model's training "
+                       "pairs; a trusted set should be disjoint from them", shared, len(triples["prompt"]), source)
 
 
 def make_accelerator(recipe: Recipe) -> Accelerator:

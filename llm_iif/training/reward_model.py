@@ -9,11 +9,13 @@ holds the pairwise accuracy on held-out pairs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import tempfile
 from pathlib import Path
 
+from llm_iif.core.config import PreferenceDataConfig
 from llm_iif.core.errors import MODEL_LOAD_ERRORS, UserError, model_load_problem
 from llm_iif.core.fileio import atomic_write_text, write_directory_atomically
 from llm_iif.lm.data import read_text_columns
@@ -22,23 +24,43 @@ from reward_models.hf_classifier import HFClassifierReward
 
 def load_preference_pairs(recipe) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """(train, held-out) pairs as {"chosen": [...], "rejected": [...]} texts, the prompt already in front."""
-    data = recipe.data
-    columns = {data.chosen_column: "data.chosen_column", data.rejected_column: "data.rejected_column"}
-    if data.prompt_column:
-        columns = {data.prompt_column: "data.prompt_column", **columns}
-    table = read_text_columns(data.source, "data.source", columns, data.split)
-    prompts = table[data.prompt_column] if data.prompt_column else [""] * len(table[data.chosen_column])
-    rows = [(p + c, p + r) for p, c, r in zip(prompts, table[data.chosen_column], table[data.rejected_column])]
+    rows = _pair_texts(recipe.data)
     random.Random(recipe.run.seed).shuffle(rows)
-    n_held_out = max(1, int(len(rows) * data.validation_fraction))
+    n_held_out = max(1, int(len(rows) * recipe.data.validation_fraction))
     if n_held_out >= len(rows):
-        raise UserError(f"data.source: '{data.source}' has {len(rows)} pair(s); too few to hold out "
-                        f"{data.validation_fraction:.0%} and train on the rest")
+        raise UserError(f"data.source: '{recipe.data.source}' has {len(rows)} pair(s); too few to hold out "
+                        f"{recipe.data.validation_fraction:.0%} and train on the rest")
 
     def as_columns(part):
         return {"chosen": [c for c, _ in part], "rejected": [r for _, r in part]}
 
     return as_columns(rows[n_held_out:]), as_columns(rows[:n_held_out])
+
+
+def _pair_texts(data: PreferenceDataConfig) -> list[tuple[str, str]]:
+    """Every (prompt + chosen, prompt + rejected) text pair of ``data``, in file order."""
+    columns = {data.chosen_column: "data.chosen_column", data.rejected_column: "data.rejected_column"}
+    if data.prompt_column:
+        columns = {data.prompt_column: "data.prompt_column", **columns}
+    table = read_text_columns(data.source, "data.source", columns, data.split)
+    prompts = table[data.prompt_column] if data.prompt_column else [""] * len(table[data.chosen_column])
+    return [(p + c, p + r) for p, c, r in zip(prompts, table[data.chosen_column], table[data.rejected_column])]
+
+
+def reward_training_pairs(model_dir: str) -> set[tuple[str, str]] | None:
+    """The (prompt + chosen, prompt + rejected) texts the reward model in ``model_dir`` learnt from, when
+    `train_reward_model` wrote it (its eval.json, next to the model, names the data); else None."""
+    record = Path(model_dir).parent / "eval.json"
+    try:
+        data = json.loads(record.read_text())["data"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return set(_pair_texts(PreferenceDataConfig(**data)))
+
+
+def triples_among_pairs(triples: dict[str, list[str]], pairs: set[tuple[str, str]]) -> int:
+    """How many (prompt, chosen, rejected) ``triples`` are among a reward model's training ``pairs``."""
+    return sum((p + c, p + r) in pairs for p, c, r in zip(triples["prompt"], triples["chosen"], triples["rejected"]))
 
 
 def pairwise_accuracy(reward, pairs: dict[str, list[str]]) -> float:
@@ -95,6 +117,7 @@ def train_reward_model(recipe, base_model: str) -> dict:
     metrics = {"heldout_accuracy": pairwise_accuracy(reward, held_out),
                "train_accuracy": pairwise_accuracy(reward, sample),
                "train_pairs": len(train_pairs["chosen"]), "heldout_pairs": len(held_out["chosen"]),
-               "train_loss": result.training_loss, "use_lora": cfg.use_lora}
+               "train_loss": result.training_loss, "use_lora": cfg.use_lora,
+               "data": dataclasses.asdict(recipe.data)}  # for reward_training_pairs
     atomic_write_text(output_dir / "eval.json", json.dumps(metrics, indent=2))
     return metrics

@@ -131,13 +131,18 @@ def test_resume_of_a_damaged_checkpoint_is_one_line(uninterrupted, tmp_path):
     ("grpo.max_steps=3", "grpo.max_steps: set by the run section (run.steps)"),
     ("grpo.output_dir=elsewhere", "grpo.output_dir: set by the run section (run.output_dir)"),
     ("iif.lds_rounds=[1]", "iif.lds_rounds: unknown key"),
-    ("iif.target=gold", "iif.target: unknown key"),
+    ("iif.train_grad=full", "iif.train_grad: unknown key"),
+    ("iif.target=gold", "iif.target: expected one of ['seq', 'preference'], got 'gold'"),
+    ("iif.target=preference", "iif.target_source: expected fresh with iif.target preference (the training batch "
+                              "holds no preferences), got 'batch'"),
+    ("iif.target=preference,iif.target_source=fresh", "iif.val_prompts: expected trusted (prompt, chosen, "
+                                                      "rejected) triples with iif.target preference, got None"),
     ("iif.target_source=cached", "iif.target_source: expected one of ['batch', 'fresh'], got 'cached'"),
     ("run.eval_batch_size=0", "run.eval_batch_size: expected a positive integer"),
 ])
 def test_recipe_keys_grpo_does_not_own_are_refused(override, message):
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
-        load_recipe(RECIPE, [override], kind=GRPORecipe)
+        load_recipe(RECIPE, override.split(","), kind=GRPORecipe)
 
 
 def test_grpo_defaults_to_the_batch_target_source(tmp_path):

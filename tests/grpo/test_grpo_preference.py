@@ -1,0 +1,47 @@
+"""The preference target (iif.target: preference) in IIFGRPOTrainer: its gradient is the trusted margin's, exactly,
+and each round takes the next triples."""
+
+import pytest
+from conftest import assert_gradients_close, brute_force_margin_gradient, moved_off_zero
+from datasets import Dataset
+from grpo_setup import make_trainer
+
+from llm_iif.core.config import GRPOIIFConfig
+from llm_iif.core.errors import UserError
+from llm_iif.lm.generation import tokenize_pairs
+
+
+def test_grpo_preference_target_is_the_trusted_margins_gradient(random_adder_dir, tmp_path):
+    # Prompts of one length: trl's forward gives GPT-2 no position ids, so left padding would shift positions
+    # and a padded row would not equal the same row alone (completions may differ: they are padded on the right).
+    triples = {"prompt": ["12+34=", "50+70=", "18+18=", "40+22="], "chosen": ["46", "120", "36", "62"],
+               "rejected": ["47", "12", "63", "26"]}
+    trainer = make_trainer(random_adder_dir, tmp_path, validation_dataset=Dataset.from_dict(triples),
+                           iif=GRPOIIFConfig(enabled=True, target="preference", target_source="fresh", val_size=4))
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    moved_off_zero(model)
+    target, _ = trainer._stage.target_gradient(trainer.model)
+
+    def tokenize(prompts, responses):
+        return tokenize_pairs(trainer.processing_class, prompts, responses, "cpu")
+
+    model.eval()
+    expected = brute_force_margin_gradient(model, trainer._sequence_logprobs, tokenize, triples, 4)
+    assert_gradients_close(target, expected)
+    assert trainer.iif_state_dict()["target_round"] == 1  # the next round takes the next triples
+
+
+@pytest.mark.parametrize("columns,iif,message", [
+    ({"prompt": ["1+1="], "chosen": ["2"]}, {},
+     "validation_dataset: iif.target preference needs trusted rows with prompt, chosen and rejected text columns "
+     "(got columns: prompt, chosen)"),
+    ({"prompt": ["1+1="] * 3, "chosen": ["2"] * 3, "rejected": ["3"] * 3}, {"val_size": 3},
+     "iif.val_size: 3 triples; expected an even number per process"),
+    ({"prompt": ["1+1="] * 2, "chosen": ["2"] * 2, "rejected": ["3"] * 2}, {"target_source": "batch"},
+     "iif.target_source: 'batch' with iif.target preference; expected fresh"),
+])
+def test_bad_trusted_sets_are_one_line_errors(random_adder_dir, tmp_path, columns, iif, message):
+    config = GRPOIIFConfig(enabled=True, target="preference", **{"target_source": "fresh", "val_size": 2, **iif})
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
+        make_trainer(random_adder_dir, tmp_path, validation_dataset=Dataset.from_dict(columns), iif=config)
+    assert "\n" not in str(err.value)
