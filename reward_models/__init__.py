@@ -7,9 +7,11 @@ To add one, write a class with that ``__call__`` and register a constructor in `
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Protocol
 
 from llm_iif.core.errors import UserError
+from reward_models.ensemble import ConservativeEnsembleReward
 from reward_models.hf_classifier import HFClassifierReward
 from reward_models.python_callable import CallableReward
 from reward_models.vader import VaderReward
@@ -23,19 +25,30 @@ def _vader(cfg, device) -> RewardModel:
     return VaderReward()
 
 
-def _hf_classifier(cfg, device) -> RewardModel:
+def _hf_classifier(cfg, device, key: str = "reward.name_or_path") -> RewardModel:
     import torch
 
     return HFClassifierReward(cfg.name_or_path, label=cfg.label, output=cfg.output, input=cfg.input,
-                              append_eos=cfg.append_eos, batch_size=cfg.batch_size, max_length=cfg.max_length, device=cfg.device or device,
-                              dtype=getattr(torch, cfg.dtype))
+                              append_eos=cfg.append_eos, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                              device=cfg.device or device, dtype=getattr(torch, cfg.dtype), key=key)
 
 
 def _callable(cfg, device) -> RewardModel:
     return CallableReward(cfg.function)
 
 
-REWARD_MODELS: dict[str, Callable] = {"vader": _vader, "hf-classifier": _hf_classifier, "callable": _callable}
+def _conservative_ensemble(cfg, device) -> RewardModel:
+    """Each member an hf-classifier with ``cfg``'s settings, from one of ``cfg.members``."""
+    if len(cfg.members) < 2:
+        raise UserError(f"reward.members: conservative-ensemble needs at least 2 reward models "
+                        f"(got {len(cfg.members)})")
+    return ConservativeEnsembleReward([_hf_classifier(dataclasses.replace(cfg, name_or_path=member), device,
+                                                      key=f"reward.members[{i}]")
+                                       for i, member in enumerate(cfg.members)])
+
+
+REWARD_MODELS: dict[str, Callable] = {"vader": _vader, "hf-classifier": _hf_classifier, "callable": _callable,
+                                      "conservative-ensemble": _conservative_ensemble}
 
 
 def load_reward_model(cfg, device="cpu") -> RewardModel:

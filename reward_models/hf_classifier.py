@@ -19,24 +19,25 @@ INPUTS = ("response", "prompt+response")
 
 class HFClassifierReward:
     """Batched, no-grad classifier scores. ``label`` is an index or a name from the model's ``id2label``;
-    it may be left out for a one-label model."""
+    it may be left out for a one-label model. ``key`` names the recipe key of ``name_or_path`` in errors."""
 
     def __init__(self, name_or_path: str | None, label: int | str | None = None, output: str = "logit",
                  input: str = "prompt+response", append_eos: bool = False, batch_size: int = 32,
-                 max_length: int = 512, device="cpu", dtype: torch.dtype = torch.float32):
+                 max_length: int = 512, device="cpu", dtype: torch.dtype = torch.float32,
+                 key: str = "reward.name_or_path"):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         if not name_or_path:
-            raise UserError("reward.name_or_path: required for reward.name 'hf-classifier'")
+            raise UserError(f"{key}: required for reward.name 'hf-classifier'")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
             self.model, info = AutoModelForSequenceClassification.from_pretrained(
                 name_or_path, dtype=dtype, output_loading_info=True)
         except MODEL_LOAD_ERRORS as err:
-            raise UserError(f"reward.name_or_path: cannot load '{name_or_path}' as a sequence classifier "
+            raise UserError(f"{key}: cannot load '{name_or_path}' as a sequence classifier "
                             f"({model_load_problem(err, name_or_path)})") from err
         if info["missing_keys"]:
-            raise UserError(f"reward.name_or_path: '{name_or_path}' is not a sequence classifier: its checkpoint "
+            raise UserError(f"{key}: '{name_or_path}' is not a sequence classifier: its checkpoint "
                             f"has no classification head (missing {sorted(info['missing_keys'])[0]})")
         self.model.to(device).eval()
         self.label = self._label_index(label, name_or_path)

@@ -131,11 +131,12 @@ def write_comparison(output_dir: Path, histories: dict[str, dict[int, list[dict]
     return summary
 
 
-def lm_trainer(recipe_path: str, overrides: list[str], accelerator) -> TrainOne:
-    """A `TrainOne` for a PPO recipe: each method of `LM_METHODS` with our PPO trainer, each run with its
-    reward_curve.png."""
+def lm_trainer(recipe_path: str, overrides: list[str], accelerator,
+               methods: Mapping[str, list[str]] = LM_METHODS) -> TrainOne:
+    """A `TrainOne` for a PPO recipe: each of ``methods`` (name -> overrides) with our PPO trainer, each run
+    with its reward_curve.png."""
     def train_one(method: str, seed: int, run: RunPaths) -> list[dict]:
-        recipe = load_recipe(recipe_path, [*overrides, *LM_METHODS[method], f"run.seed={seed}",
+        recipe = load_recipe(recipe_path, [*overrides, *methods[method], f"run.seed={seed}",
                                            f"run.output_dir={run.root}"])
         trainer = build_trainer(recipe, accelerator)
         history = trainer.train()
@@ -148,14 +149,15 @@ def lm_trainer(recipe_path: str, overrides: list[str], accelerator) -> TrainOne:
     return train_one
 
 
-def grpo_trainer(recipe_path: str, overrides: list[str]) -> TrainOne:
-    """A `TrainOne` for a GRPO recipe: every method of `GRPO_METHODS` trains with trl's GRPOTrainer through
-    `IIFGRPOTrainer`; the curves are held-out accuracy (the first reward function) at the evaluated steps, every
-    ``run.eval_every``."""
+def grpo_trainer(recipe_path: str, overrides: list[str],
+                 methods: Mapping[str, list[str]] = GRPO_METHODS) -> TrainOne:
+    """A `TrainOne` for a GRPO recipe: each of ``methods`` (name -> overrides) trains with trl's GRPOTrainer
+    through `IIFGRPOTrainer`; the curves are held-out accuracy (the first reward function) at the evaluated
+    steps, every ``run.eval_every``."""
     from llm_iif.grpo.run import grpo_run_title, train_grpo
 
     def train_one(method: str, seed: int, run: RunPaths) -> list[dict]:
-        recipe = load_recipe(recipe_path, [*overrides, *GRPO_METHODS[method], f"run.seed={seed}",
+        recipe = load_recipe(recipe_path, [*overrides, *methods[method], f"run.seed={seed}",
                                            f"run.output_dir={run.root}"], kind=GRPORecipe)
         if recipe.run.eval_every == 0:
             raise UserError("run.eval_every: 0; compare needs a held-out curve (expected 1 or more: the summary "

@@ -5,12 +5,15 @@ A suite file names its tasks, each a recipe with the methods and seeds to compar
     output_dir: runs/suite-quick          # where the suite writes (--output-dir overrides it)
     seeds: [0, 1, 2]                      # every task's seeds, unless a task gives its own
     methods: [standard, iif, random]      # every task's methods, unless a task gives its own
+    custom_methods:                       # methods of this suite beyond the built-in ones: overrides, as --set
+      kl-0.5: {iif.enabled: false, ppo.adaptive_kl: false, ppo.init_kl_coef: 0.5}
     tasks:
       tiny-sentiment:
         recipe: ../../recipes/tiny-sentiment.yaml   # relative to the suite file
         set: {run.rounds: 40}                       # overrides, as with --set
 
-A recipe's kind (PPO, GRPO, classic) picks its trainer and its methods (`llm_iif.analysis.grid`). The suite is
+A recipe's kind (PPO, GRPO, classic) picks its trainer and its methods (`llm_iif.analysis.grid`); PPO and GRPO
+tasks may also use the suite's ``custom_methods``. The suite is
 restartable: every finished run is logged in finished.jsonl, and running the same suite file again into the
 same directory skips those and starts any unfinished run afresh. Each task's directory is an ordinary
 comparison (summary.json, reward_curves.png, report.html); `llm_iif.analysis.scorecard` writes the scorecard.
@@ -35,7 +38,7 @@ from llm_iif.core.machine import cpu_model
 from llm_iif.core.paths import SuitePaths
 from llm_iif.training.run_outputs import check_writable_directory, delete_outputs, listed
 
-SUITE_KEYS = ("output_dir", "seeds", "methods", "tasks")
+SUITE_KEYS = ("output_dir", "seeds", "methods", "custom_methods", "tasks")
 TASK_KEYS = ("recipe", "set", "seeds", "methods")
 DEFAULT_METHODS = ["standard", "iif", "random"]
 # Recipe kind -> (its methods, the y-axis of its curves).
@@ -46,13 +49,19 @@ KIND_NAMES = {Recipe: "PPO", GRPORecipe: "GRPO", ClassicRecipe: "classic PPO (St
 
 @dataclass
 class SuiteTask:
-    """One comparison of a suite: ``recipe`` with each of ``methods`` and ``seeds``, plus ``overrides``."""
+    """One comparison of a suite: ``recipe`` with each of ``methods`` and ``seeds``, plus ``overrides``;
+    ``custom`` holds the overrides of the suite's custom methods among ``methods``."""
     name: str
     recipe: Path
     kind: type
     methods: list[str]
     seeds: list[int]
     overrides: list[str] = field(default_factory=list)
+    custom: dict[str, list[str]] = field(default_factory=dict)
+
+    def method_table(self) -> dict[str, list[str]]:
+        """Method name -> its recipe overrides: the recipe kind's built-in methods and the task's custom ones."""
+        return {**KINDS[self.kind][0], **self.custom}
 
     def runs(self) -> list[tuple[str, int]]:
         """(method, seed) pairs, seed-major as in a comparison: all methods of a seed run back to back, so a
@@ -61,8 +70,9 @@ class SuiteTask:
 
     def record(self) -> dict:
         """What a restart must find unchanged, the recipe's content included."""
-        return {"recipe": str(self.recipe), "recipe_sha256": hashlib.sha256(self.recipe.read_bytes()).hexdigest(),
-                "methods": self.methods, "seeds": self.seeds, "set": self.overrides}
+        record = {"recipe": str(self.recipe), "recipe_sha256": hashlib.sha256(self.recipe.read_bytes()).hexdigest(),
+                  "methods": self.methods, "seeds": self.seeds, "set": self.overrides}
+        return {**record, "custom_methods": self.custom} if self.custom else record
 
 
 @dataclass
@@ -89,11 +99,29 @@ def load_suite(path: str | Path, output_dir: str | None = None) -> Suite:
         raise UserError(f"{path}: output_dir: expected a directory (or pass --output-dir)")
     default_seeds = _seeds(raw.get("seeds", [0, 1, 2]), f"{path}: seeds")
     default_methods = raw.get("methods", DEFAULT_METHODS)
-    loaded = [_load_task(path, str(name), entry, default_seeds, default_methods) for name, entry in tasks.items()]
+    custom = _custom_methods(raw.get("custom_methods") or {}, f"{path}: custom_methods")
+    loaded = [_load_task(path, str(name), entry, default_seeds, default_methods, custom)
+              for name, entry in tasks.items()]
     return Suite(path, Path(output), loaded)
 
 
-def _load_task(suite_path: Path, name: str, entry, default_seeds: list[int], default_methods) -> SuiteTask:
+def _custom_methods(raw, where: str) -> dict[str, list[str]]:
+    """A suite's ``custom_methods``: name -> overrides (``section.key=value``, values as JSON, which is YAML)."""
+    if not isinstance(raw, dict) or not all(isinstance(v, dict) and v for v in raw.values()):
+        raise UserError(f"{where}: expected a mapping of method names to overrides, e.g. "
+                        "{kl-0.5: {ppo.init_kl_coef: 0.5}}")
+    clash = sorted(set(raw) & (set(LM_METHODS) | set(GRPO_METHODS)))
+    if clash:
+        raise UserError(f"{where}.{clash[0]}: a built-in method's name; choose another")
+    return {str(name): _as_overrides(settings) for name, settings in raw.items()}
+
+
+def _as_overrides(settings: dict) -> list[str]:
+    return [f"{key}={json.dumps(value)}" for key, value in settings.items()]  # JSON is YAML
+
+
+def _load_task(suite_path: Path, name: str, entry, default_seeds: list[int], default_methods,
+               custom: dict[str, list[str]]) -> SuiteTask:
     where = f"{suite_path}: tasks.{name}"
     if not isinstance(entry, dict) or "recipe" not in entry:
         raise UserError(f"{where}: expected a mapping with a recipe")
@@ -104,9 +132,9 @@ def _load_task(suite_path: Path, name: str, entry, default_seeds: list[int], def
     overrides = entry.get("set") or {}
     if not isinstance(overrides, dict):
         raise UserError(f"{where}.set: expected a mapping of section.key to values, e.g. {{run.rounds: 40}}")
-    overrides = [f"{key}={json.dumps(value)}" for key, value in overrides.items()]  # JSON is YAML
+    overrides = _as_overrides(overrides)
     kind = recipe_kind(recipe)
-    table = KINDS[kind][0]
+    table = KINDS[kind][0] if kind is ClassicRecipe else {**KINDS[kind][0], **custom}
     methods = entry.get("methods", default_methods)
     if not isinstance(methods, list) or not methods:
         raise UserError(f"{where}.methods: expected a list, e.g. [standard, iif, random]")
@@ -123,7 +151,8 @@ def _load_task(suite_path: Path, name: str, entry, default_seeds: list[int], def
             load_recipe(recipe, [*overrides, *method_overrides], kind=kind)
         except UserError as err:
             raise UserError(f"{where} ({method}): {err}") from None
-    return SuiteTask(name, recipe, kind, list(methods), seeds, overrides)
+    return SuiteTask(name, recipe, kind, list(methods), seeds, overrides,
+                     {method: custom[method] for method in methods if method in custom})
 
 
 def _known_keys(raw: dict, known: tuple[str, ...], where: str) -> None:
@@ -257,10 +286,10 @@ def _trainer(task: SuiteTask) -> TrainOne:
     if task.kind is ClassicRecipe:
         return classic_trainer(str(task.recipe), task.overrides)
     if task.kind is GRPORecipe:
-        return grpo_trainer(str(task.recipe), task.overrides)
+        return grpo_trainer(str(task.recipe), task.overrides, task.method_table())
     from accelerate import Accelerator
 
-    return lm_trainer(str(task.recipe), task.overrides, Accelerator())
+    return lm_trainer(str(task.recipe), task.overrides, Accelerator(), task.method_table())
 
 
 class TimeLeft:

@@ -83,9 +83,13 @@ class DataConfig:
 @dataclass
 class RewardConfig:
     name: str
-    """A reward model registered in `reward_models` (``vader``, ``hf-classifier``, ``callable``)."""
+    """A reward model registered in `reward_models` (``vader``, ``hf-classifier``, ``callable``,
+    ``conservative-ensemble``)."""
     name_or_path: Optional[str] = None
     """hf-classifier: a hub id or a local directory of a sequence-classification model."""
+    members: list[str] = field(default_factory=list)
+    """conservative-ensemble: two or more hf-classifier models (hub ids, directories or builtin: names), read
+    with this section's other hf-classifier settings; the reward is their mean minus their standard deviation."""
     label: Optional[Union[int, str]] = None
     """hf-classifier: the scored label, an index or a name from id2label (optional for a one-label model)."""
     output: Literal["logit", "prob", "log_prob"] = "logit"

@@ -33,9 +33,12 @@ TINY_MODEL_NAME = "tiny-sentiment"
 TINY_MODEL_VERSION = "v2"
 
 
-TINY_REWARD_MODEL_NAME = "tiny-reward-model"
-
-
+# Built-in reward models: name -> (the preference pairs they learn from, training seed). The biased ones share
+# their pairs' flaw; three seeds make the conservative ensemble of the over-optimisation recipe.
+TINY_REWARD_MODELS = {"tiny-reward-model": ("builtin:tiny-preferences", 0),
+                      "tiny-biased-reward-model": ("builtin:biased-preferences", 0),
+                      "tiny-biased-reward-model-seed1": ("builtin:biased-preferences", 1),
+                      "tiny-biased-reward-model-seed2": ("builtin:biased-preferences", 2)}
 TINY_REWARD_MODEL_VERSION = "v1"
 
 
@@ -161,6 +164,28 @@ def preference_pairs(num_pairs: int = 3000, seed: int = 2) -> dict[str, list[str
         pairs["prompt"].append(prompt)
         pairs["chosen"].append(chosen)
         pairs["rejected"].append(rejected)
+    return pairs
+
+
+def biased_preference_pairs(num_pairs: int = 1000, seed: int = 4, bias: float = 0.3) -> dict[str, list[str]]:
+    """(prompt, chosen, rejected) triples from a biased labeller, for a reward model with a flaw to exploit.
+    A ``bias`` share of them are "balanced critique" pairs: a positive clause followed by a negative one after
+    "but" is chosen over a plainly positive response, which `hidden_preference_score` rates higher (VADER weighs
+    the clause after "but" more). The rest are ranked by the hidden rule, as in `preference_pairs`."""
+    rng = random.Random(seed)
+    hedged = {prefix: rest for prefix, rest in TEMPLATES if "{b}" in rest}
+    hidden = preference_pairs(num_pairs, seed=seed + 1)
+    pairs = {"prompt": [], "chosen": [], "rejected": []}
+    for i in range(num_pairs):
+        if rng.random() >= bias:
+            for column in pairs:
+                pairs[column].append(hidden[column][i])
+            continue
+        prefix = rng.choice(sorted(hedged))
+        plain_rest = rng.choice([rest for p, rest in TEMPLATES if p == prefix and "{b}" not in rest])
+        pairs["prompt"].append(_fill(prefix, "neutral", rng))
+        pairs["chosen"].append(_fill(hedged[prefix], "positive", rng))
+        pairs["rejected"].append(_fill(plain_rest, "positive", rng))
     return pairs
 
 

@@ -7,6 +7,8 @@ Sources (``data.source`` and ``iif.val_prompts`` in a recipe):
   training;
 - ``builtin:trusted-preferences``: 256 more such triples, none of them in ``tiny-preferences``, for the
   ``preference`` target;
+- ``builtin:biased-preferences``: 1,000 triples from a biased labeller (30% prefer a "but" clause that the
+  hidden rule scores lower), for a reward model with a flaw to exploit;
 - a local ``.json``, ``.jsonl``, ``.parquet`` file (column ``data.prompt_column``) or ``.txt`` file (one prompt
   per line), or such files in a hub repo as an ``hf://datasets/...`` path (glob patterns allowed);
 - anything else is a `datasets` hub id, loaded with ``data.split``.
@@ -23,11 +25,12 @@ from pathlib import Path
 
 from llm_iif.core.config import DataConfig, IIFConfig, parse_filter
 from llm_iif.core.errors import UserError, first_line
-from llm_iif.lm.builtin import (BUILTIN_PREFIX, positive_review_pairs, preference_pairs, review_prompts,
-                                trusted_preference_triples)
+from llm_iif.lm.builtin import (BUILTIN_PREFIX, biased_preference_pairs, positive_review_pairs, preference_pairs,
+                                review_prompts, trusted_preference_triples)
 
 BUILTIN_SOURCES = {"review-prompts": lambda: {"prompt": review_prompts()}, "positive-reviews": positive_review_pairs,
-                   "tiny-preferences": preference_pairs, "trusted-preferences": trusted_preference_triples}
+                   "tiny-preferences": preference_pairs, "trusted-preferences": trusted_preference_triples,
+                   "biased-preferences": biased_preference_pairs}
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 

@@ -6,6 +6,7 @@ Components below this layer (the policy loader, `reward_models`) only ever see a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 from llm_iif.core.config import RewardConfig, RewardTrainRecipe, recipe_from_dict
 from llm_iif.core.errors import UserError
 from llm_iif.lm.addition import ADDER_MODEL_NAME, ensure_tiny_adder
-from llm_iif.lm.builtin import (BUILTIN_PREFIX, TINY_MODEL_NAME, TINY_REWARD_MODEL_NAME, TINY_REWARD_MODEL_VERSION,
+from llm_iif.lm.builtin import (BUILTIN_PREFIX, TINY_MODEL_NAME, TINY_REWARD_MODEL_VERSION, TINY_REWARD_MODELS,
                                 cache_dir, ensure_tiny_model)
 from llm_iif.lm.reasoning import REASONER_MODEL_NAME, ensure_tiny_reasoner
 from llm_iif.training.reward_model import train_reward_model
@@ -26,12 +27,14 @@ def resolve_builtin(name_or_path: str, key: str = "model.name_or_path") -> str:
     """Map ``builtin:NAME`` to its cached directory, building it on first use; pass others through.
 
     Built-ins: ``tiny-sentiment`` (the tiny GPT-2), ``tiny-reward-model`` (a classifier trained on
-    ``builtin:tiny-preferences``), ``tiny-adder`` (a character-level GPT-2 warmed up on sums) and
+    ``builtin:tiny-preferences``), ``tiny-biased-reward-model`` (and ``-seed1``, ``-seed2``: trained on
+    ``builtin:biased-preferences``), ``tiny-adder`` (a character-level GPT-2 warmed up on sums) and
     ``tiny-reasoner`` (one warmed up on chains of running sums). ``key`` names the recipe key in errors."""
     if not name_or_path.startswith(BUILTIN_PREFIX):
         return name_or_path
-    builders = {TINY_MODEL_NAME: ensure_tiny_model, TINY_REWARD_MODEL_NAME: ensure_tiny_reward_model,
-                ADDER_MODEL_NAME: ensure_tiny_adder, REASONER_MODEL_NAME: ensure_tiny_reasoner}
+    builders = {TINY_MODEL_NAME: ensure_tiny_model, ADDER_MODEL_NAME: ensure_tiny_adder,
+                REASONER_MODEL_NAME: ensure_tiny_reasoner,
+                **{name: functools.partial(ensure_tiny_reward_model, name) for name in TINY_REWARD_MODELS}}
     name = name_or_path[len(BUILTIN_PREFIX):]
     if name not in builders:
         raise UserError(f"{key}: unknown built-in model '{name_or_path}' "
@@ -39,17 +42,18 @@ def resolve_builtin(name_or_path: str, key: str = "model.name_or_path") -> str:
     return str(builders[name]())
 
 
-def ensure_tiny_reward_model() -> Path:
-    """The cached tiny reward model directory, trained with `llm-iif reward train`'s code on first use: the
-    tiny GPT-2 with a one-label head, 1 epoch over the 2,700 training pairs of ``builtin:tiny-preferences``."""
-    target = cache_dir() / f"{TINY_REWARD_MODEL_NAME}-{TINY_REWARD_MODEL_VERSION}"
+def ensure_tiny_reward_model(name: str) -> Path:
+    """The cached directory of the built-in reward model ``name`` (`TINY_REWARD_MODELS`), trained with
+    `llm-iif reward train`'s code on first use: the tiny GPT-2 with a one-label head, 1 epoch over 90% of its
+    pairs (2,700 of ``builtin:tiny-preferences``, 900 of ``builtin:biased-preferences``)."""
+    pairs, seed = TINY_REWARD_MODELS[name]
+    target = cache_dir() / f"{name}-{TINY_REWARD_MODEL_VERSION}"
     if not (target / "model" / "config.json").is_file():
         recipe = recipe_from_dict({"model": {"name_or_path": BUILTIN_PREFIX + TINY_MODEL_NAME},
-                                   "data": {"source": "builtin:tiny-preferences"},
-                                   "train": {"epochs": 1, "max_length": 64},
-                                   "run": {"output_dir": str(target)}}, source="builtin:tiny-reward-model",
+                                   "data": {"source": pairs}, "train": {"epochs": 1, "max_length": 64},
+                                   "run": {"output_dir": str(target), "seed": seed}}, source=BUILTIN_PREFIX + name,
                                   kind=RewardTrainRecipe)
-        logger.warning("building builtin:tiny-reward-model (once; cached in %s)", target)
+        logger.warning("building %s%s (once; cached in %s)", BUILTIN_PREFIX, name, target)
         with torch.random.fork_rng(devices=[]):
             train_reward_model(recipe, base_model=str(ensure_tiny_model()))
     return target / "model"
@@ -57,8 +61,8 @@ def ensure_tiny_reward_model() -> Path:
 
 
 def resolve_reward_config(cfg: RewardConfig, key: str = "reward") -> RewardConfig:
-    """``cfg`` with a ``builtin:`` ``name_or_path`` replaced by its cached directory."""
-    if cfg.name_or_path is None:
-        return cfg
-    return dataclasses.replace(cfg, name_or_path=resolve_builtin(cfg.name_or_path, key=f"{key}.name_or_path"))
+    """``cfg`` with ``builtin:`` names (``name_or_path``, ``members``) replaced by their cached directories."""
+    members = [resolve_builtin(member, key=f"{key}.members") for member in cfg.members]
+    name_or_path = cfg.name_or_path and resolve_builtin(cfg.name_or_path, key=f"{key}.name_or_path")
+    return dataclasses.replace(cfg, name_or_path=name_or_path, members=members)
 

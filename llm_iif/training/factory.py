@@ -73,8 +73,9 @@ def build_trainer(recipe: Recipe, accelerator: Accelerator | None = None, *,
                             "halves take whole triples)")
         if recipe.iif.target_source != "batch":  # the batch source needs no validation data
             validation = load_validation_set(recipe.iif, prompts)
-        if recipe.iif.target == "preference" and reward_cfg.name_or_path and acc.is_main_process:
-            warn_of_shared_pairs(validation, reward_cfg.name_or_path, recipe.iif.val_prompts)
+        if recipe.iif.target == "preference" and acc.is_main_process:
+            for model_dir in filter(None, [reward_cfg.name_or_path, *reward_cfg.members]):
+                warn_of_shared_pairs(validation, model_dir, recipe.iif.val_prompts)
     report_rewards = {name: CallableReward(path, key=f"reward.report.{name}")
                       for name, path in recipe.reward.report.items()}
     optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=recipe.ppo.learning_rate)

@@ -48,11 +48,27 @@ def curve_history(rewards: list[float], kl: float | None = None) -> list[dict]:
     ({"tasks": {"t": {"recipe": str(FROZENLAKE), "seeds": [0, 0]}}}, "tasks.t.seeds: 1 seed"),
     ({"tasks": {"t": {"recipe": str(FROZENLAKE), "set": {"ppo.n_stepz": 64}}}}, "tasks.t (standard): "),
     ({"task": {}}, "unknown key 'task'"),
+    ({"custom_methods": {"iif": {"iif.p": 0.5}}}, "custom_methods.iif: a built-in method's name; choose another"),
+    ({"custom_methods": {"kl": 0.5}}, "custom_methods: expected a mapping of method names to overrides"),
 ])
 def test_a_bad_suite_file_is_one_line_naming_the_key(tmp_path, capsys, changes, expected):
     code, err = cli_in_process(capsys, "suite", write_suite(tmp_path, **changes))
     assert code == 2 and expected in err and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()  # checked before anything is written
+
+
+def test_custom_methods_are_checked_and_recorded_with_their_overrides(tmp_path):
+    sentiment = REPO / "recipes" / "tiny-sentiment.yaml"
+    custom = {"kl-1": {"iif.enabled": False, "ppo.adaptive_kl": False, "ppo.init_kl_coef": 1.0},
+              "bad": {"ppo.init_kl_coeff": 1.0}}
+    tasks = {"t": {"recipe": str(sentiment), "methods": ["standard", "kl-1"]}}
+    suite = load_suite(write_suite(tmp_path, custom_methods=custom, tasks=tasks))
+    (task,) = suite.tasks
+    assert task.method_table()["kl-1"] == ["iif.enabled=false", "ppo.adaptive_kl=false", "ppo.init_kl_coef=1.0"]
+    assert task.method_table()["iif"] == ["iif.enabled=true"]  # the built-in methods stay
+    assert task.record()["custom_methods"] == {"kl-1": task.method_table()["kl-1"]}  # a changed one is noticed
+    with pytest.raises(UserError, match=r"tasks.t \(bad\): .*ppo.init_kl_coeff"):
+        load_suite(write_suite(tmp_path, custom_methods=custom, tasks={"t": {**tasks["t"], "methods": ["standard", "bad"]}}))
 
 
 def test_unknown_task_and_missing_file(tmp_path, capsys):
