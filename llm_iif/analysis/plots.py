@@ -69,6 +69,22 @@ def curves_figure(panels: list[Panel], title: str = "", columns: int = 3):
     return fig
 
 
+def score_against_kl_figure(by_label: dict[str, list[list[dict]]], key: str):
+    """A reported score against KL(π‖π_ref), one curve per label (method) through its rounds, each point the
+    mean over the label's runs (seeds) of ``key`` and ``kl`` in that round: how much of the true objective each
+    method buys per nat of divergence from the reference (Gao, Schulman and Hilton, ICML 2023)."""
+    curves = []
+    for label, histories in by_label.items():
+        rounds = min(len(h) for h in histories)
+        points = [(np.mean([h[k]["kl"] for h in histories]), np.mean([h[k][key] for h in histories]))
+                  for k in range(rounds) if all("kl" in h[k] and key in h[k] for h in histories)]
+        if points:
+            kl, score = zip(*points)
+            curves.append(Curve(kl, score, label=label))
+    return curves_figure([Panel(curves, ylabel=key, xlabel="KL to the reference (nats)", legend=True,
+                                title=f"{key} against KL, mean over seeds")], columns=1)
+
+
 def performance_profile_figure(finals: dict[str, Sequence[float]], xlabel: str = "final reward"):
     """rliable's performance profile of a comparison: for each method, the fraction of its seeds whose final
     reward exceeds τ, over τ, with 95% stratified bootstrap bands. ``finals``: method -> one value per seed."""

@@ -16,9 +16,9 @@ import math
 from pathlib import Path
 
 from llm_iif.analysis.plots import (Curve, Panel, curves_figure, figure_png, influence_figure, lds_figure,
-                                    performance_profile_figure)
+                                    performance_profile_figure, score_against_kl_figure)
 from llm_iif.analysis.statistics import interval_table
-from llm_iif.analysis.summary import BUDGET_FRACTIONS
+from llm_iif.analysis.summary import BUDGET_FRACTIONS, reported_rewards
 from llm_iif.core.errors import UserError
 from llm_iif.core.fileio import atomic_write_text, read_jsonl
 from llm_iif.core.paths import GridPaths, RunPaths
@@ -110,6 +110,15 @@ def write_report(run_dir: Path, round_index: int | None = None, top: int = 5) ->
     if GridPaths(run_dir).reward_curves.is_file():  # a comparison: the seed means with their intervals
         sections += ["<h2>Mean over seeds, ± one standard error</h2>",
                      _image(GridPaths(run_dir).reward_curves.read_bytes())]
+    by_label = {label: [h for (each, _), h in metrics.items() if each == label and h] for label in runs}
+    for key in sorted({k for h in metrics.values() if h for k in reported_rewards(h)}):
+        if any("kl" in m for h in metrics.values() for m in h):  # e.g. a learned reward's hidden rule
+            sections += [f"<h2>{html.escape(key)} against KL to the reference</h2>",
+                         "<p>The score the run reports but does not train on, against how far the policy has moved "
+                         "from the reference: a curve that rises, peaks and falls as KL grows is reward "
+                         "over-optimisation; the higher a curve lies, the more of the true objective a method buys "
+                         "per nat.</p>",
+                         _image(figure_png(score_against_kl_figure(by_label, key)))]
     finals = {label: [_final_reward(history) for (each, _), history in metrics.items() if each == label]
               for label in runs}
     if len(runs) > 1 and all(len(values) >= 2 for values in finals.values()):

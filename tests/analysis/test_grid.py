@@ -203,3 +203,23 @@ def test_a_curve_evaluated_every_few_steps_counts_the_seconds_between_its_points
     assert evaluated_rounds(history(4)) == history(4)  # a reward every round: unchanged
     run = summarize({"standard": {0: steps}})["methods"]["standard"]["seeds"]["0"]
     assert run["reward"] == pytest.approx([0.2, 0.5]) and run["wall_time_s"] == 6.0
+
+
+def test_a_reported_score_is_drawn_against_kl_when_the_runs_log_one(tmp_path):
+    from llm_iif.analysis.plots import score_against_kl_figure
+
+    for method, slope in (("standard", -1.0), ("iif", 1.0)):
+        for seed in (0, 1):
+            run = RunPaths(tmp_path / method / f"seed-{seed}")
+            rows = lm_run(run)
+            for row in rows:
+                row["reward/hidden_rule"] = slope * row["kl"] + seed
+            run.metrics.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    page = write_report(tmp_path).read_text()
+    assert "reward/hidden_rule against KL to the reference" in page
+    runs = {method: [read_metrics(RunPaths(tmp_path / method / f"seed-{s}")) for s in (0, 1)]
+            for method in ("standard", "iif")}
+    (ax,) = score_against_kl_figure(runs, "reward/hidden_rule").axes
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines["iif"].get_xdata()) == pytest.approx([0.0, 0.05, 0.1])  # KL of rounds 0-2
+    assert list(lines["iif"].get_ydata()) == pytest.approx([0.5, 0.55, 0.6])  # the mean over seeds 0 and 1
