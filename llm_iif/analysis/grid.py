@@ -47,9 +47,6 @@ GRPO_METHODS = {
     "dapo-refill": [*NO_FILTER[:1], "group_filter.kind=dapo", "group_filter.refill=true"],
     "pods": [*NO_FILTER[:1], "group_filter.kind=pods"],
     "dapo-refill-iif": ["iif.enabled=true", "group_filter.kind=dapo", "group_filter.refill=true"],
-    # DAPO with refill that skips, before generating, the prompts whose recent groups were all-equal (GRESO).
-    "dapo-refill-skip": [*NO_FILTER[:1], "group_filter.kind=dapo", "group_filter.refill=true",
-                         "group_filter.skip_by_history=true"],
 }
 
 # `llm-iif classic compare`: the (filter mode, p) of each method, given the recipe's ``iif`` section.

@@ -36,9 +36,8 @@ VERSIONS = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "s
 CLIMB_LEVEL, CLIMB_MIN = 0.9, 0.4
 VERDICT_STATISTIC = "auc_ratio"
 # (method, baseline) pairs compared when a task ran both: IIF alone, and IIF after DAPO with refill, against the
-# size-matched random filter and DAPO with refill; DAPO with refill that skips prompts by history, against DAPO.
-PAIRS = (("iif", "random"), ("iif", "dapo-refill"), ("dapo-refill-iif", "dapo-refill"), ("dapo-refill-iif", "random"),
-         ("dapo-refill-skip", "dapo-refill"))
+# size-matched random filter and DAPO with refill.
+PAIRS = (("iif", "random"), ("iif", "dapo-refill"), ("dapo-refill-iif", "dapo-refill"), ("dapo-refill-iif", "random"))
 IIF_METHODS = ("iif", "dapo-refill-iif")
 
 

@@ -440,12 +440,6 @@ class GroupFilterConfig:
     refill: bool = False
     max_refill_batches: int = 4
     keep_per_group: int = 4
-    skip_by_history: bool = False
-    """``dapo`` only, after GRESO (arXiv 2506.02177): before generating, skip each prompt whose latest n groups
-    all had equal rewards with probability 1 − p^n and draw another from the train set; p adapts so that about
-    ``target_uniform_fraction`` of the groups generated are all-equal. It needs prompts that come back: several
-    epochs of the train set (docs/grpo.md)."""
-    target_uniform_fraction: float = 0.25
 
 
 @dataclass
@@ -546,9 +540,6 @@ class GRPORecipe:
         for name in self.rewards:
             if name.count(":") != 1:
                 raise UserError(f"{source}: rewards.{name}: expected an import path module:function")
-        if self.group_filter.skip_by_history and self.group_filter.kind != "dapo":
-            raise UserError(f"{source}: group_filter.skip_by_history: skips prompts for DAPO's dynamic sampling "
-                            f"(expected group_filter.kind dapo, got {self.group_filter.kind or 'null'})")
         if self.iif.enabled and self.group_filter.kind not in (None, "dapo"):
             raise UserError(f"{source}: group_filter.kind: {self.group_filter.kind} with iif.enabled: true; IIF runs "
                             "after a dapo filter only (set group_filter.kind: dapo or null, or iif.enabled: false)")

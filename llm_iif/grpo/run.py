@@ -223,8 +223,7 @@ def group_filter(recipe: GRPORecipe) -> GroupFilter | None:
     cfg = recipe.group_filter
     if cfg.kind is None:
         return None
-    return GroupFilter(cfg.kind, cfg.refill, cfg.max_refill_batches, cfg.keep_per_group, cfg.skip_by_history,
-                       cfg.target_uniform_fraction)
+    return GroupFilter(cfg.kind, cfg.refill, cfg.max_refill_batches, cfg.keep_per_group)
 
 
 def save_final(trainer: IIFGRPOTrainer, checkpoints: CheckpointsAndSignals, paths: RunPaths) -> None:

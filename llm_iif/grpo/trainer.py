@@ -4,8 +4,6 @@ trl generates one generation batch every ``steps_per_generation × num_iteration
 `_generate_and_score_completions`, while the model still holds the parameters θ(k) that sampled it. This
 subclass takes the batch from there and, before trl buffers it:
 
-0. with ``group_filter.skip_by_history``, replaces prompts likely to give all-equal rewards before generating
-   them (`llm_iif.grpo.prompt_history`, after GRESO);
 1. applies a group filter, if any (DAPO's dynamic sampling, PODS's max-variance down-sampling), then IIF, if
    any, among what the group filter kept: it scores every candidate completion at θ(k) with the shared
    attribution core (`IIFStage`), the gradient of its GRPO loss term (`llm_iif.grpo.losses`) against the
@@ -36,7 +34,6 @@ import torch
 import trl
 from packaging.specifiers import SpecifierSet
 from trl import GRPOTrainer
-from accelerate.utils import gather_object
 from trl.trainer.utils import is_async_callable
 
 from llm_iif.attribution.gradients import scored_layers, scored_parameters
@@ -50,7 +47,6 @@ from llm_iif.core.guards import NonfiniteGuard
 from llm_iif.grpo.groups import max_variance_subsets, subset_advantages, varied_groups
 from llm_iif.grpo.losses import (RESCALED_LOSSES, SUPPORTED_LOSSES, completion_losses, completion_normalisers,
                                  group_target_terms, token_losses)
-from llm_iif.grpo.prompt_history import PromptHistory, prompt_key, uniform_kinds
 from llm_iif.lm.data import PREFERENCE_COLUMNS
 from llm_iif.lm.generation import tokenize_pairs
 from llm_iif.training.run_state import IIF_STATE_FILE
@@ -58,7 +54,6 @@ from llm_iif.training.run_state import IIF_STATE_FILE
 logger = logging.getLogger(__name__)
 
 TRL_RANGE = ">=1.16,<1.17"  # the versions whose GRPOTrainer internals were checked
-SKIP_REDRAWS = 8  # draws per prompt place before a prompt is generated whatever its history
 
 # Per-row tensors of trl's generation batch: [B, ...] and cut or padded together.
 LEFT_PADDED = ("prompt_ids", "prompt_mask")
@@ -72,16 +67,11 @@ class GroupFilter:
 
     ``dapo``: drop the groups whose rewards are all equal; with ``refill``, generate up to
     ``max_refill_batches`` more generation batches of new prompts to put informative groups in their place.
-    ``pods``: keep the ``keep_per_group`` completions of each group whose rewards vary most.
-    ``skip_by_history`` (``dapo`` only): before generating, replace each prompt with a draw from the train set
-    with a probability from its streak of all-equal groups (`llm_iif.grpo.prompt_history`), adapted so that
-    about ``target_uniform_fraction`` of the groups generated are all-equal."""
+    ``pods``: keep the ``keep_per_group`` completions of each group whose rewards vary most."""
     kind: Literal["dapo", "pods"]
     refill: bool = False
     max_refill_batches: int = 4
     keep_per_group: int = 4
-    skip_by_history: bool = False
-    target_uniform_fraction: float = 0.25
 
 
 class IIFGRPOTrainer(GRPOTrainer):
@@ -106,9 +96,8 @@ class IIFGRPOTrainer(GRPOTrainer):
     completion, reward, advantage, influence, kept), for run outputs to write.
 
     Checkpoints are trl's (``save_steps``, ``train(resume_from_checkpoint=...)``) plus ``iif_state.pt``: the
-    filter's random generators, the NaN patience count, the fresh target's position in the validation set and
-    the prompt history of ``skip_by_history``, loaded with ``weights_only=True``, so that a resumed run filters
-    as an uninterrupted one would.
+    filter's random generators, the NaN patience count and the fresh target's position in the validation set,
+    loaded with ``weights_only=True``, so that a resumed run filters as an uninterrupted one would.
     """
 
     def __init__(self, *args, iif: GRPOIIFConfig | None = None, group_filter: GroupFilter | None = None,
@@ -126,9 +115,6 @@ class IIFGRPOTrainer(GRPOTrainer):
         self._kept_rows_in_window = 0.0  # kept completions behind the optimiser step being accumulated
         generator = torch.Generator().manual_seed(self.args.seed)  # the same draws on every process
         self._refill_generator = torch.Generator().manual_seed(self.args.seed + 1)
-        self._skip_generator = torch.Generator().manual_seed(self.args.seed + 2)
-        self._history = (PromptHistory(group_filter.target_uniform_fraction)
-                         if group_filter is not None and group_filter.skip_by_history else None)
         self._stage = None
         self.generation_records: list[dict] = []
         if iif is not None:
@@ -166,19 +152,11 @@ class IIFGRPOTrainer(GRPOTrainer):
                                 f"or every completion; expected 1..{self.num_generations - 1}")
             if self.group_filter.max_refill_batches < 0:
                 raise UserError("group_filter.max_refill_batches: expected 0 or more")
-            if self.group_filter.skip_by_history and kind != "dapo":
-                raise UserError(f"group_filter.skip_by_history: skips prompts for DAPO's dynamic sampling "
-                                f"(expected group_filter.kind dapo, got {kind})")
-            if not 0 < self.group_filter.target_uniform_fraction < 1:
-                raise UserError(f"group_filter.target_uniform_fraction: {self.group_filter.target_uniform_fraction}; "
-                                "expected a fraction between 0 and 1")
             per_process = args.generation_batch_size // self.accelerator.num_processes
-            regrouped = {"refill": self.group_filter.refill, "skip_by_history": self.group_filter.skip_by_history}
-            for name, on in regrouped.items():
-                if kind == "dapo" and on and per_process % self.num_generations:
-                    raise UserError(f"group_filter.{name}: each process's generation batch of {per_process} "
-                                    f"completions must hold whole groups (expected a multiple of num_generations = "
-                                    f"{self.num_generations})")
+            if kind == "dapo" and self.group_filter.refill and per_process % self.num_generations:
+                raise UserError(f"group_filter.refill: each process's generation batch of {per_process} completions "
+                                f"must hold whole groups (expected a multiple of num_generations = "
+                                f"{self.num_generations})")
             if iif is None:
                 return
         if shards_parameters(self.accelerator) and iif.mode != "random":
@@ -257,10 +235,7 @@ class IIFGRPOTrainer(GRPOTrainer):
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
-        skipped = 0
-        if self._history is not None and self.model.training:
-            inputs, skipped = self._unskipped(inputs)
-        batch = self._generated(inputs)
+        batch = super()._generate_and_score_completions(inputs)
         if not self.model.training:
             return batch
         rewards = self._rewards[_process_slice(self.accelerator, len(inputs))]
@@ -274,9 +249,6 @@ class IIFGRPOTrainer(GRPOTrainer):
         keep = ~nonfinite
         if self.group_filter is not None:
             batch, keep, metrics, rewards, groups = self._group_filtered(batch, inputs, nonfinite, rewards)
-        if self._history is not None:
-            metrics["skipped_prompts"] = skipped + metrics.pop("refill_skipped_prompts", 0)
-            metrics.update(self._history.adapt())
         if self._stage is not None:  # IIF, alone or among the groups a dapo filter kept
             keep, influence, scored = self._influence_filtered(batch, keep, groups)
             metrics.update(scored)
@@ -289,37 +261,6 @@ class IIFGRPOTrainer(GRPOTrainer):
         for name, value in metrics.items():
             self._metrics["train"][f"iif/{name}"].append(float(value))
         return batch
-
-    def _generated(self, inputs: list) -> dict:
-        """trl's generation batch for ``inputs``; with skip_by_history, its groups extend the prompts' streaks
-        (the same on every process: the keys of all processes' groups, in the order of trl's gathered rewards)."""
-        batch = super()._generate_and_score_completions(inputs)
-        if self._history is not None and self.model.training:
-            keys = gather_object([prompt_key(row["prompt"]) for row in inputs[::self.num_generations]])
-            self._history.record(keys, uniform_kinds(self._rewards.cpu(), self.num_generations))
-        return batch
-
-    def _unskipped(self, rows: list) -> tuple[list, int]:
-        """``rows`` (whole groups: G copies of each prompt) with every prompt skipped at its `PromptHistory`
-        probability and replaced by a draw from the train set, which is tested in turn, up to SKIP_REDRAWS
-        times; and the number of prompts skipped on all processes. Every process makes every process's draws,
-        so that the generator stays in step."""
-        group, rank = self.num_generations, self.accelerator.process_index
-        prompts = [rows[start:start + group] for start in range(0, len(rows), group)]
-        settled, skips = [False] * len(prompts), 0
-        shape = (self.accelerator.num_processes, len(prompts))
-        for _ in range(SKIP_REDRAWS):
-            chances = torch.rand(shape, generator=self._skip_generator)[rank]
-            draws = torch.randint(len(self.train_dataset), shape, generator=self._skip_generator)[rank]
-            for j, copies in enumerate(prompts):
-                if settled[j]:
-                    continue
-                if chances[j] < self._history.skip_probability(prompt_key(copies[0]["prompt"])):
-                    prompts[j] = [self.train_dataset[int(draws[j])] for _ in range(group)]  # a dict per copy
-                    skips += 1
-                else:
-                    settled[j] = True
-        return [row for copies in prompts for row in copies], int(self._global_sum(torch.tensor(float(skips))))
 
     def create_optimizer(self, model=None):
         """trl's optimiser, whose step is skipped (with a warning) when filtering kept no completion behind it:
@@ -371,9 +312,6 @@ class IIFGRPOTrainer(GRPOTrainer):
         """What filtering adds to trl's checkpoint: tensors and plain values only (``weights_only`` loading)."""
         state = {"refill_generator": self._refill_generator.get_state(),
                  "nonfinite_batches_in_a_row": self._guard.rounds_in_a_row}
-        if self._history is not None:
-            state["skip_generator"] = self._skip_generator.get_state()
-            state["prompt_history"] = self._history.state_dict()
         if self._stage is not None:
             state["filter_generator"] = self._stage.generator.get_state()
             if self._stage.target_source is not None:
@@ -383,9 +321,6 @@ class IIFGRPOTrainer(GRPOTrainer):
     def load_iif_state_dict(self, state: dict) -> None:
         self._refill_generator.set_state(state["refill_generator"])
         self._guard.rounds_in_a_row = state["nonfinite_batches_in_a_row"]
-        if self._history is not None:
-            self._skip_generator.set_state(state["skip_generator"])
-            self._history.load_state_dict(state["prompt_history"])
         if self._stage is not None:
             self._stage.generator.set_state(state["filter_generator"])
             if self._stage.target_source is not None:
@@ -508,10 +443,7 @@ class IIFGRPOTrainer(GRPOTrainer):
             # more, so that no process trains on (and pads every other process up to) a larger batch.
             while self._global_min(keep.sum()) < len(inputs) and metrics["refill_batches"] < flt.max_refill_batches:
                 extra_inputs = self._refill_inputs(len(inputs))
-                if self._history is not None:
-                    extra_inputs, skipped = self._unskipped(extra_inputs)
-                    metrics["refill_skipped_prompts"] = metrics.get("refill_skipped_prompts", 0) + skipped
-                extra = self._generated(extra_inputs)
+                extra = super()._generate_and_score_completions(extra_inputs)
                 extra_keep = varied_groups(self._rewards, group)[local].to(keep.device)
                 extra_keep &= ~self._nonfinite_mask(len(extra_inputs))
                 batch, keep = _concatenated(batch, extra, self._tokenizer.pad_token_id), torch.cat([keep, extra_keep])

@@ -55,9 +55,6 @@ def test_compare_runs_every_baseline(random_adder_dir, tmp_path):
     (["group_filter.kind=pods", "iif.enabled=false", "group_filter.keep_per_group=4"],
      "group_filter.keep_per_group: 4 would keep no or every completion"),
     (["iif.target_source=fresh", "iif.val_size=6"], "iif.val_size: 6 completions; expected a multiple of"),
-    (["group_filter.skip_by_history=true"],
-     "group_filter.skip_by_history: skips prompts for DAPO's dynamic sampling (expected group_filter.kind dapo, "
-     "got null)"),
 ])
 def test_bad_input_is_one_line(random_adder_dir, tmp_path, capsys, overrides, message):
     code, stderr = cli_in_process(capsys, "train", RECIPE, "--output-dir", tmp_path / "bad",
