@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from llm_iif.analysis.plots import interval_figure, save_figure
 from llm_iif.analysis.statistics import estimate_text, interval_table, verdict
-from llm_iif.analysis.summary import evaluated_rounds, rounds_to_reach, summarize, trailing_mean
+from llm_iif.analysis.summary import REPORTED_ENDS, evaluated_rounds, rounds_to_reach, summarize, trailing_mean
 from llm_iif.core.errors import UserError
 from llm_iif.core.fileio import atomic_write_text
 from llm_iif.core.machine import package_versions
@@ -90,7 +90,7 @@ def task_scorecard(task: SuiteTask, histories: dict[str, dict[int, list[dict]]],
              "standard_climb": standard_climb(histories["standard"], summary["smooth"]),
              "methods": {method: {key: value for key, value in stats.items()
                                   if key in ("final_reward", "final_kl", "kl_spikes", "intervals")
-                                  or key.startswith("final_reward/")}  # e.g. a learned reward's hidden rule
+                                  or key.startswith(REPORTED_ENDS)}  # e.g. a learned reward's hidden rule
                          for method, stats in summary["methods"].items()}}
     entry["pairs"] = {f"{method} vs {baseline}": summarize({baseline: histories[baseline], method: histories[method]},
                                                            baseline=baseline)["methods"][method]["intervals"]
@@ -173,9 +173,9 @@ def scorecard_markdown(card: dict) -> str:
         lines += ["", f"## {name}", "", f"`{os.path.normpath(task['recipe'])}`"
                   + (f" with {', '.join(task['set'])}" if task["set"] else "") + f", seeds {task['seeds']}", ""]
         header, rows = interval_table({"methods": task["methods"]})
-        reported = sorted({key for stats in task["methods"].values() for key in stats if key.startswith("final_reward/")})
-        extra = ["final reward (mean ± SE)", *(f"{key[len('final_reward/'):]} (not trained on)" for key in reported),
-                 "KL spikes"]
+        reported = sorted({key for stats in task["methods"].values() for key in stats if key.startswith(REPORTED_ENDS)})
+        extra = ["final reward (mean ± SE)",
+                 *(f"{key.split('_', 1)[0]} {key.split('/', 1)[1]} (not trained on)" for key in reported), "KL spikes"]
         lines += ["| " + " | ".join([header[0], *extra, *header[1:]]) + " |",
                   "|" + "---|" * (len(header) + len(extra))]
         for method, stats in task["methods"].items():

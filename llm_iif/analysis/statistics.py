@@ -167,7 +167,8 @@ def interval_table(summary: dict) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of every method's IQM (P(improve): its estimate) with its 95% interval against standard;
     a cell is marked "≈" where the interval covers the null value. Empty when no method has intervals."""
     methods = {m: entry["intervals"] for m, entry in summary["methods"].items() if "intervals" in entry}
-    columns = [key for key in INTERVAL_COLUMNS if any(key in stats for stats in methods.values())]
+    names = {**INTERVAL_COLUMNS, **reported_columns(methods)}
+    columns = [key for key in names if any(key in stats for stats in methods.values())]
     rows = []
     for method, stats in methods.items():
         row = [method]
@@ -178,4 +179,12 @@ def interval_table(summary: dict) -> tuple[list[str], list[list[str]]]:
             estimate = stats[key].get("iqm") or stats[key]["estimate"]
             row.append(estimate_text(estimate) + (" ≈" if stats[key]["verdict"] == NO_DIFFERENCE else ""))
         rows.append(row)
-    return ["method", *(INTERVAL_COLUMNS[key] for key in columns)], rows
+    return ["method", *(names[key] for key in columns)], rows
+
+
+def reported_columns(methods: dict[str, dict]) -> dict[str, str]:
+    """Column headers of the reported rewards' differences (``final_reward/hidden_rule_difference`` ->
+    ``Δ final hidden_rule``), in the order first seen."""
+    keys = dict.fromkeys(key for stats in methods.values() for key in stats
+                         if key.startswith(("final_reward/", "peak_reward/")) and key.endswith("_difference"))
+    return {key: f"Δ {key.split('_', 1)[0]} {key[len(key.split('/')[0]) + 1:-len('_difference')]}" for key in keys}

@@ -14,6 +14,8 @@ from llm_iif.analysis.statistics import auc_above_start, paired_statistics
 
 LEVELS = tuple(round(0.1 * i, 1) for i in range(2, 10))  # 0.2 ... 0.9
 # `efficiency`'s fractions of the baseline's budget -> their column header in printed and HTML tables.
+# Per-run statistics of the reported rewards (`reported_rewards`) that are compared seed by seed.
+REPORTED_ENDS = ("final_reward/", "peak_reward/")
 BUDGET_FRACTIONS = {"rounds_to_baseline_final": "rounds→final", "seconds_to_baseline_final": "s→final",
                     "rounds_to_baseline_peak": "rounds→peak", "seconds_to_baseline_peak": "s→peak",
                     "round_time_ratio": "s/round ×"}
@@ -129,7 +131,8 @@ def summarize(histories: dict[str, dict[int, list[dict]]], smooth: int = 5, base
                 run["kl"] = [m["kl"] for m in history]
                 run["final_kl"] = trailing_mean(run["kl"], smooth)[-1]
             for key in reported_rewards(history):  # e.g. the hidden rule behind a learned reward model
-                run[f"final_{key}"] = trailing_mean([m[key] for m in history], smooth)[-1]
+                curve = trailing_mean([m[key] for m in history], smooth)
+                run[f"final_{key}"], run[f"peak_{key}"] = curve[-1], max(curve)  # over-optimised: peak > final
             if base_runs and seed in base_runs and "kl" in run and all("kl" in m for m in base_runs[seed]):
                 run["kl_spikes"] = kl_spikes(run["kl"], [m["kl"] for m in base_runs[seed]])
             if base_runs and method != baseline and seed in base_runs:
@@ -139,7 +142,8 @@ def summarize(histories: dict[str, dict[int, list[dict]]], smooth: int = 5, base
             entry["seeds"][str(seed)] = run
         runs = list(entry["seeds"].values())
         entry["final_reward"] = mean_and_sem([r["final_reward"] for r in runs])
-        for key in ["final_kl", *(f"final_{k}" for k in reported_rewards(next(iter(by_seed.values()))))]:
+        reported = reported_rewards(next(iter(by_seed.values())))
+        for key in ["final_kl", *(f"{end}_{k}" for k in reported for end in ("final", "peak"))]:
             if all(key in r for r in runs):
                 entry[key] = mean_and_sem([r[key] for r in runs])
         if runs and all("kl_spikes" in r for r in runs):
@@ -176,5 +180,9 @@ def paired_values(runs: dict[str, dict], base: dict[str, dict], smooth: int
     per_seed["final_reward_difference"] = [runs[s]["final_reward"] - base[s]["final_reward"] for s in seeds]
     if all("final_kl" in runs[s] and "final_kl" in base[s] for s in seeds):
         per_seed["final_kl_difference"] = [runs[s]["final_kl"] - base[s]["final_kl"] for s in seeds]
+    reported = [key for key in (runs[seeds[0]] if seeds else {}) if key.startswith(REPORTED_ENDS)]
+    for key in reported:  # e.g. the hidden rule's final and peak, where over-optimisation shows
+        if all(key in runs[s] and key in base[s] for s in seeds):
+            per_seed[f"{key}_difference"] = [runs[s][key] - base[s][key] for s in seeds]
     return per_seed, ([runs[s]["final_reward"] for s in seeds], [base[s]["final_reward"] for s in seeds])
 

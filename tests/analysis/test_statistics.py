@@ -104,3 +104,24 @@ def test_kl_spikes_count_rounds_above_three_times_standards_median():
     summary = summarize(histories)
     assert summary["methods"]["iif"]["seeds"]["0"]["kl_spikes"] == 2
     assert summary["methods"]["iif"]["kl_spikes"][0] == 1.0 and summary["methods"]["standard"]["kl_spikes"][0] == 0
+
+
+def test_a_reported_rewards_peak_and_final_are_compared_seed_by_seed():
+    """Over-optimisation shows in the reported (never trained on) reward: standard's hidden score peaks and falls,
+    the method's keeps its level; both ends get paired intervals and their own table columns."""
+    rise_and_fall = [0.0, 1.0, 2.0, 1.0, 0.0, 0.0]
+    rise_and_stay = [0.0, 1.0, 2.0, 2.0, 2.0, 2.0]
+
+    def runs(hidden, offset):
+        return {seed: [{"round": k, "reward_mean": 0.1 * k, "kl": 0.0, "time_round_s": 1.0, "kept_fraction": 1.0,
+                        "reward/hidden_rule": h + 0.01 * seed + offset} for k, h in enumerate(hidden)]
+                for seed in range(4)}
+
+    summary = summarize({"standard": runs(rise_and_fall, 0.0), "iif": runs(rise_and_stay, 0.0)}, smooth=1)
+    iif = summary["methods"]["iif"]
+    assert iif["peak_reward/hidden_rule"][0] == pytest.approx(2.015)  # the mean over seeds 0-3
+    assert summary["methods"]["standard"]["final_reward/hidden_rule"][0] == pytest.approx(0.015)
+    assert iif["intervals"]["final_reward/hidden_rule_difference"]["iqm"] == pytest.approx([2.0, 2.0, 2.0])
+    assert iif["intervals"]["peak_reward/hidden_rule_difference"]["iqm"] == pytest.approx([0.0, 0.0, 0.0])
+    header, _ = interval_table(summary)
+    assert {"Δ final hidden_rule", "Δ peak hidden_rule"} <= set(header)
