@@ -184,8 +184,13 @@ def test_a_suite_restarts_where_it_stopped_and_keeps_finished_runs(tmp_path, cap
 def test_the_shipped_suites_load_with_every_recipe_and_method(name):
     suite = load_suite(REPO / "benchmarks" / "suites" / f"{name}.yaml")
     assert {task.name for task in suite.tasks} == {"tiny-sentiment", "tiny-learned-rm", "tiny-addition",
-                                                   "tiny-sentiment-grpo", "tiny-reasoning", "frozenlake", "acrobot"}
+                                                   "tiny-sentiment-grpo", "tiny-reasoning", "frozenlake", "acrobot",
+                                                   *(["tiny-overopt"] if name == "full" else [])}
     for task in suite.tasks:
+        if task.name == "tiny-overopt":  # the defences against over-optimisation instead of random
+            assert {"standard", "iif", "kl-0.2", "kl-0.5", "kl-1", "ensemble", "iif-proxy-seq", "iif-gold"} == \
+                set(task.methods) and task.custom["ensemble"][1] == 'reward.name="conservative-ensemble"'
+            continue
         assert {"standard", "iif", "random"} <= set(task.methods)
         assert len(task.seeds) == (3 if name == "quick" else 5 if task.name == "tiny-reasoning" else 10)
 
