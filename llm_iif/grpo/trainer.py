@@ -323,8 +323,8 @@ class IIFGRPOTrainer(GRPOTrainer):
         self._guard.rounds_in_a_row = state["nonfinite_batches_in_a_row"]
         if self._stage is not None:
             self._stage.generator.set_state(state["filter_generator"])
-            if self._stage.target_source is not None:
-                self._stage.target_source.round = state["target_round"]
+            if self._stage.target_source is not None:  # "fresh_target_round": checkpoints of version 0.1
+                self._stage.target_source.round = state.get("target_round", state.get("fresh_target_round"))
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
