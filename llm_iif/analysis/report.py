@@ -197,10 +197,11 @@ def _number(metrics: dict, key: str, spec: str) -> str:
 
 
 def _curves(metrics: dict):
-    """One panel per logged curve (`CURVES` and every ``eval/`` metric), one line per run, a colour per label."""
+    """One panel per logged curve (`CURVES`, every ``eval/`` metric and every reported ``reward/`` score), one
+    line per run, a colour per label."""
     histories = list(metrics.values())
     keys = [(k, title) for k, title in CURVES if any(k in m for h in histories for m in h)]
-    keys += [(k, k) for k in sorted({k for h in histories for m in h for k in m if k.startswith("eval/")})]
+    keys += [(k, k) for k in sorted({k for h in histories for m in h for k in m if k.startswith(("eval/", "reward/"))})]
     panels = [Panel([], title=title, legend=i == 0) for i, (_, title) in enumerate(keys)]
     colours = {}
     for (label, _), history in metrics.items():
