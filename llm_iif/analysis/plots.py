@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from llm_iif.analysis.summary import mean_and_sem
+from llm_iif.analysis.summary import mean_and_sem, trailing_mean
 from llm_iif.core.fileio import atomic_path
 from llm_iif.core.paths import RunPaths
 
@@ -69,20 +69,21 @@ def curves_figure(panels: list[Panel], title: str = "", columns: int = 3):
     return fig
 
 
-def score_against_kl_figure(by_label: dict[str, list[list[dict]]], key: str):
+def score_against_kl_figure(by_label: dict[str, list[list[dict]]], key: str, smooth: int = 5):
     """A reported score against KL(π‖π_ref), one curve per label (method) through its rounds, each point the
-    mean over the label's runs (seeds) of ``key`` and ``kl`` in that round: how much of the true objective each
-    method buys per nat of divergence from the reference (Gao, Schulman and Hilton, ICML 2023)."""
+    mean over the label's runs (seeds) of ``key`` and ``kl`` in that round, each run's values first averaged
+    over its last ``smooth`` rounds: how much of the true objective each method buys per nat of divergence from
+    the reference (Gao, Schulman and Hilton, ICML 2023)."""
     curves = []
     for label, histories in by_label.items():
-        rounds = min(len(h) for h in histories)
-        points = [(np.mean([h[k]["kl"] for h in histories]), np.mean([h[k][key] for h in histories]))
-                  for k in range(rounds) if all("kl" in h[k] and key in h[k] for h in histories)]
-        if points:
-            kl, score = zip(*points)
+        logged = [[m for m in h if "kl" in m and key in m] for h in histories]
+        rounds = min(map(len, logged))
+        if rounds:
+            kl = np.mean([trailing_mean([m["kl"] for m in h], smooth)[:rounds] for h in logged], axis=0)
+            score = np.mean([trailing_mean([m[key] for m in h], smooth)[:rounds] for h in logged], axis=0)
             curves.append(Curve(kl, score, label=label))
-    return curves_figure([Panel(curves, ylabel=key, xlabel="KL to the reference (nats)", legend=True,
-                                title=f"{key} against KL, mean over seeds")], columns=1)
+    return curves_figure([Panel(curves, ylabel=key, xlabel=f"KL to the reference (nats; {smooth}-round means)",
+                                legend=True, title=f"{key} against KL, mean over seeds")], columns=1)
 
 
 def performance_profile_figure(finals: dict[str, Sequence[float]], xlabel: str = "final reward"):

@@ -219,7 +219,7 @@ def test_a_reported_score_is_drawn_against_kl_when_the_runs_log_one(tmp_path):
     assert "reward/hidden_rule against KL to the reference" in page
     runs = {method: [read_metrics(RunPaths(tmp_path / method / f"seed-{s}")) for s in (0, 1)]
             for method in ("standard", "iif")}
-    (ax,) = score_against_kl_figure(runs, "reward/hidden_rule").axes
+    (ax,) = score_against_kl_figure(runs, "reward/hidden_rule", smooth=1).axes
     lines = {line.get_label(): line for line in ax.get_lines()}
     assert list(lines["iif"].get_xdata()) == pytest.approx([0.0, 0.05, 0.1])  # KL of rounds 0-2
     assert list(lines["iif"].get_ydata()) == pytest.approx([0.5, 0.55, 0.6])  # the mean over seeds 0 and 1
