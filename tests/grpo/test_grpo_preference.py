@@ -45,3 +45,21 @@ def test_bad_trusted_sets_are_one_line_errors(random_adder_dir, tmp_path, column
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
         make_trainer(random_adder_dir, tmp_path, validation_dataset=Dataset.from_dict(columns), iif=config)
     assert "\n" not in str(err.value)
+
+
+def test_a_grpo_recipe_trains_with_a_file_of_trusted_triples(random_adder_dir, tmp_path, capsys):
+    import json
+
+    from conftest import cli_in_process
+    from test_grpo_recipes import RECIPE, small
+
+    triples = tmp_path / "trusted.jsonl"
+    triples.write_text("\n".join(json.dumps({"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)})
+                                 for a, b in ((12, 34), (50, 70), (18, 18), (40, 22))))
+    out = tmp_path / "run"
+    code, stderr = cli_in_process(capsys, "train", RECIPE, "--output-dir", out,
+                                  *small(random_adder_dir, "run.steps=1", "iif.target=preference",
+                                         "iif.target_source=fresh", f"iif.val_prompts={triples}", "iif.val_size=4"))
+    assert code == 0, stderr
+    (step,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert -1.0 <= step["target_split_cos"] <= 1.0 and 0 < step["kept_fraction"] <= 1
