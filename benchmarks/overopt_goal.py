@@ -22,7 +22,7 @@ import numpy as np
 from llm_iif.analysis.plots import Panel, curves_figure, save_figure, score_against_kl_figure, seed_mean_curve
 from llm_iif.analysis.report import find_runs
 from llm_iif.analysis.statistics import estimate_text, interval_estimates
-from llm_iif.analysis.summary import summarize, trailing_mean
+from llm_iif.analysis.summary import score_against_kl, summarize, trailing_mean
 
 SMOOTH = 5
 METHOD = "iif"
@@ -35,10 +35,7 @@ def smoothed(history: list[dict], key: str) -> list[float]:
 
 def kl_and_score(histories: list[list[dict]], key: str) -> list[tuple[float, float]]:
     """(mean KL, mean smoothed score) per round over seeds."""
-    rounds = min(map(len, histories))
-    kl = np.mean([smoothed(h, "kl")[:rounds] for h in histories], axis=0)
-    score = np.mean([smoothed(h, key)[:rounds] for h in histories], axis=0)
-    return list(zip(kl.tolist(), score.tolist()))
+    return list(zip(*score_against_kl(histories, key, SMOOTH)))
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from llm_iif.analysis.summary import mean_and_sem, trailing_mean
+from llm_iif.analysis.summary import mean_and_sem, score_against_kl
 from llm_iif.core.fileio import atomic_path
 from llm_iif.core.paths import RunPaths
 
@@ -74,14 +74,8 @@ def score_against_kl_figure(by_label: dict[str, list[list[dict]]], key: str, smo
     mean over the label's runs (seeds) of ``key`` and ``kl`` in that round, each run's values first averaged
     over its last ``smooth`` rounds: how much of the true objective each method buys per nat of divergence from
     the reference (Gao, Schulman and Hilton, ICML 2023)."""
-    curves = []
-    for label, histories in by_label.items():
-        logged = [[m for m in h if "kl" in m and key in m] for h in histories]
-        rounds = min(map(len, logged))
-        if rounds:
-            kl = np.mean([trailing_mean([m["kl"] for m in h], smooth)[:rounds] for h in logged], axis=0)
-            score = np.mean([trailing_mean([m[key] for m in h], smooth)[:rounds] for h in logged], axis=0)
-            curves.append(Curve(kl, score, label=label))
+    curves = [Curve(kl, score, label=label) for label, histories in by_label.items()
+              for kl, score in [score_against_kl(histories, key, smooth)] if kl]
     return curves_figure([Panel(curves, ylabel=key, xlabel=f"KL to the reference (nats; {smooth}-round means)",
                                 legend=True, title=f"{key} against KL, mean over seeds")], columns=1)
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llm_iif.analysis.plots import interval_figure, save_figure
-from llm_iif.analysis.statistics import estimate_text, interval_table, verdict
-from llm_iif.analysis.summary import REPORTED_ENDS, evaluated_rounds, rounds_to_reach, summarize, trailing_mean
+from llm_iif.analysis.statistics import REPORTED_ENDS, estimate_text, interval_table, reported_label, verdict
+from llm_iif.analysis.summary import evaluated_rounds, rounds_to_reach, summarize, trailing_mean
 from llm_iif.core.errors import UserError
 from llm_iif.core.fileio import atomic_write_text
 from llm_iif.core.machine import package_versions
@@ -175,7 +175,7 @@ def scorecard_markdown(card: dict) -> str:
         header, rows = interval_table({"methods": task["methods"]})
         reported = sorted({key for stats in task["methods"].values() for key in stats if key.startswith(REPORTED_ENDS)})
         extra = ["final reward (mean ± SE)",
-                 *(f"{key.split('_', 1)[0]} {key.split('/', 1)[1]} (not trained on)" for key in reported), "KL spikes"]
+                 *(f"{reported_label(key)} (not trained on)" for key in reported), "KL spikes"]
         lines += ["| " + " | ".join([header[0], *extra, *header[1:]]) + " |",
                   "|" + "---|" * (len(header) + len(extra))]
         for method, stats in task["methods"].items():

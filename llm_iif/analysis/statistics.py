@@ -182,9 +182,19 @@ def interval_table(summary: dict) -> tuple[list[str], list[list[str]]]:
     return ["method", *(names[key] for key in columns)], rows
 
 
+# Per-run statistics of a reported reward (``reward/NAME``, never trained on) that are compared seed by seed.
+REPORTED_ENDS = ("final_reward/", "peak_reward/")
+
+
+def reported_label(key: str) -> str:
+    """``final_reward/hidden_rule`` (or its ``_difference``) -> ``final hidden_rule``."""
+    end, name = key.removesuffix("_difference").split("/", 1)
+    return f"{end.removesuffix('_reward')} {name}"
+
+
 def reported_columns(methods: dict[str, dict]) -> dict[str, str]:
     """Column headers of the reported rewards' differences (``final_reward/hidden_rule_difference`` ->
     ``Δ final hidden_rule``), in the order first seen."""
     keys = dict.fromkeys(key for stats in methods.values() for key in stats
-                         if key.startswith(("final_reward/", "peak_reward/")) and key.endswith("_difference"))
-    return {key: f"Δ {key.split('_', 1)[0]} {key[len(key.split('/')[0]) + 1:-len('_difference')]}" for key in keys}
+                         if key.startswith(REPORTED_ENDS) and key.endswith("_difference"))
+    return {key: f"Δ {reported_label(key)}" for key in keys}

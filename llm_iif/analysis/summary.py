@@ -10,12 +10,10 @@ from __future__ import annotations
 import math
 import statistics
 
-from llm_iif.analysis.statistics import auc_above_start, paired_statistics
+from llm_iif.analysis.statistics import REPORTED_ENDS, auc_above_start, paired_statistics
 
 LEVELS = tuple(round(0.1 * i, 1) for i in range(2, 10))  # 0.2 ... 0.9
 # `efficiency`'s fractions of the baseline's budget -> their column header in printed and HTML tables.
-# Per-run statistics of the reported rewards (`reported_rewards`) that are compared seed by seed.
-REPORTED_ENDS = ("final_reward/", "peak_reward/")
 BUDGET_FRACTIONS = {"rounds_to_baseline_final": "rounds→final", "seconds_to_baseline_final": "s→final",
                     "rounds_to_baseline_peak": "rounds→peak", "seconds_to_baseline_peak": "s→peak",
                     "round_time_ratio": "s/round ×"}
@@ -90,6 +88,20 @@ def kl_spikes(kl: list[float], baseline_kl: list[float], factor: float = 3.0) ->
     """Rounds whose KL to the reference exceeds ``factor`` × the median KL of the baseline's run of the same seed."""
     threshold = factor * statistics.median(baseline_kl)
     return sum(value > threshold for value in kl)
+
+
+def score_against_kl(histories: list[list[dict]], key: str, smooth: int) -> tuple[list[float], list[float]]:
+    """(KL, ``key``) per round, each the mean over ``histories`` (one per seed) of the run's ``smooth``-round
+    trailing mean, over the rounds that log both and that every run reached; empty lists when none does."""
+    logged = [[m for m in h if "kl" in m and key in m] for h in histories]
+    rounds = min(map(len, logged))
+    if not rounds:
+        return [], []
+    def seed_mean(name: str) -> list[float]:
+        curves = [trailing_mean([m[name] for m in h], smooth)[:rounds] for h in logged]
+        return [sum(values) / len(values) for values in zip(*curves)]
+
+    return seed_mean("kl"), seed_mean(key)
 
 
 def reported_rewards(history: list[dict]) -> list[str]:
