@@ -28,7 +28,7 @@ from torch import nn
 class LayerGradientCapture:
     """Capture per-sample gradients of the weights (and biases) of chosen ``nn.Linear`` / ``nn.Conv2d`` layers.
 
-    Use as a context manager around one forward pass and one ``loss.backward()`` of a loss that sums
+    Use as a context manager around one forward pass and one ``loss.backward()`` (or `backward`) of a loss that sums
     per-sample losses over the leading (batch) dimension of every captured layer's input. Linear inputs may
     be [B, d] or [B, T, d]; positions whose output gradient is zero (padding, masked tokens) contribute
     nothing. Conv2d layers must have groups = 1 and numeric padding.
@@ -63,12 +63,13 @@ class LayerGradientCapture:
         if target is not None:
             self.score_against(target)
         self._inputs: dict[str, torch.Tensor] = {}
+        self._outputs: dict[str, torch.Tensor] = {}
         self._grads: dict[str, torch.Tensor] = {}
         self._layer_scores: dict[str, torch.Tensor] = {}
         self._handles: list = []
 
     def __enter__(self) -> "LayerGradientCapture":
-        self._inputs.clear(), self._grads.clear(), self._layer_scores.clear()
+        self._inputs.clear(), self._outputs.clear(), self._grads.clear(), self._layer_scores.clear()
         for key, layer in self._layers.items():
             self._handles.append(layer.register_forward_hook(partial(self._on_forward, key)))
         return self
@@ -77,7 +78,15 @@ class LayerGradientCapture:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._inputs.clear()
+        self._inputs.clear(), self._outputs.clear()
+
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
+        """The backward pass of ``loss`` (a scalar) as far as the captured layers' outputs of the last forward,
+        which is all the hooks need. No parameter gradient is formed: under FSDP2 the parameters are shards that
+        the graph never sees (each forward uses whole copies), and this works the same sharded or not."""
+        outputs = dict(self._outputs)
+        torch.autograd.grad(loss, list(outputs.values()), retain_graph=retain_graph)
+        self._outputs = outputs  # not the outputs of a forward that gradient checkpointing reran in the backward
 
     # ---------------------------------------------------------------- modes (for the next backward)
 
@@ -128,7 +137,8 @@ class LayerGradientCapture:
 
     def _on_forward(self, key: str, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         self._inputs[key] = inputs[0]
-        if output.requires_grad:  # under a no-grad forward (e.g. reentrant checkpointing) there is no backward
+        if output.requires_grad:
+            self._outputs[key] = output  # under a no-grad forward (e.g. reentrant checkpointing) there is no backward
             output.register_hook(partial(self._on_output_grad, key))
 
     def _on_output_grad(self, key: str, grad_output: torch.Tensor) -> None:

@@ -65,24 +65,26 @@ def target_gradient_parts(model: nn.Module, rows: TargetBatch, sequence_logprobs
     """∇ of -Σ_v Σ_t w_{v,t} log π(y_{v,t}) over the scored parameters (`scored_parameters`), summed separately
     over each part of the rows: ``part`` [V] gives each row's part in [0, n_parts). Returns n_parts
     {name: tensor} dicts (fp32; a part without rows is zero) and the number of rows left out because their
-    term is NaN or inf. One forward and backward per chunk of a part's rows (two for a chunk with such rows)."""
-    params = scored_parameters(model)
-    sums, left_out = [], 0
-    for index in range(n_parts):
-        total = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
-        for chunk in torch.split((part == index).nonzero().flatten().to(rows.query_ids.device), chunk_size):
+    term is NaN or inf.
+
+    The sums are formed by the layer hooks from each row's activations and output gradients, not by autograd
+    over the parameters, so they are whole tensors even when the parameters are FSDP2 shards. One forward and
+    backward per chunk of rows; a NaN or inf row is left out by the hooks, not by a second pass, so every
+    process runs the same passes (under FSDP2 each is a collective)."""
+    named = scored_parameters(model)
+    totals = {name: torch.zeros(n_parts, *p.shape, dtype=torch.float32, device=rows.query_ids.device)
+              for name, p in named.items()}
+    left_out = 0
+    with LayerGradientCapture(model, scored_layers(model)) as capture:
+        for chunk in torch.split(torch.arange(len(rows), device=rows.query_ids.device), chunk_size):
             terms = _target_terms(model, rows, sequence_logprobs, chunk)
-            finite = torch.isfinite(terms.detach())
-            if not finite.all():  # again without them: their NaN would reach every gradient through the sum
-                left_out += int((~finite).sum())
-                chunk = chunk[finite]
-                if len(chunk) == 0:
-                    continue
-                terms = _target_terms(model, rows, sequence_logprobs, chunk)
-            for name, grad in zip(params, torch.autograd.grad(terms.sum(), list(params.values()))):
-                total[name] += grad.float()
-        sums.append(total)
-    return sums, left_out
+            finite = torch.isfinite(terms.detach()).cpu()
+            left_out += int((~finite).sum())
+            capture.sum_by_group(part[chunk.cpu()].where(finite, -1), n_parts)
+            capture.backward(terms.sum())
+            sums = capture.group_sums()
+            totals = {name: totals[name] + sums[name].to(totals[name]) for name in totals}
+    return [{name: t[j] for name, t in totals.items()} for j in range(n_parts)], left_out
 
 
 def _target_terms(model: nn.Module, rows: TargetBatch, sequence_logprobs: SequenceLogprobs,
@@ -112,12 +114,10 @@ def influence_scores(model: nn.Module, per_sample_loss: PerSampleLoss, batch_siz
 
     ``target`` is ∇L_val = -∇f over the scored parameters ([B, K] scores for K targets stacked as
     [K, *param.shape]); ``per_sample_loss(model, rows)`` gives L_i [b] of the batch rows ``rows``."""
-    params = list(scored_parameters(model).values())
     scores = [torch.zeros(0, device=device)]  # a process may have no rows to score
     for chunk in torch.split(torch.arange(batch_size, device=device), chunk_size):
         with LayerGradientCapture(model, scored_layers(model), target=target) as capture:
-            losses = per_sample_loss(model, chunk)
-            torch.autograd.grad(losses.sum(), params)
+            capture.backward(per_sample_loss(model, chunk).sum())
         scores.append(capture.scores())
     return torch.cat(scores)
 
@@ -133,7 +133,6 @@ def cross_fitted_dots(model: nn.Module, loss_and_target: PerSampleLossAndTarget,
     passes: the target terms' (summed per fold by the hooks), then the losses' (scored against the stacked
     G_j). Otherwise the chunks run forward twice, once per backward."""
     named = scored_parameters(model)
-    params = list(named.values())
     chunks = torch.split(torch.arange(batch_size, device=device), chunk_size)
     fused = len(chunks) == 1
     in_target = torch.ones(batch_size, dtype=torch.bool)
@@ -145,7 +144,7 @@ def cross_fitted_dots(model: nn.Module, loss_and_target: PerSampleLossAndTarget,
             losses, target_terms = loss_and_target(model, chunk)
             in_target[chunk.cpu()] = torch.isfinite(target_terms.detach()).cpu()
             capture.sum_by_group(fold[chunk.cpu()].where(in_target[chunk.cpu()], -1), n_folds)
-            torch.autograd.grad(target_terms.sum(), params, retain_graph=fused)  # fused: the losses reuse it
+            capture.backward(target_terms.sum(), retain_graph=fused)  # fused: the losses reuse it
             sums = capture.group_sums()
             totals = {name: totals[name] + sums[name] for name in totals}
         parts = sum_over_processes([{name: t[j] for name, t in totals.items()} for j in range(n_folds)])
@@ -154,6 +153,6 @@ def cross_fitted_dots(model: nn.Module, loss_and_target: PerSampleLossAndTarget,
         for chunk in chunks:
             if not fused:
                 losses, _ = loss_and_target(model, chunk)
-            torch.autograd.grad(losses.sum(), params)
+            capture.backward(losses.sum())
             dots.append(capture.scores())
     return torch.cat(dots), parts, in_target

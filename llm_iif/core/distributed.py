@@ -12,17 +12,101 @@ from contextlib import contextmanager
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import gather_object
+from torch import nn
 
+from llm_iif.core.errors import UserError
 from llm_iif.core.records import concat_rows, map_tensors, pad_to_widths
 
 
-def shards_parameters(accelerator: Accelerator) -> bool:
-    """Whether this launch shards parameters over processes (FSDP or DeepSpeed ZeRO-3). Influence scoring needs
-    whole LoRA weights on every process, so IIF refuses such launches until sharded scoring exists."""
+def sharding_refusal(accelerator: Accelerator) -> str | None:
+    """Why influence scoring cannot run under this launch's parameter sharding, or None when it can. FSDP2 can:
+    the attribution hooks form every per-layer sum from whole activations and output gradients. FSDP1 and
+    DeepSpeed ZeRO-3 are not supported, nor FSDP2 with parameters offloaded to the CPU (not run)."""
     from accelerate.utils import DistributedType
 
-    plugin = accelerator.state.deepspeed_plugin
-    return accelerator.distributed_type == DistributedType.FSDP or (plugin is not None and plugin.zero_stage == 3)
+    deepspeed = accelerator.state.deepspeed_plugin
+    if deepspeed is not None and deepspeed.zero_stage == 3:
+        return "DeepSpeed ZeRO-3 (zero_stage: 3) is not supported with influence scoring; use FSDP2, DDP or ZeRO-2"
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return None
+    fsdp = accelerator.state.fsdp_plugin
+    if fsdp.fsdp_version != 2:
+        return (f"fsdp_version: {fsdp.fsdp_version} (FSDP1) is not supported with influence scoring; "
+                "expected fsdp_version: 2")
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    if isinstance(fsdp.cpu_offload, CPUOffloadPolicy):
+        return "fsdp_offload_params: true is not supported with influence scoring (not run); expected false"
+    return None
+
+
+def fsdp2_layer_classes(accelerator: Accelerator) -> list[str] | None:
+    """The decoder layer classes an FSDP2 launch shards (``fsdp_transformer_layer_cls_to_wrap``), or None for a
+    launch without FSDP2."""
+    fsdp = getattr(accelerator.state, "fsdp_plugin", None)
+    if fsdp is None or fsdp.fsdp_version != 2:
+        return None
+    names = fsdp.transformer_cls_names_to_wrap
+    if not names:
+        raise UserError("fsdp_transformer_layer_cls_to_wrap: an FSDP2 launch needs the model's decoder layer "
+                        "class (e.g. LlamaDecoderLayer)")
+    return [names] if isinstance(names, str) else list(names)
+
+
+def shard_with_fsdp2(model: nn.Module, layer_classes: list[str], generating: nn.Module) -> None:
+    """Shard ``model``'s parameters over all processes with FSDP2 (torch's ``fully_shard``), in place, as
+    Accelerate's FSDP2 plugin does: one unit per module of a class in ``layer_classes`` (the decoder layers),
+    then ``model`` as the root. ``generating`` (the causal LM whose ``generate`` is called, inside ``model``)
+    is a unit of its own, so that generation, which never calls the root, gathers its embeddings; the root is
+    fixed now for the same reason (FSDP2 makes the first module to run its root).
+
+    Raises `UserError` naming ``fsdp_transformer_layer_cls_to_wrap`` for a class the model does not have."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    present = {type(m).__name__ for m in model.modules()}
+    for name in layer_classes:
+        if name not in present:
+            layers = sorted(c for c in present if c.endswith(("Block", "Layer")))
+            raise UserError(f"fsdp_transformer_layer_cls_to_wrap: '{name}' is not a module class of the model "
+                            f"(expected one of: {', '.join(layers) or 'its decoder layer class'})")
+    units = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    for module in [*units, generating, model]:
+        fully_shard(module)
+        if dist.get_backend() == "gloo":  # gloo has no pre-scaled sum; FSDP2 then sums and divides itself
+            module.set_force_sum_reduction_for_comms(True)
+        module._is_fsdp_managed_module = True  # transformers' generate then keeps the processes in step
+    model._get_fsdp_state()._lazy_init()
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are FSDP2 shards (DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def whole_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(model state dict, optimizer state dict) with whole tensors, gathered from the shards of an FSDP2 model
+    (complete on the main process; every process must call this). The optimizer's state is keyed by parameter
+    name, as `load_whole_state` reads it."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, inner, options=options)
+
+
+def load_whole_state(model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict, optimizer_state: dict) -> None:
+    """Load whole ``weights`` (a subset of the model's) and an optimizer state from `whole_state` into an FSDP2
+    model's shards (every process must call this)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+    set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), optimizer_state,
+                             options=StateDictOptions(full_state_dict=True))
 
 
 @contextmanager

@@ -17,7 +17,7 @@ from accelerate.utils import set_seed
 from llm_iif.attribution.stage import IIFStage
 from llm_iif.core import ppo
 from llm_iif.core.config import Recipe
-from llm_iif.core.distributed import shards_parameters
+from llm_iif.core.distributed import fsdp2_layer_classes, shard_with_fsdp2, sharding_refusal
 from llm_iif.core.errors import UserError
 from llm_iif.core.guards import NonfiniteGuard
 from llm_iif.core.paths import RunPaths
@@ -38,11 +38,14 @@ logger = logging.getLogger(__name__)
 
 
 def build_trainer(recipe: Recipe, accelerator: Accelerator | None = None, *,
-                  sampler: Sampler = sample_responses) -> PPOTrainer:
+                  sampler: Sampler = sample_responses, fsdp2_layers: list[str] | None = None) -> PPOTrainer:
     """A `PPOTrainer` for ``recipe``, with every component built from it.
 
     ``accelerator`` defaults to `make_accelerator(recipe)`; ``sampler`` replaces response sampling (tests
-    use fixed responses, so runs with different process counts see the same rollouts)."""
+    use fixed responses, so runs with different process counts see the same rollouts). ``fsdp2_layers``
+    shards the policy with FSDP2 around these decoder layer classes where the launch does not ask for it
+    (Accelerate runs FSDP only on GPUs; tests shard CPU processes this way); an FSDP2 launch's
+    ``fsdp_transformer_layer_cls_to_wrap`` is used otherwise."""
     acc = accelerator or make_accelerator(recipe)
     check_distributed_support(acc, recipe)
     if recipe.run.batch_size % acc.num_processes:
@@ -54,6 +57,10 @@ def build_trainer(recipe: Recipe, accelerator: Accelerator | None = None, *,
     with acc.main_process_first():  # built-in models are built once, by the main process
         model_cfg = dataclasses.replace(recipe.model, name_or_path=resolve_builtin(recipe.model.name_or_path))
         policy, tokenizer = load_policy(model_cfg, recipe.lora)
+    layer_classes = fsdp2_layer_classes(acc) or fsdp2_layers
+    if layer_classes:  # before the optimiser is built: it must hold the sharded parameters
+        shard_with_fsdp2(policy, layer_classes, generating=policy.lm.get_base_model())
+    with acc.main_process_first():
         reward_cfg = resolve_reward_config(recipe.reward)
         reward_function = load_reward_model(reward_cfg, device=acc.device)
         eval_rewards = {name: load_reward_model(resolve_reward_config(cfg, f"eval.rewards.{name}"), device=acc.device)
@@ -81,7 +88,10 @@ def build_trainer(recipe: Recipe, accelerator: Accelerator | None = None, *,
     optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=recipe.ppo.learning_rate)
     if acc.state.deepspeed_plugin is not None:  # no data loader is prepared, so DeepSpeed must be told
         acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = recipe.ppo.mini_batch_size
-    prepared_policy, optimizer = acc.prepare(policy, optimizer)
+    if layer_classes:  # already sharded: no DDP wrap, and Accelerate's FSDP2 leaves a sharded model as it is
+        prepared_policy, optimizer = acc.prepare_model(policy, evaluation_mode=True), acc.prepare_optimizer(optimizer)
+    else:
+        prepared_policy, optimizer = acc.prepare(policy, optimizer)
     kl_controller = (ppo.AdaptiveKLController(recipe.ppo.init_kl_coef, recipe.ppo.target_kl, recipe.ppo.kl_horizon)
                      if recipe.ppo.adaptive_kl else ppo.FixedKLController(recipe.ppo.init_kl_coef))
 
@@ -128,12 +138,11 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
 
 
 def check_distributed_support(accelerator: Accelerator, recipe: Recipe) -> None:
-    """Influence scoring reads every LoRA weight whole on every process; ZeRO-3 and FSDP shard them, which
-    would give wrong scores, so that combination is refused. Standard PPO and random filtering run."""
+    """Refuse launches influence scoring does not support (`sharding_refusal`: ZeRO-3, FSDP1, FSDP2 with
+    offloaded parameters); standard PPO and random filtering run under all of them."""
     if recipe.iif.lds_rounds and accelerator.num_processes > 1:
         raise UserError(f"iif.lds_rounds: the LDS check runs in one process; this launch has "
                         f"{accelerator.num_processes} (launch one process, or set iif.lds_rounds: [])")
-    if shards_parameters(accelerator) and recipe.iif.enabled and recipe.iif.mode != "random":
-        raise UserError("iif.enabled: influence scoring needs whole LoRA weights on every process, and this "
-                        "launch shards them (DeepSpeed ZeRO-3 or FSDP); use DDP or ZeRO-2 "
-                        "(recipes/accelerate/multi_gpu.yaml, deepspeed_zero2.yaml), or iif.mode: random")
+    refusal = sharding_refusal(accelerator)
+    if refusal and recipe.iif.enabled and recipe.iif.mode != "random":
+        raise UserError(f"{refusal} (or set iif.mode: random)")

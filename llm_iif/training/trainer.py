@@ -36,7 +36,7 @@ from llm_iif.attribution.precondition import adam_preconditioner
 from llm_iif.attribution.stage import IIFStage, Selection
 from llm_iif.core import ppo
 from llm_iif.core.config import Recipe
-from llm_iif.core.distributed import rebalance
+from llm_iif.core.distributed import is_sharded, load_whole_state, rebalance, whole_state
 from llm_iif.core.guards import NonfiniteGuard
 from llm_iif.core.records import Advantages, Rollout, UpdateStats
 from llm_iif.core.timer import PhaseTimer
@@ -289,12 +289,16 @@ class PPOTrainer:
         """Checkpoint everything an exact resume needs (written by the main process; all take part)."""
         acc = self.accelerator
         acc.wait_for_everyone()
-        weights = acc.get_state_dict(self.policy)  # every process takes part: ZeRO-3 / FSDP gather shards here
+        policy = acc.unwrap_model(self.policy)
+        if is_sharded(policy):  # every process takes part in gathering FSDP2's shards
+            weights, optimizer_state = whole_state(policy, self.optimizer)
+        else:
+            weights, optimizer_state = acc.get_state_dict(self.policy), self.optimizer.state_dict()
         rng = gather_object([run_state.rng_states(self._generators())])  # one entry per process
         if acc.is_main_process:
-            policy = acc.unwrap_model(self.policy)
-            trainable = {n: p.detach().cpu().clone() for n, p in policy.named_parameters() if p.requires_grad}
-            training_state = {"trainable": trainable, "optimizer": self.optimizer.state_dict(),
+            trainable = {n: weights[n].detach().cpu().clone() for n, p in policy.named_parameters()
+                         if p.requires_grad}
+            training_state = {"trainable": trainable, "optimizer": optimizer_state,
                               "kl_coef": self.kl_controller.value, "history": self.history,
                               **self.prompts.state_dict(),
                               "nonfinite_rounds_in_a_row": self.guard.rounds_in_a_row, "rng": rng,
@@ -312,11 +316,14 @@ class PPOTrainer:
         acc = self.accelerator
         state = run_state.load_checked(checkpoint, self.outputs.paths, self.recipe, acc.num_processes)
         policy = acc.unwrap_model(self.policy)
-        with torch.no_grad():
-            for name, param in policy.named_parameters():
-                if param.requires_grad:
-                    param.copy_(state["trainable"][name])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if is_sharded(policy):
+            load_whole_state(policy, self.optimizer, state["trainable"], state["optimizer"])
+        else:
+            with torch.no_grad():
+                for name, param in policy.named_parameters():
+                    if param.requires_grad:
+                        param.copy_(state["trainable"][name])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.kl_controller.value = state["kl_coef"]
         self.history = state["history"]
         self.prompts.load_state_dict(state)

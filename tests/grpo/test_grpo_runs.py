@@ -3,6 +3,7 @@ damaged checkpoints, and the recipe checks that keep a run's settings its own.""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -162,14 +163,15 @@ def test_save_every_must_not_split_a_generation_batch(random_adder_dir, tmp_path
     assert not (tmp_path / "run" / "recipe.yaml").exists()  # nothing written before the run could start
 
 
-def test_sharded_launches_are_refused_with_iif(random_adder_dir, tmp_path, monkeypatch):
+def test_unsupported_sharded_launches_are_refused_with_iif(random_adder_dir, tmp_path, monkeypatch):
     from grpo_setup import make_trainer
 
     from llm_iif.core.config import GRPOIIFConfig
     from llm_iif.grpo import trainer as grpo_trainer
 
-    monkeypatch.setattr(grpo_trainer, "shards_parameters", lambda accelerator: True)
-    with pytest.raises(UserError, match="shards them"):
+    refusal = "DeepSpeed ZeRO-3 (zero_stage: 3) is not supported with influence scoring; use FSDP2, DDP or ZeRO-2"
+    monkeypatch.setattr(grpo_trainer, "sharding_refusal", lambda accelerator: refusal)
+    with pytest.raises(UserError, match=re.escape(f"{refusal} (or set iif.mode: random)")):
         make_trainer(random_adder_dir, tmp_path, iif=GRPOIIFConfig(enabled=True))
     make_trainer(random_adder_dir, tmp_path, iif=GRPOIIFConfig(enabled=True, mode="random", p=0.5))
 

@@ -1,14 +1,16 @@
 """Train a recipe with fixed responses in place of sampled ones, then save this process's LoRA weights.
 
-``python tests/training/fixed_rollout_run.py RECIPE OUT_DIR``, as one process or under ``accelerate launch``. Each
-prompt always gets the same response, so runs with different process counts see the same rollouts and
-their filtering decisions can be compared sample by sample.
+``python tests/training/fixed_rollout_run.py RECIPE OUT_DIR [LAYER_CLASS]``, as one process or under ``accelerate
+launch``; with LAYER_CLASS the policy is sharded with FSDP2 around that decoder layer class. Each prompt always
+gets the same response, so runs with different process counts see the same rollouts and their filtering
+decisions can be compared sample by sample.
 """
 
 import sys
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from llm_iif.training import build_trainer
 from llm_iif.core.config import load_recipe
@@ -23,10 +25,12 @@ def fixed_responses(lm, tokenizer, prompts, cfg, device):
 
 
 if __name__ == "__main__":
-    trainer = build_trainer(load_recipe(sys.argv[1]), sampler=fixed_responses)
+    layers = sys.argv[3:] or None
+    trainer = build_trainer(load_recipe(sys.argv[1]), sampler=fixed_responses, fsdp2_layers=layers)
     trainer.train()
     policy = trainer.accelerator.unwrap_model(trainer.policy)
-    weights = {name: p.detach().cpu() for name, p in policy.named_parameters() if p.requires_grad}
+    weights = {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()  # FSDP2: gather shards
+               for name, p in policy.named_parameters() if p.requires_grad}
     accelerator = trainer.accelerator
     torch.save(weights, Path(sys.argv[2]) / f"weights_rank{accelerator.process_index}.pt")
     del trainer, policy  # released before the process group is destroyed, as llm-iif train does

@@ -1,6 +1,7 @@
 """Memory and precision options, evaluation during training, and the distributed-launch guard."""
 
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -11,6 +12,7 @@ from llm_iif.attribution.influence import influence_scores
 from llm_iif.lm.iif import ppo_sample_loss
 from llm_iif.lm.rollouts import estimate_advantages
 from llm_iif.core.config import ModelConfig, PPOConfig, recipe_from_dict
+from llm_iif.core.distributed import fsdp2_layer_classes
 from llm_iif.core.errors import UserError
 from llm_iif.lm.policy import quantization_kwargs
 from llm_iif.lm.generation import sample_responses
@@ -99,22 +101,52 @@ def test_eval_hook_logs_each_eval_reward(tmp_path, tiny_model_dir):
     assert all(-1 <= m["eval/sentiment"] <= 1 and m["eval/length"] > 0 for m in history[1:])
 
 
-@pytest.mark.parametrize("state, refused", [
-    (SimpleNamespace(distributed_type="FSDP", state=SimpleNamespace(deepspeed_plugin=None)), True),
-    (SimpleNamespace(distributed_type="DEEPSPEED", state=SimpleNamespace(
-        deepspeed_plugin=SimpleNamespace(zero_stage=3))), True),
-    (SimpleNamespace(distributed_type="DEEPSPEED", state=SimpleNamespace(
-        deepspeed_plugin=SimpleNamespace(zero_stage=2))), False),
-    (SimpleNamespace(distributed_type="MULTI_GPU", state=SimpleNamespace(deepspeed_plugin=None)), False),
+def launch_state(distributed_type, zero_stage=None, fsdp_version=None, offload=False):
+    """A stand-in for an Accelerator's launch state (DeepSpeed and FSDP do not start without a GPU)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+
+    deepspeed = SimpleNamespace(zero_stage=zero_stage) if zero_stage else None
+    fsdp = SimpleNamespace(fsdp_version=fsdp_version, cpu_offload=CPUOffloadPolicy() if offload else OffloadPolicy(),
+                           transformer_cls_names_to_wrap=["GPT2Block"]) if fsdp_version else None
+    return SimpleNamespace(distributed_type=distributed_type, num_processes=2,
+                           state=SimpleNamespace(deepspeed_plugin=deepspeed, fsdp_plugin=fsdp))
+
+
+@pytest.mark.parametrize("state, refusal", [
+    (launch_state("FSDP", fsdp_version=1), "fsdp_version: 1 (FSDP1) is not supported"),
+    (launch_state("FSDP", fsdp_version=2, offload=True), "fsdp_offload_params: true is not supported"),
+    (launch_state("DEEPSPEED", zero_stage=3), "DeepSpeed ZeRO-3 (zero_stage: 3) is not supported"),
+    (launch_state("FSDP", fsdp_version=2), None),
+    (launch_state("DEEPSPEED", zero_stage=2), None),
+    (launch_state("MULTI_GPU"), None),
 ])
-def test_sharded_launches_refuse_influence_scoring(tmp_path, state, refused):
+def test_launches_influence_scoring_does_not_support_are_refused(tmp_path, state, refusal):
     raw = tiny_recipe_dict(tmp_path)
     raw["iif"] = {"enabled": True}
-    if refused:
-        with pytest.raises(UserError, match="iif.enabled: influence scoring needs whole LoRA weights"):
+    if refusal:
+        with pytest.raises(UserError, match=f"^{re.escape(refusal)}.*iif.mode: random"):
             check_distributed_support(state, recipe_from_dict(raw))
         raw["iif"]["mode"] = "random"  # no scores, nothing to get wrong
     check_distributed_support(state, recipe_from_dict(raw))
+
+
+def test_a_layer_class_the_model_lacks_is_a_one_line_error(tmp_path, tiny_model_dir):
+    raw = tiny_recipe_dict(tmp_path)
+    raw["iif"] = {"enabled": True, "val_size": 8}
+    with pytest.raises(UserError) as err:
+        build_trainer(recipe_from_dict(raw), fsdp2_layers=["LlamaDecoderLayer"])
+    assert str(err.value) == ("fsdp_transformer_layer_cls_to_wrap: 'LlamaDecoderLayer' is not a module class of "
+                              "the model (expected one of: GPT2Block)")
+
+
+def test_an_fsdp2_launch_names_the_layers_to_shard():
+    assert fsdp2_layer_classes(launch_state("FSDP", fsdp_version=2)) == ["GPT2Block"]
+    assert fsdp2_layer_classes(launch_state("FSDP", fsdp_version=1)) is None
+    assert fsdp2_layer_classes(launch_state("MULTI_GPU")) is None
+    unnamed = launch_state("FSDP", fsdp_version=2)
+    unnamed.state.fsdp_plugin.transformer_cls_names_to_wrap = None
+    with pytest.raises(UserError, match="^fsdp_transformer_layer_cls_to_wrap: an FSDP2 launch needs"):
+        fsdp2_layer_classes(unnamed)
 
 
 def test_quantization_without_bitsandbytes_is_a_clear_error():

@@ -156,15 +156,16 @@ def test_unloadable_model_exits_2_with_one_line(tmp_path):
     assert "model.name_or_path: cannot load" in proc.stderr and "no-such-org/no-such-model" in proc.stderr
 
 
-def run_fixed_rollouts(tmp_path, name, iif, processes):
-    """tests/training/fixed_rollout_run.py on the tiny recipe with IIF, as one process or under `accelerate launch`."""
+def run_fixed_rollouts(tmp_path, name, iif, processes, fsdp2_layers=()):
+    """tests/training/fixed_rollout_run.py on the tiny recipe with IIF, as one process or under `accelerate launch`
+    (with ``fsdp2_layers``, the policy sharded with FSDP2 around those layer classes)."""
     raw = tiny_recipe_dict(tmp_path / name)
     raw["iif"] = {"enabled": True, "val_size": 8, **iif}
     recipe = tmp_path / f"{name}.yaml"
     recipe.write_text(yaml.safe_dump(raw))
     script = os.path.join(os.path.dirname(__file__), "fixed_rollout_run.py")
     launch = launch_command(script, processes)
-    proc = subprocess.run([*launch, str(recipe), str(tmp_path / name)], capture_output=True, text=True,
+    proc = subprocess.run([*launch, str(recipe), str(tmp_path / name), *fsdp2_layers], capture_output=True, text=True,
                           timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp_path / name
@@ -202,6 +203,37 @@ def test_two_processes_filter_as_one_and_stay_in_step(tmp_path, tiny_model_dir, 
     initial = {n: p for n, p in start.accelerator.unwrap_model(start.policy).named_parameters() if p.requires_grad}
     assert any(not torch.equal(rank0[n], initial[n]) for n in rank0)  # training did move the adapter
     assert (two / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_fsdp2_scores_filters_and_trains_as_ddp(tmp_path, tiny_model_dir):
+    """2 CPU processes with the policy sharded by FSDP2 (each GPT2Block, the LM, the root): the same influence
+    as DDP and as one process (to 1e-5 of the largest score) with the fresh target and Adam preconditioning (round 1), the same
+    kept set, and after 2 rounds the same LoRA weights as DDP, in memory and in the final checkpoint."""
+    from safetensors.torch import load_file
+
+    iif = {"mode": "bottom", "p": 0.5, "precondition": "adam"}
+    sharded = run_fixed_rollouts(tmp_path, "fsdp2", iif, processes=2, fsdp2_layers=("GPT2Block",))
+    ddp = run_fixed_rollouts(tmp_path, "ddp", iif, processes=2)
+    one = run_fixed_rollouts(tmp_path, "one", iif, processes=1)
+    for k in (0, 1):
+        by_prompt = {run.name: {p: (s, kept) for p, s, kept in zip(*(records(run, k)[c] for c in
+                                                                       ("prompt", "influence", "kept")))}
+                     for run in (sharded, ddp, one)}
+        assert by_prompt["fsdp2"].keys() == by_prompt["ddp"].keys() and len(by_prompt["ddp"]) == 8
+        scale = max(abs(score) for score, _ in by_prompt["ddp"].values())
+        for prompt, (score, kept) in by_prompt["ddp"].items():
+            for other in ("fsdp2", "one") if k == 0 else ("fsdp2",):  # one process's round 1 starts elsewhere
+                assert by_prompt[other][prompt][1] == kept
+                assert abs(by_prompt[other][prompt][0] - score) <= 1e-5 * scale
+    rank0, rank1, expected = (torch.load(run / f"weights_rank{r}.pt") for run, r in ((sharded, 0), (sharded, 1),
+                                                                                      (ddp, 0)))
+    for name in expected:
+        torch.testing.assert_close(rank0[name], expected[name], rtol=1e-5, atol=1e-6)
+        assert torch.equal(rank0[name], rank1[name])
+    saved, reference = (load_file(run / "final" / "adapter_model.safetensors") for run in (sharded, ddp))
+    assert saved.keys() == reference.keys()
+    for name in saved:
+        torch.testing.assert_close(saved[name], reference[name], rtol=1e-5, atol=1e-6)
 
 
 def test_two_processes_keeping_one_sample_do_not_deadlock(tmp_path, tiny_model_dir):
