@@ -3,8 +3,10 @@ then one step of DAPO with refill, saving how many rows each process kept; then,
 each normaliser: per completion, per micro-batch token mean rescaled, per batch token sum), one step with
 gradient accumulation, saving every completion's influence score.
 
-``python tests/grpo/fixed_completion_run.py MODEL_DIR OUT_DIR PROCESSES``, as one process or under
-``accelerate launch``. Completions come from trl's ``rollout_func`` hook and depend only on the prompt and
+``python tests/grpo/fixed_completion_run.py MODEL_DIR OUT_DIR PROCESSES [ddp|fsdp2]``, as one process or under
+``accelerate launch``. With ``ddp`` or ``fsdp2``, only the first run, with Adam-preconditioned scores, on a
+LoRA adapter made here: under DDP, or sharded with FSDP2 around each GPT2Block (as Accelerate's FSDP2 plugin
+shards on GPUs), saving every completion's influence score too. Completions come from trl's ``rollout_func`` hook and depend only on the prompt and
 the completion's place in its group, so runs with different process counts train on the same completions.
 """
 
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object
+import grpo_setup
 from grpo_setup import make_trainer
 
 from llm_iif.core.config import GRPOIIFConfig
@@ -46,9 +49,10 @@ def length_when_odd(prompts, completions, **kwargs):
 
 
 class RecordingTrainer(IIFGRPOTrainer):
-    """Records every step's kept completions, by prompt and completion text, over all processes, and this
-    process's (rows, kept rows) before the cut."""
+    """Records every step's kept completions and their influence, by prompt and completion text, over all
+    processes, and this process's (rows, kept rows) before the cut."""
     kept_by_step: list = []
+    scores_by_step: list = []
     rows_by_step: list = []
 
     def _kept_rows(self, batch, keep):
@@ -58,13 +62,60 @@ class RecordingTrainer(IIFGRPOTrainer):
                  for p, c in zip(batch["prompt_ids"], batch["completion_ids"])]
         everyone = gather_object([(t, bool(k)) for t, k in zip(texts, keep.tolist())])
         self.kept_by_step.append(sorted(everyone))
+        self.scores_by_step.append(sorted(gather_object([(r["prompt"] + "|" + r["response"], r["influence"])
+                                                         for r in self.generation_records])))
         return super()._kept_rows(batch, keep)
+
+
+class ShardedTrainer(RecordingTrainer):
+    """Leaves a model sharded beforehand where it is: transformers' Trainer would move it, which FSDP2's
+    DTensors refuse."""
+
+    def _move_model_to_device(self, model, device):
+        pass
+
+
+def compare_data_parallelism(model_dir: Path, out: Path, processes: int, parallelism: str) -> None:
+    """Two IIF steps on a LoRA adapter built here (the same initialisation for both kinds), under DDP or FSDP2;
+    saves the kept completions, every completion's influence and this process's whole weights."""
+    from peft import get_peft_model
+    from torch.distributed.tensor import DTensor
+    from transformers import AutoModelForCausalLM
+
+    from llm_iif.core.distributed import is_sharded, shard_with_fsdp2
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), grpo_setup.lora_config())
+    if parallelism == "fsdp2":
+        shard_with_fsdp2(model, ["GPT2Block"], generating=model.get_base_model())
+        model._is_accelerate_prepared = True  # no DDP wrap: Accelerate's own FSDP2 would not add one either
+        grpo_setup.IIFGRPOTrainer = ShardedTrainer
+    trainer = make_trainer(model_dir, out, model=model, max_steps=2,
+                           per_device_train_batch_size=GLOBAL_BATCH // processes, rollout_func=fixed_completions,
+                           iif=GRPOIIFConfig(enabled=True, target_source="batch", folds=2, mode="bottom", p=0.5,
+                                             precondition="adam"))
+    trainer.train()
+    assert is_sharded(trainer.model) == (parallelism == "fsdp2")
+    preconditioned = [e["iif/preconditioned"] for e in trainer.state.log_history if "iif/preconditioned" in e]
+    assert preconditioned == [0, 1], preconditioned  # no Adam state before the first step
+    weights = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
+               for n, p in trainer.model.named_parameters() if p.requires_grad}
+    torch.save(weights, out / f"weights_rank{trainer.accelerator.process_index}.pt")
+    if trainer.accelerator.is_main_process:
+        (out / "kept.json").write_text(json.dumps(RecordingTrainer.kept_by_step))
+        (out / "scores.json").write_text(json.dumps(RecordingTrainer.scores_by_step))
+    accelerator = trainer.accelerator
+    del trainer, model
+    gc.collect()
+    accelerator.end_training()
 
 
 if __name__ == "__main__":
     model_dir, out, processes = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
-    import grpo_setup
     grpo_setup.IIFGRPOTrainer = RecordingTrainer  # make_trainer builds this subclass
+    if len(sys.argv) > 4:
+        compare_data_parallelism(model_dir, out, processes, sys.argv[4])
+        sys.exit(0)
     trainer = make_trainer(model_dir, out, max_steps=2, per_device_train_batch_size=GLOBAL_BATCH // processes,
                            rollout_func=fixed_completions,
                            iif=GRPOIIFConfig(enabled=True, target_source="batch", folds=2, mode="bottom", p=0.5))

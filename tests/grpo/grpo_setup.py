@@ -15,10 +15,16 @@ def grpo_args(output_dir, **overrides):
     return GRPOConfig(**settings)
 
 
-def make_trainer(model_dir, output_dir, lora=True, problems=64, **kwargs):
-    """An IIFGRPOTrainer on addition problems; ``kwargs`` go to GRPOConfig unless they are the subclass's."""
-    from datasets import Dataset
+def lora_config():
     from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], task_type="CAUSAL_LM")
+
+
+def make_trainer(model_dir, output_dir, lora=True, problems=64, model=None, **kwargs):
+    """An IIFGRPOTrainer on addition problems; ``kwargs`` go to GRPOConfig unless they are the subclass's.
+    ``model``: a model to train instead of a new LoRA adapter on the one in ``model_dir``."""
+    from datasets import Dataset
     from transformers import AutoTokenizer
 
     from llm_iif.lm.addition import addition_problems, exact_match_reward, format_reward
@@ -26,7 +32,7 @@ def make_trainer(model_dir, output_dir, lora=True, problems=64, **kwargs):
     own = {k: kwargs.pop(k) for k in ("iif", "group_filter", "validation_dataset", "nonfinite_patience",
                                       "reward_funcs", "rollout_func") if k in kwargs}
     own.setdefault("reward_funcs", [exact_match_reward, format_reward])
-    peft = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], task_type="CAUSAL_LM") if lora else None
-    return IIFGRPOTrainer(model=str(model_dir), args=grpo_args(output_dir, **kwargs),
+    peft = lora_config() if lora and model is None else None
+    return IIFGRPOTrainer(model=model or str(model_dir), args=grpo_args(output_dir, **kwargs),
                           train_dataset=Dataset.from_list(addition_problems(problems, seed=0)),
                           processing_class=AutoTokenizer.from_pretrained(model_dir), peft_config=peft, **own)

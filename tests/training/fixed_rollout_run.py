@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor
 
+from llm_iif.core.distributed import is_sharded
 from llm_iif.training import build_trainer
 from llm_iif.core.config import load_recipe
 from llm_iif.lm.generation import tokenize_pairs
@@ -27,8 +28,10 @@ def fixed_responses(lm, tokenizer, prompts, cfg, device):
 if __name__ == "__main__":
     layers = sys.argv[3:] or None
     trainer = build_trainer(load_recipe(sys.argv[1]), sampler=fixed_responses, fsdp2_layers=layers)
-    trainer.train()
+    history = trainer.train()
     policy = trainer.accelerator.unwrap_model(trainer.policy)
+    assert is_sharded(policy) == bool(layers)
+    assert [m.get("preconditioned", 0) for m in history] == [0, int(trainer.recipe.iif.precondition == "adam")]
     weights = {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()  # FSDP2: gather shards
                for name, p in policy.named_parameters() if p.requires_grad}
     accelerator = trainer.accelerator
