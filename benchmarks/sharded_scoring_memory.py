@@ -80,8 +80,8 @@ def lora_model(layers: int, width: int, rank: int) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=512, n_positions=512, n_embd=width, n_layer=layers, n_head=4, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0)
+    config = GPT2Config(vocab_size=512, n_positions=512, n_embd=width, n_layer=layers, n_head=4, bos_token_id=0,
+                        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = get_peft_model(GPT2LMHeadModel(config), LoraConfig(r=rank, lora_alpha=2 * rank, fan_in_fan_out=True,
                                                                target_modules=["c_attn", "c_proj", "c_fc"]))
     model.eval()
