@@ -37,6 +37,7 @@ from llm_iif.attribution.stage import IIFStage, Selection
 from llm_iif.core import ppo
 from llm_iif.core.config import Recipe
 from llm_iif.core.distributed import is_sharded, load_whole_state, rebalance, whole_state
+from llm_iif.core.errors import UserError
 from llm_iif.core.guards import NonfiniteGuard
 from llm_iif.core.records import Advantages, Rollout, UpdateStats
 from llm_iif.core.timer import PhaseTimer
@@ -298,7 +299,7 @@ class PPOTrainer:
         if acc.is_main_process:
             trainable = {n: weights[n].detach().cpu().clone() for n, p in policy.named_parameters()
                          if p.requires_grad}
-            training_state = {"trainable": trainable, "optimizer": optimizer_state,
+            training_state = {"trainable": trainable, "optimizer": optimizer_state, "fsdp2": is_sharded(policy),
                               "kl_coef": self.kl_controller.value, "history": self.history,
                               **self.prompts.state_dict(),
                               "nonfinite_rounds_in_a_row": self.guard.rounds_in_a_row, "rng": rng,
@@ -316,6 +317,10 @@ class PPOTrainer:
         acc = self.accelerator
         state = run_state.load_checked(checkpoint, self.outputs.paths, self.recipe, acc.num_processes)
         policy = acc.unwrap_model(self.policy)
+        if state.get("fsdp2", False) != is_sharded(policy):  # their optimiser states are laid out differently
+            written, now = (("an FSDP2", "a DDP or single-process") if state.get("fsdp2", False)
+                            else ("a DDP or single-process", "an FSDP2"))
+            raise UserError(f"{checkpoint}: written by {written} launch; resume it with one like it, not {now} one")
         if is_sharded(policy):
             load_whole_state(policy, self.optimizer, state["trainable"], state["optimizer"])
         else:

@@ -1,12 +1,13 @@
 """Train a recipe with fixed responses in place of sampled ones, then save this process's LoRA weights.
 
-``python tests/training/fixed_rollout_run.py RECIPE OUT_DIR [LAYER_CLASS]``, as one process or under ``accelerate
-launch``; with LAYER_CLASS the policy is sharded with FSDP2 around that decoder layer class. Each prompt always
+``python tests/training/fixed_rollout_run.py RECIPE OUT_DIR [--fsdp2 LAYER_CLASS] [--resume CHECKPOINT]``, as one
+process or under ``accelerate launch``; ``--fsdp2`` shards the policy with FSDP2 around that decoder layer class,
+``--resume`` continues the run from one of its checkpoints. Each prompt always
 gets the same response, so runs with different process counts see the same rollouts and their filtering
 decisions can be compared sample by sample.
 """
 
-import sys
+import argparse
 from pathlib import Path
 
 import torch
@@ -26,16 +27,19 @@ def fixed_responses(lm, tokenizer, prompts, cfg, device):
 
 
 if __name__ == "__main__":
-    layers = sys.argv[3:] or None
-    trainer = build_trainer(load_recipe(sys.argv[1]), sampler=fixed_responses, fsdp2_layers=layers)
-    history = trainer.train()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("recipe"), parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--fsdp2", action="append"), parser.add_argument("--resume", type=Path)
+    args = parser.parse_args()
+    trainer = build_trainer(load_recipe(args.recipe), sampler=fixed_responses, fsdp2_layers=args.fsdp2)
+    history = trainer.train(resume_from=args.resume)
     policy = trainer.accelerator.unwrap_model(trainer.policy)
-    assert is_sharded(policy) == bool(layers)
+    assert is_sharded(policy) == bool(args.fsdp2)
     assert [m.get("preconditioned", 0) for m in history] == [0, int(trainer.recipe.iif.precondition == "adam")]
     weights = {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()  # FSDP2: gather shards
                for name, p in policy.named_parameters() if p.requires_grad}
     accelerator = trainer.accelerator
-    torch.save(weights, Path(sys.argv[2]) / f"weights_rank{accelerator.process_index}.pt")
+    torch.save(weights, args.out_dir / f"weights_rank{accelerator.process_index}.pt")
     del trainer, policy  # released before the process group is destroyed, as llm-iif train does
     accelerator.free_memory()
     accelerator.end_training()

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -156,16 +157,17 @@ def test_unloadable_model_exits_2_with_one_line(tmp_path):
     assert "model.name_or_path: cannot load" in proc.stderr and "no-such-org/no-such-model" in proc.stderr
 
 
-def run_fixed_rollouts(tmp_path, name, iif, processes, fsdp2_layers=()):
+def run_fixed_rollouts(tmp_path, name, iif, processes, *options, run=None):
     """tests/training/fixed_rollout_run.py on the tiny recipe with IIF, as one process or under `accelerate launch`
-    (with ``fsdp2_layers``, the policy sharded with FSDP2 around those layer classes)."""
+    (``options``: the script's --fsdp2 and --resume; ``run``: settings of the recipe's run section)."""
     raw = tiny_recipe_dict(tmp_path / name)
     raw["iif"] = {"enabled": True, "val_size": 8, **iif}
+    raw["run"].update(run or {})
     recipe = tmp_path / f"{name}.yaml"
     recipe.write_text(yaml.safe_dump(raw))
     script = os.path.join(os.path.dirname(__file__), "fixed_rollout_run.py")
     launch = launch_command(script, processes)
-    proc = subprocess.run([*launch, str(recipe), str(tmp_path / name), *fsdp2_layers], capture_output=True, text=True,
+    proc = subprocess.run([*launch, str(recipe), str(tmp_path / name), *options], capture_output=True, text=True,
                           timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp_path / name
@@ -205,14 +207,15 @@ def test_two_processes_filter_as_one_and_stay_in_step(tmp_path, tiny_model_dir, 
     assert (two / "final" / "adapter_model.safetensors").is_file()
 
 
-def test_fsdp2_scores_filters_and_trains_as_ddp(tmp_path, tiny_model_dir):
+def test_fsdp2_scores_filters_trains_and_resumes_as_ddp(tmp_path, tiny_model_dir):
     """2 CPU processes with the policy sharded by FSDP2 (each GPT2Block, the LM, the root): the same influence
-    as DDP and as one process (to 1e-5 of the largest score) with the fresh target and Adam preconditioning (round 1), the same
-    kept set, and after 2 rounds the same LoRA weights as DDP, in memory and in the final checkpoint."""
+    as DDP and as one process (to 1e-5 of the largest score) with the fresh target and Adam preconditioning
+    (round 1), the same kept set, and after 2 rounds the same LoRA weights as DDP, in memory and in the final
+    checkpoint. Resumed from its round-1 checkpoint, the sharded run ends exactly where it did."""
     from safetensors.torch import load_file
 
-    iif = {"mode": "bottom", "p": 0.5, "precondition": "adam"}
-    sharded = run_fixed_rollouts(tmp_path, "fsdp2", iif, processes=2, fsdp2_layers=("GPT2Block",))
+    iif, run = {"mode": "bottom", "p": 0.5, "precondition": "adam"}, {"save_every": 1}
+    sharded = run_fixed_rollouts(tmp_path, "fsdp2", iif, 2, "--fsdp2", "GPT2Block", run=run)
     ddp = run_fixed_rollouts(tmp_path, "ddp", iif, processes=2)
     one = run_fixed_rollouts(tmp_path, "one", iif, processes=1)
     for k in (0, 1):
@@ -234,6 +237,16 @@ def test_fsdp2_scores_filters_and_trains_as_ddp(tmp_path, tiny_model_dir):
     assert saved.keys() == reference.keys()
     for name in saved:
         torch.testing.assert_close(saved[name], reference[name], rtol=1e-5, atol=1e-6)
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(sharded, resumed)
+    shutil.rmtree(resumed / "final")
+    (resumed / "metrics.jsonl").write_text((sharded / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+    run_fixed_rollouts(tmp_path, "resumed", iif, 2, "--fsdp2", "GPT2Block", "--resume", str(resumed / "checkpoint-1"),
+                       run=run)
+    again = torch.load(resumed / "weights_rank0.pt")
+    assert all(torch.equal(again[name], rank0[name]) for name in rank0)
+    assert (resumed / "metrics.jsonl").read_text() == (sharded / "metrics.jsonl").read_text()
 
 
 def test_two_processes_keeping_one_sample_do_not_deadlock(tmp_path, tiny_model_dir):
