@@ -48,6 +48,10 @@ def length_when_odd(prompts, completions, **kwargs):
     return [0.0 if int(p.split("+")[0]) % 2 == 0 else float(len(c)) for p, c in zip(prompts, completions)]
 
 
+def completion_length(prompts, completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+
 class RecordingTrainer(IIFGRPOTrainer):
     """Records every step's kept completions and their influence, by prompt and completion text, over all
     processes, and this process's (rows, kept rows) before the cut."""
@@ -92,6 +96,7 @@ def compare_data_parallelism(model_dir: Path, out: Path, processes: int, paralle
         grpo_setup.IIFGRPOTrainer = ShardedTrainer
     trainer = make_trainer(model_dir, out, model=model, max_steps=2,
                            per_device_train_batch_size=GLOBAL_BATCH // processes, rollout_func=fixed_completions,
+                           reward_funcs=[completion_length],  # differs within groups: nonzero scores
                            iif=GRPOIIFConfig(enabled=True, target_source="batch", folds=2, mode="bottom", p=0.5,
                                              precondition="adam"))
     trainer.train()
