@@ -150,18 +150,18 @@ class LayerGradientCapture:
             counted = groups.sum(dim=1).bool()[:, None, None]  # where, not a product: 0 · NaN would be NaN
             x, g = torch.where(counted, x, 0.0), torch.where(counted, g, 0.0)
             self._group_sums[weight_name] = torch.einsum("bk,bto,bti->koi", groups, g, x).reshape(
-                -1, *layer.weight.shape)
+                -1, *whole_shape(layer.weight))
             if bias_name is not None:
                 self._group_sums[bias_name] = groups.T @ g.sum(dim=1)
             return
         if self.target is None:
-            self._grads[weight_name] = torch.einsum("bto,bti->boi", g, x).reshape(-1, *layer.weight.shape)
+            self._grads[weight_name] = torch.einsum("bto,bti->boi", g, x).reshape(-1, *whole_shape(layer.weight))
             if bias_name is not None:
                 self._grads[bias_name] = g.sum(dim=1)
             return
         # ⟨Σ_t g_t x_tᵀ, V_k⟩ = Σ_t g_tᵀ V_k x_t, contracted without forming the [B, d_out, d_in] gradient.
         target = self.target[weight_name].to(device=x.device, dtype=torch.float32)
-        stacked = target.dim() > layer.weight.dim()
+        stacked = target.dim() > len(whole_shape(layer.weight))
         d_out, d_in = g.shape[-1], x.shape[-1]
         weight_target = target.reshape(-1, d_out, d_in)                                        # [K, d_out, d_in]
         n_targets = weight_target.shape[0]
@@ -254,6 +254,13 @@ def _parameters_of(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, 
     return {n: p for n, p in model.named_parameters() if id(p) in wanted}
 
 
+def whole_shape(param: torch.Tensor) -> torch.Size:
+    """A parameter's whole shape, however it is sharded: an FSDP2 DTensor reports it as its shape, while
+    DeepSpeed ZeRO-3 leaves an empty tensor outside a layer's passes and keeps the shape in ``ds_shape``.
+    Attribution reads no weight values, only these shapes, so it needs nothing gathered."""
+    return torch.Size(getattr(param, "ds_shape", param.shape))
+
+
 def grad_dot(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
     """Σ over parameters of ⟨a[name], b[name]⟩ for two gradients with the same keys (a scalar)."""
     return sum((a[n].float() * b[n].float()).sum() for n in a)
@@ -284,11 +291,12 @@ def _checked_target(target: dict, params: dict, names: list[str]) -> dict[str, t
     missing = [n for n in names if n not in target]
     if missing:
         raise KeyError(f"target has no tensor for {len(missing)} captured parameter(s), e.g. '{missing[0]}'")
-    stacked = {tuple(target[n].shape[:-params[n].dim()]) for n in names}
+    shapes = {n: tuple(whole_shape(params[n])) for n in names}
+    stacked = {tuple(target[n].shape[:-len(shapes[n])]) for n in names}
     for n in names:
-        if tuple(target[n].shape[-params[n].dim():]) != tuple(params[n].shape) or target[n].dim() > params[n].dim() + 1:
+        if tuple(target[n].shape[-len(shapes[n]):]) != shapes[n] or target[n].dim() > len(shapes[n]) + 1:
             raise ValueError(f"target['{n}'] has shape {tuple(target[n].shape)}; the parameter has "
-                             f"{tuple(params[n].shape)} (stack K targets as [K, *shape])")
+                             f"{shapes[n]} (stack K targets as [K, *shape])")
     if len(stacked) > 1:
         raise ValueError(f"target tensors stack different numbers of targets: {sorted(stacked)}")
     return {n: target[n] for n in names}

@@ -18,7 +18,7 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from llm_iif.attribution.gradients import LayerGradientCapture, scored_layers, scored_parameters
+from llm_iif.attribution.gradients import LayerGradientCapture, scored_layers, scored_parameters, whole_shape
 
 
 @dataclass
@@ -72,7 +72,7 @@ def target_gradient_parts(model: nn.Module, rows: TargetBatch, sequence_logprobs
     backward per chunk of rows; a NaN or inf row is left out by the hooks, not by a second pass, so every
     process runs the same passes (under FSDP2 each is a collective)."""
     named = scored_parameters(model)
-    totals = {name: torch.zeros(n_parts, *p.shape, dtype=torch.float32, device=rows.query_ids.device)
+    totals = {name: torch.zeros(n_parts, *whole_shape(p), dtype=torch.float32, device=rows.query_ids.device)
               for name, p in named.items()}
     left_out = 0
     with LayerGradientCapture(model, scored_layers(model)) as capture:
@@ -138,7 +138,7 @@ def cross_fitted_dots(model: nn.Module, loss_and_target: PerSampleLossAndTarget,
     in_target = torch.ones(batch_size, dtype=torch.bool)
     with LayerGradientCapture(model, scored_layers(model)) as capture:
         # a process without rows still joins the sum over processes
-        totals = {name: torch.zeros(n_folds, *p.shape, dtype=torch.float32, device=p.device)
+        totals = {name: torch.zeros(n_folds, *whole_shape(p), dtype=torch.float32, device=p.device)
                   for name, p in named.items()}
         for chunk in chunks:
             losses, target_terms = loss_and_target(model, chunk)
