@@ -13,8 +13,9 @@ hide in memory an earlier one left behind):
 - ``target``: the target gradient over the same rows (`target_gradient_parts`, two halves, as the stage);
 - ``score``: their influence scores against a target (`influence_scores`, one chunk of all rows).
 
-Each pass runs ``--repeats`` times in turn; the median rise counts. Prints rank 0's MB and the ratios target / train and score / train (rank 1 sees the same shapes), and the
-bytes of the model's weights each process holds. Scores and targets are exact under both (tested in
+Each pass runs ``--repeats`` times in turn; the median rise counts. Prints rank 0's MB and the ratios
+target / train and score / train (rank 1 sees the same shapes), and the bytes of the model's weights each
+process holds. Scores and targets are exact under both (tested in
 tests/training/test_trainer.py and tests/grpo/test_grpo_trainer.py); this measures memory only.
 """
 

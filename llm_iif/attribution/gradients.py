@@ -28,10 +28,10 @@ from torch import nn
 class LayerGradientCapture:
     """Capture per-sample gradients of the weights (and biases) of chosen ``nn.Linear`` / ``nn.Conv2d`` layers.
 
-    Use as a context manager around one forward pass and one ``loss.backward()`` (or `backward`) of a loss that sums
-    per-sample losses over the leading (batch) dimension of every captured layer's input. Linear inputs may
-    be [B, d] or [B, T, d]; positions whose output gradient is zero (padding, masked tokens) contribute
-    nothing. Conv2d layers must have groups = 1 and numeric padding.
+    Use as a context manager around one forward pass and one backward pass (``loss.backward()`` or `backward`)
+    of a loss that sums per-sample losses over the leading (batch) dimension of every captured layer's input.
+    Linear inputs may be [B, d] or [B, T, d]; positions whose output gradient is zero (padding, masked tokens)
+    contribute nothing. Conv2d layers must have groups = 1 and numeric padding.
 
     ``layers`` maps a layer's weight name (as in ``model.named_parameters()``) to the layer. With ``target``
     (a dict of the same parameter names to tensors of the parameters' shapes) the capture runs in streaming

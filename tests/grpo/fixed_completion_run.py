@@ -6,8 +6,9 @@ gradient accumulation, saving every completion's influence score.
 ``python tests/grpo/fixed_completion_run.py MODEL_DIR OUT_DIR PROCESSES [ddp|fsdp2]``, as one process or under
 ``accelerate launch``. With ``ddp`` or ``fsdp2``, only the first run, with Adam-preconditioned scores, on a
 LoRA adapter made here: under DDP, or sharded with FSDP2 around each GPT2Block (as Accelerate's FSDP2 plugin
-shards on GPUs), saving every completion's influence score too. Completions come from trl's ``rollout_func`` hook and depend only on the prompt and
-the completion's place in its group, so runs with different process counts train on the same completions.
+shards on GPUs), saving every completion's influence score too. Completions come from trl's ``rollout_func``
+hook and depend only on the prompt and the completion's place in its group, so runs with different process
+counts train on the same completions.
 """
 
 import gc
