@@ -3,10 +3,10 @@ then one step of DAPO with refill, saving how many rows each process kept; then,
 each normaliser: per completion, per micro-batch token mean rescaled, per batch token sum), one step with
 gradient accumulation, saving every completion's influence score.
 
-``python tests/grpo/fixed_completion_run.py MODEL_DIR OUT_DIR PROCESSES [ddp|fsdp2]``, as one process or under
-``accelerate launch``. With ``ddp`` or ``fsdp2``, only the first run, with Adam-preconditioned scores, on a
-LoRA adapter made here: under DDP, or sharded with FSDP2 around each GPT2Block (as Accelerate's FSDP2 plugin
-shards on GPUs), saving every completion's influence score too. Completions come from trl's ``rollout_func``
+``python tests/grpo/fixed_completion_run.py MODEL_DIR OUT_DIR PROCESSES [compare]``, as one process or under
+``accelerate launch``. With ``compare``, instead: two IIF steps with Adam-preconditioned scores on a LoRA
+adapter made here, under DDP into OUT_DIR/ddp and then sharded with FSDP2 around each GPT2Block (as
+Accelerate's FSDP2 plugin shards on GPUs) into OUT_DIR/fsdp2, saving every completion's influence score too. Completions come from trl's ``rollout_func``
 hook and depend only on the prompt and the completion's place in its group, so runs with different process
 counts train on the same completions.
 """
@@ -18,6 +18,7 @@ import zlib
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from accelerate.utils import gather_object
 import grpo_setup
 from grpo_setup import make_trainer
@@ -80,7 +81,7 @@ class ShardedTrainer(RecordingTrainer):
         pass
 
 
-def compare_data_parallelism(model_dir: Path, out: Path, processes: int, parallelism: str) -> None:
+def data_parallel_run(model_dir: Path, out: Path, processes: int, parallelism: str) -> None:
     """Two IIF steps on a LoRA adapter built here (the same initialisation for both kinds), under DDP or FSDP2;
     saves the kept completions, every completion's influence and this process's whole weights."""
     from peft import get_peft_model
@@ -89,12 +90,16 @@ def compare_data_parallelism(model_dir: Path, out: Path, processes: int, paralle
 
     from llm_iif.core.distributed import is_sharded, shard_with_fsdp2
 
+    for recorded in (RecordingTrainer.kept_by_step, RecordingTrainer.scores_by_step, RecordingTrainer.rows_by_step):
+        recorded.clear()
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), grpo_setup.lora_config())
+    grpo_setup.IIFGRPOTrainer = RecordingTrainer
     if parallelism == "fsdp2":
         shard_with_fsdp2(model, ["GPT2Block"], generating=model.get_base_model())
         model._is_accelerate_prepared = True  # no DDP wrap: Accelerate's own FSDP2 would not add one either
         grpo_setup.IIFGRPOTrainer = ShardedTrainer
+    out.mkdir(exist_ok=True)  # by every process
     trainer = make_trainer(model_dir, out, model=model, max_steps=2,
                            per_device_train_batch_size=GLOBAL_BATCH // processes, rollout_func=fixed_completions,
                            reward_funcs=[completion_length],  # differs within groups: nonzero scores
@@ -110,17 +115,17 @@ def compare_data_parallelism(model_dir: Path, out: Path, processes: int, paralle
     if trainer.accelerator.is_main_process:
         (out / "kept.json").write_text(json.dumps(RecordingTrainer.kept_by_step))
         (out / "scores.json").write_text(json.dumps(RecordingTrainer.scores_by_step))
-    accelerator = trainer.accelerator
     del trainer, model
     gc.collect()
-    accelerator.end_training()
 
 
 if __name__ == "__main__":
     model_dir, out, processes = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
     grpo_setup.IIFGRPOTrainer = RecordingTrainer  # make_trainer builds this subclass
-    if len(sys.argv) > 4:
-        compare_data_parallelism(model_dir, out, processes, sys.argv[4])
+    if sys.argv[4:] == ["compare"]:
+        for parallelism in ("ddp", "fsdp2"):
+            data_parallel_run(model_dir, out / parallelism, processes, parallelism)
+        PartialState().destroy_process_group()
         sys.exit(0)
     trainer = make_trainer(model_dir, out, max_steps=2, per_device_train_batch_size=GLOBAL_BATCH // processes,
                            rollout_func=fixed_completions,

@@ -516,16 +516,18 @@ def test_nan_reward_stops_training_after_the_patience(random_adder_dir, tmp_path
 
 
 # ----------------------------------------------------------------------------------------------- processes
-def run_fixed_completions(model_dir, out, processes, *parallelism):
+def run_fixed_completions(model_dir, out, processes, *mode):
+    """tests/grpo/fixed_completion_run.py, as one process or under `accelerate launch`; the kept completions
+    of its first run (none in ``compare`` mode, which writes into out/ddp and out/fsdp2)."""
     script = os.path.join(os.path.dirname(__file__), "fixed_completion_run.py")
     launch = launch_command(script, processes)
     out.mkdir()
-    proc = subprocess.run([*launch, str(model_dir), str(out), str(processes), *parallelism], capture_output=True,
+    proc = subprocess.run([*launch, str(model_dir), str(out), str(processes), *mode], capture_output=True,
                           text=True,
                           timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "1",
                                             "PYTHONPATH": os.path.dirname(__file__)})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((out / "kept.json").read_text())
+    return json.loads((out / "kept.json").read_text()) if not mode else None
 
 
 def test_two_processes_keep_what_one_keeps_and_end_with_identical_weights(random_adder_dir, tmp_path):
@@ -558,16 +560,16 @@ def test_fsdp2_scores_filters_and_trains_as_ddp(random_adder_dir, tmp_path):
     """2 CPU processes, the LoRA model sharded by FSDP2 around each GPT2Block: over 2 steps on fixed completions
     (the batch target; step 2 Adam-preconditioned) the same influence as DDP to 1e-5 of the largest score, the
     same kept completions, and the same weights after the 2 steps."""
-    sharded = run_fixed_completions(random_adder_dir, tmp_path / "fsdp2", 2, "fsdp2")
-    ddp = run_fixed_completions(random_adder_dir, tmp_path / "ddp", 2, "ddp")
+    run_fixed_completions(random_adder_dir, tmp_path / "runs", 2, "compare")
+    sharded, ddp = (json.loads((tmp_path / "runs" / run / "kept.json").read_text()) for run in ("fsdp2", "ddp"))
     assert len(sharded) == len(ddp) == 2 and sharded == ddp
-    scores = [json.loads((tmp_path / run / "scores.json").read_text()) for run in ("fsdp2", "ddp")]
+    scores = [json.loads((tmp_path / "runs" / run / "scores.json").read_text()) for run in ("fsdp2", "ddp")]
     for step_sharded, step_ddp in zip(*scores):
         assert [text for text, _ in step_sharded] == [text for text, _ in step_ddp] and len(step_ddp) == 16
         values, expected = (torch.tensor([v for _, v in step]) for step in (step_sharded, step_ddp))
         assert (expected != 0).sum() >= 8  # completions of groups whose rewards differ
         assert (values - expected).abs().max() <= 1e-5 * expected.abs().max()
-    rank0, rank1, reference = (torch.load(tmp_path / run / f"weights_rank{r}.pt")
+    rank0, rank1, reference = (torch.load(tmp_path / "runs" / run / f"weights_rank{r}.pt")
                                for run, r in (("fsdp2", 0), ("fsdp2", 1), ("ddp", 0)))
     for name in reference:
         assert torch.equal(rank0[name], rank1[name])

@@ -177,14 +177,31 @@ def records(run_dir, k):
     return pq.read_table(run_dir / "records" / f"round_{k:04d}.parquet").to_pydict()
 
 
+# Adam preconditioning scores round 1 against the optimiser's second moments, which FSDP2 keeps as shards.
+FIXED_ROLLOUT_IIF = {source: {"mode": "bottom", "p": 0.5, "target_source": source, "precondition": "adam"}
+                     for source in ("fresh", "batch")}
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory, tiny_model_dir):
+    """(2 processes under DDP, 1 process) on fixed rollouts for a target source, each pair run once per module."""
+    made = {}
+
+    def runs(target_source):
+        if target_source not in made:
+            base = tmp_path_factory.mktemp(target_source)
+            iif = FIXED_ROLLOUT_IIF[target_source]
+            made[target_source] = (run_fixed_rollouts(base, "two", iif, 2), run_fixed_rollouts(base, "one", iif, 1))
+        return made[target_source]
+    return runs
+
+
 @pytest.mark.parametrize("target_source", ["fresh", "batch"])
-def test_two_processes_filter_as_one_and_stay_in_step(tmp_path, tiny_model_dir, target_source):
+def test_two_processes_filter_as_one_and_stay_in_step(tmp_path, ddp_runs, target_source):
     """2 CPU processes with IIF on fixed rollouts: one global batch and one filtering decision, the same
     kept set as a single process, one set of metrics and one checkpoint, and identical LoRA weights on
     both ranks after 2 rounds. With the batch source, the folds follow the global row index."""
-    iif = {"mode": "bottom", "p": 0.5, "target_source": target_source}
-    two = run_fixed_rollouts(tmp_path, "two", iif, processes=2)
-    one = run_fixed_rollouts(tmp_path, "one", iif, processes=1)
+    two, one = ddp_runs(target_source)
 
     lines = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in lines] == [0, 1]
@@ -207,27 +224,26 @@ def test_two_processes_filter_as_one_and_stay_in_step(tmp_path, tiny_model_dir, 
     assert (two / "final" / "adapter_model.safetensors").is_file()
 
 
-def test_fsdp2_scores_filters_trains_and_resumes_as_ddp(tmp_path, tiny_model_dir):
+def test_fsdp2_scores_filters_trains_and_resumes_as_ddp(tmp_path, ddp_runs):
     """2 CPU processes with the policy sharded by FSDP2 (each GPT2Block, the LM, the root): the same influence
     as DDP and as one process (to 1e-5 of the largest score) with the fresh target and Adam preconditioning
     (round 1), the same kept set, and after 2 rounds the same LoRA weights as DDP, in memory and in the final
     checkpoint. Resumed from its round-1 checkpoint, the sharded run ends exactly where it did."""
     from safetensors.torch import load_file
 
-    iif, run = {"mode": "bottom", "p": 0.5, "precondition": "adam"}, {"save_every": 1}
+    iif, run = FIXED_ROLLOUT_IIF["fresh"], {"save_every": 1}
     sharded = run_fixed_rollouts(tmp_path, "fsdp2", iif, 2, "--fsdp2", "GPT2Block", run=run)
-    ddp = run_fixed_rollouts(tmp_path, "ddp", iif, processes=2)
-    one = run_fixed_rollouts(tmp_path, "one", iif, processes=1)
+    ddp, one = ddp_runs("fresh")
     for k in (0, 1):
-        by_prompt = {run.name: {p: (s, kept) for p, s, kept in zip(*(records(run, k)[c] for c in
-                                                                       ("prompt", "influence", "kept")))}
-                     for run in (sharded, ddp, one)}
-        assert by_prompt["fsdp2"].keys() == by_prompt["ddp"].keys() and len(by_prompt["ddp"]) == 8
-        scale = max(abs(score) for score, _ in by_prompt["ddp"].values())
-        for prompt, (score, kept) in by_prompt["ddp"].items():
+        by_run = {name: {p: (s, kept) for p, s, kept in zip(*(records(run, k)[c] for c in
+                                                               ("prompt", "influence", "kept")))}
+                  for name, run in (("fsdp2", sharded), ("ddp", ddp), ("one", one))}
+        assert by_run["fsdp2"].keys() == by_run["ddp"].keys() and len(by_run["ddp"]) == 8
+        scale = max(abs(score) for score, _ in by_run["ddp"].values())
+        for prompt, (score, kept) in by_run["ddp"].items():
             for other in ("fsdp2", "one") if k == 0 else ("fsdp2",):  # one process's round 1 starts elsewhere
-                assert by_prompt[other][prompt][1] == kept
-                assert abs(by_prompt[other][prompt][0] - score) <= 1e-5 * scale
+                assert by_run[other][prompt][1] == kept
+                assert abs(by_run[other][prompt][0] - score) <= 1e-5 * scale
     rank0, rank1, expected = (torch.load(run / f"weights_rank{r}.pt") for run, r in ((sharded, 0), (sharded, 1),
                                                                                       (ddp, 0)))
     for name in expected:
