@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
+from llm_iif.core.distributed import whole_tensor
 from llm_iif.core.errors import UserError
 
 Preconditioner = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
@@ -43,9 +43,7 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, parameters: dict[str, 
             return None
         group = group_of[id(param)]
         step = float(state["step"])
-        second_moment = state["exp_avg_sq"]
-        if isinstance(second_moment, DTensor):  # FSDP2 keeps this process's shard; the target is whole
-            second_moment = second_moment.full_tensor()
+        second_moment = whole_tensor(state["exp_avg_sq"])  # FSDP2 keeps this process's shard; the target is whole
         v_hat = second_moment.float() / (1.0 - group["betas"][1] ** step)
         scales[name] = 1.0 / (v_hat.sqrt() + group["eps"])
 

@@ -7,6 +7,7 @@ reduce to the identity, so single-process code runs the same path.
 from __future__ import annotations
 
 import gc
+import sys
 from contextlib import contextmanager
 
 import torch
@@ -81,9 +82,20 @@ def shard_with_fsdp2(model: nn.Module, layer_classes: list[str], generating: nn.
 
 def is_sharded(model: nn.Module) -> bool:
     """Whether ``model``'s parameters are FSDP2 shards (DTensors)."""
-    from torch.distributed.tensor import DTensor
+    return any(is_dtensor(p) for p in model.parameters())
 
-    return any(isinstance(p, DTensor) for p in model.parameters())
+
+def whole_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or the whole tensor gathered from an FSDP2 DTensor's shards (then every process must call
+    this)."""
+    return tensor.full_tensor() if is_dtensor(tensor) else tensor
+
+
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    # Nothing is a DTensor until FSDP2 has imported the module; importing it here would add half a second to
+    # every start.
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(tensor, dtensor.DTensor)
 
 
 def whole_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:

@@ -85,10 +85,9 @@ def data_parallel_run(model_dir: Path, out: Path, processes: int, parallelism: s
     """Two IIF steps on a LoRA adapter built here (the same initialisation for both kinds), under DDP or FSDP2;
     saves the kept completions, every completion's influence and this process's whole weights."""
     from peft import get_peft_model
-    from torch.distributed.tensor import DTensor
     from transformers import AutoModelForCausalLM
 
-    from llm_iif.core.distributed import is_sharded, shard_with_fsdp2
+    from llm_iif.core.distributed import is_sharded, shard_with_fsdp2, whole_tensor
 
     for recorded in (RecordingTrainer.kept_by_step, RecordingTrainer.scores_by_step, RecordingTrainer.rows_by_step):
         recorded.clear()
@@ -109,8 +108,7 @@ def data_parallel_run(model_dir: Path, out: Path, processes: int, parallelism: s
     assert is_sharded(trainer.model) == (parallelism == "fsdp2")
     preconditioned = [e["iif/preconditioned"] for e in trainer.state.log_history if "iif/preconditioned" in e]
     assert preconditioned == [0, 1], preconditioned  # no Adam state before the first step
-    weights = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
-               for n, p in trainer.model.named_parameters() if p.requires_grad}
+    weights = {n: whole_tensor(p).detach().cpu() for n, p in trainer.model.named_parameters() if p.requires_grad}
     torch.save(weights, out / f"weights_rank{trainer.accelerator.process_index}.pt")
     if trainer.accelerator.is_main_process:
         (out / "kept.json").write_text(json.dumps(RecordingTrainer.kept_by_step))

@@ -11,9 +11,8 @@ import argparse
 from pathlib import Path
 
 import torch
-from torch.distributed.tensor import DTensor
 
-from llm_iif.core.distributed import is_sharded
+from llm_iif.core.distributed import is_sharded, whole_tensor
 from llm_iif.training import build_trainer
 from llm_iif.core.config import load_recipe
 from llm_iif.lm.generation import tokenize_pairs
@@ -36,8 +35,7 @@ if __name__ == "__main__":
     policy = trainer.accelerator.unwrap_model(trainer.policy)
     assert is_sharded(policy) == bool(args.fsdp2)
     assert [m.get("preconditioned", 0) for m in history] == [0, int(trainer.recipe.iif.precondition == "adam")]
-    weights = {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()  # FSDP2: gather shards
-               for name, p in policy.named_parameters() if p.requires_grad}
+    weights = {name: whole_tensor(p).detach().cpu() for name, p in policy.named_parameters() if p.requires_grad}
     accelerator = trainer.accelerator
     torch.save(weights, args.out_dir / f"weights_rank{accelerator.process_index}.pt")
     del trainer, policy  # released before the process group is destroyed, as llm-iif train does
