@@ -33,6 +33,9 @@ from pathlib import Path
 
 import torch
 
+from llm_iif.core.distributed import is_dtensor, shard_with_fsdp2
+from llm_iif.core.tokens import response_logprobs
+
 SIZES = {"batch": (4, 16), "sequence": (64, 256), "rank": (8, 64)}
 PASSES = ("train", "target", "score")
 
@@ -61,7 +64,7 @@ def measure(layers: int, width: int, repeats: int) -> None:
         for rank in SIZES["rank"]:
             model = lora_model(layers, width, rank)
             wrapped = shard(model, parallelism)
-            held = sum(local_tensor(p).numel() * p.element_size() for p in model.parameters())
+            held = sum((p.to_local() if is_dtensor(p) else p).numel() * p.element_size() for p in model.parameters())
             for batch, sequence in itertools.product(SIZES["batch"], SIZES["sequence"]):
                 ids = torch.randint(0, 512, (batch, sequence), generator=torch.Generator().manual_seed(batch))
                 rises = {name: [] for name in PASSES}
@@ -91,16 +94,10 @@ def lora_model(layers: int, width: int, rank: int) -> torch.nn.Module:
 
 def shard(model: torch.nn.Module, parallelism: str) -> torch.nn.Module:
     """The module a training step calls: DDP around ``model``, or ``model`` itself sharded in place."""
-    from llm_iif.core.distributed import shard_with_fsdp2
-
     if parallelism == "ddp":
         return torch.nn.parallel.DistributedDataParallel(model)
     shard_with_fsdp2(model, ["GPT2Block"], generating=model.get_base_model())
     return model
-
-
-def local_tensor(param: torch.Tensor) -> torch.Tensor:
-    return param.to_local() if hasattr(param, "to_local") else param
 
 
 def run_pass(name: str, wrapped: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor) -> None:
@@ -128,8 +125,7 @@ def token_logprobs(model, query_ids, query_mask, response_ids, response_mask) ->
     """[b, T] log π(y_t | x, y_<t) of the responses."""
     ids = torch.cat([query_ids, response_ids], dim=1)
     logits = model(input_ids=ids, attention_mask=torch.cat([query_mask, response_mask], dim=1)).logits
-    logprobs = logits[:, query_ids.shape[1] - 1:-1].log_softmax(-1)
-    return logprobs.gather(-1, response_ids[..., None]).squeeze(-1)
+    return response_logprobs(logits, response_ids, temperature=1.0)
 
 
 def peak_rise(run) -> int:

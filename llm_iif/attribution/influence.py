@@ -71,20 +71,32 @@ def target_gradient_parts(model: nn.Module, rows: TargetBatch, sequence_logprobs
     over the parameters, so they are whole tensors even when the parameters are FSDP2 shards. One forward and
     backward per chunk of rows; a NaN or inf row is left out by the hooks, not by a second pass, so every
     process runs the same passes (under FSDP2 each is a collective)."""
-    named = scored_parameters(model)
-    totals = {name: torch.zeros(n_parts, *whole_shape(p), dtype=torch.float32, device=rows.query_ids.device)
-              for name, p in named.items()}
+    totals = _zero_group_sums(model, n_parts)
     left_out = 0
     with LayerGradientCapture(model, scored_layers(model)) as capture:
         for chunk in torch.split(torch.arange(len(rows), device=rows.query_ids.device), chunk_size):
             terms = _target_terms(model, rows, sequence_logprobs, chunk)
-            finite = torch.isfinite(terms.detach()).cpu()
-            left_out += int((~finite).sum())
-            capture.sum_by_group(part[chunk.cpu()].where(finite, -1), n_parts)
-            capture.backward(terms.sum())
-            sums = capture.group_sums()
-            totals = {name: totals[name] + sums[name].to(totals[name]) for name in totals}
+            left_out += int((~_add_group_sums(capture, totals, terms, part[chunk.cpu()], n_parts)).sum())
     return [{name: t[j] for name, t in totals.items()} for j in range(n_parts)], left_out
+
+
+def _zero_group_sums(model: nn.Module, n_groups: int) -> dict[str, torch.Tensor]:
+    """{name: zeros [n_groups, *param.shape]} (fp32) over the scored parameters, whole however they are sharded."""
+    return {name: torch.zeros(n_groups, *whole_shape(p), dtype=torch.float32, device=p.device)
+            for name, p in scored_parameters(model).items()}
+
+
+def _add_group_sums(capture: LayerGradientCapture, totals: dict[str, torch.Tensor], terms: torch.Tensor,
+                    groups: torch.Tensor, n_groups: int, retain_graph: bool = False) -> torch.Tensor:
+    """Add the gradients of ``terms`` [b] (one forward's target terms), summed by ``groups`` [b], to ``totals``
+    in place, leaving out the terms that are NaN or inf (no second pass: every process runs the same passes);
+    returns [b] bool (CPU), the terms that counted."""
+    finite = torch.isfinite(terms.detach()).cpu()
+    capture.sum_by_group(groups.where(finite, -1), n_groups)
+    capture.backward(terms.sum(), retain_graph=retain_graph)
+    for name, sums in capture.group_sums().items():
+        totals[name] += sums
+    return finite
 
 
 def _target_terms(model: nn.Module, rows: TargetBatch, sequence_logprobs: SequenceLogprobs,
@@ -132,21 +144,15 @@ def cross_fitted_dots(model: nn.Module, loss_and_target: PerSampleLossAndTarget,
     ``fold`` [B] gives each row's fold. When the batch fits one chunk, one forward serves both backward
     passes: the target terms' (summed per fold by the hooks), then the losses' (scored against the stacked
     G_j). Otherwise the chunks run forward twice, once per backward."""
-    named = scored_parameters(model)
     chunks = torch.split(torch.arange(batch_size, device=device), chunk_size)
     fused = len(chunks) == 1
     in_target = torch.ones(batch_size, dtype=torch.bool)
     with LayerGradientCapture(model, scored_layers(model)) as capture:
-        # a process without rows still joins the sum over processes
-        totals = {name: torch.zeros(n_folds, *whole_shape(p), dtype=torch.float32, device=p.device)
-                  for name, p in named.items()}
+        totals = _zero_group_sums(model, n_folds)  # a process without rows still joins the sum over processes
         for chunk in chunks:
             losses, target_terms = loss_and_target(model, chunk)
-            in_target[chunk.cpu()] = torch.isfinite(target_terms.detach()).cpu()
-            capture.sum_by_group(fold[chunk.cpu()].where(in_target[chunk.cpu()], -1), n_folds)
-            capture.backward(target_terms.sum(), retain_graph=fused)  # fused: the losses reuse it
-            sums = capture.group_sums()
-            totals = {name: totals[name] + sums[name] for name in totals}
+            in_target[chunk.cpu()] = _add_group_sums(capture, totals, target_terms, fold[chunk.cpu()], n_folds,
+                                                     retain_graph=fused)  # fused: the losses reuse the graph
         parts = sum_over_processes([{name: t[j] for name, t in totals.items()} for j in range(n_folds)])
         capture.score_against({name: torch.stack([part[name] for part in parts]) for name in parts[0]})
         dots = [torch.zeros(0, n_folds, device=device)]

@@ -41,6 +41,14 @@ def sharding_refusal(accelerator: Accelerator) -> str | None:
     return None
 
 
+def check_scoring_supported(accelerator: Accelerator) -> None:
+    """`UserError` naming the launch setting when influence scoring cannot run under this launch
+    (`sharding_refusal`); callers skip the check when nothing is scored (``iif.mode: random``)."""
+    refusal = sharding_refusal(accelerator)
+    if refusal:
+        raise UserError(f"{refusal} (or set iif.mode: random)")
+
+
 def fsdp2_layer_classes(accelerator: Accelerator) -> list[str] | None:
     """The decoder layer classes an FSDP2 launch shards (``fsdp_transformer_layer_cls_to_wrap``), or None for a
     launch without FSDP2."""

@@ -41,7 +41,7 @@ from llm_iif.attribution.influence import TargetBatch, preference_target_rows
 from llm_iif.attribution.precondition import adam_preconditioner, check_second_moments
 from llm_iif.attribution.stage import IIFStage
 from llm_iif.core.config import GRPOIIFConfig
-from llm_iif.core.distributed import sharding_refusal
+from llm_iif.core.distributed import check_scoring_supported
 from llm_iif.core.errors import UserError, first_line
 from llm_iif.core.guards import NonfiniteGuard
 from llm_iif.grpo.groups import max_variance_subsets, subset_advantages, varied_groups
@@ -159,9 +159,8 @@ class IIFGRPOTrainer(GRPOTrainer):
                                 f"{self.num_generations})")
             if iif is None:
                 return
-        refusal = sharding_refusal(self.accelerator)
-        if refusal and iif.mode != "random":
-            raise UserError(f"{refusal} (or set iif.mode: random)")
+        if iif.mode != "random":
+            check_scoring_supported(self.accelerator)
         if iif.target_source not in ("batch", "fresh"):
             raise UserError(f"iif.target_source: '{iif.target_source}' is not available for GRPO "
                             "(expected batch or fresh)")

@@ -17,7 +17,7 @@ from accelerate.utils import set_seed
 from llm_iif.attribution.stage import IIFStage
 from llm_iif.core import ppo
 from llm_iif.core.config import Recipe
-from llm_iif.core.distributed import fsdp2_layer_classes, shard_with_fsdp2, sharding_refusal
+from llm_iif.core.distributed import check_scoring_supported, fsdp2_layer_classes, shard_with_fsdp2
 from llm_iif.core.errors import UserError
 from llm_iif.core.guards import NonfiniteGuard
 from llm_iif.core.paths import RunPaths
@@ -143,6 +143,5 @@ def check_distributed_support(accelerator: Accelerator, recipe: Recipe) -> None:
     if recipe.iif.lds_rounds and accelerator.num_processes > 1:
         raise UserError(f"iif.lds_rounds: the LDS check runs in one process; this launch has "
                         f"{accelerator.num_processes} (launch one process, or set iif.lds_rounds: [])")
-    refusal = sharding_refusal(accelerator)
-    if refusal and recipe.iif.enabled and recipe.iif.mode != "random":
-        raise UserError(f"{refusal} (or set iif.mode: random)")
+    if recipe.iif.enabled and recipe.iif.mode != "random":
+        check_scoring_supported(accelerator)

@@ -317,11 +317,12 @@ class PPOTrainer:
         acc = self.accelerator
         state = run_state.load_checked(checkpoint, self.outputs.paths, self.recipe, acc.num_processes)
         policy = acc.unwrap_model(self.policy)
-        if state.get("fsdp2", False) != is_sharded(policy):  # their optimiser states are laid out differently
-            written, now = (("an FSDP2", "a DDP or single-process") if state.get("fsdp2", False)
-                            else ("a DDP or single-process", "an FSDP2"))
-            raise UserError(f"{checkpoint}: written by {written} launch; resume it with one like it, not {now} one")
-        if is_sharded(policy):
+        sharded = is_sharded(policy)
+        if state.get("fsdp2", False) != sharded:  # their optimiser states are laid out differently
+            kind = {True: "an FSDP2", False: "a DDP or single-process"}
+            raise UserError(f"{checkpoint}: written by {kind[not sharded]} launch; resume it with one like it, "
+                            f"not {kind[sharded]} one")
+        if sharded:
             load_whole_state(policy, self.optimizer, state["trainable"], state["optimizer"])
         else:
             with torch.no_grad():

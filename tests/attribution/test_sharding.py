@@ -7,6 +7,7 @@ import torch
 
 from llm_iif.attribution.gradients import lora_layers, lora_parameters
 from llm_iif.attribution.influence import TargetBatch, influence_scores, target_gradient_parts
+from llm_iif.core.tokens import response_logprobs
 from test_gradients import left_padded_batch, per_sample_losses, tiny_lora_model
 
 
@@ -36,8 +37,7 @@ class PartitionedLikeZero3:
 
 def sequence_logprobs(model, query_ids, query_mask, response_ids, response_mask):
     ids, mask = torch.cat([query_ids, response_ids], dim=1), torch.cat([query_mask, response_mask], dim=1)
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, query_ids.shape[1] - 1:-1]
-    return logits.log_softmax(-1).gather(-1, response_ids[..., None]).squeeze(-1)
+    return response_logprobs(model(input_ids=ids, attention_mask=mask).logits, response_ids, temperature=1.0)
 
 
 def attribution(model, ids, mask, weights):

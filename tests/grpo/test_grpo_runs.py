@@ -167,10 +167,10 @@ def test_unsupported_sharded_launches_are_refused_with_iif(random_adder_dir, tmp
     from grpo_setup import make_trainer
 
     from llm_iif.core.config import GRPOIIFConfig
-    from llm_iif.grpo import trainer as grpo_trainer
+    from llm_iif.core import distributed
 
     refusal = "DeepSpeed ZeRO-3 (zero_stage: 3) is not supported with influence scoring; use FSDP2, DDP or ZeRO-2"
-    monkeypatch.setattr(grpo_trainer, "sharding_refusal", lambda accelerator: refusal)
+    monkeypatch.setattr(distributed, "sharding_refusal", lambda accelerator: refusal)
     with pytest.raises(UserError, match=re.escape(f"{refusal} (or set iif.mode: random)")):
         make_trainer(random_adder_dir, tmp_path, iif=GRPOIIFConfig(enabled=True))
     make_trainer(random_adder_dir, tmp_path, iif=GRPOIIFConfig(enabled=True, mode="random", p=0.5))
