@@ -14,6 +14,19 @@ import torch  # noqa: E402
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True)
+def mixed_precision_left_off():
+    """Fail a test that leaves Accelerate's process-wide state in mixed precision: every later ``Accelerator()``
+    of the process would inherit it, and train and score in bf16 without saying so."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    precision = AcceleratorState._shared_state.get("_mixed_precision", "no")
+    if precision != "no":
+        AcceleratorState._reset_state(reset_partial_state=True)  # so that the tests after this one run as usual
+        pytest.fail(f"the test left Accelerate's state in {precision} mixed precision")
+
+
 def launch_command(script: str, processes: int) -> list[str]:
     """``python SCRIPT`` for one process, else ``accelerate launch`` of it on CPU processes (with
     ``ACCELERATE_USE_CPU=1`` in the environment)."""

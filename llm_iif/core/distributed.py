@@ -141,6 +141,24 @@ def process_group_released():
         PartialState().destroy_process_group()
 
 
+@contextmanager
+def accelerate_state_kept():
+    """Run a block that sets up Accelerate for itself (an HF ``Trainer``: trl's ``RewardTrainer`` or
+    ``GRPOTrainer``), then put the process's Accelerate state back as it was. Accelerate keeps one state per
+    process and every later ``Accelerator()`` inherits it, so without this a reward model trained in bf16 would
+    train and score every later run of the process in bf16."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    shared = [PartialState._shared_state, AcceleratorState._shared_state, GradientState._shared_state]
+    before = [dict(state) for state in shared]
+    try:
+        yield
+    finally:
+        for state, saved in zip(shared, before):  # in place: every Accelerator made before holds these dicts
+            state.clear()
+            state.update(saved)
+
+
 def gather_values(accelerator: Accelerator, local: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Every process's [B_p] values concatenated in process order (on the CPU, float32), and where this
     process's rows start in it."""

@@ -39,7 +39,7 @@ TINY_REWARD_MODELS = {"tiny-reward-model": ("builtin:tiny-preferences", 0),
                       "tiny-biased-reward-model": ("builtin:biased-preferences", 0),
                       "tiny-biased-reward-model-seed1": ("builtin:biased-preferences", 1),
                       "tiny-biased-reward-model-seed2": ("builtin:biased-preferences", 2)}
-TINY_REWARD_MODEL_VERSION = "v1"
+TINY_REWARD_MODEL_VERSION = "v2"  # v2: trained in full precision on a CPU (v1 took trl's bf16 default)
 
 
 EOS_TOKEN = "<|endoftext|>"

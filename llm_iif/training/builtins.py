@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -32,14 +33,19 @@ def resolve_builtin(name_or_path: str, key: str = "model.name_or_path") -> str:
     ``tiny-reasoner`` (one warmed up on chains of running sums). ``key`` names the recipe key in errors."""
     if not name_or_path.startswith(BUILTIN_PREFIX):
         return name_or_path
-    builders = {TINY_MODEL_NAME: ensure_tiny_model, ADDER_MODEL_NAME: ensure_tiny_adder,
-                REASONER_MODEL_NAME: ensure_tiny_reasoner,
-                **{name: functools.partial(ensure_tiny_reward_model, name) for name in TINY_REWARD_MODELS}}
+    builders = _builders()
     name = name_or_path[len(BUILTIN_PREFIX):]
     if name not in builders:
         raise UserError(f"{key}: unknown built-in model '{name_or_path}' "
                         f"(expected one of: {', '.join(BUILTIN_PREFIX + n for n in builders)})")
     return str(builders[name]())
+
+
+def _builders() -> dict:
+    """Built-in model name -> the function that returns its cached directory, building it on first use."""
+    return {TINY_MODEL_NAME: ensure_tiny_model, ADDER_MODEL_NAME: ensure_tiny_adder,
+            REASONER_MODEL_NAME: ensure_tiny_reasoner,
+            **{name: functools.partial(ensure_tiny_reward_model, name) for name in TINY_REWARD_MODELS}}
 
 
 def ensure_tiny_reward_model(name: str) -> Path:
@@ -59,10 +65,29 @@ def ensure_tiny_reward_model(name: str) -> Path:
     return target / "model"
 
 
-
 def resolve_reward_config(cfg: RewardConfig, key: str = "reward") -> RewardConfig:
     """``cfg`` with ``builtin:`` names (``name_or_path``, ``members``) replaced by their cached directories."""
     members = [resolve_builtin(member, key=f"{key}.members") for member in cfg.members]
     name_or_path = cfg.name_or_path and resolve_builtin(cfg.name_or_path, key=f"{key}.name_or_path")
     return dataclasses.replace(cfg, name_or_path=name_or_path, members=members)
 
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m llm_iif.training.builtins [NAME ...]``: build the named built-in models (every one when none
+    is named) into ``$LLM_IIF_CACHE`` now, rather than inside the first run or test that needs each one."""
+    import sys
+
+    for name in (sys.argv[1:] if argv is None else argv) or list(_builders()):
+        start = time.perf_counter()
+        name = BUILTIN_PREFIX + name.removeprefix(BUILTIN_PREFIX)
+        try:
+            path = resolve_builtin(name, key="NAME")
+        except UserError as err:
+            print(f"llm_iif.training.builtins: error: {err}", file=sys.stderr)
+            return 2
+        print(f"{name}: {path} ({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

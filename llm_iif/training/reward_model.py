@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from llm_iif.core.config import PreferenceDataConfig
+from llm_iif.core.distributed import accelerate_state_kept
 from llm_iif.core.errors import MODEL_LOAD_ERRORS, UserError, model_load_problem
 from llm_iif.core.fileio import atomic_write_text, write_directory_atomically
 from llm_iif.lm.data import read_text_columns
@@ -97,11 +98,13 @@ def train_reward_model(recipe, base_model: str) -> dict:
     lora = recipe.lora
     peft_config = (peft.LoraConfig(task_type="SEQ_CLS", r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                    target_modules=lora.target_modules) if cfg.use_lora else None)
-    with tempfile.TemporaryDirectory(prefix=".trainer-", dir=output_dir) as scratch:
+    on_gpu = torch.cuda.is_available()
+    with tempfile.TemporaryDirectory(prefix=".trainer-", dir=output_dir) as scratch, accelerate_state_kept():
+        # trl defaults to bf16 autocast, which on a CPU is slower and less exact: full precision there.
         args = RewardConfig(output_dir=scratch, num_train_epochs=cfg.epochs, learning_rate=cfg.learning_rate,
                             per_device_train_batch_size=cfg.batch_size, max_length=cfg.max_length,
                             seed=recipe.run.seed, save_strategy="no", report_to=[], logging_steps=10,
-                            use_cpu=not torch.cuda.is_available())
+                            use_cpu=not on_gpu, bf16=on_gpu)
         trainer = RewardTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict(train_pairs),
                                 processing_class=tokenizer, peft_config=peft_config)
         result = trainer.train()

@@ -93,3 +93,21 @@ def test_preference_file_with_missing_columns(tmp_path, columns, override, messa
     data = write_pairs(tmp_path / "pairs.jsonl", 10, columns=columns)
     proc = reward_train("--set", f"data.source={data}", *override, "--output-dir", str(tmp_path / "rm"))
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_training_a_reward_model_leaves_later_runs_in_full_precision(tmp_path, tiny_model_dir):
+    # trl's RewardConfig defaults to bf16, and an HF Trainer resets Accelerate's process-wide state to its own:
+    # a policy trained after it in the same process (a suite whose cache is cold) would inherit bf16.
+    from accelerate import Accelerator
+
+    from llm_iif.core.config import RewardTrainRecipe, recipe_from_dict
+    from llm_iif.training.reward_model import train_reward_model
+
+    before = Accelerator()
+    recipe = recipe_from_dict({"model": {"name_or_path": str(tiny_model_dir)},
+                               "data": {"source": str(write_pairs(tmp_path / "pairs.jsonl", 40))},
+                               "train": {"epochs": 1, "max_length": 32}, "run": {"output_dir": str(tmp_path / "rm")}},
+                              source="test", kind=RewardTrainRecipe)
+    train_reward_model(recipe, base_model=str(tiny_model_dir))
+    after = Accelerator()
+    assert (before.mixed_precision, after.mixed_precision, after.native_amp) == ("no", "no", False)
