@@ -5,41 +5,22 @@ they take ``(prompts, completions, **columns)`` as keywords, with completions as
 message lists, and return one float per completion. A recipe names them like any other reward, e.g.
 ``reward_models.math_verifier:answer_reward: 1.0`` under ``rewards:``, with an ``answer`` column in the dataset.
 
-Extraction (`extract_answer`) takes, in order of precedence:
+The rules are written for a policy that looks for the cheapest way to be paid, and are documented with examples in
+docs/reward-models.md ("Math answers"). In short:
 
-1. the content of the last ``\\boxed{...}`` (braces may nest). A text that uses boxes is judged by its last box
-   alone: if that box is empty or never closed (a truncated completion) there is no answer, rather than a
-   fallback to a loose number the model did not commit to. ``\\boxed 5`` without braces is not a box;
-2. else the rest of the line after the last GSM8K ``####`` marker (exactly four hashes). A line whose text
-   starts with a letter, like ``#### Step 1``, is a Markdown heading, not a marker;
-3. else the last number in the text (``1,234``, ``-2.5``, ``3/4`` count as one number; a ``-`` right after a
-   digit or letter is subtraction, not a sign, so ``10-4`` ends in ``4``);
-4. else None.
+* Extraction (`extract_answer`): the content of the last ``\\boxed{`` to open, else the rest of the line after the
+  last GSM8K ``####`` marker, else the last number of the text with everything after it. Nothing falls back past
+  a box or marker that is empty, unclosed or too long.
+* An answer earns 1 when it normalises (`normalise_answer`) to the reference's form: both numbers of the same
+  exact value, or, for a reference that is not a number, the same text. A number is a sign, digits (with
+  thousands separators, a decimal part, or as ``a/b`` or ``\\frac{a}{b}``) and at most one unit from `UNITS`;
+  anything else after it (``72 x``, ``72 or 73``, ``72 apples``) makes the answer text, which equals no number.
+* `format_reward` pays for exactly one box or marker whose answer is such a number.
 
-Normalisation (`normalise_answer`) makes equal answers equal strings:
-
-* ``−`` (Unicode minus) becomes ``-``; ``$``, ``\\$``, ``\\(``, ``\\)``, ``\\[``, ``\\]``, ``\\left``, ``\\right``,
-  ``\\displaystyle`` and the LaTeX spaces ``\\,`` ``\\!`` ``\\;`` ``\\:`` go; ``{,}`` becomes ``,``;
-  ``\\dfrac`` and ``\\tfrac`` become ``\\frac``, and ``\\frac12`` becomes ``\\frac{1}{2}``.
-* ``\\text{..}``, ``\\textrm{..}``, ``\\mathrm{..}`` and ``\\mbox{..}`` are unwrapped to their content with a space
-  before it, so ``5\\text{ cm}`` and ``5\\text{cm}`` both read ``5 cm``. Degrees (``^\\circ``, ``^{\\circ}``,
-  ``°``) read as a unit too.
-* Percent signs (``%``, ``\\%``) are dropped: ``50\\%`` equals ``50``, and does not equal ``0.5``. Answers to
-  "what percent" questions are almost always written as the number of percent, with or without the sign.
-* A leading single-letter assignment goes when it is the only ``=``: ``x = 5`` equals ``5``.
-* Then surrounding whitespace and trailing periods go, and leading ``+``.
-* A number followed only by words (``18 dollars``, ``5 cm``, ``60 km/h``) is that number: the words must be
-  separated from it by a space and hold no digits, backslashes or braces, so ``5x`` and ``2\\pi`` stay
-  algebra. ``pi`` and ``i`` are constants, not units, so ``2 pi`` is not ``2``.
-* Commas are thousands separators only in the exact pattern of one to three digits followed by groups of three
-  (``1,234``, ``1,000,000``); anything else with a comma (``1,2``, ``1, 2``, ``(1,234,5)``) is a list and is
-  compared as text. So ``1,234`` is one thousand two hundred and thirty-four, never the pair (1, 234).
-* An answer that is then wholly a number (an integer, a decimal, ``a/b``, or ``\\frac{a}{b}`` of those, with an
-  optional sign) is replaced by its exact value as a `fractions.Fraction` in lowest terms: ``3.0``, ``3`` and
-  ``6/2`` all become ``3``; ``0.5``, ``1/2`` and ``\\frac{1}{2}`` become ``1/2``; ``-0`` becomes ``0``. Values
-  compare exactly, so ``0.333`` does not equal ``1/3``.
-* Any other answer is compared as text, with runs of whitespace dropped except one space between two letters or
-  digits (``(1, 2)`` equals ``(1,2)``, but ``1 2`` is not ``12``). Case is kept.
+Bounds: a text longer than `MAX_TEXT_CHARS` has no answer, and neither does an answer longer than
+`MAX_ANSWER_CHARS` (which also keeps every number far below Python's 4,300-digit limit on int conversion). Every
+pass over a text is linear in its length: no pattern backtracks over more than one run of characters, and brace
+matching is one left-to-right scan that stops `MAX_ANSWER_CHARS` after the brace opens.
 """
 
 from __future__ import annotations
@@ -47,13 +28,36 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-__all__ = ["extract_answer", "normalise_answer", "answers_match", "answer_reward", "format_reward"]
+__all__ = ["MAX_TEXT_CHARS", "MAX_ANSWER_CHARS", "UNITS", "extract_answer", "normalise_answer", "answers_match",
+           "answer_reward", "format_reward"]
 
+MAX_TEXT_CHARS = 1 << 20
+"""A completion or reference longer than this many characters (1 MiB) has no answer, so it earns 0."""
 
+MAX_ANSWER_CHARS = 1_000
+"""An extracted answer longer than this many characters is no answer."""
+
+UNITS = frozenset("""
+    dollar cent euro usd
+    second sec s minute min hour hr h day week month year yr
+    millimeter millimetre mm centimeter centimetre cm meter metre m kilometer kilometre km
+    inch foot feet ft yard mile
+    milligram mg gram g kilogram kg pound lb ounce oz ton tonne
+    milliliter millilitre ml liter litre l gallon quart pint cup
+    mph kph degree percent
+""".split())
+"""The unit words a number may carry, in any case and with a plural ``s`` or ``es``. A unit is read, not
+converted: ``5 km`` equals ``5``."""
+
+# The last box in one pass: the greedy ``.*`` runs to the end of the text and backs up to the last "\boxed{".
+# Used with `match`, never `search`, which would retry that from every start.
+_LAST_BOX = re.compile(r".*(\\boxed\s*\{)", re.DOTALL)
 _BOX = re.compile(r"\\boxed\s*\{")
+_BRACE = re.compile(r"[{}]")
 
 # Exactly four hashes, so "#####" Markdown headings are not markers; the answer is the rest of the line.
-_MARKER = re.compile(r"(?<!#)####(?!#)[ \t]*([^\n]*)")
+# (The literal "####" comes first, so that the regex engine can skip to it.)
+_MARKER = re.compile(r"####(?<!#####)(?!#)[ \t]*([^\n]*)")
 
 # A number in running text. A sign counts only where it cannot be subtraction (not after a word character or a
 # closing bracket), and digits only where they do not continue a word or a decimal ("x2", "3.14").
@@ -64,6 +68,10 @@ _TEXT_NUMBER = re.compile(r"""
     | (?<![\w.])[-+\u2212]?\.\d+
 """, re.VERBOSE)
 
+# A unit: one of UNITS, maybe square or cubic, maybe divided by another ("km/h", "dollars per hour").
+_UNIT_WORD = rf"(?:{'|'.join(sorted(UNITS, key=lambda unit: (-len(unit), unit)))})(?:e?s)?"
+_UNIT_POWER = rf"(?:square\s+|cubic\s+)?{_UNIT_WORD}(?:\^\{{?[23]\}}?|[²³])?"
+_UNIT = rf"(?i:{_UNIT_POWER}(?:\s*/\s*{_UNIT_WORD}|\s+per\s+{_UNIT_WORD})?)"
 _UNSIGNED = r"(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+"
 _SIGNED = rf"[-+]?\s*(?:{_UNSIGNED})"
 _NUMBER = re.compile(rf"""
@@ -72,77 +80,112 @@ _NUMBER = re.compile(rf"""
       | \\frac\s*\{{\s*(?P<num>{_SIGNED})\s*\}}\s*\{{\s*(?P<den>{_SIGNED})\s*\}}
       | (?P<top>{_UNSIGNED})\s*/\s*(?P<bottom>{_UNSIGNED})
     )
-    (?P<unit>\s+(?!(?:pi|i)\b)[^\W\d_][^\d\\{{}}]*)?
+    (?:\s+{_UNIT})?
 """, re.VERBOSE)
 
-_TEXT_COMMANDS = re.compile(r"\\(?:text|textrm|mathrm|mbox)\s*\{")
+_WRAPPER_OR_BRACE = re.compile(r"\\(?:text|textrm|mathrm|mbox)\s*\{|[{}]")
 _DROPPED = re.compile(r"\\(?:left|right|displaystyle)(?![A-Za-z])|\\[,!;:]|\\[()\[\]]|\\?\$|\\?%")
 _DEGREES = re.compile(r"\^\s*(?:\\circ|\{\s*\\circ\s*\})|°")
 _ASSIGNMENT = re.compile(r"^[A-Za-z]\s*=\s*")
 
 
-def _braced(text: str, open_at: int) -> tuple[str, int] | None:
-    """The content of the brace group whose ``{`` is at ``open_at`` and the index after its ``}``, or None
-    if it never closes."""
+def _group(text: str, open_at: int) -> str | None:
+    """The content of the brace group whose ``{`` is at ``open_at``, or None when it does not close within
+    `MAX_ANSWER_CHARS` characters: unclosed, or too long to be an answer. Looking no further keeps a text of many
+    unclosed groups linear."""
     depth = 0
-    for i in range(open_at, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[open_at + 1:i], i + 1
+    for brace in _BRACE.finditer(text, open_at, open_at + MAX_ANSWER_CHARS + 2):
+        depth += 1 if brace.group() == "{" else -1
+        if depth == 0:
+            return text[open_at + 1:brace.start()]
     return None
 
 
-def _boxes(text: str) -> list[str | None]:
-    """The content of every ``\\boxed{...}`` in order; None for one that never closes."""
-    found = []
-    for match in _BOX.finditer(text):
-        group = _braced(text, match.end() - 1)
-        found.append(None if group is None else group[0])
-    return found
-
-
 def _markers(text: str) -> list[str]:
-    """The answer after every GSM8K ``####`` marker in order, leaving out Markdown headings."""
-    found = []
-    for match in _MARKER.finditer(text):
-        rest = match.group(1).strip()
-        if rest and not rest[0].isalpha():
-            found.append(rest)
-    return found
+    """The answer after every GSM8K ``####`` marker in order, leaving out Markdown headings (``#### Step 1``)."""
+    return [rest for rest in map(str.strip, _MARKER.findall(text)) if rest and not rest[0].isalpha()]
+
+
+def _statement(text: str) -> tuple[str | None, int] | None:
+    """The answer that ``text`` states in its last box, else in its last ``####`` marker, and how many boxes
+    (one, or two for more) and markers it has; None when it has neither. The answer is None when the last box is
+    empty, unclosed or longer than `MAX_ANSWER_CHARS`."""
+    markers = _markers(text)
+    last_box = _LAST_BOX.match(text)
+    if last_box is not None:
+        content = _group(text, last_box.end() - 1)
+        answer = content.strip() if content is not None else ""
+        boxes = 2 if _BOX.search(text, 0, last_box.start(1)) else 1
+        return answer or None, boxes + len(markers)
+    if markers:
+        return markers[-1], len(markers)
+    return None
+
+
+def _final_number(text: str) -> str | None:
+    """The last number of ``text`` and everything after it, less trailing spaces, periods and Markdown stars, when
+    that is at most `MAX_ANSWER_CHARS` long; else None."""
+    text = text.rstrip().rstrip(".*").rstrip()
+    # One character more than an answer may hold, so that a sign just before an over-long answer is not cut off.
+    last = None
+    for last in _TEXT_NUMBER.finditer(text, max(0, len(text) - MAX_ANSWER_CHARS - 1)):
+        pass
+    answer = text[last.start():] if last is not None else ""
+    return answer if answer and len(answer) <= MAX_ANSWER_CHARS else None
 
 
 def extract_answer(text: str) -> str | None:
-    """The final answer stated in ``text`` (a completion or a reference solution), unnormalised: the content
-    of the last ``\\boxed{}``, else the text after the last ``####`` marker, else the last number, else None.
-    See the module docstring for the details."""
-    if not text:
+    """The final answer stated in ``text`` (a completion or a reference solution), unnormalised: the content of
+    the last ``\\boxed{}``, else the text after the last ``####`` marker, else the last number and what follows
+    it, else None. None too for a text longer than `MAX_TEXT_CHARS`. See docs/reward-models.md for the details."""
+    if not text or len(text) > MAX_TEXT_CHARS:
         return None
-    boxes = _boxes(text)
-    if boxes:
-        last = boxes[-1]
-        if last is None or not last.strip():
-            return None
-        return last.strip()
-    markers = _markers(text)
-    if markers:
-        return markers[-1]
-    numbers = _TEXT_NUMBER.findall(text)
-    return numbers[-1] if numbers else None
+    statement = _statement(text)
+    if statement is not None:
+        return statement[0]
+    return _final_number(text)
 
 
 def _unwrap_text(answer: str) -> str:
     """``answer`` with each ``\\text{X}`` (and its kin) replaced by `` X``; the space keeps a unit apart from the
-    number it follows, as the typeset form shows it."""
-    while match := _TEXT_COMMANDS.search(answer):
-        group = _braced(answer, match.end() - 1)
-        if group is None:  # an unclosed group: leave it, the text comparison will see it as written
-            break
-        content, end = group
-        answer = f"{answer[:match.start()]} {content}{answer[end:]}"
-    return answer
+    number it follows, as the typeset form shows it. One pass, with a stack of the open groups; a wrapper that
+    never closes stays as written."""
+    pieces: list[str] = []
+    open_groups: list[int | None] = []  # per open group, the index of its wrapper's piece (None for a plain "{")
+    end = 0
+    for token in _WRAPPER_OR_BRACE.finditer(answer):
+        pieces.append(answer[end:token.start()])
+        end = token.end()
+        if token.group() != "}":
+            open_groups.append(None if token.group() == "{" else len(pieces))
+            pieces.append(token.group())
+        elif open_groups and (wrapper := open_groups.pop()) is not None:
+            pieces[wrapper] = " "  # the wrapper and its closing brace go; the content stays
+        else:
+            pieces.append("}")
+    pieces.append(answer[end:])
+    return "".join(pieces)
+
+
+def _clean(answer: str) -> str | None:
+    """``answer`` without layout: the LaTeX and currency marks that do not change its value, text wrappers,
+    degree and percent signs, a leading single-letter assignment, trailing periods and a leading ``+``. None for
+    an answer longer than `MAX_ANSWER_CHARS`."""
+    text = str(answer).strip()
+    if len(text) > MAX_ANSWER_CHARS:
+        return None
+    text = text.replace("\u2212", "-")
+    text = _unwrap_text(text)
+    text = _DROPPED.sub("", text)
+    text = _DEGREES.sub(" ", text)
+    text = text.replace("{,}", ",")
+    text = re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", text)
+    text = re.sub(r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}", text)
+    text = text.strip()
+    if text.count("=") == 1:
+        text = _ASSIGNMENT.sub("", text)
+    text = text.strip().rstrip(".").strip()
+    return text.removeprefix("+").strip()
 
 
 def _value(text: str) -> Fraction | None:
@@ -154,9 +197,9 @@ def _value(text: str) -> Fraction | None:
         return None
 
 
-def _number(answer: str) -> Fraction | None:
-    """The value of ``answer`` when it is wholly a number (possibly followed by unit words), else None."""
-    match = _NUMBER.fullmatch(answer)
+def _number(text: str) -> Fraction | None:
+    """The value of a cleaned answer that is wholly a number, with at most one unit after it, else None."""
+    match = _NUMBER.fullmatch(text)
     if match is None:
         return None
     if match["plain"] is not None:
@@ -174,20 +217,11 @@ def _number(answer: str) -> Fraction | None:
 
 def normalise_answer(answer: str) -> str:
     """The canonical form of an extracted answer: equal answers give equal strings. A number becomes its exact
-    value in lowest terms (``"3"``, ``"-1/2"``); anything else its cleaned-up text. The rules are in the module
-    docstring."""
-    text = str(answer).replace("\u2212", "-")
-    text = _unwrap_text(text)
-    text = _DROPPED.sub("", text)
-    text = _DEGREES.sub(" ", text)
-    text = text.replace("{,}", ",")
-    text = re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", text)
-    text = re.sub(r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}", text)
-    text = text.strip()
-    if text.count("=") == 1:
-        text = _ASSIGNMENT.sub("", text)
-    text = text.strip().rstrip(".").strip()
-    text = text.removeprefix("+").strip()
+    value in lowest terms (``"3"``, ``"-1/2"``); anything else its cleaned-up text; an answer longer than
+    `MAX_ANSWER_CHARS` becomes ``""``, which matches nothing. The rules are in docs/reward-models.md."""
+    text = _clean(answer)
+    if text is None:
+        return ""
     value = _number(text)
     if value is not None:
         return str(value)
@@ -224,8 +258,11 @@ def _reference_answer(reference) -> str | None:
     if reference is None:
         return None
     text = str(reference)
-    if _boxes(text) or _markers(text):
-        return extract_answer(text)
+    if len(text) > MAX_TEXT_CHARS:
+        return None
+    statement = _statement(text)
+    if statement is not None:
+        return statement[0]
     return text.strip() or None
 
 
@@ -236,15 +273,17 @@ def answer_reward(prompts, completions, answer, **kwargs) -> list[float]:
             for c, a in zip(completions, answer, strict=True)]
 
 
+def _states_one_number(text: str) -> bool:
+    """Whether ``text`` has exactly one box or marker, and its answer is a number."""
+    statement = _statement(text) if len(text) <= MAX_TEXT_CHARS else None
+    if statement is None or statement[1] != 1 or statement[0] is None:
+        return False
+    cleaned = _clean(statement[0])
+    return cleaned is not None and _number(cleaned) is not None
+
+
 def format_reward(prompts, completions, **kwargs) -> list[float]:
-    """trl reward function: 1.0 where the completion states exactly one final answer in a checkable form, else
-    0.0. That is either exactly one ``\\boxed{...}``, closed and non-empty, and no ``####`` marker, or exactly one
-    ``#### n`` marker and no box; the answer itself may be right or wrong."""
-    scores = []
-    for completion in completions:
-        text = _completion_text(completion)
-        boxes, markers = _boxes(text), _markers(text)
-        single_box = len(boxes) == 1 and not markers and bool(boxes[0] and boxes[0].strip())
-        single_marker = len(markers) == 1 and not boxes
-        scores.append(float(single_box or single_marker))
-    return scores
+    """trl reward function: 1.0 where the completion states exactly one final answer, as a number in a form
+    `answer_reward` accepts, else 0.0. That is either exactly one ``\\boxed{...}`` and no ``####`` marker, or
+    exactly one ``#### n`` marker and no box; the number itself may be right or wrong."""
+    return [float(_states_one_number(_completion_text(completion))) for completion in completions]

@@ -2,6 +2,7 @@
 
 import ast
 import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -26,9 +27,12 @@ from reward_models.math_verifier import answer_reward, answers_match, extract_an
     ("The answer is 1,234.", "1,234"),
     ("x = -5", "-5"),
     ("x = \u22125", "\u22125"),
-    ("three quarters, 3/4, of them", "3/4"),
-    ("it costs $2.50 each", "2.50"),
+    ("three quarters, 3/4, of them", "3/4, of them"),  # a loose number's answer runs to the end of the text
+    ("it costs $2.50 each", "2.50 each"),
     ("about -.5", "-.5"),
+    ("so the answer is **72**.\n", "72"),  # trailing spaces, periods and Markdown stars are not part of it
+    ("\\boxed{\\boxed{72}}", "72"),  # the last box to open is the inner one
+    ("\\boxed{72} \\boxed 73", "72"),  # no braces, no box
 ])
 def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
@@ -44,6 +48,12 @@ def test_extract_answer(text, expected):
 ])
 def test_extract_answer_finds_none(text):
     assert extract_answer(text) is None
+
+
+def test_a_loose_answer_just_over_the_bound_is_not_cut():
+    # Read from the end, an answer one character too long must not lose its first character, here its sign.
+    padding = "\\," * ((math_verifier.MAX_ANSWER_CHARS - 2) // 2)  # a LaTeX space, dropped by normalisation
+    assert answer_reward(["q", "q"], [f"so -72{padding}", f"so -7{padding}"], ["72", "-7"]) == [0.0, 1.0]
 
 
 # ------------------------------------------------------------------------------------------------ normalisation
@@ -154,15 +164,16 @@ def test_answers_differ(predicted, reference):
 def test_answer_reward_scores_each_completion():
     completions = [
         "Half of 2,000 is \\boxed{1,000}.",  # right, with a separator
-        "So she has 1000 left.",  # right, last number
+        "So she has 1000.",  # right, the number the text ends with
         "\\boxed{999}",  # wrong
         "I am not sure.",  # no answer
         "\\boxed{500} and then \\boxed{1000}",  # the last box is right
         "\\boxed{1000} and then \\boxed{500}",  # the last box is wrong
+        "So she has 1000 left.",  # words after the last number
     ]
     reference = "She had 2,000 and spent half.\n#### 1,000"
-    rewards = answer_reward(prompts=["q"] * 6, completions=completions, answer=[reference] * 6)
-    assert rewards == [1.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+    rewards = answer_reward(prompts=["q"] * 7, completions=completions, answer=[reference] * 7)
+    assert rewards == [1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
     assert all(type(r) is float for r in rewards)
 
 
@@ -178,6 +189,33 @@ def test_answer_reward_scores_each_completion():
 ])
 def test_answer_reward_accepts_reference_forms(completion, reference):
     assert answer_reward(["q"], [completion], [reference]) == [1.0]
+
+
+@pytest.mark.parametrize("completion", [
+    "\\boxed{72}", "#### 72", "\\boxed{+72}", "\\boxed{72.0}", "\\boxed{72.}", "\\boxed{0072}", "\\boxed{\\$72}",
+    "$\\boxed{72}$", "\\boxed{\\text{72}}", "\\boxed{72\\%}", "\\boxed{72^\\circ}", "\\boxed{x = 72}",
+    "\\boxed{144/2}", "\\boxed{\\frac{144}{2}}", "\\boxed{\\dfrac{144}{2}}", "\\boxed{72 \\text{ dollars}}",
+    "\\boxed{72\\text{cm}}", "\\boxed{72 \\mathrm{km/h}}", "\\boxed{72 Hours}", "\\boxed{72 miles per hour}",
+    "\\boxed{72 square feet}", "\\boxed{72 \\text{cm}^2}", "\\boxed{72 percent}", "#### $72", "#### 72 dollars.",
+    "\\boxed{ 72 }",
+])
+def test_accepted_forms_earn_both_rewards(completion):
+    # The forms docs/reward-models.md lists; each is a number, at most one known unit, and layout.
+    assert answer_reward(["q"], [completion], ["#### 72"]) == [1.0]
+    assert format_reward(["q"], [completion]) == [1.0]
+
+
+@pytest.mark.parametrize("unit", sorted(math_verifier.UNITS))
+def test_every_unit_is_read_in_any_case_and_plural(unit):
+    assert answers_match(f"72 {unit}", "72")
+    assert answers_match(f"72 {unit.upper()}S", "72")
+
+
+def test_the_docs_list_the_units():
+    # The list under "Units" in the verifier's section of docs/reward-models.md, one category a line.
+    docs = (Path(__file__).parents[2] / "docs" / "reward-models.md").read_text()
+    listed = docs.split("\nUnits, ")[1].split("\n\n")[1]
+    assert set(re.findall(r"`([^`]+)`", listed)) == math_verifier.UNITS
 
 
 def test_answer_reward_reads_conversational_completions():
@@ -214,6 +252,8 @@ def test_answer_reward_rejects_mismatched_columns_and_bad_completions():
     ("\\boxed{}", 0.0),
     ("\\boxed{5", 0.0),  # cut off
     ("#### Step 1\nthe answer is 5", 0.0),  # a heading is not a marker
+    ("\\boxed{(1,2)}", 0.0),  # not a number: without the reference, an expression is not told from a hedge
+    ("\\boxed{\\boxed{5}}", 0.0),  # two boxes
     ("", 0.0),
 ])
 def test_format_reward(completion, expected):
