@@ -9,7 +9,8 @@
     llm-iif reward train RECIPE [--set ...] [--output-dir DIR]
     llm-iif suite SUITE.yaml [--tasks NAME,...] [--output-dir DIR] [--overwrite]
 
-Bad input (a `UserError`) prints one line and exits with code 2; ``--debug`` shows the traceback instead.
+Bad input (a `UserError`) prints one line and exits with code 2; ``--debug`` shows the traceback instead. A
+comparison or suite stopped by SIGINT or SIGTERM, or Ctrl-C outside training, exits with code 130.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from llm_iif.training.builtins import resolve_builtin
 from llm_iif.training.factory import make_accelerator
 from llm_iif.training.reward_model import train_reward_model
 from llm_iif.training.run_outputs import check_writable_directory, claim_run_directory
-from llm_iif.training.run_state import resolve_resume, verify
+from llm_iif.training.run_state import finished, resolve_resume
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,9 +147,8 @@ def _train(args) -> int:
         claim_run_directory(RunPaths(recipe.run.output_dir), args.overwrite)  # before the slow model loading
     else:
         check_writable_directory(recipe.run.output_dir)
-        completed = verify(checkpoint)["rounds_completed"]
-        if completed == recipe.run.rounds:  # e.g. a requeued job whose run had already finished
-            print(f"llm-iif: {checkpoint} has completed all {completed} rounds; nothing to do "
+        if finished(checkpoint, recipe):  # e.g. a requeued job whose run had already finished
+            print(f"llm-iif: {checkpoint} has completed all {recipe.run.rounds} rounds; nothing to do "
                   "(--set run.rounds=N extends the run)", file=sys.stderr)
             return 0
     quiet_libraries()
@@ -162,7 +162,7 @@ def _train(args) -> int:
         if accelerator.is_main_process:
             if trainer.stopped_by:  # the run's recipe.yaml holds every override, so the command needs none
                 print(f"llm-iif: stopped by {trainer.stopped_by} after round {len(history)} of "
-                      f"{recipe.run.rounds}; checkpoint {RunPaths(recipe.run.output_dir).checkpoint(len(history))}. "
+                      f"{recipe.run.rounds}; checkpoint {trainer.checkpoint}. "
                       f"Resume with: llm-iif train --resume {shlex.quote(recipe.run.output_dir)}", file=sys.stderr)
             else:
                 paths = RunPaths(recipe.run.output_dir)
@@ -185,9 +185,8 @@ def _train_grpo(args, recipe_path: str, overrides: list[str], checkpoint: Path |
 
     recipe = load_recipe(recipe_path, overrides, kind=GRPORecipe)
     if checkpoint is not None:
-        completed = verify(checkpoint).get("steps_completed")
-        if completed == recipe.run.steps:
-            print(f"llm-iif: {checkpoint} has completed all {completed} steps; nothing to do "
+        if finished(checkpoint, recipe):
+            print(f"llm-iif: {checkpoint} has completed all {recipe.run.steps} steps; nothing to do "
                   "(--set run.steps=N extends the run)", file=sys.stderr)
             return 0
     quiet_libraries()
@@ -319,18 +318,32 @@ def _compare(args) -> int:
         finally:
             accelerator.end_training()
     except RunStopped as err:
-        raise UserError(f"compare {err}; a comparison cannot be resumed: start it again, or run it in a suite "
-                        "(llm-iif suite), which keeps finished runs") from None
+        return _stopped(f"compare {err}; a comparison cannot be resumed: start it again, or run it in a suite "
+                        "(llm-iif suite), which keeps finished runs")
     return 0
+
+
+def _stopped(message: str) -> int:
+    """A comparison or suite whose run a signal stopped: one line, and exit code 130, as for Ctrl-C."""
+    print(f"llm-iif: {message}", file=sys.stderr)
+    return 130
 
 
 def _suite(args) -> int:
     suite = load_suite(args.suite, args.output_dir)
-    only = [name.strip() for name in args.tasks.split(",") if name.strip()] if args.tasks else None
+    only = None
+    if args.tasks is not None:
+        only = [name.strip() for name in args.tasks.split(",") if name.strip()]
+        if not only:
+            raise UserError(f"--tasks {args.tasks!r}: expected task names, comma-separated (the suite has: "
+                            f"{', '.join(task.name for task in suite.tasks)})")
     command = ["llm-iif", "suite", args.suite, *(["--tasks", args.tasks] if args.tasks else []),
                *(["--output-dir", args.output_dir] if args.output_dir else [])]
     quiet_libraries()
-    run_suite(suite, shlex.join(command), args.overwrite, only, progress=not args.no_progress)
+    try:
+        run_suite(suite, shlex.join(command), args.overwrite, only, progress=not args.no_progress)
+    except RunStopped as err:
+        return _stopped(f"suite {err}; run the same command again to continue (finished runs are kept)")
     paths = SuitePaths(suite.output_dir)
     print(f"\n{paths.scorecard_markdown.read_text()}")
     print(f"outputs in {paths.root}: scorecard.md, scorecard.json, scorecard.png, one comparison per task")

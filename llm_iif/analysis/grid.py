@@ -4,6 +4,10 @@ Both train every (seed, method) pair with `run_grid` into ``GridPaths(OUTPUT_DIR
 write the comparison with `write_comparison`: summary.json (the paper's SE_ave / SE_peak / RT_peak, see
 `llm_iif.analysis.summary`), reward_curves.png, influence.png (when the IIF runs kept records) and, for LM
 runs, report.html.
+
+Validate, then delete: the methods, seeds and every method's recipe are checked, and the directory claimed,
+before the first run loads its model and data; an earlier comparison is deleted only once that run has loaded
+(the ``ready`` of `TrainOne`), so a start that fails leaves the directory as it was.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ from typing import Callable, Mapping
 from llm_iif.analysis.plots import plot_influence, plot_reward_curves, run_title, write_run_figures
 from llm_iif.analysis.report import influence_by_round, picked_rounds, write_report
 from llm_iif.analysis.summary import summarize
-from llm_iif.core.config import TARGET_SOURCES, ClassicRecipe, GRPORecipe, load_recipe
+from llm_iif.core.config import (SEED_EXPECTED, TARGET_SOURCES, ClassicRecipe, GRPORecipe, Recipe, is_seed,
+                                 load_recipe)
+from llm_iif.core.distributed import accelerate_state_kept
 from llm_iif.core.errors import UserError
 from llm_iif.core.fileio import atomic_write_text
-from llm_iif.core.paths import GridPaths, RunPaths
+from llm_iif.core.paths import GridPaths, RunPaths, check_inside
 from llm_iif.training import build_trainer
 from llm_iif.training.run_outputs import check_writable_directory, delete_outputs, listed
 
@@ -58,7 +64,10 @@ CLASSIC_METHODS = {
     "random": lambda iif: ("matched-random", iif.p),
 }
 
-TrainOne = Callable[[str, int, RunPaths], list[dict]]
+# train_one(method, seed, run, ready): train one run into ``run``, calling ready() once its recipe, model and data
+# have loaded and before it writes anything (the grid deletes an earlier comparison only then); returns its
+# per-round metrics.
+TrainOne = Callable[[str, int, RunPaths, Callable[[], None]], list[dict]]
 
 # The reward axis of a comparison's curves, by kind of recipe (PPO's is write_comparison's default).
 GRPO_CURVE = "held-out reward (first reward function)"
@@ -69,36 +78,98 @@ def run_grid(table: Mapping[str, object], methods: list[str], seeds: list[int], 
              train_one: TrainOne, overwrite: bool = False, main_process: bool = True
              ) -> dict[str, dict[int, list[dict]]]:
     """Train every pair of ``seeds`` × ``methods``, seed-major (all methods of the first seed, then the next
-    seed), by calling ``train_one(method, seed, run)`` with the pair's run directory ``run`` =
+    seed), by calling ``train_one(method, seed, run, ready)`` with the pair's run directory ``run`` =
     ``GridPaths(output_dir).run(method, seed)``; returns {method: {seed: per-round metrics}}.
 
     table: the known methods (`LM_METHODS` or `CLASSIC_METHODS`); every one of ``methods`` must be in it.
-    overwrite: delete an earlier comparison in ``output_dir`` first (without it, one is an error).
+    overwrite: delete an earlier comparison in ``output_dir`` (without it, one is an error); deleted when the
+    first run calls ``ready``, with comparison.json written then.
     main_process: print a line naming each run before it starts, and delete (False on the other processes).
     """
-    unknown = [m for m in methods if m not in table]
-    if unknown:
-        raise UserError(f"--methods: unknown method '{unknown[0]}' (expected some of: {', '.join(table)})")
+    check_methods(methods, table)
+    check_seeds(seeds, "--seeds")
     grid = GridPaths(output_dir)
-    earlier = claim_comparison_directory(grid, overwrite)
-    if main_process:
-        delete_outputs(earlier, grid.root)
-        atomic_write_text(grid.comparison, json.dumps({"methods": methods, "seeds": seeds}))
+    earlier = claim_comparison_directory(grid, methods, seeds, overwrite)
+
+    def start() -> None:
+        if main_process:
+            delete_outputs(earlier, grid.root)
+            atomic_write_text(grid.comparison, json.dumps({"methods": methods, "seeds": seeds}))
+
+    started = once(start)
     histories: dict[str, dict[int, list[dict]]] = {m: {} for m in methods}
     for seed in seeds:
         for method in methods:
             run = grid.run(method, seed)
             if main_process:
                 print(f"== {method}, seed {seed} -> {run.root}", flush=True)
-            histories[method][seed] = train_one(method, seed, run)
+
+            def ready() -> None:  # called by train_one, during this iteration
+                started()
+                check_inside(run.root, grid.root, "--output-dir")  # what the run writes stays in the comparison
+
+            histories[method][seed] = train_one(method, seed, run, ready)
     return histories
 
 
-def claim_comparison_directory(grid: GridPaths, overwrite: bool) -> list[Path]:
-    """Check that a new comparison may write into ``grid.root`` (see `claim_run_directory`); returns the
-    earlier comparison's outputs, which ``overwrite`` allows to be deleted."""
+def once(action: Callable[[], None]) -> Callable[[], None]:
+    """``action`` as a function that runs it on its first call only."""
+    done = False
+
+    def call() -> None:
+        nonlocal done
+        if not done:
+            done = True
+            action()
+    return call
+
+
+def check_methods(methods: list[str], table: Mapping[str, object], key: str = "--methods") -> None:
+    """`UserError` naming ``key`` unless ``methods`` are distinct, known methods of ``table``."""
+    for method in methods:
+        if method not in table:
+            raise UserError(f"{key}: unknown method {method!r} (expected some of: {', '.join(table)})")
+    repeated = next((method for i, method in enumerate(methods) if method in methods[:i]), None)
+    if repeated is not None:
+        raise UserError(f"{key}: {repeated} is given twice; each method runs once per seed")
+
+
+def check_seeds(seeds: list[int], key: str) -> None:
+    """`UserError` naming ``key`` unless ``seeds`` are distinct seeds a run accepts (`is_seed`)."""
+    for seed in seeds:
+        if not is_seed(seed):
+            raise UserError(f"{key}: seed {seed} is out of range; expected {SEED_EXPECTED}")
+    repeated = next((seed for i, seed in enumerate(seeds) if seed in seeds[:i]), None)
+    if repeated is not None:
+        raise UserError(f"{key}: seed {repeated} is given twice; each seed runs once per method")
+
+
+def check_recipes(recipe_path: str | Path, overrides: list[str], methods: Mapping[str, list[str]], kind: type,
+                  where: str) -> None:
+    """Load the recipe with each method's overrides (``methods``: name -> overrides): a typo or a bad value
+    fails now, in a second, with one line starting with ``where`` and the method, not after an earlier
+    comparison is deleted or hours into a suite."""
+    for method, method_overrides in methods.items():
+        try:
+            load_recipe(recipe_path, [*overrides, *method_overrides], kind=kind)
+        except UserError as err:
+            raise UserError(f"{where} ({method}): {err}") from None
+
+
+def claim_comparison_directory(grid: GridPaths, methods: list[str], seeds: list[int], overwrite: bool) -> list[Path]:
+    """Check that a new comparison of ``methods`` × ``seeds`` may write into ``grid.root`` (see
+    `claim_run_directory`); returns what ``overwrite`` allows to be deleted: the earlier comparison's outputs,
+    and whatever its run folders hold (the run outputs, or a symbolic link where a run folder goes). A file where
+    a run folder goes is refused either way. Writes nothing but the directory itself."""
     check_writable_directory(grid.root, "--output-dir")
-    earlier = grid.outputs()
+    planned = [grid.run(method, seed) for seed in seeds for method in methods]
+    for run in planned:
+        for folder in (run.root.parent, run.root):
+            if folder.exists() and not folder.is_dir() and not folder.is_symlink():
+                raise UserError(f"--output-dir: {folder} is a file, where the comparison puts the run folder "
+                                f"{run.root.relative_to(grid.root)}; move it, or choose another directory")
+    earlier = list(dict.fromkeys([*grid.outputs(), *(path for method in methods for seed in seeds
+                                                     for path in grid.run_outputs(method, seed))]))
     if earlier and not overwrite:
         raise UserError(f"--output-dir: {grid.root} already holds a comparison ({listed(earlier, grid.root)}); "
                         "choose another directory, or start over with --overwrite, which deletes exactly those")
@@ -132,10 +203,12 @@ def lm_trainer(recipe_path: str, overrides: list[str], accelerator,
                methods: Mapping[str, list[str]] = LM_METHODS) -> TrainOne:
     """A `TrainOne` for a PPO recipe: each of ``methods`` (name -> overrides) with our PPO trainer, each run
     with its reward_curve.png."""
-    def train_one(method: str, seed: int, run: RunPaths) -> list[dict]:
+    def train_one(method: str, seed: int, run: RunPaths, ready: Callable[[], None]) -> list[dict]:
         recipe = load_recipe(recipe_path, [*overrides, *methods[method], f"run.seed={seed}",
                                            f"run.output_dir={run.root}"])
         trainer = build_trainer(recipe, accelerator)
+        ready()
+        accelerator.wait_for_everyone()  # the main process has deleted what ready() deletes before any claims
         history = trainer.train()
         if trainer.stopped_by:
             raise RunStopped(trainer.stopped_by, run)
@@ -153,13 +226,15 @@ def grpo_trainer(recipe_path: str, overrides: list[str],
     steps, every ``run.eval_every``."""
     from llm_iif.grpo.run import grpo_run_title, train_grpo
 
-    def train_one(method: str, seed: int, run: RunPaths) -> list[dict]:
+    def train_one(method: str, seed: int, run: RunPaths, ready: Callable[[], None]) -> list[dict]:
         recipe = load_recipe(recipe_path, [*overrides, *methods[method], f"run.seed={seed}",
                                            f"run.output_dir={run.root}"], kind=GRPORecipe)
         if recipe.run.eval_every == 0:
             raise UserError("run.eval_every: 0; compare needs a held-out curve (expected 1 or more: the summary "
                             "compares curves at the evaluated steps)")
-        result = train_grpo(recipe)
+        # trl's Trainer sets up Accelerate for itself: the runs after this one must not inherit its precision
+        with accelerate_state_kept():
+            result = train_grpo(recipe, on_loaded=ready)
         if result.stopped_by:
             raise RunStopped(result.stopped_by, run)
         write_run_figures(run.root, result.history, grpo_run_title(recipe))
@@ -172,15 +247,16 @@ def classic_trainer(recipe_path: str, overrides: list[str]) -> TrainOne:
     extra."""
     from llm_iif.classic.train import train_classic  # Stable-Baselines3: imported only when used
 
-    def train_one(method: str, seed: int, run: RunPaths) -> list[dict]:
+    def train_one(method: str, seed: int, run: RunPaths, ready: Callable[[], None]) -> list[dict]:
         recipe = load_recipe(recipe_path, [*overrides, f"run.seed={seed}"], kind=ClassicRecipe)
         mode, p = CLASSIC_METHODS[method](recipe.iif)
-        return train_classic(recipe, mode, p, run.root)
+        return train_classic(recipe, mode, p, run.root, on_loaded=ready)
     return train_one
 
 
-class RunStopped(UserError):
-    """A run of a comparison or suite stopped early, by a signal."""
+class RunStopped(Exception):
+    """A run of a comparison or suite stopped early, by a signal (SIGINT or SIGTERM, even in its last round or
+    final save): the comparison or suite stops too, and the run does not count as finished."""
 
     def __init__(self, signal: str, run: RunPaths):
         super().__init__(f"stopped by {signal} during {run.root}")
@@ -191,6 +267,8 @@ def run_compare(recipe_path: str, overrides: list[str], methods: list[str], seed
                 accelerator, overwrite: bool = False) -> dict:
     """`llm-iif compare` on a PPO recipe: the recipe with each of ``methods`` (see `LM_METHODS`) and ``seeds``
     in turn, then the comparison's outputs; returns the summary."""
+    check_methods(methods, LM_METHODS)
+    check_recipes(recipe_path, overrides, {method: LM_METHODS[method] for method in methods}, Recipe, "--methods")
     histories = run_grid(LM_METHODS, methods, seeds, output_dir, lm_trainer(recipe_path, overrides, accelerator),
                          overwrite, main_process=accelerator.is_main_process)
     if not accelerator.is_main_process:
@@ -201,6 +279,9 @@ def run_compare(recipe_path: str, overrides: list[str], methods: list[str], seed
 def run_grpo_compare(recipe_path: str, overrides: list[str], methods: list[str], seeds: list[int],
                      output_dir: Path, overwrite: bool = False) -> dict:
     """`llm-iif compare` on a GRPO recipe (see `grpo_trainer`); returns the summary."""
+    check_methods(methods, GRPO_METHODS)
+    check_recipes(recipe_path, overrides, {method: GRPO_METHODS[method] for method in methods}, GRPORecipe,
+                  "--methods")
     histories = run_grid(GRPO_METHODS, methods, seeds, output_dir, grpo_trainer(recipe_path, overrides), overwrite)
     return write_comparison(output_dir, histories, ylabel=GRPO_CURVE)
 
@@ -209,6 +290,8 @@ def run_classic_compare(recipe_path: str, overrides: list[str], methods: list[st
                         output_dir: Path, overwrite: bool = False) -> dict:
     """`llm-iif classic compare` (see `classic_trainer`): summary.json and reward_curves.png, no report;
     returns the summary."""
+    check_methods(methods, CLASSIC_METHODS)
+    check_recipes(recipe_path, overrides, {method: [] for method in methods}, ClassicRecipe, "--methods")
     histories = run_grid(CLASSIC_METHODS, methods, seeds, output_dir, classic_trainer(recipe_path, overrides),
                          overwrite)
     return write_comparison(output_dir, histories, ylabel=CLASSIC_CURVE, report=False)

@@ -8,7 +8,9 @@ Two drawing functions serve every curve and every influence histogram:
   panel of curves beside them (e.g. the kept fraction per round).
 
 The ``plot_*`` functions build a figure from run data and write it as a PNG with `save_figure`; report.html
-inlines figures with `figure_png`. matplotlib is imported only when a figure is drawn (`pyplot`).
+inlines figures with `figure_png`. matplotlib is imported only when a figure is drawn (`pyplot`). Every text
+that comes from data (method, task and folder names, a model's name) reaches matplotlib through `plain`, so
+that a ``$`` in it is a dollar sign, not mathtext.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def curves_figure(panels: list[Panel], title: str = "", columns: int = 3):
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(plain(title))
     return fig
 
 
@@ -92,7 +94,7 @@ def performance_profile_figure(finals: dict[str, Sequence[float]], xlabel: str =
     profiles, intervals = rly.create_performance_profile(scores, taus, reps=1000)
     fig, ax = plt.subplots(figsize=PANEL_SIZE)
     for i, method in enumerate(finals):
-        ax.plot(taus, profiles[method], label=method, color=f"C{i}")
+        ax.plot(taus, profiles[method], label=plain(method), color=f"C{i}")
         ax.fill_between(taus, intervals[method][0], intervals[method][1], color=f"C{i}", alpha=0.2)
     ax.set(xlabel=f"τ ({xlabel})", ylabel="fraction of seeds with a value > τ",
            title="Performance profile (95% bootstrap bands)")
@@ -116,7 +118,7 @@ def interval_figure(panels: list[tuple[str, list[tuple[str, Sequence[float]]], f
             ax.plot([low, high], [y, y], color=colour, linewidth=4, alpha=0.5)
             ax.plot([point], [y], "|", color=colour, markersize=12)
         ax.axvline(null, color="k", linewidth=0.8, linestyle="--")
-        ax.set_yticks(range(len(labels)), labels)
+        ax.set_yticks(range(len(labels)), [plain(label) for label in labels])
         ax.invert_yaxis()
         ax.set(title=title)
     fig.suptitle("IQM over seeds, 95% stratified bootstrap intervals (orange: covers the baseline's value)")
@@ -140,7 +142,7 @@ def influence_figure(by_round: dict[int, tuple[Sequence[float], Sequence[bool]]]
                 ax.hist(values, bins=bins, color=colour, alpha=0.6, label=f"{name} ({len(values)})")
         ax.axvline(0.0, color="black", linewidth=0.8)
         ax.set_title(f"round {k}")
-        ax.set_xlabel(f"influence{f' ({note})' if note else ''}")
+        ax.set_xlabel(plain(f"influence{f' ({note})' if note else ''}"))
         ax.set_ylabel("samples")
         ax.legend(fontsize=8)
     if beside is not None:
@@ -190,7 +192,7 @@ def diagnosis_figure(influence: np.ndarray, gae: np.ndarray, monte_carlo: np.nda
         ax.set_ylabel(label)
     axes[1].axhline(0.0, color="black", lw=0.6)
     axes[0].legend(fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(plain(title))
     return fig
 
 
@@ -214,7 +216,7 @@ def intervention_figure(summary: dict):
     ax.set_xticks(positions, [str(k) for k in rounds])
     ax.set_xlabel("round k")
     ax.set_ylabel("Δ test return vs. updating on all records")
-    ax.set_title(summary["env"])
+    ax.set_title(plain(summary["env"]))
     ax.legend(fontsize=8)
     return fig
 
@@ -288,20 +290,26 @@ def seed_mean_curve(label: str, curves: list[list[float]]) -> Curve:
     return Curve(range(len(stats)), [m for m, _ in stats], [s for _, s in stats], label=label)
 
 
+def plain(text: str | None) -> str | None:
+    """``text`` as matplotlib draws it literally: each ``$`` escaped, so that no part of it is parsed as mathtext
+    (a name like ``$\\bad$`` would fail the figure)."""
+    return None if text is None else text.replace("$", r"\$")
+
+
 def _draw_panel(ax, panel: Panel) -> None:
     for curve in panel.curves:
-        line, = ax.plot(curve.x, curve.y, color=curve.colour, alpha=curve.alpha, label=curve.label)
+        line, = ax.plot(curve.x, curve.y, color=curve.colour, alpha=curve.alpha, label=plain(curve.label))
         if curve.band is not None:
             ax.fill_between(curve.x, [y - b for y, b in zip(curve.y, curve.band)],
                             [y + b for y, b in zip(curve.y, curve.band)], color=line.get_color(), alpha=0.2,
-                            label=curve.band_label)
+                            label=plain(curve.band_label))
     if panel.symlog:
         ax.set_yscale("symlog", linthresh=1.0)
     if panel.ylim is not None:
         ax.set_ylim(*panel.ylim)
-    ax.set_xlabel(panel.xlabel)
-    ax.set_ylabel(panel.ylabel)
-    ax.set_title(panel.title)
+    ax.set_xlabel(plain(panel.xlabel))
+    ax.set_ylabel(plain(panel.ylabel))
+    ax.set_title(plain(panel.title))
     if panel.legend and any(c.label or c.band_label for c in panel.curves):
         ax.legend(fontsize=8)
 

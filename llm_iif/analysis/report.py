@@ -19,7 +19,7 @@ from llm_iif.analysis.plots import (Curve, Panel, curves_figure, figure_png, inf
                                     performance_profile_figure, score_against_kl_figure)
 from llm_iif.analysis.statistics import interval_table
 from llm_iif.analysis.summary import BUDGET_FRACTIONS, reported_rewards
-from llm_iif.core.errors import UserError
+from llm_iif.core.errors import UserError, first_line
 from llm_iif.core.fileio import atomic_write_text, read_jsonl
 from llm_iif.core.paths import GridPaths, RunPaths
 
@@ -33,7 +33,7 @@ OLD_INFLUENCE_COLUMN = "score"
 
 def find_runs(run_dir: Path) -> dict[str, list[RunPaths]]:
     """{label: runs}: ``{name: [the run]}`` for a training run, ``{method: [its seed runs]}`` for a compare
-    run."""
+    run (the runs its comparison.json records: `GridPaths.runs`)."""
     run_dir = Path(run_dir)
     if RunPaths(run_dir).metrics.is_file():
         return {run_dir.name: [RunPaths(run_dir)]}
@@ -119,8 +119,8 @@ def write_report(run_dir: Path, round_index: int | None = None, top: int = 5) ->
                          "over-optimisation; the higher a curve lies, the more of the true objective a method buys "
                          "per nat.</p>",
                          _image(figure_png(score_against_kl_figure(by_label, key)))]
-    finals = {label: [_final_reward(history) for (each, _), history in metrics.items() if each == label]
-              for label in runs}
+    finals = {label: [final for (each, _), history in metrics.items()
+                      if each == label and (final := _final_reward(history)) is not None] for label in runs}
     if len(runs) > 1 and all(len(values) >= 2 for values in finals.values()):
         sections += ["<h2>Performance profile: final reward over seeds</h2>",
                      _image(figure_png(performance_profile_figure(finals)))]
@@ -167,12 +167,12 @@ def _summary(run_dir: Path, runs: dict, metrics: dict) -> str:
     summary_file = GridPaths(run_dir).summary
     if not summary_file.is_file():
         return table
-    methods = json.loads(summary_file.read_text())["methods"]
-    versus = {method: entry["vs_baseline"] for method, entry in methods.items() if "vs_baseline" in entry}
+    summary = read_summary(summary_file)
+    versus = {method: entry["vs_baseline"] for method, entry in summary["methods"].items() if "vs_baseline" in entry}
     fractions = [key for key in BUDGET_FRACTIONS if all(key in vs for vs in versus.values())]  # older summaries
     compared = [[method, *(f"{vs[key][0]:+.1f} ± {vs[key][1]:.1f}" for key in ("SE_ave", "SE_peak", "RT_peak")),
                  *(f"{vs[key][0]:.2f} ± {vs[key][1]:.2f}" for key in fractions)] for method, vs in versus.items()]
-    header, rows = interval_table(json.loads(summary_file.read_text()))
+    header, rows = interval_table(summary)
     intervals = ("<p>Against standard, seed by seed: the interquartile mean (IQM) over seeds with its 95% "
                  "stratified bootstrap interval (rliable). Ratios: 1 is standard; differences: 0 is standard; "
                  "P(final &gt; std): 0.5 is standard. ≈ marks an interval that covers that value: no measurable "
@@ -186,10 +186,26 @@ def _summary(run_dir: Path, runs: dict, metrics: dict) -> str:
 
 
 
-def _final_reward(history: list[dict], smooth: int = 5) -> float:
-    """The mean of the last ``smooth`` evaluated rewards (summary.json's final reward)."""
+def read_summary(path: Path) -> dict:
+    """A comparison's summary.json; `UserError` naming it when it is not one (not JSON, or no mapping of methods
+    to their statistics), e.g. edited by hand."""
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: not a comparison's summary ({first_line(err)}); delete it to report the runs "
+                        "alone") from None
+    methods = summary.get("methods") if isinstance(summary, dict) else None
+    if not isinstance(methods, dict) or not all(isinstance(entry, dict) for entry in methods.values()):
+        raise UserError(f"{path}: not a comparison's summary (expected {{\"methods\": {{METHOD: statistics}}}}); "
+                        "delete it to report the runs alone")
+    return summary
+
+
+def _final_reward(history: list[dict], smooth: int = 5) -> float | None:
+    """The mean of the last ``smooth`` evaluated rewards (summary.json's final reward); None before the first
+    evaluation (a GRPO run stopped before its first ``run.eval_every`` steps)."""
     rewards = [m["reward_mean"] for m in history if "reward_mean" in m][-smooth:]
-    return sum(rewards) / len(rewards)
+    return sum(rewards) / len(rewards) if rewards else None
 
 
 def _number(metrics: dict, key: str, spec: str) -> str:

@@ -11,8 +11,10 @@ the others are shown beside it.
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
@@ -140,15 +142,16 @@ def provenance(finished: dict) -> dict:
 
 
 def scorecard_markdown(card: dict) -> str:
-    """scorecard.md: the header, a verdict table over tasks, then one interval table per task."""
+    """scorecard.md: the header, a verdict table over tasks, then one interval table per task. Names, paths and
+    versions are escaped (`_text`, `_code`): a task or method named like HTML stays text."""
     finished = {name: task for name, task in card["tasks"].items() if "methods" in task}
-    lines = [f"# Scorecard: {card['suite']}", "",
-             f"- **date** {card['date']} · **commit** {card['commit']} · **hardware** "
-             f"{', '.join(card['cpu_models']) or 'no run yet'}",
-             "- **versions** " + ", ".join(f"{p} {v}" for p, v in card["versions"].items()),
-             f"- **reproduce** `{card['command']}`",
+    lines = [f"# Scorecard: {_code(card['suite'])}", "",
+             f"- **date** {_text(card['date'])} · **commit** {_text(card['commit'])} · **hardware** "
+             f"{_text(', '.join(card['cpu_models']) or 'no run yet')}",
+             "- **versions** " + _text(", ".join(f"{p} {v}" for p, v in card["versions"].items())),
+             f"- **reproduce** {_code(card['command'])}",
              f"- **running time** {sum(t['seconds'] for t in finished.values()) / 60:.1f} min of runs: "
-             + ", ".join(f"{name} {task['seconds'] / 60:.1f} min" for name, task in finished.items()), "",
+             + ", ".join(f"{_text(name)} {task['seconds'] / 60:.1f} min" for name, task in finished.items()), "",
              "Each method is paired with standard's run of the same seed. Cells are IQMs over seeds with 95% "
              "stratified bootstrap intervals (rliable); ratios are 1 and differences 0 for standard, and ≈ marks an "
              "interval that covers that value (no measurable difference). The verdict reads the area under the "
@@ -157,31 +160,32 @@ def scorecard_markdown(card: dict) -> str:
              "gain at |", "|---|---|---|---|---|"]
     for name, task in card["tasks"].items():
         if name not in finished:
-            lines.append(f"| {name} | – | {task['finished_runs']} of {task['runs']} runs finished | | |")
+            lines.append(f"| {_text(name)} | – | {task['finished_runs']} of {task['runs']} runs finished | | |")
             continue
         verdicts = task.get("verdicts", {})
         climb = task["standard_climb"]
         climb_text = ("never (no gain)" if climb is None else f"{climb:.0%} of the run"
                       + (" (a plateau: below 40%)" if climb < CLIMB_MIN else ""))
-        lines.append(f"| {name} | {len(task['seeds'])} | {verdicts.get('iif vs standard', '–')} | "
+        lines.append(f"| {_text(name)} | {len(task['seeds'])} | {verdicts.get('iif vs standard', '–')} | "
                      f"{verdicts.get('iif vs random', '–')} | {climb_text} |")
-    others = [f"- {name}, {pair}: {text}" for name, task in finished.items()
+    others = [f"- {_text(name)}, {_text(pair)}: {text}" for name, task in finished.items()
               for pair, text in task.get("verdicts", {}).items() if pair not in ("iif vs standard", "iif vs random")]
     if others:
         lines += ["", "Further verdicts:", "", *others]
     for name, task in finished.items():
-        lines += ["", f"## {name}", "", f"`{os.path.normpath(task['recipe'])}`"
-                  + (f" with {', '.join(task['set'])}" if task["set"] else "") + f", seeds {task['seeds']}", ""]
+        lines += ["", f"## {_text(name)}", "", _code(os.path.normpath(task["recipe"]))
+                  + (f" with {_text(', '.join(task['set']))}" if task["set"] else "") + f", seeds {task['seeds']}",
+                  ""]
         header, rows = interval_table({"methods": task["methods"]})
         reported = sorted({key for stats in task["methods"].values() for key in stats if key.startswith(REPORTED_ENDS)})
         extra = ["final reward (mean ± SE)",
-                 *(f"{reported_label(key)} (not trained on)" for key in reported), "KL spikes"]
+                 *(_text(f"{reported_label(key)} (not trained on)") for key in reported), "KL spikes"]
         lines += ["| " + " | ".join([header[0], *extra, *header[1:]]) + " |",
                   "|" + "---|" * (len(header) + len(extra))]
         for method, stats in task["methods"].items():
             row = next((r for r in rows if r[0] == method), [method] + ["–"] * (len(header) - 1))
             spikes = stats.get("kl_spikes")
-            lines.append("| " + " | ".join([method, "{:+.3f} ± {:.3f}".format(*stats["final_reward"]),
+            lines.append("| " + " | ".join([_text(method), "{:+.3f} ± {:.3f}".format(*stats["final_reward"]),
                                             *("{:+.3f} ± {:.3f}".format(*stats[key]) if key in stats else "–"
                                               for key in reported),
                                             f"{spikes[0]:.1f}" if spikes else "–", *row[1:]]) + " |")
@@ -190,8 +194,23 @@ def scorecard_markdown(card: dict) -> str:
                                                        for pair, intervals in task["pairs"].items()}})
             lines += ["", "IIF against the other baselines (1 or 0 = the baseline after \"vs\"; P: the method's final "
                       "above the baseline's):", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-                      *("| " + " | ".join(row) + " |" for row in rows)]
+                      *("| " + " | ".join([_text(row[0]), *row[1:]]) + " |" for row in rows)]
     return "\n".join(lines) + "\n"
+
+
+def _text(text: str) -> str:
+    """``text`` as literal Markdown text on one line, also in a table cell: HTML escaped, and the characters
+    that would start a link, emphasis, code or a new cell backslash-escaped."""
+    text = html.escape(" ".join(str(text).splitlines()), quote=False)
+    return re.sub(r"([\\`*\[\]|])", r"\\\1", text)
+
+
+def _code(text: str) -> str:
+    """``text`` as a Markdown code span on one line (HTML in it is shown, never rendered), fenced with more
+    backticks than any run of them in ``text``."""
+    text = " ".join(str(text).splitlines())
+    fence = "`" * (1 + max(map(len, re.findall("`+", text)), default=0))
+    return f"{fence} {text} {fence}" if "`" in text else f"`{text}`"
 
 
 def scorecard_figure(card: dict):

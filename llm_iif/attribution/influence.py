@@ -35,6 +35,16 @@ class TargetBatch:
         return self.query_ids.shape[0]
 
 
+@dataclass
+class GroupGradients:
+    """The target terms' gradients summed over groups of rows: ``parts[j]`` is group j's sum {name: fp32
+    tensor}, and ``magnitudes[j]`` (float64) the norm of the sum over its rows with a positive term plus that
+    over its rows with a negative term. That is what the group's norm would be if no row cancelled another, and
+    sets the scale of the rounding error in its sum (`llm_iif.attribution.stage.FLOAT_NOISE`)."""
+    parts: list[dict[str, torch.Tensor]]
+    magnitudes: torch.Tensor
+
+
 class TargetSource(Protocol):
     def __call__(self, model: nn.Module) -> TargetBatch:
         """This process's validation rows and token weights at the model's current parameters θ(k)."""
@@ -61,11 +71,11 @@ PerSampleLossAndTarget = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor,
 
 
 def target_gradient_parts(model: nn.Module, rows: TargetBatch, sequence_logprobs: SequenceLogprobs,
-                          part: torch.Tensor, n_parts: int, chunk_size: int) -> tuple[list[dict], int]:
+                          part: torch.Tensor, n_parts: int, chunk_size: int) -> tuple[GroupGradients, int]:
     """∇ of -Σ_v Σ_t w_{v,t} log π(y_{v,t}) over the scored parameters (`scored_parameters`), summed separately
-    over each part of the rows: ``part`` [V] gives each row's part in [0, n_parts). Returns n_parts
-    {name: tensor} dicts (fp32; a part without rows is zero) and the number of rows left out because their
-    term is NaN or inf.
+    over each part of the rows: ``part`` [V] gives each row's part in [0, n_parts). Returns this process's
+    `GroupGradients` of the n_parts parts (a part without rows is zero) and the number of rows left out because
+    their term is NaN or inf.
 
     The sums are formed by the layer hooks from each row's activations and output gradients, not by autograd
     over the parameters, so they are whole tensors even when the parameters are FSDP2 shards. One forward and
@@ -77,26 +87,35 @@ def target_gradient_parts(model: nn.Module, rows: TargetBatch, sequence_logprobs
         for chunk in torch.split(torch.arange(len(rows), device=rows.query_ids.device), chunk_size):
             terms = _target_terms(model, rows, sequence_logprobs, chunk)
             left_out += int((~_add_group_sums(capture, totals, terms, part[chunk.cpu()], n_parts)).sum())
-    return [{name: t[j] for name, t in totals.items()} for j in range(n_parts)], left_out
+    return _group_gradients(totals, n_parts), left_out
 
 
 def _zero_group_sums(model: nn.Module, n_groups: int) -> dict[str, torch.Tensor]:
-    """{name: zeros [n_groups, *param.shape]} (fp32) over the scored parameters, whole however they are sharded."""
-    return {name: torch.zeros(n_groups, *whole_shape(p), dtype=torch.float32, device=p.device)
+    """{name: zeros [2 · n_groups, *param.shape]} (fp32) over the scored parameters, whole however they are
+    sharded: row 2j sums group j's rows with a positive (or zero) term, row 2j + 1 those with a negative one."""
+    return {name: torch.zeros(2 * n_groups, *whole_shape(p), dtype=torch.float32, device=p.device)
             for name, p in scored_parameters(model).items()}
 
 
 def _add_group_sums(capture: LayerGradientCapture, totals: dict[str, torch.Tensor], terms: torch.Tensor,
                     groups: torch.Tensor, n_groups: int, retain_graph: bool = False) -> torch.Tensor:
-    """Add the gradients of ``terms`` [b] (one forward's target terms), summed by ``groups`` [b], to ``totals``
-    in place, leaving out the terms that are NaN or inf (no second pass: every process runs the same passes);
-    returns [b] bool (CPU), the terms that counted."""
+    """Add the gradients of ``terms`` [b] (one forward's target terms), summed by ``groups`` [b] and by the
+    terms' sign, to ``totals`` in place (`_zero_group_sums`), leaving out the terms that are NaN or inf (no
+    second pass: every process runs the same passes); returns [b] bool (CPU), the terms that counted."""
     finite = torch.isfinite(terms.detach()).cpu()
-    capture.sum_by_group(groups.where(finite, -1), n_groups)
+    signed = 2 * groups.long() + (terms.detach() < 0).long().cpu()
+    capture.sum_by_group(signed.where(finite, -1), 2 * n_groups)
     capture.backward(terms.sum(), retain_graph=retain_graph)
     for name, sums in capture.group_sums().items():
         totals[name] += sums
     return finite
+
+
+def _group_gradients(totals: dict[str, torch.Tensor], n_groups: int) -> GroupGradients:
+    """The `GroupGradients` of sums split by sign (`_zero_group_sums`)."""
+    squares = sum(t.flatten(1).double().pow(2).sum(dim=1) for t in totals.values())        # [2 · n_groups]
+    return GroupGradients([{name: t[2 * j] + t[2 * j + 1] for name, t in totals.items()} for j in range(n_groups)],
+                          squares.sqrt().view(n_groups, 2).sum(dim=1).cpu())
 
 
 def _target_terms(model: nn.Module, rows: TargetBatch, sequence_logprobs: SequenceLogprobs,
@@ -135,11 +154,12 @@ def influence_scores(model: nn.Module, per_sample_loss: PerSampleLoss, batch_siz
 
 
 def cross_fitted_dots(model: nn.Module, loss_and_target: PerSampleLossAndTarget, batch_size: int, fold: torch.Tensor,
-                      n_folds: int, chunk_size: int, sum_over_processes: Callable[[list[dict]], list[dict]],
+                      n_folds: int, chunk_size: int, fold_targets: Callable[[GroupGradients], list[dict]],
                       device) -> tuple[torch.Tensor, list[dict], torch.Tensor]:
-    """[B, K] dot products ⟨G_j, ∇L_i⟩ of every sample with every fold's summed target gradient G_j, the
-    G_j (fp32 {name: tensor}, summed over processes by ``sum_over_processes``), and [B] bool: the rows whose
-    target term is finite, the only ones in the G_j (one NaN or inf row would spoil its whole fold).
+    """[B, K] dot products ⟨G_j, ∇L_i⟩ of every sample with every fold's target gradient G_j, the G_j, and [B]
+    bool: the rows whose target term is finite, the only ones in the G_j (one NaN or inf row would spoil its
+    whole fold). ``fold_targets`` makes the G_j (fp32 {name: tensor}) from this process's `GroupGradients` of
+    the folds: summed over processes, and whatever else the caller does to them.
 
     ``fold`` [B] gives each row's fold. When the batch fits one chunk, one forward serves both backward
     passes: the target terms' (summed per fold by the hooks), then the losses' (scored against the stacked
@@ -153,7 +173,7 @@ def cross_fitted_dots(model: nn.Module, loss_and_target: PerSampleLossAndTarget,
             losses, target_terms = loss_and_target(model, chunk)
             in_target[chunk.cpu()] = _add_group_sums(capture, totals, target_terms, fold[chunk.cpu()], n_folds,
                                                      retain_graph=fused)  # fused: the losses reuse the graph
-        parts = sum_over_processes([{name: t[j] for name, t in totals.items()} for j in range(n_folds)])
+        parts = fold_targets(_group_gradients(totals, n_folds))
         capture.score_against({name: torch.stack([part[name] for part in parts]) for name in parts[0]})
         dots = [torch.zeros(0, n_folds, device=device)]
         for chunk in chunks:

@@ -14,8 +14,11 @@ never inflates its score. One forward serves two backward passes: the first sums
 per fold (G_j), the second gives every ⟨G_j, ∇L_i⟩ at once.
 
 I_i > 0 means one gradient step on sample i raises f. The stage owns the target gradient, the scores, the one
-filter decision over all processes and the target's reliability meter (``target_split_cos``, the cosine
-between the gradients of the validation rows' two halves). What is model-specific is injected:
+filter decision over all processes and the target's reliability meters: ``target_split_cos``, the cosine
+between the gradients of the validation rows' two halves, and the float-noise check (`FLOAT_NOISE`): a target
+whose rows cancel (a trusted triple that prefers a text to itself, a batch whose advantages are all zero) has
+a gradient of rounding error only, and a round scored against it drops nothing. What is model-specific is
+injected:
 
 - a `TargetSource`: this process's validation rows and token weights w at θ(k) (fresh responses, cached
   ones, gold references, ...);
@@ -27,6 +30,7 @@ All processes must call `IIFStage.select` together: it reduces the target and ga
 
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,15 +40,24 @@ from accelerate import Accelerator
 from torch import nn
 
 from llm_iif.attribution.filters import filter_mask
-from llm_iif.attribution.gradients import grad_cosine
+from llm_iif.attribution.gradients import grad_cosine, grad_dot
 from llm_iif.attribution.precondition import Preconditioner
-from llm_iif.attribution.influence import (PerSampleLoss, PerSampleLossAndTarget, SequenceLogprobs, TargetSource,
-                                           TargetBatch, cross_fitted_dots, influence_scores,
+from llm_iif.attribution.influence import (GroupGradients, PerSampleLoss, PerSampleLossAndTarget, SequenceLogprobs,
+                                           TargetSource, TargetBatch, cross_fitted_dots, influence_scores,
                                            target_gradient_parts)
 from llm_iif.core.config import IIFConfig
 from llm_iif.core.distributed import gather_values, sum_gradients
 from llm_iif.core.guards import NonfiniteGuard
 from llm_iif.core.timer import PhaseTimer
+
+logger = logging.getLogger(__name__)
+
+FLOAT_NOISE = 1e-5
+"""A target gradient whose norm is at most this fraction of its magnitude (`GroupGradients`: its rows' gradients
+summed by the sign of their terms, apart) is float noise, and its round drops nothing. Rows that cancel leave
+only rounding error, of the order of fp32's epsilon (1.2e-7) times the magnitude; 1e-5 leaves room for that
+error to add up over tokens, rows and processes. Real targets sit orders of magnitude above it (their norm is a
+sizeable fraction of their magnitude)."""
 
 
 @dataclass
@@ -70,6 +83,8 @@ class IIFStage:
         self.guard, self.generator = guard, generator
         self.timer = PhaseTimer()
         self.target_rows: TargetBatch | None = None  # the validation rows of the last target gradient
+        # (norm, magnitude) of the last target gradient; with the batch source, of the fold's nearest to noise
+        self.target_norms: tuple[float, float] | None = None
 
     def select(self, model: nn.Module, per_sample_loss: PerSampleLoss | PerSampleLossAndTarget,
                batch_size: int, precondition: Preconditioner | None = None,
@@ -91,8 +106,8 @@ class IIFStage:
                                                                     groups=groups)
             metrics["preconditioned"] = int(precondition is not None)
             # None: the batch target had a fold without rows (fewer groups than folds), so nothing is dropped
-            filtering = influence is not None and (cfg.min_split_cos is None
-                                                   or metrics["target_split_cos"] >= cfg.min_split_cos)
+            filtering = influence is not None and not self._target_is_noise() and (
+                cfg.min_split_cos is None or metrics["target_split_cos"] >= cfg.min_split_cos)
         keep, everyone = self._decide(influence, batch_size, cfg.mode if filtering else "none")
         metrics["kept_fraction"] = everyone["keep"].float().mean().item()
         metrics["filtered"] = int(filtering)
@@ -147,19 +162,29 @@ class IIFStage:
         Sample i's fold is its group id (``groups``, as in `select`) or else its global row index, mod K, so
         that N processes fold as one would."""
         acc, folds = self.accelerator, self.config.folds
+        self.target_norms = None
         if groups is None:
             _, offset = gather_values(acc, torch.zeros(batch_size))
             groups = torch.arange(batch_size) + offset
         fold = groups.cpu().long() % folds
         if (acc.reduce(torch.bincount(fold, minlength=folds).float().to(acc.device), "sum") == 0).any():
             return None, math.nan
-        # one forward serves the target and the scores; the fold gradients are summed over processes inside
+
+        def fold_targets(sums: GroupGradients) -> list[dict[str, torch.Tensor]]:
+            """The folds' gradients summed over processes; each sample's target, all folds but its own, is
+            checked for float noise before it is preconditioned."""
+            parts = sum_gradients(acc, *sums.parts)
+            magnitudes = acc.reduce(sums.magnitudes.to(acc.device), "sum").tolist()
+            others = [(parts[:k] + parts[k + 1:], magnitudes[:k] + magnitudes[k + 1:]) for k in range(folds)]
+            self.target_norms = min(((_norm(_summed(gradients)), sum(scales)) for gradients, scales in others),
+                                    key=_noise_ratio)
+            return [precondition(part) if precondition else part for part in parts]
+
+        # one forward serves the target and the scores
         with self.timer.phase("scoring"), acc.no_sync(model), acc.autocast(), dropout_off(acc.unwrap_model(model)):
-            dots, parts, in_target = cross_fitted_dots(acc.unwrap_model(model), loss_and_target, batch_size, fold, folds,
-                                            self.config.score_batch_size,
-                                            lambda g: [precondition(part) if precondition else part
-                                                       for part in sum_gradients(acc, *g)],
-                                            acc.device)                                        # [B, K]
+            dots, parts, in_target = cross_fitted_dots(acc.unwrap_model(model), loss_and_target, batch_size, fold,
+                                                       folds, self.config.score_batch_size, fold_targets,
+                                                       acc.device)                                    # [B, K]
         self._flag_left_out_rows(int((~in_target).sum()), batch_size)
         rows_per_fold = acc.reduce(torch.bincount(fold[in_target], minlength=folds).float().to(acc.device), "sum")
         fold = fold.to(dots.device)
@@ -181,13 +206,32 @@ class IIFStage:
         with self.timer.phase("target"):
             # no_sync: each process's part is summed by the reduce below
             with acc.no_sync(model), acc.autocast(), dropout_off(acc.unwrap_model(model)):
-                (half_a, half_b), left_out = target_gradient_parts(
+                halves, left_out = target_gradient_parts(
                     acc.unwrap_model(model), rows, self.sequence_logprobs, torch.arange(len(rows)) % 2, 2,
                     self.config.score_batch_size)
-            half_a, half_b = sum_gradients(acc, half_a, half_b)
+            half_a, half_b = sum_gradients(acc, *halves.parts)
+            magnitude = acc.reduce(halves.magnitudes.sum().to(acc.device), "sum").item()
             n_total = self._flag_left_out_rows(left_out, len(rows))
-        target = {name: (half_a[name] + half_b[name]) / n_total for name in half_a}
-        return target, grad_cosine(half_a, half_b)
+        total = _summed([half_a, half_b])
+        self.target_norms = (_norm(total), magnitude)
+        return {name: t / n_total for name, t in total.items()}, grad_cosine(half_a, half_b)
+
+    def _target_is_noise(self) -> bool:
+        """Whether the last target gradient is float noise (`FLOAT_NOISE`), with a warning: its scores are
+        rounding error, and filtering on them would drop samples at random."""
+        if self.target_norms is None or _noise_ratio(self.target_norms) > FLOAT_NOISE:
+            return False
+        norm, magnitude = self.target_norms
+        if not self.accelerator.is_main_process:
+            return True
+        if magnitude == 0:
+            logger.warning("IIF target: its rows' gradients are all 0 (their advantages are, say), so nothing is "
+                           "dropped this round")
+        else:
+            logger.warning("IIF target: its gradient is float noise, so nothing is dropped this round: its norm, "
+                           "%.3g, is at most %g of the %.3g its rows' gradients add up to before they cancel "
+                           "(trusted triples that prefer a text to itself, say)", norm, FLOAT_NOISE, magnitude)
+        return True
 
     def _flag_left_out_rows(self, left_out: int, rows: int) -> float:
         """Report this process's target rows left out as NaN or inf to the guard (summed over processes);
@@ -228,3 +272,13 @@ def dropout_off(model: nn.Module):
 
 def _summed(gradients: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {name: sum(g[name] for g in gradients) for name in gradients[0]}
+
+
+def _norm(gradient: dict[str, torch.Tensor]) -> float:
+    return math.sqrt(grad_dot(gradient, gradient).item())
+
+
+def _noise_ratio(norms: tuple[float, float]) -> float:
+    """A target's norm over its magnitude (`GroupGradients`); 0 for a target of rows whose terms are all 0."""
+    norm, magnitude = norms
+    return norm / magnitude if magnitude > 0 else 0.0

@@ -122,9 +122,12 @@ def fewer_episode_means(returns: np.ndarray) -> dict[str, float]:
     return {str(m): float(returns[:m].mean()) for m in sizes}
 
 
-def train_classic(recipe, iif_mode: str, iif_p: float, output_dir: Path) -> list[dict]:
+def train_classic(recipe, iif_mode: str, iif_p: float, output_dir: Path,
+                  on_loaded: Callable[[], None] | None = None) -> list[dict]:
     """Train round by round, evaluating after each; writes the run's metrics.jsonl and final.zip into
-    ``output_dir`` (see `llm_iif.core.paths.RunPaths`).
+    ``output_dir`` (see `llm_iif.core.paths.RunPaths`). ``on_loaded`` is called once the model is built (the
+    environment and settings checked), before anything is written: a comparison deletes its earlier outputs
+    then.
 
     Each history entry has ``round``, ``reward_mean`` (the test return over ``run.eval_episodes`` episodes, so
     `llm_iif.analysis.summary.summarize` applies), ``reward_mean_by_episodes`` (`fewer_episode_means`),
@@ -133,9 +136,11 @@ def train_classic(recipe, iif_mode: str, iif_p: float, output_dir: Path) -> list
     the round's update minibatches), ``time_influence_s`` and ``time_round_s`` (training only, evaluation excluded).
     """
     run = RunPaths(output_dir)
+    model = build_model(recipe, iif_mode, iif_p)
+    if on_loaded is not None:
+        on_loaded()
     run.root.mkdir(parents=True, exist_ok=True)
     run.metrics.unlink(missing_ok=True)
-    model = build_model(recipe, iif_mode, iif_p)
     steps = recipe.ppo.n_steps * recipe.env.n_envs
     history = []
     bar = tqdm(range(recipe.run.rounds), desc=f"{recipe.env.id} rounds")

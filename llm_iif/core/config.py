@@ -35,6 +35,14 @@ TARGET_SOURCES: tuple[str, ...] = typing.get_args(TargetSourceName)
 CLASSIC_TARGETS: tuple[str, ...] = typing.get_args(ClassicTargetName)
 CLASSIC_GUARDS: tuple[str, ...] = typing.get_args(ClassicGuard)
 
+SEED_EXPECTED = "a non-negative integer below 2**31"
+
+
+def is_seed(value: int) -> bool:
+    """Whether ``value`` can seed a run. numpy takes seeds in [0, 2**32), and a run adds its process index to its
+    seed (accelerate's ``set_seed(device_specific=True)``); [0, 2**31) leaves room for that."""
+    return 0 <= value < 2 ** 31
+
 
 @dataclass
 class ModelConfig:
@@ -295,6 +303,7 @@ class RewardTrainRecipe:
     def check(self, source: str) -> None:
         require = _requirement(self, source)
         require(0.0 < self.data.validation_fraction < 1.0, "data.validation_fraction", "a value in (0, 1)")
+        require(is_seed(self.run.seed), "run.seed", SEED_EXPECTED)
         for key in ("train.epochs", "train.learning_rate", "train.batch_size", "train.max_length", "lora.r"):
             require(_value(self, key) > 0, key, "a positive number")
 
@@ -373,6 +382,7 @@ class ClassicRecipe:
             require(_value(self, key) > 0, key, "a positive number")
         require(0.0 <= self.ppo.gamma <= 1.0, "ppo.gamma", "a value in [0, 1]")
         require(0.0 <= self.ppo.gae_lambda <= 1.0, "ppo.gae_lambda", "a value in [0, 1]")
+        require(is_seed(self.run.seed), "run.seed", SEED_EXPECTED)
         require(0.0 <= self.iif.p <= 1.0, "iif.p", "a value in [0, 1]")
         if self.env.wrapper is not None:
             require(self.env.wrapper.count(":") == 1, "env.wrapper", "an import path module:Class")
@@ -515,6 +525,8 @@ class GRPORecipe:
     def check(self, source: str) -> None:
         require = _requirement(self, source)
         require(self.run.steps > 0, "run.steps", "a positive integer")
+        for key in ("run.seed", "data.shuffle_seed"):
+            require(is_seed(_value(self, key)), key, SEED_EXPECTED)
         require(self.run.nonfinite_patience >= 0, "run.nonfinite_patience", "a non-negative integer")
         require(self.lora.r > 0, "lora.r", "a positive integer")
         require(self.lora.target_modules != [], "lora.target_modules",
@@ -549,11 +561,9 @@ def recipe_kind(path: str | Path) -> type:
     """`GRPORecipe` for a recipe file that says ``algorithm: grpo``, `ClassicRecipe` for one with an ``env``
     section (recipes/classic/), else `Recipe` (PPO)."""
     try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
+        raw = read_yaml_mapping(Path(path), "recipe")
+    except UserError:
         return Recipe  # load_recipe reports the problem
-    if not isinstance(raw, dict):
-        return Recipe
     if raw.get("algorithm") == "grpo":
         return GRPORecipe
     return ClassicRecipe if "env" in raw else Recipe
@@ -599,11 +609,12 @@ def _apply_override(raw: dict, item: str) -> None:
 
 def read_yaml_mapping(path: Path, what: str) -> dict:
     """The mapping a YAML file (a recipe, a suite) holds, {} for an empty one; a `UserError` naming the file when
-    it is missing, not valid YAML or not a mapping. ``what`` names the kind of file in the errors."""
+    it is missing, unreadable, not UTF-8 (`read_text`), not valid YAML or not a mapping. ``what`` names the kind
+    of file in the errors."""
     if not path.is_file():
         raise UserError(f"{path}: {what} file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(read_text(path))
     except yaml.YAMLError as err:
         raise UserError(f"{path}: {_yaml_problem(err)}") from err
     if raw is None:
@@ -611,6 +622,22 @@ def read_yaml_mapping(path: Path, what: str) -> dict:
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     return raw
+
+
+def read_text(path: Path, key: str | None = None) -> str:
+    """The text of the UTF-8 file ``path``. Otherwise a `UserError` naming ``key`` (the recipe key that names
+    the file, if any), the file, and the offset and line of its first byte that is not UTF-8."""
+    where = f"{key}: {path}" if key else str(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise UserError(f"{where}: cannot read ({err.strerror or first_line(err)})") from err
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise UserError(f"{where}: not UTF-8 text: byte {err.start} (line {line}) is 0x{data[err.start]:02x}; "
+                        "expected a UTF-8 file") from err
 
 
 def _yaml_problem(err: yaml.YAMLError, where: bool = True) -> str:
@@ -762,6 +789,7 @@ def _check_values(recipe: Recipe, source: str) -> None:
             "fresh or cached with iif.target preference (the training batch holds no preferences)")
     run = recipe.run
     require(run.rounds > 0, "run.rounds", "a positive integer")
+    require(is_seed(run.seed), "run.seed", SEED_EXPECTED)
     require(run.batch_size > 0, "run.batch_size", "a positive integer")
     require(run.save_every >= 0, "run.save_every", "0 (final only) or a positive integer")
     require(run.log_samples >= 0, "run.log_samples", "a non-negative integer")

@@ -18,21 +18,72 @@ A comparison (`llm-iif compare`, `llm-iif classic compare`) holds one run per me
 A suite (`llm-iif suite`) holds one comparison per task, beside its scorecard (see `SuitePaths`)::
 
     SUITE/suite.json  SUITE/finished.jsonl  SUITE/TASK/...  SUITE/scorecard.md  scorecard.json  scorecard.png
+
+Containment: whatever a command writes or deletes lies inside its output directory. METHOD and TASK are names
+(`check_name`: one folder, never a separator, ``..`` or an absolute path), whether they come from the command
+line, a suite file or a recorded comparison.json, summary.json or suite.json; a recorded name that is not one
+makes the record unreadable, never a path. No symbolic link may stand between the output directory and what
+is written or deleted in it (`check_inside`): where a run or task folder is one, the link itself is the output
+(`GridPaths.run_outputs`, `SuitePaths.task_outputs`), and deleting removes it, never what it points to.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from llm_iif.core.errors import UserError
 from llm_iif.core.fileio import read_jsonl
 
 _RECORD = re.compile(r"round_(\d+)\.parquet")
 _LDS = re.compile(r"round_(\d+)\.json")
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 _SEED = re.compile(r"seed-(-?\d+)")
+_NAME = re.compile(r"\w[\w.+-]*")
+NAME_LENGTH = 100
+NAME_EXPECTED = (f"a name of at most {NAME_LENGTH} letters, digits, '_', '.', '+' or '-', starting with a letter, "
+                 "digit or '_' (it names a folder of the output directory)")
+
+
+def is_name(name) -> bool:
+    """Whether ``name`` can name a task or method: one folder inside an output directory and nothing else."""
+    return isinstance(name, str) and len(name) <= NAME_LENGTH and _NAME.fullmatch(name) is not None
+
+
+def check_name(name, key: str) -> str:
+    """``name`` when `is_name`; else a `UserError` naming ``key`` and the value (``repr``, so that a newline in
+    it cannot break the one-line error)."""
+    if not is_name(name):
+        raise UserError(f"{key}: {name!r} is not {NAME_EXPECTED}")
+    return name
+
+
+def first_link(path: Path, root: Path) -> Path | None:
+    """The outermost symbolic link among ``path`` and its folders below ``root`` (``path`` is ``root / ...``),
+    or None. ``root`` itself, and the folders above it, may be links: the user chose them."""
+    current = Path(root)
+    for part in Path(path).relative_to(root).parts:
+        current = current / part
+        if current.is_symlink():
+            return current
+    return None
+
+
+def check_inside(path: Path, root: Path, key: str) -> Path:
+    """``path`` when it lies inside ``root`` with no symbolic link between them, so that its resolved path is
+    inside ``root``'s; else a `UserError` naming ``key``. What a command writes or deletes passes this check."""
+    path, root = Path(path), Path(root)
+    if not path.is_relative_to(root) or ".." in path.relative_to(root).parts:
+        raise UserError(f"{key}: {path} lies outside {root}; nothing is written or deleted there")
+    link = first_link(path, root)
+    if link is not None:
+        raise UserError(f"{key}: {link} is a symbolic link (to {os.path.realpath(link)}); nothing is written or "
+                        f"deleted through one: remove it, or start over with --overwrite, which removes the link "
+                        "and nothing it points to")
+    return path
 
 
 def _numbered_rounds(directory: Path, name: re.Pattern) -> list[int]:
@@ -167,43 +218,61 @@ class GridPaths:
         object.__setattr__(self, "root", Path(self.root))
 
     def run(self, method: str, seed: int) -> RunPaths:
-        return RunPaths(self.root / method / f"seed-{seed}")
+        """The run folder METHOD/seed-S/; ``method`` must be a name (`check_name`)."""
+        return RunPaths(self.root / check_name(method, "method") / f"seed-{seed}")
+
+    def run_outputs(self, method: str, seed: int) -> list[Path]:
+        """What run (``method``, ``seed``) has written inside ``root``: its outputs (`RunPaths.outputs`), or the
+        symbolic link alone where its folder, or its method's folder, is one. What a link points to is not this
+        comparison's, so nothing behind it is listed."""
+        run = self.run(method, seed)
+        link = first_link(run.root, self.root)
+        return [link] if link is not None else run.outputs()
 
     def runs(self) -> dict[str, list[RunPaths]]:
-        """Method -> its seed runs that have metrics, seeds in numeric order."""
-        found: dict[str, list[tuple[int, RunPaths]]] = {}
+        """Method -> its seed runs that have metrics, seeds in numeric order: the runs the comparison recorded
+        (`recorded_runs`), or, in a folder without a record, every METHOD/seed-S/ whose METHOD is a name.
+        Folders a record leaves out (a user's own runs in a suite's task folder) are not the comparison's."""
+        recorded = self.recorded_runs() or self._found_runs()
+        runs = {method: [self.run(method, seed) for seed in sorted(set(seeds))]
+                for method, seeds in sorted(recorded.items())}
+        return {method: with_metrics for method, group in runs.items()
+                if (with_metrics := [run for run in group if run.metrics.is_file()])}
+
+    def _found_runs(self) -> dict[str, list[int]]:
+        """{method: seeds} of every METHOD/seed-S/metrics.jsonl whose METHOD is a name."""
+        found: dict[str, list[int]] = {}
         for metrics in self.root.glob("*/seed-*/metrics.jsonl"):
             match = _SEED.fullmatch(metrics.parent.name)
-            if match:
-                found.setdefault(metrics.parent.parent.name, []).append((int(match.group(1)),
-                                                                         RunPaths(metrics.parent)))
-        return {method: [run for _, run in sorted(runs, key=lambda r: r[0])] for method, runs in sorted(found.items())}
+            if match and is_name(metrics.parent.parent.name):
+                found.setdefault(metrics.parent.parent.name, []).append(int(match.group(1)))
+        return found
 
     def outputs(self) -> list[Path]:
         """Every file a comparison wrote under ``root``: its own files and, for each method and seed it recorded
-        (comparison.json, or summary.json of a comparison from before it), the files that run wrote. Other
-        folders and files, even ``*/seed-*`` ones, are not the comparison's."""
+        (comparison.json, or summary.json of a comparison from before it), what that run wrote
+        (`run_outputs`). Other folders and files, even ``*/seed-*`` ones, are not the comparison's."""
         named = [self.comparison, self.summary, self.reward_curves, self.influence, self.report]
         runs = [path for method, seeds in self.recorded_runs().items() for seed in seeds
-                for path in self.run(method, seed).outputs()]
-        return [path for path in named if path.exists()] + runs
+                for path in self.run_outputs(method, seed)]
+        return list(dict.fromkeys([path for path in named if path.exists()] + runs))  # a link may hold several runs
 
     def recorded_runs(self) -> dict[str, list[int]]:
-        """{method: seeds} of the comparison recorded in ``root`` ({} when none is)."""
+        """{method: seeds} of the comparison recorded in ``root``: comparison.json's, or summary.json's when
+        the first is missing or unreadable; {} when neither is readable. A record whose methods are not all
+        names, or whose seeds are not all integers, is unreadable: a record never supplies a path."""
         for record in (self.comparison, self.summary):
             try:
-                content = json.loads(record.read_text())
-                methods = content["methods"]
-                if isinstance(methods, dict):  # summary.json: {method: {"seeds": {seed: ...}}}
-                    return {m: [int(s) for s in entry["seeds"]] for m, entry in methods.items()}
-                return {m: [int(s) for s in content["seeds"]] for m in methods}
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                runs = _recorded_runs(json.loads(record.read_text()))
+            except (OSError, ValueError):
                 continue
+            if runs is not None:
+                return runs
         return {}
 
     @property
     def comparison(self) -> Path:
-        """comparison.json: the methods and seeds of the comparison, written before its first run."""
+        """comparison.json: the methods and seeds of the comparison, written once its first run has loaded."""
         return self.root / "comparison.json"
 
     @property
@@ -227,7 +296,7 @@ class GridPaths:
 class SuitePaths:
     """The files of a benchmark suite's directory ``root`` (`llm-iif suite`)::
 
-        SUITE/suite.json        the suite as loaded, written before its first run; a restart must match it
+        SUITE/suite.json        the suite as loaded, written once its first run has loaded; a restart must match it
         SUITE/finished.jsonl    one line per finished run: task, method, seed, seconds, CPU model
         SUITE/TASK/             a comparison directory (`GridPaths`) per task
         SUITE/scorecard.md  scorecard.json  scorecard.png
@@ -238,7 +307,14 @@ class SuitePaths:
         object.__setattr__(self, "root", Path(self.root))
 
     def task(self, name: str) -> GridPaths:
-        return GridPaths(self.root / name)
+        """The comparison folder of task ``name``, which must be a name (`check_name`)."""
+        return GridPaths(self.root / check_name(name, "task"))
+
+    def task_outputs(self, name: str) -> list[Path]:
+        """What the comparison of task ``name`` wrote (`GridPaths.outputs`), or the symbolic link alone where
+        its folder is one."""
+        grid = self.task(name)
+        return [grid.root] if grid.root.is_symlink() else grid.outputs()
 
     @property
     def record(self) -> Path:
@@ -263,4 +339,28 @@ class SuitePaths:
     def outputs(self, tasks: list[str]) -> list[Path]:
         """Every file the suite of ``tasks`` wrote under ``root``: its own files and each task's comparison."""
         named = [self.record, self.finished, self.scorecard_markdown, self.scorecard_json, self.scorecard_figure]
-        return [path for path in named if path.exists()] + [p for task in tasks for p in self.task(task).outputs()]
+        return [path for path in named if path.exists()] + [p for task in tasks for p in self.task_outputs(task)]
+
+
+def _recorded_runs(content) -> dict[str, list[int]] | None:
+    """{method: seeds} of a comparison.json (``{"methods": [...], "seeds": [...]}``) or summary.json
+    (``{"methods": {method: {"seeds": {seed: ...}}}}``), or None unless every method is a name and every seed an
+    integer."""
+    methods = content.get("methods") if isinstance(content, dict) else None
+    if isinstance(methods, dict):
+        seeds = {method: entry.get("seeds") if isinstance(entry, dict) else None for method, entry in methods.items()}
+    elif isinstance(methods, list) and all(map(is_name, methods)):
+        seeds = {method: content.get("seeds") for method in methods}
+    else:
+        return None
+    if not all(map(is_name, seeds)) or not all(isinstance(values, (list, dict)) for values in seeds.values()):
+        return None
+    runs = {method: [_recorded_seed(seed) for seed in values] for method, values in seeds.items()}
+    return None if any(None in values for values in runs.values()) else runs
+
+
+def _recorded_seed(value) -> int | None:
+    """A recorded seed: an integer, or its decimal digits (summary.json's keys); None for anything else."""
+    if isinstance(value, str) and re.fullmatch(r"-?\d{1,18}", value):
+        return int(value)
+    return value if type(value) is int and abs(value) < 10 ** 18 else None

@@ -20,20 +20,21 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate.utils import is_wandb_available
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from llm_iif.core.config import GRPORecipe, load_recipe
+from llm_iif.core.config import GRPORecipe
 from llm_iif.core.errors import UserError, damaged_weight_files, first_line
 from llm_iif.core.imports import import_object
 from llm_iif.core.fileio import write_directory_atomically
 from llm_iif.core.paths import RunPaths
 from llm_iif.grpo.data import check_chat_template, grpo_datasets, is_conversational
 from llm_iif.grpo.trainer import GroupFilter, IIFGRPOTrainer
-from llm_iif.lm.data import read_preference_triples
+from llm_iif.lm.data import check_tokenizable, read_preference_triples
 from llm_iif.lm.policy import load_tokenizer
 from llm_iif.training import run_state
 from llm_iif.training.builtins import resolve_builtin
@@ -48,20 +49,26 @@ class GRPORunResult:
     checkpoint: Path | None      # where a stopped run saved
 
 
-def train_grpo(recipe: GRPORecipe, overwrite: bool = False, resume_from: Path | None = None) -> GRPORunResult:
+def train_grpo(recipe: GRPORecipe, overwrite: bool = False, resume_from: Path | None = None,
+               on_loaded: Callable[[], None] | None = None) -> GRPORunResult:
     """Train ``recipe`` into ``run.output_dir``, or continue the run there from its checkpoint ``resume_from``.
 
     1. check the run directory (nothing is written yet); 2. load the model, data, rewards and trainer, which
-    validates the recipe; 3. only then delete an earlier run's outputs (``overwrite``) or rewind the files of a
-    resumed one; 4. train with trl, stopping at the next generation batch's end on SIGINT/SIGTERM; 5. save final/.
+    validates the recipe, then call ``on_loaded`` (a comparison deletes its earlier outputs then); 3. only then
+    delete an earlier run's outputs (``overwrite``) or rewind the files of a resumed one; 4. train with trl,
+    stopping at the next generation batch's end on SIGINT/SIGTERM, the last one's too
+    (`llm_iif.training.signals`); 5. save final/.
     """
     paths = RunPaths(recipe.run.output_dir)
-    # 1. Check: every process refuses alike, before anything slow.
-    if resume_from is None:
-        claim_run_directory(paths, overwrite)
-    else:
+    # 1. Check: every process refuses alike, before anything slow (a caller with on_loaded, a comparison, has
+    # checked the folder itself and empties it in on_loaded: nothing may be written there before).
+    args = grpo_config(recipe, paths)  # which also sets up this launch's processes: args.world_size
+    if resume_from is not None:
         check_writable_directory(paths.root)
-        completed = check_resumable(resume_from, paths, recipe)
+        completed = run_state.check_resumable(resume_from, paths, recipe, args.world_size)
+        run_state.check_grpo_pickles(resume_from)
+    elif on_loaded is None:
+        claim_run_directory(paths, overwrite)
     # 2. Load.
     model_dir = resolve_builtin(recipe.model.name_or_path)
     tokenizer = load_tokenizer(model_dir)
@@ -73,7 +80,9 @@ def train_grpo(recipe: GRPORecipe, overwrite: bool = False, resume_from: Path | 
     if recipe.iif.enabled and recipe.iif.target == "preference":
         from datasets import Dataset
 
-        validation = Dataset.from_dict(read_preference_triples(recipe.iif.val_prompts, "iif.val_prompts"))
+        triples = read_preference_triples(recipe.iif.val_prompts, "iif.val_prompts")
+        check_tokenizable(triples, tokenizer, "iif.val_prompts", recipe.iif.val_prompts)
+        validation = Dataset.from_dict(triples)
     check_chat_template(tokenizer, recipe.model.chat_template or is_conversational(train), str(model_dir))
     reward_funcs = reward_functions(recipe)
     if "wandb" in recipe.run.report_to and not is_wandb_available():
@@ -81,7 +90,7 @@ def train_grpo(recipe: GRPORecipe, overwrite: bool = False, resume_from: Path | 
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(paths.tensorboard)  # transformers 5 reads it from here only
     try:
         trainer = IIFGRPOTrainer(
-            model=model_dir, reward_funcs=reward_funcs, args=grpo_config(recipe, paths), train_dataset=train,
+            model=model_dir, reward_funcs=reward_funcs, args=args, train_dataset=train,
             processing_class=tokenizer, peft_config=peft_config(recipe),
             iif=recipe.iif if recipe.iif.enabled else None, group_filter=group_filter(recipe),
             validation_dataset=validation, nonfinite_patience=recipe.run.nonfinite_patience)
@@ -91,6 +100,8 @@ def train_grpo(recipe: GRPORecipe, overwrite: bool = False, resume_from: Path | 
                             f"'{recipe.model.name_or_path}' ({first_line(err)})") from err
         raise
     check_save_every(recipe, trainer)
+    if on_loaded is not None:
+        on_loaded()
     # 3. Outputs: a new run's files, or a resumed run's files as they were at its checkpoint.
     outputs = RunOutputs(paths, recipe, trainer.accelerator)
     history: list[dict] = []
@@ -115,12 +126,15 @@ def train_grpo(recipe: GRPORecipe, overwrite: bool = False, resume_from: Path | 
     with FinishOnSignal() as signals:
         checkpoints.signals = signals
         try:
-            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            # A run stopped by a signal in its last step has only final/ left to save; trl would train a step more.
+            if resume_from is None or completed < recipe.run.steps:
+                trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         finally:  # an error (a reward function's, say) then starts on a line of its own, not after the bar
             progress.close()
-    # 5. Save.
-    if checkpoints.stopped_by is None:
-        save_final(trainer, checkpoints, paths)
+        # 5. Save, unless a signal stopped the run; one during the save lets it finish, and stops the caller.
+        if checkpoints.stopped_by is None:
+            save_final(trainer, checkpoints, paths)
+            checkpoints.stopped_by = signals.received_anywhere(trainer.accelerator)
     return GRPORunResult(evaluator.history, checkpoints.stopped_by, checkpoints.last_saved)
 
 
@@ -134,25 +148,6 @@ def reward_functions(recipe: GRPORecipe) -> list:
                             "**columns)")
         funcs.append(func)
     return funcs
-
-
-def check_resumable(checkpoint: Path, paths: RunPaths, recipe: GRPORecipe) -> int:
-    """The steps ``checkpoint`` completed, after checking that it is a whole checkpoint of the run at ``paths``
-    and that ``recipe`` differs from the run's saved recipe in ``run.steps`` at most."""
-    if Path(checkpoint).resolve().parent != paths.root.resolve():
-        raise UserError(f"--resume: {checkpoint} is not in run.output_dir {paths.root}")
-    manifest = run_state.verify(checkpoint)
-    if "steps_completed" not in manifest:
-        raise UserError(f"--resume: {checkpoint} is not a GRPO checkpoint")
-    changed = run_state.recipe_changes(load_recipe(paths.recipe, kind=GRPORecipe), recipe) - {"run.steps",
-                                                                                                "run.output_dir"}
-    if changed:
-        raise UserError(f"--resume: the recipe differs from {paths.recipe} in {', '.join(sorted(changed))}; only "
-                        "run.steps may change on resume")
-    completed = manifest["steps_completed"]
-    if recipe.run.steps < completed:
-        raise UserError(f"run.steps: {checkpoint} has already completed {completed} steps; set run.steps to more")
-    return completed
 
 
 def grpo_config(recipe: GRPORecipe, paths: RunPaths):
@@ -230,10 +225,10 @@ def save_final(trainer: IIFGRPOTrainer, checkpoints: CheckpointsAndSignals, path
     """final/: trl's checkpoint of the last step (the adapter in HF format, optimiser, RNG, IIF state), so a
     finished run can be extended with ``--resume`` and ``--set run.steps=N``. A periodic checkpoint-N/ of the
     same step stays; otherwise the temporary one is removed."""
-    step, save_every = trainer.state.global_step, checkpoints.recipe.run.save_every
+    step, save_every = checkpoints.recipe.run.steps, checkpoints.recipe.run.save_every
     checkpoint = paths.checkpoint(step)
     periodic = bool(save_every) and step % save_every == 0
-    if not checkpoint.is_dir():  # with save_every, trl has saved the last step already
+    if not checkpoint.is_dir():  # with save_every, or when a signal stopped the last step, trl has saved it
         trainer._save_checkpoint(trainer.model, trial=None)
         checkpoints.write_manifest(step)
     if trainer.accelerator.is_main_process:
@@ -241,6 +236,7 @@ def save_final(trainer: IIFGRPOTrainer, checkpoints: CheckpointsAndSignals, path
         if not periodic:
             shutil.rmtree(checkpoint)
     trainer.accelerator.wait_for_everyone()
+    checkpoints.last_saved = paths.final
 
 
 class StepProgress(ProgressCallback):
@@ -267,12 +263,10 @@ class CheckpointsAndSignals(TrainerCallback):
         self.last_saved: Path | None = None
 
     def on_step_end(self, args, state, control, **kwargs):
-        if not ends_generation_batch(self.trainer, state.global_step) or state.global_step >= state.max_steps:
+        if not ends_generation_batch(self.trainer, state.global_step):
             return
-        acc = self.trainer.accelerator
-        received = self.signals is not None and self.signals.received is not None
-        if acc.reduce(torch.tensor(float(received), device=acc.device), "max").item():
-            self.stopped_by = self.signals.received if received else "a signal on another process"
+        self.stopped_by = self.signals.received_anywhere(self.trainer.accelerator)
+        if self.stopped_by:  # in the last batch too: the checkpoint is saved here, final/ when the run resumes
             control.should_save = control.should_training_stop = True
 
     def on_save(self, args, state, control, **kwargs):

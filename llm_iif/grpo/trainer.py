@@ -22,7 +22,6 @@ import copy
 import functools
 import logging
 import math
-import pickle
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -49,7 +48,7 @@ from llm_iif.grpo.losses import (RESCALED_LOSSES, SUPPORTED_LOSSES, completion_l
                                  group_target_terms, token_losses)
 from llm_iif.lm.data import PREFERENCE_COLUMNS
 from llm_iif.lm.generation import tokenize_pairs
-from llm_iif.training.run_state import IIF_STATE_FILE
+from llm_iif.training.run_state import IIF_STATE_FILE, load_plain
 
 logger = logging.getLogger(__name__)
 
@@ -336,9 +335,10 @@ class IIFGRPOTrainer(GRPOTrainer):
         if resume_from_checkpoint:
             path = Path(resume_from_checkpoint) / IIF_STATE_FILE
             if path.is_file():
+                state = load_plain(path, "IIF state")
                 try:
-                    self.load_iif_state_dict(torch.load(path, weights_only=True))
-                except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError) as err:
+                    self.load_iif_state_dict(state)
+                except (KeyError, TypeError, RuntimeError) as err:
                     raise UserError(f"{path}: not a readable IIF state ({first_line(err)})") from err
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 

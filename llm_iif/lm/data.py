@@ -23,7 +23,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from llm_iif.core.config import DataConfig, IIFConfig, parse_filter
+from llm_iif.core.config import DataConfig, IIFConfig, parse_filter, read_text
 from llm_iif.core.errors import UserError, first_line
 from llm_iif.lm.builtin import (BUILTIN_PREFIX, biased_preference_pairs, positive_review_pairs, preference_pairs,
                                 review_prompts, trusted_preference_triples)
@@ -102,17 +102,40 @@ def load_validation_set(iif: IIFConfig, splits: PromptSplits) -> dict[str, list[
 
 def read_preference_triples(source: str, key: str) -> dict[str, list[str]]:
     """(prompt, chosen, rejected) triples from ``source`` (any `load_table` source), every row of it. A missing
-    column, or a row without a chosen or rejected text, is a `UserError` naming ``key``: a trusted set is small,
-    and a row skipped silently would change the target."""
+    column, a row without a prompt, chosen or rejected text, or a row whose chosen text is its rejected one, is a
+    `UserError` naming ``key``, the file and the row: a trusted set is small, and a row skipped silently would
+    change the target. (A triple that prefers a text to itself adds nothing to the margin's gradient but float
+    noise, which IIF would then filter on.)"""
     table = load_table(source, key)
     triples = {column: column_values(table, source, column, key) for column in PREFERENCE_COLUMNS}
     for column in PREFERENCE_COLUMNS:
         for row, text in enumerate(triples[column]):
-            if not isinstance(text, str) or (column != "prompt" and not text.strip()):
+            if not isinstance(text, str) or not text.strip():
                 raise UserError(f"{key}: row {row} of '{source}' has {'no' if text is None else 'an empty'} "
-                                f"{column} text; every trusted triple needs a prompt and non-empty chosen and "
-                                "rejected responses")
+                                f"{column} text; every trusted triple needs non-empty prompt, chosen and "
+                                "rejected texts")
+    for row, (chosen, rejected) in enumerate(zip(triples["chosen"], triples["rejected"])):
+        if chosen == rejected:
+            raise UserError(f"{key}: row {row} of '{source}' has the same chosen and rejected text ({chosen!r}); "
+                            "every trusted triple needs a chosen text that differs from its rejected one")
     return triples
+
+
+def check_tokenizable(texts: dict[str, list[str]], tokenizer, key: str, source: str) -> None:
+    """A `UserError` naming ``key``, ``source``, the row and the characters, for the first of ``texts`` (column
+    -> texts) with characters ``tokenizer`` has no token for: it would read them as its unknown token, silently
+    (a character-level vocabulary, such as builtin:tiny-adder's). Byte-level tokenizers read any text."""
+    unknown = tokenizer.unk_token_id
+    if unknown is None:
+        return
+    for column, values in texts.items():
+        for row, (text, ids) in enumerate(zip(values, tokenizer(values, add_special_tokens=False)["input_ids"])):
+            if unknown in ids and tokenizer.unk_token not in text:
+                missing = "".join(sorted({char for char in text
+                                          if unknown in tokenizer(char, add_special_tokens=False)["input_ids"]}))
+                raise UserError(f"{key}: row {row} of '{source}' has a {column} text with characters the "
+                                f"tokenizer has no token for ({f'{missing!r} in ' if missing else ''}{text!r}); "
+                                "expected text the model's vocabulary covers")
 
 
 def read_text_columns(source: str, key: str, columns: dict[str, str], split: str = "train",
@@ -174,7 +197,7 @@ def load_table(source: str, key: str, split: str = "train", subset: str | None =
     if kind == "txt":
         if not path.is_file():
             raise UserError(f"{key}: file not found: {source}")
-        return {text_column: [line.strip() for line in path.read_text().splitlines()]}
+        return {text_column: [line.strip() for line in read_text(path, key).splitlines()]}
     if kind == "hub-files":  # files in a hub repo, e.g. its parquet export
         table = _load_dataset(key, LOCAL_FORMATS[path.suffix], data_files=source, split="train")
     elif kind == "file":
@@ -197,6 +220,8 @@ def _load_local_file(key: str, source: str):
         raise UserError(f"{key}: file not found: {source}")
     if path.stat().st_size == 0:
         raise UserError(f"{key}: {source} is empty")
+    if path.suffix != ".parquet":  # datasets reads text that is not UTF-8, and fails when a value is taken
+        read_text(path, key)
     try:
         return _load_dataset(key, LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
     except UserError:

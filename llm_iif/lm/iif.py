@@ -20,6 +20,7 @@ from llm_iif.core import ppo
 from llm_iif.core.config import TARGETS, IIFConfig, PPOConfig
 from llm_iif.core.records import Advantages, Rollout
 from llm_iif.core.tokens import at_response_positions, response_logprobs
+from llm_iif.lm.data import check_tokenizable
 from llm_iif.lm.generation import tokenize_pairs
 from llm_iif.lm.rollouts import RolloutCollector
 
@@ -100,6 +101,8 @@ class ValidationTarget:
         self.advantages_of, self.accelerator = advantages_of, accelerator
         self.cache: Rollout | None = None
         self.calls, self.metrics = 0, {}
+        if config.target in ("gold", "preference"):  # texts tokenised as given, not generated
+            check_tokenizable(validation, collector.tokenizer, "iif.val_prompts", config.val_prompts)
 
     def __call__(self, model) -> TargetBatch:
         acc, cfg = self.accelerator, self.config

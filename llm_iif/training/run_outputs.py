@@ -26,7 +26,7 @@ from llm_iif.core.config import Recipe
 from llm_iif.core.errors import UserError, first_line
 from llm_iif.core.fileio import append_jsonl, atomic_write_text, read_jsonl, write_parquet
 from llm_iif.core.machine import cpu_model, package_versions
-from llm_iif.core.paths import RunPaths
+from llm_iif.core.paths import RunPaths, check_inside
 from llm_iif.core.records import Advantages, Rollout
 
 PACKAGES = ("llm_iif", "torch", "transformers", "peft", "trl", "accelerate", "datasets")
@@ -100,20 +100,26 @@ def listed(outputs: list[Path], root: Path) -> str:
     return ", ".join(str(path.relative_to(root)) for path in outputs)
 
 
-def delete_outputs(outputs: list[Path], root: Path | None = None) -> None:
-    """Delete the files and directories of an earlier run or comparison (from `claim_run_directory` or
-    `GridPaths.outputs`). A symlink is removed, never what it points to. With ``root``, directories under it that
-    are left empty are removed too."""
+def delete_outputs(outputs: list[Path], root: Path) -> None:
+    """Delete the files and directories of an earlier run or comparison (from `claim_run_directory`,
+    `GridPaths.outputs`, ...), each of which must lie inside ``root`` with no symbolic link on the way to it
+    (`check_inside`, checked for every one before any is deleted). A symlink among them is removed, never what it
+    points to, and a directory's contents are deleted without following the links among them. Directories under
+    ``root`` that are left empty are removed too."""
+    root = Path(root)
+    for path in outputs:  # the path itself may be a link, removed as one; the folders above it may not
+        check_inside(path.parent, root, "--output-dir")
+        if path.name in ("", ".", ".."):
+            raise UserError(f"--output-dir: {path} is not a file or folder inside {root}")
     for path in outputs:
         if path.is_symlink() or not path.is_dir():
             path.unlink(missing_ok=True)
         else:
-            shutil.rmtree(path)
-    if root is not None:
-        for directory in sorted({p.parent for p in outputs}, key=lambda d: len(d.parts), reverse=True):
-            while directory != Path(root) and directory.is_dir() and not any(directory.iterdir()):
-                directory.rmdir()
-                directory = directory.parent
+            shutil.rmtree(path)  # removes the links inside, not their targets
+    for directory in sorted({p.parent for p in outputs}, key=lambda d: len(d.parts), reverse=True):
+        while directory != root and directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()
+            directory = directory.parent
 
 
 class RunOutputs:
@@ -134,7 +140,7 @@ class RunOutputs:
         self.accelerator.wait_for_everyone()  # every process has looked before the main one writes
         if not self.is_writer:
             return
-        delete_outputs(earlier)
+        delete_outputs(earlier, self.paths.root)
         self.write_recipe()
         atomic_write_text(self.paths.environment, json.dumps(environment(self.accelerator), indent=2))
         for path in (self.paths.metrics, self.paths.timings, self.paths.samples):

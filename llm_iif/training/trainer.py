@@ -88,6 +88,7 @@ class PPOTrainer:
         self.trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.history: list[dict] = []
         self.stopped_by: str | None = None
+        self.checkpoint: Path | None = None  # the last checkpoint saved
         self._bar, self._last_postfix = None, ""
 
     # ------------------------------------------------------------------ the round loop
@@ -98,8 +99,10 @@ class PPOTrainer:
         ``resume_from``: a checkpoint directory of this run (see `run_state.resolve_resume`); training
         continues exactly where it stopped, writing into the same run directory. Without it, a new run starts
         in ``run.output_dir``, which must not hold another run unless ``overwrite`` (which deletes that run's
-        outputs first). SIGINT and SIGTERM finish the current round, save a checkpoint and return early;
-        ``self.stopped_by`` then names the signal.
+        outputs first). SIGINT and SIGTERM finish the current round, save ``checkpoint-N/`` and return early,
+        in the last round too (resuming saves ``final/``); ``self.stopped_by`` then names the signal. One that
+        arrives during the final save lets it finish and sets ``self.stopped_by`` all the same, so that callers
+        stop (`llm_iif.training.signals`). ``self.checkpoint`` is where the last save went.
         """
         acc, run = self.accelerator, self.recipe.run
         start = self.restore(resume_from) if resume_from is not None else 0
@@ -118,15 +121,15 @@ class PPOTrainer:
                 self.history.append(metrics)
                 self._last_postfix = f"reward {metrics['reward_mean']:.3f} · KL {metrics['kl']:.2f}"
                 self.outputs.log_round(k, metrics)
-                # Every process stops after the same round, whichever of them received the signal.
-                stop = acc.reduce(torch.tensor(float(signals.received is not None), device=acc.device), "max")
-                if k + 1 < run.rounds and (stop.item() or (run.save_every and (k + 1) % run.save_every == 0)):
+                self.stopped_by = signals.received_anywhere(acc)
+                periodic = run.save_every and (k + 1) % run.save_every == 0 and k + 1 < run.rounds
+                if self.stopped_by or periodic:
                     self.save(self.outputs.paths.checkpoint(k + 1))
-                if stop.item() and k + 1 < run.rounds:
-                    self.stopped_by = signals.received or "a signal on another process"
+                if self.stopped_by:
                     break
-        if self.stopped_by is None:
-            self.save(self.outputs.paths.final)
+            if self.stopped_by is None:
+                self.save(self.outputs.paths.final)
+                self.stopped_by = signals.received_anywhere(acc)  # during the final save, which it let finish
         self.outputs.close_trackers()
         return self.history
 
@@ -309,6 +312,7 @@ class PPOTrainer:
             run_state.save_checkpoint(policy, self.tokenizer, directory, manifest, weights, training_state)
             run_state.prune(self.outputs.paths.root, self.recipe.run.keep_last_n)
         acc.wait_for_everyone()
+        self.checkpoint = directory
 
     def restore(self, checkpoint: Path) -> int:
         """Load a checkpoint written by `save` and return the number of rounds it completed. Outputs and

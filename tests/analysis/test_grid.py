@@ -61,7 +61,8 @@ def test_grid_rejects_an_unknown_method_before_training():
 def test_grid_runs_every_pair_seed_major_into_its_run_directory(tmp_path, capsys):
     calls = []
 
-    def train_one(method, seed, run):
+    def train_one(method, seed, run, ready):
+        ready()
         calls.append((method, seed, run))
         return history(2, seed, lm=False)
 
@@ -77,7 +78,8 @@ def test_grid_runs_every_pair_seed_major_into_its_run_directory(tmp_path, capsys
 
 
 def test_a_second_comparison_in_a_used_directory_is_refused_and_overwrite_replaces_it(tmp_path):
-    def train_one(method, seed, run):
+    def train_one(method, seed, run, ready):
+        ready()
         run.root.mkdir(parents=True)
         run.metrics.write_text("{}\n")
         return history(1, seed, lm=False)
@@ -98,7 +100,8 @@ def test_a_second_comparison_in_a_used_directory_is_refused_and_overwrite_replac
 def test_overwrite_deletes_only_what_the_recorded_comparison_wrote(tmp_path):
     """Issue 24: folders that look like runs but are not this comparison's, and a user's files inside its run
     folders, survive --overwrite."""
-    def train_one(method, seed, run):
+    def train_one(method, seed, run, ready):
+        ready()
         run.root.mkdir(parents=True, exist_ok=True)
         run.metrics.write_text("{}\n")
         run.recipe.write_text("run: {}\n")

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from llm_iif.analysis.scorecard import check_same_cpu, scorecard_markdown, standard_climb, task_scorecard
-from llm_iif.analysis.suite import claim_suite_directory, load_suite, run_suite
+from llm_iif.analysis.suite import claim_suite_directory, load_suite, run_suite, start_suite
 from llm_iif.analysis.summary import summarize
 from llm_iif.core.errors import UserError
 from llm_iif.core.machine import cpu_model
@@ -45,7 +45,7 @@ def curve_history(rewards: list[float], kl: float | None = None) -> list[dict]:
      "tasks.t.methods: unknown method 'iif-cached' for a classic PPO (Stable-Baselines3) recipe"),
     ({"tasks": {"t": {"recipe": str(FROZENLAKE), "methods": ["iif", "random"]}}}, "lacks standard"),
     ({"seeds": [3]}, "seeds: 1 seed; the scorecard's intervals over seeds need at least 2"),
-    ({"tasks": {"t": {"recipe": str(FROZENLAKE), "seeds": [0, 0]}}}, "tasks.t.seeds: 1 seed"),
+    ({"tasks": {"t": {"recipe": str(FROZENLAKE), "seeds": [0, 0]}}}, "tasks.t.seeds: seed 0 is given twice"),
     ({"tasks": {"t": {"recipe": str(FROZENLAKE), "set": {"ppo.n_stepz": 64}}}}, "tasks.t (standard): "),
     ({"task": {}}, "unknown key 'task'"),
     ({"custom_methods": {"iif": {"iif.p": 0.5}}}, "custom_methods.iif: a built-in method's name; choose another"),
@@ -81,11 +81,13 @@ def test_unknown_task_and_missing_file(tmp_path, capsys):
 def test_a_directory_of_another_suite_or_another_cpu_is_refused(tmp_path):
     suite = load_suite(write_suite(tmp_path))
     paths = SuitePaths(suite.output_dir)
-    assert claim_suite_directory(suite, paths, overwrite=False) == {}  # a new suite
+    assert claim_suite_directory(suite, paths, overwrite=False) == ([], {})  # a new suite
+    start_suite(suite, paths, [])
     other = load_suite(write_suite(tmp_path, seeds=[0, 1, 2]))
     with pytest.raises(UserError, match="holds another suite \\(task frozenlake: seeds differs"):
         claim_suite_directory(other, paths, overwrite=False)
-    claim_suite_directory(other, paths, overwrite=True)  # deletes the first suite's outputs, records this one
+    earlier, _ = claim_suite_directory(other, paths, overwrite=True)  # the first suite's outputs
+    start_suite(other, paths, earlier)  # deletes them, records this one
     assert json.loads(paths.record.read_text())["tasks"]["frozenlake"]["seeds"] == [0, 1, 2]
     paths.finished.write_text(json.dumps({"task": "frozenlake", "method": "standard", "seed": 0, "seconds": 1.0,
                                           "cpu_model": "Another CPU (family 6)"}) + "\n")

@@ -43,7 +43,7 @@ def sequence_logprobs(model, query_ids, query_mask, response_ids, response_mask)
 def attribution(model, ids, mask, weights):
     """(the two halves' target gradients, [B] influence scores against their sum) for one batch."""
     rows = TargetBatch(ids[:, :1], mask[:, :1], ids[:, 1:], mask[:, 1:], weights[:, 1:])
-    halves, _ = target_gradient_parts(model, rows, sequence_logprobs, torch.arange(len(ids)) % 2, 2, chunk_size=2)
+    halves = target_gradient_parts(model, rows, sequence_logprobs, torch.arange(len(ids)) % 2, 2, chunk_size=2)[0].parts
     target = {name: halves[0][name] + halves[1][name] for name in halves[0]}
     scores = influence_scores(model, lambda m, chunk: per_sample_losses(m, ids[chunk], mask[chunk], weights[chunk]),
                               len(ids), target, chunk_size=3, device="cpu")

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from llm_iif.cli import main
-from llm_iif.core.config import Recipe, load_recipe
+from llm_iif.core.config import ClassicRecipe, GRPORecipe, Recipe, RewardTrainRecipe, load_recipe, recipe_kind
 from llm_iif.core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,8 +27,6 @@ def write(tmp_path, recipe) -> Path:
 
 
 def test_shipped_recipes_load():
-    from llm_iif.core.config import ClassicRecipe, GRPORecipe, RewardTrainRecipe, recipe_kind
-
     for folder, kind in (("", Recipe), ("classic", ClassicRecipe), ("reward", RewardTrainRecipe)):
         paths = sorted((REPO / "recipes" / folder).glob("*.yaml"))
         assert paths, folder
@@ -134,3 +132,30 @@ def test_python_m_and_console_script_are_the_same_cli(tmp_path):
     script = Path(sys.executable).with_name("llm-iif")
     proc = subprocess.run([str(script), "train", str(path)], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("recipe, kind, key", [
+    ("tiny-sentiment.yaml", Recipe, "run.seed"),
+    ("tiny-addition-grpo.yaml", GRPORecipe, "run.seed"),
+    ("tiny-addition-grpo.yaml", GRPORecipe, "data.shuffle_seed"),
+    ("classic/frozenlake.yaml", ClassicRecipe, "run.seed"),
+    ("reward/tiny.yaml", RewardTrainRecipe, "run.seed"),
+])
+@pytest.mark.parametrize("seed", [-1, 2 ** 31])
+def test_seeds_are_checked_in_every_kind_of_recipe(recipe, kind, key, seed):
+    """numpy takes seeds in [0, 2**32) and a run adds its process index to its seed: -1 used to fail mid-run."""
+    path = REPO / "recipes" / recipe
+    with pytest.raises(UserError) as err:
+        load_recipe(path, [f"{key}={seed}"], kind=kind)
+    assert str(err.value) == f"{path}: {key}: expected a non-negative integer below 2**31, got {seed}"
+
+
+def test_a_recipe_that_is_not_utf8_names_the_file_and_byte(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(yaml.safe_dump(GOOD).encode() + "# r\xe9sum\xe9\n".encode("cp1252"))
+    offset = len(yaml.safe_dump(GOOD).encode()) + 3
+    lines = yaml.safe_dump(GOOD).count("\n") + 1
+    assert recipe_kind(path) is Recipe  # the kind is decided later, by load_recipe's error
+    with pytest.raises(UserError) as err:
+        load_recipe(path)
+    assert str(err.value) == f"{path}: not UTF-8 text: byte {offset} (line {lines}) is 0xe9; expected a UTF-8 file"

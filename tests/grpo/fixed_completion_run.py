@@ -127,6 +127,7 @@ if __name__ == "__main__":
         sys.exit(0)
     trainer = make_trainer(model_dir, out, max_steps=2, per_device_train_batch_size=GLOBAL_BATCH // processes,
                            rollout_func=fixed_completions,
+                           reward_funcs=[completion_length],  # differs within groups: a target that is not 0
                            iif=GRPOIIFConfig(enabled=True, target_source="batch", folds=2, mode="bottom", p=0.5))
     trainer.train()
     accelerator = trainer.accelerator

@@ -63,3 +63,30 @@ def test_a_grpo_recipe_trains_with_a_file_of_trusted_triples(random_adder_dir, t
     assert code == 0, stderr
     (step,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert -1.0 <= step["target_split_cos"] <= 1.0 and 0 < step["kept_fraction"] <= 1
+
+
+def constant_reward(prompts, completions, **columns):
+    return [1.0] * len(completions)
+
+
+@pytest.mark.parametrize("target", ["identical triples", "all-zero advantages"])
+def test_a_target_of_float_noise_drops_nothing_with_a_warning(random_adder_dir, tmp_path, caplog, target):
+    """Triples that prefer each text to itself (the API takes them; a recipe's file is refused), or a batch
+    target whose advantages are all 0: the scores are rounding error or 0, and ``bottom`` would drop half the
+    completions at random. Through the shared attribution core, as for PPO."""
+    import logging
+
+    if target == "identical triples":
+        triples = {"prompt": ["12+34=", "50+70="], "chosen": ["46", "120"], "rejected": ["46", "120"]}
+        kwargs = dict(validation_dataset=Dataset.from_dict(triples),
+                      iif=GRPOIIFConfig(enabled=True, target="preference", target_source="fresh", val_size=2,
+                                        mode="bottom", p=0.5))
+    else:
+        kwargs = dict(reward_funcs=[constant_reward], iif=GRPOIIFConfig(enabled=True, mode="bottom", p=0.5))
+    trainer = make_trainer(random_adder_dir, tmp_path, **kwargs)
+    moved_off_zero(trainer.accelerator.unwrap_model(trainer.model))
+    with caplog.at_level(logging.WARNING, logger="llm_iif.attribution.stage"):
+        trainer.train()
+    (logged,) = [entry for entry in trainer.state.log_history if "iif/kept_fraction" in entry]
+    assert logged["iif/kept_fraction"] == 1.0 and logged["iif/filtered"] == 0.0
+    assert "IIF target: " in caplog.text and "nothing is dropped this round" in caplog.text

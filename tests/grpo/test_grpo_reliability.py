@@ -140,3 +140,150 @@ def test_interrupt_outside_training_is_one_line(monkeypatch, capsys):
     monkeypatch.setitem(cli.COMMANDS, "report", interrupted)
     assert cli.main(["report", "anywhere"]) == 130
     assert capsys.readouterr().err == "llm-iif: interrupted\n"
+
+
+# ------------------------------------------------------------------------------- issue 36: resume and triples
+def test_resuming_under_another_number_of_processes_is_refused(one_step_run, tmp_path):
+    """As for PPO: each process's RNG state and share of the batch are in the checkpoint, so a 1-process run
+    resumed by 2 would double the batch and leave the RNG states behind."""
+    import os
+    import subprocess
+
+    from conftest import launch_command
+    from test_grpo_recipes import REPO
+
+    out = tmp_path / "run"
+    shutil.copytree(one_step_run, out)
+    before = (out / "metrics.jsonl").read_bytes()
+    proc = subprocess.run([*launch_command("-m", 2), "llm_iif", "train", "--resume", str(out), "--set", "run.steps=2"],
+                          capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={**os.environ, "ACCELERATE_USE_CPU": "1"})
+    assert proc.returncode != 0
+    assert (f"llm-iif: error: --resume: {out / 'final'} was written by 1 process(es); resume it with the same "
+            "number, not 2") in proc.stderr
+    assert (out / "metrics.jsonl").read_bytes() == before
+
+
+class Planted:
+    """Unpickling this calls os.mkdir(marker): the stand-in for any code a pickle can run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (self.marker,)
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "scheduler.pt", "rng_state.pth", "iif_state.pt"])
+def test_a_planted_pickle_is_refused_in_one_line_naming_its_file(one_step_run, random_adder_dir, tmp_path, capsys,
+                                                                  name):
+    import torch
+
+    from llm_iif.training.run_state import TRL_MANIFEST_FILE, write_manifest
+
+    out, marker = tmp_path / "run", tmp_path / "planted-code-ran"
+    shutil.copytree(one_step_run, out)
+    final = out / "final"
+    torch.save({"state": Planted(marker)}, final / name)
+    manifest = json.loads((final / TRL_MANIFEST_FILE).read_text())
+    write_manifest(final, {k: v for k, v in manifest.items() if k != "files"}, TRL_MANIFEST_FILE)  # checksums fixed
+    before = sorted(p.name for p in out.iterdir())
+    code, stderr = cli_in_process(capsys, "train", "--resume", out, "--set", "run.steps=2")
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert stderr.startswith(f"llm-iif: error: {final / name}: refused: it holds more than tensors and plain values")
+    assert "mkdir" in stderr and not marker.exists()  # torch names the object it refused
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("steps_completed", "abc", "steps_completed: expected an integer, 0 or more, got 'abc'"),
+    ("files", ["optimizer.pt"], "files: expected a mapping of file names to SHA-256 checksums, got ['optimizer.pt']"),
+    # the count of a finished 1-step run edited to 3, resumed to 3: no "nothing to do" without 3 steps trained
+    ("steps_completed", 3, "steps_completed is 3, but trl's trainer_state.json (global_step) has 1"),
+])
+def test_a_manifest_edited_by_hand_is_one_line(one_step_run, tmp_path, capsys, key, value, message):
+    out = tmp_path / "run"
+    shutil.copytree(one_step_run, out)
+    manifest = out / "final" / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), key: value}))
+    code, stderr = cli_in_process(capsys, "train", "--resume", out, "--set", "run.steps=3")
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert f"final: damaged checkpoint (manifest.json: {message})" in stderr
+
+
+def write_triples(path, rows):
+    path.write_text("\n".join(json.dumps(dict(zip(("prompt", "chosen", "rejected"), row))) for row in rows))
+    return path
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([("12+34=", "46", "47"), ("50+70=", "120é", "12")],
+     "iif.val_prompts: row 1 of '{file}' has a chosen text with characters the tokenizer has no token for "
+     "('é' in '120é'); expected text the model's vocabulary covers"),
+    ([("", "46", "47"), ("", "120", "12")],
+     "iif.val_prompts: row 0 of '{file}' has an empty prompt text; every trusted triple needs non-empty prompt"),
+])
+def test_trusted_triples_the_model_cannot_read_are_one_line(random_adder_dir, tmp_path, capsys, rows, message):
+    triples = write_triples(tmp_path / "trusted.jsonl", rows)
+    code, stderr = train_here(capsys, random_adder_dir, tmp_path / "run", "iif.target=preference",
+                              "iif.target_source=fresh", f"iif.val_prompts={triples}", "iif.val_size=2")
+    assert code == 2 and stderr.strip().splitlines()[-1].startswith("llm-iif: error: "), stderr
+    assert message.format(file=triples) in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+@pytest.fixture
+def harmless_sigterm():
+    """SIGTERM does nothing while the test runs, unless the run's own handler takes it: a signal the run missed
+    then fails an assertion instead of killing pytest."""
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def sigterm_before(monkeypatch, owner, name: str, when=lambda *args: True) -> None:
+    """Send this process SIGTERM as ``owner.name`` is called (when ``when(*its arguments)``), then call it."""
+    import os
+    import signal
+
+    original = getattr(owner, name)
+
+    def signalled(*args, **kwargs):
+        if when(*args):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, signalled)
+
+
+def test_a_signal_in_the_last_step_stops_and_the_resume_saves_final(one_step_run, random_adder_dir, tmp_path,
+                                                                    capsys, monkeypatch, harmless_sigterm):
+    from llm_iif.grpo import run
+
+    out = tmp_path / "run"
+    sigterm_before(monkeypatch, run.CheckpointsAndSignals, "on_step_end")  # in step 1 of 1
+    code, stderr = train_here(capsys, random_adder_dir, out)
+    assert code == 0, stderr
+    assert f"stopped by SIGTERM after step 1 of 1; checkpoint {out / 'checkpoint-1'}." in stderr
+    assert not (out / "final").exists()
+    monkeypatch.undo()
+    code, stderr = cli_in_process(capsys, "train", "--resume", out)
+    assert code == 0, stderr
+    assert (out / "final" / "manifest.json").is_file() and (out / "report.html").is_file()
+    assert (out / "metrics.jsonl").read_text() == (one_step_run / "metrics.jsonl").read_text()
+
+
+def test_a_signal_during_the_final_save_lets_it_finish_and_is_reported(random_adder_dir, tmp_path, capsys,
+                                                                       monkeypatch, harmless_sigterm):
+    from llm_iif.grpo import run
+
+    out = tmp_path / "run"
+    sigterm_before(monkeypatch, run, "save_final")
+    code, stderr = train_here(capsys, random_adder_dir, out)
+    assert code == 0, stderr
+    assert f"stopped by SIGTERM after step 1 of 1; checkpoint {out / 'final'}." in stderr
+    assert json.loads((out / "final" / "manifest.json").read_text())["steps_completed"] == 1

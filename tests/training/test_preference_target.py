@@ -14,6 +14,7 @@ from conftest import (assert_gradients_close, brute_force_margin_gradient, cli_i
 from llm_iif.core.config import recipe_from_dict
 from llm_iif.lm.builtin import trusted_preference_triples
 from llm_iif.lm.generation import tokenize_pairs
+from llm_iif.lm.rollouts import estimate_advantages
 from llm_iif.training import build_trainer
 from llm_iif.training.factory import warn_of_shared_pairs
 
@@ -61,6 +62,12 @@ def write_triples(path, rows):
      "preferences), got 'batch'"),
     ([{"prompt": "a", "chosen": "b", "rejected": "c"}], {"val_size": 6, "val_prompts": None},
      "iif.val_prompts: the preference target needs trusted (prompt, chosen, rejected) triples"),
+    ([{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "", "chosen": "b", "rejected": "c"}], {},
+     "iif.val_prompts: row 1 of '{file}' has an empty prompt text; every trusted triple needs non-empty prompt, "
+     "chosen and rejected texts"),
+    ([{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": "same", "rejected": "same"}], {},
+     "iif.val_prompts: row 1 of '{file}' has the same chosen and rejected text ('same'); every trusted triple "
+     "needs a chosen text that differs from its rejected one"),
 ])
 def test_bad_trusted_sets_are_one_line_errors(tmp_path, capsys, tiny_model_dir, rows, iif, message):
     triples = write_triples(tmp_path / "trusted.jsonl", rows)
@@ -86,3 +93,34 @@ def test_trusted_triples_among_the_reward_models_pairs_warn_with_their_count(tmp
     caplog.clear()
     warn_of_shared_pairs(triples, str(tmp_path / "elsewhere" / "model"), "trusted.jsonl")  # pairs unknown: silent
     assert caplog.text == ""
+
+
+def test_a_trusted_file_that_is_not_utf8_names_the_byte(tmp_path, capsys):
+    triples = tmp_path / "trusted.jsonl"
+    triples.write_bytes(b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n'
+                        + '{"prompt": "café", "chosen": "b", "rejected": "c"}\n'.encode("latin-1"))
+    raw = tiny_recipe_dict(tmp_path / "run")
+    raw["iif"] = {"enabled": True, "target": "preference", "val_prompts": str(triples), "val_size": 4}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    code, stderr = cli_in_process(capsys, "train", recipe)
+    assert code == 2 and stderr.count("\n") == 1
+    assert f"iif.val_prompts: {triples}: not UTF-8 text: byte 63 (line 2) is 0xe9; expected a UTF-8 file" in stderr
+
+
+def test_a_target_of_float_noise_drops_nothing_with_a_warning(tmp_path, tiny_model_dir, caplog):
+    """Trusted triples that prefer each text to itself (refused when read, so planted here) give a target of
+    rounding error: a round scored against it drops nothing, where ``bottom`` would drop half at random."""
+    raw = tiny_recipe_dict(tmp_path)
+    raw["iif"] = {"enabled": True, "target": "preference", "val_prompts": "builtin:trusted-preferences",
+                  "val_size": TRIPLES, "mode": "bottom", "p": 0.5}
+    trainer = build_trainer(recipe_from_dict(raw))
+    moved_off_zero(trainer.accelerator.unwrap_model(trainer.policy))
+    validation = trainer.iif.target_source.validation
+    validation["chosen"] = list(validation["rejected"])
+    rollout, _ = trainer.collector(trainer.prompts.next_batch())
+    advantages = estimate_advantages(rollout, trainer.kl_controller.value, trainer.cfg, trainer.accelerator)
+    with caplog.at_level(logging.WARNING, logger="llm_iif.attribution.stage"):
+        selection = trainer.select(rollout, advantages)
+    assert selection.keep.all() and selection.metrics["filtered"] == 0
+    assert "IIF target: its gradient is float noise, so nothing is dropped this round" in caplog.text

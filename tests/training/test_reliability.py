@@ -257,3 +257,98 @@ def test_the_patience_message_matches_the_patience():
         guard.flag("reward", 1, "1 reward was NaN")
     assert "(2 round(s) in a row); run.nonfinite_patience: 1 allows 1 such round(s) in a row" in str(err.value)
     assert "> 0" not in str(err.value)
+
+
+# ----------------------------------------------------------------------- 7. issue 36: signals, manifests
+
+@pytest.fixture
+def harmless_sigterm():
+    """SIGTERM does nothing while the test runs, unless a trainer's own handler takes it: a signal the trainer
+    missed then fails an assertion instead of killing pytest."""
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_signal_in_the_last_round_stops_and_the_resume_saves_final(recipe, reference, tmp_path, capsys,
+                                                                     monkeypatch, harmless_sigterm):
+    run = tmp_path / "run"
+    sigterm_after_round(monkeypatch, stop_after=3)  # rounds 0..3: the last one
+    assert main(["train", str(recipe), "--set", "run.rounds=4", "--output-dir", str(run)]) == 0
+    stderr = capsys.readouterr().err
+    assert f"stopped by SIGTERM after round 4 of 4; checkpoint {run / 'checkpoint-4'}." in stderr
+    assert not (run / "final").exists() and verify(run / "checkpoint-4")["rounds_completed"] == 4
+    monkeypatch.undo()
+    assert main(printed_resume_command(stderr)[1:]) == 0  # nothing left to train, but final/ to save
+    assert verify(run / "final")["rounds_completed"] == 4 and (run / "report.html").is_file()
+    assert (run / "metrics.jsonl").read_bytes() == (reference / "metrics.jsonl").read_bytes()
+
+
+def test_a_signal_during_the_final_save_lets_it_finish_and_is_reported(recipe, tmp_path, monkeypatch,
+                                                                       harmless_sigterm):
+    from llm_iif.core.config import load_recipe
+    from llm_iif.training import build_trainer
+
+    save = PPOTrainer.save
+
+    def save_with_a_signal(self, directory):
+        if directory.name == "final":
+            os.kill(os.getpid(), signal.SIGTERM)
+        save(self, directory)
+
+    monkeypatch.setattr(PPOTrainer, "save", save_with_a_signal)
+    trainer = build_trainer(load_recipe(recipe, ["run.rounds=1", f"run.output_dir={tmp_path / 'run'}"]))
+    trainer.train()
+    assert trainer.stopped_by == "SIGTERM"
+    assert trainer.checkpoint == tmp_path / "run" / "final" and verify(trainer.checkpoint)["rounds_completed"] == 1
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("rounds_completed", "abc", "rounds_completed: expected an integer, 0 or more, got 'abc'"),
+    ("rounds_completed", True, "rounds_completed: expected an integer, 0 or more, got True"),
+    ("files", ["training_state.pt"], "files: expected a mapping of file names to SHA-256 checksums, got "
+                                     "['training_state.pt']"),
+    ("num_processes", "2", "num_processes: expected an integer, 1 or more, got '2'"),
+])
+def test_a_manifest_value_of_the_wrong_type_is_one_line(reference, tmp_path, capsys, key, value, message):
+    copy = tmp_path / "copy"
+    shutil.copytree(reference, copy)
+    manifest_file = copy / "final" / "trainer_state.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest_file.write_text(json.dumps({**manifest, key: value}))
+    assert main(["train", "--resume", str(copy), "--set", "run.rounds=5"]) == 2
+    assert f"final: damaged checkpoint (trainer_state.json: {message})" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("checkpoint, rounds, message", [
+    # a run killed after its checkpoint at round 2, whose manifest now claims the whole run
+    ("checkpoint-2", 4, "rounds_completed is 4, but the checkpoint of 4 is named checkpoint-4"),
+    # a finished run of 4 rounds whose manifest claims 6, resumed to 6
+    ("final", 6, "rounds_completed is 6, but training_state.pt (its history) has 4"),
+])
+def test_an_edited_count_is_refused_not_taken_for_a_finished_run(reference, tmp_path, capsys, checkpoint, rounds,
+                                                                  message):
+    copy = tmp_path / "copy"
+    shutil.copytree(reference, copy, ignore=shutil.ignore_patterns("final"))
+    shutil.copytree(reference / "final", copy / checkpoint)
+    manifest_file = copy / checkpoint / "trainer_state.json"
+    manifest_file.write_text(json.dumps({**json.loads(manifest_file.read_text()), "rounds_completed": rounds}))
+    before = sorted(copy.iterdir())
+    assert main(["train", "--resume", str(copy), "--set", f"run.rounds={rounds}"]) == 2
+    assert f"{checkpoint}: damaged checkpoint (trainer_state.json: {message})" in one_error_line(capsys)
+    assert sorted(copy.iterdir()) == before
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296"])
+def test_a_seed_numpy_cannot_take_is_one_line(recipe, tmp_path, capsys, seed):
+    assert main(["train", str(recipe), "--set", f"run.seed={seed}", "--output-dir", str(tmp_path / "run")]) == 2
+    assert (f"{recipe}: run.seed: expected a non-negative integer below 2**31, got {seed}"
+            in one_error_line(capsys))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_recipe_that_is_not_utf8_names_the_byte(tmp_path, capsys):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("# résumé\nmodel:\n  name_or_path: builtin:tiny-sentiment\n".encode("latin-1"))
+    assert main(["train", str(bad)]) == 2
+    assert f"{bad}: not UTF-8 text: byte 3 (line 1) is 0xe9; expected a UTF-8 file" in one_error_line(capsys)
