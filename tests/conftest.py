@@ -27,6 +27,17 @@ def mixed_precision_left_off():
         pytest.fail(f"the test left Accelerate's state in {precision} mixed precision")
 
 
+@pytest.fixture
+def harmless_sigterm():
+    """SIGTERM does nothing while the test runs, unless a trainer's own handler takes it: a signal the trainer
+    missed then fails an assertion instead of killing pytest."""
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
 def launch_command(script: str, processes: int) -> list[str]:
     """``python SCRIPT`` for one process, else ``accelerate launch`` of it on CPU processes (with
     ``ACCELERATE_USE_CPU=1`` in the environment)."""

@@ -253,7 +253,7 @@ def claim_suite_directory(suite: Suite, paths: SuitePaths, overwrite: bool
     outputs, which ``overwrite`` allows) and the suite's finished runs, {(task, method, seed): finished.jsonl
     row}: none for a new suite, the logged ones when the same suite restarts. Another suite's directory is
     refused without ``overwrite``, and so are runs made on another CPU model, which a scorecard could not pair
-    with this machine's. Writes nothing but the directory itself."""
+    with the CPU model this suite runs on. Writes nothing but the directory itself."""
     check_writable_directory(paths.root, "--output-dir")
     names = [task.name for task in suite.tasks]
     earlier_record = _read_record(paths)

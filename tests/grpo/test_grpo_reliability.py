@@ -234,17 +234,6 @@ def test_trusted_triples_the_model_cannot_read_are_one_line(random_adder_dir, tm
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
-@pytest.fixture
-def harmless_sigterm():
-    """SIGTERM does nothing while the test runs, unless the run's own handler takes it: a signal the run missed
-    then fails an assertion instead of killing pytest."""
-    import signal
-
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    yield
-    signal.signal(signal.SIGTERM, previous)
-
-
 def sigterm_before(monkeypatch, owner, name: str, when=lambda *args: True) -> None:
     """Send this process SIGTERM as ``owner.name`` is called (when ``when(*its arguments)``), then call it."""
     import os

@@ -261,15 +261,6 @@ def test_the_patience_message_matches_the_patience():
 
 # ----------------------------------------------------------------------- 7. issue 36: signals, manifests
 
-@pytest.fixture
-def harmless_sigterm():
-    """SIGTERM does nothing while the test runs, unless a trainer's own handler takes it: a signal the trainer
-    missed then fails an assertion instead of killing pytest."""
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    yield
-    signal.signal(signal.SIGTERM, previous)
-
-
 def test_a_signal_in_the_last_round_stops_and_the_resume_saves_final(recipe, reference, tmp_path, capsys,
                                                                      monkeypatch, harmless_sigterm):
     run = tmp_path / "run"
