@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from llm_iif.attribution.gradients import LayerGradientCapture, scored_layers, scored_parameters, whole_shape
+from llm_iif.core.preference import preference_token_weights
 
 
 @dataclass
@@ -50,16 +51,16 @@ class TargetSource(Protocol):
         """This process's validation rows and token weights at the model's current parameters θ(k)."""
 
 
-def preference_target_rows(tokenize: Callable[[list[str], list[str]], tuple[torch.Tensor, ...]], prompts: list[str],
-                           chosen: list[str], rejected: list[str]) -> TargetBatch:
+def preference_target_rows(tokenize: Callable[[list, list[str]], tuple[torch.Tensor, ...]], prompts: list,
+                           chosen: list[str], rejected: list[str], length_normalised: bool = False) -> TargetBatch:
     """The rows of the preference target f = Σ_v [log π(chosen_v | x_v) − log π(rejected_v | x_v)] over V
-    trusted triples: the V chosen responses with token weight +1, then the V rejected ones with −1. With V even,
-    the target's parity split (`target_split_cos`) keeps both rows of a triple in one half.
+    trusted triples (each log π a mean over tokens when ``length_normalised``): the V chosen responses with
+    token weight +1, then the V rejected ones with −1 (`preference_token_weights`). With V even, the target's
+    parity split (`target_split_cos`) keeps both rows of a triple in one half.
 
     tokenize: (prompts, responses) -> (query_ids [2V, P], query_mask, response_ids [2V, T], response_mask)."""
     ids = tokenize(prompts + prompts, chosen + rejected)
-    signs = torch.cat([torch.ones(len(chosen)), -torch.ones(len(rejected))]).to(ids[3].device)
-    return TargetBatch(*ids, ids[3].float() * signs[:, None])
+    return TargetBatch(*ids, preference_token_weights(ids[3], length_normalised))
 
 
 # (model, query_ids [b, P], query_mask, response_ids [b, T], response_mask) -> log π(y_t | x, y_<t) [b, T]

@@ -26,6 +26,7 @@ from llm_iif.core.errors import UserError, first_line
 # is what code that is not handed a recipe checks against.
 FilterMode = Literal["neg-bottom", "bottom", "neg-random", "matched-random", "random", "none"]
 TargetName = Literal["seq", "return", "reward", "gold", "preference"]
+PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 TargetSourceName = Literal["fresh", "cached", "batch"]
 ClassicTargetName = Literal["return"]
 ClassicGuard = Literal["none", "positive-advantage", "rewarded"]
@@ -173,8 +174,7 @@ class IIFConfig(IIFFilterConfig):
     ``seq`` Σ log-prob × last-token advantage (the paper's RLHF target), ``return`` token-level
     advantage-weighted log-prob, ``reward`` Σ log-prob × whitened reward, ``gold`` log-likelihood of
     reference responses (needs ``val_prompts`` with prompt and response columns), ``preference`` the margin
-    Σ log π(chosen) − log π(rejected) of trusted triples (needs ``val_prompts`` with prompt, chosen and rejected
-    columns; ``val_size`` triples a round)."""
+    Σ log π(chosen) − log π(rejected) of the ``trusted`` section's triples (all of them, every round)."""
     target_source: TargetSourceName = "fresh"
     """Where the target's responses come from: ``fresh`` responses to the validation prompts every round (the
     paper); ``cached`` ones, generated every ``refresh_every`` rounds and reweighted in between to the current
@@ -195,6 +195,34 @@ class IIFConfig(IIFFilterConfig):
     preconditioned and random scores is logged (``lds_*`` metrics, lds/round_XXXX.json). Training is unchanged."""
     lds_subsets: int = 16
     """Random half-subsets per checked round; at least 2."""
+
+
+@dataclass
+class TrustedConfig:
+    """A small set of (prompt, chosen, rejected) preferences you trust more than the reward model. Every round
+    the run logs the policy's margin and accuracy on all of them (``trusted/margin``, ``trusted/accuracy``), so
+    that any run can ship the round they rank best; ``iif.target: preference`` scores samples against their
+    margin, and ``dpo_coef`` adds a DPO loss on them to the update. Each use reads the whole set every round."""
+    source: str
+    """A local .json/.jsonl/.parquet file, an ``hf://datasets/...`` path, a `datasets` hub id (with ``split``
+    and ``subset``) or a built-in set, e.g. builtin:trusted-preferences. Each of prompt, chosen and rejected is
+    text or trl's conversational format (a list of role/content messages; chosen and rejected hold the
+    assistant's turn). A row with a missing (null or NaN) value is dropped whole, with a warning."""
+    split: str = "train"
+    subset: Optional[str] = None
+    columns: dict[str, str] = field(default_factory=dict)
+    """prompt, chosen or rejected -> the source's column, e.g. ``{prompt: question}``; unnamed ones are read
+    from the column of their own name."""
+    size: Optional[int] = None
+    """Use the first ``size`` rows; null uses them all."""
+    length_normalised: bool = False
+    """Compare mean rather than summed response log-probs, so that a longer response is not penalised for its
+    length (the margin, its accuracy, the preference target and the DPO loss)."""
+    dpo_coef: float = 0.0
+    """Add dpo_coef × the DPO loss of a mini-batch of trusted triples to every optimiser step (RPO-style
+    regularisation); 0 turns it off."""
+    dpo_beta: float = 0.1
+    """DPO's β: the scale of the implicit reward β·(log π − log π_ref)."""
 
 
 @dataclass
@@ -244,6 +272,7 @@ class Recipe:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     iif: IIFConfig = field(default_factory=IIFConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    trusted: Optional[TrustedConfig] = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -463,11 +492,8 @@ class GRPOIIFConfig(IIFFilterConfig):
     about 4.5× a step on the tiny recipe, docs/results.md section 12)."""
     target: Literal["seq", "preference"] = "seq"
     """``seq``: f_seq, Σ log-prob × group advantage of the target's completions; ``preference``: the margin
-    Σ log π(chosen) − log π(rejected) of ``val_size`` trusted triples a generation batch, from ``val_prompts``
+    Σ log π(chosen) − log π(rejected) of the ``trusted`` section's triples, all of them every generation batch
     (with ``target_source: fresh``; no generation)."""
-    val_prompts: Optional[str] = None
-    """``target: preference``: the trusted (prompt, chosen, rejected) triples: a file, a hub id or
-    builtin:trusted-preferences."""
 
 
 @dataclass
@@ -518,6 +544,7 @@ class GRPORecipe:
     loss_type, scale_rewards, steps_per_generation, num_iterations, temperature, ...), passed as given."""
     iif: GRPOIIFConfig = field(default_factory=GRPOIIFConfig)
     group_filter: GroupFilterConfig = field(default_factory=GroupFilterConfig)
+    trusted: Optional[TrustedConfig] = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -538,8 +565,7 @@ class GRPORecipe:
         require(self.iif.val_size > 0, "iif.val_size", "a positive integer")
         require(self.iif.target != "preference" or self.iif.target_source == "fresh", "iif.target_source",
                 "fresh with iif.target preference (the training batch holds no preferences)")
-        require(self.iif.target != "preference" or self.iif.val_prompts is not None, "iif.val_prompts",
-                "trusted (prompt, chosen, rejected) triples with iif.target preference")
+        _check_trusted(self, source)
         for key in ("run.save_every", "run.keep_last_n", "run.eval_every", "run.log_samples"):
             require(_value(self, key) >= 0, key, "0 or a positive integer")
         require(self.run.eval_batch_size > 0, "run.eval_batch_size", "a positive integer")
@@ -787,6 +813,7 @@ def _check_values(recipe: Recipe, source: str) -> None:
             "fresh or cached with iif.target gold (the training batch has no reference responses)")
     require(iif.target_source != "batch" or iif.target != "preference", "iif.target_source",
             "fresh or cached with iif.target preference (the training batch holds no preferences)")
+    _check_trusted(recipe, source)
     run = recipe.run
     require(run.rounds > 0, "run.rounds", "a positive integer")
     require(is_seed(run.seed), "run.seed", SEED_EXPECTED)
@@ -806,6 +833,27 @@ def _check_values(recipe: Recipe, source: str) -> None:
         require(bool(evaluation.rewards), "eval.rewards", "at least one NAME: reward model when eval.every > 0")
         for text in evaluation.data.filters:
             parse_filter(text, f"{source}: eval.data.filters")
+
+
+def _check_trusted(recipe: Recipe | GRPORecipe, source: str) -> None:
+    """The ``trusted`` section's values, and that ``iif.target: preference`` has one to read."""
+    trusted = recipe.trusted
+    if trusted is None:
+        if recipe.iif.target == "preference":
+            raise UserError(f"{source}: trusted: iif.target preference needs trusted (prompt, chosen, rejected) "
+                            "triples; expected a trusted section with a source, e.g. builtin:trusted-preferences")
+        return
+    where = f"{source}: trusted"
+    for column in trusted.columns:
+        if column not in PREFERENCE_COLUMNS:
+            raise UserError(f"{where}.columns.{column}: unknown column (expected prompt, chosen or rejected)")
+    if trusted.size is not None and trusted.size < 2:
+        raise UserError(f"{where}.size: expected at least 2 triples (the target is split in halves) or null, "
+                        f"got {trusted.size}")
+    if trusted.dpo_coef < 0:
+        raise UserError(f"{where}.dpo_coef: expected a non-negative number, got {trusted.dpo_coef}")
+    if trusted.dpo_beta <= 0:
+        raise UserError(f"{where}.dpo_beta: expected a positive number, got {trusted.dpo_beta}")
 
 
 FILTER_OPERATORS = {">=": operator.ge, "<=": operator.le, "==": operator.eq, "!=": operator.ne,

@@ -64,6 +64,8 @@ class UpdateStats:
     clipfrac: float
     value_clipfrac: float
     approx_kl: float
+    dpo_loss: float | None = None
+    """The trusted triples' DPO loss (`trusted.dpo_coef`), None when it is off."""
 
 
 def select_rows(record, index: torch.Tensor):

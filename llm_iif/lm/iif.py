@@ -14,8 +14,7 @@ from typing import Callable
 import torch
 from accelerate import Accelerator
 
-from llm_iif.attribution.influence import (PerSampleLoss, PerSampleLossAndTarget, SequenceLogprobs, TargetBatch,
-                                           preference_target_rows)
+from llm_iif.attribution.influence import PerSampleLoss, PerSampleLossAndTarget, SequenceLogprobs, TargetBatch
 from llm_iif.core import ppo
 from llm_iif.core.config import TARGETS, IIFConfig, PPOConfig
 from llm_iif.core.records import Advantages, Rollout
@@ -23,6 +22,7 @@ from llm_iif.core.tokens import at_response_positions, response_logprobs
 from llm_iif.lm.data import check_tokenizable
 from llm_iif.lm.generation import tokenize_pairs
 from llm_iif.lm.rollouts import RolloutCollector
+from llm_iif.lm.trusted import TrustedTriples
 
 
 def target_token_weights(target: str, advantages: torch.Tensor | None, rewards: torch.Tensor | None,
@@ -86,8 +86,8 @@ def importance_weights(logprobs_now: torch.Tensor, logprobs_then: torch.Tensor, 
 class ValidationTarget:
     """`TargetSource` of the LM trainer: this process's share of ``iif.val_size`` validation rows each round.
 
-    For ``gold`` the rows are the validation set's reference responses, for ``preference`` its trusted (prompt,
-    chosen, rejected) triples (`preference_target_rows`); neither generates. Otherwise responses to the validation
+    For ``gold`` the rows are the validation set's reference responses, for ``preference`` every trusted triple
+    of this process (`TrustedTriples.target_rows`); neither generates. Otherwise responses to the validation
     prompts are rewarded, scored at θ(k) and weighted by ``iif.target``: ``fresh`` ones every round, or, with
     ``iif.target_source: cached``, ones generated every ``iif.refresh_every`` rounds and, in between, scored
     again at θ(k) (new advantages, same rewards) and reweighted by `importance_weights`. ``advantages_of``
@@ -95,17 +95,20 @@ class ValidationTarget:
     call's ``target_ess`` (cached source).
     """
 
-    def __init__(self, config: IIFConfig, validation: dict[str, list[str]], collector: RolloutCollector,
-                 advantages_of: Callable[[Rollout], Advantages], accelerator: Accelerator):
-        self.config, self.validation, self.collector = config, validation, collector
+    def __init__(self, config: IIFConfig, validation: dict[str, list[str]] | None, collector: RolloutCollector,
+                 advantages_of: Callable[[Rollout], Advantages], accelerator: Accelerator,
+                 trusted: TrustedTriples | None = None):
+        self.config, self.validation, self.collector, self.trusted = config, validation, collector, trusted
         self.advantages_of, self.accelerator = advantages_of, accelerator
         self.cache: Rollout | None = None
         self.calls, self.metrics = 0, {}
-        if config.target in ("gold", "preference"):  # texts tokenised as given, not generated
+        if config.target == "gold":  # texts tokenised as given, not generated
             check_tokenizable(validation, collector.tokenizer, "iif.val_prompts", config.val_prompts)
 
     def __call__(self, model) -> TargetBatch:
         acc, cfg = self.accelerator, self.config
+        if cfg.target == "preference":
+            return self.trusted.target_rows()
         prompts = self._rows("prompt")
         collector = self.collector
 
@@ -116,8 +119,6 @@ class ValidationTarget:
         if cfg.target == "gold":
             ids = tokenize(prompts, self._rows("response"))
             return TargetBatch(*ids, target_token_weights("gold", None, None, ids[3]))
-        if cfg.target == "preference":
-            return preference_target_rows(tokenize, prompts, self._rows("chosen"), self._rows("rejected"))
         refresh = cfg.target_source != "cached" or self.calls % cfg.refresh_every == 0
         self.calls += 1
         if refresh:

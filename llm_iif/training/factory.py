@@ -21,12 +21,13 @@ from llm_iif.core.distributed import check_scoring_supported, fsdp2_layer_classe
 from llm_iif.core.errors import UserError
 from llm_iif.core.guards import NonfiniteGuard
 from llm_iif.core.paths import RunPaths
-from llm_iif.lm.data import PromptQueue, load_prompts, load_validation_set, read_prompts
+from llm_iif.lm.data import PromptQueue, load_prompts, load_validation_set, read_prompts, read_trusted_triples
 from llm_iif.lm.evaluation import Evaluator
 from llm_iif.lm.generation import sample_responses
 from llm_iif.lm.iif import ValidationTarget, policy_logprobs
 from llm_iif.lm.policy import load_policy, prompt_formatter
 from llm_iif.lm.rollouts import RolloutCollector, Sampler, estimate_advantages
+from llm_iif.lm.trusted import TrustedTriples
 from llm_iif.training.builtins import resolve_builtin, resolve_reward_config
 from llm_iif.training.reward_model import reward_training_pairs, triples_among_pairs
 from llm_iif.training.run_outputs import RunOutputs
@@ -69,20 +70,22 @@ def build_trainer(recipe: Recipe, accelerator: Accelerator | None = None, *,
     prompts = load_prompts(recipe.data, tokenizer, seed)
     eval_prompts = (read_prompts(recipe.eval.data, tokenizer, "eval.data")[0][:recipe.eval.size]
                     if recipe.eval.every else [])
-    validation = None
+    validation = triples = None
+    if recipe.trusted is not None:
+        triples = read_trusted_triples(recipe.trusted)
+        if acc.is_main_process:
+            for model_dir in filter(None, [reward_cfg.name_or_path, *reward_cfg.members]):
+                warn_of_shared_pairs(triples, model_dir, recipe.trusted.source)
     if recipe.iif.enabled:
         if recipe.iif.val_size % acc.num_processes:
             raise UserError(f"iif.val_size: {recipe.iif.val_size} does not divide evenly over "
                             f"{acc.num_processes} processes")
-        if recipe.iif.target == "preference" and recipe.iif.val_size // acc.num_processes % 2:
-            raise UserError(f"iif.val_size: {recipe.iif.val_size} triples give each of {acc.num_processes} "
-                            "process(es) an odd number; expected an even number per process (the target's two "
-                            "halves take whole triples)")
-        if recipe.iif.target_source != "batch":  # the batch source needs no validation data
-            validation = load_validation_set(recipe.iif, prompts)
-        if recipe.iif.target == "preference" and acc.is_main_process:
-            for model_dir in filter(None, [reward_cfg.name_or_path, *reward_cfg.members]):
-                warn_of_shared_pairs(validation, model_dir, recipe.iif.val_prompts)
+        if recipe.iif.target == "preference" and len(triples["prompt"]) // acc.num_processes % 2:
+            raise UserError(f"trusted.size: {len(triples['prompt'])} triples give each of {acc.num_processes} "
+                            "process(es) an odd number; expected an even number per process (the preference "
+                            "target's two halves take whole triples)")
+        if recipe.iif.target_source != "batch" and recipe.iif.target != "preference":
+            validation = load_validation_set(recipe.iif, prompts)  # the batch source needs no validation data
     report_rewards = {name: CallableReward(path, key=f"reward.report.{name}")
                       for name, path in recipe.reward.report.items()}
     optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=recipe.ppo.learning_rate)
@@ -103,11 +106,14 @@ def build_trainer(recipe: Recipe, accelerator: Accelerator | None = None, *,
     unwrapped = acc.unwrap_model(prepared_policy)
     collector = RolloutCollector(unwrapped, tokenizer, reward_function, recipe.reward.name, format_prompt,
                                  recipe.ppo, acc, guard, sampler)
+    trusted = None if triples is None else TrustedTriples(
+        recipe.trusted, triples, unwrapped, tokenizer, format_prompt, recipe.ppo.temperature,
+        recipe.ppo.forward_batch_size, acc, torch.Generator().manual_seed(seed + acc.process_index))
     iif = None
     if recipe.iif.enabled:
-        target = None if validation is None else ValidationTarget(
+        target = None if recipe.iif.target_source == "batch" else ValidationTarget(
             recipe.iif, validation, collector,
-            lambda rollout: estimate_advantages(rollout, kl_controller.value, recipe.ppo, acc), acc)
+            lambda rollout: estimate_advantages(rollout, kl_controller.value, recipe.ppo, acc), acc, trusted)
         iif = IIFStage(recipe.iif, acc, target, policy_logprobs(recipe.ppo.temperature), guard, filter_generator)
     evaluator = (Evaluator(unwrapped, tokenizer, format_prompt, recipe.ppo, eval_prompts, eval_rewards,
                            recipe.eval.every, seed, acc) if recipe.eval.every else None)
@@ -117,7 +123,8 @@ def build_trainer(recipe: Recipe, accelerator: Accelerator | None = None, *,
                                                  acc.num_processes),
         kl_controller=kl_controller, iif=iif, guard=guard,
         outputs=RunOutputs(RunPaths(recipe.run.output_dir), recipe, acc), evaluator=evaluator,
-        report_rewards=report_rewards, minibatch_generator=minibatch_generator, filter_generator=filter_generator))
+        report_rewards=report_rewards, minibatch_generator=minibatch_generator, filter_generator=filter_generator,
+        trusted=trusted))
 
 
 def warn_of_shared_pairs(triples: dict[str, list[str]], reward_model_dir: str, source: str) -> None:
@@ -126,7 +133,7 @@ def warn_of_shared_pairs(triples: dict[str, list[str]], reward_model_dir: str, s
     pairs = reward_training_pairs(reward_model_dir)
     shared = triples_among_pairs(triples, pairs) if pairs else 0
     if shared:
-        logger.warning("iif.val_prompts: %d of %d trusted triples of '%s' are among the reward model's training "
+        logger.warning("trusted.source: %d of %d trusted triples of '%s' are among the reward model's training "
                        "pairs; a trusted set should be disjoint from them", shared, len(triples["prompt"]), source)
 
 

@@ -61,7 +61,8 @@ def reward_training_pairs(model_dir: str) -> set[tuple[str, str]] | None:
 
 def triples_among_pairs(triples: dict[str, list[str]], pairs: set[tuple[str, str]]) -> int:
     """How many (prompt, chosen, rejected) ``triples`` are among a reward model's training ``pairs``."""
-    return sum((p + c, p + r) in pairs for p, c, r in zip(triples["prompt"], triples["chosen"], triples["rejected"]))
+    return sum(isinstance(p, str) and (p + c, p + r) in pairs  # a message-list prompt is no reward-model pair
+               for p, c, r in zip(triples["prompt"], triples["chosen"], triples["rejected"]))
 
 
 def pairwise_accuracy(reward, pairs: dict[str, list[str]]) -> float:

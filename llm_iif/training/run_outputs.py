@@ -40,7 +40,7 @@ def open_trackers(names: list[str], output_dir: Path, run_name: str, recipe: dic
     OUTPUT/wandb), each given the recipe, flattened to ``section.key`` values, as the run's configuration.
     Call on the main process only."""
     config = {f"{section}.{key}": value if isinstance(value, (int, float, str, bool)) else str(value)
-              for section, values in recipe.items() for key, value in values.items()}
+              for section, values in recipe.items() if values is not None for key, value in values.items()}
     trackers = []
     for name in names:
         if name == "tensorboard":

@@ -46,6 +46,7 @@ from llm_iif.lm.data import PromptQueue
 from llm_iif.lm.evaluation import Evaluator
 from llm_iif.lm.iif import ppo_sample_loss, ppo_sample_loss_and_target, rollout_target_rows
 from llm_iif.lm.rollouts import RolloutCollector, drop_nonfinite_advantages, estimate_advantages
+from llm_iif.lm.trusted import TrustedTriples
 from llm_iif.training import run_state
 from llm_iif.training.lds_check import linear_datamodeling_check
 from llm_iif.training.run_outputs import RunOutputs
@@ -72,6 +73,7 @@ class TrainerParts:
     report_rewards: dict                  # name -> reward function logged as reward/NAME, never trained on
     minibatch_generator: torch.Generator  # per process
     filter_generator: torch.Generator     # the same on every process
+    trusted: TrustedTriples | None = None  # the recipe's trusted triples: logged margin, DPO loss
 
 
 class PPOTrainer:
@@ -84,6 +86,7 @@ class PPOTrainer:
         self.policy, self.optimizer, self.tokenizer = parts.policy, parts.optimizer, parts.tokenizer
         self.collector, self.prompts, self.kl_controller = parts.collector, parts.prompts, parts.kl_controller
         self.iif, self.guard, self.outputs, self.evaluator = parts.iif, parts.guard, parts.outputs, parts.evaluator
+        self.trusted = parts.trusted
         # After prepare: FSDP replaces parameters with sharded ones.
         self.trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.history: list[dict] = []
@@ -140,6 +143,7 @@ class PPOTrainer:
         # 1. Collect: sample, reward and score every token at θ(k).
         self._phase("generate")
         rollout, collect_seconds = self.collector(self.prompts.next_batch())
+        trusted_metrics = self.trusted_metrics()
         # 2. Advantages, with the KL coefficient the round started with.
         kl_coef = self.kl_controller.value
         advantages = estimate_advantages(rollout, kl_coef, self.cfg, self.accelerator)
@@ -163,8 +167,20 @@ class PPOTrainer:
         self.kl_controller.update(metrics["kl"], self.recipe.run.batch_size)
         self.outputs.log_samples(k, rollout)
         self.outputs.write_records(k, rollout, advantages, selection.influence, selection.keep)
-        return {**metrics, **selection.metrics, **checked, **collect_seconds, **timer.as_metrics(),
-                "time_round_s": time.perf_counter() - start - checked.get("time_lds_s", 0.0)}
+        measuring = checked.get("time_lds_s", 0.0) + trusted_metrics.get("time_trusted_s", 0.0)
+        return {**metrics, **trusted_metrics, **selection.metrics, **checked, **collect_seconds, **timer.as_metrics(),
+                "time_round_s": time.perf_counter() - start - measuring}
+
+    def trusted_metrics(self) -> dict:
+        """The policy's margin and accuracy on the trusted triples at θ(k), the parameters this round's samples
+        and report rewards come from; with ``time_trusted_s``, which, like the LDS check, is a measurement and
+        not counted in ``time_round_s``."""
+        if self.trusted is None:
+            return {}
+        start = time.perf_counter()
+        with self.accelerator.autocast():
+            metrics = self.trusted.metrics(self.accelerator.unwrap_model(self.policy))
+        return {**metrics, "time_trusted_s": time.perf_counter() - start}
 
     # ------------------------------------------------------------------ Stage II: select
 
@@ -211,10 +227,12 @@ class PPOTrainer:
         n_max = int(acc.reduce(torch.tensor(n_local, device=acc.device), "max").item())
         n_minibatches = max(1, math.ceil(n_max / cfg.mini_batch_size))
         response_len = rollout.response_ids.shape[1]
-        stat_names = [f.name for f in dataclasses.fields(UpdateStats)]
+        stat_names = ["policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl"]
         # Statistics stay on the device until the end: one host sync per round, not five per step.
         totals = torch.zeros(len(stat_names) + 1, dtype=torch.float64, device=acc.device)  # + step count
         skipped = 0
+        dpo_coef = self.recipe.trusted.dpo_coef if self.trusted is not None else 0.0
+        dpo_total = torch.zeros((), dtype=torch.float64, device=acc.device)
         for _ in range(cfg.epochs):
             order = torch.randperm(n_local, generator=self.parts.minibatch_generator)
             for index in torch.tensor_split(order, n_minibatches):
@@ -233,7 +251,13 @@ class PPOTrainer:
                 vf_loss, vf_clipped = ppo.clipped_value_loss(values, batch.values, mb.returns,
                                                              cfg.clip_range_value)
                 policy_loss, value_loss = ppo.masked_mean(pg_loss, mask), ppo.masked_mean(vf_loss, mask)
-                acc.backward(weight * (policy_loss + cfg.vf_coef * value_loss))
+                loss = policy_loss + cfg.vf_coef * value_loss
+                if dpo_coef:
+                    with acc.autocast():  # through the unwrapped policy: DDP reduces the summed gradient once
+                        dpo = self.trusted.dpo_loss(acc.unwrap_model(self.policy), cfg.mini_batch_size)
+                    loss = loss + dpo_coef * dpo
+                    dpo_total += weight * dpo.detach().double()
+                acc.backward(weight * loss)
                 grad_norm = acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
                 # fp16's loss scaler skips overflowing steps itself; otherwise a NaN/inf gradient skips the step.
                 if acc.scaler is None and grad_norm is not None and not torch.isfinite(grad_norm):
@@ -250,7 +274,10 @@ class PPOTrainer:
         # DDP all-reduces gradients before the check, so every process skips the same steps.
         self.guard.flag("grad_steps", skipped, f"the gradient was NaN or inf in {skipped} of "
                         f"{cfg.epochs * n_minibatches} optimiser steps")
-        return UpdateStats(*[(summed[i] / summed[-1].clamp(min=1)).item() for i in range(len(stat_names))])
+        stats = UpdateStats(*[(summed[i] / summed[-1].clamp(min=1)).item() for i in range(len(stat_names))])
+        if dpo_coef:
+            stats.dpo_loss = (acc.reduce(dpo_total, "sum") / summed[-1].clamp(min=1)).item()
+        return stats
 
     # ------------------------------------------------------------------ metrics
 
@@ -272,7 +299,7 @@ class PPOTrainer:
             "kl": kl_sum / samples,
             "kl_coef": kl_coef,
             "entropy": entropy_sum / max(tokens, 1.0),
-            **dataclasses.asdict(update_stats),
+            **{name: value for name, value in dataclasses.asdict(update_stats).items() if value is not None},
             "response_len_mean": tokens / samples,
             "distinct_2": ppo.distinct_n(token_lists, 2),
         }
@@ -306,7 +333,8 @@ class PPOTrainer:
                               "kl_coef": self.kl_controller.value, "history": self.history,
                               **self.prompts.state_dict(),
                               "nonfinite_rounds_in_a_row": self.guard.rounds_in_a_row, "rng": rng,
-                              "iif_target": self.iif.state_dict() if self.iif is not None else {}}
+                              "iif_target": self.iif.state_dict() if self.iif is not None else {},
+                              "trusted": self.trusted.state_dict() if self.trusted is not None else {}}
             manifest = {"rounds_completed": len(self.history), "kl_coef": self.kl_controller.value,
                         "base_model": self.recipe.model.name_or_path, "num_processes": acc.num_processes}
             run_state.save_checkpoint(policy, self.tokenizer, directory, manifest, weights, training_state)
@@ -340,6 +368,8 @@ class PPOTrainer:
         self.guard.rounds_in_a_row = state["nonfinite_rounds_in_a_row"]
         if self.iif is not None and state.get("iif_target"):  # checkpoints before target sources have none
             self.iif.load_state_dict(state["iif_target"])
+        if self.trusted is not None and state.get("trusted"):
+            self.trusted.load_state_dict(state["trusted"])
         run_state.restore_rng_states(state["rng"][acc.process_index], self._generators())
         self.outputs.rewind(self.history)
         if acc.is_main_process:

@@ -28,6 +28,6 @@ def test_the_over_optimisation_task_runs_with_its_baselines(tmp_path, capsys, ti
     report = (tmp_path / "out" / "tiny-overopt" / "report.html").read_text()
     assert "reward/hidden_rule against KL to the reference" in report
     recipe = yaml.safe_load((tmp_path / "out" / "tiny-overopt" / "iif" / "seed-0" / "recipe.yaml").read_text())
-    assert recipe["iif"]["target"] == "preference" and recipe["iif"]["val_prompts"] == "builtin:trusted-preferences"
+    assert recipe["iif"]["target"] == "preference" and recipe["trusted"]["source"] == "builtin:trusted-preferences"
     ensemble = yaml.safe_load((tmp_path / "out" / "tiny-overopt" / "ensemble" / "seed-0" / "recipe.yaml").read_text())
     assert ensemble["reward"]["name"] == "conservative-ensemble" and len(ensemble["reward"]["members"]) == 3

@@ -97,13 +97,15 @@ def test_policy_only_training_gradient_differs_from_full(tmp_path, tiny_model_di
 @pytest.mark.parametrize("iif", [
     {"target": "return"}, {"target": "reward", "mode": "bottom", "p": 0.25},
     {"target": "gold", "val_prompts": "builtin:positive-reviews"},
-    {"target": "preference", "val_prompts": "builtin:trusted-preferences", "target_source": "cached"},
+    {"target": "preference", "target_source": "cached"},
     {"mode": "neg-random", "p": 0.5, "train_grad": "full"},
 ])
 def test_targets_and_modes_run(tmp_path, tiny_model_dir, iif):
     raw = tiny_recipe_dict(tmp_path)
     raw["run"]["rounds"] = 1
     raw["iif"] = {"enabled": True, "val_size": 8, **iif}
+    if iif.get("target") == "preference":
+        raw["trusted"] = {"source": "builtin:trusted-preferences", "size": 8}
     (m,) = build_trainer(recipe_from_dict(raw)).train()
     assert IIF_METRICS <= m.keys()
     if iif.get("mode") == "bottom":

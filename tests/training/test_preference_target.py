@@ -4,6 +4,7 @@ tests/grpo/test_grpo_preference.py."""
 
 import json
 import logging
+import math
 
 import pytest
 import torch
@@ -23,8 +24,8 @@ TRIPLES = 8
 
 def test_ppo_preference_target_is_the_trusted_margins_gradient(tmp_path, tiny_model_dir):
     raw = tiny_recipe_dict(tmp_path)
-    raw["iif"] = {"enabled": True, "target": "preference", "val_prompts": "builtin:trusted-preferences",
-                  "val_size": TRIPLES, "score_batch_size": 3}
+    raw["trusted"] = {"source": "builtin:trusted-preferences", "size": TRIPLES}
+    raw["iif"] = {"enabled": True, "target": "preference", "score_batch_size": 3}
     trainer = build_trainer(recipe_from_dict(raw))
     policy = trainer.accelerator.unwrap_model(trainer.policy)
     moved_off_zero(policy)
@@ -53,26 +54,44 @@ def write_triples(path, rows):
     return path
 
 
-@pytest.mark.parametrize("rows,iif,message", [
-    ([{"prompt": "a", "chosen": "b"}], {}, "iif.val_prompts: 'rejected' is not a column of"),
-    ([{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": " ", "rejected": "c"}], {},
-     "iif.val_prompts: row 1 of '{file}' has an empty chosen text; every trusted triple needs"),
-    ([{"prompt": "a", "chosen": "b", "rejected": "c"}], {"target_source": "batch"},
+GOOD = {"prompt": "a", "chosen": "b", "rejected": "c"}
+
+
+@pytest.mark.parametrize("rows,sections,message", [
+    ([{"prompt": "a", "chosen": "b"}], {}, "trusted.source: 'rejected' is not a column of"),
+    ([GOOD, GOOD, {"prompt": "a", "chosen": " ", "rejected": "c"}], {},
+     "trusted.source: row 2 of '{file}' has an empty text as its chosen; expected non-empty text or a list of "
+     "role/content messages"),
+    ([GOOD, GOOD, {"prompt": "a", "chosen": 3, "rejected": "c"}], {},
+     "trusted.source: row 2 of '{file}' has a int (3) as its chosen; expected non-empty text or a list of "
+     "role/content messages"),
+    ([GOOD, GOOD, {"prompt": "a", "chosen": "b", "rejected": [{"role": "user", "content": "c"}]}], {},
+     "trusted.source: row 2 of '{file}' has a rejected message list with no assistant text"),
+    ([GOOD, GOOD], {"iif": {"target_source": "batch"}},
      "iif.target_source: expected fresh or cached with iif.target preference (the training batch holds no "
      "preferences), got 'batch'"),
-    ([{"prompt": "a", "chosen": "b", "rejected": "c"}], {"val_size": 6, "val_prompts": None},
-     "iif.val_prompts: the preference target needs trusted (prompt, chosen, rejected) triples"),
-    ([{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "", "chosen": "b", "rejected": "c"}], {},
-     "iif.val_prompts: row 1 of '{file}' has an empty prompt text; every trusted triple needs non-empty prompt, "
-     "chosen and rejected texts"),
-    ([{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": "same", "rejected": "same"}], {},
-     "iif.val_prompts: row 1 of '{file}' has the same chosen and rejected text ('same'); every trusted triple "
+    ([GOOD, GOOD], {"trusted": None},
+     "trusted: iif.target preference needs trusted (prompt, chosen, rejected) triples; expected a trusted section"),
+    ([GOOD, GOOD], {"trusted": {"dpo_coef": 0.5}}, "trusted.source: required key is missing"),
+    ([GOOD, GOOD], {"trusted": {"size": 3}}, "trusted.size: 3, but '{file}' has only 2 complete triples"),
+    ([GOOD, GOOD], {"trusted": {"columns": {"answer": "x"}}},
+     "trusted.columns.answer: unknown column (expected prompt, chosen or rejected)"),
+    ([GOOD, GOOD], {"trusted": {"columns": {"prompt": "question"}}},
+     "trusted.columns.prompt: 'question' is not a column of"),
+    ([GOOD, {"prompt": "a", "chosen": "same", "rejected": "same"}], {},
+     "trusted.source: row 1 of '{file}' has the same chosen and rejected text ('same'); every trusted triple "
      "needs a chosen text that differs from its rejected one"),
 ])
-def test_bad_trusted_sets_are_one_line_errors(tmp_path, capsys, tiny_model_dir, rows, iif, message):
+def test_bad_trusted_sets_are_one_line_errors(tmp_path, capsys, tiny_model_dir, rows, sections, message):
     triples = write_triples(tmp_path / "trusted.jsonl", rows)
     raw = tiny_recipe_dict(tmp_path / "run")
-    raw["iif"] = {"enabled": True, "target": "preference", "val_prompts": str(triples), "val_size": 4, **iif}
+    raw["iif"] = {"enabled": True, "target": "preference", **sections.get("iif", {})}
+    raw["trusted"] = {"source": str(triples)}
+    if "trusted" in sections:
+        raw["trusted"] = None if sections["trusted"] is None else {**raw["trusted"], **sections["trusted"]}
+        if sections["trusted"] and "dpo_coef" in sections["trusted"]:
+            raw["trusted"] = {"dpo_coef": 0.5}
+            raw["iif"] = {"enabled": False}
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(raw))
     code, stderr = cli_in_process(capsys, "train", recipe)
@@ -100,27 +119,165 @@ def test_a_trusted_file_that_is_not_utf8_names_the_byte(tmp_path, capsys):
     triples.write_bytes(b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n'
                         + '{"prompt": "café", "chosen": "b", "rejected": "c"}\n'.encode("latin-1"))
     raw = tiny_recipe_dict(tmp_path / "run")
-    raw["iif"] = {"enabled": True, "target": "preference", "val_prompts": str(triples), "val_size": 4}
+    raw["iif"] = {"enabled": True, "target": "preference"}
+    raw["trusted"] = {"source": str(triples)}
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(raw))
     code, stderr = cli_in_process(capsys, "train", recipe)
     assert code == 2 and stderr.count("\n") == 1
-    assert f"iif.val_prompts: {triples}: not UTF-8 text: byte 63 (line 2) is 0xe9; expected a UTF-8 file" in stderr
+    assert f"trusted.source: {triples}: not UTF-8 text: byte 63 (line 2) is 0xe9; expected a UTF-8 file" in stderr
 
 
 def test_a_target_of_float_noise_drops_nothing_with_a_warning(tmp_path, tiny_model_dir, caplog):
     """Trusted triples that prefer each text to itself (refused when read, so planted here) give a target of
     rounding error: a round scored against it drops nothing, where ``bottom`` would drop half at random."""
     raw = tiny_recipe_dict(tmp_path)
-    raw["iif"] = {"enabled": True, "target": "preference", "val_prompts": "builtin:trusted-preferences",
-                  "val_size": TRIPLES, "mode": "bottom", "p": 0.5}
+    raw["trusted"] = {"source": "builtin:trusted-preferences", "size": TRIPLES}
+    raw["iif"] = {"enabled": True, "target": "preference", "mode": "bottom", "p": 0.5}
     trainer = build_trainer(recipe_from_dict(raw))
     moved_off_zero(trainer.accelerator.unwrap_model(trainer.policy))
-    validation = trainer.iif.target_source.validation
-    validation["chosen"] = list(validation["rejected"])
+    rows = trainer.trusted.rows
+    for rejected, chosen in ((rows.response_ids, rows.response_ids), (rows.response_mask, rows.response_mask),
+                             (rows.weights, -rows.weights)):
+        rejected[TRIPLES:] = chosen[:TRIPLES]
     rollout, _ = trainer.collector(trainer.prompts.next_batch())
     advantages = estimate_advantages(rollout, trainer.kl_controller.value, trainer.cfg, trainer.accelerator)
     with caplog.at_level(logging.WARNING, logger="llm_iif.attribution.stage"):
         selection = trainer.select(rollout, advantages)
     assert selection.keep.all() and selection.metrics["filtered"] == 0
     assert "IIF target: its gradient is float noise, so nothing is dropped this round" in caplog.text
+
+
+def chat_model_dir(tmp_path, tiny_model_dir):
+    """The tiny model with a chat template, as an instruct model's tokenizer has one."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    directory = tmp_path / "chat-model"
+    shutil.copytree(tiny_model_dir, directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} {% endfor %}"
+                               "{% if add_generation_prompt %}[assistant] {% endif %}")
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("length_normalised", [False, True])
+def test_the_target_with_a_chat_template_is_the_margins_gradient(tmp_path, tiny_model_dir, length_normalised):
+    """Text prompts go through the chat template as the policy is prompted, message-list prompts as they are;
+    a length-normalised target is the gradient of the mean-log-prob margin."""
+    triples = trusted_preference_triples()
+    rows = [{"prompt": p if v % 2 else [{"role": "user", "content": p}], "chosen": c, "rejected": r}
+            for v, (p, c, r) in enumerate(zip(*(triples[k][:TRIPLES] for k in ("prompt", "chosen", "rejected"))))]
+    raw = tiny_recipe_dict(tmp_path / "run")
+    raw["model"] = {"name_or_path": str(chat_model_dir(tmp_path, tiny_model_dir)), "chat_template": True}
+    raw["trusted"] = {"source": str(write_triples(tmp_path / "trusted.jsonl", rows)),
+                      "length_normalised": length_normalised}
+    raw["iif"] = {"enabled": True, "target": "preference", "score_batch_size": 3}
+    trainer = build_trainer(recipe_from_dict(raw))
+    policy = trainer.accelerator.unwrap_model(trainer.policy)
+    moved_off_zero(policy)
+    target, _ = trainer.iif.target_gradient(trainer.policy)
+    tokenizer = trainer.collector.tokenizer
+    assert "[user]" in tokenizer.decode(trainer.trusted.rows.query_ids[0])
+
+    def logprobs(model, *ids):  # the per-token log-probs, divided by the length when normalised
+        values = trainer.iif.sequence_logprobs(model, *ids)
+        return values / ids[3].sum() if length_normalised else values
+
+    def tokenize(prompts, responses):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompts[0]}], tokenize=False,
+                                             add_generation_prompt=True)
+        return tokenize_pairs(tokenizer, [text], responses, "cpu")
+
+    policy.eval()
+    assert_gradients_close(target, brute_force_margin_gradient(policy, logprobs, tokenize, triples, TRIPLES))
+
+
+def test_samples_that_raise_the_trusted_margin_score_above_those_that_lower_it(tmp_path, tiny_model_dir):
+    """The target's sign: a training sample that is a trusted chosen response, with a positive advantage (PPO
+    raises its log-prob), helps the margin and scores positive; one that is the rejected response scores
+    negative. Flipping the target's sign flips both."""
+    from llm_iif.attribution.influence import influence_scores
+    from llm_iif.core.records import Advantages
+    from llm_iif.lm.iif import ppo_sample_loss
+
+    triples = trusted_preference_triples()
+    raw = tiny_recipe_dict(tmp_path)
+    raw["trusted"] = {"source": "builtin:trusted-preferences", "size": TRIPLES}
+    raw["iif"] = {"enabled": True, "target": "preference"}
+    trainer = build_trainer(recipe_from_dict(raw))
+    policy = trainer.accelerator.unwrap_model(trainer.policy)
+    moved_off_zero(policy)
+    target, _ = trainer.iif.target_gradient(trainer.policy)
+    prompts = triples["prompt"][:TRIPLES] * 2
+    rollout = trainer.collector.rescore(fixed_rollout(trainer, prompts, triples["chosen"][:TRIPLES]
+                                                      + triples["rejected"][:TRIPLES]))
+    ones = rollout.response_mask.float()
+    advantages = Advantages(kl=torch.zeros_like(ones), advantages=ones, returns=torch.zeros_like(ones))
+    scores = influence_scores(policy, ppo_sample_loss(rollout, advantages, trainer.cfg, "policy", 5.0),
+                              len(rollout), target, 8, "cpu")
+    chosen, rejected = scores[:TRIPLES], scores[TRIPLES:]
+    assert (chosen > 0).float().mean() >= 0.75 and (rejected < 0).float().mean() >= 0.75
+    assert chosen.mean() > 0 > rejected.mean()
+
+
+def fixed_rollout(trainer, prompts, responses):
+    """A rollout of the given responses (rewards 0), without sampling."""
+    from llm_iif.core.records import Rollout
+
+    collector = trainer.collector
+    ids = tokenize_pairs(collector.tokenizer, [collector.format_prompt(p) for p in prompts], responses, "cpu")
+    zeros = torch.zeros(len(prompts))
+    empty = torch.zeros(ids[2].shape)
+    return Rollout(prompts, responses, *ids, zeros, logprobs=empty, ref_logprobs=empty, values=empty, entropy=empty)
+
+
+def test_trusted_rows_with_missing_values_drop_their_whole_triple(tmp_path, caplog):
+    from llm_iif.core.config import TrustedConfig
+    from llm_iif.lm.data import read_trusted_triples
+
+    rows = [GOOD, {"prompt": "a", "chosen": None, "rejected": "c"}, {"q": "x", "prompt": "d", "chosen": "e",
+                                                                     "rejected": "f"}]
+    path = write_triples(tmp_path / "t.jsonl", rows)
+    with caplog.at_level(logging.WARNING):
+        triples = read_trusted_triples(TrustedConfig(source=str(path)))
+    assert triples == {"prompt": ["a", "d"], "chosen": ["b", "e"], "rejected": ["c", "f"]}
+    assert "dropped 1 row(s)" in caplog.text
+    import pandas
+
+    parquet = tmp_path / "t.parquet"  # pandas writes a missing text as NaN in an object column, or None
+    pandas.DataFrame({"question": ["a", "d", "g"], "chosen": ["b", float("nan"), "h"],
+                      "rejected": ["c", "f", "i"]}).to_parquet(parquet)
+    triples = read_trusted_triples(TrustedConfig(source=str(parquet), columns={"prompt": "question"}, size=2))
+    assert triples == {"prompt": ["a", "g"], "chosen": ["b", "h"], "rejected": ["c", "i"]}
+
+
+def test_conversational_triples_read_as_trl_writes_them(tmp_path):
+    from llm_iif.core.config import TrustedConfig
+    from llm_iif.lm.data import read_trusted_triples
+
+    user = [{"role": "user", "content": "How was it?"}]
+    rows = [{"prompt": user, "chosen": [{"role": "assistant", "content": "Great."}],
+             "rejected": [{"role": "assistant", "content": "Bad."}]}] * 2
+    triples = read_trusted_triples(TrustedConfig(source=str(write_triples(tmp_path / "t.jsonl", rows))))
+    assert triples == {"prompt": [user, user], "chosen": ["Great.", "Great."], "rejected": ["Bad.", "Bad."]}
+
+
+def test_trusted_metrics_every_round_and_the_dpo_loss_raises_the_margin(tmp_path, tiny_model_dir):
+    """Every round logs the margin and implicit accuracy at θ(k); a DPO loss on the triples raises the
+    margin over a few rounds more than PPO alone does."""
+    finals = {}
+    for coef in (0.0, 2.0):
+        raw = tiny_recipe_dict(tmp_path / f"dpo-{coef}")
+        raw["run"]["rounds"] = 3
+        raw["trusted"] = {"source": "builtin:trusted-preferences", "size": 16, "dpo_coef": coef}
+        history = build_trainer(recipe_from_dict(raw)).train()
+        assert all({"trusted/margin", "trusted/accuracy", "time_trusted_s"} <= m.keys() for m in history)
+        assert history[0]["trusted/accuracy"] == 0.0  # θ(0) is the reference: no implicit reward yet
+        assert ("dpo_loss" in history[0]) == bool(coef)
+        finals[coef] = history[-1]["trusted/margin"] - history[0]["trusted/margin"]
+        if coef:  # at the reference every implicit reward is 0: the loss is log 2, and DPO steps lower it
+            assert history[-1]["dpo_loss"] < math.log(2)
+    assert finals[2.0] > max(finals[0.0], 0.0)
