@@ -11,6 +11,8 @@ A suite file names its tasks, each a recipe with the methods and seeds to compar
       tiny-sentiment:
         recipe: ../../recipes/tiny-sentiment.yaml   # relative to the suite file
         set: {run.rounds: 40}                       # overrides, as with --set
+        custom_methods:                             # this task's own, added to (or replacing) the suite's
+          rm-plus-trusted: {reward.name_or_path: my-reward-model-plus-trusted}
 
 A recipe's kind (PPO, GRPO, classic) picks its trainer and its methods (`llm_iif.analysis.grid`); PPO and GRPO
 tasks may also use the suite's ``custom_methods``. The suite is
@@ -43,7 +45,7 @@ from llm_iif.core.paths import SuitePaths, check_inside, check_name, is_name
 from llm_iif.training.run_outputs import check_writable_directory, delete_outputs, listed
 
 SUITE_KEYS = ("output_dir", "seeds", "methods", "custom_methods", "tasks")
-TASK_KEYS = ("recipe", "set", "seeds", "methods")
+TASK_KEYS = ("recipe", "set", "seeds", "methods", "custom_methods")
 DEFAULT_METHODS = ["standard", "iif", "random"]
 # Recipe kind -> (its methods, the y-axis of its curves).
 KINDS = {Recipe: (LM_METHODS, "mean reward"), GRPORecipe: (GRPO_METHODS, GRPO_CURVE),
@@ -151,6 +153,7 @@ def _load_task(suite_path: Path, name: str, entry, default_seeds: list[int], def
     if not isinstance(overrides, dict):
         raise UserError(f"{where}.set: expected a mapping of section.key to values, e.g. {{run.rounds: 40}}")
     overrides = _as_overrides(overrides, f"{where}.set")
+    custom = {**custom, **_custom_methods(entry.get("custom_methods") or {}, f"{where}.custom_methods")}
     kind = recipe_kind(recipe)
     table = KINDS[kind][0] if kind is ClassicRecipe else {**KINDS[kind][0], **custom}
     methods = _methods(entry["methods"], f"{where}.methods") if "methods" in entry else default_methods

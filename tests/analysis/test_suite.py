@@ -71,6 +71,20 @@ def test_custom_methods_are_checked_and_recorded_with_their_overrides(tmp_path):
         load_suite(write_suite(tmp_path, custom_methods=custom, tasks={"t": {**tasks["t"], "methods": ["standard", "bad"]}}))
 
 
+def test_a_tasks_own_custom_methods_add_to_the_suites_and_stay_its_own(tmp_path):
+    sentiment = str(REPO / "recipes" / "tiny-sentiment.yaml")
+    custom = {"kl-1": {"iif.enabled": False, "ppo.init_kl_coef": 1.0}}
+    tasks = {"a": {"recipe": sentiment, "methods": ["standard", "kl-1", "mine"],
+                   "custom_methods": {"mine": {"ppo.init_kl_coef": 0.3}, "kl-1": {"ppo.init_kl_coef": 2.0}}},
+             "b": {"recipe": sentiment, "methods": ["standard", "kl-1"]}}
+    a, b = load_suite(write_suite(tmp_path, custom_methods=custom, tasks=tasks)).tasks
+    assert a.method_table()["mine"] == ["ppo.init_kl_coef=0.3"]
+    assert a.method_table()["kl-1"] == ["ppo.init_kl_coef=2.0"]  # the task's replaces the suite's
+    assert b.method_table()["kl-1"] == ["iif.enabled=false", "ppo.init_kl_coef=1.0"] and "mine" not in b.method_table()
+    with pytest.raises(UserError, match="tasks.b.methods: unknown method 'mine'"):
+        load_suite(write_suite(tmp_path, tasks={**tasks, "b": {"recipe": sentiment, "methods": ["standard", "mine"]}}))
+
+
 def test_unknown_task_and_missing_file(tmp_path, capsys):
     code, err = cli_in_process(capsys, "suite", write_suite(tmp_path), "--tasks", "frozenlake,acrobot")
     assert code == 2 and "--tasks: unknown task 'acrobot' (the suite has: frozenlake)" in err
