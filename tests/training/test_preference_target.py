@@ -259,8 +259,10 @@ def test_conversational_triples_read_as_trl_writes_them(tmp_path):
     from llm_iif.lm.data import read_trusted_triples
 
     user = [{"role": "user", "content": "How was it?"}]
-    rows = [{"prompt": user, "chosen": [{"role": "assistant", "content": "Great."}],
-             "rejected": [{"role": "assistant", "content": "Bad."}]}] * 2
+    rows = [{"prompt": user, "chosen": [{"role": "assistant", "content": "Great."}],  # trl's explicit prompt
+             "rejected": [{"role": "assistant", "content": "Bad."}]},
+            {"prompt": user, "chosen": user + [{"role": "assistant", "content": "Great."}],  # UltraFeedback's
+             "rejected": user + [{"role": "assistant", "content": "Bad."}]}]
     triples = read_trusted_triples(TrustedConfig(source=str(write_triples(tmp_path / "t.jsonl", rows))))
     assert triples == {"prompt": [user, user], "chosen": ["Great.", "Great."], "rejected": ["Bad.", "Bad."]}
 
