@@ -203,9 +203,9 @@ class TrustedConfig:
     the run logs the policy's margin and accuracy on all of them (``trusted/margin``, ``trusted/accuracy``), so
     that any run can ship the round they rank best; ``iif.target: preference`` scores samples against their
     margin, and ``dpo_coef`` adds a DPO loss on them to the update. Each use reads the whole set every round."""
-    source: str
+    source: Optional[str] = None
     """A local .json/.jsonl/.parquet file, an ``hf://datasets/...`` path, a `datasets` hub id (with ``split``
-    and ``subset``) or a built-in set, e.g. builtin:trusted-preferences. Each of prompt, chosen and rejected is
+    and ``subset``) or a built-in set, e.g. builtin:trusted-preferences; null: no trusted set. Each of prompt, chosen and rejected is
     text or trl's conversational format (a list of role/content messages; chosen and rejected hold the
     assistant's turn). A row with a missing (null or NaN) value is dropped whole, with a warning."""
     split: str = "train"
@@ -272,7 +272,7 @@ class Recipe:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     iif: IIFConfig = field(default_factory=IIFConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    trusted: Optional[TrustedConfig] = None
+    trusted: TrustedConfig = field(default_factory=TrustedConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -544,7 +544,7 @@ class GRPORecipe:
     loss_type, scale_rewards, steps_per_generation, num_iterations, temperature, ...), passed as given."""
     iif: GRPOIIFConfig = field(default_factory=GRPOIIFConfig)
     group_filter: GroupFilterConfig = field(default_factory=GroupFilterConfig)
-    trusted: Optional[TrustedConfig] = None
+    trusted: TrustedConfig = field(default_factory=TrustedConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -837,13 +837,15 @@ def _check_values(recipe: Recipe, source: str) -> None:
 
 def _check_trusted(recipe: Recipe | GRPORecipe, source: str) -> None:
     """The ``trusted`` section's values, and that ``iif.target: preference`` has one to read."""
-    trusted = recipe.trusted
-    if trusted is None:
+    trusted, where = recipe.trusted, f"{source}: trusted"
+    if trusted.source is None:
         if recipe.iif.target == "preference":
-            raise UserError(f"{source}: trusted: iif.target preference needs trusted (prompt, chosen, rejected) "
-                            "triples; expected a trusted section with a source, e.g. builtin:trusted-preferences")
+            raise UserError(f"{where}.source: iif.target preference needs trusted (prompt, chosen, rejected) "
+                            "triples; expected a source, e.g. builtin:trusted-preferences")
+        if trusted.dpo_coef:
+            raise UserError(f"{where}.source: trusted.dpo_coef {trusted.dpo_coef} needs trusted (prompt, chosen, "
+                            "rejected) triples; expected a source, e.g. builtin:trusted-preferences")
         return
-    where = f"{source}: trusted"
     for column in trusted.columns:
         if column not in PREFERENCE_COLUMNS:
             raise UserError(f"{where}.columns.{column}: unknown column (expected prompt, chosen or rejected)")

@@ -71,7 +71,7 @@ def build_trainer(recipe: Recipe, accelerator: Accelerator | None = None, *,
     eval_prompts = (read_prompts(recipe.eval.data, tokenizer, "eval.data")[0][:recipe.eval.size]
                     if recipe.eval.every else [])
     validation = triples = None
-    if recipe.trusted is not None:
+    if recipe.trusted.source is not None:
         triples = read_trusted_triples(recipe.trusted)
         if acc.is_main_process:
             for model_dir in filter(None, [reward_cfg.name_or_path, *reward_cfg.members]):

@@ -71,8 +71,9 @@ GOOD = {"prompt": "a", "chosen": "b", "rejected": "c"}
      "iif.target_source: expected fresh or cached with iif.target preference (the training batch holds no "
      "preferences), got 'batch'"),
     ([GOOD, GOOD], {"trusted": None},
-     "trusted: iif.target preference needs trusted (prompt, chosen, rejected) triples; expected a trusted section"),
-    ([GOOD, GOOD], {"trusted": {"dpo_coef": 0.5}}, "trusted.source: required key is missing"),
+     "trusted.source: iif.target preference needs trusted (prompt, chosen, rejected) triples; expected a source"),
+    ([GOOD, GOOD], {"trusted": {"dpo_coef": 0.5}},
+     "trusted.source: trusted.dpo_coef 0.5 needs trusted (prompt, chosen, rejected) triples; expected a source"),
     ([GOOD, GOOD], {"trusted": {"size": 3}}, "trusted.size: 3, but '{file}' has only 2 complete triples"),
     ([GOOD, GOOD], {"trusted": {"columns": {"answer": "x"}}},
      "trusted.columns.answer: unknown column (expected prompt, chosen or rejected)"),
