@@ -284,3 +284,15 @@ def test_trusted_metrics_every_round_and_the_dpo_loss_raises_the_margin(tmp_path
         if coef:  # at the reference every implicit reward is 0: the loss is log 2, and DPO steps lower it
             assert history[-1]["dpo_loss"] < math.log(2)
     assert finals[2.0] > max(finals[0.0], 0.0)
+
+
+def test_triples_among_a_built_in_reward_models_pairs_warn(caplog):
+    """A built-in reward model records its data like `llm-iif reward train` does, so overlap is found too."""
+    from llm_iif.lm.builtin import biased_preference_pairs
+    from llm_iif.training.builtins import resolve_builtin
+
+    pairs = biased_preference_pairs()
+    triples = {column: values[:6] for column, values in pairs.items()}
+    with caplog.at_level(logging.WARNING):
+        warn_of_shared_pairs(triples, resolve_builtin("builtin:tiny-biased-reward-model"), "mine.jsonl")
+    assert "6 of 6 trusted triples of 'mine.jsonl' are among the reward model's training pairs" in caplog.text
