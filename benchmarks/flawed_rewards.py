@@ -28,7 +28,7 @@ from llm_iif.analysis.flaws import (ShippedGold, frontier_margins, gold_key, kl_
 from llm_iif.analysis.plots import Curve, Panel, curves_figure, save_figure
 from llm_iif.analysis.report import find_runs
 from llm_iif.analysis.statistics import estimate_text, interval_estimates
-from llm_iif.analysis.summary import score_against_kl
+from llm_iif.analysis.summary import score_against_kl, trailing_mean
 
 IIF = "iif"
 SWEEP = ("standard", "kl-")
@@ -66,6 +66,9 @@ def task_report(task_dir: Path, figures: Path | None) -> None:
         print(f"{method:<16} {len(runs_):>5}  {interval(r.final for r in runs_):<20} {interval(stop):<20} "
               f"{interval(r.oracle_peak for r in runs_):<20} {interval(kl):<20}")
 
+    if "standard" in histories:
+        print_rise_and_fall(histories["standard"], gold)
+
     # The same-data baselines' deployable numbers, seed -> gold.
     baselines: dict[str, dict[int, float]] = {}
     for method, by_seed in shipped.items():
@@ -83,7 +86,7 @@ def task_report(task_dir: Path, figures: Path | None) -> None:
         f"{name} {interval(v.values())}" for name, v in baselines.items()))
     if IIF not in shipped:
         return
-    best = max(baselines, key=lambda name: interval_estimates(list(baselines[name].values()))["iqm"][0])
+    best = max(baselines, key=lambda name: float(np.mean(list(baselines[name].values()))))
     iif_final = {s: r.final for s, r in shipped[IIF].items()}
     print(f"\nGOAL final gold: iif final − best same-data baseline ({best}): {paired(iif_final, baselines[best])}")
     for name, values in baselines.items():
@@ -112,6 +115,22 @@ def task_report(task_dir: Path, figures: Path | None) -> None:
                                          xlabel="√KL to the reference (√nats)", ylabel="gold score", legend=True)],
                                     columns=1),
                     figures / f"flawed_{task_dir.name}_gold_vs_sqrt_kl.png")
+
+
+def print_rise_and_fall(by_seed: dict[int, list[dict]], gold: str) -> None:
+    """Standard's gold curve seed by seed: its start (the first 5 rounds' mean), peak (and round) and final; it
+    fell when the final gave back at least a quarter of the climb from start to peak."""
+    fell = 0
+    print(f"\nstandard, seed by seed: start, peak (round), final of {gold}; fell = final ≤ peak − ¼ (peak − start)")
+    for seed, history in sorted(by_seed.items()):
+        values = [m[gold] for m in history if m.get(gold) is not None]
+        curve = trailing_mean(values, 5)
+        start, peak = float(np.mean(values[:5])), max(curve)
+        dropped = curve[-1] <= peak - 0.25 * (peak - start)
+        fell += dropped
+        print(f"  seed {seed:>3}: {start:.2f}  {peak:.2f} ({curve.index(peak):>2})  {curve[-1]:.2f}  "
+              f"{'fell' if dropped else 'held'}")
+    print(f"  rose, peaked and fell on {fell} of {len(by_seed)} seeds (goal: at least 8 of 10)")
 
 
 def root_kl_points(by_seed: dict[int, list[dict]], gold: str) -> list[tuple[float, float]]:

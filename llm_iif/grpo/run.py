@@ -34,7 +34,8 @@ from llm_iif.core.fileio import write_directory_atomically
 from llm_iif.core.paths import RunPaths
 from llm_iif.grpo.data import check_chat_template, grpo_datasets, is_conversational
 from llm_iif.grpo.trainer import GroupFilter, IIFGRPOTrainer
-from llm_iif.lm.data import check_tokenizable, read_preference_triples
+from llm_iif.grpo.trusted import TrustedSet
+from llm_iif.lm.data import check_tokenizable, read_trusted_triples
 from llm_iif.lm.policy import load_tokenizer
 from llm_iif.training import run_state
 from llm_iif.training.builtins import resolve_builtin
@@ -77,12 +78,7 @@ def train_grpo(recipe: GRPORecipe, overwrite: bool = False, resume_from: Path | 
         raise UserError(f"model.name_or_path: cannot load '{recipe.model.name_or_path}' as a causal LM "
                         f"({', '.join(damaged)}: damaged or truncated)")
     train, validation, evaluation = grpo_datasets(recipe.data, recipe.model.chat_template)
-    if recipe.iif.enabled and recipe.iif.target == "preference":
-        from datasets import Dataset
-
-        triples = read_preference_triples(recipe.iif.val_prompts, "iif.val_prompts")
-        check_tokenizable(triples, tokenizer, "iif.val_prompts", recipe.iif.val_prompts)
-        validation = Dataset.from_dict(triples)
+    trusted = trusted_set(recipe, tokenizer)
     check_chat_template(tokenizer, recipe.model.chat_template or is_conversational(train), str(model_dir))
     reward_funcs = reward_functions(recipe)
     if "wandb" in recipe.run.report_to and not is_wandb_available():
@@ -93,7 +89,7 @@ def train_grpo(recipe: GRPORecipe, overwrite: bool = False, resume_from: Path | 
             model=model_dir, reward_funcs=reward_funcs, args=args, train_dataset=train,
             processing_class=tokenizer, peft_config=peft_config(recipe),
             iif=recipe.iif if recipe.iif.enabled else None, group_filter=group_filter(recipe),
-            validation_dataset=validation, nonfinite_patience=recipe.run.nonfinite_patience)
+            validation_dataset=validation, nonfinite_patience=recipe.run.nonfinite_patience, trusted=trusted)
     except ValueError as err:
         if "target modules" in str(err).lower():  # peft found no layer to adapt
             raise UserError(f"lora.target_modules: {recipe.lora.target_modules} match no layer of "
@@ -136,6 +132,17 @@ def train_grpo(recipe: GRPORecipe, overwrite: bool = False, resume_from: Path | 
             save_final(trainer, checkpoints, paths)
             checkpoints.stopped_by = signals.received_anywhere(trainer.accelerator)
     return GRPORunResult(evaluator.history, checkpoints.stopped_by, checkpoints.last_saved)
+
+
+def trusted_set(recipe: GRPORecipe, tokenizer) -> TrustedSet | None:
+    """The recipe's trusted triples (`read_trusted_triples`), checked for characters ``tokenizer`` cannot read
+    (a message-list prompt by its messages' text), or None without one (``trusted.source`` null)."""
+    if recipe.trusted.source is None:
+        return None
+    triples = read_trusted_triples(recipe.trusted)
+    prompts = [p if isinstance(p, str) else "".join(m["content"] for m in p) for p in triples["prompt"]]
+    check_tokenizable({**triples, "prompt": prompts}, tokenizer, "trusted.source", recipe.trusted.source)
+    return TrustedSet(triples, recipe.trusted)
 
 
 def reward_functions(recipe: GRPORecipe) -> list:
@@ -288,7 +295,9 @@ class CheckpointsAndSignals(TrainerCallback):
 class HeldOutEvaluation(TrainerCallback):
     """After every ``run.eval_every`` steps (and the last): every reward function's mean over the held-out rows
     and KL(π ‖ π_ref), each process generating for its share of the rows. One metrics.jsonl line per step with
-    trl's logged metrics and the step's wall time; the evaluation's time is logged apart (``time_eval_s``)."""
+    trl's logged metrics (the filter's, without their ``iif/``; ``trusted/margin``, ``trusted/accuracy`` and
+    ``dpo_loss`` with a trusted set) and the step's wall time; the evaluation's time and the trusted margin's
+    are logged apart (``time_eval_s``, ``time_trusted_s``), as measurements outside ``time_round_s``."""
 
     def __init__(self, rows, reward_funcs: list, outputs: RunOutputs, recipe: GRPORecipe, history: list[dict]):
         self.rows, self.reward_funcs, self.outputs, self.run = rows, reward_funcs, outputs, recipe.run
@@ -323,6 +332,9 @@ class HeldOutEvaluation(TrainerCallback):
         if "entropy" in logs:
             entry["entropy"] = logs["entropy"]
         entry.update({key[len("iif/"):]: value for key, value in logs.items() if key.startswith("iif/")})
+        entry.update({key: value for key, value in logs.items()
+                      if key.startswith("trusted/") or key in ("dpo_loss", "time_trusted_s")})
+        entry["time_round_s"] -= entry.get("time_trusted_s", 0.0)
         self.history.append(entry)
         self.outputs.log_round(entry["round"], entry)
 

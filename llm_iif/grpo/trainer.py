@@ -11,6 +11,9 @@ subclass takes the batch from there and, before trl buffers it:
 2. removes the dropped completions, so that the update runs on fewer sequences;
 3. fixes the loss normaliser so that it counts only the kept completions or tokens.
 
+With trusted triples (``trusted``), each generation batch also logs the policy's margin on them at θ(k), and
+``trusted.dpo_coef`` adds their DPO loss to every training step's loss (`llm_iif.grpo.trusted`).
+
 Everything else is trl's: generation, rewards, advantages, the loss, the optimiser, logging. Supported trl
 range: see ``TRL_RANGE``; the overridden internals are `_generate_and_score_completions`, `_calculate_rewards`
 and `_compute_loss`.
@@ -31,12 +34,14 @@ from typing import Literal
 
 import torch
 import trl
+from accelerate.utils import gather_object
 from packaging.specifiers import SpecifierSet
 from trl import GRPOTrainer
-from trl.trainer.utils import is_async_callable
+from trl.data_utils import is_conversational
+from trl.trainer.utils import is_async_callable, use_adapter
 
 from llm_iif.attribution.gradients import scored_layers, scored_parameters
-from llm_iif.attribution.influence import TargetBatch, preference_target_rows
+from llm_iif.attribution.influence import TargetBatch
 from llm_iif.attribution.precondition import adam_preconditioner, check_second_moments
 from llm_iif.attribution.stage import IIFStage
 from llm_iif.core.config import GRPOIIFConfig
@@ -46,8 +51,8 @@ from llm_iif.core.guards import NonfiniteGuard
 from llm_iif.grpo.groups import max_variance_subsets, subset_advantages, varied_groups
 from llm_iif.grpo.losses import (RESCALED_LOSSES, SUPPORTED_LOSSES, completion_losses, completion_normalisers,
                                  group_target_terms, token_losses)
-from llm_iif.lm.data import PREFERENCE_COLUMNS
-from llm_iif.lm.generation import tokenize_pairs
+from llm_iif.grpo.trusted import TrustedSet, grpo_trusted_triples, trusted_prompt_ids
+from llm_iif.lm.trusted import TrustedTriples
 from llm_iif.training.run_state import IIF_STATE_FILE, load_plain
 
 logger = logging.getLogger(__name__)
@@ -82,10 +87,18 @@ class IIFGRPOTrainer(GRPOTrainer):
         and is not read here); None, and no group_filter, trains as plain GRPO.
       group_filter: a `GroupFilter`: a baseline instead of ``iif``, or, for ``dapo``, the filter IIF runs after.
       validation_dataset: rows with a ``prompt`` column (and whatever the reward functions read), for
-        ``target_source: fresh``: each round samples ``num_generations`` completions for each of
-        ``iif.val_size / num_generations`` of its prompts and builds f_seq from their group advantages. With
-        ``iif.target: preference``, trusted rows with ``prompt``, ``chosen`` and ``rejected`` text columns:
-        each round's target is the margin of the next ``iif.val_size`` of them (`PreferenceTarget`).
+        ``target_source: fresh`` with ``iif.target: seq``: each round samples ``num_generations`` completions
+        for each of ``iif.val_size / num_generations`` of its prompts and builds f_seq from their group
+        advantages.
+      trusted: a `TrustedSet` of (prompt, chosen, rejected) triples, each process taking an equal contiguous
+        share. Every generation batch logs ``trusted/margin`` and ``trusted/accuracy`` at θ(k) (and
+        ``time_trusted_s``); ``iif.target: preference`` scores against the margin of all of them
+        (`PreferenceTarget`); ``config.dpo_coef`` > 0 adds dpo_coef × their DPO loss, on
+        ``per_device_train_batch_size`` triples drawn anew, to every micro-batch's loss (logged as
+        ``dpo_loss``). Prompts are tokenised as trl tokenises the policy's: through the chat template when the
+        run's prompts are conversational (a plain-text trusted prompt as one user turn) or the trusted prompt
+        is a message list. The reference is the model with its adapter disabled (trl's ``ref`` adapter, if
+        loaded), or, without peft, the model as this trainer is built.
       nonfinite_patience: generation batches in a row that may contain NaN or inf rewards from a reward
         function; those completions are dropped and counted. One more such batch stops training.
 
@@ -95,18 +108,23 @@ class IIFGRPOTrainer(GRPOTrainer):
     completion, reward, advantage, influence, kept), for run outputs to write.
 
     Checkpoints are trl's (``save_steps``, ``train(resume_from_checkpoint=...)``) plus ``iif_state.pt``: the
-    filter's random generators, the NaN patience count and the fresh target's position in the validation set,
-    loaded with ``weights_only=True``, so that a resumed run filters as an uninterrupted one would.
+    filter's random generators, the NaN patience count, the fresh target's position in the validation set and
+    every process's DPO generator, loaded with ``weights_only=True``, so that a resumed run filters (and draws
+    DPO mini-batches) as an uninterrupted one would.
     """
 
     def __init__(self, *args, iif: GRPOIIFConfig | None = None, group_filter: GroupFilter | None = None,
-                 validation_dataset=None, nonfinite_patience: int = 0, **kwargs):
+                 validation_dataset=None, nonfinite_patience: int = 0, trusted: TrustedSet | None = None,
+                 **kwargs):
         if trl.__version__ not in SpecifierSet(TRL_RANGE):
             raise UserError(f"trl {trl.__version__}: IIFGRPOTrainer overrides GRPOTrainer internals checked for trl "
                             f"{TRL_RANGE}; install a version in that range")
         super().__init__(*args, **kwargs)
         self.iif, self.group_filter, self.validation_dataset = iif, group_filter, validation_dataset
         self._check_settings()
+        self._trusted = self._trusted_triples(trusted)
+        if iif is not None and iif.target == "preference":
+            self._check_preferences(iif)
         self._guard = NonfiniteGuard(nonfinite_patience)
         self._nonfinite_rows: set[int] = set()
         self.reward_funcs = [_checked_reward(f, self._nonfinite_rows) for f in self.reward_funcs]
@@ -186,9 +204,7 @@ class IIFGRPOTrainer(GRPOTrainer):
             scored_layers(self.accelerator.unwrap_model(self.model))
         except ValueError as err:
             raise UserError(f"iif: {err}; pass a peft_config or leave some nn.Linear layers trainable") from err
-        if iif.target == "preference":
-            self._check_preferences(iif)
-        elif iif.target_source == "fresh":
+        if iif.target != "preference" and iif.target_source == "fresh":
             self._check_validation(iif)
 
     def _check_validation(self, iif: GRPOIIFConfig) -> None:
@@ -202,21 +218,61 @@ class IIFGRPOTrainer(GRPOTrainer):
                             f"processes = {per_round}")
 
     def _check_preferences(self, iif: GRPOIIFConfig) -> None:
-        data, processes = self.validation_dataset, self.accelerator.num_processes
         if iif.target_source != "fresh":
             raise UserError(f"iif.target_source: '{iif.target_source}' with iif.target preference; expected fresh "
                             "(the training batch holds no preferences)")
-        columns = [] if data is None else data.column_names
-        missing = [name for name in PREFERENCE_COLUMNS if name not in columns]
-        if missing or len(data) == 0:
-            raise UserError(f"validation_dataset: iif.target preference needs trusted rows with prompt, chosen and "
-                            f"rejected text columns (got columns: {', '.join(columns) or 'none'})")
-        if not isinstance(data[0]["prompt"], str):
-            raise UserError("validation_dataset: iif.target preference takes plain-text prompts; conversational "
-                            "prompts are not supported")
-        if iif.val_size % (2 * processes):
-            raise UserError(f"iif.val_size: {iif.val_size} triples; expected an even number per process, a multiple "
-                            f"of 2 × processes = {2 * processes} (the target's two halves take whole triples)")
+        if self._trusted is None:
+            raise UserError("trusted: iif.target preference needs trusted (prompt, chosen, rejected) triples; "
+                            "expected a trusted set (a recipe's trusted section, the trainer's trusted argument)")
+        if self._trusted.size % 2:
+            processes = self.accelerator.num_processes
+            raise UserError(f"trusted.size: {self._trusted.size * processes} triples give each of {processes} "
+                            "process(es) an odd number; expected an even number per process (the preference "
+                            "target's two halves take whole triples)")
+
+    # ---------------------------------------------------------------------------------------- trusted triples
+    def _trusted_triples(self, trusted: TrustedSet | None) -> TrustedTriples | None:
+        """This process's share of ``trusted``, tokenised as trl tokenises the policy's prompts; without peft,
+        with its reference margins at the parameters the run starts from (with peft, at the first use)."""
+        if trusted is None:
+            return None
+        if self._is_vlm:
+            raise UserError("trusted: trusted triples support text-only models; this processing class is a "
+                            "multimodal processor")
+        first = self.train_dataset[0] if hasattr(self.train_dataset, "__getitem__") else next(iter(self.train_dataset))
+        chat = is_conversational({"prompt": first["prompt"]})
+
+        def prompt_ids(prompts: list) -> list[list[int]]:
+            return trusted_prompt_ids(self.processing_class, prompts, chat, self.tools, self.chat_template,
+                                      self.chat_template_kwargs)
+
+        triples = grpo_trusted_triples(trusted, self._tokenizer, prompt_ids, self._sequence_logprobs, self.accelerator,
+                                       torch.Generator().manual_seed(self.args.seed + self.accelerator.process_index),
+                                       chunk_size=self.args.per_device_train_batch_size // 2)
+        if not self._is_peft():
+            triples.set_reference(self.model)
+        return triples
+
+    def _is_peft(self) -> bool:
+        return hasattr(self.accelerator.unwrap_model(self.model), "peft_config")
+
+    def _trusted_reference(self) -> None:
+        """With peft, the reference margins at their first use: the adapter disabled (trl's "ref" one, if any),
+        as trl computes its reference log-probs."""
+        if self._trusted.reference_margins is None:
+            model = self.accelerator.unwrap_model(self.model)
+            with use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None):
+                self._trusted.set_reference(self.model)
+
+    def _trusted_metrics(self) -> dict[str, float]:
+        """The policy's margin and accuracy on the trusted triples at θ(k), with ``time_trusted_s``."""
+        start = time.perf_counter()
+        self._trusted_reference()
+        metrics = self._trusted.metrics(self.model)
+        return {**metrics, "time_trusted_s": time.perf_counter() - start}
+
+    def _dpo_coef(self) -> float:
+        return self._trusted.cfg.dpo_coef if self._trusted is not None else 0.0
 
     # ------------------------------------------------------------------------------------------- trl hooks
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -236,6 +292,9 @@ class IIFGRPOTrainer(GRPOTrainer):
         batch = super()._generate_and_score_completions(inputs)
         if not self.model.training:
             return batch
+        if self._trusted is not None:  # at θ(k), the parameters that sampled this batch
+            for name, value in self._trusted_metrics().items():
+                self._metrics["train"][name].append(value)
         rewards = self._rewards[_process_slice(self.accelerator, len(inputs))]
         if self.iif is None and self.group_filter is None:
             self.generation_records = self._records(batch, rewards, torch.ones(len(inputs), dtype=torch.bool), None)
@@ -270,7 +329,7 @@ class IIFGRPOTrainer(GRPOTrainer):
 
         def step_unless_nothing_kept(*args, **kwargs):
             kept, self._kept_rows_in_window = self._kept_rows_in_window, 0.0
-            if kept == 0:
+            if kept == 0 and not self._dpo_coef():  # a DPO term still has a gradient
                 logger.warning("filtering kept no completion for optimiser step %d; the step is skipped",
                                self.state.global_step + 1)
                 return None
@@ -282,7 +341,18 @@ class IIFGRPOTrainer(GRPOTrainer):
     def _compute_loss(self, model, inputs):
         if self.model.training:
             self._kept_rows_in_window += float(inputs["iif_kept_rows"]) if "iif_kept_rows" in inputs else 1.0
-        loss = super()._compute_loss(model, inputs)
+        loss = self._rescaled(super()._compute_loss(model, inputs), inputs)
+        if self._dpo_coef() and self.model.training:
+            # Through the unwrapped model: DDP reduces the summed gradient of both terms once. Divided by the
+            # accumulation steps as trl divides its loss (loss_is_scaled_for_ga), so that an optimiser step adds
+            # dpo_coef × the mean DPO loss of its micro-batches.
+            self._trusted_reference()
+            dpo = self._trusted.dpo_loss(self.accelerator.unwrap_model(model), self.args.per_device_train_batch_size)
+            self._metrics["train"]["dpo_loss"].append(self.accelerator.gather(dpo.detach()[None]).mean().item())
+            loss = loss + self._dpo_coef() * dpo / self.current_gradient_accumulation_steps
+        return loss
+
+    def _rescaled(self, loss: torch.Tensor, inputs) -> torch.Tensor:
         if "iif_kept_rows" not in inputs or self.loss_type not in RESCALED_LOSSES:
             return loss
         # trl averages these over one micro-batch (its rows, padding included, or bnpo's tokens), so after
@@ -312,8 +382,10 @@ class IIFGRPOTrainer(GRPOTrainer):
                  "nonfinite_batches_in_a_row": self._guard.rounds_in_a_row}
         if self._stage is not None:
             state["filter_generator"] = self._stage.generator.get_state()
-            if self._stage.target_source is not None:
+            if hasattr(self._stage.target_source, "round"):
                 state["target_round"] = self._stage.target_source.round
+        if self._trusted is not None:  # one generator per process: gathered, every process takes its own
+            state["trusted_generators"] = gather_object([self._trusted.generator.get_state()])
         return state
 
     def load_iif_state_dict(self, state: dict) -> None:
@@ -321,14 +393,17 @@ class IIFGRPOTrainer(GRPOTrainer):
         self._guard.rounds_in_a_row = state["nonfinite_batches_in_a_row"]
         if self._stage is not None:
             self._stage.generator.set_state(state["filter_generator"])
-            if self._stage.target_source is not None:  # "fresh_target_round": checkpoints of version 0.1
+            if hasattr(self._stage.target_source, "round"):  # "fresh_target_round": checkpoints of version 0.1
                 self._stage.target_source.round = state.get("target_round", state.get("fresh_target_round"))
+        if self._trusted is not None and "trusted_generators" in state:
+            self._trusted.generator.set_state(state["trusted_generators"][self.accelerator.process_index])
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        if self.args.should_save:  # the main process; the generators are alike on every process
+        state = self.iif_state_dict()  # on every process: it gathers the DPO generators
+        if self.args.should_save:  # the main process; the filter's generators are alike on every process
             directory = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-            torch.save(self.iif_state_dict(), directory / IIF_STATE_FILE)
+            torch.save(state, directory / IIF_STATE_FILE)
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         """trl's ``train``; resuming also restores the filter's state from the checkpoint's ``iif_state.pt``."""
@@ -500,9 +575,11 @@ class IIFGRPOTrainer(GRPOTrainer):
         return self._global_sum(values) / max(self._global_sum(torch.ones_like(values)), 1.0)
 
 
-class _ValidationRounds:
-    """A target source that takes this process's next rows of ``validation_dataset`` each round, cycling it;
-    ``round`` is saved in checkpoints."""
+class FreshGroupTarget:
+    """The fresh target's rows (a `TargetSource`): each round, ``num_generations`` completions for each of this
+    process's next ``iif.val_size / (num_generations × processes)`` validation prompts (cycling
+    ``validation_dataset``; ``round`` is saved in checkpoints), weighted by their group-relative advantages, so
+    that f = Σ_v Σ_t log π(y_{v,t}) Â_v (f_seq with the group as baseline)."""
 
     def __init__(self, trainer: IIFGRPOTrainer):
         self.trainer, self.round, self.metrics = trainer, 0, {}
@@ -513,12 +590,6 @@ class _ValidationRounds:
         self.round += 1
         data = self.trainer.validation_dataset
         return [data[(first + i) % len(data)] for i in range(per_process)]
-
-
-class FreshGroupTarget(_ValidationRounds):
-    """The fresh target's rows (a `TargetSource`): each round, ``num_generations`` completions for each of this
-    process's next ``iif.val_size / (num_generations × processes)`` validation prompts, weighted by their
-    group-relative advantages, so that f = Σ_v Σ_t log π(y_{v,t}) Â_v (f_seq with the group as baseline)."""
 
     def __call__(self, model) -> TargetBatch:
         trainer = self.trainer
@@ -531,21 +602,15 @@ class FreshGroupTarget(_ValidationRounds):
                            batch["advantages"][:, None].expand_as(mask).float())
 
 
-class PreferenceTarget(_ValidationRounds):
-    """The preference target's rows (a `TargetSource`): each round, this process's next
-    ``iif.val_size / processes`` trusted triples of ``validation_dataset``, f = Σ log π(chosen) − log π(rejected)
-    (`preference_target_rows`); nothing is generated."""
+class PreferenceTarget:
+    """The preference target's rows (a `TargetSource`): every trusted triple of this process, every generation
+    batch, f = Σ log π(chosen) − log π(rejected) (`TrustedTriples.target_rows`); nothing is generated."""
+
+    def __init__(self, trainer: IIFGRPOTrainer):
+        self.trainer, self.metrics = trainer, {}
 
     def __call__(self, model) -> TargetBatch:
-        trainer = self.trainer
-        rows = self._next_rows(trainer.iif.val_size // trainer.accelerator.num_processes)
-        device = trainer.accelerator.device
-
-        def tokenize(prompts: list[str], responses: list[str]):
-            return tokenize_pairs(trainer.processing_class, prompts, responses, device)
-
-        return preference_target_rows(tokenize, [r["prompt"] for r in rows], [r["chosen"] for r in rows],
-                                      [r["rejected"] for r in rows])
+        return self.trainer._trusted.target_rows()
 
 
 def _loss_mask(batch: dict) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from accelerate import Accelerator
@@ -22,7 +22,9 @@ from llm_iif.core.tokens import at_response_positions, response_logprobs
 from llm_iif.lm.data import check_tokenizable
 from llm_iif.lm.generation import tokenize_pairs
 from llm_iif.lm.rollouts import RolloutCollector
-from llm_iif.lm.trusted import TrustedTriples
+
+if TYPE_CHECKING:
+    from llm_iif.lm.trusted import TrustedTriples
 
 
 def target_token_weights(target: str, advantages: torch.Tensor | None, rewards: torch.Tensor | None,
@@ -150,10 +152,12 @@ class ValidationTarget:
         return [rows[i % len(rows)] for i in range(start, start + size)]
 
 
-def policy_logprobs(temperature: float) -> SequenceLogprobs:
-    """`SequenceLogprobs` of a `PolicyWithValueHead` sampling at ``temperature``."""
+def policy_logprobs(temperature: float, reference: bool = False) -> SequenceLogprobs:
+    """`SequenceLogprobs` of a `PolicyWithValueHead` sampling at ``temperature`` (of its base model, the LoRA
+    adapter switched off, with ``reference``)."""
     def logprobs(policy, query_ids, query_mask, response_ids, response_mask):
-        logits, _ = policy(torch.cat([query_ids, response_ids], dim=1), torch.cat([query_mask, response_mask], dim=1))
+        ids, mask = torch.cat([query_ids, response_ids], dim=1), torch.cat([query_mask, response_mask], dim=1)
+        logits = policy.reference_logits(ids, mask) if reference else policy(ids, mask)[0]
         return response_logprobs(logits, response_ids, temperature)
     return logprobs
 

@@ -27,7 +27,7 @@ from llm_iif.lm.generation import sample_responses
 from llm_iif.lm.iif import ValidationTarget, policy_logprobs
 from llm_iif.lm.policy import load_policy, prompt_formatter
 from llm_iif.lm.rollouts import RolloutCollector, Sampler, estimate_advantages
-from llm_iif.lm.trusted import TrustedTriples
+from llm_iif.lm.trusted import ppo_trusted_triples
 from llm_iif.training.builtins import resolve_builtin, resolve_reward_config
 from llm_iif.training.reward_model import reward_training_pairs, triples_among_pairs
 from llm_iif.training.run_outputs import RunOutputs
@@ -106,7 +106,7 @@ def build_trainer(recipe: Recipe, accelerator: Accelerator | None = None, *,
     unwrapped = acc.unwrap_model(prepared_policy)
     collector = RolloutCollector(unwrapped, tokenizer, reward_function, recipe.reward.name, format_prompt,
                                  recipe.ppo, acc, guard, sampler)
-    trusted = None if triples is None else TrustedTriples(
+    trusted = None if triples is None else ppo_trusted_triples(
         recipe.trusted, triples, unwrapped, tokenizer, format_prompt, recipe.ppo.temperature,
         recipe.ppo.forward_batch_size, acc, torch.Generator().manual_seed(seed + acc.process_index))
     iif = None

@@ -21,18 +21,24 @@ def lora_config():
     return LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], task_type="CAUSAL_LM")
 
 
-def make_trainer(model_dir, output_dir, lora=True, problems=64, model=None, **kwargs):
+def make_trainer(model_dir, output_dir, lora=True, problems=64, model=None, tokenizer=None, conversational=False,
+                 **kwargs):
     """An IIFGRPOTrainer on addition problems; ``kwargs`` go to GRPOConfig unless they are the subclass's.
-    ``model``: a model to train instead of a new LoRA adapter on the one in ``model_dir``."""
+    ``model``: a model to train instead of a new LoRA adapter on the one in ``model_dir``; ``tokenizer``: one
+    instead of ``model_dir``'s; ``conversational``: the prompts as one user turn each (for a chat template)."""
     from datasets import Dataset
     from transformers import AutoTokenizer
 
     from llm_iif.lm.addition import addition_problems, exact_match_reward, format_reward
 
     own = {k: kwargs.pop(k) for k in ("iif", "group_filter", "validation_dataset", "nonfinite_patience",
-                                      "reward_funcs", "rollout_func") if k in kwargs}
+                                      "reward_funcs", "rollout_func", "trusted") if k in kwargs}
     own.setdefault("reward_funcs", [exact_match_reward, format_reward])
     peft = lora_config() if lora and model is None else None
+    rows = addition_problems(problems, seed=0)
+    if conversational:
+        rows = [{**row, "prompt": [{"role": "user", "content": row["prompt"]}]} for row in rows]
     return IIFGRPOTrainer(model=model or str(model_dir), args=grpo_args(output_dir, **kwargs),
-                          train_dataset=Dataset.from_list(addition_problems(problems, seed=0)),
-                          processing_class=AutoTokenizer.from_pretrained(model_dir), peft_config=peft, **own)
+                          train_dataset=Dataset.from_list(rows),
+                          processing_class=tokenizer or AutoTokenizer.from_pretrained(model_dir), peft_config=peft,
+                          **own)

@@ -220,15 +220,19 @@ def write_triples(path, rows):
 
 @pytest.mark.parametrize("rows, message", [
     ([("12+34=", "46", "47"), ("50+70=", "120é", "12")],
-     "iif.val_prompts: row 1 of '{file}' has a chosen text with characters the tokenizer has no token for "
+     "trusted.source: row 1 of '{file}' has a chosen text with characters the tokenizer has no token for "
      "('é' in '120é'); expected text the model's vocabulary covers"),
+    ([("12+34=", "46", "47"), ([{"role": "user", "content": "5é+70="}], "120", "12")],
+     "trusted.source: row 1 of '{file}' has a prompt text with characters the tokenizer has no token for "
+     "('é' in '5é+70=')"),
     ([("", "46", "47"), ("", "120", "12")],
-     "iif.val_prompts: row 0 of '{file}' has an empty prompt text; every trusted triple needs non-empty prompt"),
+     "trusted.source: row 0 of '{file}' has an empty text as its prompt; expected non-empty text or a list of "
+     "role/content messages"),
 ])
 def test_trusted_triples_the_model_cannot_read_are_one_line(random_adder_dir, tmp_path, capsys, rows, message):
     triples = write_triples(tmp_path / "trusted.jsonl", rows)
     code, stderr = train_here(capsys, random_adder_dir, tmp_path / "run", "iif.target=preference",
-                              "iif.target_source=fresh", f"iif.val_prompts={triples}", "iif.val_size=2")
+                              "iif.target_source=fresh", f"trusted.source={triples}")
     assert code == 2 and stderr.strip().splitlines()[-1].startswith("llm-iif: error: "), stderr
     assert message.format(file=triples) in stderr and "Traceback" not in stderr
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import cli_in_process, launch_command
@@ -28,28 +29,49 @@ def metrics(run: Path) -> list[dict]:
 def test_two_processes_train_from_the_cli(random_adder_dir, tmp_path):
     """`accelerate launch -m llm_iif train` on 2 CPU processes: one set of outputs, written by the main process,
     and a held-out evaluation that covers every row exactly once between the two processes. DAPO with refill
-    runs, then IIF among the completions it keeps."""
+    runs, then IIF among the completions it keeps; each process takes half the trusted triples and its own DPO
+    draws."""
     out = tmp_path / "run"
     proc = subprocess.run([*launch_command("-m", 2), "llm_iif", "train", str(RECIPE), "--output-dir", str(out),
                            *small(random_adder_dir, "run.steps=2", "grpo.per_device_train_batch_size=8",
-                                  "run.eval_decoding=greedy", "group_filter.kind=dapo", "group_filter.refill=true")],
+                                  "run.eval_decoding=greedy", "group_filter.kind=dapo", "group_filter.refill=true",
+                                  f"trusted.source={trusted_file(tmp_path)}", "trusted.dpo_coef=0.5")],
                           capture_output=True, text=True, timeout=600, cwd=REPO,
                           env={**os.environ, "ACCELERATE_USE_CPU": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = metrics(out)
     assert [m["step"] for m in lines] == [1, 2]  # one writer: no line twice
     assert all({"refill_batches", "informative_fraction", "influence_mean"} <= m.keys() for m in lines)
+    assert all({"trusted/margin", "trusted/accuracy", "dpo_loss"} <= m.keys() for m in lines)
+    assert len(torch.load(out / "final" / "iif_state.pt", weights_only=True)["trusted_generators"]) == 2
     assert all(m["eval_completions"] == 16 for m in lines)  # data.eval_size rows, split over the processes
     assert json.loads((out / "environment.json").read_text())["processes"] == 2
     assert (out / "final" / "adapter_config.json").is_file() and (out / "report.html").is_file()
     assert proc.stdout.count("done: 2 steps") == 1
 
 
+def trusted_file(directory: Path) -> Path:
+    """40 trusted triples of sums (more than a step's 16 DPO draws, so that where the draws stand matters)."""
+    from llm_iif.lm.addition import addition_problems
+
+    path = directory / "trusted.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": r["prompt"], "chosen": r["answer"],
+                                          "rejected": str(int(r["answer"]) + 1)}) for r in addition_problems(40, 9)))
+    return path
+
+
+def uninterrupted_settings(model_dir, out: Path) -> list[str]:
+    """The overrides of the `uninterrupted` run (its trusted triples written beside ``out``)."""
+    trusted = trusted_file(out.parent)
+    return small(model_dir, "run.steps=4", "run.save_every=2", f"trusted.source={trusted}", "trusted.dpo_coef=0.5")
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(random_adder_dir, tmp_path_factory):
-    """A 4-step run that saves every 2 steps, trained without a stop."""
+    """A 4-step run that saves every 2 steps, trained without a stop, with a DPO term on trusted triples (whose
+    per-process generator a resume must restore)."""
     out = tmp_path_factory.mktemp("grpo") / "whole"
-    proc = llm_iif("train", RECIPE, "--output-dir", out, *small(random_adder_dir, "run.steps=4", "run.save_every=2"))
+    proc = llm_iif("train", RECIPE, "--output-dir", out, *uninterrupted_settings(random_adder_dir, out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     (out / "stdout.txt").write_text(proc.stdout)  # not a run output: --overwrite would leave it
     return out
@@ -62,12 +84,13 @@ def test_a_run_writes_the_ppo_run_layout(uninterrupted):
     for m in lines:
         assert 0 <= m["reward_mean"] <= 1 and 0 < m["kept_fraction"] <= 1
         assert {"eval/exact_match_reward", "eval/format_reward", "kl", "target_split_cos"} <= m.keys()
+        assert {"trusted/margin", "trusted/accuracy", "dpo_loss"} <= m.keys()
     assert yaml.safe_load((out / "recipe.yaml").read_text())["algorithm"] == "grpo"
     assert "held-out exact_match_reward" in (out / "stdout.txt").read_text()
     assert {"recipe.yaml", "environment.json", "metrics.jsonl", "timings.jsonl", "samples.jsonl", "records",
             "report.html", "reward_curve.png", "final", "checkpoint-2", "checkpoint-4"} <= set(os.listdir(out))
     timings = [json.loads(line) for line in (out / "timings.jsonl").read_text().splitlines()]
-    assert all(t["time_round_s"] > 0 and t["time_eval_s"] > 0 for t in timings)
+    assert all(t["time_round_s"] > 0 and t["time_eval_s"] > 0 and t["time_trusted_s"] > 0 for t in timings)
     assert sorted(os.listdir(out / "records")) == [f"round_000{k}.parquet" for k in range(4)]
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert {s["round"] for s in samples} == {0, 1, 2, 3} and all("influence" in s for s in samples)
@@ -75,6 +98,8 @@ def test_a_run_writes_the_ppo_run_layout(uninterrupted):
     assert "Influence scores" in report and "Samples of round 3" in report
     manifest = json.loads((out / "checkpoint-2" / "manifest.json").read_text())
     assert manifest["steps_completed"] == 2 and "iif_state.pt" in manifest["files"]
+    state = torch.load(out / "checkpoint-2" / "iif_state.pt", weights_only=True)
+    assert len(state["trusted_generators"]) == 1  # one DPO generator per process
 
 
 def test_resume_continues_exactly(uninterrupted, tmp_path):
@@ -94,7 +119,7 @@ def test_resume_continues_exactly(uninterrupted, tmp_path):
 def test_sigterm_saves_and_prints_a_working_resume_command(random_adder_dir, uninterrupted, tmp_path):
     out = tmp_path / "stopped"
     args = [sys.executable, "-m", "llm_iif", "train", str(RECIPE), "--output-dir", str(out),
-            *small(random_adder_dir, "run.steps=4", "run.save_every=2")]
+            *uninterrupted_settings(random_adder_dir, uninterrupted)]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip()):
@@ -134,8 +159,8 @@ def test_resume_of_a_damaged_checkpoint_is_one_line(uninterrupted, tmp_path):
     ("iif.target=gold", "iif.target: expected one of ['seq', 'preference'], got 'gold'"),
     ("iif.target=preference", "iif.target_source: expected fresh with iif.target preference (the training batch "
                               "holds no preferences), got 'batch'"),
-    ("iif.target=preference,iif.target_source=fresh", "iif.val_prompts: expected trusted (prompt, chosen, "
-                                                      "rejected) triples with iif.target preference, got None"),
+    ("iif.target=preference,iif.target_source=fresh", "iif.target preference needs trusted (prompt, chosen, "
+                                                      "rejected) triples"),
     ("iif.target_source=cached", "iif.target_source: expected one of ['batch', 'fresh'], got 'cached'"),
     ("run.eval_batch_size=0", "run.eval_batch_size: expected a positive integer"),
 ])
