@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from llm_iif.analysis.plots import Curve, Panel, curves_figure, save_figure
 from llm_iif.analysis.report import find_runs
 from llm_iif.analysis.statistics import estimate_text, interval_estimates
 from llm_iif.analysis.summary import score_against_kl, trailing_mean
+from llm_iif.core.errors import UserError
 
 IIF = "iif"
 SWEEP = ("standard", "kl-")
@@ -151,9 +153,14 @@ def main() -> None:
     parser.add_argument("--figures", type=Path)
     args = parser.parse_args()
     tasks = sorted(p for p in args.suite_dir.iterdir() if (p / "comparison.json").is_file())
+    if not tasks:
+        raise UserError(f"{args.suite_dir}: no comparison.json in any of its folders; expected a suite directory")
     for task_dir in tasks:
         task_report(task_dir, args.figures)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as err:  # bad input: one line, exit 2
+        sys.exit(f"flawed_rewards.py: error: {err}")
