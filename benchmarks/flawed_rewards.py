@@ -115,7 +115,7 @@ def task_report(task_dir: Path, figures: Path | None) -> None:
         figures.mkdir(parents=True, exist_ok=True)
         curves = [Curve([x for x, _ in pts], [y for _, y in pts], label=method)
                   for method, by_seed in histories.items() for pts in [root_kl_points(by_seed, gold)]]
-        save_figure(curves_figure([Panel(curves, title=f"{task_dir.name}: {gold} against √KL (seed means)",
+        save_figure(curves_figure([Panel(curves, title=f"{task_dir.name}: gold against √KL",
                                          xlabel="√KL to the reference (√nats)", ylabel="gold score", legend=True)],
                                     columns=1),
                     figures / f"flawed_{task_dir.name}_gold_vs_sqrt_kl.png")
