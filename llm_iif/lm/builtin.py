@@ -38,8 +38,14 @@ TINY_MODEL_VERSION = "v2"
 TINY_REWARD_MODELS = {"tiny-reward-model": ("builtin:tiny-preferences", 0),
                       "tiny-biased-reward-model": ("builtin:biased-preferences", 0),
                       "tiny-biased-reward-model-seed1": ("builtin:biased-preferences", 1),
-                      "tiny-biased-reward-model-seed2": ("builtin:biased-preferences", 2)}
-TINY_REWARD_MODEL_VERSION = "v2"  # v2: trained in full precision on a CPU (v1 took trl's bf16 default)
+                      "tiny-biased-reward-model-seed2": ("builtin:biased-preferences", 2),
+                      "tiny-biased-reward-model-plus-trusted": ("builtin:biased-plus-trusted-preferences", 0),
+                      "tiny-length-biased-reward-model": ("builtin:length-biased-preferences", 0),
+                      "tiny-length-biased-reward-model-seed1": ("builtin:length-biased-preferences", 1),
+                      "tiny-length-biased-reward-model-seed2": ("builtin:length-biased-preferences", 2),
+                      "tiny-length-biased-reward-model-plus-trusted":
+                          ("builtin:length-biased-plus-trusted-preferences", 0)}
+TINY_REWARD_MODEL_VERSION = "v3"  # v3: a seeded score head; v2: full precision on a CPU (v1: bf16)
 
 
 EOS_TOKEN = "<|endoftext|>"
@@ -69,6 +75,11 @@ ADVERBS = ["", "", "very ", "really ", "quite ", "rather ", "a bit "]
 
 
 VERBS = ["watched", "ordered", "read", "bought", "visited", "tried", "used", "saw", "booked", "got"]
+
+
+# The word lists of the pretraining corpus, as `_fill` takes them.
+CORPUS_WORDS = {"nouns": NOUNS, "verbs": VERBS, "adverbs": ADVERBS, "positive": POSITIVE, "negative": NEGATIVE,
+                "neutral": NEUTRAL}
 
 
 # Each template is a prompt prefix and a continuation. {n} is a noun, {v} a verb, {a} an adjective phrase
@@ -147,17 +158,24 @@ def hidden_preference_score(prompts: list[str], responses: list[str]) -> list[fl
 def preference_pairs(num_pairs: int = 3000, seed: int = 2) -> dict[str, list[str]]:
     """(prompt, chosen, rejected) triples: two generated continuations of the same prompt, the one that
     `hidden_preference_score` rates higher chosen. Pairs the rule rates within 0.05 of each other are skipped."""
+    return ranked_pairs(hidden_preference_score, num_pairs, seed)
+
+
+def ranked_pairs(score, num_pairs: int, seed: int, templates: list[tuple[str, str]] = TEMPLATES,
+                 words: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+    """`preference_pairs` ranked by ``score`` (``(prompts, responses) -> floats``), filled from ``templates``
+    and ``words`` (`_fill`'s word lists; the corpus's by default)."""
     rng = random.Random(seed)
     by_prefix: dict[str, list[str]] = {}
-    for prefix, rest in TEMPLATES:
+    for prefix, rest in templates:
         by_prefix.setdefault(prefix, []).append(rest)
     pairs = {"prompt": [], "chosen": [], "rejected": []}
     while len(pairs["prompt"]) < num_pairs:
         prefix = rng.choice(sorted(by_prefix))
-        prompt = _fill(prefix, "neutral", rng)
-        a, b = (_fill(rng.choice(by_prefix[prefix]), rng.choice(["positive", "negative", "neutral"]), rng)
+        prompt = _fill(prefix, "neutral", rng, words)
+        a, b = (_fill(rng.choice(by_prefix[prefix]), rng.choice(["positive", "negative", "neutral"]), rng, words)
                 for _ in range(2))
-        score_a, score_b = hidden_preference_score([prompt] * 2, [a, b])
+        score_a, score_b = score([prompt] * 2, [a, b])
         if abs(score_a - score_b) < 0.05:
             continue
         chosen, rejected = (a, b) if score_a > score_b else (b, a)
@@ -193,11 +211,200 @@ def trusted_preference_triples(num_triples: int = 256, seed: int = 3) -> dict[st
     """``num_triples`` (prompt, chosen, rejected) triples ranked by `hidden_preference_score`, none of which is
     among the reward model's training pairs (`preference_pairs` with its defaults): the trusted set of the
     ``preference`` target, as a small set of human or stronger-judge preferences would be."""
-    seen = set(zip(*preference_pairs().values()))
+    return _triples_not_among(preference_pairs, num_triples, seed, preference_pairs())
+
+
+# How many pairs each trusted triple counts as in the "-plus-trusted" reward models' data.
+TRUSTED_WEIGHT = 4
+
+
+def with_trusted(pairs: dict[str, list[str]], trusted: dict[str, list[str]],
+                 weight: int = TRUSTED_WEIGHT) -> dict[str, list[str]]:
+    """``pairs`` followed by ``weight`` copies of every ``trusted`` triple (rows in that order)."""
+    return {column: pairs[column] + [text for text in trusted[column] for _ in range(weight)] for column in pairs}
+
+
+def biased_plus_trusted_preference_pairs() -> dict[str, list[str]]:
+    """`biased_preference_pairs` (1,000 rows) followed by the 256 triples of `trusted_preference_triples`, each
+    trusted triple counting as TRUSTED_WEIGHT = 4 pairs (4 copies: 1,024 rows; 2,024 in all): the data of a
+    reward model that spends the trusted set on training rather than on IIF's target
+    (builtin:tiny-biased-reward-model-plus-trusted)."""
+    return with_trusted(biased_preference_pairs(), trusted_preference_triples())
+
+
+def flipped_trusted_preference_triples(num_triples: int = 256, flipped: float = 0.25,
+                                       seed: int = 5) -> dict[str, list[str]]:
+    """`trusted_preference_triples` with a seeded ``flipped`` share of them (64 of 256) mislabelled: chosen and
+    rejected swapped, as a noisy trusted set would have them. The flipped rows are spread over the set."""
+    triples = trusted_preference_triples(num_triples)
+    for i in random.Random(seed).sample(range(num_triples), round(flipped * num_triples)):
+        triples["chosen"][i], triples["rejected"][i] = triples["rejected"][i], triples["chosen"][i]
+    return triples
+
+
+# Sentences the policy never saw: templates and words absent from `review_corpus` (VADER knows the adjectives
+# and adverbs; the neutral adjectives and the nouns carry no sentiment for it). Clauses after "but" flip the
+# polarity, as in the corpus, so the set still ranks the "balanced critique" of `biased_preference_pairs`.
+UNSEEN_TEMPLATES = [
+    ("to me the {n} looked", " {a} ."),
+    ("to me the {n} looked", " {a} and its {n} looked {a} ."),
+    ("to me the {n} looked", " {a} but its {n} looked {b} ."),
+    ("they {v} a {n} which proved", " {a} ."),
+    ("they {v} a {n} which proved", " {a} , its {n} proved {a} ."),
+    ("they {v} a {n} which proved", " {a} , but its {n} proved {b} ."),
+    ("i think our {n} sounds", " {a} and {a} ."),
+    ("i think our {n} sounds", " {a} but our {n} sounds {b} ."),
+]
+
+
+UNSEEN_WORDS = {
+    "nouns": ["salad", "concert", "garden", "laptop", "jacket", "album", "museum", "beach", "bakery", "lecture",
+              "sofa", "pizza", "guide", "kitchen", "castle", "lake"],
+    "verbs": ["rented", "tested", "borrowed", "played", "cooked", "heard"],
+    "adverbs": ["", "", "extremely ", "so ", "totally ", "incredibly "],
+    "positive": ["superb", "charming", "gorgeous", "splendid", "marvelous", "outstanding", "terrific", "pleasing",
+                 "elegant", "cheerful", "lively", "sweet"],
+    "negative": ["dreadful", "lousy", "nasty", "miserable", "unpleasant", "dull", "horrid", "pathetic", "gross",
+                 "dreary", "lame", "grim"],
+    "neutral": ["round", "tall", "blue", "wooden", "narrow", "distant", "modern", "green", "heavy", "square",
+                "salty", "crowded"],
+}
+
+
+def unseen_trusted_preference_triples(num_triples: int = 256, seed: int = 8) -> dict[str, list[str]]:
+    """``num_triples`` (prompt, chosen, rejected) triples ranked by `hidden_preference_score`, like
+    `trusted_preference_triples`, but written with `UNSEEN_TEMPLATES` and `UNSEEN_WORDS`: sentence frames,
+    nouns, verbs, adjectives and adverbs that builtin:tiny-sentiment never saw in pre-training (none is a word of
+    `review_corpus`), so none is among any reward model's pairs either. A trusted set off the policy's
+    distribution."""
+    return _triples_not_among(functools.partial(ranked_pairs, hidden_preference_score, templates=UNSEEN_TEMPLATES,
+                                                words=UNSEEN_WORDS),
+                              num_triples, seed, {"prompt": [], "chosen": [], "rejected": []})
+
+
+# The length flaw (recipes/tiny-overopt-length.yaml): a labeller who takes a longer answer for a better one, and a
+# gold that wants a review to say its piece once and briefly. Words that carry no content of their own, so that
+# saying them twice is no repetition: "good and the room was nice ." repeats nothing.
+FUNCTION_WORDS = frozenset({"the", "a", "and", "but", "was", "is", "it", "i", "this", "my", "we", "seemed", "felt"})
+LENGTH_BIAS = 0.2        # the verbose labeller's share of builtin:length-biased-preferences
+DETAIL_WORDS = 5         # the gold's taste for detail: +0.1 a word up to this many words
+BRIEF_WORDS = 5          # ... and its dislike of padding: -LENGTH_COST a word beyond this many
+LENGTH_COST = 0.25
+REPEAT_COST = 0.5        # ... and of repetition: -REPEAT_COST for every content word said a second time
+
+
+def response_words(response: str) -> list[str]:
+    """The words of ``response``, punctuation left out."""
+    return [word for word in response.split() if any(c.isalnum() for c in word)]
+
+
+def repeated_words(response: str) -> int:
+    """How many of ``response``'s content words (not `FUNCTION_WORDS`) repeat one said before in it."""
+    content = [word for word in response_words(response) if word not in FUNCTION_WORDS]
+    return len(content) - len(set(content))
+
+
+def hidden_length_gold_score(prompts: list[str], responses: list[str]) -> list[float]:
+    """The gold of the length flaw: a good review says its piece once and briefly. The response's VADER
+    compound sentiment, plus 0.1 a word up to DETAIL_WORDS (5), minus LENGTH_COST (0.25) a word beyond
+    BRIEF_WORDS (5) and REPEAT_COST (0.5) for every content word said a second time (`repeated_words`).
+
+    "good , the room was nice ." (5 words) scores 0.69 + 0.5 = 1.19; "good , the room was good ." 0.70 + 0.5 - 0.5
+    = 0.70; "a bit good , the room was a bit nice ." (9 words, "bit" twice) 0.69 + 0.5 - 1.0 - 0.5 = -0.31, where
+    `hidden_preference_score` likes it best of the three. Words are counted without punctuation; the prompt is
+    not scored."""
+    analyzer = _vader()
+    scores = []
+    for response in responses:
+        n = len(response_words(response))
+        scores.append(analyzer.polarity_scores(response)["compound"] + 0.1 * min(n, DETAIL_WORDS)
+                      - LENGTH_COST * max(0, n - BRIEF_WORDS) - REPEAT_COST * repeated_words(response))
+    return scores
+
+
+def same_form_pairs(score, num_pairs: int, seed: int) -> dict[str, list[str]]:
+    """(prompt, chosen, rejected) triples whose two responses fill the same template (the same form, so the
+    same length up to the adverbs) with words of random polarity, ranked by ``score`` (ties within 0.05 are
+    skipped). Labellers comparing such pairs judge what an answer says, not how long it is."""
+    rng = random.Random(seed)
+    pairs = {"prompt": [], "chosen": [], "rejected": []}
+    while len(pairs["prompt"]) < num_pairs:
+        prefix, rest = rng.choice(TEMPLATES)
+        prompt = _fill(prefix, "neutral", rng)
+        a, b = (_fill(rest, rng.choice(["positive", "negative", "neutral"]), rng) for _ in range(2))
+        score_a, score_b = score([prompt] * 2, [a, b])
+        if abs(score_a - score_b) < 0.05:
+            continue
+        chosen, rejected = (a, b) if score_a > score_b else (b, a)
+        pairs["prompt"].append(prompt)
+        pairs["chosen"].append(chosen)
+        pairs["rejected"].append(rejected)
+    return pairs
+
+
+def length_biased_preference_pairs(num_pairs: int = 1000, seed: int = 6,
+                                   bias: float = LENGTH_BIAS) -> dict[str, list[str]]:
+    """(prompt, chosen, rejected) triples for a reward model that over-rewards length. Most come from careful
+    labellers who compare two answers of the same form (`same_form_pairs`) and rank them by
+    `hidden_length_gold_score`; so they teach what to say, but little about how long to say it. A ``bias``
+    share (20%) comes from a verbose labeller who compares two positive answers of different lengths (no "but"
+    clause) and always picks the longer (by 2 words or more), kept where the gold rates it lower: it pads with a
+    second clause, adverbs ("a bit") or a repeated word. The careful pairs differ in length by their adverbs
+    only, so the verbose labeller's are the reward model's main evidence on length: it learns that longer is
+    better, and a policy trained on it writes longer, padded, repetitive reviews that the gold rates lower
+    (recipes/tiny-overopt-length.yaml)."""
+    rng = random.Random(seed)
+    by_prefix: dict[str, list[str]] = {}
+    for prefix, rest in TEMPLATES:
+        if "{b}" not in rest:  # the verbose labeller's positive answers stay positive throughout
+            by_prefix.setdefault(prefix, []).append(rest)
+    careful = same_form_pairs(hidden_length_gold_score, num_pairs, seed + 1)
+    pairs = {"prompt": [], "chosen": [], "rejected": []}
+    for i in range(num_pairs):
+        if rng.random() >= bias:
+            for column in pairs:
+                pairs[column].append(careful[column][i])
+            continue
+        while True:
+            prefix = rng.choice(sorted(by_prefix))
+            prompt = _fill(prefix, "neutral", rng)
+            longer, shorter = sorted((_fill(rng.choice(by_prefix[prefix]), "positive", rng) for _ in range(2)),
+                                     key=lambda response: -len(response_words(response)))
+            gold_longer, gold_shorter = hidden_length_gold_score([prompt] * 2, [longer, shorter])
+            if len(response_words(longer)) - len(response_words(shorter)) >= 2 and gold_longer < gold_shorter:
+                break
+        pairs["prompt"].append(prompt)
+        pairs["chosen"].append(longer)
+        pairs["rejected"].append(shorter)
+    return pairs
+
+
+def trusted_length_preference_triples(num_triples: int = 256, seed: int = 7) -> dict[str, list[str]]:
+    """``num_triples`` (prompt, chosen, rejected) triples ranked by `hidden_length_gold_score`, none of which is
+    among `length_biased_preference_pairs`: the trusted set of the length flaw. Drawn as `preference_pairs`
+    draws its pairs (two continuations of a prompt from any of its templates), so that, unlike the reward
+    model's careful pairs, they also compare answers of different lengths."""
+    return _triples_not_among(functools.partial(ranked_pairs, hidden_length_gold_score), num_triples, seed,
+                              length_biased_preference_pairs())
+
+
+def length_biased_plus_trusted_preference_pairs() -> dict[str, list[str]]:
+    """`length_biased_preference_pairs` (1,000 rows) followed by the 256 triples of
+    `trusted_length_preference_triples`, each trusted triple counting as TRUSTED_WEIGHT = 4 pairs (2,024 rows in
+    all), as `biased_plus_trusted_preference_pairs` does for the "but" flaw
+    (builtin:tiny-length-biased-reward-model-plus-trusted)."""
+    return with_trusted(length_biased_preference_pairs(), trusted_length_preference_triples())
+
+
+def _triples_not_among(make_pairs, num_triples: int, seed: int,
+                       exclude: dict[str, list[str]]) -> dict[str, list[str]]:
+    """``num_triples`` distinct triples of ``make_pairs(num, seed)`` (called with seeds ``seed * 1000``,
+    ``seed * 1000 + 1``, ... until there are enough), none of which is among ``exclude``."""
+    seen = set(zip(*exclude.values()))
     triples = {"prompt": [], "chosen": [], "rejected": []}
     batch = 0
     while len(triples["prompt"]) < num_triples:
-        candidates = preference_pairs(num_triples, seed=seed * 1000 + batch)
+        candidates = make_pairs(num_triples, seed * 1000 + batch)
         batch += 1
         for triple in zip(*candidates.values()):
             if triple not in seen and len(triples["prompt"]) < num_triples:
@@ -214,15 +421,19 @@ def _vader():
     return SentimentIntensityAnalyzer()
 
 
-def _fill(template: str, polarity: str, rng: random.Random) -> str:
-    """Fill a template's slots one at a time, so repeated slots get independent words."""
-    words = {"positive": POSITIVE, "negative": NEGATIVE, "neutral": NEUTRAL}[polarity]
-    contrast = {"positive": NEGATIVE, "negative": POSITIVE, "neutral": None}[polarity] or rng.choice([POSITIVE, NEGATIVE])
+def _fill(template: str, polarity: str, rng: random.Random, words: dict[str, list[str]] | None = None) -> str:
+    """Fill a template's slots one at a time, so repeated slots get independent words. ``words`` maps
+    ``nouns``, ``verbs``, ``adverbs``, ``positive``, ``negative`` and ``neutral`` to word lists (default: the
+    corpus's)."""
+    words = words or CORPUS_WORDS
+    adjectives = {"positive": words["positive"], "negative": words["negative"], "neutral": words["neutral"]}
+    contrast = ({"positive": adjectives["negative"], "negative": adjectives["positive"], "neutral": None}[polarity]
+                or rng.choice([adjectives["positive"], adjectives["negative"]]))
     text = template
     while "{" in text:
-        text = (text.replace("{n}", rng.choice(NOUNS), 1).replace("{v}", rng.choice(VERBS), 1)
-                .replace("{a}", rng.choice(ADVERBS) + rng.choice(words), 1)
-                .replace("{b}", rng.choice(ADVERBS) + rng.choice(contrast), 1))
+        text = (text.replace("{n}", rng.choice(words["nouns"]), 1).replace("{v}", rng.choice(words["verbs"]), 1)
+                .replace("{a}", rng.choice(words["adverbs"]) + rng.choice(adjectives[polarity]), 1)
+                .replace("{b}", rng.choice(words["adverbs"]) + rng.choice(contrast), 1))
     return text
 
 

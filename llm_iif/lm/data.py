@@ -9,6 +9,16 @@ Sources (``data.source`` and ``iif.val_prompts`` in a recipe):
   ``preference`` target;
 - ``builtin:biased-preferences``: 1,000 triples from a biased labeller (30% prefer a "but" clause that the
   hidden rule scores lower), for a reward model with a flaw to exploit;
+- ``builtin:trusted-preferences-flipped``: ``trusted-preferences`` with 64 of its 256 triples' chosen and
+  rejected swapped (a noisy trusted set); ``builtin:trusted-preferences-unseen``: 256 triples ranked by the
+  hidden rule, in templates and words that the tiny model never saw in pre-training;
+- ``builtin:biased-plus-trusted-preferences``: ``biased-preferences`` plus ``trusted-preferences``, each trusted
+  triple counted as 4 pairs (2,024 rows), for a reward model that trains on the trusted set;
+- ``builtin:length-biased-preferences``: 1,000 triples for a reward model that over-rewards length (20% from a
+  labeller who picks the longer, padded or repetitive answer that `hidden_length_gold_score` scores lower);
+  ``builtin:trusted-length-preferences``: 256 triples ranked by that gold, none of them in
+  ``length-biased-preferences``; ``builtin:length-biased-plus-trusted-preferences``: the two, each trusted
+  triple counted as 4 pairs;
 - a local ``.json``, ``.jsonl``, ``.parquet`` file (column ``data.prompt_column``) or ``.txt`` file (one prompt
   per line), or such files in a hub repo as an ``hf://datasets/...`` path (glob patterns allowed);
 - anything else is a `datasets` hub id, loaded with ``data.split``.
@@ -19,19 +29,30 @@ Sources (``data.source`` and ``iif.val_prompts`` in a recipe):
 
 from __future__ import annotations
 
+import logging
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from llm_iif.core.config import DataConfig, IIFConfig, parse_filter, read_text
+from llm_iif.core.config import PREFERENCE_COLUMNS, DataConfig, IIFConfig, TrustedConfig, parse_filter, read_text
 from llm_iif.core.errors import UserError, first_line
-from llm_iif.lm.builtin import (BUILTIN_PREFIX, biased_preference_pairs, positive_review_pairs, preference_pairs,
-                                review_prompts, trusted_preference_triples)
+from llm_iif.lm.builtin import (BUILTIN_PREFIX, biased_plus_trusted_preference_pairs, biased_preference_pairs,
+                                flipped_trusted_preference_triples, length_biased_plus_trusted_preference_pairs,
+                                length_biased_preference_pairs, positive_review_pairs, preference_pairs,
+                                review_prompts, trusted_length_preference_triples, trusted_preference_triples,
+                                unseen_trusted_preference_triples)
 
 BUILTIN_SOURCES = {"review-prompts": lambda: {"prompt": review_prompts()}, "positive-reviews": positive_review_pairs,
                    "tiny-preferences": preference_pairs, "trusted-preferences": trusted_preference_triples,
-                   "biased-preferences": biased_preference_pairs}
-PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
+                   "biased-preferences": biased_preference_pairs,
+                   "biased-plus-trusted-preferences": biased_plus_trusted_preference_pairs,
+                   "trusted-preferences-flipped": flipped_trusted_preference_triples,
+                   "trusted-preferences-unseen": unseen_trusted_preference_triples,
+                   "length-biased-preferences": length_biased_preference_pairs,
+                   "trusted-length-preferences": trusted_length_preference_triples,
+                   "length-biased-plus-trusted-preferences": length_biased_plus_trusted_preference_pairs}
+logger = logging.getLogger(__name__)
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -76,16 +97,11 @@ def load_prompts(cfg: DataConfig, tokenizer, seed: int) -> PromptSplits:
 
 
 def load_validation_set(iif: IIFConfig, splits: PromptSplits) -> dict[str, list[str]]:
-    """The influence target's validation data: {"prompt": [...]}, plus "response" for the gold target, or
-    "chosen" and "rejected" for the preference target.
+    """The influence target's validation data, for the targets that read one: {"prompt": [...]}, plus
+    "response" for the gold target (the preference target reads the ``trusted`` section, `read_trusted_triples`).
 
     Prompts come from ``iif.val_prompts`` when set, otherwise from the data's validation split.
     """
-    if iif.target == "preference":
-        if iif.val_prompts is None:
-            raise UserError("iif.val_prompts: the preference target needs trusted (prompt, chosen, rejected) "
-                            f"triples; set it to a file with those columns or {BUILTIN_PREFIX}trusted-preferences")
-        return read_preference_triples(iif.val_prompts, "iif.val_prompts")
     if iif.target == "gold":
         if iif.val_prompts is None:
             raise UserError("iif.val_prompts: the gold target needs (prompt, response) pairs; set it to a "
@@ -100,25 +116,76 @@ def load_validation_set(iif: IIFConfig, splits: PromptSplits) -> dict[str, list[
     return {"prompt": list(splits.validation)}
 
 
-def read_preference_triples(source: str, key: str) -> dict[str, list[str]]:
-    """(prompt, chosen, rejected) triples from ``source`` (any `load_table` source), every row of it. A missing
-    column, a row without a prompt, chosen or rejected text, or a row whose chosen text is its rejected one, is a
-    `UserError` naming ``key``, the file and the row: a trusted set is small, and a row skipped silently would
-    change the target. (A triple that prefers a text to itself adds nothing to the margin's gradient but float
-    noise, which IIF would then filter on.)"""
-    table = load_table(source, key)
-    triples = {column: column_values(table, source, column, key) for column in PREFERENCE_COLUMNS}
-    for column in PREFERENCE_COLUMNS:
-        for row, text in enumerate(triples[column]):
-            if not isinstance(text, str) or not text.strip():
-                raise UserError(f"{key}: row {row} of '{source}' has {'no' if text is None else 'an empty'} "
-                                f"{column} text; every trusted triple needs non-empty prompt, chosen and "
-                                "rejected texts")
-    for row, (chosen, rejected) in enumerate(zip(triples["chosen"], triples["rejected"])):
+def read_trusted_triples(cfg: TrustedConfig) -> dict[str, list]:
+    """The first ``cfg.size`` (prompt, chosen, rejected) triples of ``cfg.source``, as {column: values}.
+
+    A prompt stays text or a message list (`is_messages`); chosen and rejected become the text of their
+    assistant turns. A row with a missing value (null, or NaN as pandas writes an empty cell) is dropped whole,
+    with a warning. Anything else that is not non-empty text or messages, and a chosen text equal to its
+    rejected one, is a `UserError` naming the key, the file and the row: a trusted set is small, and a row
+    skipped silently would change the target. (A triple that prefers a text to itself adds nothing to the
+    margin's gradient but float noise, which IIF would then filter on.)"""
+    source = cfg.source
+    table = load_table(source, "trusted.source", cfg.split, cfg.subset)
+    key = {column: f"trusted.columns.{column}" if column in cfg.columns else "trusted.source"
+           for column in PREFERENCE_COLUMNS}
+    values = {column: column_values(table, source, cfg.columns.get(column, column), key[column])
+              for column in PREFERENCE_COLUMNS}
+    triples: dict[str, list] = {column: [] for column in PREFERENCE_COLUMNS}
+    dropped = 0
+    for row, triple in enumerate(zip(*values.values())):
+        if any(_is_missing(value) for value in triple):
+            dropped += 1
+            continue
+        prompt, chosen, rejected = (_trusted_value(value, column, row, source, key[column])
+                                    for column, value in zip(PREFERENCE_COLUMNS, triple))
         if chosen == rejected:
-            raise UserError(f"{key}: row {row} of '{source}' has the same chosen and rejected text ({chosen!r}); "
-                            "every trusted triple needs a chosen text that differs from its rejected one")
+            raise UserError(f"{key['chosen']}: row {row} of '{source}' has the same chosen and rejected text "
+                            f"({chosen!r}); every trusted triple needs a chosen text that differs from its "
+                            "rejected one")
+        for column, value in zip(PREFERENCE_COLUMNS, (prompt, chosen, rejected)):
+            triples[column].append(value)
+        if cfg.size is not None and len(triples["prompt"]) == cfg.size:
+            break
+    if dropped:
+        logger.warning("trusted.source: dropped %d row(s) of '%s' with a missing prompt, chosen or rejected value",
+                       dropped, source)
+    if len(triples["prompt"]) < 2:
+        raise UserError(f"trusted.source: '{source}' has {len(triples['prompt'])} complete triple(s); expected "
+                        "at least 2")
+    if cfg.size is not None and len(triples["prompt"]) < cfg.size:
+        raise UserError(f"trusted.size: {cfg.size}, but '{source}' has only {len(triples['prompt'])} complete "
+                        "triples")
     return triples
+
+
+def is_messages(value) -> bool:
+    """Whether ``value`` is trl's conversational format: a non-empty list of {"role", "content"} dicts."""
+    return (isinstance(value, list) and bool(value)
+            and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in value))
+
+
+def _is_missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _trusted_value(value, column: str, row: int, source: str, key: str):
+    """A trusted triple's ``column`` value: non-empty text, or messages (chosen and rejected: their assistant
+    turns' text); else a `UserError`."""
+    if isinstance(value, str) and value.strip():
+        return value
+    if is_messages(value):
+        if column == "prompt":
+            return value
+        text = "".join(m["content"] for m in value if m["role"] == "assistant")
+        if text.strip():
+            return text
+        raise UserError(f"{key}: row {row} of '{source}' has a {column} message list with no assistant text; "
+                        "expected the assistant's turn")
+    what = "an empty text" if isinstance(value, str) else f"a {type(value).__name__} ({value!r:.60})"
+    raise UserError(f"{key}: row {row} of '{source}' has {what} as its {column}; expected non-empty text or a "
+                    "list of role/content messages")
 
 
 def check_tokenizable(texts: dict[str, list[str]], tokenizer, key: str, source: str) -> None:

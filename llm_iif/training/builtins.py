@@ -29,8 +29,13 @@ def resolve_builtin(name_or_path: str, key: str = "model.name_or_path") -> str:
 
     Built-ins: ``tiny-sentiment`` (the tiny GPT-2), ``tiny-reward-model`` (a classifier trained on
     ``builtin:tiny-preferences``), ``tiny-biased-reward-model`` (and ``-seed1``, ``-seed2``: trained on
-    ``builtin:biased-preferences``), ``tiny-adder`` (a character-level GPT-2 warmed up on sums) and
-    ``tiny-reasoner`` (one warmed up on chains of running sums). ``key`` names the recipe key in errors."""
+    ``builtin:biased-preferences``), ``tiny-biased-reward-model-plus-trusted`` (trained on
+    ``builtin:biased-plus-trusted-preferences``: those pairs plus ``builtin:trusted-preferences``, each trusted
+    triple counted as 4 pairs), ``tiny-length-biased-reward-model`` (and ``-seed1``, ``-seed2``: trained on
+    ``builtin:length-biased-preferences``), ``tiny-length-biased-reward-model-plus-trusted`` (on
+    ``builtin:length-biased-plus-trusted-preferences``), ``tiny-adder`` (a character-level GPT-2 warmed up on
+    sums) and ``tiny-reasoner`` (one warmed up on chains of running sums). ``key`` names the recipe key in
+    errors."""
     if not name_or_path.startswith(BUILTIN_PREFIX):
         return name_or_path
     builders = _builders()
@@ -51,7 +56,9 @@ def _builders() -> dict:
 def ensure_tiny_reward_model(name: str) -> Path:
     """The cached directory of the built-in reward model ``name`` (`TINY_REWARD_MODELS`), trained with
     `llm-iif reward train`'s code on first use: the tiny GPT-2 with a one-label head, 1 epoch over 90% of its
-    pairs (2,700 of ``builtin:tiny-preferences``, 900 of ``builtin:biased-preferences``)."""
+    pairs (2,700 of ``builtin:tiny-preferences``, 900 of ``builtin:biased-preferences`` or
+    ``builtin:length-biased-preferences``, 1,822 of the ``-plus-trusted`` sets), the other 10% held out for
+    eval.json's accuracy."""
     pairs, seed = TINY_REWARD_MODELS[name]
     target = cache_dir() / f"{name}-{TINY_REWARD_MODEL_VERSION}"
     if not (target / "model" / "config.json").is_file():

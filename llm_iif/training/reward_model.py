@@ -85,6 +85,7 @@ def train_reward_model(recipe, base_model: str) -> dict:
     base = base_model
     try:
         tokenizer = AutoTokenizer.from_pretrained(base)
+        torch.manual_seed(recipe.run.seed)  # the new score head's initial weights; unseeded, every build differed
         model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
     except MODEL_LOAD_ERRORS as err:
         raise UserError(f"model.name_or_path: cannot load '{recipe.model.name_or_path}' "
