@@ -175,13 +175,7 @@ def ranked_pairs(score, num_pairs: int, seed: int, templates: list[tuple[str, st
         prompt = _fill(prefix, "neutral", rng, words)
         a, b = (_fill(rng.choice(by_prefix[prefix]), rng.choice(["positive", "negative", "neutral"]), rng, words)
                 for _ in range(2))
-        score_a, score_b = score([prompt] * 2, [a, b])
-        if abs(score_a - score_b) < 0.05:
-            continue
-        chosen, rejected = (a, b) if score_a > score_b else (b, a)
-        pairs["prompt"].append(prompt)
-        pairs["chosen"].append(chosen)
-        pairs["rejected"].append(rejected)
+        _add_ranked(pairs, score, prompt, a, b)
     return pairs
 
 
@@ -322,6 +316,18 @@ def hidden_length_gold_score(prompts: list[str], responses: list[str]) -> list[f
     return scores
 
 
+def _add_ranked(pairs: dict[str, list[str]], score, prompt: str, a: str, b: str) -> None:
+    """Append (prompt, chosen, rejected) to ``pairs``, the response ``score`` rates higher chosen; a pair rated
+    within 0.05 is skipped, as too close to call."""
+    score_a, score_b = score([prompt] * 2, [a, b])
+    if abs(score_a - score_b) < 0.05:
+        return
+    chosen, rejected = (a, b) if score_a > score_b else (b, a)
+    pairs["prompt"].append(prompt)
+    pairs["chosen"].append(chosen)
+    pairs["rejected"].append(rejected)
+
+
 def same_form_pairs(score, num_pairs: int, seed: int) -> dict[str, list[str]]:
     """(prompt, chosen, rejected) triples whose two responses fill the same template (the same form, so the
     same length up to the adverbs) with words of random polarity, ranked by ``score`` (ties within 0.05 are
@@ -332,13 +338,7 @@ def same_form_pairs(score, num_pairs: int, seed: int) -> dict[str, list[str]]:
         prefix, rest = rng.choice(TEMPLATES)
         prompt = _fill(prefix, "neutral", rng)
         a, b = (_fill(rest, rng.choice(["positive", "negative", "neutral"]), rng) for _ in range(2))
-        score_a, score_b = score([prompt] * 2, [a, b])
-        if abs(score_a - score_b) < 0.05:
-            continue
-        chosen, rejected = (a, b) if score_a > score_b else (b, a)
-        pairs["prompt"].append(prompt)
-        pairs["chosen"].append(chosen)
-        pairs["rejected"].append(rejected)
+        _add_ranked(pairs, score, prompt, a, b)
     return pairs
 
 
