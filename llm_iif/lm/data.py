@@ -19,6 +19,9 @@ Sources (``data.source`` and ``iif.val_prompts`` in a recipe):
   ``builtin:trusted-length-preferences``: 256 triples ranked by that gold, none of them in
   ``length-biased-preferences``; ``builtin:length-biased-plus-trusted-preferences``: the two, each trusted
   triple counted as 4 pairs;
+- ``builtin:hackable-addition-triples``: 256 trusted triples for the addition task with a checker that can be
+  gamed (`llm_iif.lm.addition.hackable_addition_triples`): a sum's prompt, its right answer alone, and a hedge
+  listing it among wrong candidates, which the lenient checker pays and the strict one does not;
 - a local ``.json``, ``.jsonl``, ``.parquet`` file (column ``data.prompt_column``) or ``.txt`` file (one prompt
   per line), or such files in a hub repo as an ``hf://datasets/...`` path (glob patterns allowed);
 - anything else is a `datasets` hub id, loaded with ``data.split``.
@@ -37,6 +40,7 @@ from pathlib import Path
 
 from llm_iif.core.config import PREFERENCE_COLUMNS, DataConfig, IIFConfig, TrustedConfig, parse_filter, read_text
 from llm_iif.core.errors import UserError, first_line
+from llm_iif.lm.addition import hackable_addition_triples
 from llm_iif.lm.builtin import (BUILTIN_PREFIX, biased_plus_trusted_preference_pairs, biased_preference_pairs,
                                 flipped_trusted_preference_triples, length_biased_plus_trusted_preference_pairs,
                                 length_biased_preference_pairs, positive_review_pairs, preference_pairs,
@@ -51,7 +55,8 @@ BUILTIN_SOURCES = {"review-prompts": lambda: {"prompt": review_prompts()}, "posi
                    "trusted-preferences-unseen": unseen_trusted_preference_triples,
                    "length-biased-preferences": length_biased_preference_pairs,
                    "trusted-length-preferences": trusted_length_preference_triples,
-                   "length-biased-plus-trusted-preferences": length_biased_plus_trusted_preference_pairs}
+                   "length-biased-plus-trusted-preferences": length_biased_plus_trusted_preference_pairs,
+                   "hackable-addition-triples": hackable_addition_triples}
 logger = logging.getLogger(__name__)
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 

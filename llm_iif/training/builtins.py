@@ -15,7 +15,7 @@ import torch
 
 from llm_iif.core.config import RewardConfig, RewardTrainRecipe, recipe_from_dict
 from llm_iif.core.errors import UserError
-from llm_iif.lm.addition import ADDER_MODEL_NAME, ensure_tiny_adder
+from llm_iif.lm.addition import ADDER_MODEL_NAME, HEDGING_ADDER_MODEL_NAME, ensure_tiny_adder, ensure_tiny_adder_hedging
 from llm_iif.lm.builtin import (BUILTIN_PREFIX, TINY_MODEL_NAME, TINY_REWARD_MODEL_VERSION, TINY_REWARD_MODELS,
                                 cache_dir, ensure_tiny_model)
 from llm_iif.lm.reasoning import REASONER_MODEL_NAME, ensure_tiny_reasoner
@@ -34,7 +34,8 @@ def resolve_builtin(name_or_path: str, key: str = "model.name_or_path") -> str:
     triple counted as 4 pairs), ``tiny-length-biased-reward-model`` (and ``-seed1``, ``-seed2``: trained on
     ``builtin:length-biased-preferences``), ``tiny-length-biased-reward-model-plus-trusted`` (on
     ``builtin:length-biased-plus-trusted-preferences``), ``tiny-adder`` (a character-level GPT-2 warmed up on
-    sums) and ``tiny-reasoner`` (one warmed up on chains of running sums). ``key`` names the recipe key in
+    sums), ``tiny-adder-hedging`` (the same, with about one warm-up answer in ten hedged among wrong candidates:
+    `llm_iif.lm.addition.build_tiny_adder_hedging`) and ``tiny-reasoner`` (one warmed up on chains of running sums). ``key`` names the recipe key in
     errors."""
     if not name_or_path.startswith(BUILTIN_PREFIX):
         return name_or_path
@@ -49,6 +50,7 @@ def resolve_builtin(name_or_path: str, key: str = "model.name_or_path") -> str:
 def _builders() -> dict:
     """Built-in model name -> the function that returns its cached directory, building it on first use."""
     return {TINY_MODEL_NAME: ensure_tiny_model, ADDER_MODEL_NAME: ensure_tiny_adder,
+            HEDGING_ADDER_MODEL_NAME: ensure_tiny_adder_hedging,
             REASONER_MODEL_NAME: ensure_tiny_reasoner,
             **{name: functools.partial(ensure_tiny_reward_model, name) for name in TINY_REWARD_MODELS}}
 

@@ -134,7 +134,8 @@ def test_bad_trusted_sets_are_one_line_errors(random_adder_dir, tmp_path, triple
 
 def test_a_grpo_recipe_logs_the_trusted_margin_and_the_dpo_loss(random_adder_dir, tmp_path, capsys):
     """A recipe's trusted section: a file of triples scored against (iif.target preference) and trained on
-    (trusted.dpo_coef); every step's metrics line has the margin, its accuracy and the DPO loss, and the margin's
+    (trusted.dpo_coef); every step's metrics line has the margin, its accuracy, the DPO loss and each reward
+    function's training mean (trl's rewards/<name>/mean), and the margin's
     seconds go to timings.jsonl, outside time_round_s."""
     from test_grpo_recipes import RECIPE, small
 
@@ -152,6 +153,7 @@ def test_a_grpo_recipe_logs_the_trusted_margin_and_the_dpo_loss(random_adder_dir
     for step in steps:
         assert -1.0 <= step["target_split_cos"] <= 1.0 and 0 < step["kept_fraction"] <= 1
         assert {"trusted/margin", "trusted/accuracy", "dpo_loss"} <= step.keys() and "time_trusted_s" not in step
+        assert 0 <= step["rewards/exact_match_reward/mean"] <= 1 and 0 <= step["rewards/format_reward/mean"] <= 1
     assert steps[0]["trusted/accuracy"] == 0.0  # at the reference itself (LoRA's B is zero)
     timings = [json.loads(line) for line in (out / "timings.jsonl").read_text().splitlines()]
     assert all(0 < t["time_trusted_s"] < t["time_round_s"] for t in timings)
