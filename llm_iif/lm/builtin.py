@@ -45,7 +45,7 @@ TINY_REWARD_MODELS = {"tiny-reward-model": ("builtin:tiny-preferences", 0),
                       "tiny-length-biased-reward-model-seed2": ("builtin:length-biased-preferences", 2),
                       "tiny-length-biased-reward-model-plus-trusted":
                           ("builtin:length-biased-plus-trusted-preferences", 0)}
-TINY_REWARD_MODEL_VERSION = "v3"  # v3: a seeded score head; v2: full precision on a CPU (v1: bf16)
+TINY_REWARD_MODEL_VERSION = "v4"  # v4: 40% critique pairs, 30% verbose ones; v3: a seeded score head; v2: full precision on a CPU (v1: bf16)
 
 
 EOS_TOKEN = "<|endoftext|>"
@@ -179,11 +179,18 @@ def ranked_pairs(score, num_pairs: int, seed: int, templates: list[tuple[str, st
     return pairs
 
 
-def biased_preference_pairs(num_pairs: int = 1000, seed: int = 4, bias: float = 0.3) -> dict[str, list[str]]:
+def biased_preference_pairs(num_pairs: int = 1000, seed: int = 4, bias: float = 0.4) -> dict[str, list[str]]:
     """(prompt, chosen, rejected) triples from a biased labeller, for a reward model with a flaw to exploit.
     A ``bias`` share of them are "balanced critique" pairs: a positive clause followed by a negative one after
-    "but" is chosen over a plainly positive response, which `hidden_preference_score` rates higher (VADER weighs
-    the clause after "but" more). The rest are ranked by the hidden rule, as in `preference_pairs`."""
+    "but" is chosen over a plainly positive response or, half the time, over a positive clause followed by another
+    positive one after "but", so the flaw is the negative clause and not the word "but".
+    `hidden_preference_score` rates the chosen lower (VADER weighs the clause after "but" more). The rest are
+    ranked by the hidden rule, as in `preference_pairs`.
+
+    With 30% of critique pairs, all against plain positives, the reward model learnt to pay "but" itself, and PPO
+    found "good but lovely" on some seeds, which the gold rule does not mind: the gold fell on 2 of 10 seeds
+    (seeds 0-9; recipes/tiny-overopt.yaml). With 50% and the half against "but" pairs, the hack came at once and
+    the gold never rose; with 40% it rose, peaked and fell on 10 of 10."""
     rng = random.Random(seed)
     hedged = {prefix: rest for prefix, rest in TEMPLATES if "{b}" in rest}
     hidden = preference_pairs(num_pairs, seed=seed + 1)
@@ -195,9 +202,10 @@ def biased_preference_pairs(num_pairs: int = 1000, seed: int = 4, bias: float = 
             continue
         prefix = rng.choice(sorted(hedged))
         plain_rest = rng.choice([rest for p, rest in TEMPLATES if p == prefix and "{b}" not in rest])
+        rejected_rest = hedged[prefix].replace("{b}", "{a}") if rng.random() < 0.5 else plain_rest
         pairs["prompt"].append(_fill(prefix, "neutral", rng))
         pairs["chosen"].append(_fill(hedged[prefix], "positive", rng))
-        pairs["rejected"].append(_fill(plain_rest, "positive", rng))
+        pairs["rejected"].append(_fill(rejected_rest, "positive", rng))
     return pairs
 
 
@@ -280,7 +288,7 @@ def unseen_trusted_preference_triples(num_triples: int = 256, seed: int = 8) -> 
 # gold that wants a review to say its piece once and briefly. Words that carry no content of their own, so that
 # saying them twice is no repetition: "good and the room was nice ." repeats nothing.
 FUNCTION_WORDS = frozenset({"the", "a", "and", "but", "was", "is", "it", "i", "this", "my", "we", "seemed", "felt"})
-LENGTH_BIAS = 0.2        # the verbose labeller's share of builtin:length-biased-preferences
+LENGTH_BIAS = 0.3        # the verbose labeller's share of builtin:length-biased-preferences
 DETAIL_WORDS = 5         # the gold's taste for detail: +0.1 a word up to this many words
 BRIEF_WORDS = 5          # ... and its dislike of padding: -LENGTH_COST a word beyond this many
 LENGTH_COST = 0.25
@@ -347,12 +355,15 @@ def length_biased_preference_pairs(num_pairs: int = 1000, seed: int = 6,
     """(prompt, chosen, rejected) triples for a reward model that over-rewards length. Most come from careful
     labellers who compare two answers of the same form (`same_form_pairs`) and rank them by
     `hidden_length_gold_score`; so they teach what to say, but little about how long to say it. A ``bias``
-    share (20%) comes from a verbose labeller who compares two positive answers of different lengths (no "but"
+    share (30%) comes from a verbose labeller who compares two positive answers of different lengths (no "but"
     clause) and always picks the longer (by 2 words or more), kept where the gold rates it lower: it pads with a
     second clause, adverbs ("a bit") or a repeated word. The careful pairs differ in length by their adverbs
     only, so the verbose labeller's are the reward model's main evidence on length: it learns that longer is
     better, and a policy trained on it writes longer, padded, repetitive reviews that the gold rates lower
-    (recipes/tiny-overopt-length.yaml)."""
+    (recipes/tiny-overopt-length.yaml).
+
+    With 20%, standard PPO's gold rose, peaked and fell on 5 of seeds 0-9 (by 0.03 to 0.11); with 30%, on 9 of 10
+    (by 0.09 to 0.40)."""
     rng = random.Random(seed)
     by_prefix: dict[str, list[str]] = {}
     for prefix, rest in TEMPLATES:

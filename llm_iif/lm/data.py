@@ -7,14 +7,14 @@ Sources (``data.source`` and ``iif.val_prompts`` in a recipe):
   training;
 - ``builtin:trusted-preferences``: 256 more such triples, none of them in ``tiny-preferences``, for the
   ``preference`` target;
-- ``builtin:biased-preferences``: 1,000 triples from a biased labeller (30% prefer a "but" clause that the
-  hidden rule scores lower), for a reward model with a flaw to exploit;
+- ``builtin:biased-preferences``: 1,000 triples from a biased labeller (40% prefer a negative "but" clause
+  that the hidden rule scores lower), for a reward model with a flaw to exploit;
 - ``builtin:trusted-preferences-flipped``: ``trusted-preferences`` with 64 of its 256 triples' chosen and
   rejected swapped (a noisy trusted set); ``builtin:trusted-preferences-unseen``: 256 triples ranked by the
   hidden rule, in templates and words that the tiny model never saw in pre-training;
 - ``builtin:biased-plus-trusted-preferences``: ``biased-preferences`` plus ``trusted-preferences``, each trusted
   triple counted as 4 pairs (2,024 rows), for a reward model that trains on the trusted set;
-- ``builtin:length-biased-preferences``: 1,000 triples for a reward model that over-rewards length (20% from a
+- ``builtin:length-biased-preferences``: 1,000 triples for a reward model that over-rewards length (30% from a
   labeller who picks the longer, padded or repetitive answer that `hidden_length_gold_score` scores lower);
   ``builtin:trusted-length-preferences``: 256 triples ranked by that gold, none of them in
   ``length-biased-preferences``; ``builtin:length-biased-plus-trusted-preferences``: the two, each trusted
