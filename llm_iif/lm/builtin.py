@@ -184,7 +184,7 @@ def biased_preference_pairs(num_pairs: int = 1000, seed: int = 4, bias: float = 
     A ``bias`` share of them are "balanced critique" pairs: a positive clause followed by a negative one after
     "but" is chosen over a plainly positive response or, half the time, over a positive clause followed by another
     positive one after "but", so the flaw is the negative clause and not the word "but".
-    `hidden_preference_score` rates the chosen lower (VADER weighs the clause after "but" more). The rest are
+    `hidden_preference_score` mostly rates the chosen lower (VADER weighs the clause after "but" more). The rest are
     ranked by the hidden rule, as in `preference_pairs`.
 
     With 30% of critique pairs, all against plain positives, the reward model learnt to pay "but" itself, and PPO

@@ -109,11 +109,29 @@ def test_length_gold_penalises_padding_and_repetition():
     assert gold("the room was", " very good and nice .")[0] > gold("the room was", " very good and nice and nice .")[0]
 
 
+def test_the_biased_labellers_flaw_is_the_negative_clause_not_the_word_but():
+    """About 40% of builtin:biased-preferences prefer a negative clause after "but", which the hidden rule mostly
+    scores lower; half of those are against a positive clause after "but", so "but" alone earns the reward model
+    nothing. The rest are ranked by the hidden rule (`preference_pairs`)."""
+    pairs = triples_of(biased_preference_pairs())
+    assert len(pairs) == 1000 and triples_of(biased_preference_pairs()) == pairs  # seeded
+    critique = [triple for triple in pairs if triple not in set(triples_of(preference_pairs(1000, seed=5)))]
+    assert 0.37 < len(critique) / len(pairs) < 0.43
+    sentiment = lambda text: builtin._vader().polarity_scores(text)["compound"]
+    for prompt, chosen, rejected in critique:
+        assert sentiment(chosen.split(" but ")[0]) > 0 > sentiment(chosen.split(" but ")[1])
+        assert sentiment(rejected.split(" but ")[-1]) > 0
+    against_but = sum(" but " in rejected for _, _, rejected in critique)
+    assert 0.4 < against_but / len(critique) < 0.6
+    score = lambda prompt, response: hidden_preference_score([prompt], [response])[0]
+    assert sum(score(p, c) < score(p, r) for p, c, r in critique) > 0.9 * len(critique)
+
+
 def test_length_biased_pairs_have_their_verbose_share():
     pairs = triples_of(length_biased_preference_pairs())
     assert len(pairs) == 1000 and triples_of(length_biased_preference_pairs()) == pairs  # seeded
     verbose = [(p, c, r) for p, c, r in pairs if gold(p, c, r)[0] < gold(p, c, r)[1]]
-    assert abs(len(verbose) / len(pairs) - LENGTH_BIAS) < 0.03  # 201 of 1,000
+    assert abs(len(verbose) / len(pairs) - LENGTH_BIAS) < 0.03  # 292 of 1,000
     for prompt, chosen, rejected in verbose:  # the longer positive answer, by 2 words or more
         assert len(response_words(chosen)) >= len(response_words(rejected)) + 2
         assert "but" not in chosen + rejected
