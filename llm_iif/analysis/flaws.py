@@ -18,13 +18,16 @@ from llm_iif.analysis.summary import trailing_mean
 from llm_iif.core.errors import UserError
 
 TRUSTED_MARGIN = "trusted/margin"
+TRAINING_BATCH_REWARDS = "rewards/"
 SMOOTH = 5
 
 
 def gold_key(history: list[dict], where: str) -> str:
     """The one metric of ``history`` whose name contains ``hidden``; a `UserError` naming ``where`` when there is
-    none (a flaw recipe without its hidden score function) or more than one."""
-    keys = sorted({key for metrics in history for key in metrics if "hidden" in key})
+    none (a flaw recipe without its hidden score function) or more than one. trl's means over the training batch
+    (``rewards/<name>/mean``, ``/std``) are not the gold: a GRPO run's gold is its held-out ``eval/<name>``."""
+    keys = sorted({key for metrics in history for key in metrics
+                   if "hidden" in key and not key.startswith(TRAINING_BATCH_REWARDS)})
     if len(keys) != 1:
         found = f"found {', '.join(keys)}" if keys else "found none"
         raise UserError(f"{where}: expected one logged metric whose name contains 'hidden', the gold score that is "

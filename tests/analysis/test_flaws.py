@@ -33,6 +33,9 @@ def test_a_flaw_without_its_gold_score_and_a_trusted_stop_without_triples_are_re
     with pytest.raises(UserError, match="expected one logged metric whose name contains 'hidden'.*found none"):
         gold_key([{"reward_mean": 1.0}], "runs/x")
     assert gold_key(history([1.0]), "runs/x") == "reward/hidden_rule"
+    grpo_step = {"eval/hidden_exact_match": 0.5, "rewards/hidden_exact_match/mean": 0.4,
+                 "rewards/hidden_exact_match/std": 0.1}  # trl's training-batch means are not the gold
+    assert gold_key([grpo_step], "runs/x") == "eval/hidden_exact_match"
     runs = {0: shipped_gold(history([1.0, 2.0]), "reward/hidden_rule")}
     with pytest.raises(UserError, match="trusted-stop: the runs of standard \\(seed 0\\) logged no trusted/margin"):
         trusted_stop_values(runs, "standard")
