@@ -113,8 +113,11 @@ def task_report(task_dir: Path, figures: Path | None) -> None:
                   " (goal for iif ≤ 1.3)")
     if figures is not None:
         figures.mkdir(parents=True, exist_ok=True)
-        curves = [Curve([x for x, _ in pts], [y for _, y in pts], label=method)
-                  for method, by_seed in histories.items() for pts in [root_kl_points(by_seed, gold)]]
+        from matplotlib import colormaps, colors  # tab20: no two of a suite's up to 13 methods share a colour
+
+        palette = [colors.to_hex(colormaps["tab20"](i)) for i in range(20)]
+        curves = [Curve([x for x, _ in pts], [y for _, y in pts], label=method, colour=palette[i % 20])
+                  for i, (method, by_seed) in enumerate(histories.items()) for pts in [root_kl_points(by_seed, gold)]]
         save_figure(curves_figure([Panel(curves, title=f"{task_dir.name}: gold against √KL",
                                          xlabel="√KL to the reference (√nats)", ylabel="gold score", legend=True)],
                                     columns=1),
