@@ -115,7 +115,8 @@ def test_the_biased_labellers_flaw_is_the_negative_clause_not_the_word_but():
     nothing. The rest are ranked by the hidden rule (`preference_pairs`)."""
     pairs = triples_of(biased_preference_pairs())
     assert len(pairs) == 1000 and triples_of(biased_preference_pairs()) == pairs  # seeded
-    critique = [triple for triple in pairs if triple not in set(triples_of(preference_pairs(1000, seed=5)))]
+    ranked = set(triples_of(preference_pairs(1000, seed=5)))
+    critique = [triple for triple in pairs if triple not in ranked]
     assert 0.37 < len(critique) / len(pairs) < 0.43
     sentiment = lambda text: builtin._vader().polarity_scores(text)["compound"]
     for prompt, chosen, rejected in critique:
