@@ -234,11 +234,11 @@ def biased_plus_trusted_preference_pairs() -> dict[str, list[str]]:
     return with_trusted(biased_preference_pairs(), trusted_preference_triples())
 
 
-def flipped_trusted_preference_triples(num_triples: int = 256, flipped: float = 0.25,
-                                       seed: int = 5) -> dict[str, list[str]]:
-    """`trusted_preference_triples` with a seeded ``flipped`` share of them (64 of 256) mislabelled: chosen and
-    rejected swapped, as a noisy trusted set would have them. The flipped rows are spread over the set."""
-    triples = trusted_preference_triples(num_triples)
+def with_flipped_labels(triples: dict[str, list[str]], flipped: float = 0.25, seed: int = 5) -> dict[str, list[str]]:
+    """``triples`` with a seeded ``flipped`` share of them (64 of 256) mislabelled: chosen and rejected swapped,
+    as a noisy trusted set would have them. The flipped rows are spread over the set."""
+    num_triples = len(triples["prompt"])
+    triples = {column: list(values) for column, values in triples.items()}
     for i in random.Random(seed).sample(range(num_triples), round(flipped * num_triples)):
         triples["chosen"][i], triples["rejected"][i] = triples["rejected"][i], triples["chosen"][i]
     return triples

@@ -10,7 +10,8 @@ Sources (``data.source`` and ``iif.val_prompts`` in a recipe):
 - ``builtin:biased-preferences``: 1,000 triples from a biased labeller (40% prefer a negative "but" clause
   that the hidden rule scores lower), for a reward model with a flaw to exploit;
 - ``builtin:trusted-preferences-flipped``: ``trusted-preferences`` with 64 of its 256 triples' chosen and
-  rejected swapped (a noisy trusted set); ``builtin:trusted-preferences-unseen``: 256 triples ranked by the
+  rejected swapped (a noisy trusted set; likewise ``trusted-length-preferences-flipped`` and
+  ``hackable-addition-triples-flipped``); ``builtin:trusted-preferences-unseen``: 256 triples ranked by the
   hidden rule, in templates and words that the tiny model never saw in pre-training;
 - ``builtin:biased-plus-trusted-preferences``: ``biased-preferences`` plus ``trusted-preferences``, each trusted
   triple counted as 4 pairs (2,024 rows), for a reward model that trains on the trusted set;
@@ -42,21 +43,23 @@ from llm_iif.core.config import PREFERENCE_COLUMNS, DataConfig, IIFConfig, Trust
 from llm_iif.core.errors import UserError, first_line
 from llm_iif.lm.addition import hackable_addition_triples
 from llm_iif.lm.builtin import (BUILTIN_PREFIX, biased_plus_trusted_preference_pairs, biased_preference_pairs,
-                                flipped_trusted_preference_triples, length_biased_plus_trusted_preference_pairs,
-                                length_biased_preference_pairs, positive_review_pairs, preference_pairs,
-                                review_prompts, trusted_length_preference_triples, trusted_preference_triples,
-                                unseen_trusted_preference_triples)
+                                length_biased_plus_trusted_preference_pairs, length_biased_preference_pairs,
+                                positive_review_pairs, preference_pairs, review_prompts,
+                                trusted_length_preference_triples, trusted_preference_triples,
+                                unseen_trusted_preference_triples, with_flipped_labels)
 
 BUILTIN_SOURCES = {"review-prompts": lambda: {"prompt": review_prompts()}, "positive-reviews": positive_review_pairs,
                    "tiny-preferences": preference_pairs, "trusted-preferences": trusted_preference_triples,
                    "biased-preferences": biased_preference_pairs,
                    "biased-plus-trusted-preferences": biased_plus_trusted_preference_pairs,
-                   "trusted-preferences-flipped": flipped_trusted_preference_triples,
                    "trusted-preferences-unseen": unseen_trusted_preference_triples,
                    "length-biased-preferences": length_biased_preference_pairs,
                    "trusted-length-preferences": trusted_length_preference_triples,
                    "length-biased-plus-trusted-preferences": length_biased_plus_trusted_preference_pairs,
                    "hackable-addition-triples": hackable_addition_triples}
+# Each flaw's trusted set with a quarter of its labels swapped: NAME-flipped.
+BUILTIN_SOURCES.update({f"{name}-flipped": lambda make=BUILTIN_SOURCES[name]: with_flipped_labels(make())
+                        for name in ("trusted-preferences", "trusted-length-preferences", "hackable-addition-triples")})
 logger = logging.getLogger(__name__)
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 

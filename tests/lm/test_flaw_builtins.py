@@ -8,7 +8,7 @@ import pytest
 
 from llm_iif.lm import builtin
 from llm_iif.lm.builtin import (LENGTH_BIAS, REPEAT_COST, TRUSTED_WEIGHT, biased_plus_trusted_preference_pairs,
-                                biased_preference_pairs, flipped_trusted_preference_triples, hidden_length_gold_score,
+                                biased_preference_pairs, hidden_length_gold_score,
                                 hidden_preference_score, length_biased_plus_trusted_preference_pairs,
                                 length_biased_preference_pairs, preference_pairs, repeated_words, response_words,
                                 review_corpus, trusted_length_preference_triples, trusted_preference_triples,
@@ -34,14 +34,14 @@ def pretraining_words() -> set[str]:
 
 
 def test_flipped_set_swaps_exactly_a_quarter_of_the_trusted_triples(trusted):
-    flipped = triples_of(flipped_trusted_preference_triples())
+    flipped = triples_of(BUILTIN_SOURCES["trusted-preferences-flipped"]())
     assert len(flipped) == len(trusted) == 256
     swapped = [i for i, (t, f) in enumerate(zip(trusted, flipped)) if t != f]
     assert len(swapped) == 64
     for i in swapped:
         assert flipped[i] == (trusted[i][0], trusted[i][2], trusted[i][1])
     assert min(swapped) < 32 and max(swapped) >= 224  # spread over the set, not one block
-    assert triples_of(flipped_trusted_preference_triples()) == flipped  # seeded
+    assert triples_of(BUILTIN_SOURCES["trusted-preferences-flipped"]()) == flipped  # seeded
     scores = [hidden_preference_score([p] * 2, [c, r]) for p, c, r in flipped]
     assert sum(c < r for c, r in scores) == 64  # the hidden rule disagrees with exactly the flipped rows
 
@@ -87,6 +87,14 @@ def test_every_builtin_reward_model_learns_from_a_builtin_source():
                  "length-biased-preferences", "trusted-length-preferences",
                  "length-biased-plus-trusted-preferences"):
         assert name in BUILTIN_SOURCES
+
+
+@pytest.mark.parametrize("name", ["trusted-length-preferences", "hackable-addition-triples"])
+def test_every_flaws_trusted_set_has_a_flipped_twin(name):
+    clean, flipped = triples_of(BUILTIN_SOURCES[name]()), triples_of(BUILTIN_SOURCES[f"{name}-flipped"]())
+    swapped = [i for i, (c, f) in enumerate(zip(clean, flipped)) if c != f]
+    assert len(clean) == len(flipped) == 256 and len(swapped) == 64
+    assert all(flipped[i] == (clean[i][0], clean[i][2], clean[i][1]) for i in swapped)
 
 
 def gold(prompt: str, *responses: str) -> list[float]:
