@@ -96,7 +96,8 @@ def stand_ins(name, tmp_path, tokenizer):
         return {"model.name_or_path": tiny_causal_lm("qwen2", tokenizer, tmp_path / "qwen2",
                                                      chat_template=CHAT_TEMPLATE),
                 "reward.name_or_path": reward_model, "data.source": prefs, "eval.data.source": prefs,
-                "eval.rewards.reward_model.name_or_path": reward_model}
+                "eval.rewards.judge.name_or_path": tiny_classifier("deberta-v2", tokenizer, tmp_path / "judge",
+                                                                   ["LABEL_0"])}
     raise KeyError(name)
 
 
