@@ -500,6 +500,11 @@ class GRPOIIFConfig(IIFFilterConfig):
 class GRPORunConfig:
     steps: int
     """Optimiser steps (trl's max_steps)."""
+    batch_size: Optional[int] = None
+    """Completions per optimiser step over all processes, as PPO's ``run.batch_size``: it sets trl's
+    gradient_accumulation_steps to batch_size / (grpo.per_device_train_batch_size × processes), so a step holds
+    the same completions on any number of processes (a launch whose count does not divide it is refused). null
+    leaves trl's per-process sizes as the grpo section gives them, and a step grows with the process count."""
     seed: int = 0
     output_dir: str = "runs/grpo"
     report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=lambda: ["tensorboard"])
@@ -569,6 +574,10 @@ class GRPORecipe:
         for key in ("run.save_every", "run.keep_last_n", "run.eval_every", "run.log_samples"):
             require(_value(self, key) >= 0, key, "0 or a positive integer")
         require(self.run.eval_batch_size > 0, "run.eval_batch_size", "a positive integer")
+        require(self.run.batch_size is None or self.run.batch_size > 0, "run.batch_size", "a positive integer or null")
+        if self.run.batch_size is not None and "gradient_accumulation_steps" in self.grpo:
+            raise UserError(f"{source}: grpo.gradient_accumulation_steps: set by run.batch_size (completions per "
+                            "step over all processes); remove one of them")
         owned = sorted(set(self.grpo) & set(RUN_OWNED_GRPO_FIELDS))
         if owned:
             raise UserError(f"{source}: grpo.{owned[0]}: set by the run section ({RUN_OWNED_GRPO_FIELDS[owned[0]]}); "

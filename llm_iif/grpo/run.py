@@ -171,12 +171,32 @@ def grpo_config(recipe: GRPORecipe, paths: RunPaths):
                 "use_cpu": not torch.cuda.is_available(), "bf16": torch.cuda.is_available(),
                 "gradient_checkpointing": torch.cuda.is_available(), **recipe.grpo}
     check_field_types(GRPOConfig, recipe.grpo)
+    if run.batch_size is not None:
+        # the launch's process count, as accelerate launch and torchrun export it (the config sets the processes up)
+        per_device = settings.get("per_device_train_batch_size", _default(GRPOConfig, "per_device_train_batch_size"))
+        settings["gradient_accumulation_steps"] = accumulation_steps(run.batch_size, per_device,
+                                                                     int(os.environ.get("WORLD_SIZE", "1")))
     try:
         return GRPOConfig(**settings)
     except TypeError as err:  # an unknown field, or a value of the wrong type
         raise UserError(f"grpo: {first_line(err)} (expected fields of trl's GRPOConfig)") from err
     except ValueError as err:
         raise UserError(f"grpo: {first_line(err)}") from err
+
+
+def accumulation_steps(batch_size: int, per_device: int, processes: int) -> int:
+    """trl's gradient_accumulation_steps for ``batch_size`` completions a step over ``processes`` processes of
+    ``per_device`` completions per micro-batch; `UserError` when they do not divide it."""
+    per_micro_batch = per_device * processes
+    if batch_size % per_micro_batch:
+        raise UserError(f"run.batch_size: {batch_size} completions a step do not divide over {processes} "
+                        f"process(es) × grpo.per_device_train_batch_size {per_device}; expected a multiple of "
+                        f"{per_micro_batch}")
+    return batch_size // per_micro_batch
+
+
+def _default(config_class, name: str):
+    return next(f.default for f in dataclasses.fields(config_class) if f.name == name)
 
 
 def check_field_types(config_class, values: dict) -> None:
