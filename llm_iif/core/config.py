@@ -466,7 +466,20 @@ class GRPODataConfig:
     validation_size: int = 256
     """Held-out rows whose prompts build the fresh target (``iif.target_source: fresh``)."""
     eval_size: int = 256
-    """Held-out rows evaluated after every step: one sampled completion each, scored by every reward function."""
+    """Held-out rows evaluated every ``run.eval_every`` steps: one completion each, scored by every reward
+    function."""
+    eval_source: Optional[str] = None
+    """The evaluation rows' own source (a file or hub id, read with ``eval_split``, ``subset`` for a hub id and
+    the same columns), e.g. ``openai/gsm8k`` for its test split: its first ``eval_size`` rows. null draws them
+    from ``source``, as above."""
+    eval_split: str = "test"
+    """Hub ids: the split of ``eval_source`` read."""
+    system_prompt: Optional[str] = None
+    """A system turn put before every prompt (plain-text prompts become system and user messages), through the
+    model's chat template: the tokenizer must have one."""
+    instruction: Optional[str] = None
+    """Text appended, after a space, to every prompt (to its last user turn for message lists), as verl's GSM8K
+    preprocessing appends 'Let's think step by step and output the final answer after "####".'"""
 
 
 @dataclass
@@ -515,7 +528,7 @@ class GRPORunConfig:
     multiple of steps_per_generation × num_iterations, so that no generation batch is split. 0 saves only final/."""
     keep_last_n: int = 0
     """Keep only the newest N checkpoint-N/ directories (trl's save_total_limit; final/ always stays); 0 keeps all."""
-    eval_every: int = 1
+    eval_every: int = 10
     """Evaluate on the held-out rows after every N steps and after the last step; 0 turns evaluation off."""
     eval_batch_size: int = 64
     """Held-out prompts per generate call on each process (each process evaluates its share of the rows)."""

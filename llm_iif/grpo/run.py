@@ -77,6 +77,10 @@ def train_grpo(recipe: GRPORecipe, overwrite: bool = False, resume_from: Path | 
     if damaged:
         raise UserError(f"model.name_or_path: cannot load '{recipe.model.name_or_path}' as a causal LM "
                         f"({', '.join(damaged)}: damaged or truncated)")
+    if recipe.data.system_prompt is not None and not tokenizer.chat_template:
+        raise UserError(f"data.system_prompt: the tokenizer of '{recipe.model.name_or_path}' has no chat template "
+                        "to put a system turn in (expected a model whose tokenizer has one, or no "
+                        "data.system_prompt)")
     train, validation, evaluation = grpo_datasets(recipe.data, recipe.model.chat_template)
     trusted = trusted_set(recipe, tokenizer)
     check_chat_template(tokenizer, recipe.model.chat_template or is_conversational(train), str(model_dir))

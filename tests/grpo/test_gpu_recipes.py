@@ -34,6 +34,9 @@ def test_recipe_settings(path):
     assert recipe.model.chat_template
     data = recipe.data
     assert (data.source, data.subset, data.split, data.prompt_column) == ("openai/gsm8k", "main", "train", "question")
+    # evaluated on the whole test split, with verl's instruction: comparable with published accuracies
+    assert (data.eval_source, data.eval_split, data.eval_size) == ("openai/gsm8k", "test", 1319)
+    assert data.instruction == 'Let\'s think step by step and output the final answer after "####".'
     assert data.columns == {"answer": "answer"}
     assert recipe.rewards == REWARDS and list(recipe.rewards) == list(REWARDS)  # answer_reward is the curve
     # the best measured GRPO setting (results.md section 20): DAPO with refill; IIF off, at the GRPO default
@@ -66,14 +69,13 @@ def test_vllm_option_is_commented_out_with_real_fields():
 
 @pytest.mark.parametrize("path,batch", [(SMALL, 128), (LARGE, 256)], ids=["0.5b", "7b-8gpu"])
 def test_a_step_holds_the_same_completions_on_1_2_4_and_8_gpus(path, batch):
-    """The launch lines' N: gradient accumulation follows from it, and the held-out rows split evenly."""
+    """The launch lines' N: gradient accumulation follows from it."""
     recipe = load_recipe(path, kind=GRPORecipe)
     grpo = recipe.grpo
     assert recipe.run.batch_size == batch and batch % grpo["num_generations"] == 0  # whole groups
     for gpus in (1, 2, 4, 8):
         micro_batch = grpo["per_device_train_batch_size"]
         assert accumulation_steps(batch, micro_batch, gpus) * micro_batch * gpus == batch
-        assert recipe.data.eval_size % gpus == 0
 
 
 @pytest.mark.parametrize("path", [SMALL, LARGE], ids=["0.5b", "7b-8gpu"])
@@ -123,9 +125,11 @@ def gsm8k_file(tmp_path_factory):
 
 
 def stand_in(model_dir, data_file, *extra) -> list[str]:
-    """Overrides of what a CPU cannot do (and 16 completions a step); everything else (LoRA rank, rewards, DAPO,
+    """Overrides of what a CPU cannot do (and 16 completions a step; the tiny tokenizer reads digits, + and =
+    only, so no instruction); everything else (LoRA rank, rewards, DAPO,
     IIF, loss, learning rate, model_init_kwargs dtype bfloat16, score_batch_size) stays as the recipe has it."""
-    items = [f"model.name_or_path={model_dir}", f"data.source={data_file}", "data.subset=null",
+    items = [f"model.name_or_path={model_dir}", f"data.source={data_file}", f"data.eval_source={data_file}",
+             "data.subset=null", "data.instruction=null",
              "data.validation_size=8", "data.eval_size=16", "lora.target_modules=[c_attn,c_proj,c_fc]",
              "grpo.bf16=false", "grpo.gradient_checkpointing=false", "grpo.num_generations=4",
              "grpo.max_completion_length=8", "run.eval_batch_size=16", "run.steps=2", "run.report_to=[]",
@@ -140,8 +144,8 @@ def llm_iif(*args, timeout=600):
 
 def check_run(out: Path, recipe_path: Path, completions_per_step: int, iif: bool) -> list[dict]:
     """The run's metrics, records and adapter: DAPO keeps exactly the groups whose rewards vary (4 completions a
-    group), refilling up to 4 batches; with ``iif``, IIF then drops exactly those of negative influence, on at
-    least one step."""
+    group), refilling up to 4 batches; with ``iif``, IIF then drops exactly those of negative influence on each
+    step it filters (one whose target is unusable, with too few informative groups, keeps DAPO's choice)."""
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2]
     for m in lines:
@@ -151,7 +155,6 @@ def check_run(out: Path, recipe_path: Path, completions_per_step: int, iif: bool
     assert 0 <= last["eval/answer_reward"] <= 1 and 0 <= last["eval/format_reward"] <= 1
     assert last["reward_mean"] == last["eval/answer_reward"] and last["eval_completions"] == 16
     assert "eval/answer_reward" not in lines[0]
-    assert any(m.get("filtered") for m in lines) == iif
     for step, metrics in enumerate(lines):
         records = pd.read_parquet(out / "records" / f"round_{step:04d}.parquet")
         assert len(records) == completions_per_step * (1 + metrics["refill_batches"])

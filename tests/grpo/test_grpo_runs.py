@@ -207,6 +207,14 @@ def test_a_global_batch_the_processes_do_not_divide_is_one_line(random_adder_dir
     assert not (tmp_path / "run").exists()
 
 
+def test_a_system_prompt_needs_a_chat_template(random_adder_dir, tmp_path, capsys):
+    code, stderr = cli_in_process(capsys, "train", RECIPE, "--output-dir", tmp_path / "run",
+                                *small(random_adder_dir, "data.system_prompt=Add the numbers."))
+    assert code == 2 and stderr.strip().count("\n") == 0
+    assert "data.system_prompt: the tokenizer of " in stderr and "has no chat template" in stderr
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
 def test_unsupported_sharded_launches_are_refused_with_iif(random_adder_dir, tmp_path, monkeypatch):
     from grpo_setup import make_trainer
 
