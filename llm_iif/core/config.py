@@ -24,6 +24,7 @@ from llm_iif.core.errors import UserError, first_line
 
 # Each enumeration is defined once, as the Literal type recipes are checked against; the tuple of its values
 # is what code that is not handed a recipe checks against.
+TrackerName = Literal["tensorboard", "wandb", "trackio"]
 FilterMode = Literal["neg-bottom", "bottom", "neg-random", "matched-random", "random", "none"]
 TargetName = Literal["seq", "return", "reward", "gold", "preference"]
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
@@ -234,7 +235,7 @@ class RunConfig:
     output_dir: str = "runs/default"
     save_every: int = 0
     """Save a checkpoint every N rounds; 0 saves only the final one."""
-    report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=lambda: ["tensorboard"])
+    report_to: list[TrackerName] = field(default_factory=lambda: ["tensorboard"])
     """Accelerate trackers that receive every round's metrics; [] logs to the JSONL files only."""
     keep_last_n: int = 0
     """Keep only the newest N checkpoint-N/ directories (final/ always stays); 0 keeps them all."""
@@ -520,7 +521,7 @@ class GRPORunConfig:
     leaves trl's per-process sizes as the grpo section gives them, and a step grows with the process count."""
     seed: int = 0
     output_dir: str = "runs/grpo"
-    report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=lambda: ["tensorboard"])
+    report_to: list[TrackerName] = field(default_factory=lambda: ["tensorboard"])
     nonfinite_patience: int = 0
     """Generation batches in a row that may contain NaN/inf rewards (those completions are dropped)."""
     save_every: int = 0

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from accelerate.utils import is_wandb_available
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -39,7 +38,8 @@ from llm_iif.lm.data import check_tokenizable, read_trusted_triples
 from llm_iif.lm.policy import load_tokenizer
 from llm_iif.training import run_state
 from llm_iif.training.builtins import resolve_builtin
-from llm_iif.training.run_outputs import RunOutputs, check_writable_directory, claim_run_directory
+from llm_iif.training.run_outputs import (RunOutputs, check_trackers_installed, check_writable_directory,
+                                         claim_run_directory)
 from llm_iif.training.signals import FinishOnSignal
 
 
@@ -85,8 +85,7 @@ def train_grpo(recipe: GRPORecipe, overwrite: bool = False, resume_from: Path | 
     trusted = trusted_set(recipe, tokenizer)
     check_chat_template(tokenizer, recipe.model.chat_template or is_conversational(train), str(model_dir))
     reward_funcs = reward_functions(recipe)
-    if "wandb" in recipe.run.report_to and not is_wandb_available():
-        raise UserError("run.report_to: wandb needs `pip install wandb` (WANDB_MODE=offline logs without a network)")
+    check_trackers_installed(recipe.run.report_to)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(paths.tensorboard)  # transformers 5 reads it from here only
     try:
         trainer = IIFGRPOTrainer(
