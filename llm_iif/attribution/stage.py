@@ -253,7 +253,8 @@ class IIFStage:
         self.guard.flag("influence", bad, f"influence scores are NaN or inf for {bad} of {len(everyone)} samples",
                         not scored.any())
         keep_all = torch.zeros_like(scored)  # a sample without a usable score is not trained on
-        keep_all[scored] = filter_mask(everyone[scored], mode, self.config.p, self.generator)
+        if len(everyone):  # no process has a row when a group filter kept nothing this batch
+            keep_all[scored] = filter_mask(everyone[scored], mode, self.config.p, self.generator)
         keep = keep_all[offset:offset + batch_size].to(acc.device)
         return keep, {"influence": everyone, "scored": scored, "keep": keep_all}
 

@@ -24,6 +24,7 @@ from llm_iif.core.errors import UserError, first_line
 
 # Each enumeration is defined once, as the Literal type recipes are checked against; the tuple of its values
 # is what code that is not handed a recipe checks against.
+TrackerName = Literal["tensorboard", "wandb", "trackio"]
 FilterMode = Literal["neg-bottom", "bottom", "neg-random", "matched-random", "random", "none"]
 TargetName = Literal["seq", "return", "reward", "gold", "preference"]
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
@@ -234,7 +235,7 @@ class RunConfig:
     output_dir: str = "runs/default"
     save_every: int = 0
     """Save a checkpoint every N rounds; 0 saves only the final one."""
-    report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=lambda: ["tensorboard"])
+    report_to: list[TrackerName] = field(default_factory=lambda: ["tensorboard"])
     """Accelerate trackers that receive every round's metrics; [] logs to the JSONL files only."""
     keep_last_n: int = 0
     """Keep only the newest N checkpoint-N/ directories (final/ always stays); 0 keeps them all."""
@@ -466,7 +467,20 @@ class GRPODataConfig:
     validation_size: int = 256
     """Held-out rows whose prompts build the fresh target (``iif.target_source: fresh``)."""
     eval_size: int = 256
-    """Held-out rows evaluated after every step: one sampled completion each, scored by every reward function."""
+    """Held-out rows evaluated every ``run.eval_every`` steps: one completion each, scored by every reward
+    function."""
+    eval_source: Optional[str] = None
+    """The evaluation rows' own source (a file or hub id, read with ``eval_split``, ``subset`` for a hub id and
+    the same columns), e.g. ``openai/gsm8k`` for its test split: its first ``eval_size`` rows. null draws them
+    from ``source``, as above."""
+    eval_split: str = "test"
+    """Hub ids: the split of ``eval_source`` read."""
+    system_prompt: Optional[str] = None
+    """A system turn put before every prompt (plain-text prompts become system and user messages), through the
+    model's chat template: the tokenizer must have one."""
+    instruction: Optional[str] = None
+    """Text appended, after a space, to every prompt (to its last user turn for message lists), as verl's GSM8K
+    preprocessing appends 'Let's think step by step and output the final answer after "####".'"""
 
 
 @dataclass
@@ -500,9 +514,14 @@ class GRPOIIFConfig(IIFFilterConfig):
 class GRPORunConfig:
     steps: int
     """Optimiser steps (trl's max_steps)."""
+    batch_size: Optional[int] = None
+    """Completions per optimiser step over all processes, as PPO's ``run.batch_size``: it sets trl's
+    gradient_accumulation_steps to batch_size / (grpo.per_device_train_batch_size × processes), so a step holds
+    the same completions on any number of processes (a launch whose count does not divide it is refused). null
+    leaves trl's per-process sizes as the grpo section gives them, and a step grows with the process count."""
     seed: int = 0
     output_dir: str = "runs/grpo"
-    report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=lambda: ["tensorboard"])
+    report_to: list[TrackerName] = field(default_factory=lambda: ["tensorboard"])
     nonfinite_patience: int = 0
     """Generation batches in a row that may contain NaN/inf rewards (those completions are dropped)."""
     save_every: int = 0
@@ -510,7 +529,7 @@ class GRPORunConfig:
     multiple of steps_per_generation × num_iterations, so that no generation batch is split. 0 saves only final/."""
     keep_last_n: int = 0
     """Keep only the newest N checkpoint-N/ directories (trl's save_total_limit; final/ always stays); 0 keeps all."""
-    eval_every: int = 1
+    eval_every: int = 10
     """Evaluate on the held-out rows after every N steps and after the last step; 0 turns evaluation off."""
     eval_batch_size: int = 64
     """Held-out prompts per generate call on each process (each process evaluates its share of the rows)."""
@@ -569,6 +588,10 @@ class GRPORecipe:
         for key in ("run.save_every", "run.keep_last_n", "run.eval_every", "run.log_samples"):
             require(_value(self, key) >= 0, key, "0 or a positive integer")
         require(self.run.eval_batch_size > 0, "run.eval_batch_size", "a positive integer")
+        require(self.run.batch_size is None or self.run.batch_size > 0, "run.batch_size", "a positive integer or null")
+        if self.run.batch_size is not None and "gradient_accumulation_steps" in self.grpo:
+            raise UserError(f"{source}: grpo.gradient_accumulation_steps: set by run.batch_size (completions per "
+                            "step over all processes); remove one of them")
         owned = sorted(set(self.grpo) & set(RUN_OWNED_GRPO_FIELDS))
         if owned:
             raise UserError(f"{source}: grpo.{owned[0]}: set by the run section ({RUN_OWNED_GRPO_FIELDS[owned[0]]}); "

@@ -25,6 +25,7 @@ the same held-out rows wherever they sit in the file.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 from llm_iif.core.config import GRPODataConfig
@@ -51,23 +52,40 @@ def grpo_datasets(data: GRPODataConfig, model_chat_template: bool = False):
     from datasets import Dataset
 
     if data.source in GENERATED_SOURCES:
-        return tuple(Dataset.from_dict(grpo_columns(table, data, model_chat_template))
-                     for table in _generated_tables(data))
-    table = _read_source(data)
-    rows = Dataset.from_dict(grpo_columns(table, data, model_chat_template))
-    return tuple(rows.select(indices) for indices in held_out_split(len(rows), data))
+        splits = tuple(Dataset.from_dict(grpo_columns(table, data, model_chat_template))
+                       for table in _generated_tables(data))
+    else:
+        rows = Dataset.from_dict(grpo_columns(_read_source(data), data, model_chat_template))
+        held_out = data if data.eval_source is None else dataclasses.replace(data, eval_size=0)
+        splits = tuple(rows.select(indices) for indices in held_out_split(len(rows), held_out))
+    if data.eval_source is None:
+        return splits
+    return (*splits[:2], _evaluation_rows(data, model_chat_template))
 
 
-def _read_source(data: GRPODataConfig):
-    """The whole table of a file or hub ``data.source`` (`load_table`), after the checks only GRPO makes."""
+def _evaluation_rows(data: GRPODataConfig, model_chat_template: bool):
+    """The first ``eval_size`` rows of ``data.eval_source`` (its ``eval_split``), with the columns and prompt
+    formatting of the training rows."""
+    from datasets import Dataset
+
+    hub = source_kind(data.eval_source) == "hub"
+    source = dataclasses.replace(data, source=data.eval_source, split=data.eval_split,
+                                 subset=data.subset if hub else None)
+    rows = Dataset.from_dict(grpo_columns(_read_source(source, "data.eval_source"), source, model_chat_template))
+    return rows.select(range(min(data.eval_size, len(rows))))
+
+
+def _read_source(data: GRPODataConfig, key: str = "data.source"):
+    """The whole table of a file or hub ``data.source`` (`load_table`), after the checks only GRPO makes; ``key``
+    names the source in errors."""
     kind = source_kind(data.source)
     if kind == "builtin":  # the PPO side's built-in sets have no answers to reward
-        raise UserError(f"data.source: unknown built-in data set '{data.source}' (expected "
+        raise UserError(f"{key}: unknown built-in data set '{data.source}' (expected "
                         f"{', '.join(GENERATED_SOURCES)}, a .json/.jsonl/.parquet file or a hub id)")
     if data.subset is not None and kind != "hub":
-        raise UserError(f"data.subset: '{data.subset}' names a configuration of a hub id, but data.source "
+        raise UserError(f"data.subset: '{data.subset}' names a configuration of a hub id, but {key} "
                         f"'{data.source}' is a file (expected data.subset: null)")
-    return load_table(data.source, "data.source", data.split, data.subset, text_column=data.prompt_column)
+    return load_table(data.source, key, data.split, data.subset, text_column=data.prompt_column)
 
 
 def _generated_tables(data: GRPODataConfig) -> list[dict[str, list]]:
@@ -87,8 +105,12 @@ def grpo_columns(table, data: GRPODataConfig, model_chat_template: bool = False)
     user message; then ``data.columns`` (name -> source column), or every other source column as it is."""
     prompts = column_values(table, data.source, data.prompt_column, "data.prompt_column")
     _check_prompts(prompts, data)
-    if model_chat_template:
+    if data.instruction:
+        prompts = [with_instruction(prompt, data.instruction) for prompt in prompts]
+    if model_chat_template or data.system_prompt:
         prompts = [as_messages(prompt) for prompt in prompts]
+    if data.system_prompt:
+        prompts = [with_system_turn(prompt, data.system_prompt, data.source) for prompt in prompts]
     columns = {"prompt": prompts}
     if not data.columns:
         names = table.column_names if hasattr(table, "column_names") else list(table)
@@ -133,6 +155,23 @@ def _check_prompts(prompts: list, data: GRPODataConfig) -> None:
 def as_messages(prompt) -> list[dict]:
     """A plain-text prompt as trl's conversational format, one user turn; a message list as it is."""
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
+
+def with_instruction(prompt, instruction: str):
+    """``prompt`` with ``instruction`` appended after a space: to the text, or to a message list's last user
+    turn."""
+    if isinstance(prompt, str):
+        return f"{prompt} {instruction}"
+    last_user = max(i for i, message in enumerate(prompt) if message["role"] == "user")
+    return [{**m, "content": f"{m['content']} {instruction}"} if i == last_user else m for i, m in enumerate(prompt)]
+
+
+def with_system_turn(messages: list[dict], system_prompt: str, source: str) -> list[dict]:
+    """``messages`` after a system turn of ``system_prompt``; `UserError` if they already start with one."""
+    if messages[0]["role"] == "system":
+        raise UserError(f"data.system_prompt: the prompts of '{source}' already start with a system turn "
+                        f"({messages[0]['content'][:40]!r}); expected prompts without one, or no data.system_prompt")
+    return [{"role": "system", "content": system_prompt}, *messages]
 
 
 def held_out_split(num_rows: int, data: GRPODataConfig) -> tuple[list[int], list[int], list[int]]:

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from accelerate.utils import is_wandb_available
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -39,7 +38,8 @@ from llm_iif.lm.data import check_tokenizable, read_trusted_triples
 from llm_iif.lm.policy import load_tokenizer
 from llm_iif.training import run_state
 from llm_iif.training.builtins import resolve_builtin
-from llm_iif.training.run_outputs import RunOutputs, check_writable_directory, claim_run_directory
+from llm_iif.training.run_outputs import (RunOutputs, check_trackers_installed, check_writable_directory,
+                                         claim_run_directory)
 from llm_iif.training.signals import FinishOnSignal
 
 
@@ -77,12 +77,15 @@ def train_grpo(recipe: GRPORecipe, overwrite: bool = False, resume_from: Path | 
     if damaged:
         raise UserError(f"model.name_or_path: cannot load '{recipe.model.name_or_path}' as a causal LM "
                         f"({', '.join(damaged)}: damaged or truncated)")
+    if recipe.data.system_prompt is not None and not tokenizer.chat_template:
+        raise UserError(f"data.system_prompt: the tokenizer of '{recipe.model.name_or_path}' has no chat template "
+                        "to put a system turn in (expected a model whose tokenizer has one, or no "
+                        "data.system_prompt)")
     train, validation, evaluation = grpo_datasets(recipe.data, recipe.model.chat_template)
     trusted = trusted_set(recipe, tokenizer)
     check_chat_template(tokenizer, recipe.model.chat_template or is_conversational(train), str(model_dir))
     reward_funcs = reward_functions(recipe)
-    if "wandb" in recipe.run.report_to and not is_wandb_available():
-        raise UserError("run.report_to: wandb needs `pip install wandb` (WANDB_MODE=offline logs without a network)")
+    check_trackers_installed(recipe.run.report_to)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(paths.tensorboard)  # transformers 5 reads it from here only
     try:
         trainer = IIFGRPOTrainer(
@@ -171,12 +174,32 @@ def grpo_config(recipe: GRPORecipe, paths: RunPaths):
                 "use_cpu": not torch.cuda.is_available(), "bf16": torch.cuda.is_available(),
                 "gradient_checkpointing": torch.cuda.is_available(), **recipe.grpo}
     check_field_types(GRPOConfig, recipe.grpo)
+    if run.batch_size is not None:
+        # the launch's process count, as accelerate launch and torchrun export it (the config sets the processes up)
+        per_device = settings.get("per_device_train_batch_size", _default(GRPOConfig, "per_device_train_batch_size"))
+        settings["gradient_accumulation_steps"] = accumulation_steps(run.batch_size, per_device,
+                                                                     int(os.environ.get("WORLD_SIZE", "1")))
     try:
         return GRPOConfig(**settings)
     except TypeError as err:  # an unknown field, or a value of the wrong type
         raise UserError(f"grpo: {first_line(err)} (expected fields of trl's GRPOConfig)") from err
     except ValueError as err:
         raise UserError(f"grpo: {first_line(err)}") from err
+
+
+def accumulation_steps(batch_size: int, per_device: int, processes: int) -> int:
+    """trl's gradient_accumulation_steps for ``batch_size`` completions a step over ``processes`` processes of
+    ``per_device`` completions per micro-batch; `UserError` when they do not divide it."""
+    per_micro_batch = per_device * processes
+    if batch_size % per_micro_batch:
+        raise UserError(f"run.batch_size: {batch_size} completions a step do not divide over {processes} "
+                        f"process(es) × grpo.per_device_train_batch_size {per_device}; expected a multiple of "
+                        f"{per_micro_batch}")
+    return batch_size // per_micro_batch
+
+
+def _default(config_class, name: str):
+    return next(f.default for f in dataclasses.fields(config_class) if f.name == name)
 
 
 def check_field_types(config_class, values: dict) -> None:

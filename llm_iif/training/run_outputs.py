@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.tracking import TensorBoardTracker, WandBTracker
-from accelerate.utils import gather_object, is_wandb_available
+from accelerate.tracking import TensorBoardTracker, TrackioTracker, WandBTracker
+from accelerate.utils import gather_object, is_trackio_available, is_wandb_available
 
 from llm_iif.core import ppo
 from llm_iif.core.config import Recipe
@@ -35,21 +35,35 @@ PACKAGES = ("llm_iif", "torch", "transformers", "peft", "trl", "accelerate", "da
 TRACKERS = ("tensorboard", "wandb")
 
 
+# run.report_to's backends that need a package of their own: (is it installed, how to install it).
+TRACKER_PACKAGES = {
+    "wandb": (is_wandb_available, "`pip install wandb` (WANDB_MODE=offline logs without a network)"),
+    "trackio": (is_trackio_available, "`pip install trackio` (it logs locally unless told to sync)"),
+}
+
+
+def check_trackers_installed(names: list[str]) -> None:
+    """`UserError` for a ``run.report_to`` backend whose package is missing."""
+    for name in names:
+        if name in TRACKER_PACKAGES and not TRACKER_PACKAGES[name][0]():
+            raise UserError(f"run.report_to: {name} needs {TRACKER_PACKAGES[name][1]}")
+
+
 def open_trackers(names: list[str], output_dir: Path, run_name: str, recipe: dict) -> list:
     """Started Accelerate trackers (``tensorboard`` under OUTPUT/tensorboard/RUN_NAME, ``wandb`` under
-    OUTPUT/wandb), each given the recipe, flattened to ``section.key`` values, as the run's configuration.
-    Call on the main process only."""
+    OUTPUT/wandb, ``trackio`` in the project RUN_NAME), each given the recipe, flattened to ``section.key``
+    values, as the run's configuration. Call on the main process only."""
+    check_trackers_installed(names)
     config = {f"{section}.{key}": value if isinstance(value, (int, float, str, bool)) else str(value)
               for section, values in recipe.items() if values is not None for key, value in values.items()}
     trackers = []
     for name in names:
         if name == "tensorboard":
             tracker = TensorBoardTracker(run_name, Path(output_dir) / "tensorboard")
-        else:
-            if not is_wandb_available():
-                raise UserError("run.report_to: wandb needs `pip install wandb` (WANDB_MODE=offline logs "
-                                "without a network)")
+        elif name == "wandb":
             tracker = WandBTracker(run_name, dir=str(output_dir))
+        else:
+            tracker = TrackioTracker(run_name)
         tracker.start()
         tracker.store_init_configuration(config)
         trackers.append(tracker)

@@ -105,7 +105,7 @@ def test_types_and_defaults():
     assert model["quantization"][1:3] == ["8bit | 4bit or null", "`null`"]
     assert model["chat_template"][1:3] == ["bool", "`false`"]
     run = _rows(blocks["LM PPO recipes", "run"])
-    assert run["report_to"][1:3] == ["list[tensorboard | wandb]", '`["tensorboard"]`']
+    assert run["report_to"][1:3] == ["list[tensorboard | wandb | trackio]", '`["tensorboard"]`']
     data = _rows(blocks["LM PPO recipes", "data"])
     assert data["filters"][1:3] == ["list[str]", "`[]`"]
     reward = _rows(blocks["LM PPO recipes", "reward"])

@@ -263,3 +263,37 @@ def test_unreachable_hub_sources_offline(offline, kwargs, message):
     with pytest.raises(UserError) as err:
         grpo_datasets(GRPODataConfig(**kwargs))
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_evaluation_rows_from_their_own_source(tmp_path):
+    """GSM8K's test split as practitioners evaluate on it: the evaluation rows are the first eval_size rows of
+    data.eval_source, and none of the training source's rows is held out for evaluation."""
+    train_file = write_jsonl(tmp_path / "train.jsonl", gsm8k_rows(20))
+    test_rows = [{**row, "question": "Test: " + row["question"]} for row in gsm8k_rows(8)]
+    test_file = write_jsonl(tmp_path / "test.jsonl", test_rows)
+    train, validation, evaluation = grpo_datasets(
+        config(train_file, prompt_column="question", columns={"answer": "answer"}, eval_source=test_file))
+    assert [row["prompt"] for row in evaluation] == [row["question"] for row in test_rows[:6]]
+    assert evaluation.column_names == ["prompt", "answer"]
+    assert len(validation) == 4 and len(train) == 16  # 20 rows: 4 validation, the rest trained on
+    assert not {row["prompt"] for row in evaluation} & {row["prompt"] for row in train}
+
+
+def test_an_instruction_and_a_system_prompt_reach_every_prompt(tmp_path):
+    source = write_jsonl(tmp_path / "gsm8k.jsonl", gsm8k_rows(12))
+    instruction = 'Let\'s think step by step and output the final answer after "####".'
+    splits = grpo_datasets(config(source, prompt_column="question", instruction=instruction,
+                                  system_prompt="You solve maths problems."))
+    for row in all_rows(splits):
+        system, user = row["prompt"]
+        assert system == {"role": "system", "content": "You solve maths problems."}
+        assert user["role"] == "user" and user["content"].endswith(f"? {instruction}")
+    text = grpo_datasets(config(source, prompt_column="question", instruction="Think."))
+    assert all(row["prompt"].endswith("apples does she have? Think.") for row in all_rows(text))
+
+
+def test_a_system_prompt_over_prompts_that_have_one_is_an_error(tmp_path):
+    rows = [{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"{i}+1="}]}
+            for i in range(12)]
+    with pytest.raises(UserError, match="data.system_prompt: the prompts of .* already start with a system turn"):
+        grpo_datasets(config(write_jsonl(tmp_path / "chat.jsonl", rows), system_prompt="Be kind."))

@@ -64,11 +64,14 @@ def test_jsonl_lines_are_always_json(tmp_path):
     (["lora.target_modules=[]"], "lora.target_modules: expected module names, or null"),
     (["lora.target_modules=[no_such_layer]"], "lora.target_modules: ['no_such_layer'] match no layer of"),
     (["run.report_to=[wandb]"], "run.report_to: wandb needs `pip install wandb`"),
+    (["run.report_to=[trackio]"], "run.report_to: trackio needs `pip install trackio`"),
+    (["run.report_to=[mlflow]"], "run.report_to[0]: expected one of ['tensorboard', 'wandb', 'trackio'], got 'mlflow'"),
     (["iif.folds=5"], "iif.folds: 5 folds of a generation batch of 4 prompts (folds take whole groups of 4"),
 ])
 def test_bad_settings_are_one_line(random_adder_dir, tmp_path, capsys, overrides, message):
-    if "wandb" in overrides[0] and importlib.util.find_spec("wandb") is not None:
-        pytest.skip("wandb is installed")
+    for backend in ("wandb", "trackio"):
+        if f"[{backend}]" in overrides[0] and importlib.util.find_spec(backend) is not None:
+            pytest.skip(f"{backend} is installed")
     code, stderr = train_here(capsys, random_adder_dir, tmp_path / "run", *overrides)
     assert code == 2 and message in stderr and stderr.count("\n") == 1, stderr
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

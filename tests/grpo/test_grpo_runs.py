@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -30,10 +31,11 @@ def test_two_processes_train_from_the_cli(random_adder_dir, tmp_path):
     """`accelerate launch -m llm_iif train` on 2 CPU processes: one set of outputs, written by the main process,
     and a held-out evaluation that covers every row exactly once between the two processes. DAPO with refill
     runs, then IIF among the completions it keeps; each process takes half the trusted triples and its own DPO
-    draws."""
+    draws. run.batch_size 32 over 2 processes of 8-completion micro-batches: 2 accumulation steps, 32 a step."""
     out = tmp_path / "run"
     proc = subprocess.run([*launch_command("-m", 2), "llm_iif", "train", str(RECIPE), "--output-dir", str(out),
                            *small(random_adder_dir, "run.steps=2", "grpo.per_device_train_batch_size=8",
+                                  "run.batch_size=32",
                                   "run.eval_decoding=greedy", "group_filter.kind=dapo", "group_filter.refill=true",
                                   f"trusted.source={trusted_file(tmp_path)}", "trusted.dpo_coef=0.5")],
                           capture_output=True, text=True, timeout=600, cwd=REPO,
@@ -42,6 +44,9 @@ def test_two_processes_train_from_the_cli(random_adder_dir, tmp_path):
     lines = metrics(out)
     assert [m["step"] for m in lines] == [1, 2]  # one writer: no line twice
     assert all({"refill_batches", "informative_fraction", "influence_mean"} <= m.keys() for m in lines)
+    for step, m in enumerate(lines):
+        records = pd.read_parquet(out / "records" / f"round_{step:04d}.parquet")
+        assert len(records) == 32 * (1 + m["refill_batches"])
     assert all({"trusted/margin", "trusted/accuracy", "dpo_loss"} <= m.keys() for m in lines)
     assert len(torch.load(out / "final" / "iif_state.pt", weights_only=True)["trusted_generators"]) == 2
     assert all(m["eval_completions"] == 16 for m in lines)  # data.eval_size rows, split over the processes
@@ -163,6 +168,10 @@ def test_resume_of_a_damaged_checkpoint_is_one_line(uninterrupted, tmp_path):
                                                       "rejected) triples"),
     ("iif.target_source=cached", "iif.target_source: expected one of ['batch', 'fresh'], got 'cached'"),
     ("run.eval_batch_size=0", "run.eval_batch_size: expected a positive integer"),
+    ("run.batch_size=0", "run.batch_size: expected a positive integer or null"),
+    ("run.batch_size=64,grpo.gradient_accumulation_steps=2", "grpo.gradient_accumulation_steps: set by "
+                                                             "run.batch_size (completions per step over all "
+                                                             "processes); remove one of them"),
 ])
 def test_recipe_keys_grpo_does_not_own_are_refused(override, message):
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
@@ -186,6 +195,24 @@ def test_save_every_must_not_split_a_generation_batch(random_adder_dir, tmp_path
             "steps per batch, steps_per_generation × num_iterations / gradient_accumulation_steps = 2 × 1 / 1"
             ) in stderr
     assert not (tmp_path / "run" / "recipe.yaml").exists()  # nothing written before the run could start
+
+
+def test_a_global_batch_the_processes_do_not_divide_is_one_line(random_adder_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")  # as `accelerate launch --num_processes 3` exports it
+    code, stderr = cli_in_process(capsys, "train", RECIPE, "--output-dir", tmp_path / "run",
+                                *small(random_adder_dir, "run.batch_size=64"))
+    assert code == 2 and stderr.strip().count("\n") == 0
+    assert ("run.batch_size: 64 completions a step do not divide over 3 process(es) × "
+            "grpo.per_device_train_batch_size 16; expected a multiple of 48") in stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_system_prompt_needs_a_chat_template(random_adder_dir, tmp_path, capsys):
+    code, stderr = cli_in_process(capsys, "train", RECIPE, "--output-dir", tmp_path / "run",
+                                *small(random_adder_dir, "data.system_prompt=Add the numbers."))
+    assert code == 2 and stderr.strip().count("\n") == 0
+    assert "data.system_prompt: the tokenizer of " in stderr and "has no chat template" in stderr
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
 def test_unsupported_sharded_launches_are_refused_with_iif(random_adder_dir, tmp_path, monkeypatch):

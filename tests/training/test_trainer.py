@@ -1,6 +1,7 @@
 """End to end on the built-in tiny model: a short run, its outputs, checkpoint reload, bad rewards."""
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -378,11 +379,10 @@ def test_trackers_follow_report_to(tmp_path, tiny_model_dir):
     events = list((tmp_path / "tb" / "tensorboard" / "tb").glob("events.out.tfevents.*"))
     assert events and sum(e.stat().st_size for e in events) > 1000
     with pytest.raises(UserError,
-                       match=r"run.report_to\[0\]: expected one of \[.tensorboard., .wandb.\], got .mlflow."):
+                       match=r"run.report_to\[0\]: expected one of \[.tensorboard., .wandb., .trackio.\], got .mlflow."):
         recipe_from_dict({**raw, "run": {**raw["run"], "report_to": ["mlflow"]}})
-    try:
-        import wandb  # noqa: F401
-    except ImportError:
-        raw["run"].update(report_to=["wandb"], output_dir=str(tmp_path / "wandb"))
-        with pytest.raises(UserError, match=r"run.report_to: wandb needs `pip install wandb`"):
-            build_trainer(recipe_from_dict(raw)).train()
+    for backend in ("wandb", "trackio"):
+        if importlib.util.find_spec(backend) is None:
+            raw["run"].update(report_to=[backend], output_dir=str(tmp_path / backend))
+            with pytest.raises(UserError, match=rf"run.report_to: {backend} needs `pip install {backend}`"):
+                build_trainer(recipe_from_dict(raw)).train()
