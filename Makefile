@@ -30,11 +30,12 @@ demo: $(VENV)/.installed
 		--output-dir runs/demo --overwrite
 
 # The built-in models the tests load are built first, once, outside pytest's time (a cold $$LLM_IIF_CACHE
-# takes a few minutes; a warm one, none).
+# takes a few minutes; a warm one, none). Two pytest workers share the 2 cores (tests/conftest.py gives each one
+# thread).
 test: $(VENV)/.installed
 	$(PY) -m llm_iif.training.builtins tiny-sentiment tiny-biased-reward-model tiny-biased-reward-model-seed1 \
 		tiny-biased-reward-model-seed2
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n 2 tests
 
 # docs/recipes.md from the recipe dataclasses in llm_iif/core/config.py (a test fails when it is stale).
 docs: $(VENV)/.installed

@@ -5,13 +5,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `make test` runs two pytest workers on 2 cores: one thread each, and for the processes they launch, so that
+# four threads do not share two cores.
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+if THREADS == 1:
+    os.environ["OMP_NUM_THREADS"] = "1"
 
+import socket  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(autouse=True)
@@ -39,12 +45,25 @@ def harmless_sigterm():
 
 
 def launch_command(script: str, processes: int) -> list[str]:
-    """``python SCRIPT`` for one process, else ``accelerate launch`` of it on CPU processes (with
-    ``ACCELERATE_USE_CPU=1`` in the environment)."""
+    """``python SCRIPT`` for one process, else `accelerate_launch` of it."""
     if processes == 1:
         return [sys.executable, script]
+    return [*accelerate_launch(processes), script]
+
+
+def accelerate_launch(processes: int) -> list[str]:
+    """``accelerate launch`` on ``processes`` CPU processes (with ``ACCELERATE_USE_CPU=1`` in the environment),
+    on a free port: two pytest workers may launch at once."""
     return [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu", "--num_processes",
-            str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", script]
+            str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port())]
+
+
+def free_port() -> int:
+    """A TCP port no process listens on now (the OS picks it)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def cli_in_process(capsys, *args) -> tuple[int, str]:

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import tiny_recipe_dict
+from conftest import accelerate_launch, tiny_recipe_dict
 from llm_iif.training.run_state import load_training_state, resolve_resume, verify
 from llm_iif.cli import main
 from llm_iif.core.config import recipe_from_dict
@@ -153,8 +153,7 @@ def test_two_process_run_resumes_exactly(tmp_path, tiny_model_dir):
     """Each process's random number generators are saved and restored: 2 processes resumed after round 2
     write the same metrics as 2 processes that never stopped. The stopped run is the whole run's directory as a
     kill after round 3 leaves it: checkpoint-2/, and metrics of a round the resume must redo."""
-    launch = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu", "--num_processes",
-              "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "llm_iif", "train"]
+    launch = [*accelerate_launch(2), "-m", "llm_iif", "train"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
     recipe = write_recipe(tmp_path, iif_recipe(tmp_path / "whole", rounds=4, save_every=2), "whole.yaml")
     subprocess.run([*launch, str(recipe)], env=env, check=True, capture_output=True, timeout=600)
