@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/classic_round_time.py [--envs frozenlake,acrobot,minigrid] [--rounds 8]
 
 Both models train on the same recipe and seed, alternating one round each, so a machine that slows down
-part-way (other jobs, thermal limits) slows both alike. A round is SB3's ``learn`` over n_steps: the rollout,
+part-way (a second process on the 2 cores, thermal limits) slows both alike. A round is SB3's ``learn`` over n_steps: the rollout,
 IIF's scoring and filtering, and the PPO epochs (on the kept transitions only, for IIF). Prints the mean
 seconds per round of each, their ratio, the scoring time and the kept fraction.
 """

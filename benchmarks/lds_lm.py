@@ -10,7 +10,7 @@ random half-subsets of the batch (`llm_iif.training.lds_check`). Prints, per che
 error over seeds of each kind of score's LDS, the relative gain of preconditioned over plain scores, and how
 often training on the non-negative-score samples alone raised the target more than training on all of them.
 Each run's lds/round_XXXX.json holds the subsets' predicted and real changes. The process uses one torch thread:
-beside another job on 2 cores, two threads each slowed some rounds a hundredfold.
+beside a second training run on 2 CPU cores, two threads each slowed some rounds a hundredfold.
 """
 
 from __future__ import annotations
