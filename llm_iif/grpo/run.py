@@ -320,8 +320,8 @@ class HeldOutEvaluation(TrainerCallback):
     and KL(π ‖ π_ref), each process generating for its share of the rows. One metrics.jsonl line per step with
     trl's logged metrics (the filter's, without their ``iif/``; each reward function's ``rewards/<name>/mean`` on
     the training batch; ``trusted/margin``, ``trusted/accuracy`` and ``dpo_loss`` with a trusted set) and the
-    step's wall time; the evaluation's time and the trusted margin's
-    are logged apart (``time_eval_s``, ``time_trusted_s``), as measurements outside ``time_round_s``."""
+    step's wall time; the evaluation's time and the trusted margin's are logged apart (``time_eval_s``,
+    ``time_trusted_s``), as measurements outside ``time_round_s``."""
 
     def __init__(self, rows, reward_funcs: list, outputs: RunOutputs, recipe: GRPORecipe, history: list[dict]):
         self.rows, self.reward_funcs, self.outputs, self.run = rows, reward_funcs, outputs, recipe.run

@@ -32,9 +32,6 @@ from llm_iif.core.records import Advantages, Rollout
 PACKAGES = ("llm_iif", "torch", "transformers", "peft", "trl", "accelerate", "datasets")
 
 
-TRACKERS = ("tensorboard", "wandb")
-
-
 # run.report_to's backends that need a package of their own: (is it installed, how to install it).
 TRACKER_PACKAGES = {
     "wandb": (is_wandb_available, "`pip install wandb` (WANDB_MODE=offline logs without a network)"),
