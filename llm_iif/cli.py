@@ -360,8 +360,9 @@ def _reward_train(args) -> int:
     metrics = train_reward_model(recipe, base_model=resolve_builtin(recipe.model.name_or_path))
     print(f"held-out pairwise accuracy {metrics['heldout_accuracy']:.3f} on {metrics['heldout_pairs']} pairs "
           f"(train {metrics['train_accuracy']:.3f}, {metrics['train_pairs']} training pairs)")
+    chat = ", chat_template: true" if metrics["chat_template"] else ""  # it learnt conversations written as text
     print(f"outputs in {recipe.run.output_dir}: model/ (load it with reward.name: hf-classifier, "
-          "input: prompt+response, append_eos: true), eval.json")
+          f"input: prompt+response, append_eos: true{chat}), eval.json")
     return 0
 
 

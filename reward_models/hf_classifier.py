@@ -3,7 +3,9 @@
 It reads the decoded text with its own tokenizer, so any policy pairs with any reward model. The score of
 sample i is one label's ``logit``, ``prob`` or ``log_prob`` (softmax over the labels; a sigmoid for a one-label
 model, e.g. one trained with trl's RewardTrainer) on the response alone or on prompt + response. A model
-trained with trl's RewardTrainer saw every text end in EOS, so it is scored with ``append_eos``.
+trained with trl's RewardTrainer saw every text end in EOS, so it is scored with ``append_eos``. A reward model
+trained on conversations reads them through its own chat template (``chat_template``), as trl's GRPOTrainer
+formats conversational input for a reward model; a prompt may then be a message list (trl's conversational format).
 """
 
 from __future__ import annotations
@@ -19,16 +21,18 @@ INPUTS = ("response", "prompt+response")
 
 class HFClassifierReward:
     """Batched, no-grad classifier scores. ``label`` is an index or a name from the model's ``id2label``;
-    it may be left out for a one-label model. ``key`` names the recipe key of ``name_or_path`` in errors."""
+    it may be left out for a one-label model. ``key`` names the recipe key of ``name_or_path`` in errors, and
+    ``section`` the recipe section of the other settings."""
 
     def __init__(self, name_or_path: str | None, label: int | str | None = None, output: str = "logit",
-                 input: str = "prompt+response", append_eos: bool = False, batch_size: int = 32,
+                 input: str = "prompt+response", append_eos: bool = False, chat_template: bool = False,
+                 batch_size: int = 32,
                  max_length: int = 512, device="cpu", dtype: torch.dtype = torch.float32,
-                 key: str = "reward.name_or_path"):
+                 key: str = "reward.name_or_path", section: str = "reward"):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         if not name_or_path:
-            raise UserError(f"{key}: required for reward.name 'hf-classifier'")
+            raise UserError(f"{key}: required for {section}.name 'hf-classifier'")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
             self.model, info = AutoModelForSequenceClassification.from_pretrained(
@@ -40,8 +44,15 @@ class HFClassifierReward:
             raise UserError(f"{key}: '{name_or_path}' is not a sequence classifier: its checkpoint "
                             f"has no classification head (missing {sorted(info['missing_keys'])[0]})")
         self.model.to(device).eval()
+        self.section = section
         self.label = self._label_index(label, name_or_path)
-        self.output, self.input, self.append_eos = output, input, append_eos
+        self.output, self.input, self.append_eos, self.chat_template = output, input, append_eos, chat_template
+        if chat_template and input != "prompt+response":
+            raise UserError(f"{section}.chat_template: true reads prompt and response as one conversation; expected "
+                            f"{section}.input: prompt+response, got {input}")
+        if chat_template and not getattr(self.tokenizer, "chat_template", None):
+            raise UserError(f"{section}.chat_template: true, but the tokenizer of '{name_or_path}' has no chat "
+                            "template; expected a reward model trained on conversations, or chat_template: false")
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
@@ -52,7 +63,7 @@ class HFClassifierReward:
         n = self.model.config.num_labels
         if label is None:
             if n != 1:
-                raise UserError(f"reward.label: required for '{name_or_path}', which has {n} labels "
+                raise UserError(f"{self.section}.label: required for '{name_or_path}', which has {n} labels "
                                 f"({', '.join(f'{i}={name}' for i, name in sorted(names.items()))})")
             return 0
         if isinstance(label, int) and 0 <= label < n:
@@ -60,17 +71,25 @@ class HFClassifierReward:
         by_name = {name: i for i, name in names.items()}
         if isinstance(label, str) and label in by_name:
             return by_name[label]
-        raise UserError(f"reward.label: '{label}' is not a label of '{name_or_path}' "
+        raise UserError(f"{self.section}.label: '{label}' is not a label of '{name_or_path}' "
                         f"(labels: {', '.join(f'{i}={name}' for i, name in sorted(names.items()))})")
 
     @torch.no_grad()
-    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+    def __call__(self, prompts: list, responses: list[str], **columns) -> list[float]:
+        """One score per response. A prompt is text, or a message list (trl's conversational format)."""
         empty = [i for i, r in enumerate(responses) if not r.strip()]
         if empty and self.input == "response":
-            raise UserError(f"reward: response {empty[0]} (of {len(responses)}) is empty, and a classifier cannot "
-                            "score empty text; set ppo.min_new_tokens >= 1 or reward.input: prompt+response")
-        firsts = None if self.input != "pair" else list(prompts)
-        texts = responses if self.input in ("response", "pair") else [p + r for p, r in zip(prompts, responses)]
+            raise UserError(f"{self.section}: response {empty[0]} (of {len(responses)}) is empty, and a classifier "
+                            f"cannot score empty text; set ppo.min_new_tokens >= 1 or {self.section}.input: "
+                            "prompt+response")
+        firsts = None if self.input != "pair" else [prompt_text(p) for p in prompts]
+        if self.chat_template:
+            texts = [self.tokenizer.apply_chat_template(conversation(p, r), tokenize=False)
+                     for p, r in zip(prompts, responses)]
+        elif self.input == "prompt+response":
+            texts = [prompt_text(p) + r for p, r in zip(prompts, responses)]
+        else:
+            texts = list(responses)
         if self.append_eos:  # trl's RewardTrainer trains on text + EOS and reads the score there
             texts = [t + self.tokenizer.eos_token for t in texts]
         scores: list[float] = []
@@ -82,6 +101,17 @@ class HFClassifierReward:
                                    return_tensors="pt").to(self.device)
             scores.extend(label_score(self.model(**batch).logits.float(), self.label, self.output).tolist())
         return scores
+
+
+def prompt_text(prompt) -> str:
+    """A prompt as text: itself, or its messages' contents joined by newlines."""
+    return prompt if isinstance(prompt, str) else "\n".join(message["content"] for message in prompt)
+
+
+def conversation(prompt, response: str) -> list[dict]:
+    """The messages of ``prompt`` (a user message if it is text) followed by ``response`` as the assistant's."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    return messages + [{"role": "assistant", "content": response}]
 
 
 def label_score(logits: torch.Tensor, label: int, output: str) -> torch.Tensor:

@@ -13,7 +13,7 @@ class VaderReward:
     def __init__(self):
         self._analyzer = SentimentIntensityAnalyzer()
 
-    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+    def __call__(self, prompts: list[str], responses: list[str], **columns) -> list[float]:
         return [self._analyzer.polarity_scores(text)["compound"] for text in responses]
 
 

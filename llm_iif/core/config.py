@@ -109,13 +109,17 @@ class RewardConfig:
     append_eos: bool = False
     """hf-classifier: end every text with the tokenizer's EOS, as trl's RewardTrainer does in training
     (true for reward models from `llm-iif reward train`)."""
+    chat_template: bool = False
+    """hf-classifier: read prompt and response as a user and an assistant message through the reward model's chat
+    template, as trl does for a reward model on conversational data (needs input: prompt+response)."""
     batch_size: int = 32
     max_length: int = 512
     device: Optional[str] = None
     """hf-classifier: where it runs (default: the policy's device)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     function: Optional[str] = None
-    """callable: module:function taking (prompts, responses) and returning one float per response."""
+    """callable: module:function taking (prompts, responses) and the prompts' other dataset columns as keywords,
+    and returning one float per response."""
     report: dict = field(default_factory=dict)
     """Scores logged every round as reward/NAME but not trained on: NAME -> module:function, e.g. the hidden
     rule a learned reward model approximates."""
@@ -159,7 +163,10 @@ class IIFFilterConfig:
     """batch: each sample is scored against the target built from the other folds' samples."""
     val_size: int = 256
     """Validation responses generated per round (prompts are cycled when there are fewer)."""
-    score_batch_size: int = 64
+    score_batch_size: Optional[int] = None
+    """Rows per batched backward of the scoring pass, which sets its memory (docs/scaling.md); the scores do not
+    depend on it. null: the training micro-batch (ppo.mini_batch_size, or GRPO's per_device_train_batch_size),
+    whose forward and backward the run already fits."""
     min_split_cos: Optional[float] = None
     """Filter only in rounds whose target_split_cos reaches this; None filters every round."""
     precondition: Literal["none", "adam"] = "none"
@@ -548,13 +555,21 @@ RUN_OWNED_GRPO_FIELDS = {"output_dir": "run.output_dir", "max_steps": "run.steps
 
 
 @dataclass
+class GRPORewardModel(RewardConfig):
+    """A reward model as a GRPO reward, as trl's ``reward_funcs`` takes one: ``name`` is any reward model of the
+    ``reward`` section (e.g. hf-classifier, with its settings), scored on each prompt and completion."""
+    weight: float = 1.0
+
+
+@dataclass
 class GRPORecipe:
     algorithm: Literal["grpo"]
     """Marks a GRPO recipe (a PPO recipe has no algorithm key)."""
     model: GRPOModelConfig
     data: GRPODataConfig
-    rewards: dict[str, float]
-    """``module:function`` -> weight: trl reward functions (prompts, completions, **columns) -> floats. The
+    rewards: dict[str, Union[float, GRPORewardModel]]
+    """``module:function`` -> weight, for trl reward functions (prompts, completions, **columns) -> floats; or
+    NAME -> a reward model's section (`GRPORewardModel`, e.g. an hf-classifier), logged as ``rewards/NAME``. The
     first one's held-out mean is the run's curve (``reward_mean``)."""
     run: GRPORunConfig
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -577,8 +592,10 @@ class GRPORecipe:
         require(self.lora.r > 0, "lora.r", "a positive integer")
         require(self.lora.target_modules != [], "lora.target_modules",
                 "module names, or null for peft's default for the architecture")
-        for key in ("data.train_size", "data.validation_size", "data.eval_size", "iif.score_batch_size"):
+        for key in ("data.train_size", "data.validation_size", "data.eval_size"):
             require(_value(self, key) > 0, key, "a positive integer")
+        require(self.iif.score_batch_size is None or self.iif.score_batch_size > 0, "iif.score_batch_size",
+                "a positive integer or null")
         require(0.0 <= self.iif.p <= 1.0, "iif.p", "a value in [0, 1]")
         require(self.iif.folds >= 2, "iif.folds", "at least 2")
         require(self.iif.val_size > 0, "iif.val_size", "a positive integer")
@@ -598,9 +615,13 @@ class GRPORecipe:
                             "remove it from grpo")
         if not self.rewards:
             raise UserError(f"{source}: rewards: expected at least one module:function: weight")
-        for name in self.rewards:
-            if name.count(":") != 1:
-                raise UserError(f"{source}: rewards.{name}: expected an import path module:function")
+        for name, entry in self.rewards.items():
+            if not isinstance(entry, GRPORewardModel) and name.count(":") != 1:
+                raise UserError(f"{source}: rewards.{name}: expected an import path module:function with a weight, "
+                                "or a reward model's section (name: hf-classifier, name_or_path: ...)")
+            if isinstance(entry, GRPORewardModel) and entry.report:
+                raise UserError(f"{source}: rewards.{name}.report: not read in a GRPO recipe; expected another "
+                                "entry of rewards with weight 0 for a score logged but not trained on")
         if self.iif.enabled and self.group_filter.kind not in (None, "dapo"):
             raise UserError(f"{source}: group_filter.kind: {self.group_filter.kind} with iif.enabled: true; IIF runs "
                             "after a dapo filter only (set group_filter.kind: dapo or null, or iif.enabled: false)")
@@ -729,6 +750,9 @@ def _coerce(value: Any, hint: Any, source: str, key: str):
         if value is None and type(None) in args:
             return None
         options = [a for a in args if a is not type(None)]
+        sections = [a for a in options if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and sections:  # a mapping is a section: its own errors name the key at fault
+            return _build(sections[0], value, source, key + ".")
         for option in options:
             try:
                 return _coerce(value, option, source, key)
@@ -824,7 +848,10 @@ def _check_values(recipe: Recipe, source: str) -> None:
     iif = recipe.iif
     require(0.0 <= iif.p <= 1.0, "iif.p", "a value in [0, 1]")
     require(iif.val_size >= 2, "iif.val_size", "at least 2 (the target is split in halves)")
-    require(iif.score_batch_size > 0, "iif.score_batch_size", "a positive integer")
+    require(iif.score_batch_size is None or iif.score_batch_size > 0, "iif.score_batch_size",
+            "a positive integer or null")
+    if iif.score_batch_size is None:  # the rows an update's forward and backward already hold
+        iif.score_batch_size = ppo.mini_batch_size
     require(iif.min_split_cos is None or -1.0 <= iif.min_split_cos <= 1.0, "iif.min_split_cos",
             "a value in [-1, 1] or null")
     require(iif.refresh_every >= 1, "iif.refresh_every", "a positive integer")

@@ -26,7 +26,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from llm_iif.core.config import GRPORecipe
+from llm_iif.core.config import GRPORecipe, GRPORewardModel
 from llm_iif.core.errors import UserError, damaged_weight_files, first_line
 from llm_iif.core.imports import import_object
 from llm_iif.core.fileio import write_directory_atomically
@@ -37,7 +37,8 @@ from llm_iif.grpo.trusted import TrustedSet
 from llm_iif.lm.data import check_tokenizable, read_trusted_triples
 from llm_iif.lm.policy import load_tokenizer
 from llm_iif.training import run_state
-from llm_iif.training.builtins import resolve_builtin
+from llm_iif.training.builtins import resolve_builtin, resolve_reward_config
+from reward_models import load_reward_model
 from llm_iif.training.run_outputs import (RunOutputs, check_trackers_installed, check_writable_directory,
                                          claim_run_directory)
 from llm_iif.training.signals import FinishOnSignal
@@ -149,9 +150,16 @@ def trusted_set(recipe: GRPORecipe, tokenizer) -> TrustedSet | None:
 
 
 def reward_functions(recipe: GRPORecipe) -> list:
-    """The recipe's reward functions, imported; `UserError` for a name that is not a function."""
+    """The recipe's reward functions: imported, or a reward model loaded (on this process's device) and called as
+    a trl reward function; `UserError` for a name that is not a function or a model that does not load."""
+    from accelerate import PartialState
+
     funcs = []
-    for name in recipe.rewards:
+    for name, entry in recipe.rewards.items():
+        if isinstance(entry, GRPORewardModel):
+            cfg = resolve_reward_config(entry, f"rewards.{name}")
+            funcs.append(model_reward_function(name, load_reward_model(cfg, PartialState().device, f"rewards.{name}")))
+            continue
         func = import_object(name, f"rewards.{name}")
         if not callable(func):
             raise UserError(f"rewards.{name}: is a {type(func).__name__}, not a function of (prompts, completions, "
@@ -160,14 +168,26 @@ def reward_functions(recipe: GRPORecipe) -> list:
     return funcs
 
 
+def model_reward_function(name: str, reward_model) -> Callable:
+    """``reward_model`` (`reward_models.RewardModel`) as a trl reward function named ``name``: it scores each
+    prompt (text or messages) with the completion's text (a conversational completion's last message)."""
+    def reward(prompts, completions, **columns) -> list[float]:
+        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+        return reward_model(prompts, texts)
+
+    reward.__name__ = name
+    return reward
+
+
 def grpo_config(recipe: GRPORecipe, paths: RunPaths):
     """trl's GRPOConfig: the run's own settings, and the recipe's ``grpo`` section for everything else (the
     fields the run section owns are refused in ``grpo``, see `RUN_OWNED_GRPO_FIELDS`)."""
     from trl import GRPOConfig
 
     run = recipe.run
-    settings = {"output_dir": str(paths.root), "max_steps": run.steps, "seed": run.seed,
-                "reward_weights": list(recipe.rewards.values()), "logging_steps": 1,
+    weights = [entry.weight if isinstance(entry, GRPORewardModel) else entry for entry in recipe.rewards.values()]
+    settings = {"output_dir": str(paths.root), "max_steps": run.steps, "seed": run.seed, "reward_weights": weights,
+                "logging_steps": 1,
                 "save_strategy": "steps" if run.save_every else "no", "save_steps": run.save_every or 500,
                 "save_total_limit": run.keep_last_n or None, "report_to": list(run.report_to),
                 # trl's defaults suit GPUs: bf16 and gradient checkpointing only slow a CPU down.

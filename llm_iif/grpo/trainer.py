@@ -22,6 +22,7 @@ and `_compute_loss`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import logging
 import math
@@ -120,6 +121,8 @@ class IIFGRPOTrainer(GRPOTrainer):
             raise UserError(f"trl {trl.__version__}: IIFGRPOTrainer overrides GRPOTrainer internals checked for trl "
                             f"{TRL_RANGE}; install a version in that range")
         super().__init__(*args, **kwargs)
+        if iif is not None and iif.score_batch_size is None:  # the rows a training micro-batch already holds
+            iif = dataclasses.replace(iif, score_batch_size=self.args.per_device_train_batch_size)
         self.iif, self.group_filter, self.validation_dataset = iif, group_filter, validation_dataset
         self._check_settings()
         self._trusted = self._trusted_triples(trusted)

@@ -37,6 +37,7 @@ import logging
 import math
 import random
 from dataclasses import dataclass
+from typing import Any, Optional
 from pathlib import Path
 
 from llm_iif.core.config import PREFERENCE_COLUMNS, DataConfig, IIFConfig, TrustedConfig, parse_filter, read_text
@@ -64,36 +65,60 @@ logger = logging.getLogger(__name__)
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
+# prompt text -> its row's other dataset columns, {column: value}, what a reward reads besides the text; None for
+# a text that two rows with different columns share
+PromptColumns = dict[str, Optional[dict[str, Any]]]
+
+
 @dataclass
 class PromptSplits:
     train: list[str]
     validation: list[str]
     dropped_by_length: int
+    columns: PromptColumns
 
 
-def read_prompts(cfg: DataConfig, tokenizer, key: str = "data") -> tuple[list[str], int]:
+def read_prompts(cfg: DataConfig, tokenizer, key: str = "data") -> tuple[list[str], int, PromptColumns]:
     """The prompts of ``cfg`` that pass its filters, cut to ``truncate_prompt_tokens`` and within its
-    token-length limits, in file order, and the number dropped by the length limits. ``key`` is the recipe
-    section, for error messages."""
+    token-length limits, in file order; the number dropped by the length limits; and each kept prompt's other
+    columns (`PromptColumns`). ``key`` is the recipe section, for error messages."""
     filters = [parse_filter(text, f"{key}.filters") for text in cfg.filters]
-    prompts = read_text_columns(cfg.source, f"{key}.source", {cfg.prompt_column: f"{key}.prompt_column"},
-                                cfg.split, filters)[cfg.prompt_column]
+    table = read_text_columns(cfg.source, f"{key}.source", {cfg.prompt_column: f"{key}.prompt_column"},
+                              cfg.split, filters, other_columns=True)
+    prompts = table.pop(cfg.prompt_column)
     encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     if cfg.truncate_prompt_tokens:
         encoded = [ids[:cfg.truncate_prompt_tokens] for ids in encoded]
         prompts = tokenizer.batch_decode(encoded)
     lengths = [len(ids) for ids in encoded]
-    kept = [p for p, n in zip(prompts, lengths) if cfg.min_prompt_tokens <= n <= cfg.max_prompt_tokens]
+    kept, columns = [], {}
+    for row, (prompt, n) in enumerate(zip(prompts, lengths)):
+        if not cfg.min_prompt_tokens <= n <= cfg.max_prompt_tokens:
+            continue
+        values = {name: table[name][row] for name in table}
+        if columns.setdefault(prompt, values) != values:
+            columns[prompt] = None  # two rows, e.g. cut to the same first tokens: a reward may not read either
+        kept.append(prompt)
     if not kept:
         raise UserError(f"{key}.source: no prompt of '{cfg.source}' has between {cfg.min_prompt_tokens} and "
                         f"{cfg.max_prompt_tokens} tokens ({key}.min_prompt_tokens / {key}.max_prompt_tokens)")
-    return kept, len(prompts) - len(kept)
+    return kept, len(prompts) - len(kept), columns
+
+
+def merge_prompt_columns(*maps: PromptColumns) -> PromptColumns:
+    """One `PromptColumns` from several sources'; a text they give different columns maps to None."""
+    merged: PromptColumns = {}
+    for columns in maps:
+        for prompt, values in columns.items():
+            if merged.setdefault(prompt, values) != values:
+                merged[prompt] = None
+    return merged
 
 
 def load_prompts(cfg: DataConfig, tokenizer, seed: int) -> PromptSplits:
     """Load prompts, drop those outside the filters and token-length limits, and split them with a seeded
     shuffle."""
-    kept, dropped = read_prompts(cfg, tokenizer)
+    kept, dropped, columns = read_prompts(cfg, tokenizer)
     random.Random(seed).shuffle(kept)
     n_val = int(len(kept) * cfg.validation_fraction)
     if cfg.validation_fraction > 0 and n_val == 0:
@@ -101,7 +126,7 @@ def load_prompts(cfg: DataConfig, tokenizer, seed: int) -> PromptSplits:
     if n_val >= len(kept):
         raise UserError(f"data.validation_fraction: {cfg.validation_fraction} leaves no training prompts "
                         f"out of {len(kept)}")
-    return PromptSplits(train=kept[n_val:], validation=kept[:n_val], dropped_by_length=dropped)
+    return PromptSplits(train=kept[n_val:], validation=kept[:n_val], dropped_by_length=dropped, columns=columns)
 
 
 def load_validation_set(iif: IIFConfig, splits: PromptSplits) -> dict[str, list[str]]:
@@ -214,26 +239,33 @@ def check_tokenizable(texts: dict[str, list[str]], tokenizer, key: str, source: 
 
 
 def read_text_columns(source: str, key: str, columns: dict[str, str], split: str = "train",
-                      filters: list[tuple] = ()) -> dict[str, list[str]]:
+                      filters: list[tuple] = (), other_columns: bool = False) -> dict[str, list]:
     """Read text ``columns`` from ``source``: a built-in set, a local .json/.jsonl/.parquet/.txt file or a hub id.
 
     ``key`` is the recipe key naming the source and ``columns`` maps each column to the recipe key naming it,
     so errors point at the right line of the recipe. A dotted column (``prompt.text``) reads a field of a
     struct column. Rows failing any of ``filters`` (from `parse_filter`) or with an empty or non-text value
-    are skipped.
+    are skipped. With ``other_columns``, the kept rows' values of every other top-level column come too, as
+    they are (e.g. a reference ``answer`` for a reward function).
     """
     table = load_table(source, key, split, text_column=next(iter(columns)))
-    texts = [column_values(table, source, column, column_key) for column, column_key in columns.items()]
-    passes = [True] * len(texts[0])
+    names = list(columns)
+    if other_columns:
+        tops = {column.split(".")[0] for column in columns}
+        names += [name for name in (table.column_names if hasattr(table, "column_names") else table)
+                  if name not in tops]
+    values = ([column_values(table, source, column, column_key) for column, column_key in columns.items()]
+              + [list(table[name]) for name in names[len(columns):]])
+    passes = [True] * len(values[0])
     for column, compare, number in filters:
-        values = column_values(table, source, column, key.rsplit(".", 1)[0] + ".filters")
-        passes = [ok and isinstance(v, (int, float)) and compare(v, number) for ok, v in zip(passes, values)]
-    rows = [values for ok, *values in zip(passes, *texts)
-            if ok and all(isinstance(v, str) and v.strip() for v in values)]
+        numbers = column_values(table, source, column, key.rsplit(".", 1)[0] + ".filters")
+        passes = [ok and isinstance(v, (int, float)) and compare(v, number) for ok, v in zip(passes, numbers)]
+    rows = [row for ok, *row in zip(passes, *values)
+            if ok and all(isinstance(v, str) and v.strip() for v in row[:len(columns)])]
     if not rows:
         raise UserError(f"{key}: '{source}' has no rows with text in column(s) {', '.join(columns)}"
                         + (" that pass the filters" if filters else ""))
-    return {column: [row[i] for row in rows] for i, column in enumerate(columns)}
+    return {name: [row[i] for row in rows] for i, name in enumerate(names)}
 
 
 def source_kind(source: str) -> str:

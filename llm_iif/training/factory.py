@@ -21,12 +21,13 @@ from llm_iif.core.distributed import check_scoring_supported, fsdp2_layer_classe
 from llm_iif.core.errors import UserError
 from llm_iif.core.guards import NonfiniteGuard
 from llm_iif.core.paths import RunPaths
-from llm_iif.lm.data import PromptQueue, load_prompts, load_validation_set, read_prompts, read_trusted_triples
+from llm_iif.lm.data import (PromptQueue, load_prompts, load_validation_set, merge_prompt_columns, read_prompts,
+                             read_trusted_triples)
 from llm_iif.lm.evaluation import Evaluator
 from llm_iif.lm.generation import sample_responses
 from llm_iif.lm.iif import ValidationTarget, policy_logprobs
 from llm_iif.lm.policy import load_policy, prompt_formatter
-from llm_iif.lm.rollouts import RolloutCollector, Sampler, estimate_advantages
+from llm_iif.lm.rollouts import RewardWithColumns, RolloutCollector, Sampler, estimate_advantages
 from llm_iif.lm.trusted import ppo_trusted_triples
 from llm_iif.training.builtins import resolve_builtin, resolve_reward_config
 from llm_iif.training.reward_model import reward_training_pairs, triples_among_pairs
@@ -64,12 +65,18 @@ def build_trainer(recipe: Recipe, accelerator: Accelerator | None = None, *,
     with acc.main_process_first():
         reward_cfg = resolve_reward_config(recipe.reward)
         reward_function = load_reward_model(reward_cfg, device=acc.device)
-        eval_rewards = {name: load_reward_model(resolve_reward_config(cfg, f"eval.rewards.{name}"), device=acc.device)
+        eval_rewards = {name: load_reward_model(resolve_reward_config(cfg, f"eval.rewards.{name}"), device=acc.device,
+                                                section=f"eval.rewards.{name}")
                         for name, cfg in recipe.eval.rewards.items()} if recipe.eval.every else {}
     format_prompt = prompt_formatter(tokenizer, recipe.model.chat_template)
     prompts = load_prompts(recipe.data, tokenizer, seed)
-    eval_prompts = (read_prompts(recipe.eval.data, tokenizer, "eval.data")[0][:recipe.eval.size]
-                    if recipe.eval.every else [])
+    eval_prompts, _, eval_columns = (read_prompts(recipe.eval.data, tokenizer, "eval.data") if recipe.eval.every
+                                     else ([], 0, {}))
+    eval_prompts = eval_prompts[:recipe.eval.size]
+    columns = merge_prompt_columns(prompts.columns, eval_columns)  # what rewards read besides the text
+    reward_function = RewardWithColumns(reward_function, columns, "reward")
+    eval_rewards = {name: RewardWithColumns(model, columns, f"eval.rewards.{name}")
+                    for name, model in eval_rewards.items()}
     validation = triples = None
     if recipe.trusted.source is not None:
         triples = read_trusted_triples(recipe.trusted)
@@ -86,7 +93,8 @@ def build_trainer(recipe: Recipe, accelerator: Accelerator | None = None, *,
                             "target's two halves take whole triples)")
         if recipe.iif.target_source != "batch" and recipe.iif.target != "preference":
             validation = load_validation_set(recipe.iif, prompts)  # the batch source needs no validation data
-    report_rewards = {name: CallableReward(path, key=f"reward.report.{name}")
+    report_rewards = {name: RewardWithColumns(CallableReward(path, key=f"reward.report.{name}"), columns,
+                                              f"reward.report.{name}")
                       for name, path in recipe.reward.report.items()}
     optimizer = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=recipe.ppo.learning_rate)
     if acc.state.deepspeed_plugin is not None:  # no data loader is prepared, so DeepSpeed must be told

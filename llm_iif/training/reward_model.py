@@ -19,13 +19,14 @@ from llm_iif.core.config import PreferenceDataConfig
 from llm_iif.core.distributed import accelerate_state_kept
 from llm_iif.core.errors import MODEL_LOAD_ERRORS, UserError, model_load_problem
 from llm_iif.core.fileio import atomic_write_text, write_directory_atomically
-from llm_iif.lm.data import read_text_columns
+from llm_iif.lm.data import column_values, is_messages, load_table
 from reward_models.hf_classifier import HFClassifierReward
 
 
-def load_preference_pairs(recipe) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """(train, held-out) pairs as {"chosen": [...], "rejected": [...]} texts, the prompt already in front."""
-    rows = _pair_texts(recipe.data)
+def load_preference_pairs(recipe, tokenizer) -> tuple[dict[str, list[str]], dict[str, list[str]], bool]:
+    """(train, held-out) pairs as {"chosen": [...], "rejected": [...]} texts, the prompt already in front
+    (conversational pairs through ``tokenizer``'s chat template), and whether any pair was a conversation."""
+    rows, conversational = _pair_texts(recipe.data, tokenizer)
     random.Random(recipe.run.seed).shuffle(rows)
     n_held_out = max(1, int(len(rows) * recipe.data.validation_fraction))
     if n_held_out >= len(rows):
@@ -35,17 +36,41 @@ def load_preference_pairs(recipe) -> tuple[dict[str, list[str]], dict[str, list[
     def as_columns(part):
         return {"chosen": [c for c, _ in part], "rejected": [r for _, r in part]}
 
-    return as_columns(rows[n_held_out:]), as_columns(rows[:n_held_out])
+    return as_columns(rows[n_held_out:]), as_columns(rows[:n_held_out]), conversational
 
 
-def _pair_texts(data: PreferenceDataConfig) -> list[tuple[str, str]]:
-    """Every (prompt + chosen, prompt + rejected) text pair of ``data``, in file order."""
-    columns = {data.chosen_column: "data.chosen_column", data.rejected_column: "data.rejected_column"}
-    if data.prompt_column:
-        columns = {data.prompt_column: "data.prompt_column", **columns}
-    table = read_text_columns(data.source, "data.source", columns, data.split)
-    prompts = table[data.prompt_column] if data.prompt_column else [""] * len(table[data.chosen_column])
-    return [(p + c, p + r) for p, c, r in zip(prompts, table[data.chosen_column], table[data.rejected_column])]
+def _pair_texts(data: PreferenceDataConfig, tokenizer=None) -> tuple[list[tuple[str, str]], bool]:
+    """Every (prompt + chosen, prompt + rejected) text pair of ``data``, in file order, and whether any was a
+    conversation. A row may be text, or
+    conversational as in trl's preference datasets (chosen and rejected message lists, with the prompt's messages
+    in front of them or in the prompt column); a conversation becomes text through ``tokenizer``'s chat
+    template, and without a ``tokenizer`` it is left out. Rows with an empty or missing value are skipped.
+    `UserError` when, with a ``tokenizer``, no row is left."""
+    names = [name for name in (data.prompt_column, data.chosen_column, data.rejected_column) if name]
+    keys = ["data.prompt_column", "data.chosen_column", "data.rejected_column"][-len(names):]
+    table = load_table(data.source, "data.source", data.split)
+    columns = [column_values(table, data.source, name, key) for name, key in zip(names, keys)]
+    if not data.prompt_column:
+        columns.insert(0, [""] * len(columns[0]))
+    pairs, conversational = [], False
+    for prompt, chosen, rejected in zip(*columns):
+        if all(isinstance(v, str) for v in (prompt, chosen, rejected)):
+            if chosen.strip() and rejected.strip() and (prompt.strip() or not data.prompt_column):
+                pairs.append((prompt + chosen, prompt + rejected))
+        elif is_messages(chosen) and is_messages(rejected) and (prompt == "" or is_messages(prompt)):
+            if tokenizer is not None and not tokenizer.chat_template:
+                raise UserError(f"data.source: '{data.source}' holds conversations, and the tokenizer of "
+                                "model.name_or_path has no chat template to write them as text; expected a base "
+                                "model whose tokenizer has one, or pairs of text")
+            conversational = True
+            if tokenizer is not None:
+                start = prompt or []
+                pairs.append(tuple(tokenizer.apply_chat_template(start + answer, tokenize=False)
+                                   for answer in (chosen, rejected)))
+    if not pairs and tokenizer is not None:
+        raise UserError(f"data.source: '{data.source}' has no rows with text, or messages, in column(s) "
+                        f"{', '.join(names)}")
+    return pairs, conversational
 
 
 def reward_training_pairs(model_dir: str) -> set[tuple[str, str]] | None:
@@ -56,7 +81,7 @@ def reward_training_pairs(model_dir: str) -> set[tuple[str, str]] | None:
         data = json.loads(record.read_text())["data"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return set(_pair_texts(PreferenceDataConfig(**data)))
+    return set(_pair_texts(PreferenceDataConfig(**data))[0])  # its conversations are never text triples
 
 
 def triples_among_pairs(triples: dict[str, list[str]], pairs: set[tuple[str, str]]) -> int:
@@ -81,10 +106,10 @@ def train_reward_model(recipe, base_model: str) -> dict:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
-    train_pairs, held_out = load_preference_pairs(recipe)
     base = base_model
     try:
         tokenizer = AutoTokenizer.from_pretrained(base)
+        train_pairs, held_out, conversational = load_preference_pairs(recipe, tokenizer)
         torch.manual_seed(recipe.run.seed)  # the new score head's initial weights; unseeded, every build differed
         model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
     except MODEL_LOAD_ERRORS as err:
@@ -122,7 +147,7 @@ def train_reward_model(recipe, base_model: str) -> dict:
     metrics = {"heldout_accuracy": pairwise_accuracy(reward, held_out),
                "train_accuracy": pairwise_accuracy(reward, sample),
                "train_pairs": len(train_pairs["chosen"]), "heldout_pairs": len(held_out["chosen"]),
-               "train_loss": result.training_loss, "use_lora": cfg.use_lora,
+               "train_loss": result.training_loss, "use_lora": cfg.use_lora, "chat_template": conversational,
                "data": dataclasses.asdict(recipe.data)}  # for reward_training_pairs
     atomic_write_text(output_dir / "eval.json", json.dumps(metrics, indent=2))
     return metrics

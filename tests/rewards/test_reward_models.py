@@ -154,3 +154,30 @@ def test_callable_reward_bad_output(function, message):
 def test_bad_reward_config(cfg, message):
     with pytest.raises(UserError, match=message):
         load_reward_model(cfg)
+
+
+TEMPLATE = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
+
+
+def test_hf_classifier_reads_a_conversation_through_its_chat_template(tmp_path, tiny_model_dir):
+    _, tokenizer = save_tiny_classifier(tmp_path / "plain", tiny_model_dir, num_labels=1)
+    model, _ = save_tiny_classifier(tmp_path / "chat", tiny_model_dir, num_labels=1)
+    tokenizer.chat_template = TEMPLATE
+    tokenizer.save_pretrained(tmp_path / "chat")
+    chat = load_reward_model(RewardConfig(name="hf-classifier", name_or_path=str(tmp_path / "chat"),
+                                          chat_template=True))
+    as_text = load_reward_model(RewardConfig(name="hf-classifier", name_or_path=str(tmp_path / "chat"),
+                                             input="response"))
+    system = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "the movie"}]
+    scores = chat(["the movie", system], [" was great .", " was awful ."])
+    # The score of exactly the text the template makes, message lists included.
+    assert scores == pytest.approx(as_text(["", ""], ["<user> the movie <assistant>  was great . ",
+                                                     "<system> be kind <user> the movie <assistant>  was awful . "]),
+                                   abs=1e-6)
+    assert scores[0] != pytest.approx(as_text([""], ["the movie was great ."])[0], abs=1e-4)  # not the plain text
+    with pytest.raises(UserError, match="reward.chat_template: true, but the tokenizer of .* has no chat template"):
+        load_reward_model(RewardConfig(name="hf-classifier", name_or_path=str(tmp_path / "plain"), chat_template=True))
+    with pytest.raises(UserError, match="reward.chat_template: true reads prompt and response as one conversation; "
+                                        "expected reward.input: prompt\\+response, got pair"):
+        load_reward_model(RewardConfig(name="hf-classifier", name_or_path=str(tmp_path / "chat"), input="pair",
+                                       chat_template=True))

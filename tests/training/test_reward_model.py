@@ -111,3 +111,67 @@ def test_training_a_reward_model_leaves_later_runs_in_full_precision(tmp_path, t
     train_reward_model(recipe, base_model=str(tiny_model_dir))
     after = Accelerator()
     assert (before.mixed_precision, after.mixed_precision, after.native_amp) == ("no", "no", False)
+
+
+TEMPLATE = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
+
+
+def conversational_pairs(path: Path, n: int, implicit_prompt: bool) -> Path:
+    """trl's conversational preference format: message lists, the prompt inside chosen and rejected (implicit) or
+    in a prompt column of its own."""
+    pairs = preference_pairs(num_pairs=n, seed=5)
+    rows = []
+    for prompt, chosen, rejected in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"]):
+        user = [{"role": "user", "content": prompt}]
+        answers = [[{"role": "assistant", "content": text}] for text in (chosen, rejected)]
+        rows.append({"chosen": user + answers[0], "rejected": user + answers[1]} if implicit_prompt
+                    else {"prompt": user, "chosen": answers[0], "rejected": answers[1]})
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def base_with_chat_template(directory: Path, tiny_model_dir) -> Path:
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(tiny_model_dir, directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer.chat_template = TEMPLATE
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("implicit_prompt", [True, False])
+def test_conversational_pairs_are_written_through_the_chat_template(tmp_path, tiny_model_dir, implicit_prompt):
+    from transformers import AutoTokenizer
+
+    from llm_iif.core.config import PreferenceDataConfig
+    from llm_iif.core.errors import UserError
+    from llm_iif.training.reward_model import _pair_texts
+
+    source = conversational_pairs(tmp_path / "chat.jsonl", 3, implicit_prompt)
+    data = PreferenceDataConfig(source=str(source), prompt_column=None if implicit_prompt else "prompt")
+    tokenizer = AutoTokenizer.from_pretrained(base_with_chat_template(tmp_path / "base", tiny_model_dir))
+    pairs, conversational = _pair_texts(data, tokenizer)
+    plain = preference_pairs(num_pairs=3, seed=5)
+    assert conversational and pairs[0] == (f"<user> {plain['prompt'][0]} <assistant> {plain['chosen'][0]} ",
+                                           f"<user> {plain['prompt'][0]} <assistant> {plain['rejected'][0]} ")
+    with pytest.raises(UserError, match="holds conversations, and the tokenizer of model.name_or_path has no chat "
+                                        "template"):
+        _pair_texts(data, AutoTokenizer.from_pretrained(tiny_model_dir))
+
+
+def test_reward_train_reads_a_conversational_dataset(tmp_path, tiny_model_dir):
+    source = conversational_pairs(tmp_path / "chat.jsonl", 60, implicit_prompt=True)
+    base = base_with_chat_template(tmp_path / "base", tiny_model_dir)
+    proc = reward_train("--set", f"data.source={source}", "--set", "data.prompt_column=null",
+                        "--set", f"model.name_or_path={base}", "--set", "train.epochs=1",
+                        "--output-dir", str(tmp_path / "rm"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "append_eos: true, chat_template: true" in proc.stdout
+    metrics = json.loads((tmp_path / "rm" / "eval.json").read_text())
+    assert metrics["chat_template"] and metrics["train_pairs"] + metrics["heldout_pairs"] == 60
+    reward = load_reward_model(RewardConfig(name="hf-classifier", name_or_path=str(tmp_path / "rm" / "model"),
+                                            append_eos=True, chat_template=True))
+    assert len(reward(["a review"], [" great ."])) == 1

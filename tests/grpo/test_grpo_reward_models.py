@@ -1,0 +1,45 @@
+"""A reward model as a GRPO reward, beside reward functions, as trl's reward_funcs takes one."""
+
+import json
+
+import yaml
+
+from conftest import cli_in_process
+from test_grpo_recipes import RECIPE, small
+
+
+def recipe_with_judge(directory, **judge):
+    """The GRPO recipe with its checker and a reward model ``judge`` (an hf-classifier) as rewards."""
+    raw = yaml.safe_load(RECIPE.read_text())
+    raw["rewards"] = {"llm_iif.lm.addition:exact_match_reward": 1.0,
+                      "judge": {"name": "hf-classifier", "name_or_path": "builtin:tiny-reward-model", "weight": 0.5,
+                                **judge}}
+    path = directory / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_a_reward_model_entry_trains_and_is_evaluated(random_adder_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stderr = cli_in_process(capsys, "train", recipe_with_judge(tmp_path), "--output-dir", out,
+                                  *small(random_adder_dir, "run.steps=1", "iif.enabled=false"))
+    assert code == 0, stderr[-3000:]
+    line = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    # trl logs each reward under its name; the classifier's logits are real numbers, not 0/1 like the checker's.
+    assert {"rewards/judge/mean", "eval/judge", "eval/exact_match_reward"} <= line.keys()
+    assert line["eval/judge"] not in (0.0, 1.0)
+
+
+def test_a_reward_model_entry_that_is_no_classifier_is_one_line(random_adder_dir, tmp_path, capsys):
+    bad = recipe_with_judge(tmp_path, name_or_path=str(random_adder_dir))
+    code, stderr = cli_in_process(capsys, "train", bad, "--output-dir", tmp_path / "bad",
+                                  *small(random_adder_dir, "run.steps=1"))
+    assert code == 2 and stderr.strip().count("\n") == 0, stderr
+    assert "rewards.judge.name_or_path: " in stderr and "is not a sequence classifier" in stderr
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+
+
+def test_a_reward_model_entry_with_an_unknown_key_names_it(random_adder_dir, tmp_path, capsys):
+    code, stderr = cli_in_process(capsys, "train", recipe_with_judge(tmp_path, wieght=1), "--output-dir",
+                                  tmp_path / "bad", *small(random_adder_dir, "run.steps=1"))
+    assert code == 2 and "rewards.judge.wieght: unknown key" in stderr, stderr
