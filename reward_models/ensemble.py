@@ -18,5 +18,6 @@ class ConservativeEnsembleReward:
         self.members = members
 
     def __call__(self, prompts: list[str], responses: list[str], **columns) -> list[float]:
-        scores = torch.tensor([member(prompts, responses, **columns) for member in self.members], dtype=torch.float64)  # [M, B]
+        scores = torch.tensor([member(prompts, responses, **columns) for member in self.members],
+                              dtype=torch.float64)  # [M, B]
         return (scores.mean(dim=0) - scores.std(dim=0)).tolist()

@@ -569,8 +569,8 @@ class GRPORecipe:
     data: GRPODataConfig
     rewards: dict[str, Union[float, GRPORewardModel]]
     """``module:function`` -> weight, for trl reward functions (prompts, completions, **columns) -> floats; or
-    NAME -> a reward model's section (`GRPORewardModel`, e.g. an hf-classifier), logged as ``rewards/NAME``. The
-    first one's held-out mean is the run's curve (``reward_mean``)."""
+    NAME -> a reward model: the keys of a PPO recipe's reward section (e.g. name: hf-classifier) plus its weight
+    (default 1), logged as ``rewards/NAME``. The first one's held-out mean is the run's curve (``reward_mean``)."""
     run: GRPORunConfig
     lora: LoraConfig = field(default_factory=LoraConfig)
     grpo: dict = field(default_factory=dict)

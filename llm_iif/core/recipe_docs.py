@@ -159,7 +159,7 @@ def _literal_value(value: Any) -> str:
 def type_text(hint: Any, links: dict[type, tuple[str, str]]) -> str:
     """A readable type: ``a | b`` for a Literal, ``X or null`` for Optional[X], ``list[str]``, ``dict``, and
     ``NAME section (see ...)`` for a nested dataclass documented as section NAME (``links``: class ->
-    (section, anchor))."""
+    (section, anchor)), or ``NAME section plus KEY`` for one that extends it."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is type(None):
         return "null"
@@ -176,6 +176,12 @@ def type_text(hint: Any, links: dict[type, tuple[str, str]]) -> str:
         if hint in links:
             name, anchor = links[hint]
             return f"{name} section (see [{name}](#{anchor}))"
+        base = next((b for b in hint.__mro__[1:] if b in links), None)
+        if base is not None:  # a documented section with keys of its own, e.g. a weight
+            name, anchor = links[base]
+            inherited = {f.name for f in dataclasses.fields(base)}
+            extra = ", ".join(f.name for f in dataclasses.fields(hint) if f.name not in inherited)
+            return f"{name} section plus {extra} (see [{name}](#{anchor}))"
         return f"mapping ({hint.__name__})"
     if hint is Any:
         return "any"

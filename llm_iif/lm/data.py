@@ -65,9 +65,58 @@ logger = logging.getLogger(__name__)
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
-# prompt text -> its row's other dataset columns, {column: value}, what a reward reads besides the text; None for
-# a text that two rows with different columns share
-PromptColumns = dict[str, Optional[dict[str, Any]]]
+class PromptColumns:
+    """Each prompt's other dataset columns, found by the prompt's text and read from its table only when a reward
+    asks (a hub data set's other columns can be far larger than its prompts). A text that two rows with different
+    columns share, e.g. two prompts cut to the same first tokens, has none."""
+
+    def __init__(self):
+        self._tables: list[tuple[Any, list[str]]] = []  # (table, its columns other than the prompt's)
+        self._rows: dict[str, Optional[tuple[int, int]]] = {}  # text -> (table, row); None when ambiguous
+
+    def add(self, table, prompt_column: str, prompts: list[str], rows: list[int]) -> None:
+        """Record ``prompts``, found at ``rows`` of ``table`` (from `load_table`), whose prompt is in
+        ``prompt_column`` (a dotted column: its top-level column)."""
+        top = prompt_column.split(".")[0]
+        names = table.column_names if hasattr(table, "column_names") else list(table)
+        self._tables.append((table, [name for name in names if name != top]))
+        for prompt, row in zip(prompts, rows):
+            where = (len(self._tables) - 1, row)
+            first = self._rows.setdefault(prompt, where)
+            if first is not None and first != where and self._values(first) != self._values(where):
+                self._rows[prompt] = None
+
+    def merged(self, other: PromptColumns) -> PromptColumns:
+        """Both sets of prompts in one; a text they give different columns has none."""
+        merged = PromptColumns()
+        for columns in (self, other):
+            offset = len(merged._tables)
+            merged._tables.extend(columns._tables)
+            for prompt, where in columns._rows.items():
+                moved = None if where is None else (where[0] + offset, where[1])
+                first = merged._rows.setdefault(prompt, moved)
+                if first != moved and (None in (first, moved) or merged._values(first) != merged._values(moved)):
+                    merged._rows[prompt] = None
+        return merged
+
+    def names(self) -> set[str]:
+        """Every column some prompt may have."""
+        return {name for _, names in self._tables for name in names}
+
+    def __contains__(self, prompt: str) -> bool:
+        return prompt in self._rows
+
+    def get(self, prompt: str) -> Optional[dict[str, Any]]:
+        """``prompt``'s columns, {column: value}; None for a text no row has, or rows with different columns."""
+        where = self._rows.get(prompt)
+        return None if where is None else self._values(where)
+
+    def _values(self, where: tuple[int, int]) -> dict[str, Any]:
+        table, names = self._tables[where[0]]
+        if hasattr(table, "column_names"):  # a datasets.Dataset: one row, not whole columns
+            row = table[where[1]]
+            return {name: row[name] for name in names}
+        return {name: table[name][where[1]] for name in names}
 
 
 @dataclass
@@ -83,36 +132,21 @@ def read_prompts(cfg: DataConfig, tokenizer, key: str = "data") -> tuple[list[st
     token-length limits, in file order; the number dropped by the length limits; and each kept prompt's other
     columns (`PromptColumns`). ``key`` is the recipe section, for error messages."""
     filters = [parse_filter(text, f"{key}.filters") for text in cfg.filters]
-    table = read_text_columns(cfg.source, f"{key}.source", {cfg.prompt_column: f"{key}.prompt_column"},
-                              cfg.split, filters, other_columns=True)
-    prompts = table.pop(cfg.prompt_column)
+    table, texts, rows = _text_rows(cfg.source, f"{key}.source", {cfg.prompt_column: f"{key}.prompt_column"},
+                                    cfg.split, filters)
+    prompts = texts[cfg.prompt_column]
     encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     if cfg.truncate_prompt_tokens:
         encoded = [ids[:cfg.truncate_prompt_tokens] for ids in encoded]
         prompts = tokenizer.batch_decode(encoded)
-    lengths = [len(ids) for ids in encoded]
-    kept, columns = [], {}
-    for row, (prompt, n) in enumerate(zip(prompts, lengths)):
-        if not cfg.min_prompt_tokens <= n <= cfg.max_prompt_tokens:
-            continue
-        values = {name: table[name][row] for name in table}
-        if columns.setdefault(prompt, values) != values:
-            columns[prompt] = None  # two rows, e.g. cut to the same first tokens: a reward may not read either
-        kept.append(prompt)
+    within = [cfg.min_prompt_tokens <= len(ids) <= cfg.max_prompt_tokens for ids in encoded]
+    kept = [prompt for prompt, ok in zip(prompts, within) if ok]
     if not kept:
         raise UserError(f"{key}.source: no prompt of '{cfg.source}' has between {cfg.min_prompt_tokens} and "
                         f"{cfg.max_prompt_tokens} tokens ({key}.min_prompt_tokens / {key}.max_prompt_tokens)")
+    columns = PromptColumns()
+    columns.add(table, cfg.prompt_column, kept, [row for row, ok in zip(rows, within) if ok])
     return kept, len(prompts) - len(kept), columns
-
-
-def merge_prompt_columns(*maps: PromptColumns) -> PromptColumns:
-    """One `PromptColumns` from several sources'; a text they give different columns maps to None."""
-    merged: PromptColumns = {}
-    for columns in maps:
-        for prompt, values in columns.items():
-            if merged.setdefault(prompt, values) != values:
-                merged[prompt] = None
-    return merged
 
 
 def load_prompts(cfg: DataConfig, tokenizer, seed: int) -> PromptSplits:
@@ -239,33 +273,31 @@ def check_tokenizable(texts: dict[str, list[str]], tokenizer, key: str, source: 
 
 
 def read_text_columns(source: str, key: str, columns: dict[str, str], split: str = "train",
-                      filters: list[tuple] = (), other_columns: bool = False) -> dict[str, list]:
+                      filters: list[tuple] = ()) -> dict[str, list[str]]:
     """Read text ``columns`` from ``source``: a built-in set, a local .json/.jsonl/.parquet/.txt file or a hub id.
 
     ``key`` is the recipe key naming the source and ``columns`` maps each column to the recipe key naming it,
     so errors point at the right line of the recipe. A dotted column (``prompt.text``) reads a field of a
     struct column. Rows failing any of ``filters`` (from `parse_filter`) or with an empty or non-text value
-    are skipped. With ``other_columns``, the kept rows' values of every other top-level column come too, as
-    they are (e.g. a reference ``answer`` for a reward function).
+    are skipped.
     """
+    return _text_rows(source, key, columns, split, filters)[1]
+
+
+def _text_rows(source: str, key: str, columns: dict[str, str], split: str, filters: list[tuple]):
+    """`read_text_columns`'s texts, with the table they come from and the index of each kept row in it."""
     table = load_table(source, key, split, text_column=next(iter(columns)))
-    names = list(columns)
-    if other_columns:
-        tops = {column.split(".")[0] for column in columns}
-        names += [name for name in (table.column_names if hasattr(table, "column_names") else table)
-                  if name not in tops]
-    values = ([column_values(table, source, column, column_key) for column, column_key in columns.items()]
-              + [list(table[name]) for name in names[len(columns):]])
-    passes = [True] * len(values[0])
+    texts = [column_values(table, source, column, column_key) for column, column_key in columns.items()]
+    passes = [True] * len(texts[0])
     for column, compare, number in filters:
-        numbers = column_values(table, source, column, key.rsplit(".", 1)[0] + ".filters")
-        passes = [ok and isinstance(v, (int, float)) and compare(v, number) for ok, v in zip(passes, numbers)]
-    rows = [row for ok, *row in zip(passes, *values)
-            if ok and all(isinstance(v, str) and v.strip() for v in row[:len(columns)])]
+        values = column_values(table, source, column, key.rsplit(".", 1)[0] + ".filters")
+        passes = [ok and isinstance(v, (int, float)) and compare(v, number) for ok, v in zip(passes, values)]
+    rows = [row for row, (ok, *values) in enumerate(zip(passes, *texts))
+            if ok and all(isinstance(v, str) and v.strip() for v in values)]
     if not rows:
         raise UserError(f"{key}: '{source}' has no rows with text in column(s) {', '.join(columns)}"
                         + (" that pass the filters" if filters else ""))
-    return {name: [row[i] for row in rows] for i, name in enumerate(names)}
+    return table, {column: [values[row] for row in rows] for column, values in zip(columns, texts)}, rows
 
 
 def source_kind(source: str) -> str:

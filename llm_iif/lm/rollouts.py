@@ -24,27 +24,29 @@ RewardFunction = Callable[[list[str], list[str]], list[float]]
 
 class RewardWithColumns:
     """``reward_model`` (`reward_models.RewardModel`) as a `RewardFunction`: called with each prompt's other
-    dataset columns as keyword lists, looked up by the prompt's text in ``columns`` (`llm_iif.lm.data.PromptColumns`),
-    as trl calls its reward functions. ``key`` names the recipe key of the reward, for errors."""
+    dataset columns as keyword lists, looked up by the prompt's text in ``columns``
+    (`llm_iif.lm.data.PromptColumns`), as trl calls its reward functions. ``key`` names the reward's recipe key,
+    for errors."""
 
-    def __init__(self, reward_model, columns: dict, key: str):
+    def __init__(self, reward_model, columns, key: str):
         self.reward_model, self.columns, self.key = reward_model, columns, key
-        available = {name for row in columns.values() if row for name in row}
+        self.reads_columns = getattr(reward_model, "reads_columns", False)
+        available = columns.names()
         needed = [name for name in getattr(reward_model, "required_columns", ()) if name not in available]
         if needed:
             raise UserError(f"{key}: needs the dataset column '{needed[0]}', which the prompts' data lacks "
                             f"(columns: {', '.join(sorted(available)) or 'none but the prompt'})")
 
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        if not self.reads_columns:
+            return self.reward_model(prompts, responses)
         rows = [self.columns.get(prompt) for prompt in prompts]
         missing = next((prompt for prompt, row in zip(prompts, rows) if row is None), None)
         if missing is not None:
-            if getattr(self.reward_model, "reads_columns", False):
-                reason = ("is in no row of the data" if missing not in self.columns
-                          else "is shared by rows with different columns")
-                raise UserError(f"{self.key}: reads dataset columns, but the prompt {missing!r} {reason}; expected "
-                                "prompts from the data source, each with one set of columns")
-            return self.reward_model(prompts, responses)
+            reason = ("is shared by rows with different columns" if missing in self.columns
+                      else "is in no row of the data")
+            raise UserError(f"{self.key}: reads dataset columns, but the prompt {missing!r} {reason}; expected "
+                            "prompts from the data source, each with one set of columns")
         names = dict.fromkeys(name for row in rows for name in row)
         return self.reward_model(prompts, responses, **{name: [row.get(name) for row in rows] for name in names})
 

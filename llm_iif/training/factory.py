@@ -21,7 +21,7 @@ from llm_iif.core.distributed import check_scoring_supported, fsdp2_layer_classe
 from llm_iif.core.errors import UserError
 from llm_iif.core.guards import NonfiniteGuard
 from llm_iif.core.paths import RunPaths
-from llm_iif.lm.data import (PromptQueue, load_prompts, load_validation_set, merge_prompt_columns, read_prompts,
+from llm_iif.lm.data import (PromptColumns, PromptQueue, load_prompts, load_validation_set, read_prompts,
                              read_trusted_triples)
 from llm_iif.lm.evaluation import Evaluator
 from llm_iif.lm.generation import sample_responses
@@ -71,9 +71,9 @@ def build_trainer(recipe: Recipe, accelerator: Accelerator | None = None, *,
     format_prompt = prompt_formatter(tokenizer, recipe.model.chat_template)
     prompts = load_prompts(recipe.data, tokenizer, seed)
     eval_prompts, _, eval_columns = (read_prompts(recipe.eval.data, tokenizer, "eval.data") if recipe.eval.every
-                                     else ([], 0, {}))
+                                     else ([], 0, PromptColumns()))
     eval_prompts = eval_prompts[:recipe.eval.size]
-    columns = merge_prompt_columns(prompts.columns, eval_columns)  # what rewards read besides the text
+    columns = prompts.columns.merged(eval_columns)  # what rewards read besides the text
     reward_function = RewardWithColumns(reward_function, columns, "reward")
     eval_rewards = {name: RewardWithColumns(model, columns, f"eval.rewards.{name}")
                     for name, model in eval_rewards.items()}

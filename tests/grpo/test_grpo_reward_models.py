@@ -43,3 +43,21 @@ def test_a_reward_model_entry_with_an_unknown_key_names_it(random_adder_dir, tmp
     code, stderr = cli_in_process(capsys, "train", recipe_with_judge(tmp_path, wieght=1), "--output-dir",
                                   tmp_path / "bad", *small(random_adder_dir, "run.steps=1"))
     assert code == 2 and "rewards.judge.wieght: unknown key" in stderr, stderr
+
+
+def test_a_reward_model_gets_conversational_prompts_as_messages_and_completions_as_text():
+    from llm_iif.grpo.run import model_reward_function
+
+    seen = []
+
+    def judge(prompts, responses, **columns):
+        seen.append((prompts, responses, columns))
+        return [float(len(r)) for r in responses]
+
+    reward = model_reward_function("judge", judge)
+    prompts = [[{"role": "system", "content": "add"}, {"role": "user", "content": "1+2="}]] * 2
+    completions = [[{"role": "assistant", "content": "3"}], [{"role": "assistant", "content": "12"}]]
+    assert reward.__name__ == "judge"  # trl logs rewards/judge/mean
+    assert reward(prompts=prompts, completions=completions, answer=["3", "3"]) == [1.0, 2.0]
+    assert seen == [(prompts, ["3", "12"], {})]  # a reward model reads text, not the data's columns
+    assert reward(prompts=["1+2="], completions=["3"]) == [1.0]

@@ -98,6 +98,18 @@ def stand_ins(name, tmp_path, tokenizer):
                 "reward.name_or_path": reward_model, "data.source": prefs, "eval.data.source": prefs,
                 "eval.rewards.judge.name_or_path": tiny_classifier("deberta-v2", tokenizer, tmp_path / "judge",
                                                                    ["LABEL_0"])}
+    if name == "qwen2.5-0.5b-instruct-trusted":
+        prefs = write_rows(tmp_path / "ultrafeedback.jsonl", [
+            {"prompt": sentence(rng, rng.randint(4, 20)), "prompt_id": str(i),
+             "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": sentence(rng, 6)}],
+             "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": sentence(rng, 9)}],
+             "score_chosen": 8.0, "score_rejected": 4.0} for i in range(60)])
+        return {"model.name_or_path": tiny_causal_lm("qwen2", tokenizer, tmp_path / "qwen2",
+                                                     chat_template=CHAT_TEMPLATE),
+                "reward.name_or_path": tiny_classifier("deberta-v2", tokenizer, tmp_path / "deberta", ["LABEL_0"]),
+                "data.source": prefs, "trusted.source": prefs, "trusted.size": 8, "eval.data.source": prefs,
+                "eval.rewards.judge.name_or_path": tiny_classifier("deberta-v2", tokenizer, tmp_path / "judge",
+                                                                   ["LABEL_0"])}
     raise KeyError(name)
 
 
@@ -106,7 +118,8 @@ SHRINK = {"run.rounds": 1, "run.batch_size": 4, "run.save_every": 0, "iif.val_si
           "ppo.generation_batch_size": 3, "eval.every": 1, "eval.size": 4}
 
 
-@pytest.mark.parametrize("name", ["gptneo-2.7b-toxicity", "gpt2-imdb-sentiment", "qwen2.5-0.5b-instruct-rm"])
+@pytest.mark.parametrize("name", ["gptneo-2.7b-toxicity", "gpt2-imdb-sentiment", "qwen2.5-0.5b-instruct-rm",
+                                  "qwen2.5-0.5b-instruct-trusted"])
 def test_real_model_recipe_runs_a_round_on_stand_ins(name, tmp_path, tiny_model_dir):
     from transformers import AutoTokenizer
 
@@ -128,5 +141,8 @@ def test_real_model_recipe_runs_a_round_on_stand_ins(name, tmp_path, tiny_model_
                     and r["prompt"]["toxicity"] > 0.3 and 10 <= len(tokenizer(r["prompt"]["text"])["input_ids"]) <= 15}
         assert set(trainer.prompts.prompts + trainer.iif.target_source.validation["prompt"]) == expected and len(expected) >= 8
         assert len(trainer.evaluator.prompts) == 4
-    if name == "qwen2.5-0.5b-instruct-rm":  # prompts reach the policy through the chat template
+    if name == "qwen2.5-0.5b-instruct-trusted":  # the preference target on the conversational triples
+        assert metrics["filtered"] == 1 and math.isfinite(metrics["trusted/margin"])
+        assert trainer.trusted.size == 8
+    if name.startswith("qwen2.5"):  # prompts reach the policy through the chat template
         assert trainer.collector.format_prompt("hi") == "<user> hi\n<assistant> "

@@ -7,7 +7,7 @@ import pytest
 
 from llm_iif.core.config import DataConfig, recipe_from_dict
 from llm_iif.core.errors import UserError
-from llm_iif.lm.data import merge_prompt_columns, read_prompts
+from llm_iif.lm.data import read_prompts
 from llm_iif.lm.generation import tokenize_pairs
 from llm_iif.lm.rollouts import RewardWithColumns
 from llm_iif.training import build_trainer
@@ -51,27 +51,44 @@ def test_read_prompts_keeps_each_prompts_other_columns(tmp_path, tiny_model_dir)
                                                    {"prompt": "the film", "label": 1}])
     prompts, dropped, columns = read_prompts(DataConfig(source=source), tokenizer)
     assert prompts == ["the movie was great", "the movie was dull", "the film"] and dropped == 0
-    assert columns == {p: {"label": label} for p, label in zip(prompts, [1, 0, 1])}
+    assert [columns.get(p) for p in prompts] == [{"label": 1}, {"label": 0}, {"label": 1}]
+    assert columns.names() == {"label"} and columns.get("no such prompt") is None
     # Cut to their first three tokens, two prompts become one text with two labels: no reward may read them.
     cut, _, columns = read_prompts(DataConfig(source=source, truncate_prompt_tokens=3), tokenizer)
-    assert cut[0] == cut[1] and columns[cut[0]] is None and columns["the film"] == {"label": 1}
-    assert merge_prompt_columns({"a": {"x": 1}, "b": {"x": 2}}, {"a": {"x": 1}, "b": {"x": 3}}) == {"a": {"x": 1},
-                                                                                                  "b": None}
+    assert cut[0] == cut[1] and cut[0] in columns and columns.get(cut[0]) is None
+    assert columns.get("the film") == {"label": 1}
+    # Two sources: a text they give different columns has none; the same columns are no conflict.
+    other = write_problems(tmp_path / "q.jsonl", [{"prompt": "the movie was great", "label": 0},
+                                                  {"prompt": "the film", "label": 1}])
+    merged = read_prompts(DataConfig(source=source), tokenizer)[2].merged(read_prompts(DataConfig(source=other),
+                                                                                      tokenizer)[2])
+    assert merged.get("the movie was great") is None and merged.get("the film") == {"label": 1}
+    assert merged.get("the movie was dull") == {"label": 0}
 
 
-def test_reward_with_columns_refuses_what_it_cannot_look_up():
-    columns = {"p": {"answer": "7"}, "shared": None}
-    reward = RewardWithColumns(CallableReward(f"{__name__}:answer_only"), columns, "reward")
-    assert reward(["p"], ["r"]) == [7.0]
-    with pytest.raises(UserError, match="reward: reads dataset columns, but the prompt 'shared' is shared by rows"):
-        reward(["shared"], ["r"])
+def test_reward_with_columns_refuses_what_it_cannot_look_up(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    source = write_problems(tmp_path / "p.jsonl", [{"prompt": "the movie was great", "answer": "7"},
+                                                   {"prompt": "the movie was dull", "answer": "8"}])
+    columns = read_prompts(DataConfig(source=source, truncate_prompt_tokens=3), tokenizer)[2]
+    (shared,) = {p for p in ["the movie was"] if p in columns}
+    full = read_prompts(DataConfig(source=source), tokenizer)[2]
+    reward = RewardWithColumns(CallableReward(f"{__name__}:answer_only"), full, "reward")
+    assert reward(["the movie was dull"], ["r"]) == [8.0]
+    with pytest.raises(UserError, match="reward: reads dataset columns, but the prompt 'the movie was' is shared by "
+                                        "rows with different columns"):
+        RewardWithColumns(CallableReward(f"{__name__}:answer_only"), columns, "reward")([shared], ["r"])
     with pytest.raises(UserError, match="the prompt 'q' is in no row of the data"):
         reward(["q"], ["r"])
     # A reward that reads no column scores any prompt.
-    assert RewardWithColumns(CallableReward(f"{__name__}:text_only"), columns, "reward")(["q"], ["r"]) == [1.0]
+    assert RewardWithColumns(CallableReward(f"{__name__}:text_only"), full, "reward")(["q"], ["r"]) == [1.0]
+    labels = write_problems(tmp_path / "l.jsonl", [{"prompt": "the film", "level": 1}])
     with pytest.raises(UserError, match="reward: needs the dataset column 'answer', which the prompts' data lacks "
                                         r"\(columns: level\)"):
-        RewardWithColumns(CallableReward(f"{__name__}:answer_only"), {"p": {"level": 1}}, "reward")
+        RewardWithColumns(CallableReward(f"{__name__}:answer_only"), read_prompts(DataConfig(source=labels),
+                                                                                 tokenizer)[2], "reward")
 
 
 def right_for_odd_sums(lm, tokenizer, prompts, cfg, device):
