@@ -210,7 +210,8 @@ class TrustedConfig:
     """A small set of (prompt, chosen, rejected) preferences you trust more than the reward model. Every round
     the run logs the policy's margin and accuracy on all of them (``trusted/margin``, ``trusted/accuracy``), so
     that any run can ship the round they rank best; ``iif.target: preference`` scores samples against their
-    margin, and ``dpo_coef`` adds a DPO loss on them to the update. Each use reads the whole set every round."""
+    margin, and ``dpo_coef`` adds a DPO loss on them to the update. The margin reads the whole set every round,
+    the target the whole set or a fresh draw (``target_draw``)."""
     source: Optional[str] = None
     """A local .json/.jsonl/.parquet file, an ``hf://datasets/...`` path, a `datasets` hub id (with ``split``
     and ``subset``) or a built-in set, e.g. builtin:trusted-preferences; null: no trusted set. Each of prompt, chosen and rejected is
@@ -231,6 +232,10 @@ class TrustedConfig:
     regularisation); 0 turns it off."""
     dpo_beta: float = 0.1
     """DPO's β: the scale of the implicit reward β·(log π − log π_ref)."""
+    target_draw: Optional[int] = None
+    """The preference target's triples each round, over all processes: a fresh draw of this many (each process
+    draws its even share of its own triples, with the generator that checkpoints save), so the target's gradient
+    costs that many triples' forward and backward; null: every triple, every round."""
 
 
 @dataclass

@@ -7,6 +7,7 @@ PPO and GRPO; each trainer tokenises the rows as it prompts its policy (`ppo_tru
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import torch
@@ -36,6 +37,12 @@ class TrustedTriples:
         self.accelerator, self.generator, self.chunk_size = accelerator, generator, max(1, chunk_size)
         self.size = len(rows) // 2
         self.reference_margins: torch.Tensor | None = None
+        if cfg.target_draw is not None:
+            processes = accelerator.num_processes
+            share, rest = divmod(cfg.target_draw, processes)
+            if rest or share % 2 or not 0 < share <= self.size:
+                raise UserError(f"trusted.target_draw: {cfg.target_draw} triples a round over {processes} "
+                                f"process(es); expected an even number per process, at most its {self.size} triples")
 
     def set_reference(self, model, sequence_logprobs: SequenceLogprobs | None = None) -> None:
         """The margins [V] under the reference: ``model`` through ``sequence_logprobs`` (the trainer's own by
@@ -44,8 +51,15 @@ class TrustedTriples:
             self.reference_margins = self._margins(model, self._everyone(), sequence_logprobs)
 
     def target_rows(self) -> TargetBatch:
-        """The rows of the preference target: every triple of this process, every round."""
-        return self.rows
+        """The rows of the preference target: every triple of this process, or with ``trusted.target_draw`` a
+        fresh draw of this process's share of them (chosen rows, then the same triples' rejected ones: with an
+        even draw, the parity split keeps a triple's rows in one half)."""
+        if self.cfg.target_draw is None:
+            return self.rows
+        share = self.cfg.target_draw // self.accelerator.num_processes
+        drawn = torch.randperm(self.size, generator=self.generator)[:share].sort().values
+        both = torch.cat([drawn, drawn + self.size]).to(self.rows.query_ids.device)
+        return TargetBatch(*(getattr(self.rows, f.name)[both] for f in dataclasses.fields(TargetBatch)))
 
     def metrics(self, model) -> dict[str, float]:
         """``trusted/margin``: the mean margin log π(chosen) − log π(rejected) over every process's triples;

@@ -12,6 +12,7 @@ import yaml
 from llm_iif.analysis.scorecard import check_same_cpu, scorecard_markdown, standard_climb, task_scorecard
 from llm_iif.analysis.suite import claim_suite_directory, load_suite, run_suite, start_suite
 from llm_iif.analysis.summary import summarize
+from llm_iif.core.config import GRPORecipe
 from llm_iif.core.errors import UserError
 from llm_iif.core.machine import cpu_model
 from llm_iif.core.paths import SuitePaths
@@ -216,3 +217,22 @@ def test_the_grpo_suite_loads_with_every_method():
     assert {task.name for task in suite.tasks} == {"tiny-addition", "tiny-reasoning", "tiny-sentiment-grpo"}
     for task in suite.tasks:
         assert task.methods == ["standard", "iif", "random", "dapo-refill", "dapo-refill-iif"]
+
+
+def test_the_flawed_rewards_suite_loads_and_every_method_makes_a_valid_recipe():
+    """benchmarks/suites/flawed-rewards.yaml: the three flaws on seeds 10-19, the same-data baselines and the
+    trusted-set variants, each method's overrides a recipe that loads."""
+    from llm_iif.core.config import load_recipe
+
+    suite = load_suite(REPO / "benchmarks" / "suites" / "flawed-rewards.yaml")
+    tasks = {task.name: task for task in suite.tasks}
+    assert set(tasks) == {"overopt-but", "overopt-length", "grpo-hackable-verifier"}
+    shared = {"standard", "iif", "dpo-aux-0.3", "dpo-aux-1", "iif-64", "iif-flipped", "iif-draw-64"}
+    ppo = {"kl-0.2", "kl-1", "ensemble", "rm-plus-trusted", "iif-kl-0.2", "iif-16"}
+    for name, task in tasks.items():
+        assert task.seeds == list(range(10, 20))
+        assert shared | (set() if task.kind is GRPORecipe else ppo) <= set(task.methods), name
+        for method in task.methods:
+            recipe = load_recipe(task.recipe, [*task.overrides, *task.method_table()[method]], kind=task.kind)
+            assert recipe.trusted.source is not None, (name, method)
+        assert load_recipe(task.recipe, task.method_table()["iif-draw-64"], kind=task.kind).trusted.target_draw == 64

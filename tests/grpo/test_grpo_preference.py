@@ -72,6 +72,27 @@ def test_grpo_preference_target_is_the_trusted_margins_gradient(random_adder_dir
     assert "target_round" not in trainer.iif_state_dict()  # every round takes every triple
 
 
+def test_a_drawn_grpo_target_is_the_margins_gradient_over_the_triples_drawn(random_adder_dir, tmp_path):
+    """trusted.target_draw in GRPO: the same draw as PPO's (`TrustedTriples.target_rows`), from the generator
+    the trainer's checkpoints save."""
+    trainer = make_trainer(random_adder_dir, tmp_path, iif=preference_iif(),
+                           trusted=TrustedSet(TRIPLES, TrustedConfig(source="t", target_draw=2)))
+    replay = torch.Generator()
+    replay.set_state(trainer._trusted.generator.get_state())
+    drawn = torch.randperm(4, generator=replay)[:2].sort().values.tolist()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    moved_off_zero(model)
+    target, _ = trainer._stage.target_gradient(trainer.model)
+
+    def tokenize(prompts, responses):
+        return tokenize_pairs(trainer.processing_class, prompts, responses, "cpu")
+
+    model.eval()
+    triples = {column: [values[i] for i in drawn] for column, values in TRIPLES.items()}
+    assert_gradients_close(target, brute_force_margin_gradient(model, trainer._sequence_logprobs, tokenize, triples,
+                                                               2))
+
+
 def test_trusted_prompts_are_padded_on_the_left_whatever_the_tokenizer_pads(random_adder_dir, tmp_path):
     triples = {"prompt": ["1+2=", "123+456="], "chosen": ["3", "579"], "rejected": ["4", "5"]}
     trainer = make_trainer(random_adder_dir, tmp_path, tokenizer=chat_tokenizer(random_adder_dir, "right"),

@@ -41,6 +41,45 @@ def test_ppo_preference_target_is_the_trusted_margins_gradient(tmp_path, tiny_mo
     assert_gradients_close(target, expected)
 
 
+def test_a_drawn_target_is_the_margins_gradient_over_the_triples_drawn(tmp_path, tiny_model_dir, capsys):
+    """trusted.target_draw: each round a fresh even draw of the set, whose margin's gradient the target is; the
+    generator that draws is the one checkpoints save."""
+    raw = tiny_recipe_dict(tmp_path)
+    raw["trusted"] = {"source": "builtin:trusted-preferences", "size": 16, "target_draw": 6}
+    raw["iif"] = {"enabled": True, "target": "preference", "score_batch_size": 3}
+    trainer = build_trainer(recipe_from_dict(raw))
+    policy = trainer.accelerator.unwrap_model(trainer.policy)
+    moved_off_zero(policy)
+    trusted = trainer.trusted
+    replay = torch.Generator()
+    replay.set_state(trusted.generator.get_state())
+    drawn = torch.randperm(16, generator=replay)[:6].sort().values.tolist()
+    target, _ = trainer.iif.target_gradient(trainer.policy)
+    collector = trainer.collector
+
+    def tokenize(prompts, responses):
+        return tokenize_pairs(collector.tokenizer, [collector.format_prompt(p) for p in prompts], responses, "cpu")
+
+    policy.eval()
+    triples = {column: [values[i] for i in drawn] for column, values in trusted_preference_triples().items()}
+    assert_gradients_close(target, brute_force_margin_gradient(policy, trainer.iif.sequence_logprobs, tokenize,
+                                                               triples, 6))
+    rounds = [trusted.target_rows().response_ids for _ in range(3)]
+    assert all(len(ids) == 12 for ids in rounds) and not torch.equal(rounds[0], rounds[1])
+    code, stderr = cli_in_process(capsys, "train", write_recipe(tmp_path, raw, "trusted.target_draw", 5),
+                                  "--output-dir", tmp_path / "odd")
+    assert code == 2 and "trusted.target_draw: 5 triples a round over 1 process(es); expected an even number per " \
+                          "process, at most its 16 triples" in stderr and stderr.strip().count("\n") == 0
+
+
+def write_recipe(directory, raw, key, value):
+    """``raw`` with ``key`` (section.name) set to ``value``, written as a recipe file."""
+    section, name = key.split(".")
+    path = directory / "recipe.yaml"
+    path.write_text(yaml.safe_dump({**raw, section: {**raw[section], name: value}}))
+    return path
+
+
 def test_builtin_trusted_triples_are_disjoint_from_the_reward_models_pairs():
     from llm_iif.lm.builtin import preference_pairs
 
