@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llm_iif.core.errors import UserError
+
 
 class LayerGradientCapture:
     """Capture per-sample gradients of the weights (and biases) of chosen ``nn.Linear`` / ``nn.Conv2d`` layers.
@@ -66,10 +68,12 @@ class LayerGradientCapture:
         self._outputs: dict[str, torch.Tensor] = {}
         self._grads: dict[str, torch.Tensor] = {}
         self._layer_scores: dict[str, torch.Tensor] = {}
+        self._awaiting_gradient: set[str] = set()  # layers whose last call's output gradient has not arrived
         self._handles: list = []
 
     def __enter__(self) -> "LayerGradientCapture":
         self._inputs.clear(), self._outputs.clear(), self._grads.clear(), self._layer_scores.clear()
+        self._awaiting_gradient.clear()
         for key, layer in self._layers.items():
             self._handles.append(layer.register_forward_hook(partial(self._on_forward, key)))
         return self
@@ -136,12 +140,21 @@ class LayerGradientCapture:
     # ---------------------------------------------------------------- hooks
 
     def _on_forward(self, key: str, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        # A second call before the first one's gradient arrived would overwrite its input, and the layer's
+        # per-sample gradient would miss that call's share. Recomputation under gradient checkpointing happens
+        # inside the backward and repeats the same call, so it is no second call.
+        if key in self._awaiting_gradient and torch._C._current_graph_task_id() == -1:
+            raise UserError(f"attribution: the layer '{self._params[key][0]}' ran twice in one forward pass (a "
+                            "weight-shared or looped block); its per-sample gradients would miss the first call, so "
+                            "influence scoring does not support such a model")
         self._inputs[key] = inputs[0]
         if output.requires_grad:
             self._outputs[key] = output  # under a no-grad forward (e.g. reentrant checkpointing) there is no backward
+            self._awaiting_gradient.add(key)
             output.register_hook(partial(self._on_output_grad, key))
 
     def _on_output_grad(self, key: str, grad_output: torch.Tensor) -> None:
+        self._awaiting_gradient.discard(key)
         layer = self._layers[key]
         x, g = _positions(layer, self._inputs[key].detach(), grad_output)  # [B, T, d_in], [B, T, d_out]
         weight_name, bias_name = self._params[key]

@@ -262,13 +262,16 @@ class IIFStage:
 @contextmanager
 def dropout_off(model: nn.Module):
     """The model in eval mode while gradients are scored, so that dropout does not make the scores random (it
-    also turns off gradient checkpointing, which transformers only applies in training mode)."""
-    was_training = model.training
+    also turns off gradient checkpointing, which transformers only applies in training mode). Afterwards each
+    module gets its own mode back: a policy in eval mode keeps its decoder layers in training mode to checkpoint
+    them (`llm_iif.lm.policy.enable_gradient_checkpointing`), which ``model.train(False)`` would undo."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 def _summed(gradients: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -107,20 +107,22 @@ def is_dtensor(tensor: torch.Tensor) -> bool:
 
 
 def whole_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """(model state dict, optimizer state dict) with whole tensors, gathered from the shards of an FSDP2 model
-    (complete on the main process; every process must call this). The optimizer's state is keyed by parameter
-    name, as `load_whole_state` reads it."""
+    """(state dict of the trainable parameters, optimizer state dict) with whole tensors, gathered from the
+    shards of an FSDP2 model (complete on the main process; every process must call this). The frozen base
+    weights stay sharded: a checkpoint keeps only what training changes, so a save gathers only that. The
+    optimizer's state is keyed by parameter name, as `load_whole_state` reads it."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     inner = getattr(optimizer, "optimizer", optimizer)
     return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, inner, options=options)
 
 
 def load_whole_state(model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict, optimizer_state: dict) -> None:
-    """Load whole ``weights`` (a subset of the model's) and an optimizer state from `whole_state` into an FSDP2
-    model's shards (every process must call this)."""
+    """Load whole ``weights`` (the trainable parameters, `whole_state`) and an optimizer state into an FSDP2
+    model's shards (every process must call this). Non-strict, as the frozen weights are not in ``weights``:
+    the caller checks that every trainable name is."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 

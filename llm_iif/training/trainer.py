@@ -354,6 +354,11 @@ class PPOTrainer:
             kind = {True: "an FSDP2", False: "a DDP or single-process"}
             raise UserError(f"{checkpoint}: written by {kind[not sharded]} launch; resume it with one like it, "
                             f"not {kind[sharded]} one")
+        missing = [name for name, param in policy.named_parameters()
+                   if param.requires_grad and name not in state["trainable"]]
+        if missing:
+            raise UserError(f"{checkpoint}: has no tensor for the trainable parameter '{missing[0]}' ({len(missing)} "
+                            "missing); expected a checkpoint of this run's model and LoRA settings")
         if sharded:
             load_whole_state(policy, self.optimizer, state["trainable"], state["optimizer"])
         else:

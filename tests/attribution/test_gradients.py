@@ -9,6 +9,7 @@ from torch import nn
 
 from llm_iif.attribution.gradients import LayerGradientCapture, LoraGradientCapture, grad_cosine, grad_dot, lora_parameters
 from llm_iif.attribution.filters import filter_mask
+from llm_iif.core.errors import UserError
 from llm_iif.lm.policy import position_ids_from_mask
 
 VOCAB = 40
@@ -178,6 +179,30 @@ def test_gradient_checkpointing_does_not_double_count(use_reentrant):
         per_sample_losses(model, ids, mask, weights).sum().backward()
     for name, grad in capture.per_sample_grads().items():
         assert relative_error(grad, expected[name]) <= 1e-4, name
+
+
+class AppliedTwice(nn.Module):
+    """One Linear layer applied twice in a forward, as a weight-shared or looped block would."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.shared(torch.tanh(self.shared(x)))
+
+
+def test_a_layer_called_twice_in_one_forward_is_refused_not_half_counted():
+    model, x = AppliedTwice(), torch.randn(4, 3)
+    with LayerGradientCapture(model, {"shared.weight": model.shared}):
+        with pytest.raises(UserError, match="^attribution: the layer 'shared.weight' ran twice in one forward pass"):
+            model(x)
+    # One call per forward is fine, forward after forward, each with its backward.
+    single = nn.Linear(3, 3)
+    with LayerGradientCapture(single, {"weight": single}) as capture:
+        for _ in range(2):
+            (single(x) ** 2).sum().backward()
+    assert capture.per_sample_grads()["weight"].shape == (4, 3, 3)
 
 
 def test_capture_inside_a_wrapper_uses_the_wrappers_parameter_names():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from llm_iif.core.distributed import is_sharded, whole_tensor
+from llm_iif.core.distributed import is_sharded, whole_state, whole_tensor
 from llm_iif.training import build_trainer
 from llm_iif.core.config import load_recipe
 from llm_iif.lm.generation import tokenize_pairs
@@ -36,6 +36,11 @@ if __name__ == "__main__":
     assert is_sharded(policy) == bool(args.fsdp2)
     assert [m.get("preconditioned", 0) for m in history] == [0, int(trainer.recipe.iif.precondition == "adam")]
     weights = {name: whole_tensor(p).detach().cpu() for name, p in policy.named_parameters() if p.requires_grad}
+    if args.fsdp2:  # a checkpoint gathers the trainable tensors only, not the frozen base model
+        gathered, _ = whole_state(policy, trainer.optimizer)
+        if trainer.accelerator.is_main_process:  # the one process that receives whole tensors
+            frozen = {name for name, p in policy.named_parameters() if not p.requires_grad}
+            assert set(weights) <= set(gathered) and not set(gathered) & frozen, sorted(set(gathered) & frozen)[:3]
     accelerator = trainer.accelerator
     torch.save(weights, args.out_dir / f"weights_rank{accelerator.process_index}.pt")
     del trainer, policy  # released before the process group is destroyed, as llm-iif train does

@@ -97,6 +97,22 @@ def test_a_tampered_checkpoint_runs_nothing_and_is_one_line(reference, tmp_path,
     assert not marker.exists()
 
 
+def test_a_checkpoint_without_a_trainable_tensor_is_refused_naming_it(reference, tmp_path, capsys):
+    """A checkpoint that verifies but would load nothing into one trainable parameter (one written for other
+    LoRA settings, say) is refused, not resumed with that parameter at its initial value."""
+    copy = tmp_path / "copy"
+    shutil.copytree(reference, copy)
+    final = copy / "final"
+    state = torch.load(final / "training_state.pt", weights_only=True)
+    dropped = sorted(state["trainable"])[0]
+    del state["trainable"][dropped]
+    torch.save(state, final / "training_state.pt")
+    manifest = json.loads((final / "trainer_state.json").read_text())
+    write_manifest(final, {k: v for k, v in manifest.items() if k != "files"})  # checksums that verify
+    assert main(["train", "--resume", str(copy), "--set", "run.rounds=5"]) == 2
+    assert f"has no tensor for the trainable parameter '{dropped}' (1 missing)" in one_error_line(capsys)
+
+
 def test_a_file_added_to_a_checkpoint_is_refused(reference, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(reference / "final", copy / "final")

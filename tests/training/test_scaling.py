@@ -55,6 +55,32 @@ def test_gradient_checkpointing_gives_the_same_scores_and_trains(tmp_path, tiny_
     assert all(math.isfinite(m["policy_loss"]) for m in history)
 
 
+def test_iif_rounds_keep_gradient_checkpointing_for_the_updates(tmp_path, tiny_model_dir):
+    """Scoring runs in eval mode, so checkpointing is off there; afterwards every module gets its own mode back,
+    and the updates still recompute their layers in the backward pass."""
+    raw = {**tiny_recipe_dict(tmp_path), "model": {"name_or_path": "builtin:tiny-sentiment",
+                                                   "gradient_checkpointing": True},
+           "iif": {"enabled": True, "score_batch_size": 4}}
+    trainer = build_trainer(recipe_from_dict(raw))
+    lm = trainer.accelerator.unwrap_model(trainer.policy)
+    checkpointed = [m for m in lm.modules() if getattr(m, "gradient_checkpointing", False)]
+    assert checkpointed and all(m.training for m in checkpointed)
+    calls = {"checkpointed forward": 0, "recomputed": 0}  # of a LoRA layer in the first decoder layer
+
+    def count(*_):
+        if torch._C._current_graph_task_id() != -1:  # inside a backward pass: checkpointing's recomputation
+            calls["recomputed"] += 1
+        elif torch.is_grad_enabled() and checkpointed[0].training:
+            calls["checkpointed forward"] += 1
+
+    next(m for n, m in lm.named_modules() if n.endswith("lora_A.default")).register_forward_hook(count)
+    history = trainer.train()
+    assert all(m["filtered"] == 1 for m in history)  # both rounds scored
+    assert all(m.training for m in checkpointed)
+    # Every update minibatch of both rounds ran checkpointed, and was recomputed in its backward.
+    assert calls["checkpointed forward"] == calls["recomputed"] >= 2 * 2
+
+
 @pytest.fixture
 def fresh_accelerator_state():
     """Accelerate keeps one state per process; mixed precision can only be chosen by a fresh one."""
