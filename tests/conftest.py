@@ -137,6 +137,16 @@ def brute_force_margin_gradient(model, sequence_logprobs, tokenize, triples, row
     return dict(zip(params, grads))
 
 
+def assert_scores_match(ours: torch.Tensor, expected: torch.Tensor, tolerance: float = 1e-4):
+    """Influence scores against a reference: within ``tolerance`` of it relative to its norm, and of the same
+    sign wherever the reference is farther from 0 than that tolerance allows, since the filter acts on signs
+    (a norm-relative bound alone lets a small score with the wrong sign pass)."""
+    assert expected.norm() > 0
+    assert ((ours - expected).norm() / expected.norm()).item() <= tolerance
+    clear = expected.abs() > tolerance * expected.norm()
+    assert clear.any() and torch.equal(torch.sign(ours[clear]), torch.sign(expected[clear]))
+
+
 def assert_gradients_close(ours: dict, expected: dict):
     flat = torch.cat([ours[name].flatten() for name in expected])
     want = torch.cat([grad.flatten() for grad in expected.values()])

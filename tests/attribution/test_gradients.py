@@ -7,6 +7,7 @@ import torch
 
 from torch import nn
 
+from conftest import assert_scores_match
 from llm_iif.attribution.gradients import LayerGradientCapture, LoraGradientCapture, grad_cosine, grad_dot, lora_parameters
 from llm_iif.attribution.filters import filter_mask
 from llm_iif.core.errors import UserError
@@ -97,12 +98,12 @@ def test_per_sample_grads_and_dots_match_autograd_loop(arch):
 
     target = {name: torch.randn_like(p) for name, p in lora_parameters(model).items()}
     expected_dots = torch.stack([sum((expected[n][i] * target[n]).sum() for n in target) for i in range(4)])
-    assert relative_error(capture.dot(target), expected_dots) <= 1e-4
+    assert_scores_match(capture.dot(target), expected_dots)
 
     model.zero_grad()
     with LoraGradientCapture(model, target=target) as streaming:
         per_sample_losses(model, ids, mask, weights).sum().backward()
-    assert relative_error(streaming.scores(), expected_dots) <= 1e-4
+    assert_scores_match(streaming.scores(), expected_dots)
     with pytest.raises(RuntimeError, match="streaming"):
         streaming.per_sample_grads()
 
@@ -132,7 +133,7 @@ def test_conv2d_and_linear_per_sample_grads_match_autograd_loop():
     expected_dots = torch.stack([sum((expected[n][i] * target[n]).sum() for n in target) for i in range(6)])
     with LayerGradientCapture(net, layers, target=target) as streaming:
         loss(images).sum().backward()
-    assert relative_error(streaming.scores(), expected_dots) <= 1e-4
+    assert_scores_match(streaming.scores(), expected_dots)
 
     # Three targets stacked [3, *shape]: one pass gives the [B, 3] scores of each against every sample.
     targets = [target, {n: torch.randn_like(p) for n, p in params.items()}, {n: -t for n, t in target.items()}]
@@ -153,7 +154,7 @@ def test_conv2d_and_linear_per_sample_grads_match_autograd_loop():
         sums = capture.group_sums()
         capture.score_against(target)
         torch.autograd.grad(losses.sum(), list(params.values()))
-        assert relative_error(capture.scores(), expected_dots) <= 1e-4
+        assert_scores_match(capture.scores(), expected_dots)
     for name in params:
         assert relative_error(sums[name], torch.stack([expected[name][:3].sum(0), expected[name][3:].sum(0)])) <= 1e-4
 
