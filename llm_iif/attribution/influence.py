@@ -69,10 +69,32 @@ SequenceLogprobs = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor
 PerSampleLoss = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 # (model, rows [b]) -> (L_i [b], each row's target term -Σ_t w_{i,t} log π(y_{i,t}) [b]), from one forward
 PerSampleLossAndTarget = Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# (model) -> [1] a zero term through the model from a stand-in row: the pass a process runs when it has no rows
+# left but others do, since under FSDP2 every forward and backward is a collective
+IdlePass = Callable[[nn.Module], torch.Tensor]
+
+
+def agreed_passes(rows: int, chunk_size: int, device) -> int:
+    """The number of chunks of ``chunk_size`` rows that every process runs: the most that any process's
+    ``rows`` need. Under FSDP2 each forward gathers weights from every process, so a process that stopped early
+    would leave the others waiting; with one process it is its own count."""
+    passes = -(-rows // chunk_size)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        count = torch.tensor([passes], device=device)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+        passes = int(count.item())
+    return passes
+
+
+def _chunks(rows: int, chunk_size: int, device) -> list[torch.Tensor | None]:
+    """This process's chunks of row indices, then None for each pass it runs idle (`agreed_passes`)."""
+    own = [chunk for chunk in torch.split(torch.arange(rows, device=device), chunk_size) if len(chunk)]
+    return own + [None] * (agreed_passes(rows, chunk_size, device) - len(own))
 
 
 def target_gradient_parts(model: nn.Module, rows: TargetBatch, sequence_logprobs: SequenceLogprobs,
-                          part: torch.Tensor, n_parts: int, chunk_size: int) -> tuple[GroupGradients, int]:
+                          part: torch.Tensor, n_parts: int, chunk_size: int,
+                          idle: IdlePass | None = None) -> tuple[GroupGradients, int]:
     """∇ of -Σ_v Σ_t w_{v,t} log π(y_{v,t}) over the scored parameters (`scored_parameters`), summed separately
     over each part of the rows: ``part`` [V] gives each row's part in [0, n_parts). Returns this process's
     `GroupGradients` of the n_parts parts (a part without rows is zero) and the number of rows left out because
@@ -80,15 +102,32 @@ def target_gradient_parts(model: nn.Module, rows: TargetBatch, sequence_logprobs
 
     The sums are formed by the layer hooks from each row's activations and output gradients, not by autograd
     over the parameters, so they are whole tensors even when the parameters are FSDP2 shards. One forward and
-    backward per chunk of rows; a NaN or inf row is left out by the hooks, not by a second pass, so every
-    process runs the same passes (under FSDP2 each is a collective)."""
+    backward per chunk of rows; a NaN or inf row is left out by the hooks, not by a second pass, and a process
+    with fewer chunks than another runs ``idle`` passes, so every process runs the same passes (under FSDP2
+    each is a collective)."""
     totals = _zero_group_sums(model, n_parts)
     left_out = 0
     with LayerGradientCapture(model, scored_layers(model)) as capture:
-        for chunk in torch.split(torch.arange(len(rows), device=rows.query_ids.device), chunk_size):
+        for chunk in _chunks(len(rows), chunk_size, rows.query_ids.device):
+            if chunk is None:
+                _idle_group_pass(capture, _checked(idle)(model), n_parts)
+                continue
             terms = _target_terms(model, rows, sequence_logprobs, chunk)
             left_out += int((~_add_group_sums(capture, totals, terms, part[chunk.cpu()], n_parts)).sum())
     return _group_gradients(totals, n_parts), left_out
+
+
+def _checked(idle: IdlePass | None) -> IdlePass:
+    if idle is None:
+        raise RuntimeError("this process has fewer rows to score than another: pass idle= to keep in step")
+    return idle
+
+
+def _idle_group_pass(capture: LayerGradientCapture, idle_term: torch.Tensor, n_groups: int,
+                     retain_graph: bool = False) -> None:
+    """The backward of an idle pass's term (`IdlePass`), adding nothing to any group's sum."""
+    capture.sum_by_group(torch.tensor([-1]), 2 * n_groups)
+    capture.backward(idle_term.sum(), retain_graph=retain_graph)
 
 
 def _zero_group_sums(model: nn.Module, n_groups: int) -> dict[str, torch.Tensor]:
@@ -141,22 +180,24 @@ def target_value(model: nn.Module, rows: TargetBatch, sequence_logprobs: Sequenc
 
 
 def influence_scores(model: nn.Module, per_sample_loss: PerSampleLoss, batch_size: int, target: dict,
-                     chunk_size: int, device) -> torch.Tensor:
+                     chunk_size: int, device, idle: IdlePass | None = None) -> torch.Tensor:
     """[B] influence ⟨target, ∇L_i⟩ of every sample, from one batched backward per chunk of rows.
 
     ``target`` is ∇L_val = -∇f over the scored parameters ([B, K] scores for K targets stacked as
-    [K, *param.shape]); ``per_sample_loss(model, rows)`` gives L_i [b] of the batch rows ``rows``."""
+    [K, *param.shape]); ``per_sample_loss(model, rows)`` gives L_i [b] of the batch rows ``rows``. A process
+    with fewer chunks than another runs ``idle`` passes (`agreed_passes`), whose scores are dropped."""
     scores = [torch.zeros(0, device=device)]  # a process may have no rows to score
-    for chunk in torch.split(torch.arange(batch_size, device=device), chunk_size):
+    for chunk in _chunks(batch_size, chunk_size, device):
         with LayerGradientCapture(model, scored_layers(model), target=target) as capture:
-            capture.backward(per_sample_loss(model, chunk).sum())
-        scores.append(capture.scores())
+            capture.backward((per_sample_loss(model, chunk) if chunk is not None else _checked(idle)(model)).sum())
+        if chunk is not None:
+            scores.append(capture.scores())
     return torch.cat(scores)
 
 
 def cross_fitted_dots(model: nn.Module, loss_and_target: PerSampleLossAndTarget, batch_size: int, fold: torch.Tensor,
                       n_folds: int, chunk_size: int, fold_targets: Callable[[GroupGradients], list[dict]],
-                      device) -> tuple[torch.Tensor, list[dict], torch.Tensor]:
+                      device, idle: IdlePass | None = None) -> tuple[torch.Tensor, list[dict], torch.Tensor]:
     """[B, K] dot products ⟨G_j, ∇L_i⟩ of every sample with every fold's target gradient G_j, the G_j, and [B]
     bool: the rows whose target term is finite, the only ones in the G_j (one NaN or inf row would spoil its
     whole fold). ``fold_targets`` makes the G_j (fp32 {name: tensor}) from this process's `GroupGradients` of
@@ -164,13 +205,18 @@ def cross_fitted_dots(model: nn.Module, loss_and_target: PerSampleLossAndTarget,
 
     ``fold`` [B] gives each row's fold. When the batch fits one chunk, one forward serves both backward
     passes: the target terms' (summed per fold by the hooks), then the losses' (scored against the stacked
-    G_j). Otherwise the chunks run forward twice, once per backward."""
-    chunks = torch.split(torch.arange(batch_size, device=device), chunk_size)
+    G_j). Otherwise the chunks run forward twice, once per backward. Every process runs as many chunks as the
+    one with the most (`agreed_passes`), ``idle`` passes where it has no rows left, and so fuses alike."""
+    chunks = _chunks(batch_size, chunk_size, device)
     fused = len(chunks) == 1
     in_target = torch.ones(batch_size, dtype=torch.bool)
     with LayerGradientCapture(model, scored_layers(model)) as capture:
         totals = _zero_group_sums(model, n_folds)  # a process without rows still joins the sum over processes
         for chunk in chunks:
+            if chunk is None:
+                losses = _checked(idle)(model)
+                _idle_group_pass(capture, losses, n_folds, retain_graph=fused)
+                continue
             losses, target_terms = loss_and_target(model, chunk)
             in_target[chunk.cpu()] = _add_group_sums(capture, totals, target_terms, fold[chunk.cpu()], n_folds,
                                                      retain_graph=fused)  # fused: the losses reuse the graph
@@ -179,7 +225,8 @@ def cross_fitted_dots(model: nn.Module, loss_and_target: PerSampleLossAndTarget,
         dots = [torch.zeros(0, n_folds, device=device)]
         for chunk in chunks:
             if not fused:
-                losses, _ = loss_and_target(model, chunk)
+                losses = loss_and_target(model, chunk)[0] if chunk is not None else idle(model)
             capture.backward(losses.sum())
-            dots.append(capture.scores())
+            if chunk is not None:
+                dots.append(capture.scores())
     return torch.cat(dots), parts, in_target

@@ -151,7 +151,7 @@ class IIFStage:
         # no_sync: per-process gradients; the scores are gathered by _decide
         with self.timer.phase("scoring"), acc.no_sync(model), acc.autocast(), dropout_off(acc.unwrap_model(model)):
             return influence_scores(acc.unwrap_model(model), per_sample_loss, batch_size, target,
-                                    self.config.score_batch_size, acc.device)
+                                    self.config.score_batch_size, acc.device, self._idle_pass)
 
     def cross_fitted_scores(self, model: nn.Module, loss_and_target: PerSampleLossAndTarget,
                             batch_size: int, precondition: Preconditioner | None = None,
@@ -184,7 +184,7 @@ class IIFStage:
         with self.timer.phase("scoring"), acc.no_sync(model), acc.autocast(), dropout_off(acc.unwrap_model(model)):
             dots, parts, in_target = cross_fitted_dots(acc.unwrap_model(model), loss_and_target, batch_size, fold,
                                                        folds, self.config.score_batch_size, fold_targets,
-                                                       acc.device)                                    # [B, K]
+                                                       acc.device, self._idle_pass)                   # [B, K]
         self._flag_left_out_rows(int((~in_target).sum()), batch_size)
         rows_per_fold = acc.reduce(torch.bincount(fold[in_target], minlength=folds).float().to(acc.device), "sum")
         fold = fold.to(dots.device)
@@ -208,13 +208,20 @@ class IIFStage:
             with acc.no_sync(model), acc.autocast(), dropout_off(acc.unwrap_model(model)):
                 halves, left_out = target_gradient_parts(
                     acc.unwrap_model(model), rows, self.sequence_logprobs, torch.arange(len(rows)) % 2, 2,
-                    self.config.score_batch_size)
+                    self.config.score_batch_size, self._idle_pass)
             half_a, half_b = sum_gradients(acc, *halves.parts)
             magnitude = acc.reduce(halves.magnitudes.sum().to(acc.device), "sum").item()
             n_total = self._flag_left_out_rows(left_out, len(rows))
         total = _summed([half_a, half_b])
         self.target_norms = (_norm(total), magnitude)
         return {name: t / n_total for name, t in total.items()}, grad_cosine(half_a, half_b)
+
+    def _idle_pass(self, model: nn.Module) -> torch.Tensor:
+        """[1] a zero term through ``model`` from a stand-in row (token 0 after token 0): the pass this process
+        runs while another still scores rows of its own (`llm_iif.attribution.influence.agreed_passes`)."""
+        token = torch.zeros(1, 1, dtype=torch.long, device=self.accelerator.device)
+        mask = torch.ones_like(token)
+        return 0.0 * self.sequence_logprobs(model, token, mask, token, mask).sum(dim=1)
 
     def _target_is_noise(self) -> bool:
         """Whether the last target gradient is float noise (`FLOAT_NOISE`), with a warning: its scores are

@@ -3,6 +3,8 @@
 FSDP2 itself is tested on 2 processes (tests/training/test_trainer.py, tests/grpo/test_grpo_trainer.py).
 """
 
+from pathlib import Path
+
 import torch
 
 from llm_iif.attribution.gradients import lora_layers, lora_parameters
@@ -67,3 +69,32 @@ def test_targets_and_scores_need_only_the_weights_inside_their_passes():
             torch.testing.assert_close(half[name], expected[name], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(scores, expected_scores, rtol=1e-5, atol=1e-7)
     assert expected_scores.abs().min() > 0
+
+
+def test_fsdp2_processes_with_unequal_rows_keep_in_step_and_score_as_one(tmp_path):
+    """Rank 0 scores no row and rank 1 seven, in chunks of 2; the target's rows split 2 and 5. Without agreeing
+    on the number of passes rank 1 would wait in a forward that rank 0 never joins (the timeout). The scores
+    and the summed target equal one process's to 1e-5 of the largest."""
+    import os
+    import subprocess
+
+    from conftest import accelerate_launch
+    from unequal_rows_run import LENGTHS
+
+    proc = subprocess.run([*accelerate_launch(2), str(Path(__file__).parent / "unequal_rows_run.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=180, env={**os.environ, "ACCELERATE_USE_CPU": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    ids, mask, weights = left_padded_batch(LENGTHS)
+    model = tiny_lora_model("llama")
+    model.eval()
+    rows = TargetBatch(ids[:, :1], mask[:, :1], ids[:, 1:], mask[:, 1:], weights[:, 1:])
+    parts = target_gradient_parts(model, rows, sequence_logprobs, torch.arange(len(LENGTHS)) % 2, 2, chunk_size=2)[0].parts
+    target = {name: parts[0][name] + parts[1][name] for name in parts[0]}
+    expected = influence_scores(model, lambda m, chunk: per_sample_losses(m, ids[chunk], mask[chunk], weights[chunk]),
+                                len(LENGTHS), target, chunk_size=2, device="cpu")
+    assert len(ranks[0]["scores"]) == 0
+    assert (ranks[1]["scores"] - expected).abs().max() <= 1e-5 * expected.abs().max()
+    for sharded, single in zip(ranks[1]["parts"], parts):
+        for name in single:
+            assert (sharded[name] - single[name]).abs().max() <= 1e-5 * single[name].abs().max(), name
