@@ -1,6 +1,6 @@
 """Where an LM round's time goes: standard PPO against IIF with each target source, measured side by side.
 
-    .venv/bin/python benchmarks/round_cost.py [--settings tiny,gpt2-124m] [--rounds 4]
+    .venv/bin/python benchmarks/round_cost.py [--settings tiny,gpt2-124m,overopt] [--rounds 4]
 
 Per setting, four trainers (standard, and IIF with the fresh, cached and batch target sources) run the same
 recipe and seed, alternating one round each, so that a slowdown of the machine part-way hits all alike. The
@@ -11,7 +11,10 @@ phase shares: the cost model that tells what the ratio becomes elsewhere (a GPU,
 Settings:
   tiny       recipes/tiny-sentiment.yaml as it ships (batch 64, 256 validation responses, 16 new tokens);
   gpt2-124m  a GPT-2 built from its config (12 layers, width 768, 124M parameters, random weights) with the
-             tiny tokenizer: batch 32, 64 new tokens, 64 validation responses, LoRA r 16 on c_attn.
+             tiny tokenizer: batch 32, 64 new tokens, 64 validation responses, LoRA r 16 on c_attn;
+  overopt    recipes/tiny-overopt.yaml as it ships: standard PPO against IIF's preference target on all 256
+             trusted triples, on the first 64, and on a fresh draw of 64 of the 256 each round
+             (trusted.target_draw). Every method logs the trusted margin, outside time_round_s.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ PHASES = {  # timings key -> column
     "time_target_s": "target", "time_scoring_s": "scoring", "time_update_s": "update", "time_round_s": "round",
 }
 METHODS = {"standard": {"enabled": False}, **{f"iif-{s}": {"enabled": True, "target_source": s} for s in TARGET_SOURCES}}
+# The overopt setting's methods: recipe sections updated per method
+TRUSTED_METHODS = {"standard": {"iif": {"enabled": False}}, "iif": {}, "iif-64": {"trusted": {"size": 64}},
+                   "iif-draw-64": {"trusted": {"target_draw": 64}}}
 
 
 def predicted_ratio(source: str, generation: float, forward: float, epochs: int, val_per_sample: float,
@@ -62,9 +68,18 @@ def predicted_ratio(source: str, generation: float, forward: float, epochs: int,
     return base + val_per_sample * (sampled + forward) + (val_per_sample + 1.0) * scoring
 
 
+def methods_of(setting: str) -> list[str]:
+    return list(TRUSTED_METHODS if setting == "overopt" else METHODS)
+
+
 def recipe_for(setting: str, method: str, output_dir: Path, model_dir: Path | None) -> dict:
-    raw = yaml.safe_load((REPO / "recipes" / "tiny-sentiment.yaml").read_text())
-    raw["iif"].update(METHODS[method])
+    if setting == "overopt":
+        raw = yaml.safe_load((REPO / "recipes" / "tiny-overopt.yaml").read_text())
+        for section, values in TRUSTED_METHODS[method].items():
+            raw[section].update(values)
+    else:
+        raw = yaml.safe_load((REPO / "recipes" / "tiny-sentiment.yaml").read_text())
+        raw["iif"].update(METHODS[method])
     raw["run"].update(output_dir=str(output_dir / method), report_to=[], log_samples=0)
     if setting == "gpt2-124m":
         raw["model"]["name_or_path"] = str(model_dir)
@@ -97,12 +112,12 @@ def measure(setting: str, rounds: int) -> dict[str, list[dict]]:
         tmp = Path(tmp)
         model_dir = build_gpt2_124m(tmp / "gpt2-124m") if setting == "gpt2-124m" else None
         trainers = {}
-        for method in METHODS:
+        for method in methods_of(setting):
             raw = recipe_for(setting, method, tmp / "runs", model_dir)
             raw["run"]["rounds"] = rounds + 1
             trainers[method] = build_trainer(recipe_from_dict(raw))
             trainers[method].outputs.start()
-        timed = {method: [] for method in METHODS}
+        timed = {method: [] for method in trainers}
         for k in range(rounds + 1):
             for method, trainer in trainers.items():  # alternating: one round of each in turn
                 metrics = trainer.run_round(k)
@@ -150,13 +165,31 @@ def report(setting: str, timed: dict[str, list[dict]], epochs: int, val_per_samp
             for g in shares) + " |")
 
 
+def report_trusted(timed: dict[str, list[dict]]) -> None:
+    """The overopt setting: each method's median round time, its target gradient's, and the ratio to standard."""
+    phases = {"time_generate_s": "generate", "time_forward_s": "rollout forward", "time_target_s": "target",
+              "time_scoring_s": "scoring", "time_update_s": "update", "time_round_s": "round",
+              "time_trusted_s": "trusted margin (not in the round)"}
+    print(f"\n### overopt: median seconds over {len(timed['standard'])} timed rounds, alternating methods\n")
+    print("| method | " + " | ".join(phases.values()) + " | kept | round / standard |")
+    print("|---|" + "---|" * (len(phases) + 2))
+    for method, rounds in timed.items():
+        ratio = statistics.median(m["time_round_s"] / s["time_round_s"] for m, s in zip(rounds, timed["standard"]))
+        print(f"| {method} | " + " | ".join(f"{statistics.median(m.get(key, 0.0) for m in rounds):.3f}"
+                                          for key in phases)
+              + f" | {statistics.median(m.get('kept_fraction', 1.0) for m in rounds):.2f} | {ratio:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--settings", default="tiny,gpt2-124m")
+    parser.add_argument("--settings", default="tiny,gpt2-124m,overopt")
     parser.add_argument("--rounds", type=int, default=4, help="timed rounds per method, after one warm-up round")
     args = parser.parse_args()
     torch.set_num_threads(2)
     for setting in args.settings.split(","):
+        if setting == "overopt":
+            report_trusted(measure(setting, args.rounds))
+            continue
         raw = recipe_for(setting, "iif-fresh", Path("unused"), Path("unused"))
         report(setting, measure(setting, args.rounds), raw["ppo"]["epochs"],
                raw["iif"]["val_size"] / raw["run"]["batch_size"])
