@@ -93,6 +93,9 @@ def task_report(task_dir: Path, figures: Path | None) -> None:
     print(f"\nGOAL final gold: iif final − best same-data baseline ({best}): {paired(iif_final, baselines[best])}")
     for name, values in baselines.items():
         print(f"   vs {name:<26} {paired(iif_final, values)}")
+    for method in ("iif-kl-0.2", "iif-draw-64"):  # IIF with a KL penalty, and at a fresh draw's cost
+        if method in shipped:
+            print(f"   {method} final − {best}: {paired({s: r.final for s, r in shipped[method].items()}, baselines[best])}")
     ratios = [r.final / r.oracle_peak for r in shipped[IIF].values()]
     print(f"GOAL no fall: iif final / own oracle peak: {interval(ratios)} (goal ≥ 0.95)")
     ours = root_kl_points(histories[IIF], gold)
