@@ -89,7 +89,8 @@ def test_fsdp2_processes_with_unequal_rows_keep_in_step_and_score_as_one(tmp_pat
     model = tiny_lora_model("llama")
     model.eval()
     rows = TargetBatch(ids[:, :1], mask[:, :1], ids[:, 1:], mask[:, 1:], weights[:, 1:])
-    parts = target_gradient_parts(model, rows, sequence_logprobs, torch.arange(len(LENGTHS)) % 2, 2, chunk_size=2)[0].parts
+    parts = target_gradient_parts(model, rows, sequence_logprobs, torch.arange(len(LENGTHS)) % 2, 2,
+                                  chunk_size=2)[0].parts
     target = {name: parts[0][name] + parts[1][name] for name in parts[0]}
     expected = influence_scores(model, lambda m, chunk: per_sample_losses(m, ids[chunk], mask[chunk], weights[chunk]),
                                 len(LENGTHS), target, chunk_size=2, device="cpu")

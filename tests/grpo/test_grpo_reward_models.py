@@ -8,12 +8,26 @@ from conftest import cli_in_process
 from test_grpo_recipes import RECIPE, small
 
 
-def recipe_with_judge(directory, **judge):
+def tiny_judge(directory, tokenizer_dir) -> str:
+    """A randomly initialised one-label sequence classifier with the adder's tokenizer, saved like a hub model."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=16, n_layer=1, n_head=2, num_labels=1,
+                        pad_token_id=tokenizer.eos_token_id)
+    GPT2ForSequenceClassification(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def recipe_with_judge(directory, model_dir, **judge):
     """The GRPO recipe with its checker and a reward model ``judge`` (an hf-classifier) as rewards."""
     raw = yaml.safe_load(RECIPE.read_text())
     raw["rewards"] = {"llm_iif.lm.addition:exact_match_reward": 1.0,
-                      "judge": {"name": "hf-classifier", "name_or_path": "builtin:tiny-reward-model", "weight": 0.5,
-                                **judge}}
+                      "judge": {"name": "hf-classifier", "name_or_path": tiny_judge(directory / "judge", model_dir),
+                                "weight": 0.5, **judge}}
     path = directory / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -21,7 +35,7 @@ def recipe_with_judge(directory, **judge):
 
 def test_a_reward_model_entry_trains_and_is_evaluated(random_adder_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    code, stderr = cli_in_process(capsys, "train", recipe_with_judge(tmp_path), "--output-dir", out,
+    code, stderr = cli_in_process(capsys, "train", recipe_with_judge(tmp_path, random_adder_dir), "--output-dir", out,
                                   *small(random_adder_dir, "run.steps=1", "iif.enabled=false"))
     assert code == 0, stderr[-3000:]
     line = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
@@ -31,7 +45,7 @@ def test_a_reward_model_entry_trains_and_is_evaluated(random_adder_dir, tmp_path
 
 
 def test_a_reward_model_entry_that_is_no_classifier_is_one_line(random_adder_dir, tmp_path, capsys):
-    bad = recipe_with_judge(tmp_path, name_or_path=str(random_adder_dir))
+    bad = recipe_with_judge(tmp_path, random_adder_dir, name_or_path=str(random_adder_dir))
     code, stderr = cli_in_process(capsys, "train", bad, "--output-dir", tmp_path / "bad",
                                   *small(random_adder_dir, "run.steps=1"))
     assert code == 2 and stderr.strip().count("\n") == 0, stderr
@@ -40,8 +54,9 @@ def test_a_reward_model_entry_that_is_no_classifier_is_one_line(random_adder_dir
 
 
 def test_a_reward_model_entry_with_an_unknown_key_names_it(random_adder_dir, tmp_path, capsys):
-    code, stderr = cli_in_process(capsys, "train", recipe_with_judge(tmp_path, wieght=1), "--output-dir",
-                                  tmp_path / "bad", *small(random_adder_dir, "run.steps=1"))
+    recipe = recipe_with_judge(tmp_path, random_adder_dir, wieght=1)
+    code, stderr = cli_in_process(capsys, "train", recipe, "--output-dir", tmp_path / "bad",
+                                  *small(random_adder_dir, "run.steps=1"))
     assert code == 2 and "rewards.judge.wieght: unknown key" in stderr, stderr
 
 

@@ -97,10 +97,10 @@ def right_for_odd_sums(lm, tokenizer, prompts, cfg, device):
     return tokenize_pairs(tokenizer, prompts, [str(s if s % 2 else s + 1) for s in sums], device)
 
 
-def test_ppo_pays_math_verifier_answers_from_the_answer_column(tmp_path):
+def test_ppo_pays_math_verifier_answers_from_the_answer_column(tmp_path, random_adder_dir):
     source = write_problems(tmp_path / "sums.jsonl", [{"prompt": f"{a}+{b}=", "answer": f"#### {a + b}"}
                                                       for a, b in SUMS])
-    raw = {"model": {"name_or_path": "builtin:tiny-adder"}, "lora": {"r": 4, "alpha": 8, "target_modules": ["c_attn"]},
+    raw = {"model": {"name_or_path": str(random_adder_dir)}, "lora": {"r": 4, "alpha": 8, "target_modules": ["c_attn"]},
            "data": {"source": source, "validation_fraction": 0.0},
            "reward": {"name": "callable", "function": "reward_models.math_verifier:answer_reward"},
            "ppo": {"mini_batch_size": 4, "epochs": 1, "max_new_tokens": 3},
