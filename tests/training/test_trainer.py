@@ -162,6 +162,9 @@ def run_fixed_rollouts(tmp_path, name, iif, processes, *options, run=None):
     """tests/training/fixed_rollout_run.py on the tiny recipe with IIF, as one process or under `accelerate launch`
     (``options``: the script's --fsdp2 and --resume; ``run``: settings of the recipe's run section)."""
     raw = tiny_recipe_dict(tmp_path / name)
+    iif = dict(iif)
+    if "trusted" in iif:  # the preference target's triples: a section of their own
+        raw["trusted"] = iif.pop("trusted")
     raw["iif"] = {"enabled": True, "val_size": 8, **iif}
     raw["run"].update(run or {})
     recipe = tmp_path / f"{name}.yaml"
@@ -181,6 +184,9 @@ def records(run_dir, k):
 # Adam preconditioning scores round 1 against the optimiser's second moments, which FSDP2 keeps as shards.
 FIXED_ROLLOUT_IIF = {source: {"mode": "bottom", "p": 0.5, "target_source": source, "precondition": "adam"}
                      for source in ("fresh", "batch")}
+# The preference target on 16 trusted triples, 8 per process under 2 processes.
+FIXED_ROLLOUT_IIF["preference"] = {**FIXED_ROLLOUT_IIF["fresh"], "target": "preference",
+                                   "trusted": {"source": "builtin:trusted-preferences", "size": 16}}
 
 
 @pytest.fixture(scope="module")
@@ -197,11 +203,12 @@ def ddp_runs(tmp_path_factory, tiny_model_dir):
     return runs
 
 
-@pytest.mark.parametrize("target_source", ["fresh", "batch"])
+@pytest.mark.parametrize("target_source", ["fresh", "batch", "preference"])
 def test_two_processes_filter_as_one_and_stay_in_step(tmp_path, ddp_runs, target_source):
     """2 CPU processes with IIF on fixed rollouts: one global batch and one filtering decision, the same
     kept set as a single process, one set of metrics and one checkpoint, and identical LoRA weights on
-    both ranks after 2 rounds. With the batch source, the folds follow the global row index."""
+    both ranks after 2 rounds. With the batch source, the folds follow the global row index; with the
+    preference target, each process holds half the trusted triples."""
     two, one = ddp_runs(target_source)
 
     lines = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
