@@ -77,19 +77,32 @@ def test_completion_losses_sum_to_trls_loss(random_adder_dir, tmp_path, loss_typ
     torch.testing.assert_close(flat_grad(ours.sum(), params), flat_grad(theirs, params), rtol=1e-4, atol=1e-7)
 
 
+def target_term(trainer, batch, i: int) -> torch.Tensor:
+    """Completion i's target term -Â_i Σ_t log π(y_{i,t}), rebuilt from an explicit log_softmax over the model's
+    logits (temperature-scaled, as trl samples), not from the trainer's own code: its completion alone, its prompt
+    as trl pads it (trl's forward gives the model no position ids, and neither does this one)."""
+    prompt, completion = batch["prompt_ids"][i:i + 1], batch["completion_ids"][i:i + 1]
+    ids = torch.cat([prompt, completion], dim=1)
+    mask = torch.cat([batch["prompt_mask"][i:i + 1], batch["completion_mask"][i:i + 1]], dim=1)
+    logits = trainer.model(input_ids=ids, attention_mask=mask).logits[:, prompt.shape[1] - 1:-1].float()
+    logprobs = torch.log_softmax(logits / trainer.temperature, dim=-1).gather(-1, completion[..., None])[..., 0]
+    return -batch["advantages"][i] * (logprobs * batch["completion_mask"][i:i + 1]).sum()
+
+
 def brute_force_scores(trainer, batch, target=None, folds=2, left_out=(), fold=None):
     """Each completion's ⟨target gradient, ∇L_i⟩ from one autograd call per completion; without ``target``,
-    the cross-fitted target of the other folds (a completion's whole group in one fold: group index mod folds)."""
+    the cross-fitted target of the other folds (a completion's whole group in one fold: group index mod folds),
+    its terms rebuilt independently (`target_term`)."""
     fn = trainer._loss_and_target(batch)
     params = list(scored_parameters(trainer.model).values())
     n = len(batch["advantages"])
     loss_grads, target_grads = [], []
     for i in range(n):
         result = fn(trainer.model, torch.tensor([i]))
-        loss, term = result if isinstance(result, tuple) else (result, None)
+        loss = result[0] if isinstance(result, tuple) else result
         loss_grads.append(flat_grad(loss.sum(), params))
-        if term is not None:
-            target_grads.append(flat_grad(term.sum(), params))
+        if isinstance(result, tuple):
+            target_grads.append(flat_grad(target_term(trainer, batch, i), params))
     if target is not None:
         return torch.stack(loss_grads) @ target
     fold = (torch.arange(n) // trainer.num_generations) % folds if fold is None else fold
