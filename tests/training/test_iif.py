@@ -63,12 +63,13 @@ def first_round_scoring_inputs(tmp_path):
 
 
 def test_trainer_scores_equal_a_per_sample_autograd_loop(tmp_path, tiny_model_dir):
-    """The scores the trainer filters on are exactly ⟨target, ∇L_i⟩ with L_i the PPO loss of sample i."""
+    """The scores the trainer filters on are exactly ⟨target, ∇L_i⟩ with L_i the PPO loss of sample i: through
+    `IIFStage.influence`, as the trainer calls it (autocast, eval mode, chunks of 3), on the round's target rows."""
     trainer, policy, rollout, targets, target = first_round_scoring_inputs(tmp_path)
     tokens = rollout.response_mask.sum().item() / len(rollout)
     cfg = trainer.cfg
-    scores = influence_scores(policy, ppo_sample_loss(rollout, targets, cfg, "full", tokens), len(rollout), target,
-                              chunk_size=3, device="cpu")
+    scores, _ = trainer.iif.influence(trainer.policy, ppo_sample_loss(rollout, targets, cfg, "full", tokens),
+                                      len(rollout), rows=trainer.iif.target_rows)
     params = lora_parameters(policy)
     expected = []
     for i in range(len(rollout)):
