@@ -232,6 +232,22 @@ def test_two_processes_filter_as_one_and_stay_in_step(tmp_path, ddp_runs, target
     assert (two / "final" / "adapter_model.safetensors").is_file()
 
 
+def test_fsdp2_preference_target_scores_and_filters_as_ddp(tmp_path, ddp_runs):
+    """The preference target with the policy sharded by FSDP2 on 2 CPU processes, each with half the trusted
+    triples: the same influence as DDP (to 1e-5 of the largest score) and the same kept set, in both rounds."""
+    sharded = run_fixed_rollouts(tmp_path, "fsdp2", FIXED_ROLLOUT_IIF["preference"], 2, "--fsdp2", "GPT2Block")
+    ddp, _ = ddp_runs("preference")
+    for k in (0, 1):
+        by_run = {name: {p: (s, kept) for p, s, kept in zip(*(records(run, k)[c] for c in
+                                                               ("prompt", "influence", "kept")))}
+                  for name, run in (("fsdp2", sharded), ("ddp", ddp))}
+        assert by_run["fsdp2"].keys() == by_run["ddp"].keys() and len(by_run["ddp"]) == 8
+        scale = max(abs(score) for score, _ in by_run["ddp"].values())
+        for prompt, (score, kept) in by_run["ddp"].items():
+            assert by_run["fsdp2"][prompt][1] == kept
+            assert abs(by_run["fsdp2"][prompt][0] - score) <= 1e-5 * scale
+
+
 def test_fsdp2_scores_filters_trains_and_resumes_as_ddp(tmp_path, ddp_runs):
     """2 CPU processes with the policy sharded by FSDP2 (each GPT2Block, the LM, the root): the same influence
     as DDP and as one process (to 1e-5 of the largest score) with the fresh target and Adam preconditioning
