@@ -288,6 +288,14 @@ def test_fsdp2_scores_filters_trains_and_resumes_as_ddp(tmp_path, ddp_runs):
     assert all(torch.equal(again[name], rank0[name]) for name in rank0)
     assert (resumed / "metrics.jsonl").read_text() == (sharded / "metrics.jsonl").read_text()
 
+    # The same checkpoint under a DDP launch: refused, since the optimiser states are laid out differently.
+    recipe = tmp_path / "resumed.yaml"
+    proc = subprocess.run([*launch_command(os.path.join(os.path.dirname(__file__), "fixed_rollout_run.py"), 2),
+                           str(recipe), str(resumed), "--resume", str(resumed / "checkpoint-1")],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "1"})
+    assert proc.returncode != 0
+    assert "written by an FSDP2 launch; resume it with one like it, not a DDP or single-process one" in proc.stderr
+
 
 def test_two_processes_keeping_one_sample_do_not_deadlock(tmp_path, tiny_model_dir):
     """Filtering keeps a single sample (p = 1): the process left without one takes zero-weight steps."""
