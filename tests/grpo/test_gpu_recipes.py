@@ -181,24 +181,6 @@ def test_small_recipe_trains_offline(random_adder_dir, gsm8k_file, tmp_path):
     check_run(out, SMALL, completions_per_step=16, iif=False)
 
 
-def test_small_recipe_keeps_its_global_batch_on_two_processes(random_adder_dir, gsm8k_file, tmp_path):
-    """The N-GPU launch line with N = 2 CPU processes: run.batch_size 16 over 2 processes of micro-batches of 4 is
-    2 accumulation steps each, and still 16 completions a step."""
-    import os
-
-    from conftest import accelerate_launch
-
-    out = tmp_path / "run"
-    proc = subprocess.run([*accelerate_launch(2), "-m", "llm_iif", "train", str(SMALL), "--output-dir", str(out),
-                           *stand_in(random_adder_dir, gsm8k_file, "model.chat_template=false",
-                                     "grpo.per_device_train_batch_size=4")],
-                          capture_output=True, text=True, timeout=600, cwd=REPO,
-                          env={**os.environ, "ACCELERATE_USE_CPU": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    check_run(out, SMALL, completions_per_step=16, iif=False)
-    assert json.loads((out / "environment.json").read_text())["processes"] == 2
-
-
 def test_large_recipe_trains_offline_through_a_chat_template(random_adder_dir, gsm8k_file, tmp_path):
     """The 7B recipe on one process, keeping model.chat_template: true: a copy of the tiny tokenizer gets a chat
     template that writes the messages' text only, so prompts and completions are trl's message lists, as with
