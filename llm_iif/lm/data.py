@@ -81,10 +81,7 @@ class PromptColumns:
         names = table.column_names if hasattr(table, "column_names") else list(table)
         self._tables.append((table, [name for name in names if name != top]))
         for prompt, row in zip(prompts, rows):
-            where = (len(self._tables) - 1, row)
-            first = self._rows.setdefault(prompt, where)
-            if first is not None and first != where and self._values(first) != self._values(where):
-                self._rows[prompt] = None
+            self._record(prompt, (len(self._tables) - 1, row))
 
     def merged(self, other: PromptColumns) -> PromptColumns:
         """Both sets of prompts in one; a text they give different columns has none."""
@@ -93,11 +90,14 @@ class PromptColumns:
             offset = len(merged._tables)
             merged._tables.extend(columns._tables)
             for prompt, where in columns._rows.items():
-                moved = None if where is None else (where[0] + offset, where[1])
-                first = merged._rows.setdefault(prompt, moved)
-                if first != moved and (None in (first, moved) or merged._values(first) != merged._values(moved)):
-                    merged._rows[prompt] = None
+                merged._record(prompt, None if where is None else (where[0] + offset, where[1]))
         return merged
+
+    def _record(self, prompt: str, where: Optional[tuple[int, int]]) -> None:
+        """Map ``prompt`` to ``where``; a second place with other columns (or an ambiguous one) maps it to None."""
+        first = self._rows.setdefault(prompt, where)
+        if first != where and (None in (first, where) or self._values(first) != self._values(where)):
+            self._rows[prompt] = None
 
     def names(self) -> set[str]:
         """Every column some prompt may have."""
