@@ -26,6 +26,11 @@ injected:
 - a `PerSampleLoss`, per call: the loss L_i of chosen batch rows, exactly as the update's first step sees it.
 
 All processes must call `IIFStage.select` together: it reduces the target and gathers the scores.
+
+Scoring runs on the unwrapped model and forms no parameter gradient (the hooks differentiate only as far as
+the layers' outputs), so it needs no ``no_sync``, and must not enter one: trl scores inside the first
+micro-batch of an accumulation window, where Accelerate's FSDP2 ``no_sync`` would switch gradient sync back on
+at its exit, and that micro-batch's backward would then reduce-scatter early.
 """
 
 from __future__ import annotations
@@ -148,8 +153,7 @@ class IIFStage:
     def _scores(self, model: nn.Module, per_sample_loss: PerSampleLoss, batch_size: int,
                 target: dict[str, torch.Tensor]) -> torch.Tensor:
         acc = self.accelerator
-        # no_sync: per-process gradients; the scores are gathered by _decide
-        with self.timer.phase("scoring"), acc.no_sync(model), acc.autocast(), dropout_off(acc.unwrap_model(model)):
+        with self.timer.phase("scoring"), acc.autocast(), dropout_off(acc.unwrap_model(model)):
             return influence_scores(acc.unwrap_model(model), per_sample_loss, batch_size, target,
                                     self.config.score_batch_size, acc.device, self._idle_pass)
 
@@ -181,7 +185,7 @@ class IIFStage:
             return [precondition(part) if precondition else part for part in parts]
 
         # one forward serves the target and the scores
-        with self.timer.phase("scoring"), acc.no_sync(model), acc.autocast(), dropout_off(acc.unwrap_model(model)):
+        with self.timer.phase("scoring"), acc.autocast(), dropout_off(acc.unwrap_model(model)):
             dots, parts, in_target = cross_fitted_dots(acc.unwrap_model(model), loss_and_target, batch_size, fold,
                                                        folds, self.config.score_batch_size, fold_targets,
                                                        acc.device, self._idle_pass)                   # [B, K]
@@ -204,8 +208,7 @@ class IIFStage:
         rows = rows if rows is not None else self.target_source(acc.unwrap_model(model))
         self.target_rows = rows
         with self.timer.phase("target"):
-            # no_sync: each process's part is summed by the reduce below
-            with acc.no_sync(model), acc.autocast(), dropout_off(acc.unwrap_model(model)):
+            with acc.autocast(), dropout_off(acc.unwrap_model(model)):
                 halves, left_out = target_gradient_parts(
                     acc.unwrap_model(model), rows, self.sequence_logprobs, torch.arange(len(rows)) % 2, 2,
                     self.config.score_batch_size, self._idle_pass)

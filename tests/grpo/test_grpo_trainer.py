@@ -589,6 +589,37 @@ def test_fsdp2_scores_filters_and_trains_as_ddp(random_adder_dir, tmp_path):
         torch.testing.assert_close(rank0[name], reference[name], rtol=1e-5, atol=1e-6)
 
 
+def test_scoring_leaves_the_accumulation_windows_gradient_sync_off(random_adder_dir, tmp_path):
+    """transformers' Trainer runs each micro-batch but the last of an accumulation window inside
+    ``accelerator.no_sync``, and trl generates and scores inside the first. Accelerate's FSDP2 ``no_sync`` sets
+    the model's gradient sync off on entry and on at exit, whatever it was before, so scoring inside a
+    ``no_sync`` of its own made the first micro-batch's backward reduce-scatter early. A stand-in with the same
+    semantics (Accelerate's FSDP2 branch) records the sync state at every training backward."""
+    from contextlib import contextmanager
+
+    trainer = make_trainer(random_adder_dir, tmp_path, max_steps=1, steps_per_generation=2,
+                           gradient_accumulation_steps=2, per_device_train_batch_size=8,
+                           iif=GRPOIIFConfig(enabled=True, target_source="batch", mode="bottom", p=0.5))
+    accelerator, gradient_sync, synced_at_backward = trainer.accelerator, [True], []
+
+    @contextmanager
+    def fsdp2_no_sync(model):
+        gradient_sync[0] = False
+        try:
+            yield
+        finally:
+            gradient_sync[0] = True
+
+    def recording_backward(loss, backward=accelerator.backward, **kwargs):
+        synced_at_backward.append(gradient_sync[0])
+        return backward(loss, **kwargs)
+
+    accelerator.no_sync, accelerator.backward = fsdp2_no_sync, recording_backward
+    trainer.train()
+    assert [e["iif/kept_fraction"] for e in trainer.state.log_history if "iif/kept_fraction" in e] == [0.5]
+    assert synced_at_backward == [False, True]  # held back in the window's first micro-batch, reduced at its last
+
+
 def test_trl_buffering_features_keep_working(random_adder_dir, tmp_path):
     """steps_per_generation, gradient accumulation, num_iterations, scale_rewards and a row-mean loss_type with
     filtering: one generation (and one filter decision) per 2 × 2 micro-steps, every step on kept rows."""
