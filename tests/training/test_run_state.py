@@ -62,19 +62,6 @@ def test_extending_a_finished_run_matches_an_uninterrupted_one(uninterrupted, tm
     assert sorted(p.name for p in (tmp_path / "records").iterdir()) == [f"round_{k:04d}.parquet" for k in range(4)]
 
 
-def test_resuming_under_another_kind_of_launch_is_one_line(tmp_path, tiny_model_dir, monkeypatch):
-    """A checkpoint keeps its optimiser state as its launch laid it out (whole, or gathered by parameter name
-    from FSDP2's shards); resuming under the other kind is refused before anything is loaded."""
-    from llm_iif.training import trainer as ppo_trainer
-
-    build_trainer(recipe_from_dict(iif_recipe(tmp_path, rounds=1))).train()
-    resumed = build_trainer(recipe_from_dict(iif_recipe(tmp_path, rounds=2)))
-    monkeypatch.setattr(ppo_trainer, "is_sharded", lambda model: True)  # as if this launch sharded the policy
-    with pytest.raises(UserError, match=r"final: written by a DDP or single-process launch; resume it with one "
-                                        r"like it, not an FSDP2 one$"):
-        resumed.train(resume_from=tmp_path / "final")
-
-
 def run_cli(*args):
     return subprocess.Popen([sys.executable, "-m", "llm_iif", "train", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

@@ -252,7 +252,8 @@ def test_fsdp2_scores_filters_trains_and_resumes_as_ddp(tmp_path, ddp_runs):
     """2 CPU processes with the policy sharded by FSDP2 (each GPT2Block, the LM, the root): the same influence
     as DDP and as one process (to 1e-5 of the largest score) with the fresh target and Adam preconditioning
     (round 1), the same kept set, and after 2 rounds the same LoRA weights as DDP, in memory and in the final
-    checkpoint. Resumed from its round-1 checkpoint, the sharded run ends exactly where it did."""
+    checkpoint. Resumed from its round-1 checkpoint, the sharded run ends exactly where it did. A checkpoint
+    resumed under the other kind of launch, either way, is refused."""
     from safetensors.torch import load_file
 
     iif, run = FIXED_ROLLOUT_IIF["fresh"], {"save_every": 1}
@@ -295,6 +296,20 @@ def test_fsdp2_scores_filters_trains_and_resumes_as_ddp(tmp_path, ddp_runs):
                           capture_output=True, text=True, timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "1"})
     assert proc.returncode != 0
     assert "written by an FSDP2 launch; resume it with one like it, not a DDP or single-process one" in proc.stderr
+
+    # and a DDP run's checkpoint under an FSDP2 launch
+    from_ddp, recipe = tmp_path / "from-ddp", tmp_path / "from-ddp.yaml"
+    shutil.copytree(ddp, from_ddp)
+    raw = yaml.safe_load((ddp.parent / "two.yaml").read_text())
+    raw["run"]["output_dir"] = str(from_ddp)
+    recipe.write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([*launch_command(os.path.join(os.path.dirname(__file__), "fixed_rollout_run.py"), 2),
+                           str(recipe), str(from_ddp), "--fsdp2", "GPT2Block",
+                           "--resume", str(from_ddp / "final")],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "ACCELERATE_USE_CPU": "1"})
+    assert proc.returncode != 0
+    assert "final: written by a DDP or single-process launch; resume it with one like it, not an FSDP2 one" \
+        in proc.stderr
 
 
 def test_two_processes_keeping_one_sample_do_not_deadlock(tmp_path, tiny_model_dir):
