@@ -107,16 +107,17 @@ def is_dtensor(tensor: torch.Tensor) -> bool:
 
 
 def whole_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """(state dict of the trainable parameters, optimizer state dict) with whole tensors, gathered from the
-    shards of an FSDP2 model (complete on the main process; every process must call this). The frozen base
-    weights stay sharded: a checkpoint keeps only what training changes, so a save gathers only that. The
-    optimizer's state is keyed by parameter name, as `load_whole_state` reads it."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    """(the trainable parameters by name, optimizer state dict) with whole tensors on the CPU, gathered from the
+    shards of an FSDP2 model (the optimizer's complete on the main process; every process must call this).
+    Only what training changes is gathered: the frozen base weights, and aliases of them such as a tied
+    ``lm_head.weight``, stay sharded. The optimizer's state is keyed by parameter name, as `load_whole_state`
+    reads it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    inner = getattr(optimizer, "optimizer", optimizer)
-    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, inner, options=options)
+    weights = {name: whole_tensor(param).detach().cpu() for name, param in model.named_parameters()
+               if param.requires_grad}
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return weights, get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), options=options)
 
 
 def load_whole_state(model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict, optimizer_state: dict) -> None:

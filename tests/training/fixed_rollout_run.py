@@ -36,11 +36,10 @@ if __name__ == "__main__":
     assert is_sharded(policy) == bool(args.fsdp2)
     assert [m.get("preconditioned", 0) for m in history] == [0, int(trainer.recipe.iif.precondition == "adam")]
     weights = {name: whole_tensor(p).detach().cpu() for name, p in policy.named_parameters() if p.requires_grad}
-    if args.fsdp2:  # a checkpoint gathers the trainable tensors only, not the frozen base model
+    if args.fsdp2:  # a checkpoint gathers the trainable tensors only: no frozen weight, nor the tied lm_head
         gathered, _ = whole_state(policy, trainer.optimizer)
-        if trainer.accelerator.is_main_process:  # the one process that receives whole tensors
-            frozen = {name for name, p in policy.named_parameters() if not p.requires_grad}
-            assert set(weights) <= set(gathered) and not set(gathered) & frozen, sorted(set(gathered) & frozen)[:3]
+        assert gathered.keys() == weights.keys(), sorted(gathered.keys() ^ weights.keys())[:3]
+        assert all(torch.equal(gathered[name], weights[name]) for name in weights)
     accelerator = trainer.accelerator
     torch.save(weights, args.out_dir / f"weights_rank{accelerator.process_index}.pt")
     del trainer, policy  # released before the process group is destroyed, as llm-iif train does
