@@ -103,16 +103,24 @@ class IIFStage:
         ``groups`` [B]: ids, unique over all processes, of groups of samples that the batch target folds
         together (GRPO's completions of one prompt); None folds by global row.
         """
-        cfg = self.config
         self.timer = PhaseTimer()
-        metrics, influence, filtering = {}, None, True
+        if self.config.mode == "random":
+            return self.selection(None, math.nan, batch_size, preconditioned=False)
+        influence, split_cos = self.influence(model, per_sample_loss, batch_size, precondition, groups=groups)
+        return self.selection(influence, split_cos, batch_size, preconditioned=precondition is not None)
+
+    def selection(self, influence: torch.Tensor | None, split_cos: float, batch_size: int,
+                  preconditioned: bool) -> Selection:
+        """The one filter decision over all processes from this process's [B] ``influence`` (None: the batch
+        target had a fold without rows, or ``mode: random``, which scores nothing), with the target's
+        reliability: ``split_cos`` and the float-noise check of the last target gradient."""
+        cfg = self.config
+        metrics, filtering = {}, True
         if cfg.mode != "random":
-            influence, metrics["target_split_cos"] = self.influence(model, per_sample_loss, batch_size, precondition,
-                                                                    groups=groups)
-            metrics["preconditioned"] = int(precondition is not None)
+            metrics["target_split_cos"], metrics["preconditioned"] = split_cos, int(preconditioned)
             # None: the batch target had a fold without rows (fewer groups than folds), so nothing is dropped
             filtering = influence is not None and not self._target_is_noise() and (
-                cfg.min_split_cos is None or metrics["target_split_cos"] >= cfg.min_split_cos)
+                cfg.min_split_cos is None or split_cos >= cfg.min_split_cos)
         keep, everyone = self._decide(influence, batch_size, cfg.mode if filtering else "none")
         metrics["kept_fraction"] = everyone["keep"].float().mean().item()
         metrics["filtered"] = int(filtering)
@@ -163,33 +171,51 @@ class IIFStage:
         """[B] influence of each sample on the target built from the other folds of the whole batch (each fold's
         gradient preconditioned, when given), and the cosine between the even and the odd folds' gradients.
 
-        Sample i's fold is its group id (``groups``, as in `select`) or else its global row index, mod K, so
-        that N processes fold as one would."""
+        Sample i's fold: `folds_of`."""
         acc, folds = self.accelerator, self.config.folds
         self.target_norms = None
+        fold = self.folds_of(batch_size, groups)
+        if fold is None:
+            return None, math.nan
+        # one forward serves the target and the scores
+        with self.timer.phase("scoring"), acc.autocast(), dropout_off(acc.unwrap_model(model)):
+            dots, parts, in_target = cross_fitted_dots(acc.unwrap_model(model), loss_and_target, batch_size, fold,
+                                                       folds, self.config.score_batch_size,
+                                                       lambda sums: self.fold_targets(sums, precondition),
+                                                       acc.device, self._idle_pass)                   # [B, K]
+        return self.cross_fitted_influence(dots, parts, fold, in_target)
+
+    def folds_of(self, batch_size: int, groups: torch.Tensor | None) -> torch.Tensor | None:
+        """[B] each sample's fold of the batch target: its group id (``groups``) or else its global row index,
+        mod K, so that N processes fold as one would; None when some fold has no row on any process."""
+        acc, folds = self.accelerator, self.config.folds
         if groups is None:
             _, offset = gather_values(acc, torch.zeros(batch_size))
             groups = torch.arange(batch_size) + offset
         fold = groups.cpu().long() % folds
         if (acc.reduce(torch.bincount(fold, minlength=folds).float().to(acc.device), "sum") == 0).any():
-            return None, math.nan
+            return None
+        return fold
 
-        def fold_targets(sums: GroupGradients) -> list[dict[str, torch.Tensor]]:
-            """The folds' gradients summed over processes; each sample's target, all folds but its own, is
-            checked for float noise before it is preconditioned."""
-            parts = sum_gradients(acc, *sums.parts)
-            magnitudes = acc.reduce(sums.magnitudes.to(acc.device), "sum").tolist()
-            others = [(parts[:k] + parts[k + 1:], magnitudes[:k] + magnitudes[k + 1:]) for k in range(folds)]
-            self.target_norms = min(((_norm(_summed(gradients)), sum(scales)) for gradients, scales in others),
-                                    key=_noise_ratio)
-            return [precondition(part) if precondition else part for part in parts]
+    def fold_targets(self, sums: GroupGradients,
+                     precondition: Preconditioner | None = None) -> list[dict[str, torch.Tensor]]:
+        """The folds' target gradients G_j from this process's `GroupGradients` of them: summed over processes,
+        each sample's target (all folds but its own) checked for float noise, then each preconditioned."""
+        acc, folds = self.accelerator, self.config.folds
+        parts = sum_gradients(acc, *sums.parts)
+        magnitudes = acc.reduce(sums.magnitudes.to(acc.device), "sum").tolist()
+        others = [(parts[:k] + parts[k + 1:], magnitudes[:k] + magnitudes[k + 1:]) for k in range(folds)]
+        self.target_norms = min(((_norm(_summed(gradients)), sum(scales)) for gradients, scales in others),
+                                key=_noise_ratio)
+        return [precondition(part) if precondition else part for part in parts]
 
-        # one forward serves the target and the scores
-        with self.timer.phase("scoring"), acc.autocast(), dropout_off(acc.unwrap_model(model)):
-            dots, parts, in_target = cross_fitted_dots(acc.unwrap_model(model), loss_and_target, batch_size, fold,
-                                                       folds, self.config.score_batch_size, fold_targets,
-                                                       acc.device, self._idle_pass)                   # [B, K]
-        self._flag_left_out_rows(int((~in_target).sum()), batch_size)
+    def cross_fitted_influence(self, dots: torch.Tensor, parts: list[dict[str, torch.Tensor]], fold: torch.Tensor,
+                               in_target: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """([B] influence, target_split_cos) from the dot products ``dots`` [B, K] of this process's samples
+        with the K folds' gradients ``parts``: I_i = Σ_{j≠k(i)} ⟨G_j, ∇L_i⟩ / (N − N_k(i)), N counting the rows
+        in the target (``in_target`` [B]) over all processes; the cosine is the even folds' against the odd."""
+        acc, folds = self.accelerator, self.config.folds
+        self._flag_left_out_rows(int((~in_target).sum()), len(in_target))
         rows_per_fold = acc.reduce(torch.bincount(fold[in_target], minlength=folds).float().to(acc.device), "sum")
         fold = fold.to(dots.device)
         own = dots.gather(1, fold[:, None]).squeeze(1)
