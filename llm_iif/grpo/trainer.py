@@ -46,10 +46,12 @@ from llm_iif.attribution.influence import TargetBatch
 from llm_iif.attribution.precondition import adam_preconditioner, check_second_moments
 from llm_iif.attribution.stage import IIFStage
 from llm_iif.core.config import GRPOIIFConfig
-from llm_iif.core.distributed import check_scoring_supported
+from llm_iif.core.distributed import check_scoring_supported, is_sharded
 from llm_iif.core.errors import UserError, first_line
 from llm_iif.core.guards import NonfiniteGuard
+from llm_iif.core.timer import PhaseTimer
 from llm_iif.grpo.groups import max_variance_subsets, subset_advantages, varied_groups
+from llm_iif.grpo.in_run import InRunScoring, WindowRows
 from llm_iif.grpo.losses import (RESCALED_LOSSES, SUPPORTED_LOSSES, completion_losses, completion_normalisers,
                                  group_target_terms, token_losses)
 from llm_iif.grpo.trusted import TrustedSet, grpo_trusted_triples, trusted_prompt_ids
@@ -137,10 +139,14 @@ class IIFGRPOTrainer(GRPOTrainer):
         self._refill_generator = torch.Generator().manual_seed(self.args.seed + 1)
         self._stage = None
         self.generation_records: list[dict] = []
+        self._in_run, self._window = None, None
         if iif is not None:
             source = (PreferenceTarget(self) if iif.target == "preference"
                       else FreshGroupTarget(self) if iif.target_source == "fresh" else None)
             self._stage = IIFStage(iif, self.accelerator, source, self._sequence_logprobs, self._guard, generator)
+            if iif.scoring == "in-run":
+                self._check_in_run()
+                self._in_run = InRunScoring(self._stage, self.accelerator, self.loss_type)
 
     # ------------------------------------------------------------------------------------------------ checks
     def _check_settings(self) -> None:
@@ -209,6 +215,41 @@ class IIFGRPOTrainer(GRPOTrainer):
             raise UserError(f"iif: {err}; pass a peft_config or leave some nn.Linear layers trainable") from err
         if iif.target != "preference" and iif.target_source == "fresh":
             self._check_validation(iif)
+
+    def _check_in_run(self) -> None:
+        """One-line errors for settings that in-run scoring cannot honour (`llm_iif.grpo.in_run`)."""
+        iif, args = self.iif, self.args
+        separate = "; or set iif.scoring: separate"
+        model = self.accelerator.unwrap_model(self.model)
+        if iif.mode == "random":
+            raise UserError("iif.scoring: in-run with iif.mode random: random dropping scores nothing; expected "
+                            "iif.scoring: separate")
+        if self.num_iterations != 1:
+            raise UserError(f"num_iterations: {self.num_iterations}; in-run scoring takes its scores from the first "
+                            f"update's backward, and later iterations train at moved parameters: expected 1{separate}")
+        if args.steps_per_generation != args.gradient_accumulation_steps:
+            raise UserError(f"steps_per_generation: {args.steps_per_generation} with gradient_accumulation_steps "
+                            f"{args.gradient_accumulation_steps}; in-run scoring decides before the generation batch's "
+                            f"one optimiser step: expected them equal{separate}")
+        if self.beta != 0.0 and iif.target_source == "batch":
+            raise UserError(f"beta: {self.beta} with iif.target_source batch; in-run scoring builds the batch target "
+                            f"from the policy term's gradient, which the KL term changes: expected beta 0{separate}")
+        if self._dpo_coef():
+            raise UserError(f"trusted.dpo_coef: {self._dpo_coef()}; the DPO term runs through the scored layers in "
+                            f"the same backward: expected 0 with in-run scoring{separate}")
+        if self.use_vllm:
+            raise UserError(f"use_vllm: in-run scoring is not run with vLLM's importance-sampling ratios{separate}")
+        if is_sharded(model):
+            raise UserError(f"iif.scoring: in-run is not run under FSDP2 (its gradients are shards){separate}")
+        dropout = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+        if dropout and not args.disable_dropout:
+            raise UserError(f"disable_dropout: false with dropout p={dropout[0].p} in the model; in-run scores would "
+                            f"carry the update's dropout noise: expected disable_dropout: true{separate}")
+        scored = {id(p) for p in scored_parameters(model).values()}
+        unscored = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in scored]
+        if unscored:
+            raise UserError(f"iif.scoring: in-run corrects the scored (LoRA) parameters' gradient only, and "
+                            f"'{unscored[0]}' is trainable too ({len(unscored)} such){separate}")
 
     def _check_validation(self, iif: GRPOIIFConfig) -> None:
         data, per_round = self.validation_dataset, self.num_generations * self.accelerator.num_processes
@@ -309,6 +350,8 @@ class IIFGRPOTrainer(GRPOTrainer):
         keep = ~nonfinite
         if self.group_filter is not None:
             batch, keep, metrics, rewards, groups = self._group_filtered(batch, inputs, nonfinite, rewards)
+        if self._in_run is not None:  # the scores come from the update's backward (_close_window)
+            return self._open_window(batch, keep, groups, rewards, metrics, len(inputs), start)
         if self._stage is not None:  # IIF, alone or among the groups a dapo filter kept
             keep, influence, scored = self._influence_filtered(batch, keep, groups)
             metrics.update(scored)
@@ -341,9 +384,19 @@ class IIFGRPOTrainer(GRPOTrainer):
         optimizer.step = step_unless_nothing_kept
         return optimizer
 
+    def training_step(self, model, inputs, num_items_in_batch):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._in_run is not None and self._in_run.capturing:
+            self._in_run.end_micro_batch()
+            if self.accelerator.sync_gradients:  # the window's last micro-batch: before clipping and the step
+                self._close_window()
+        return loss
+
     def _compute_loss(self, model, inputs):
         if self.model.training:
             self._kept_rows_in_window += float(inputs["iif_kept_rows"]) if "iif_kept_rows" in inputs else 1.0
+            if self._in_run is not None and self._in_run.is_open:
+                self._in_run.start_micro_batch(model, inputs["iif_row"])
         loss = self._rescaled(super()._compute_loss(model, inputs), inputs)
         if self._dpo_coef() and self.model.training:
             # Through the unwrapped model: DDP reduces the summed gradient of both terms once. Divided by the
@@ -492,6 +545,56 @@ class IIFGRPOTrainer(GRPOTrainer):
         if selection.influence is not None:
             influence[rows.cpu()] = selection.influence.float().cpu()
         return keep, influence, selection.metrics
+
+    def _open_window(self, batch: dict, candidates: torch.Tensor, groups: torch.Tensor, rewards: torch.Tensor,
+                     metrics: dict, batch_size: int, start: float) -> dict:
+        """In-run scoring: cut the batch to its ``candidates`` [B] (every row with a finite reward, or a group
+        filter's kept rows), build a fresh or preference target at θ(k) and open the window that
+        `_close_window` decides; the rows carry their index (``iif_row``) through trl's shuffle."""
+        stage, acc = self._stage, self.accelerator
+        stage.timer = PhaseTimer()
+        target, split_cos = None, math.nan
+        if self.iif.target_source == "fresh":
+            target, split_cos = stage.target_gradient(self.model)
+            precondition = self._preconditioner()
+            target = precondition(target) if precondition else target
+        rows = candidates.nonzero().flatten()
+        records = self._records(batch, rewards, torch.zeros_like(candidates), torch.full(candidates.shape, math.nan))
+        batch = self._kept_rows(batch, candidates)
+        count = len(rows)
+        mask = _loss_mask(batch)[:count].float()
+        total_rows = acc.reduce(torch.tensor(float(len(batch["advantages"])), device=acc.device), "sum").item()
+        kappa = float(batch["iif_kept_rows"]) / total_rows if self.loss_type in ("dr_grpo", "luspo") else 1.0
+        normalisers = completion_normalisers(self.loss_type, mask, int(batch["iif_kept_rows"]),
+                                             batch["num_items_in_batch"].item(), self.max_completion_length)
+        self._in_run.open(WindowRows(count, groups[rows.cpu()], batch["advantages"][:count].float(), normalisers,
+                                     mask.sum(dim=1), kappa,
+                                     min(1.0, self.epsilon_high) if self.loss_type == "cispo" else 1.0),
+                          target, split_cos)
+        batch["iif_row"] = torch.arange(len(batch["advantages"]), device=batch["advantages"].device)
+        self._window = (rows, records, metrics, batch_size, time.perf_counter() - start)
+        return batch
+
+    def _close_window(self) -> None:
+        """In-run scoring at the end of the generation batch's accumulation window: the decision, the corrected
+        gradient, and the batch's records and ``iif/`` metrics."""
+        rows, records, metrics, batch_size, seconds = self._window
+        start = time.perf_counter()
+        selection = self._in_run.close(self.model, self._preconditioner())
+        metrics.update(selection.metrics)
+        for row, kept, influence in zip(rows.tolist(), selection.keep.tolist(),
+                                        (selection.influence if selection.influence is not None
+                                         else torch.full((len(rows),), math.nan)).tolist()):
+            records[row].update(kept=bool(kept), influence=float(influence))
+        self.generation_records = records
+        kept = self._global_sum(selection.keep)
+        self._kept_rows_in_window = kept
+        metrics["kept_fraction"] = kept / (batch_size * self.accelerator.num_processes)
+        counts = self._guard.end_round()
+        metrics.update({name: counts[name] for name in ("nonfinite_reward", "nonfinite_target", "nonfinite_influence")})
+        metrics["time_filter_s"] = seconds + time.perf_counter() - start
+        for name, value in metrics.items():
+            self._metrics["train"][f"iif/{name}"].append(float(value))
 
     def _group_ids(self, size: int, generation: int) -> torch.Tensor:
         """[size] ids of the prompt groups of this process's rows of a generation batch (``generation`` 0, or the

@@ -1,7 +1,7 @@
 """Train IIF-GRPO on fixed completions, then save each step's kept completions and this process's weights;
 then one step of DAPO with refill, saving how many rows each process kept; then, for three loss types (one of
 each normaliser: per completion, per micro-batch token mean rescaled, per batch token sum), one step with
-gradient accumulation, saving every completion's influence score.
+gradient accumulation, saving every completion's influence score, and the same with in-run scoring for two.
 
 ``python tests/grpo/fixed_completion_run.py MODEL_DIR OUT_DIR PROCESSES [compare]``, as one process or under
 ``accelerate launch``. With ``compare``, instead: two IIF steps with Adam-preconditioned scores on a LoRA
@@ -28,6 +28,7 @@ from llm_iif.grpo import GroupFilter, IIFGRPOTrainer
 
 GLOBAL_BATCH = 16
 SCORED_LOSS_TYPES = ("grpo", "bnpo", "dapo")
+IN_RUN_LOSS_TYPES = ("grpo", "dapo")
 
 
 def fixed_completions(prompts, trainer):
@@ -146,11 +147,21 @@ if __name__ == "__main__":
         scored = make_trainer(model_dir, out / loss_type, max_steps=1, loss_type=loss_type, beta=0.1,
                               steps_per_generation=2, gradient_accumulation_steps=2,
                               per_device_train_batch_size=GLOBAL_BATCH // processes // 2,
-                              rollout_func=fixed_completions,
+                              rollout_func=fixed_completions, reward_funcs=[completion_length],
                               iif=GRPOIIFConfig(enabled=True, target_source="batch", folds=2, mode="bottom", p=0.5))
         scored.train()
         rows = [(r["prompt"] + "|" + r["response"], r["influence"]) for r in scored.generation_records]
         scores[loss_type] = sorted(gather_object(rows))
+    for loss_type in IN_RUN_LOSS_TYPES:  # in-run scoring: the scores from the update's backward (beta 0)
+        scored = make_trainer(model_dir, out / f"in-run-{loss_type}", max_steps=1, loss_type=loss_type,
+                              steps_per_generation=2, gradient_accumulation_steps=2,
+                              per_device_train_batch_size=GLOBAL_BATCH // processes // 2,
+                              rollout_func=fixed_completions, reward_funcs=[completion_length],
+                              iif=GRPOIIFConfig(enabled=True, target_source="batch", folds=2, mode="bottom", p=0.5,
+                                                scoring="in-run"))
+        scored.train()
+        rows = [(r["prompt"] + "|" + r["response"], r["influence"]) for r in scored.generation_records]
+        scores[f"in-run {loss_type}"] = sorted(gather_object(rows))
     if accelerator.is_main_process:
         (out / "scores.json").write_text(json.dumps(scores))
     del trainer, dapo, scored  # their DDP models must go while the process group exists: gloo's threads abort

@@ -557,11 +557,12 @@ def test_two_processes_keep_what_one_keeps_and_end_with_identical_weights(random
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name])
         torch.testing.assert_close(rank0[name], single[name], rtol=1e-4, atol=1e-6)
-    # with gradient accumulation, 2 processes score every completion as one does (to 1e-4)
+    # with gradient accumulation, 2 processes score every completion as one does (to 1e-4), in-run scoring too
     scores_one, scores_two = (json.loads((tmp_path / run / "scores.json").read_text()) for run in ("one", "two"))
     for loss_type, rows in scores_one.items():
         assert [text for text, _ in rows] == [text for text, _ in scores_two[loss_type]]
         one_values, two_values = (torch.tensor([v for _, v in r]) for r in (rows, scores_two[loss_type]))
+        assert one_values.abs().max() > 0, loss_type
         torch.testing.assert_close(two_values, one_values, rtol=1e-4, atol=1e-4 * one_values.abs().max().item())
     # DAPO with refill: each process keeps at most its own batch of 8, however its refills went
     for rank in (0, 1):
