@@ -103,11 +103,11 @@ class InRunScoring:
         ``model`` to the kept completions. The selection's keep and influence are [candidates]."""
         rows, acc = self.rows, self.accelerator
         self.rows = None
-        grads = self._window_gradients(rows)                                   # {name: [candidates, ...]}
         with self.stage.timer.phase("scoring"):
+            grads = self._window_gradients(rows)
             scale = acc.num_processes * rows.kappa  # g_i = P κ ∇L_i
             if self._target is not None:
-                influence, split_cos = _dots(grads, self._target) / scale, self._split_cos
+                influence, split_cos = grads.matrix @ grads.flatten(self._target) / scale, self._split_cos
             else:
                 influence, split_cos = self._cross_fitted(grads, rows, scale, precondition)
         selection = self.stage.selection(influence, split_cos, rows.candidates, preconditioned=precondition is not None)
@@ -117,21 +117,19 @@ class InRunScoring:
         selection.metrics["time_influence_s"] = sum(self.stage.timer.seconds.values())
         return selection
 
-    def _window_gradients(self, rows: WindowRows) -> dict[str, torch.Tensor]:
+    def _window_gradients(self, rows: WindowRows) -> "RowGradients":
         """The window's per-sample gradients in row order, candidates only (padding rows train on nothing)."""
         micro_batches, self._micro_batches = self._micro_batches, []
-        names = micro_batches[0][1].keys()
-        grads = {}
-        for name in names:
-            first = micro_batches[0][1][name]
-            stacked = first.new_zeros(rows.candidates, *first.shape[1:])
-            for batch_rows, batch_grads in micro_batches:
-                own = batch_rows < rows.candidates
-                stacked[batch_rows[own]] = batch_grads[name][own.to(batch_grads[name].device)]
-            grads[name] = stacked
-        return grads
+        first = micro_batches[0][1]
+        names, shapes = list(first), [first[name].shape[1:] for name in first]
+        matrix = next(iter(first.values())).new_zeros(rows.candidates, sum(shape.numel() for shape in shapes))
+        for batch_rows, batch_grads in micro_batches:
+            own = batch_rows < rows.candidates
+            flat = torch.cat([batch_grads[name].flatten(1) for name in names], dim=1)
+            matrix[batch_rows[own].to(matrix.device)] = flat[own.to(flat.device)]
+        return RowGradients(names, shapes, matrix)
 
-    def _cross_fitted(self, grads: dict[str, torch.Tensor], rows: WindowRows, scale: float,
+    def _cross_fitted(self, grads: "RowGradients", rows: WindowRows, scale: float,
                       precondition: Preconditioner | None) -> tuple[torch.Tensor | None, float]:
         """The batch target from the window's own gradients (module docstring, step 1)."""
         stage, folds = self.stage, self.stage.config.folds
@@ -139,53 +137,49 @@ class InRunScoring:
         fold = stage.folds_of(rows.candidates, rows.groups)
         if fold is None:
             return None, float("nan")
-        device = next(iter(grads.values())).device
-        term_scale = 1.0 / (scale * rows.normalisers.to(device) * rows.policy_scale)   # ∇T_i = term_scale_i g_i
-        in_target = torch.stack([g.flatten(1).isfinite().all(dim=1) for g in grads.values()]).all(dim=0).cpu()
-        membership = torch.nn.functional.one_hot(fold, folds).float().to(device) * in_target[:, None].to(device)
-        positive = (rows.advantages > 0).float().to(device)[:, None]
-        sums = {name: _weighted_sums(g, membership * term_scale[:, None]) for name, g in grads.items()}
-        signed = [{name: _weighted_sums(g, membership * term_scale[:, None] * side) for name, g in grads.items()}
-                  for side in (positive, 1.0 - positive)]
-        magnitudes = torch.tensor([sum(_norm_of(part, k) for part in signed) for k in range(folds)],
-                                  dtype=torch.float64)
-        parts = stage.fold_targets(GroupGradients([{n: t[k] for n, t in sums.items()} for k in range(folds)],
-                                                  magnitudes), precondition)
-        stacked = {name: torch.stack([part[name] for part in parts]) for name in parts[0]}
-        dots = _dots(grads, stacked) / scale                                            # [candidates, K]
+        matrix = grads.matrix
+        in_target = matrix.isfinite().all(dim=1).cpu()
+        if not in_target.all():  # a row left out of every sum adds nothing, even with a NaN gradient
+            matrix = torch.nan_to_num(matrix)
+        term_scale = 1.0 / (scale * rows.normalisers.to(matrix.device) * rows.policy_scale)  # ∇T_i = term_scale_i g_i
+        membership = torch.nn.functional.one_hot(fold, folds).to(matrix) * in_target[:, None].to(matrix)
+        positive = (rows.advantages > 0).to(matrix)[:, None]
+        weights = membership * term_scale[:, None]                                          # [candidates, K]
+        by_sign = [(weights * side).T @ matrix for side in (positive, 1.0 - positive)]      # 2 × [K, D]
+        magnitudes = sum(part.double().norm(dim=1) for part in by_sign).cpu()
+        sums = by_sign[0] + by_sign[1]
+        parts = stage.fold_targets(GroupGradients([grads.unflatten(sums[k]) for k in range(folds)], magnitudes),
+                                   precondition)
+        dots = matrix @ torch.stack([grads.flatten(part) for part in parts]).T / scale       # [candidates, K]
         return stage.cross_fitted_influence(dots, parts, fold, in_target)
 
-    def _correct(self, model: nn.Module, grads: dict[str, torch.Tensor], rows: WindowRows,
-                 keep: torch.Tensor) -> None:
+    def _correct(self, model: nn.Module, grads: "RowGradients", rows: WindowRows, keep: torch.Tensor) -> None:
         """Step 3 of the module docstring: the accumulated gradient of the kept completions only."""
         acc = self.accelerator
         counts = rows.tokens.float() if self.loss_type not in ROW_MEAN_LOSSES else torch.ones(rows.candidates)
         totals = acc.reduce(torch.stack([counts.sum(), counts[keep].sum()]).to(acc.device), "sum").tolist()
         factor = totals[0] / totals[1] / rows.kappa if totals[1] > 0 else 0.0  # λ / κ
-        coefficients = keep.float() * factor - 1.0                                  # [candidates]
+        coefficients = (keep.float() * factor - 1.0).to(grads.matrix)              # [candidates]
+        change = acc.reduce((coefficients @ torch.nan_to_num(grads.matrix)).to(acc.device), "mean")
         parameters = scored_parameters(acc.unwrap_model(model))
-        for name, g in grads.items():
-            change = torch.einsum("r,r...->...", coefficients.to(g.device), torch.nan_to_num(g))
-            change = acc.reduce(change.to(acc.device), "mean")
+        for name, part in grads.unflatten(change).items():
             param = parameters[name]
-            param.grad = change.to(param.dtype) if param.grad is None else param.grad + change.to(param.grad.dtype)
+            param.grad = part.to(param.dtype) if param.grad is None else param.grad + part.to(param.grad.dtype)
 
 
-def _weighted_sums(gradients: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """[K, ...] Σ_i weights[i, k] · gradients[i] for gradients [R, ...], weights [R, K]; a row outside every
-    sum (weight 0) adds nothing even if its gradient is NaN."""
-    return torch.einsum("rk,r...->k...", weights, torch.nan_to_num(gradients))
+@dataclass
+class RowGradients:
+    """Per-row gradients over the scored parameters as one matrix [R, D], the parameters' flattened
+    gradients side by side in ``names`` order."""
+    names: list[str]
+    shapes: list[torch.Size]
+    matrix: torch.Tensor
 
+    def flatten(self, gradient: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[D] one gradient {name: tensor} in the matrix's layout."""
+        return torch.cat([gradient[name].to(self.matrix).flatten() for name in self.names])
 
-def _norm_of(part: dict[str, torch.Tensor], k: int) -> float:
-    return float(sum((t[k].double() ** 2).sum() for t in part.values()) ** 0.5)
-
-
-def _dots(grads: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[R] (or [R, K] for targets stacked [K, ...]) Σ_params ⟨g_i, target⟩."""
-    total = 0.0
-    for name, g in grads.items():
-        t = target[name].to(device=g.device, dtype=torch.float32)
-        stacked = t.dim() > g.dim() - 1
-        total = total + (g.flatten(1) @ (t.flatten(1).T if stacked else t.flatten()))
-    return total
+    def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{name: tensor of the parameter's shape} from a [D] vector."""
+        parts = torch.split(vector, [shape.numel() for shape in self.shapes])
+        return {name: part.reshape(shape) for name, part, shape in zip(self.names, parts, self.shapes)}
