@@ -15,8 +15,9 @@ With trusted triples (``trusted``), each generation batch also logs the policy's
 ``trusted.dpo_coef`` adds their DPO loss to every training step's loss (`llm_iif.grpo.trusted`).
 
 Everything else is trl's: generation, rewards, advantages, the loss, the optimiser, logging. Supported trl
-range: see ``TRL_RANGE``; the overridden internals are `_generate_and_score_completions`, `_calculate_rewards`
-and `_compute_loss`.
+range: see ``TRL_RANGE``; the overridden internals are `_generate_and_score_completions`, `_calculate_rewards`,
+`_compute_loss` and `training_step`. With ``iif.scoring: in-run``, steps 1-3 move into the update itself: the
+batch is cut to its candidates only, and the scores come from trl's training backward (`llm_iif.grpo.in_run`).
 """
 
 from __future__ import annotations
