@@ -1,14 +1,25 @@
 """The per-step cost of IIFGRPOTrainer against trl's own GRPOTrainer, measured side by side.
 
-    .venv/bin/python benchmarks/grpo_step_cost.py [--recipe recipes/tiny-addition-grpo.yaml] [--steps 8] [--repeats 3]
+    .venv/bin/python benchmarks/grpo_step_cost.py [--recipe recipes/tiny-addition-grpo.yaml] [--steps 8]
+        [--repeats 3] [--methods grpo,iif-batch,iif-batch-in-run]
 
 Methods: ``grpo`` (trl's GRPOTrainer class itself), ``iif-batch`` and ``iif-fresh`` (IIFGRPOTrainer with
-each target source). Every block builds one trainer from the recipe (same model, seed and data, so the first
-generation batch is the same for all) and trains ``--steps`` steps; blocks alternate between the methods
-``--repeats`` times, so that a slowdown of the machine part-way hits all alike. The first step of a block is
-a warm-up and is not counted. Prints the median seconds per step, the ratio to grpo's, the filter's own
-median seconds (scoring, plus fresh validation generation), and the median share of a step spent generating
-(trl's `_generate_single_turn`: sampling the completions, and the fresh target's).
+each target source and a separate scoring pass), ``iif-batch-in-run`` and ``iif-fresh-in-run`` (the same with
+``iif.scoring: in-run``). IIF runs alone, without the recipe's group filter. Every block builds one trainer
+from the recipe (same model, seed and data, so the first generation batch is the same for all) and trains
+``--steps`` steps; blocks alternate between the methods ``--repeats`` times, so that a slowdown of the machine
+part-way hits all alike. The first step of a block is a warm-up and is not counted. Prints, per method, the
+median seconds per step and its ratio to grpo's, and where a step's time goes (medians): generating (trl's
+`_generate_single_turn`: sampling the completions, and the fresh target's), the filter's own time
+(``iif/time_filter_s``: the scoring pass, or in-run the target, the scores from the kept gradients and the
+correction) and the rest (rewards, log-probs, the update's forward and backward, in-run with its hooks, and the
+optimiser step).
+
+Then an estimate, not a measurement, of the same ratios on a GPU where generation (vLLM) takes a share g of a
+GRPO step: IIF's extra time over grpo's, less any change in generating, as a multiple of grpo's time outside
+generation, is assumed to stay that multiple, so a step costs 1 + (1 − g) × multiple of grpo's. g = 0.72 is
+Qwen2.5-0.5B GRPO with 1,024-token completions (verl issue 6747: 31.3 of 43.6 s); g = 0.90 is OpenRLHF's figure
+for long reasoning chains, as for a 7B model.
 """
 
 from __future__ import annotations
@@ -32,7 +43,8 @@ from llm_iif.lm.policy import load_tokenizer
 from llm_iif.training.builtins import resolve_builtin
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("grpo", "iif-batch", "iif-fresh")
+GPU_GENERATION_SHARES = {"0.5B, g 0.72": 0.72, "7B, g 0.90": 0.90}
+METHODS = ("grpo", "iif-batch", "iif-batch-in-run", "iif-fresh", "iif-fresh-in-run")
 
 
 class StepTimes(TrainerCallback):
@@ -75,7 +87,8 @@ def run_block(recipe: GRPORecipe, method: str, steps: int, out: Path) -> StepTim
     if method == "grpo":
         trainer = GRPOTrainer(**common)
     else:
-        recipe.iif.enabled, recipe.iif.target_source = True, method.removeprefix("iif-")
+        recipe.iif.enabled, recipe.iif.target_source = True, method.split("-")[1]
+        recipe.iif.scoring = "in-run" if method.endswith("in-run") else "separate"
         trainer = IIFGRPOTrainer(**common, iif=recipe.iif, validation_dataset=validation)
     trainer._generate_single_turn = times.timed(trainer._generate_single_turn)
     trainer.train()
@@ -87,28 +100,43 @@ def main() -> None:
     parser.add_argument("--recipe", default=str(REPO / "recipes" / "tiny-addition-grpo.yaml"))
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--methods", default="grpo,iif-batch,iif-batch-in-run",
+                        help=f"comma-separated, of {', '.join(METHODS)}; grpo first")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
-    step_seconds = {m: [] for m in METHODS}
-    filter_seconds = {m: [] for m in METHODS}
-    generation_shares = {m: [] for m in METHODS}
+    methods = args.methods.split(",")
+    if methods[0] != "grpo" or not set(methods) <= set(METHODS):
+        parser.error(f"--methods: {args.methods}; expected grpo first, then any of {', '.join(METHODS[1:])}")
+    step_seconds = {m: [] for m in methods}
+    filter_seconds = {m: [] for m in methods}
+    generation_seconds = {m: [] for m in methods}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
-            for method in METHODS:
+            for method in methods:
                 recipe = load_recipe(args.recipe, args.overrides, kind=GRPORecipe)
                 times = run_block(recipe, method, args.steps, Path(tmp) / f"{method}-{repeat}")
                 step_seconds[method] += times.seconds[1:]
                 filter_seconds[method] += times.filter_seconds[1:]
-                generation_shares[method] += [g / s for g, s in zip(times.generation_seconds[1:], times.seconds[1:])]
+                generation_seconds[method] += times.generation_seconds[1:]
                 print(f"repeat {repeat} {method}: median step {statistics.median(times.seconds[1:]):.3f} s", flush=True)
     base = statistics.median(step_seconds["grpo"])
-    print(f"\n{'method':<10} {'s/step':>8} {'× grpo':>7} {'filter s':>9} {'generating':>10}   "
-          f"({args.repeats} × {args.steps - 1} steps each)")
-    for method in METHODS:
+    print(f"\n{Path(args.recipe).name}: {args.repeats} × {args.steps - 1} steps per method; seconds are medians")
+    print(f"{'method':<18} {'s/step':>8} {'× grpo':>7} {'generating':>11} {'filter':>8} {'rest':>8}")
+    for method in methods:
         median = statistics.median(step_seconds[method])
-        filtering = f"{statistics.median(filter_seconds[method]):>9.3f}" if filter_seconds[method] else f"{'-':>9}"
-        generating = statistics.median(generation_shares[method])
-        print(f"{method:<10} {median:>8.3f} {median / base:>7.2f} {filtering} {generating:>10.0%}")
+        generating = statistics.median(generation_seconds[method])
+        filtering = statistics.median(filter_seconds[method]) if filter_seconds[method] else 0.0
+        print(f"{method:<18} {median:>8.3f} {median / base:>7.2f} {generating:>11.3f} {filtering:>8.3f} "
+              f"{median - generating - filtering:>8.3f}")
+    base_generating = statistics.median(generation_seconds["grpo"])
+    print(f"\nestimated × grpo on a GPU (not measured; see the docstring)")
+    print(f"{'method':<18} {'multiple':>9}" + "".join(f"{name:>14}" for name in GPU_GENERATION_SHARES))
+    for method in methods[1:]:
+        extra = (statistics.median(step_seconds[method]) - base
+                 - (statistics.median(generation_seconds[method]) - base_generating))
+        multiple = extra / (base - base_generating)
+        print(f"{method:<18} {multiple:>9.2f}"
+              + "".join(f"{1 + (1 - share) * multiple:>14.2f}" for share in GPU_GENERATION_SHARES.values()))
 
 
 if __name__ == "__main__":
