@@ -18,9 +18,9 @@ clipping and the optimiser step:
    separate path trains (λ: the candidates' count over the kept ones', of completions or of tokens as the loss
    type normalises)::
 
-       ∇ ← ∇ + mean over processes of Σ_i (λ keep_i / κ − 1) g_i
+       ∇ ← mean over processes of Σ_{i kept} (λ / κ) g_i
 
-   one all-reduce of the scored gradient. For dr_grpo and luspo the kept completions are normalised by their own
+   one all-reduce of the scored gradient, which replaces the one DDP made. For dr_grpo and luspo the kept completions are normalised by their own
    count, where the separate path counts the padding rows it adds too.
 
 Each process holds its generation batch's per-sample gradients until the window ends: rows × scored parameters,
@@ -118,16 +118,14 @@ class InRunScoring:
         return selection
 
     def _window_gradients(self, rows: WindowRows) -> "RowGradients":
-        """The window's per-sample gradients in row order, candidates only (padding rows train on nothing)."""
+        """The window's per-sample gradients of its candidates, in row order (padding rows train on nothing)."""
         micro_batches, self._micro_batches = self._micro_batches, []
         first = micro_batches[0][1]
         names, shapes = list(first), [first[name].shape[1:] for name in first]
-        matrix = next(iter(first.values())).new_zeros(rows.candidates, sum(shape.numel() for shape in shapes))
-        for batch_rows, batch_grads in micro_batches:
-            own = batch_rows < rows.candidates
-            flat = torch.cat([batch_grads[name].flatten(1) for name in names], dim=1)
-            matrix[batch_rows[own].to(matrix.device)] = flat[own.to(flat.device)]
-        return RowGradients(names, shapes, matrix)
+        row_ids = torch.cat([batch_rows for batch_rows, _ in micro_batches])
+        matrix = torch.cat([torch.cat([grads[name].flatten(1) for name in names], dim=1) for _, grads in micro_batches])
+        order = torch.argsort(row_ids)[:rows.candidates]  # candidates are rows 0..candidates-1; padding sorts last
+        return RowGradients(names, shapes, matrix[order.to(matrix.device)])
 
     def _cross_fitted(self, grads: "RowGradients", rows: WindowRows, scale: float,
                       precondition: Preconditioner | None) -> tuple[torch.Tensor | None, float]:
@@ -138,33 +136,38 @@ class InRunScoring:
         if fold is None:
             return None, float("nan")
         matrix = grads.matrix
-        in_target = matrix.isfinite().all(dim=1).cpu()
-        if not in_target.all():  # a row left out of every sum adds nothing, even with a NaN gradient
-            matrix = torch.nan_to_num(matrix)
         term_scale = 1.0 / (scale * rows.normalisers.to(matrix.device) * rows.policy_scale)  # ∇T_i = term_scale_i g_i
-        membership = torch.nn.functional.one_hot(fold, folds).to(matrix) * in_target[:, None].to(matrix)
         positive = (rows.advantages > 0).to(matrix)[:, None]
-        weights = membership * term_scale[:, None]                                          # [candidates, K]
-        by_sign = [(weights * side).T @ matrix for side in (positive, 1.0 - positive)]      # 2 × [K, D]
-        magnitudes = sum(part.double().norm(dim=1) for part in by_sign).cpu()
-        sums = by_sign[0] + by_sign[1]
+        weights = torch.nn.functional.one_hot(fold, folds).to(matrix) * term_scale[:, None]   # [candidates, K]
+        signed = torch.cat([weights * positive, weights * (1.0 - positive)], dim=1)          # [candidates, 2K]
+        by_sign = signed.T @ matrix                                                           # [2K, D]
+        in_target = torch.ones(rows.candidates, dtype=torch.bool)
+        if not by_sign.isfinite().all():  # a NaN or inf row spoils its fold: leave it out of every sum
+            in_target = matrix.isfinite().all(dim=1).cpu()
+            matrix = grads.matrix = torch.nan_to_num(matrix)
+            by_sign = (signed * in_target[:, None].to(signed)).T @ matrix
+        magnitudes = (by_sign[:folds].double().norm(dim=1) + by_sign[folds:].double().norm(dim=1)).cpu()
+        sums = by_sign[:folds] + by_sign[folds:]
         parts = stage.fold_targets(GroupGradients([grads.unflatten(sums[k]) for k in range(folds)], magnitudes),
                                    precondition)
         dots = matrix @ torch.stack([grads.flatten(part) for part in parts]).T / scale       # [candidates, K]
         return stage.cross_fitted_influence(dots, parts, fold, in_target)
 
     def _correct(self, model: nn.Module, grads: "RowGradients", rows: WindowRows, keep: torch.Tensor) -> None:
-        """Step 3 of the module docstring: the accumulated gradient of the kept completions only."""
+        """Step 3 of the module docstring: the accumulated gradient becomes the kept completions' alone. It is
+        rebuilt from their gradients rather than corrected by the dropped ones', so that a dropped completion
+        whose gradient is NaN or inf leaves nothing behind."""
         acc = self.accelerator
         counts = rows.tokens.float() if self.loss_type not in ROW_MEAN_LOSSES else torch.ones(rows.candidates)
         totals = acc.reduce(torch.stack([counts.sum(), counts[keep].sum()]).to(acc.device), "sum").tolist()
         factor = totals[0] / totals[1] / rows.kappa if totals[1] > 0 else 0.0  # λ / κ
-        coefficients = (keep.float() * factor - 1.0).to(grads.matrix)              # [candidates]
-        change = acc.reduce((coefficients @ torch.nan_to_num(grads.matrix)).to(acc.device), "mean")
+        kept = keep.nonzero().flatten().to(grads.matrix.device)
+        local = factor * grads.matrix[kept].sum(dim=0) if len(kept) else grads.matrix.new_zeros(grads.matrix.shape[1])
+        gradient = acc.reduce(local.to(acc.device), "mean")  # as DDP averages the processes' gradients
         parameters = scored_parameters(acc.unwrap_model(model))
-        for name, part in grads.unflatten(change).items():
+        for name, part in grads.unflatten(gradient).items():
             param = parameters[name]
-            param.grad = part.to(param.dtype) if param.grad is None else param.grad + part.to(param.grad.dtype)
+            param.grad = part.to(param.dtype).reshape(param.shape)
 
 
 @dataclass
