@@ -1,0 +1,87 @@
+"""How close in-run scores stay to the separate scoring pass's over a whole run: kept sets and scores, step by step.
+
+    .venv/bin/python benchmarks/in_run_agreement.py [--recipe recipes/tiny-addition-grpo.yaml] [--steps 20]
+
+Trains IIF-GRPO with ``iif.scoring: in-run`` (the recipe's IIF settings with the batch target, no group
+filter). At every generation batch the separate scoring pass also scores the same candidates at θ(k)
+(`IIFGRPOTrainer._influence_filtered`; its decision is not used), and at the end of the batch's accumulation
+window the two are compared: the share of candidates that both keep or both drop, and the largest difference
+between the two scores over the largest score. Prints one line per step, then the totals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+from llm_iif.core.config import GRPORecipe, load_recipe
+from llm_iif.core.imports import import_object
+from llm_iif.core.paths import RunPaths
+from llm_iif.grpo import IIFGRPOTrainer
+from llm_iif.grpo.run import grpo_config, grpo_datasets, peft_config
+from llm_iif.lm.policy import load_tokenizer
+from llm_iif.training.builtins import resolve_builtin
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default=str(REPO / "recipes" / "tiny-addition-grpo.yaml"))
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    recipe = load_recipe(args.recipe, args.overrides, kind=GRPORecipe)
+    recipe.run.steps, recipe.run.report_to = args.steps, []
+    recipe.grpo["disable_tqdm"] = True
+    recipe.iif.enabled, recipe.iif.target_source, recipe.iif.scoring = True, "batch", "in-run"
+    model_dir = resolve_builtin(recipe.model.name_or_path)
+    train, _, _ = grpo_datasets(recipe.data)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = IIFGRPOTrainer(model=model_dir, args=grpo_config(recipe, RunPaths(Path(tmp))),
+                                 reward_funcs=[import_object(n, f"rewards.{n}") for n in recipe.rewards],
+                                 train_dataset=train, processing_class=load_tokenizer(model_dir),
+                                 peft_config=peft_config(recipe), iif=recipe.iif)
+        steps = compare_every_step(trainer)
+        trainer.train()
+    agreed = sum(s[0] for s in steps)
+    total = sum(s[1] for s in steps)
+    print(f"\n{Path(args.recipe).name}, {len(steps)} steps: kept sets agree on {agreed} of {total} candidates "
+          f"({agreed / total:.2%}); largest score difference over the largest score: "
+          f"{max(s[2] for s in steps):.2e}")
+
+
+def compare_every_step(trainer: IIFGRPOTrainer) -> list[tuple[int, int, float]]:
+    """Wrap the trainer's window so that every step is compared; returns the list it fills with (candidates
+    both kept or both dropped, candidates, largest score difference over the largest score)."""
+    steps, separate = [], {}
+    open_window, close_window = trainer._open_window, trainer._close_window
+
+    def open_and_score_separately(batch, candidates, groups, *rest):
+        keep, influence, _ = trainer._influence_filtered(batch, candidates, groups)
+        separate.update(rows=candidates.nonzero().flatten().cpu(), keep=keep.cpu(), influence=influence)
+        return open_window(batch, candidates, groups, *rest)
+
+    def close_and_compare():
+        close_window()
+        rows = separate["rows"]
+        records = [trainer.generation_records[i] for i in rows.tolist()]
+        in_run_keep = torch.tensor([r["kept"] for r in records])
+        in_run = torch.tensor([r["influence"] for r in records])
+        reference = separate["influence"][rows]
+        agreed = int((in_run_keep == separate["keep"][rows]).sum())
+        scale = reference.abs().max().clamp(min=1e-30)
+        difference = float(((in_run - reference).abs().max() / scale).item()) if len(rows) else 0.0
+        steps.append((agreed, len(rows), difference))
+        print(f"step {len(steps):>3}: kept sets agree on {agreed}/{len(rows)}, largest score difference "
+              f"{difference:.2e} of the largest score", flush=True)
+
+    trainer._open_window, trainer._close_window = open_and_score_separately, close_and_compare
+    return steps
+
+
+if __name__ == "__main__":
+    main()
