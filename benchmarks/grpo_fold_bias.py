@@ -24,12 +24,7 @@ from pathlib import Path
 import torch
 
 from llm_iif.core.config import GRPORecipe, load_recipe
-from llm_iif.core.imports import import_object
-from llm_iif.core.paths import RunPaths
-from llm_iif.grpo import IIFGRPOTrainer
-from llm_iif.grpo.run import grpo_config, grpo_datasets, peft_config
-from llm_iif.lm.policy import load_tokenizer
-from llm_iif.training.builtins import resolve_builtin
+from llm_iif.grpo.run import bare_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,14 +72,9 @@ def main() -> None:
     recipe.run.steps, recipe.run.report_to = args.steps, []
     recipe.grpo["disable_tqdm"] = True
     recipe.iif.enabled, recipe.iif.target_source = True, "batch"
-    model_dir = resolve_builtin(recipe.model.name_or_path)
-    train, _, _ = grpo_datasets(recipe.data)
     found: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = IIFGRPOTrainer(model=model_dir, args=grpo_config(recipe, RunPaths(Path(tmp))), train_dataset=train,
-                                 reward_funcs=[import_object(n, f"rewards.{n}") for n in recipe.rewards],
-                                 processing_class=load_tokenizer(model_dir), peft_config=peft_config(recipe),
-                                 iif=recipe.iif)
+        trainer = bare_trainer(recipe, Path(tmp), iif=recipe.iif)
         both_fold_layouts(trainer, found)
         trainer.train()
     rows = [batch_statistics(f["advantages"], f["by_row"], f["by_group"]) for f in found

@@ -13,7 +13,8 @@ median seconds per step and its ratio to grpo's, and where a step's time goes (m
 `_generate_single_turn`: sampling the completions, and the fresh target's), the filter's own time
 (``iif/time_filter_s``: the scoring pass, or in-run the target, the scores from the kept gradients and the
 correction) and the rest (rewards, log-probs, the update's forward and backward, in-run with its hooks, and the
-optimiser step).
+optimiser step). A fresh target's generation counts both in generating and in the filter's time, so its rest
+reads low.
 
 Then an estimate, not a measurement, of the same ratios on a GPU where generation (vLLM) takes a share g of a
 GRPO step: IIF's extra time over grpo's, less any change in generating, as a multiple of grpo's time outside
@@ -35,12 +36,7 @@ from transformers import TrainerCallback
 from trl import GRPOTrainer
 
 from llm_iif.core.config import GRPORecipe, load_recipe
-from llm_iif.core.imports import import_object
-from llm_iif.core.paths import RunPaths
-from llm_iif.grpo import IIFGRPOTrainer
-from llm_iif.grpo.run import grpo_config, grpo_datasets, peft_config
-from llm_iif.lm.policy import load_tokenizer
-from llm_iif.training.builtins import resolve_builtin
+from llm_iif.grpo.run import bare_trainer, grpo_datasets
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_GENERATION_SHARES = {"0.5B, g 0.72": 0.72, "7B, g 0.90": 0.90}
@@ -76,20 +72,16 @@ class StepTimes(TrainerCallback):
 
 
 def run_block(recipe: GRPORecipe, method: str, steps: int, out: Path) -> StepTimes:
-    model_dir = resolve_builtin(recipe.model.name_or_path)
     recipe.run.steps, recipe.run.report_to = steps, []
     recipe.grpo["disable_tqdm"] = True  # trl's per-step log lines would bury the table
-    train, validation, _ = grpo_datasets(recipe.data)
     times = StepTimes()
-    common = dict(model=model_dir, reward_funcs=[import_object(n, f"rewards.{n}") for n in recipe.rewards],
-                  args=grpo_config(recipe, RunPaths(out)), train_dataset=train, processing_class=load_tokenizer(model_dir),
-                  peft_config=peft_config(recipe), callbacks=[times])
     if method == "grpo":
-        trainer = GRPOTrainer(**common)
+        trainer = bare_trainer(recipe, out, GRPOTrainer, callbacks=[times])
     else:
         recipe.iif.enabled, recipe.iif.target_source = True, method.split("-")[1]
         recipe.iif.scoring = "in-run" if method.endswith("in-run") else "separate"
-        trainer = IIFGRPOTrainer(**common, iif=recipe.iif, validation_dataset=validation)
+        _, validation, _ = grpo_datasets(recipe.data)
+        trainer = bare_trainer(recipe, out, iif=recipe.iif, validation_dataset=validation, callbacks=[times])
     trainer._generate_single_turn = times.timed(trainer._generate_single_turn)
     trainer.train()
     return times

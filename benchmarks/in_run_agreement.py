@@ -18,12 +18,8 @@ from pathlib import Path
 import torch
 
 from llm_iif.core.config import GRPORecipe, load_recipe
-from llm_iif.core.imports import import_object
-from llm_iif.core.paths import RunPaths
 from llm_iif.grpo import IIFGRPOTrainer
-from llm_iif.grpo.run import grpo_config, grpo_datasets, peft_config
-from llm_iif.lm.policy import load_tokenizer
-from llm_iif.training.builtins import resolve_builtin
+from llm_iif.grpo.run import bare_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,13 +34,8 @@ def main() -> None:
     recipe.run.steps, recipe.run.report_to = args.steps, []
     recipe.grpo["disable_tqdm"] = True
     recipe.iif.enabled, recipe.iif.target_source, recipe.iif.scoring = True, "batch", "in-run"
-    model_dir = resolve_builtin(recipe.model.name_or_path)
-    train, _, _ = grpo_datasets(recipe.data)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = IIFGRPOTrainer(model=model_dir, args=grpo_config(recipe, RunPaths(Path(tmp))),
-                                 reward_funcs=[import_object(n, f"rewards.{n}") for n in recipe.rewards],
-                                 train_dataset=train, processing_class=load_tokenizer(model_dir),
-                                 peft_config=peft_config(recipe), iif=recipe.iif)
+        trainer = bare_trainer(recipe, Path(tmp), iif=recipe.iif)
         steps = compare_every_step(trainer)
         trainer.train()
     agreed = sum(s[0] for s in steps)

@@ -138,6 +138,17 @@ def train_grpo(recipe: GRPORecipe, overwrite: bool = False, resume_from: Path | 
     return GRPORunResult(evaluator.history, checkpoints.stopped_by, checkpoints.last_saved)
 
 
+def bare_trainer(recipe: GRPORecipe, output_dir: Path, trainer_class: type = IIFGRPOTrainer, **kwargs):
+    """A trainer of ``recipe``'s model, LoRA, training data, reward functions and trl settings, writing into
+    ``output_dir``, without a run's outputs, evaluation or checkpoints: what the benchmarks time and probe.
+    ``kwargs`` go to ``trainer_class`` (``iif=``, ``validation_dataset=``, ``callbacks=``, ...)."""
+    model_dir = resolve_builtin(recipe.model.name_or_path)
+    train, _, _ = grpo_datasets(recipe.data)
+    return trainer_class(model=model_dir, args=grpo_config(recipe, RunPaths(output_dir)), train_dataset=train,
+                         reward_funcs=reward_functions(recipe), processing_class=load_tokenizer(model_dir),
+                         peft_config=peft_config(recipe), **kwargs)
+
+
 def trusted_set(recipe: GRPORecipe, tokenizer) -> TrustedSet | None:
     """The recipe's trusted triples (`read_trusted_triples`), checked for characters ``tokenizer`` cannot read
     (a message-list prompt by its messages' text), or None without one (``trusted.source`` null)."""
