@@ -141,11 +141,15 @@ def train_grpo(recipe: GRPORecipe, overwrite: bool = False, resume_from: Path | 
 def bare_trainer(recipe: GRPORecipe, output_dir: Path, trainer_class: type = IIFGRPOTrainer, **kwargs):
     """A trainer of ``recipe``'s model, LoRA, training data, reward functions and trl settings, writing into
     ``output_dir``, without a run's outputs, evaluation or checkpoints: what the benchmarks time and probe.
-    ``kwargs`` go to ``trainer_class`` (``iif=``, ``validation_dataset=``, ``callbacks=``, ...)."""
+    ``kwargs`` go to ``trainer_class`` (``iif=``, ``validation_dataset=``, ``callbacks=``, ...); an
+    `IIFGRPOTrainer` also gets the recipe's trusted triples."""
     model_dir = resolve_builtin(recipe.model.name_or_path)
+    tokenizer = load_tokenizer(model_dir)
     train, _, _ = grpo_datasets(recipe.data)
+    if issubclass(trainer_class, IIFGRPOTrainer):
+        kwargs.setdefault("trusted", trusted_set(recipe, tokenizer))
     return trainer_class(model=model_dir, args=grpo_config(recipe, RunPaths(output_dir)), train_dataset=train,
-                         reward_funcs=reward_functions(recipe), processing_class=load_tokenizer(model_dir),
+                         reward_funcs=reward_functions(recipe), processing_class=tokenizer,
                          peft_config=peft_config(recipe), **kwargs)
 
 
