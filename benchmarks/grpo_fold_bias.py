@@ -69,12 +69,10 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     recipe = load_recipe(args.recipe, args.overrides, kind=GRPORecipe)
-    recipe.run.steps, recipe.run.report_to = args.steps, []
-    recipe.grpo["disable_tqdm"] = True
     recipe.iif.enabled, recipe.iif.target_source = True, "batch"
     found: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = bare_trainer(recipe, Path(tmp), iif=recipe.iif)
+        trainer = bare_trainer(recipe, Path(tmp), args.steps, iif=recipe.iif)
         both_fold_layouts(trainer, found)
         trainer.train()
     rows = [batch_statistics(f["advantages"], f["by_row"], f["by_group"]) for f in found

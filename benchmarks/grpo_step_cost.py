@@ -72,16 +72,15 @@ class StepTimes(TrainerCallback):
 
 
 def run_block(recipe: GRPORecipe, method: str, steps: int, out: Path) -> StepTimes:
-    recipe.run.steps, recipe.run.report_to = steps, []
-    recipe.grpo["disable_tqdm"] = True  # trl's per-step log lines would bury the table
     times = StepTimes()
     if method == "grpo":
-        trainer = bare_trainer(recipe, out, GRPOTrainer, callbacks=[times])
+        trainer = bare_trainer(recipe, out, steps, GRPOTrainer, callbacks=[times])
     else:
         recipe.iif.enabled, recipe.iif.target_source = True, method.split("-")[1]
         recipe.iif.scoring = "in-run" if method.endswith("in-run") else "separate"
         _, validation, _ = grpo_datasets(recipe.data)
-        trainer = bare_trainer(recipe, out, iif=recipe.iif, validation_dataset=validation, callbacks=[times])
+        trainer = bare_trainer(recipe, out, steps, iif=recipe.iif, validation_dataset=validation,
+                               callbacks=[times])
     trainer._generate_single_turn = times.timed(trainer._generate_single_turn)
     trainer.train()
     return times

@@ -31,11 +31,9 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     recipe = load_recipe(args.recipe, args.overrides, kind=GRPORecipe)
-    recipe.run.steps, recipe.run.report_to = args.steps, []
-    recipe.grpo["disable_tqdm"] = True
     recipe.iif.enabled, recipe.iif.target_source, recipe.iif.scoring = True, "batch", "in-run"
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = bare_trainer(recipe, Path(tmp), iif=recipe.iif)
+        trainer = bare_trainer(recipe, Path(tmp), args.steps, iif=recipe.iif)
         steps = compare_every_step(trainer)
         trainer.train()
     agreed = sum(s[0] for s in steps)

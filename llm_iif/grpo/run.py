@@ -138,11 +138,14 @@ def train_grpo(recipe: GRPORecipe, overwrite: bool = False, resume_from: Path | 
     return GRPORunResult(evaluator.history, checkpoints.stopped_by, checkpoints.last_saved)
 
 
-def bare_trainer(recipe: GRPORecipe, output_dir: Path, trainer_class: type = IIFGRPOTrainer, **kwargs):
-    """A trainer of ``recipe``'s model, LoRA, training data, reward functions and trl settings, writing into
-    ``output_dir``, without a run's outputs, evaluation or checkpoints: what the benchmarks time and probe.
+def bare_trainer(recipe: GRPORecipe, output_dir: Path, steps: int, trainer_class: type = IIFGRPOTrainer, **kwargs):
+    """A trainer of ``recipe``'s model, LoRA, training data, reward functions and trl settings for ``steps``
+    steps, writing into ``output_dir``, without a run's outputs, evaluation, trackers, progress bar or
+    checkpoints: what the benchmarks time and probe.
     ``kwargs`` go to ``trainer_class`` (``iif=``, ``validation_dataset=``, ``callbacks=``, ...); an
     `IIFGRPOTrainer` also gets the recipe's trusted triples."""
+    recipe.run.steps, recipe.run.report_to = steps, []
+    recipe.grpo["disable_tqdm"] = True  # trl's per-step log lines would bury a benchmark's table
     model_dir = resolve_builtin(recipe.model.name_or_path)
     tokenizer = load_tokenizer(model_dir)
     train, _, _ = grpo_datasets(recipe.data)

@@ -356,15 +356,20 @@ class IIFGRPOTrainer(GRPOTrainer):
         if self._stage is not None:  # IIF, alone or among the groups a dapo filter kept
             keep, influence, scored = self._influence_filtered(batch, keep, groups)
             metrics.update(scored)
-        metrics["kept_fraction"] = self._global_sum(keep) / (len(inputs) * self.accelerator.num_processes)
-        counts = self._guard.end_round()
-        metrics.update({name: counts[name] for name in ("nonfinite_reward", "nonfinite_target", "nonfinite_influence")})
         self.generation_records = self._records(batch, rewards, keep, influence)
         batch = self._kept_rows(batch, keep)
-        metrics["time_filter_s"] = time.perf_counter() - start
+        self._log_filter_round(metrics, self._global_sum(keep), len(inputs), time.perf_counter() - start)
+        return batch
+
+    def _log_filter_round(self, metrics: dict, kept: float, batch_size: int, seconds: float) -> None:
+        """End the guard's round and log the batch's ``iif/`` metrics: ``kept`` completions of ``batch_size`` per
+        process kept over all processes, the non-finite counts and ``seconds`` of filtering."""
+        metrics["kept_fraction"] = kept / (batch_size * self.accelerator.num_processes)
+        counts = self._guard.end_round()
+        metrics.update({name: counts[name] for name in ("nonfinite_reward", "nonfinite_target", "nonfinite_influence")})
+        metrics["time_filter_s"] = seconds
         for name, value in metrics.items():
             self._metrics["train"][f"iif/{name}"].append(float(value))
-        return batch
 
     def create_optimizer(self, model=None):
         """trl's optimiser, whose step is skipped (with a warning) when filtering kept no completion behind it:
@@ -588,14 +593,8 @@ class IIFGRPOTrainer(GRPOTrainer):
                                          else torch.full((len(rows),), math.nan)).tolist()):
             records[row].update(kept=bool(kept), influence=float(influence))
         self.generation_records = records
-        kept = self._global_sum(selection.keep)
-        self._kept_rows_in_window = kept
-        metrics["kept_fraction"] = kept / (batch_size * self.accelerator.num_processes)
-        counts = self._guard.end_round()
-        metrics.update({name: counts[name] for name in ("nonfinite_reward", "nonfinite_target", "nonfinite_influence")})
-        metrics["time_filter_s"] = seconds + time.perf_counter() - start
-        for name, value in metrics.items():
-            self._metrics["train"][f"iif/{name}"].append(float(value))
+        self._kept_rows_in_window = self._global_sum(selection.keep)
+        self._log_filter_round(metrics, self._kept_rows_in_window, batch_size, seconds + time.perf_counter() - start)
 
     def _group_ids(self, size: int, generation: int) -> torch.Tensor:
         """[size] ids of the prompt groups of this process's rows of a generation batch (``generation`` 0, or the
