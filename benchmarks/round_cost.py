@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/round_cost.py [--settings tiny,gpt2-124m,overopt] [--rounds 4]
 
-Per setting, four trainers (standard, and IIF with the fresh, cached and batch target sources) run the same
-recipe and seed, alternating one round each, so that a slowdown of the machine part-way hits all alike. The
+Per setting, seven trainers (standard, and IIF with the fresh, cached and batch target sources, each with
+``iif.scoring`` separate and in-run) run the same recipe and seed, alternating one round each, so that a slowdown of the machine part-way hits all alike. The
 first round of each is a warm-up and is not counted. Prints the median seconds of every phase, the median
 round-time ratio IIF / standard, and beside it the ratio `predicted_ratio` gives from the standard round's
 phase shares: the cost model that tells what the ratio becomes elsewhere (a GPU, where generation dominates).
@@ -13,8 +13,8 @@ Settings:
   gpt2-124m  a GPT-2 built from its config (12 layers, width 768, 124M parameters, random weights) with the
              tiny tokenizer: batch 32, 64 new tokens, 64 validation responses, LoRA r 16 on c_attn;
   overopt    recipes/tiny-overopt.yaml as it ships: standard PPO against IIF's preference target on all 256
-             trusted triples, on the first 64, and on a fresh draw of 64 of the 256 each round
-             (trusted.target_draw). Every method logs the trusted margin, outside time_round_s.
+             trusted triples (scored separately and in-run), on the first 64, and on a fresh draw of 64 of the
+             256 each round (trusted.target_draw). Every method logs the trusted margin, outside time_round_s.
 """
 
 from __future__ import annotations
@@ -37,14 +37,16 @@ PHASES = {  # timings key -> column
     "time_val_generate_s": "val generate", "time_val_reward_s": "val reward", "time_val_forward_s": "val forward",
     "time_target_s": "target", "time_scoring_s": "scoring", "time_update_s": "update", "time_round_s": "round",
 }
-METHODS = {"standard": {"enabled": False}, **{f"iif-{s}": {"enabled": True, "target_source": s} for s in TARGET_SOURCES}}
+METHODS = {"standard": {"enabled": False},
+           **{f"iif-{s}{suffix}": {"enabled": True, "target_source": s, "scoring": scoring}
+              for s in TARGET_SOURCES for suffix, scoring in (("", "separate"), ("-in-run", "in-run"))}}
 # The overopt setting's methods: recipe sections updated per method
-TRUSTED_METHODS = {"standard": {"iif": {"enabled": False}}, "iif": {}, "iif-64": {"trusted": {"size": 64}},
-                   "iif-draw-64": {"trusted": {"target_draw": 64}}}
+TRUSTED_METHODS = {"standard": {"iif": {"enabled": False}}, "iif": {}, "iif-in-run": {"iif": {"scoring": "in-run"}},
+                   "iif-64": {"trusted": {"size": 64}}, "iif-draw-64": {"trusted": {"target_draw": 64}}}
 
 
 def predicted_ratio(source: str, generation: float, forward: float, epochs: int, val_per_sample: float,
-                    kept: float, refresh_every: int = 4, scoring_cost: float = 1.0) -> float:
+                    kept: float, refresh_every: int = 4, scoring_cost: float = 1.0, in_run: bool = False) -> float:
     """IIF round time / standard round time, from the standard round's shares.
 
     generation, forward: the shares of a standard round spent generating (with reward) and in the rollout's
@@ -57,11 +59,12 @@ def predicted_ratio(source: str, generation: float, forward: float, epochs: int,
         fresh:  1 - (1-κ)u + (V/B)(generation + forward) + (V/B + 1)·s
         cached: 1 - (1-κ)u + (V/B)(generation / refresh_every + forward) + (V/B + 1)·s
         batch:  1 - (1-κ)u + s
-    with s = scoring_cost · u / epochs.
+    with s = scoring_cost · u / epochs. With ``in_run`` the pass also makes the first epoch
+    (`llm_iif.training.in_run`), whose own pass over the kept samples, κu / epochs, is no longer run.
     """
     update = 1.0 - generation - forward
     scoring = scoring_cost * update / epochs
-    base = 1.0 - (1.0 - kept) * update
+    base = 1.0 - (1.0 - kept) * update - (kept * update / epochs if in_run else 0.0)
     if source == "batch":
         return base + scoring
     sampled = generation / refresh_every if source == "cached" else generation
@@ -143,26 +146,30 @@ def report(setting: str, timed: dict[str, list[dict]], epochs: int, val_per_samp
     print("\n| method | kept | round / standard (measured) | (cost model) | scoring pass / update epoch |")
     print("|---|---|---|---|---|")
     for method in list(METHODS)[1:]:
-        source = method.removeprefix("iif-")
         kept = statistics.median(m["kept_fraction"] for m in timed[method])
         measured = statistics.median(m["time_round_s"] / s["time_round_s"]
                                      for m, s in zip(timed[method], timed["standard"]))
         scoring_cost = medians[method]["time_scoring_s"] / update_epoch
-        model = predicted_ratio(source, generation, forward, epochs, val_per_sample, kept,
-                                scoring_cost=scoring_cost)
+        model = cost_model(method, generation, forward, epochs, val_per_sample, kept, scoring_cost)
         print(f"| {method} | {kept:.2f} | {measured:.2f} | {model:.2f} | {scoring_cost:.2f} |")
     print("\ncost model where generation takes a larger share of a standard round (forward 0.05, each "
-          "source's measured kept fraction and scoring cost in this setting):\n")
+          "method's measured kept fraction and scoring cost in this setting):\n")
     shares = (0.5, 0.7, 0.9)
-    print("| source | " + " | ".join(f"generation {g:.0%}" for g in shares) + " |")
+    print("| method | " + " | ".join(f"generation {g:.0%}" for g in shares) + " |")
     print("|---|" + "---|" * len(shares))
-    for source in TARGET_SOURCES:
-        method = f"iif-{source}"
+    for method in list(METHODS)[1:]:
         kept = statistics.median(m["kept_fraction"] for m in timed[method])
         scoring_cost = medians[method]["time_scoring_s"] / update_epoch
-        print(f"| {source} | " + " | ".join(
-            f"{predicted_ratio(source, g, 0.05, epochs, val_per_sample, kept, scoring_cost=scoring_cost):.2f}"
-            for g in shares) + " |")
+        print(f"| {method} | " + " | ".join(
+            f"{cost_model(method, g, 0.05, epochs, val_per_sample, kept, scoring_cost):.2f}" for g in shares) + " |")
+
+
+def cost_model(method: str, generation: float, forward: float, epochs: int, val_per_sample: float, kept: float,
+               scoring_cost: float) -> float:
+    """`predicted_ratio` for one of `METHODS`."""
+    settings = METHODS[method]
+    return predicted_ratio(settings["target_source"], generation, forward, epochs, val_per_sample, kept,
+                           scoring_cost=scoring_cost, in_run=settings["scoring"] == "in-run")
 
 
 def report_trusted(timed: dict[str, list[dict]]) -> None:

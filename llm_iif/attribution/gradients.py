@@ -18,6 +18,7 @@ checkpointing recomputes the forward) cannot double count.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -69,6 +70,7 @@ class LayerGradientCapture:
         self._grads: dict[str, torch.Tensor] = {}
         self._layer_scores: dict[str, torch.Tensor] = {}
         self._awaiting_gradient: set[str] = set()  # layers whose last call's output gradient has not arrived
+        self._reached: set[str] = set()  # layers that the current `backward` has reached
         self._handles: list = []
 
     def __enter__(self) -> "LayerGradientCapture":
@@ -84,13 +86,19 @@ class LayerGradientCapture:
         self._handles.clear()
         self._inputs.clear(), self._outputs.clear()
 
-    def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False, allow_unused: bool = False) -> None:
         """The backward pass of ``loss`` (a scalar) as far as the captured layers' outputs of the last forward,
         which is all the hooks need. No parameter gradient is formed: under FSDP2 the parameters are shards that
-        the graph never sees (each forward uses whole copies), and this works the same sharded or not."""
+        the graph never sees (each forward uses whole copies), and this works the same sharded or not. With
+        ``allow_unused``, layers that ``loss`` does not reach (a value head, for a policy term) get zero
+        gradients; otherwise such a layer is an error when the results are read."""
         outputs = dict(self._outputs)
-        torch.autograd.grad(loss, list(outputs.values()), retain_graph=retain_graph)
+        self._reached.clear()
+        torch.autograd.grad(loss, list(outputs.values()), retain_graph=retain_graph, allow_unused=allow_unused)
         self._outputs = outputs  # not the outputs of a forward that gradient checkpointing reran in the backward
+        if allow_unused:
+            for key in outputs.keys() - self._reached:
+                self._on_output_grad(key, torch.zeros_like(outputs[key]))
 
     # ---------------------------------------------------------------- modes (for the next backward)
 
@@ -99,6 +107,10 @@ class LayerGradientCapture:
         `scores`)."""
         self.target = _checked_target(target, self._model_params, self.parameter_names)
         self._groups = None
+
+    def per_sample(self) -> None:
+        """Per-sample mode from the next backward on (the mode without a target): read `per_sample_grads`."""
+        self.target, self._groups = None, None
 
     def sum_by_group(self, groups: torch.Tensor, n_groups: int) -> None:
         """From the next backward on, sum the per-sample gradients within each group instead: ``groups``
@@ -155,6 +167,7 @@ class LayerGradientCapture:
 
     def _on_output_grad(self, key: str, grad_output: torch.Tensor) -> None:
         self._awaiting_gradient.discard(key)
+        self._reached.add(key)
         layer = self._layers[key]
         x, g = _positions(layer, self._inputs[key].detach(), grad_output)  # [B, T, d_in], [B, T, d_out]
         weight_name, bias_name = self._params[key]
@@ -314,3 +327,27 @@ def _checked_target(target: dict, params: dict, names: list[str]) -> dict[str, t
         raise ValueError(f"target tensors stack different numbers of targets: {sorted(stacked)}")
     return {n: target[n] for n in names}
 
+
+
+@dataclass
+class RowGradients:
+    """Per-row gradients over some parameters as one matrix [R, D], the parameters' flattened gradients side by
+    side in ``names`` order."""
+    names: list[str]
+    shapes: list[torch.Size]
+    matrix: torch.Tensor
+
+    @classmethod
+    def of(cls, per_sample: dict[str, torch.Tensor], names: list[str]) -> "RowGradients":
+        """From per-sample gradients {name: [R, *shape]} (`LayerGradientCapture.per_sample_grads`), over ``names``."""
+        return cls(list(names), [per_sample[name].shape[1:] for name in names],
+                   torch.cat([per_sample[name].flatten(1) for name in names], dim=1))
+
+    def flatten(self, gradient: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[D] one gradient {name: tensor} in the matrix's layout."""
+        return torch.cat([gradient[name].to(self.matrix).flatten() for name in self.names])
+
+    def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{name: tensor of the parameter's shape} from a [D] vector."""
+        parts = torch.split(vector, [shape.numel() for shape in self.shapes])
+        return {name: part.reshape(shape) for name, part, shape in zip(self.names, parts, self.shapes)}

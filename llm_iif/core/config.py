@@ -197,6 +197,11 @@ class IIFConfig(IIFFilterConfig):
     """Per-sample training gradient: the policy term of the PPO loss, or the full loss (policy + vf_coef ×
     value, as the paper's RLHF code). The target has no value term, so the value gradient only adds noise
     to the scores; on the tiny recipe ``policy`` reached standard PPO's peak sooner (docs/results.md, section 3)."""
+    scoring: Literal["separate", "in-run"] = "separate"
+    """``separate``: a scoring pass, a forward and backward over every sample at θ(k), then the PPO epochs on the
+    kept samples; ``in-run``: the same pass keeps every sample's gradient, and the first epoch's steps are made
+    from the kept ones, so the first epoch needs no pass of its own (`llm_iif.training.in_run`: the scores are
+    exact, the first epoch's steps after its first take their gradients at θ(k))."""
     lds_rounds: list[int] = field(default_factory=list)
     """Rounds (0-based) at which to check the scores (one process only): the round's update is redone on
     ``lds_subsets`` random half-subsets of the batch and the linear datamodeling score (LDS) of plain,

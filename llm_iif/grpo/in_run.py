@@ -35,7 +35,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from llm_iif.attribution.gradients import LayerGradientCapture, scored_layers, scored_parameters
+from llm_iif.attribution.gradients import LayerGradientCapture, RowGradients, scored_layers, scored_parameters
 from llm_iif.attribution.influence import GroupGradients
 from llm_iif.attribution.precondition import Preconditioner
 from llm_iif.attribution.stage import IIFStage, Selection
@@ -117,7 +117,7 @@ class InRunScoring:
         selection.metrics["time_influence_s"] = sum(self.stage.timer.seconds.values())
         return selection
 
-    def _window_gradients(self, rows: WindowRows) -> "RowGradients":
+    def _window_gradients(self, rows: WindowRows) -> RowGradients:
         """The window's per-sample gradients of its candidates, in row order (padding rows train on nothing)."""
         micro_batches, self._micro_batches = self._micro_batches, []
         first = micro_batches[0][1]
@@ -127,7 +127,7 @@ class InRunScoring:
         order = torch.argsort(row_ids)[:rows.candidates]  # candidates are rows 0..candidates-1; padding sorts last
         return RowGradients(names, shapes, matrix[order.to(matrix.device)])
 
-    def _cross_fitted(self, grads: "RowGradients", rows: WindowRows, scale: float,
+    def _cross_fitted(self, grads: RowGradients, rows: WindowRows, scale: float,
                       precondition: Preconditioner | None) -> tuple[torch.Tensor | None, float]:
         """The batch target from the window's own gradients (module docstring, step 1)."""
         stage, folds = self.stage, self.stage.config.folds
@@ -153,7 +153,7 @@ class InRunScoring:
         dots = matrix @ torch.stack([grads.flatten(part) for part in parts]).T / scale       # [candidates, K]
         return stage.cross_fitted_influence(dots, parts, fold, in_target)
 
-    def _correct(self, model: nn.Module, grads: "RowGradients", rows: WindowRows, keep: torch.Tensor) -> None:
+    def _correct(self, model: nn.Module, grads: RowGradients, rows: WindowRows, keep: torch.Tensor) -> None:
         """Step 3 of the module docstring: the accumulated gradient becomes the kept completions' alone. It is
         rebuilt from their gradients rather than corrected by the dropped ones', so that a dropped completion
         whose gradient is NaN or inf leaves nothing behind."""
@@ -169,20 +169,3 @@ class InRunScoring:
             param = parameters[name]
             param.grad = part.to(param.dtype).reshape(param.shape)
 
-
-@dataclass
-class RowGradients:
-    """Per-row gradients over the scored parameters as one matrix [R, D], the parameters' flattened
-    gradients side by side in ``names`` order."""
-    names: list[str]
-    shapes: list[torch.Size]
-    matrix: torch.Tensor
-
-    def flatten(self, gradient: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[D] one gradient {name: tensor} in the matrix's layout."""
-        return torch.cat([gradient[name].to(self.matrix).flatten() for name in self.names])
-
-    def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{name: tensor of the parameter's shape} from a [D] vector."""
-        parts = torch.split(vector, [shape.numel() for shape in self.shapes])
-        return {name: part.reshape(shape) for name, part, shape in zip(self.names, parts, self.shapes)}

@@ -173,18 +173,43 @@ def per_sample_ppo_losses(policy, rollout: Rollout, advantages: torch.Tensor, re
     return _losses_and_logprobs(policy, rollout, advantages, returns, cfg, train_grad, tokens_per_sample)[0]
 
 
+STATISTICS = 5
+"""How many per-token terms `PPOTerms.statistics` gives."""
+
+
+@dataclasses.dataclass
+class PPOTerms:
+    """Per-token PPO terms of a batch's responses, each [b, T], as the update's loss takes them."""
+    policy: torch.Tensor          # the clipped surrogate, a loss
+    policy_clipped: torch.Tensor  # 1 where its clipped branch was taken
+    value: torch.Tensor           # the clipped value loss
+    value_clipped: torch.Tensor
+    logprobs: torch.Tensor        # log π(y_t) now
+    old_logprobs: torch.Tensor    # log π(y_t) when sampled
+
+    def statistics(self) -> list[torch.Tensor]:
+        """The per-token terms of `llm_iif.core.records.UpdateStats`, in its order."""
+        return [self.policy, self.value, self.policy_clipped, self.value_clipped,
+                ppo.approx_kl(self.logprobs, self.old_logprobs)]
+
+
+def ppo_terms(logits: torch.Tensor, values: torch.Tensor, rollout: Rollout, advantages: torch.Tensor,
+              returns: torch.Tensor, cfg: PPOConfig) -> PPOTerms:
+    """The `PPOTerms` of ``rollout``'s rows from the policy's forward over them: ``logits`` [b, L, V] and
+    ``values`` [b, L]; ``advantages``, ``returns`` [b, T]."""
+    logprobs = response_logprobs(logits, rollout.response_ids, cfg.temperature)
+    values = at_response_positions(values, rollout.response_ids.shape[1])
+    policy, policy_clipped = ppo.clipped_policy_loss(logprobs, rollout.logprobs, advantages, cfg.clip_range)
+    value, value_clipped = ppo.clipped_value_loss(values, rollout.values, returns, cfg.clip_range_value)
+    return PPOTerms(policy, policy_clipped, value, value_clipped, logprobs, rollout.logprobs)
+
+
 def _losses_and_logprobs(policy, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor,
                          cfg: PPOConfig, train_grad: str, tokens_per_sample: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(`per_sample_ppo_losses` [B], the response log-probs [B, T] they came from)."""
-    mask = rollout.response_mask
-    logits, values = policy(rollout.input_ids, rollout.attention_mask)
-    logprobs = response_logprobs(logits, rollout.response_ids, cfg.temperature)
-    loss, _ = ppo.clipped_policy_loss(logprobs, rollout.logprobs, advantages, cfg.clip_range)
-    if train_grad == "full":
-        values = at_response_positions(values, rollout.response_ids.shape[1])
-        value_loss, _ = ppo.clipped_value_loss(values, rollout.values, returns, cfg.clip_range_value)
-        loss = loss + cfg.vf_coef * value_loss
-    return (loss * mask).sum(dim=1) / tokens_per_sample, logprobs
+    terms = ppo_terms(*policy(rollout.input_ids, rollout.attention_mask), rollout, advantages, returns, cfg)
+    loss = terms.policy if train_grad == "policy" else terms.policy + cfg.vf_coef * terms.value
+    return (loss * rollout.response_mask).sum(dim=1) / tokens_per_sample, terms.logprobs
 
 
 def ppo_sample_loss(rollout: Rollout, advantages: Advantages, cfg: PPOConfig, train_grad: str,

@@ -41,14 +41,15 @@ from llm_iif.core.errors import UserError
 from llm_iif.core.guards import NonfiniteGuard
 from llm_iif.core.records import Advantages, Rollout, UpdateStats
 from llm_iif.core.timer import PhaseTimer
-from llm_iif.core.tokens import at_response_positions, response_logprobs
 from llm_iif.lm.data import PromptQueue
 from llm_iif.lm.evaluation import Evaluator
-from llm_iif.lm.iif import ppo_sample_loss, ppo_sample_loss_and_target, rollout_target_rows
+from llm_iif.lm.iif import (STATISTICS, ppo_sample_loss, ppo_sample_loss_and_target, ppo_terms,
+                            rollout_target_rows)
 from llm_iif.lm.rollouts import RolloutCollector, drop_nonfinite_advantages, estimate_advantages
 from llm_iif.lm.trusted import TrustedTriples
 from llm_iif.training import run_state
 from llm_iif.training.lds_check import linear_datamodeling_check
+from llm_iif.training.in_run import FirstEpoch, InRunScoring, check_in_run
 from llm_iif.training.run_outputs import RunOutputs
 from llm_iif.training.signals import FinishOnSignal
 
@@ -87,6 +88,11 @@ class PPOTrainer:
         self.collector, self.prompts, self.kl_controller = parts.collector, parts.prompts, parts.kl_controller
         self.iif, self.guard, self.outputs, self.evaluator = parts.iif, parts.guard, parts.outputs, parts.evaluator
         self.trusted = parts.trusted
+        self.in_run = None
+        if self.iif is not None and self.recipe.iif.scoring == "in-run":
+            check_in_run(self.recipe, self.accelerator.unwrap_model(self.policy), self.accelerator)
+            self.in_run = InRunScoring(self.iif, self.accelerator, self.cfg, self.recipe.iif.train_grad,
+                                       self.recipe.iif.score_batch_size)
         # After prepare: FSDP replaces parameters with sharded ones.
         self.trainable = [p for p in self.policy.parameters() if p.requires_grad]
         self.history: list[dict] = []
@@ -151,16 +157,17 @@ class PPOTrainer:
         # 3. Select: influence of every sample on the validation target, then the filter.
         if self.iif is not None:
             self._phase("score")
-        selection = self.select(rollout, advantages)
+        selection, first_epoch = self.select(rollout, advantages)
         scored = self.iif is not None and self.recipe.iif.mode != "random"
         checked = self.check_scores(k, rollout, advantages) if scored and k in self.recipe.iif.lds_rounds else {}
-        # 4. Update: PPO epochs on the kept samples, spread evenly over the processes.
+        # 4. Update: PPO epochs on the kept samples, spread evenly over the processes (in-run scoring made the
+        #    first epoch's gradients in step 3).
         self._phase("update")
         with timer.phase("update"):
             (kept_rollout, kept_advantages), placeholder = rebalance(
                 self.accelerator, (rollout.select(selection.keep), advantages.select(selection.keep)),
                 self.tokenizer.pad_token_id)
-            update_stats = self.update(kept_rollout, kept_advantages, placeholder)
+            update_stats = self.update(kept_rollout, kept_advantages, placeholder, first_epoch)
         # 5. Log: the whole batch's statistics; the KL controller sees every sample, kept or not, as in the paper.
         metrics = {**self.round_metrics(k, rollout, advantages, update_stats, kl_coef),
                    **self.report_metrics(rollout), **self.guard.end_round()}
@@ -184,27 +191,40 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ Stage II: select
 
-    def select(self, rollout: Rollout, advantages: Advantages) -> Selection:
-        """The IIF stage's decision for this rollout, or every sample kept when IIF is off."""
-        acc = self.accelerator
+    def select(self, rollout: Rollout, advantages: Advantages) -> tuple[Selection, FirstEpoch | None]:
+        """The IIF stage's decision for this rollout, or every sample kept when IIF is off; with in-run scoring,
+        also the first epoch made by the same pass (`llm_iif.training.in_run`)."""
+        acc, iif = self.accelerator, self.recipe.iif
         if self.iif is None:
             return Selection(torch.ones(len(rollout), dtype=torch.bool, device=acc.device), None,
-                             {"kept_fraction": 1.0})
+                             {"kept_fraction": 1.0}), None
         precondition = (adam_preconditioner(self.optimizer, scored_parameters(acc.unwrap_model(self.policy)))
-                        if self.recipe.iif.precondition == "adam" else None)
-        return self.iif.select(self.policy, self.per_sample_losses(rollout, advantages), len(rollout), precondition)
+                        if iif.precondition == "adam" else None)
+        if self.in_run is not None:
+            weights = (rollout_target_rows(iif.target, rollout, advantages, acc).weights
+                       if iif.target_source == "batch" else None)
+            return self.in_run.select(self.policy, rollout, advantages, self._tokens_per_sample(rollout), weights,
+                                      precondition)
+        return self.iif.select(self.policy, self.per_sample_losses(rollout, advantages), len(rollout),
+                               precondition), None
 
     def per_sample_losses(self, rollout: Rollout, advantages: Advantages) -> PerSampleLoss | PerSampleLossAndTarget:
         """Each sample's PPO loss as the stage scores it (with its target term, for ``target_source: batch``)."""
         acc, iif = self.accelerator, self.recipe.iif
+        tokens_per_sample = self._tokens_per_sample(rollout)
+        if iif.target_source == "batch":  # the batch is its own target: loss and target term from one forward
+            weights = rollout_target_rows(iif.target, rollout, advantages, acc).weights
+            return ppo_sample_loss_and_target(rollout, advantages, self.cfg, iif.train_grad, tokens_per_sample,
+                                              weights)
+        return ppo_sample_loss(rollout, advantages, self.cfg, iif.train_grad, tokens_per_sample)
+
+    def _tokens_per_sample(self, rollout: Rollout) -> float:
+        """The mean response length over every process's samples, which a sample's loss is divided by."""
+        acc = self.accelerator
         tokens, samples = acc.reduce(torch.stack([rollout.response_mask.sum().float(),
                                                   torch.tensor(float(len(rollout)), device=acc.device)]),
                                      "sum").tolist()
-        if iif.target_source == "batch":  # the batch is its own target: loss and target term from one forward
-            weights = rollout_target_rows(iif.target, rollout, advantages, acc).weights
-            return ppo_sample_loss_and_target(rollout, advantages, self.cfg, iif.train_grad, tokens / samples,
-                                              weights)
-        return ppo_sample_loss(rollout, advantages, self.cfg, iif.train_grad, tokens / samples)
+        return tokens / samples
 
     def check_scores(self, k: int, rollout: Rollout, advantages: Advantages) -> dict:
         """The LDS check of round ``k`` (`llm_iif.training.lds_check`): its metrics, with ``time_lds_s``; the
@@ -216,24 +236,31 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ Stage III: update
 
-    def update(self, rollout: Rollout, advantages: Advantages, placeholder: bool = False) -> UpdateStats:
+    def update(self, rollout: Rollout, advantages: Advantages, placeholder: bool = False,
+               first_epoch: FirstEpoch | None = None) -> UpdateStats:
         """``ppo.epochs`` passes of clipped-PPO minibatch steps over ``rollout``; returns mean statistics.
 
-        With ``placeholder`` every step has weight 0: this process only keeps DDP in step with the others.
+        With ``placeholder`` every step has weight 0: this process only keeps DDP in step with the others. With
+        ``first_epoch`` (in-run scoring, `llm_iif.training.in_run`) the first pass's steps take their gradients
+        from it, this process's kept rows at θ(k), and the later passes train on ``rollout``.
         """
         acc, cfg = self.accelerator, self.cfg
         n_local = len(rollout)
         # Every process must take the same number of optimiser steps, even with uneven sample counts.
         n_max = int(acc.reduce(torch.tensor(n_local, device=acc.device), "max").item())
         n_minibatches = max(1, math.ceil(n_max / cfg.mini_batch_size))
-        response_len = rollout.response_ids.shape[1]
-        stat_names = ["policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl"]
         # Statistics stay on the device until the end: one host sync per round, not five per step.
-        totals = torch.zeros(len(stat_names) + 1, dtype=torch.float64, device=acc.device)  # + step count
+        totals = torch.zeros(STATISTICS + 1, dtype=torch.float64, device=acc.device)  # + the step count
         skipped = 0
         dpo_coef = self.recipe.trusted.dpo_coef if self.trusted is not None else 0.0
         dpo_total = torch.zeros((), dtype=torch.float64, device=acc.device)
-        for _ in range(cfg.epochs):
+        for epoch in range(cfg.epochs):
+            if epoch == 0 and first_epoch is not None:
+                order = torch.randperm(len(first_epoch), generator=self.parts.minibatch_generator)
+                for rows in torch.tensor_split(order, n_minibatches):
+                    totals += first_epoch.set_gradients(rows, acc.unwrap_model(self.policy), acc)
+                    skipped += self._optimiser_step()
+                continue
             order = torch.randperm(n_local, generator=self.parts.minibatch_generator)
             for index in torch.tensor_split(order, n_minibatches):
                 weight = 0.0 if placeholder else 1.0
@@ -244,13 +271,8 @@ class PPOTrainer:
                 mask = batch.response_mask
                 with acc.autocast():
                     logits, values = self.policy(batch.input_ids, batch.attention_mask)
-                logprobs = response_logprobs(logits, batch.response_ids, cfg.temperature)
-                values = at_response_positions(values, response_len)
-                pg_loss, pg_clipped = ppo.clipped_policy_loss(logprobs, batch.logprobs, mb.advantages,
-                                                              cfg.clip_range)
-                vf_loss, vf_clipped = ppo.clipped_value_loss(values, batch.values, mb.returns,
-                                                             cfg.clip_range_value)
-                policy_loss, value_loss = ppo.masked_mean(pg_loss, mask), ppo.masked_mean(vf_loss, mask)
+                terms = ppo_terms(logits, values, batch, mb.advantages, mb.returns, cfg)
+                policy_loss, value_loss = ppo.masked_mean(terms.policy, mask), ppo.masked_mean(terms.value, mask)
                 loss = policy_loss + cfg.vf_coef * value_loss
                 if dpo_coef:
                     with acc.autocast():  # through the unwrapped policy: DDP reduces the summed gradient once
@@ -258,26 +280,31 @@ class PPOTrainer:
                     loss = loss + dpo_coef * dpo
                     dpo_total += weight * dpo.detach().double()
                 acc.backward(weight * loss)
-                grad_norm = acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
-                # fp16's loss scaler skips overflowing steps itself; otherwise a NaN/inf gradient skips the step.
-                if acc.scaler is None and grad_norm is not None and not torch.isfinite(grad_norm):
-                    skipped += 1
-                else:
-                    self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                skipped += self._optimiser_step()
                 with torch.no_grad():  # ordered as UpdateStats' fields, then the step count
-                    totals += weight * torch.stack([
-                        policy_loss, value_loss, ppo.masked_mean(pg_clipped, mask), ppo.masked_mean(vf_clipped, mask),
-                        ppo.masked_mean(ppo.approx_kl(logprobs, batch.logprobs), mask),
-                        torch.ones((), device=acc.device)]).double()
+                    totals += weight * torch.stack([ppo.masked_mean(term, mask) for term in terms.statistics()]
+                                                   + [torch.ones((), device=acc.device)]).double()
         summed = acc.reduce(totals, "sum")
         # DDP all-reduces gradients before the check, so every process skips the same steps.
         self.guard.flag("grad_steps", skipped, f"the gradient was NaN or inf in {skipped} of "
                         f"{cfg.epochs * n_minibatches} optimiser steps")
-        stats = UpdateStats(*[(summed[i] / summed[-1].clamp(min=1)).item() for i in range(len(stat_names))])
+        stats = UpdateStats(*[(summed[i] / summed[-1].clamp(min=1)).item() for i in range(len(summed) - 1)])
         if dpo_coef:
             stats.dpo_loss = (acc.reduce(dpo_total, "sum") / summed[-1].clamp(min=1)).item()
         return stats
+
+    def _optimiser_step(self) -> int:
+        """Clip the gradient and step, unless it is NaN or inf; returns 1 for a skipped step, else 0."""
+        acc = self.accelerator
+        grad_norm = acc.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
+        skipped = 0
+        # fp16's loss scaler skips overflowing steps itself; otherwise a NaN/inf gradient skips the step.
+        if acc.scaler is None and grad_norm is not None and not torch.isfinite(grad_norm):
+            skipped = 1
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return skipped
 
     # ------------------------------------------------------------------ metrics
 

@@ -183,7 +183,7 @@ def test_a_target_of_float_noise_drops_nothing_with_a_warning(tmp_path, tiny_mod
     rollout, _ = trainer.collector(trainer.prompts.next_batch())
     advantages = estimate_advantages(rollout, trainer.kl_controller.value, trainer.cfg, trainer.accelerator)
     with caplog.at_level(logging.WARNING, logger="llm_iif.attribution.stage"):
-        selection = trainer.select(rollout, advantages)
+        selection, _ = trainer.select(rollout, advantages)
     assert selection.keep.all() and selection.metrics["filtered"] == 0
     assert "IIF target: its gradient is float noise, so nothing is dropped this round" in caplog.text
 
