@@ -525,11 +525,12 @@ class GRPOIIFConfig(IIFFilterConfig):
     """``seq``: f_seq, Σ log-prob × group advantage of the target's completions; ``preference``: the margin
     Σ log π(chosen) − log π(rejected) of the ``trusted`` section's triples, all of them every generation batch
     (with ``target_source: fresh``; no generation)."""
-    scoring: Literal["separate", "in-run"] = "separate"
-    """``separate``: a scoring pass, a forward and backward over every candidate completion at θ(k), before the
-    update trains on the kept ones; ``in-run``: the scores come from the update's own backward, and the dropped
-    completions' share leaves the accumulated gradient before the optimiser step (`llm_iif.grpo.in_run`; needs
-    num_iterations 1 and steps_per_generation equal to gradient_accumulation_steps)."""
+    scoring: Literal["auto", "separate", "in-run"] = "auto"
+    """``in-run``: the scores come from the update's own backward, and the dropped completions' share leaves the
+    accumulated gradient before the optimiser step (`llm_iif.grpo.in_run`; needs num_iterations 1 and
+    steps_per_generation equal to gradient_accumulation_steps, among others: docs/grpo.md); ``separate``: a
+    scoring pass, a forward and backward over every candidate completion at θ(k), before the update trains on
+    the kept ones; ``auto``: in-run where the settings allow it, else separate (logged)."""
 
 
 @dataclass

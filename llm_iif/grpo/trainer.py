@@ -145,9 +145,13 @@ class IIFGRPOTrainer(GRPOTrainer):
             source = (PreferenceTarget(self) if iif.target == "preference"
                       else FreshGroupTarget(self) if iif.target_source == "fresh" else None)
             self._stage = IIFStage(iif, self.accelerator, source, self._sequence_logprobs, self._guard, generator)
-            if iif.scoring == "in-run":
-                self._check_in_run()
+            obstacle = self._in_run_obstacle() if iif.scoring != "separate" else None
+            if iif.scoring == "in-run" and obstacle:
+                raise UserError(obstacle)
+            if iif.scoring != "separate" and obstacle is None:
                 self._in_run = InRunScoring(self._stage, self.accelerator, self.loss_type)
+            elif iif.scoring == "auto" and self.accelerator.is_main_process:
+                logger.info("iif.scoring auto: the separate scoring pass, since %s", obstacle.split(";")[0])
 
     # ------------------------------------------------------------------------------------------------ checks
     def _check_settings(self) -> None:
@@ -217,40 +221,41 @@ class IIFGRPOTrainer(GRPOTrainer):
         if iif.target != "preference" and iif.target_source == "fresh":
             self._check_validation(iif)
 
-    def _check_in_run(self) -> None:
-        """One-line errors for settings that in-run scoring cannot honour (`llm_iif.grpo.in_run`)."""
+    def _in_run_obstacle(self) -> str | None:
+        """The one-line error for a setting that in-run scoring cannot honour (`llm_iif.grpo.in_run`), or None."""
         iif, args = self.iif, self.args
         separate = "; or set iif.scoring: separate"
         model = self.accelerator.unwrap_model(self.model)
         if iif.mode == "random":
-            raise UserError("iif.scoring: in-run with iif.mode random: random dropping scores nothing; expected "
-                            "iif.scoring: separate")
+            return ("iif.scoring: in-run with iif.mode random: random dropping scores nothing; expected "
+                    "iif.scoring: separate")
         if self.num_iterations != 1:
-            raise UserError(f"num_iterations: {self.num_iterations}; in-run scoring takes its scores from the first "
-                            f"update's backward, and later iterations train at moved parameters: expected 1{separate}")
+            return (f"num_iterations: {self.num_iterations}; in-run scoring takes its scores from the first "
+                    f"update's backward, and later iterations train at moved parameters: expected 1{separate}")
         if args.steps_per_generation != args.gradient_accumulation_steps:
-            raise UserError(f"steps_per_generation: {args.steps_per_generation} with gradient_accumulation_steps "
-                            f"{args.gradient_accumulation_steps}; in-run scoring decides before the generation batch's "
-                            f"one optimiser step: expected them equal{separate}")
+            return (f"steps_per_generation: {args.steps_per_generation} with gradient_accumulation_steps "
+                    f"{args.gradient_accumulation_steps}; in-run scoring decides before the generation batch's "
+                    f"one optimiser step: expected them equal{separate}")
         if self.beta != 0.0 and iif.target_source == "batch":
-            raise UserError(f"beta: {self.beta} with iif.target_source batch; in-run scoring builds the batch target "
-                            f"from the policy term's gradient, which the KL term changes: expected beta 0{separate}")
+            return (f"beta: {self.beta} with iif.target_source batch; in-run scoring builds the batch target "
+                    f"from the policy term's gradient, which the KL term changes: expected beta 0{separate}")
         if self._dpo_coef():
-            raise UserError(f"trusted.dpo_coef: {self._dpo_coef()}; the DPO term runs through the scored layers in "
-                            f"the same backward: expected 0 with in-run scoring{separate}")
+            return (f"trusted.dpo_coef: {self._dpo_coef()}; the DPO term runs through the scored layers in "
+                    f"the same backward: expected 0 with in-run scoring{separate}")
         if self.use_vllm:
-            raise UserError(f"use_vllm: in-run scoring is not run with vLLM's importance-sampling ratios{separate}")
+            return f"use_vllm: in-run scoring is not run with vLLM's importance-sampling ratios{separate}"
         if is_sharded(model):
-            raise UserError(f"iif.scoring: in-run is not run under FSDP2 (its gradients are shards){separate}")
+            return f"iif.scoring: in-run is not run under FSDP2 (its gradients are shards){separate}"
         dropout = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
         if dropout and not args.disable_dropout:
-            raise UserError(f"disable_dropout: false with dropout p={dropout[0].p} in the model; in-run scores would "
-                            f"carry the update's dropout noise: expected disable_dropout: true{separate}")
+            return (f"disable_dropout: false with dropout p={dropout[0].p} in the model; in-run scores would "
+                    f"carry the update's dropout noise: expected disable_dropout: true{separate}")
         scored = {id(p) for p in scored_parameters(model).values()}
         unscored = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in scored]
         if unscored:
-            raise UserError(f"iif.scoring: in-run corrects the scored (LoRA) parameters' gradient only, and "
-                            f"'{unscored[0]}' is trainable too ({len(unscored)} such){separate}")
+            return (f"iif.scoring: in-run corrects the scored (LoRA) parameters' gradient only, and "
+                    f"'{unscored[0]}' is trainable too ({len(unscored)} such){separate}")
+        return None
 
     def _check_validation(self, iif: GRPOIIFConfig) -> None:
         data, per_round = self.validation_dataset, self.num_generations * self.accelerator.num_processes

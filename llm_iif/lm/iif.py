@@ -204,6 +204,12 @@ def ppo_terms(logits: torch.Tensor, values: torch.Tensor, rollout: Rollout, adva
     return PPOTerms(policy, policy_clipped, value, value_clipped, logprobs, rollout.logprobs)
 
 
+def minibatch_loss(terms: PPOTerms, mask: torch.Tensor, vf_coef: float) -> torch.Tensor:
+    """The loss a PPO step takes on a minibatch: the token means over ``mask`` [b, T] of its policy term plus
+    ``vf_coef`` × its value term."""
+    return ppo.masked_mean(terms.policy, mask) + vf_coef * ppo.masked_mean(terms.value, mask)
+
+
 def _losses_and_logprobs(policy, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor,
                          cfg: PPOConfig, train_grad: str, tokens_per_sample: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(`per_sample_ppo_losses` [B], the response log-probs [B, T] they came from)."""

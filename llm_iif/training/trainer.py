@@ -43,7 +43,7 @@ from llm_iif.core.records import Advantages, Rollout, UpdateStats
 from llm_iif.core.timer import PhaseTimer
 from llm_iif.lm.data import PromptQueue
 from llm_iif.lm.evaluation import Evaluator
-from llm_iif.lm.iif import (STATISTICS, ppo_sample_loss, ppo_sample_loss_and_target, ppo_terms,
+from llm_iif.lm.iif import (STATISTICS, minibatch_loss, ppo_sample_loss, ppo_sample_loss_and_target, ppo_terms,
                             rollout_target_rows)
 from llm_iif.lm.rollouts import RolloutCollector, drop_nonfinite_advantages, estimate_advantages
 from llm_iif.lm.trusted import TrustedTriples
@@ -272,8 +272,7 @@ class PPOTrainer:
                 with acc.autocast():
                     logits, values = self.policy(batch.input_ids, batch.attention_mask)
                 terms = ppo_terms(logits, values, batch, mb.advantages, mb.returns, cfg)
-                policy_loss, value_loss = ppo.masked_mean(terms.policy, mask), ppo.masked_mean(terms.value, mask)
-                loss = policy_loss + cfg.vf_coef * value_loss
+                loss = minibatch_loss(terms, mask, cfg.vf_coef)
                 if dpo_coef:
                     with acc.autocast():  # through the unwrapped policy: DDP reduces the summed gradient once
                         dpo = self.trusted.dpo_loss(acc.unwrap_model(self.policy), cfg.mini_batch_size)

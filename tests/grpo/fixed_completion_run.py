@@ -104,7 +104,7 @@ def data_parallel_run(model_dir: Path, out: Path, processes: int, parallelism: s
                            per_device_train_batch_size=GLOBAL_BATCH // processes, rollout_func=fixed_completions,
                            reward_funcs=[completion_length],  # differs within groups: nonzero scores
                            iif=GRPOIIFConfig(enabled=True, target_source="batch", folds=2, mode="bottom", p=0.5,
-                                             precondition="adam"))
+                                             precondition="adam", scoring="separate"))
     trainer.train()
     assert is_sharded(trainer.model) == (parallelism == "fsdp2")
     preconditioned = [e["iif/preconditioned"] for e in trainer.state.log_history if "iif/preconditioned" in e]
@@ -129,7 +129,8 @@ if __name__ == "__main__":
     trainer = make_trainer(model_dir, out, max_steps=2, per_device_train_batch_size=GLOBAL_BATCH // processes,
                            rollout_func=fixed_completions,
                            reward_funcs=[completion_length],  # differs within groups: a target that is not 0
-                           iif=GRPOIIFConfig(enabled=True, target_source="batch", folds=2, mode="bottom", p=0.5))
+                           iif=GRPOIIFConfig(enabled=True, target_source="batch", folds=2, mode="bottom", p=0.5,
+                                             scoring="separate"))
     trainer.train()
     accelerator = trainer.accelerator
     weights = {n: p.detach().cpu() for n, p in trainer.model.named_parameters() if p.requires_grad}
@@ -148,7 +149,8 @@ if __name__ == "__main__":
                               steps_per_generation=2, gradient_accumulation_steps=2,
                               per_device_train_batch_size=GLOBAL_BATCH // processes // 2,
                               rollout_func=fixed_completions, reward_funcs=[completion_length],
-                              iif=GRPOIIFConfig(enabled=True, target_source="batch", folds=2, mode="bottom", p=0.5))
+                              iif=GRPOIIFConfig(enabled=True, target_source="batch", folds=2, mode="bottom", p=0.5,
+                                                scoring="separate"))
         scored.train()
         rows = [(r["prompt"] + "|" + r["response"], r["influence"]) for r in scored.generation_records]
         scores[loss_type] = sorted(gather_object(rows))

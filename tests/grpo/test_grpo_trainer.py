@@ -274,7 +274,7 @@ def test_bnpo_after_filtering_is_a_token_mean_over_the_kept_batch(random_adder_d
 
 def test_training_filters_each_generation_batch(random_adder_dir, tmp_path):
     trainer = make_trainer(random_adder_dir, tmp_path, max_steps=2,
-                           iif=GRPOIIFConfig(enabled=True, target_source="batch", p=1.0))
+                           iif=GRPOIIFConfig(enabled=True, target_source="batch", p=1.0, scoring="separate"))
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "iif/kept_fraction" in entry]
     assert len(logged) == 2

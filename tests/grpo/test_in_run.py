@@ -105,3 +105,14 @@ def test_settings_in_run_scoring_cannot_honour_are_one_line(random_adder_dir, tm
     with pytest.raises(UserError, match=message) as err:
         in_run_trainer(random_adder_dir, tmp_path, **settings)
     assert "\n" not in str(err.value) and "iif.scoring: separate" in str(err.value)
+
+
+def test_auto_scores_in_run_where_it_can_and_else_falls_back_saying_why(random_adder_dir, tmp_path, caplog):
+    """``iif.scoring: auto``, the default: in-run with settings it can honour; with one it cannot, the separate
+    pass, and the log names the setting."""
+    assert GRPOIIFConfig().scoring == "auto"
+    assert in_run_trainer(random_adder_dir, tmp_path / "a", iif=dict(scoring="auto"))._in_run is not None
+    with caplog.at_level("INFO", logger="llm_iif.grpo.trainer"):
+        fallback = in_run_trainer(random_adder_dir, tmp_path / "b", num_iterations=2, iif=dict(scoring="auto"))
+    assert fallback._in_run is None
+    assert "iif.scoring auto: the separate scoring pass, since num_iterations: 2" in caplog.text

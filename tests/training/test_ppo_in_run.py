@@ -5,10 +5,9 @@ import pytest
 import torch
 
 from conftest import assert_scores_match, moved_off_zero, tiny_recipe_dict
-from llm_iif.core import ppo
 from llm_iif.core.config import recipe_from_dict
 from llm_iif.core.errors import UserError
-from llm_iif.lm.iif import ppo_terms
+from llm_iif.lm.iif import minibatch_loss, ppo_terms
 from llm_iif.lm.rollouts import estimate_advantages
 from llm_iif.training import build_trainer
 
@@ -58,8 +57,7 @@ def minibatch_gradient(trainer, rollout, advantages, rows):
     policy = trainer.accelerator.unwrap_model(trainer.policy)
     batch, mb = rollout.select(rows), advantages.select(rows)
     terms = ppo_terms(*policy(batch.input_ids, batch.attention_mask), batch, mb.advantages, mb.returns, trainer.cfg)
-    mask = batch.response_mask
-    loss = ppo.masked_mean(terms.policy, mask) + trainer.cfg.vf_coef * ppo.masked_mean(terms.value, mask)
+    loss = minibatch_loss(terms, batch.response_mask, trainer.cfg.vf_coef)
     names = [n for n, p in policy.named_parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, [p for n, p in policy.named_parameters() if p.requires_grad])
     return dict(zip(names, grads))
