@@ -187,6 +187,8 @@ FIXED_ROLLOUT_IIF = {source: {"mode": "bottom", "p": 0.5, "target_source": sourc
 # The preference target on 16 trusted triples, 8 per process under 2 processes.
 FIXED_ROLLOUT_IIF["preference"] = {**FIXED_ROLLOUT_IIF["fresh"], "target": "preference",
                                    "trusted": {"source": "builtin:trusted-preferences", "size": 16}}
+# In-run scoring under 2 processes, against the separate pass of one process.
+FIXED_ROLLOUT_IIF["batch-in-run"] = {**FIXED_ROLLOUT_IIF["batch"], "scoring": "in-run"}
 
 
 @pytest.fixture(scope="module")
@@ -198,17 +200,19 @@ def ddp_runs(tmp_path_factory, tiny_model_dir):
         if target_source not in made:
             base = tmp_path_factory.mktemp(target_source)
             iif = FIXED_ROLLOUT_IIF[target_source]
-            made[target_source] = (run_fixed_rollouts(base, "two", iif, 2), run_fixed_rollouts(base, "one", iif, 1))
+            one = runs("batch")[1] if target_source == "batch-in-run" else run_fixed_rollouts(base, "one", iif, 1)
+            made[target_source] = (run_fixed_rollouts(base, "two", iif, 2), one)
         return made[target_source]
     return runs
 
 
-@pytest.mark.parametrize("target_source", ["fresh", "batch", "preference"])
+@pytest.mark.parametrize("target_source", ["fresh", "batch", "preference", "batch-in-run"])
 def test_two_processes_filter_as_one_and_stay_in_step(tmp_path, ddp_runs, target_source):
     """2 CPU processes with IIF on fixed rollouts: one global batch and one filtering decision, the same
     kept set as a single process, one set of metrics and one checkpoint, and identical LoRA weights on
     both ranks after 2 rounds. With the batch source, the folds follow the global row index; with the
-    preference target, each process holds half the trusted triples."""
+    preference target, each process holds half the trusted triples; with in-run scoring (against one
+    process's separate pass), the first epoch's all-reduced gradients keep the ranks identical."""
     two, one = ddp_runs(target_source)
 
     lines = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
