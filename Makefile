@@ -33,7 +33,7 @@ demo: $(VENV)/.installed
 # takes a few minutes; a warm one, none). Two pytest workers share the 2 cores (tests/conftest.py gives each one
 # thread).
 test: $(VENV)/.installed
-	$(PY) -m llm_iif.training.builtins tiny-sentiment tiny-biased-reward-model tiny-biased-reward-model-seed1 \
+	$(PY) -m llm_iif.models.builtins tiny-sentiment tiny-biased-reward-model tiny-biased-reward-model-seed1 \
 		tiny-biased-reward-model-seed2
 	$(PY) -m pytest -n 2 tests
 

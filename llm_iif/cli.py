@@ -36,11 +36,11 @@ from llm_iif.core.errors import UserError
 from llm_iif.core.imports import require_classic
 from llm_iif.core.paths import RunPaths, SuitePaths
 from llm_iif.training import build_trainer
-from llm_iif.training.builtins import resolve_builtin
+from llm_iif.models.builtins import resolve_builtin
 from llm_iif.training.factory import make_accelerator
-from llm_iif.training.reward_model import train_reward_model
-from llm_iif.training.run_outputs import check_writable_directory, claim_run_directory
-from llm_iif.training.run_state import finished, resolve_resume
+from llm_iif.models.reward_model import train_reward_model
+from llm_iif.runs.outputs import check_writable_directory, claim_run_directory
+from llm_iif.runs.state import finished, resolve_resume
 
 
 def build_parser() -> argparse.ArgumentParser:

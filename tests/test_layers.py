@@ -2,15 +2,17 @@
 
 Layers, lowest first; a module imports only from its own layer or lower ones:
 
-    0  llm_iif.core
-    1  llm_iif.attribution
-    2  llm_iif.lm, llm_iif.classic       (these two never import each other)
-    3  llm_iif.training, llm_iif.grpo     (grpo uses training's run-directory and builtin helpers)
-    4  llm_iif.analysis
-    5  llm_iif.cli, llm_iif.__main__, llm_iif (the top-level __init__, which may re-export)
+    0    llm_iif.core
+    0.5  llm_iif.runs                      (run directories, checkpoints, outputs, signals: every trainer's)
+    1    llm_iif.attribution
+    2    llm_iif.lm, llm_iif.classic       (these two never import each other)
+    2.75 llm_iif.models                    (built-in models and reward-model training)
+    3    llm_iif.training, llm_iif.grpo    (the PPO and GRPO trainers, which never import each other)
+    4    llm_iif.analysis
+    5    llm_iif.cli, llm_iif.__main__, llm_iif (the top-level __init__, which may re-export)
 
 `reward_models` is a separate top-level package: it may import from llm_iif only `llm_iif.core.errors` and
-`llm_iif.core.imports`, and only llm_iif.training (layer 3) and higher may import it. Imports nested in
+`llm_iif.core.imports`, and only llm_iif.models (layer 2.75) and higher may import it. Imports nested in
 functions count. Imports under ``if TYPE_CHECKING:`` count for the layers (a type a module names is a
 dependency all the same) but not for cycles: they never run, and they are the usual way to name a type from a
 module that imports this one.
@@ -34,13 +36,15 @@ PACKAGES = ("llm_iif", "reward_models")
 # Unit -> layer. A module's unit is its top-level package plus the first component below it (llm_iif.core.ppo
 # -> llm_iif.core, llm_iif.cli -> llm_iif.cli), the package itself for its __init__, and "reward_models" for
 # everything in reward_models. reward_models sits between lm/classic (2, which may not import it) and
-# training (3, which may); what reward_models itself may import is narrowed by `RESTRICTED`.
+# models (2.75, which may); what reward_models itself may import is narrowed by `RESTRICTED`.
 LAYERS: dict[str, float] = {
     "llm_iif.core": 0,
+    "llm_iif.runs": 0.5,
     "llm_iif.attribution": 1,
     "llm_iif.lm": 2,
     "llm_iif.classic": 2,
     "reward_models": 2.5,
+    "llm_iif.models": 2.75,
     "llm_iif.training": 3,
     "llm_iif.grpo": 3,
     "llm_iif.analysis": 4,
@@ -49,7 +53,8 @@ LAYERS: dict[str, float] = {
     "llm_iif": 5,
 }
 # Units of the same layer that must not import each other (in either direction).
-SIBLINGS_APART: tuple[frozenset[str], ...] = (frozenset({"llm_iif.lm", "llm_iif.classic"}),)
+SIBLINGS_APART: tuple[frozenset[str], ...] = (frozenset({"llm_iif.lm", "llm_iif.classic"}),
+                                              frozenset({"llm_iif.training", "llm_iif.grpo"}))
 # Unit -> (a project package it is restricted in, the only modules of that package it may import).
 RESTRICTED: dict[str, tuple[str, frozenset[str]]] = {
     "reward_models": ("llm_iif", frozenset({"llm_iif.core.errors", "llm_iif.core.imports"})),

@@ -26,7 +26,7 @@ from llm_iif.core.errors import UserError
 from llm_iif.core.fileio import atomic_write_text
 from llm_iif.core.paths import GridPaths, RunPaths, check_inside
 from llm_iif.training import build_trainer
-from llm_iif.training.run_outputs import check_writable_directory, delete_outputs, listed
+from llm_iif.runs.outputs import check_writable_directory, delete_outputs, listed
 
 # `llm-iif compare`: the recipe overrides of each method.
 LM_METHODS = {

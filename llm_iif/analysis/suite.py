@@ -42,7 +42,7 @@ from llm_iif.core.errors import UserError
 from llm_iif.core.fileio import append_jsonl, atomic_write_text, read_jsonl
 from llm_iif.core.machine import cpu_model
 from llm_iif.core.paths import SuitePaths, check_inside, check_name, is_name
-from llm_iif.training.run_outputs import check_writable_directory, delete_outputs, listed
+from llm_iif.runs.outputs import check_writable_directory, delete_outputs, listed
 
 SUITE_KEYS = ("output_dir", "seeds", "methods", "custom_methods", "tasks")
 TASK_KEYS = ("recipe", "set", "seeds", "methods", "custom_methods")

@@ -5,7 +5,7 @@ An LM run (`llm-iif train`)::
     RUN/recipe.yaml  environment.json  metrics.jsonl  timings.jsonl  samples.jsonl
     RUN/records/round_0000.parquet ...        one row per rollout sample
     RUN/lds/round_0000.json ...               the LDS check of the rounds in iif.lds_rounds
-    RUN/checkpoint-N/  RUN/final/             see `llm_iif.training.run_state`
+    RUN/checkpoint-N/  RUN/final/             see `llm_iif.runs.state`
     RUN/tensorboard/  RUN/wandb/  RUN/reward_curve.png  RUN/report.html
     RUN/README.md                             a GRPO run's model card, written by trl
     RUN/final.zip                             a classic run's SB3 model (beside its metrics.jsonl)

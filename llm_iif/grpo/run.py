@@ -6,7 +6,7 @@ recipe.yaml, environment.json, metrics.jsonl (one line per optimiser step; ``rou
 timings.jsonl, samples.jsonl, records/round_XXXX.parquet (every completion of the generation batch sampled at
 that step, with reward, advantage, influence and whether it was kept), tensorboard/, reward_curve.png,
 report.html and final/. Checkpoints are trl's ``checkpoint-N/`` plus ``iif_state.pt`` and a ``manifest.json``
-written last (`llm_iif.training.run_state`), so ``--resume`` continues exactly and damage is caught.
+written last (`llm_iif.runs.state`), so ``--resume`` continues exactly and damage is caught.
 
 Only the main process writes; every process evaluates its share of the held-out rows (`HeldOutEvaluation`).
 """
@@ -36,12 +36,12 @@ from llm_iif.grpo.trainer import GroupFilter, IIFGRPOTrainer
 from llm_iif.grpo.trusted import TrustedSet
 from llm_iif.lm.data import check_tokenizable, read_trusted_triples
 from llm_iif.lm.policy import load_tokenizer
-from llm_iif.training import run_state
-from llm_iif.training.builtins import resolve_builtin, resolve_reward_config
+from llm_iif.runs import state as run_state
+from llm_iif.models.builtins import resolve_builtin, resolve_reward_config
 from reward_models import load_reward_model
-from llm_iif.training.run_outputs import (RunOutputs, check_trackers_installed, check_writable_directory,
+from llm_iif.runs.outputs import (RunOutputs, check_trackers_installed, check_writable_directory,
                                          claim_run_directory)
-from llm_iif.training.signals import FinishOnSignal
+from llm_iif.runs.signals import FinishOnSignal
 
 
 @dataclass
@@ -59,7 +59,7 @@ def train_grpo(recipe: GRPORecipe, overwrite: bool = False, resume_from: Path | 
     validates the recipe, then call ``on_loaded`` (a comparison deletes its earlier outputs then); 3. only then
     delete an earlier run's outputs (``overwrite``) or rewind the files of a resumed one; 4. train with trl,
     stopping at the next generation batch's end on SIGINT/SIGTERM, the last one's too
-    (`llm_iif.training.signals`); 5. save final/.
+    (`llm_iif.runs.signals`); 5. save final/.
     """
     paths = RunPaths(recipe.run.output_dir)
     # 1. Check: every process refuses alike, before anything slow (a caller with on_loaded, a comparison, has

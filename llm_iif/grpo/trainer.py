@@ -57,7 +57,7 @@ from llm_iif.grpo.losses import (RESCALED_LOSSES, SUPPORTED_LOSSES, completion_l
                                  group_target_terms, token_losses)
 from llm_iif.grpo.trusted import TrustedSet, grpo_trusted_triples, trusted_prompt_ids
 from llm_iif.lm.trusted import TrustedTriples
-from llm_iif.training.run_state import IIF_STATE_FILE, load_plain
+from llm_iif.runs.state import IIF_STATE_FILE, load_plain
 
 logger = logging.getLogger(__name__)
 

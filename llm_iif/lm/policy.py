@@ -69,7 +69,7 @@ def load_tokenizer(name_or_path: str):
 def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig) -> tuple[PolicyWithValueHead, object]:
     """Load the base model and tokenizer, wrap the model with a fresh LoRA adapter and add the value head.
 
-    ``model_cfg.name_or_path`` is a hub id or a local directory (`llm_iif.training.builtins` resolves
+    ``model_cfg.name_or_path`` is a hub id or a local directory (`llm_iif.models.builtins` resolves
     ``builtin:`` names before this is called)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model

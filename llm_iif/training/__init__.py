@@ -1,4 +1,4 @@
-"""Layer 3: the LM PPO trainer and what surrounds it (factory, run state, run outputs, built-in models).
+"""Layer 3: the LM PPO trainer and what surrounds it (the factory, in-run scoring, the LDS check).
 
     from llm_iif.core.config import load_recipe
     from llm_iif.training import build_trainer

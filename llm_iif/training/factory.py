@@ -29,9 +29,9 @@ from llm_iif.lm.iif import ValidationTarget, policy_logprobs
 from llm_iif.lm.policy import load_policy, prompt_formatter
 from llm_iif.lm.rollouts import RewardWithColumns, RolloutCollector, Sampler, estimate_advantages
 from llm_iif.lm.trusted import ppo_trusted_triples
-from llm_iif.training.builtins import resolve_builtin, resolve_reward_config
-from llm_iif.training.reward_model import reward_training_pairs, triples_among_pairs
-from llm_iif.training.run_outputs import RunOutputs
+from llm_iif.models.builtins import resolve_builtin, resolve_reward_config
+from llm_iif.models.reward_model import reward_training_pairs, triples_among_pairs
+from llm_iif.runs.outputs import RunOutputs
 from llm_iif.training.trainer import PPOTrainer, TrainerParts
 from reward_models import load_reward_model
 from reward_models.python_callable import CallableReward

@@ -47,11 +47,11 @@ from llm_iif.lm.iif import (STATISTICS, minibatch_loss, ppo_sample_loss, ppo_sam
                             rollout_target_rows)
 from llm_iif.lm.rollouts import RolloutCollector, drop_nonfinite_advantages, estimate_advantages
 from llm_iif.lm.trusted import TrustedTriples
-from llm_iif.training import run_state
+from llm_iif.runs import state as run_state
 from llm_iif.training.lds_check import linear_datamodeling_check
 from llm_iif.training.in_run import FirstEpoch, InRunScoring, check_in_run
-from llm_iif.training.run_outputs import RunOutputs
-from llm_iif.training.signals import FinishOnSignal
+from llm_iif.runs.outputs import RunOutputs
+from llm_iif.runs.signals import FinishOnSignal
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class PPOTrainer:
         outputs first). SIGINT and SIGTERM finish the current round, save ``checkpoint-N/`` and return early,
         in the last round too (resuming saves ``final/``); ``self.stopped_by`` then names the signal. One that
         arrives during the final save lets it finish and sets ``self.stopped_by`` all the same, so that callers
-        stop (`llm_iif.training.signals`). ``self.checkpoint`` is where the last save went.
+        stop (`llm_iif.runs.signals`). ``self.checkpoint`` is where the last save went.
         """
         acc, run = self.accelerator, self.recipe.run
         start = self.restore(resume_from) if resume_from is not None else 0

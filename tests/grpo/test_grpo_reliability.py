@@ -184,7 +184,7 @@ def test_a_planted_pickle_is_refused_in_one_line_naming_its_file(one_step_run, r
                                                                   name):
     import torch
 
-    from llm_iif.training.run_state import TRL_MANIFEST_FILE, write_manifest
+    from llm_iif.runs.state import TRL_MANIFEST_FILE, write_manifest
 
     out, marker = tmp_path / "run", tmp_path / "planted-code-ran"
     shutil.copytree(one_step_run, out)

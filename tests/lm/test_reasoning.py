@@ -107,7 +107,7 @@ def test_a_short_build_is_deterministic_and_loads(tmp_path):
 
 
 def test_builtin_name_builds_once_into_the_cache(tmp_path, monkeypatch):
-    from llm_iif.training.builtins import resolve_builtin
+    from llm_iif.models.builtins import resolve_builtin
 
     builds = []
     monkeypatch.setenv("LLM_IIF_CACHE", str(tmp_path))

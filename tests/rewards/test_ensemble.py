@@ -6,7 +6,7 @@ import pytest
 
 from llm_iif.core.config import RewardConfig
 from llm_iif.core.errors import UserError
-from llm_iif.training.builtins import resolve_reward_config
+from llm_iif.models.builtins import resolve_reward_config
 from reward_models import load_reward_model
 from reward_models.ensemble import ConservativeEnsembleReward
 

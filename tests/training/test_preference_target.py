@@ -328,7 +328,7 @@ def test_trusted_metrics_every_round_and_the_dpo_loss_raises_the_margin(tmp_path
 def test_triples_among_a_built_in_reward_models_pairs_warn(caplog):
     """A built-in reward model records its data like `llm-iif reward train` does, so overlap is found too."""
     from llm_iif.lm.builtin import biased_preference_pairs
-    from llm_iif.training.builtins import resolve_builtin
+    from llm_iif.models.builtins import resolve_builtin
 
     pairs = biased_preference_pairs()
     triples = {column: values[:6] for column, values in pairs.items()}

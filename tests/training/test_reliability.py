@@ -19,7 +19,7 @@ from conftest import tiny_recipe_dict
 from llm_iif.cli import main
 from llm_iif.core.errors import UserError
 from llm_iif.core.guards import NonfiniteGuard
-from llm_iif.training.run_state import discard_checkpoints_after, resolve_resume, verify, write_manifest
+from llm_iif.runs.state import discard_checkpoints_after, resolve_resume, verify, write_manifest
 from llm_iif.training.trainer import PPOTrainer
 
 
@@ -151,7 +151,7 @@ def test_resume_picks_the_checkpoint_with_the_most_rounds_and_clears_unfinished_
     unfinished = run / ".checkpoint-4-k2x9"  # what a SIGKILL during a save leaves
     unfinished.mkdir()
     (unfinished / "training_state.pt").write_bytes(b"partial")
-    with caplog.at_level(logging.WARNING, logger="llm_iif.training.run_state"):
+    with caplog.at_level(logging.WARNING, logger="llm_iif.runs.state"):
         assert main(command[1:]) == 0
     assert not unfinished.exists()
     assert any(".checkpoint-4-k2x9" in record.getMessage() for record in caplog.records)

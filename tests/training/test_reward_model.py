@@ -101,7 +101,7 @@ def test_training_a_reward_model_leaves_later_runs_in_full_precision(tmp_path, t
     from accelerate import Accelerator
 
     from llm_iif.core.config import RewardTrainRecipe, recipe_from_dict
-    from llm_iif.training.reward_model import train_reward_model
+    from llm_iif.models.reward_model import train_reward_model
 
     before = Accelerator()
     recipe = recipe_from_dict({"model": {"name_or_path": str(tiny_model_dir)},
@@ -148,7 +148,7 @@ def test_conversational_pairs_are_written_through_the_chat_template(tmp_path, ti
 
     from llm_iif.core.config import PreferenceDataConfig
     from llm_iif.core.errors import UserError
-    from llm_iif.training.reward_model import _pair_texts
+    from llm_iif.models.reward_model import _pair_texts
 
     source = conversational_pairs(tmp_path / "chat.jsonl", 3, implicit_prompt)
     data = PreferenceDataConfig(source=str(source), prompt_column=None if implicit_prompt else "prompt")

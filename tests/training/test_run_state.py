@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from conftest import accelerate_launch, tiny_recipe_dict
-from llm_iif.training.run_state import load_training_state, resolve_resume, verify
+from llm_iif.runs.state import load_training_state, resolve_resume, verify
 from llm_iif.cli import main
 from llm_iif.core.config import recipe_from_dict
 from llm_iif.core.errors import UserError

@@ -19,7 +19,7 @@ from llm_iif.lm.addition import ADDER_MODEL_NAME, HEDGING_ADDER_MODEL_NAME, ensu
 from llm_iif.lm.builtin import (BUILTIN_PREFIX, TINY_MODEL_NAME, TINY_REWARD_MODEL_VERSION, TINY_REWARD_MODELS,
                                 cache_dir, ensure_tiny_model)
 from llm_iif.lm.reasoning import REASONER_MODEL_NAME, ensure_tiny_reasoner
-from llm_iif.training.reward_model import train_reward_model
+from llm_iif.models.reward_model import train_reward_model
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def resolve_reward_config(cfg: RewardConfig, key: str = "reward") -> RewardConfi
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m llm_iif.training.builtins [NAME ...]``: build the named built-in models (every one when none
+    """``python -m llm_iif.models.builtins [NAME ...]``: build the named built-in models (every one when none
     is named) into ``$LLM_IIF_CACHE`` now, rather than inside the first run or test that needs each one."""
     import sys
 
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             path = resolve_builtin(name, key="NAME")
         except UserError as err:
-            print(f"llm_iif.training.builtins: error: {err}", file=sys.stderr)
+            print(f"llm_iif.models.builtins: error: {err}", file=sys.stderr)
             return 2
         print(f"{name}: {path} ({time.perf_counter() - start:.0f} s)")
     return 0
