@@ -1,0 +1,3 @@
+"""Layer 0.5: what every run shares, whichever trainer runs it: its directory and what ``--overwrite`` deletes
+(`outputs.claim_run_directory`), its outputs and trackers (`outputs.RunOutputs`), checkpoints, manifests and
+resume (`state`), and a clean stop on SIGINT or SIGTERM (`signals.FinishOnSignal`)."""
