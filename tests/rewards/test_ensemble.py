@@ -23,7 +23,7 @@ def test_an_ensemble_needs_two_members():
 
 
 def test_builtin_members_resolve_to_directories(monkeypatch):
-    from llm_iif.training import builtins
+    from llm_iif.models import builtins
 
     monkeypatch.setattr(builtins, "ensure_tiny_reward_model", lambda name: f"/cache/{name}/model")
     cfg = resolve_reward_config(RewardConfig(name="conservative-ensemble",

@@ -5,7 +5,7 @@ import os
 import signal
 import sys
 
-from llm_iif.runs import state as run_state as checkpoints
+from llm_iif.runs import state as checkpoints
 from llm_iif.cli import main
 
 write_manifest = checkpoints.write_manifest
