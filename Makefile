@@ -37,9 +37,9 @@ test: $(VENV)/.installed
 		tiny-biased-reward-model-seed2
 	$(PY) -m pytest -n 2 tests
 
-# docs/recipes.md from the recipe dataclasses in llm_iif/core/config.py (a test fails when it is stale).
+# docs/recipes.md from the recipe dataclasses in llm_iif/recipes/ (a test fails when it is stale).
 docs: $(VENV)/.installed
-	$(VENV)/bin/python -m llm_iif.core.recipe_docs
+	$(VENV)/bin/python -m llm_iif.recipes.docs
 
 clean-demo:
 	rm -rf runs/demo

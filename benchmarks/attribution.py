@@ -22,7 +22,7 @@ import torch
 from llm_iif.attribution import influence
 from llm_iif.attribution.gradients import LoraGradientCapture, grad_dot, lora_parameters
 from llm_iif.cli import quiet_libraries
-from llm_iif.core.config import PPOConfig
+from llm_iif.recipes import PPOConfig
 from llm_iif.lm.policy import PolicyWithValueHead
 from llm_iif.core.records import Rollout
 from llm_iif.lm.generation import score_tokens

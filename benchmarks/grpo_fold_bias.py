@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from llm_iif.core.config import GRPORecipe, load_recipe
+from llm_iif.recipes import GRPORecipe, load_recipe
 from llm_iif.grpo.run import bare_trainer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -35,7 +35,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 
-from llm_iif.core.config import GRPORecipe, load_recipe
+from llm_iif.recipes import GRPORecipe, load_recipe
 from llm_iif.grpo.run import bare_trainer, grpo_datasets
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from llm_iif.core.config import GRPORecipe, load_recipe
+from llm_iif.recipes import GRPORecipe, load_recipe
 from llm_iif.grpo import IIFGRPOTrainer
 from llm_iif.grpo.run import bare_trainer
 

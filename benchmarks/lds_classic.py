@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from llm_iif.classic.train import build_model
-from llm_iif.core.config import ClassicRecipe, load_recipe
+from llm_iif.recipes import ClassicRecipe, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))

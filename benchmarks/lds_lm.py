@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from llm_iif.core.config import load_recipe
+from llm_iif.recipes import load_recipe
 from llm_iif.training import build_trainer
 
 REPO = Path(__file__).resolve().parents[1]

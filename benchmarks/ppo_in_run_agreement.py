@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from llm_iif.core.config import load_recipe
+from llm_iif.recipes import load_recipe
 from llm_iif.lm.iif import minibatch_loss, ppo_terms
 from llm_iif.training import build_trainer
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from llm_iif.core.config import TARGET_SOURCES, recipe_from_dict
+from llm_iif.recipes import TARGET_SOURCES, recipe_from_dict
 from llm_iif.lm.builtin import ensure_tiny_model
 from llm_iif.training import build_trainer
 

@@ -22,7 +22,7 @@ import yaml
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from llm_iif.core.config import recipe_from_dict
+from llm_iif.recipes import recipe_from_dict
 from llm_iif.core.errors import UserError
 from llm_iif.training import build_trainer
 

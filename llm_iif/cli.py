@@ -30,7 +30,7 @@ from llm_iif.analysis.report import write_report
 from llm_iif.analysis.statistics import interval_table
 from llm_iif.analysis.suite import load_suite, run_suite
 from llm_iif.analysis.summary import BUDGET_FRACTIONS
-from llm_iif.core.config import ClassicRecipe, GRPORecipe, RewardTrainRecipe, load_recipe, recipe_kind
+from llm_iif.recipes import ClassicRecipe, GRPORecipe, RewardTrainRecipe, load_recipe, recipe_kind
 from llm_iif.core.distributed import process_group_released
 from llm_iif.core.errors import UserError
 from llm_iif.core.imports import require_classic

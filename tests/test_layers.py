@@ -3,6 +3,7 @@
 Layers, lowest first; a module imports only from its own layer or lower ones:
 
     0    llm_iif.core
+    0.25 llm_iif.recipes                   (recipe dataclasses by kind, the loader, the recipe reference)
     0.5  llm_iif.runs                      (run directories, checkpoints, outputs, signals: every trainer's)
     1    llm_iif.attribution
     2    llm_iif.lm, llm_iif.classic       (these two never import each other)
@@ -39,6 +40,7 @@ PACKAGES = ("llm_iif", "reward_models")
 # models (2.75, which may); what reward_models itself may import is narrowed by `RESTRICTED`.
 LAYERS: dict[str, float] = {
     "llm_iif.core": 0,
+    "llm_iif.recipes": 0.25,
     "llm_iif.runs": 0.5,
     "llm_iif.attribution": 1,
     "llm_iif.lm": 2,
@@ -335,7 +337,7 @@ def _report(title: str, messages: list[str]) -> str:
 
 def test_the_scan_sees_the_project(project):
     # Guards against a scan that silently finds nothing (and so passes every other test).
-    assert "llm_iif.core.config" in project.modules
+    assert "llm_iif.recipes" in project.modules
     assert "reward_models" in project.packages
     assert any(i.importer == "llm_iif.cli" for i in project.imports)
 
@@ -386,7 +388,7 @@ def test_checker_reports_a_cycle_and_an_upward_import():
         _imp("llm_iif.training.trainer", "reward_models.vader", 11),  # allowed
         _imp("llm_iif.analysis.report", "llm_iif.core.a", 12),  # downward: allowed
         _imp("reward_models.vader", "llm_iif.core.errors", 13),  # allowed
-        _imp("reward_models.vader", "llm_iif.core.config", 14),  # not allowed
+        _imp("reward_models.vader", "llm_iif.recipes", 14),  # not allowed
     ]
     cycles = find_cycles(imports)
     assert len(cycles) == 1
@@ -402,7 +404,7 @@ def test_checker_reports_a_cycle_and_an_upward_import():
     assert any(v.startswith("llm_iif/lm/policy.py:10: ") and "reward_models.vader" in v for v in violations)
 
     restricted = restriction_violations(imports)
-    assert restricted == [("reward_models/vader.py:14: reward_models.vader imports llm_iif.core.config; "
+    assert restricted == [("reward_models/vader.py:14: reward_models.vader imports llm_iif.recipes; "
                            "from llm_iif it may import only llm_iif.core.errors, llm_iif.core.imports")]
 
     assert unknown_modules(["llm_iif.core.a", "llm_iif.plugins.x", "llm_iif"]) == ["llm_iif.plugins.x"]

@@ -19,7 +19,7 @@ from typing import Callable, Mapping
 from llm_iif.analysis.plots import plot_influence, plot_reward_curves, run_title, write_run_figures
 from llm_iif.analysis.report import influence_by_round, picked_rounds, write_report
 from llm_iif.analysis.summary import summarize
-from llm_iif.core.config import (SEED_EXPECTED, TARGET_SOURCES, ClassicRecipe, GRPORecipe, Recipe, is_seed,
+from llm_iif.recipes import (SEED_EXPECTED, TARGET_SOURCES, ClassicRecipe, GRPORecipe, Recipe, is_seed,
                                  load_recipe)
 from llm_iif.core.distributed import accelerate_state_kept
 from llm_iif.core.errors import UserError

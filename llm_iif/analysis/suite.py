@@ -37,7 +37,7 @@ from llm_iif.analysis.grid import (CLASSIC_CURVE, CLASSIC_METHODS, GRPO_CURVE, G
                                    check_recipes, check_seeds, classic_trainer, grpo_trainer, lm_trainer, once,
                                    write_comparison)
 from llm_iif.analysis.scorecard import task_histories, write_scorecard
-from llm_iif.core.config import ClassicRecipe, GRPORecipe, Recipe, read_yaml_mapping, recipe_kind
+from llm_iif.recipes import ClassicRecipe, GRPORecipe, Recipe, read_yaml_mapping, recipe_kind
 from llm_iif.core.errors import UserError
 from llm_iif.core.fileio import append_jsonl, atomic_write_text, read_jsonl
 from llm_iif.core.machine import cpu_model

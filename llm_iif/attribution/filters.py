@@ -7,7 +7,7 @@ import warnings
 
 import torch
 
-from llm_iif.core.config import FILTER_MODES
+from llm_iif.recipes import FILTER_MODES
 
 
 def filter_mask(scores: torch.Tensor, mode: str, p: float, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -50,7 +50,7 @@ from llm_iif.attribution.precondition import Preconditioner
 from llm_iif.attribution.influence import (GroupGradients, PerSampleLoss, PerSampleLossAndTarget, SequenceLogprobs,
                                            TargetSource, TargetBatch, cross_fitted_dots, influence_scores,
                                            target_gradient_parts)
-from llm_iif.core.config import IIFConfig
+from llm_iif.recipes import IIFConfig
 from llm_iif.core.distributed import gather_values, sum_gradients
 from llm_iif.core.guards import NonfiniteGuard
 from llm_iif.core.timer import PhaseTimer

@@ -30,7 +30,7 @@ from torch import nn
 from llm_iif.attribution.filters import filter_mask
 from llm_iif.attribution.gradients import LayerGradientCapture
 from llm_iif.attribution.precondition import adam_preconditioner, check_second_moments
-from llm_iif.core.config import CLASSIC_GUARDS, CLASSIC_TARGETS, FILTER_MODES
+from llm_iif.recipes import CLASSIC_GUARDS, CLASSIC_TARGETS, FILTER_MODES
 
 
 class IIFPPO(PPO):

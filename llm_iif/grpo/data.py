@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import random
 
-from llm_iif.core.config import GRPODataConfig
+from llm_iif.recipes import GRPODataConfig
 from llm_iif.core.errors import UserError
 from llm_iif.lm.addition import addition_problems
 from llm_iif.lm.builtin import equal_length_review_prompts

@@ -26,7 +26,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from llm_iif.core.config import GRPORecipe, GRPORewardModel
+from llm_iif.recipes import GRPORecipe, GRPORewardModel
 from llm_iif.core.errors import UserError, damaged_weight_files, first_line
 from llm_iif.core.imports import import_object
 from llm_iif.core.fileio import write_directory_atomically

@@ -46,7 +46,7 @@ from llm_iif.attribution.gradients import scored_layers, scored_parameters
 from llm_iif.attribution.influence import TargetBatch
 from llm_iif.attribution.precondition import adam_preconditioner, check_second_moments
 from llm_iif.attribution.stage import IIFStage
-from llm_iif.core.config import GRPOIIFConfig
+from llm_iif.recipes import GRPOIIFConfig
 from llm_iif.core.distributed import check_scoring_supported, is_sharded
 from llm_iif.core.errors import UserError, first_line
 from llm_iif.core.guards import NonfiniteGuard
@@ -86,7 +86,7 @@ class IIFGRPOTrainer(GRPOTrainer):
     """`trl.GRPOTrainer` with influence-based filtering (``iif``) or a group filter (``group_filter``).
 
     Takes every `GRPOTrainer` argument, plus:
-      iif: what to score against and how much to drop (`llm_iif.core.config.GRPOIIFConfig`; ``target_source``
+      iif: what to score against and how much to drop (`llm_iif.recipes.GRPOIIFConfig`; ``target_source``
         ``batch`` or ``fresh``). Passing one turns filtering on (its ``enabled`` field is the recipe's switch
         and is not read here); None, and no group_filter, trains as plain GRPO.
       group_filter: a `GroupFilter`: a baseline instead of ``iif``, or, for ``dapo``, the filter IIF runs after.

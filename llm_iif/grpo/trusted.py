@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llm_iif.attribution.influence import SequenceLogprobs, preference_target_rows
-from llm_iif.core.config import PREFERENCE_COLUMNS, TrustedConfig
+from llm_iif.recipes import PREFERENCE_COLUMNS, TrustedConfig
 from llm_iif.core.errors import UserError
 from llm_iif.lm.data import is_messages
 from llm_iif.lm.trusted import TrustedTriples, process_share

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 from pathlib import Path
 
-from llm_iif.core.config import PREFERENCE_COLUMNS, DataConfig, IIFConfig, TrustedConfig, parse_filter, read_text
+from llm_iif.recipes import PREFERENCE_COLUMNS, DataConfig, IIFConfig, TrustedConfig, parse_filter, read_text
 from llm_iif.core.errors import UserError, first_line
 from llm_iif.lm.addition import hackable_addition_triples
 from llm_iif.lm.builtin import (BUILTIN_PREFIX, biased_plus_trusted_preference_pairs, biased_preference_pairs,

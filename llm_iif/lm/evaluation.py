@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from accelerate import Accelerator
 
-from llm_iif.core.config import PPOConfig
+from llm_iif.recipes import PPOConfig
 from llm_iif.core.errors import UserError
 from llm_iif.lm.generation import sample_responses
 

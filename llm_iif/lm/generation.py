@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from llm_iif.core.config import PPOConfig
+from llm_iif.recipes import PPOConfig
 from llm_iif.core.tokens import at_response_positions, response_logprobs
 
 

@@ -16,7 +16,7 @@ from accelerate import Accelerator
 
 from llm_iif.attribution.influence import PerSampleLoss, PerSampleLossAndTarget, SequenceLogprobs, TargetBatch
 from llm_iif.core import ppo
-from llm_iif.core.config import TARGETS, IIFConfig, PPOConfig
+from llm_iif.recipes import TARGETS, IIFConfig, PPOConfig
 from llm_iif.core.records import Advantages, Rollout
 from llm_iif.core.tokens import at_response_positions, response_logprobs
 from llm_iif.lm.data import check_tokenizable

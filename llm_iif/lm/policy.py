@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llm_iif.core.config import LoraConfig, ModelConfig
+from llm_iif.recipes import LoraConfig, ModelConfig
 from llm_iif.core.errors import MODEL_LOAD_ERRORS, UserError, first_line, model_load_problem
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

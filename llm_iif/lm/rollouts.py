@@ -9,7 +9,7 @@ import torch
 from accelerate import Accelerator
 
 from llm_iif.core import ppo
-from llm_iif.core.config import PPOConfig
+from llm_iif.recipes import PPOConfig
 from llm_iif.core.errors import UserError
 from llm_iif.core.guards import NonfiniteGuard, rows_finite
 from llm_iif.core.records import Advantages, Rollout

@@ -15,7 +15,7 @@ from accelerate import Accelerator
 
 from llm_iif.attribution.influence import SequenceLogprobs, TargetBatch, preference_target_rows
 from llm_iif.attribution.stage import dropout_off
-from llm_iif.core.config import TrustedConfig
+from llm_iif.recipes import TrustedConfig
 from llm_iif.core.errors import UserError
 from llm_iif.core.preference import dpo_loss, implicit_accuracy, margins, sequence_logprobs
 from llm_iif.lm.data import check_tokenizable, is_messages

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from llm_iif.core.config import RewardConfig, RewardTrainRecipe, recipe_from_dict
+from llm_iif.recipes import RewardConfig, RewardTrainRecipe, recipe_from_dict
 from llm_iif.core.errors import UserError
 from llm_iif.lm.addition import ADDER_MODEL_NAME, HEDGING_ADDER_MODEL_NAME, ensure_tiny_adder, ensure_tiny_adder_hedging
 from llm_iif.lm.builtin import (BUILTIN_PREFIX, TINY_MODEL_NAME, TINY_REWARD_MODEL_VERSION, TINY_REWARD_MODELS,

@@ -15,7 +15,7 @@ import random
 import tempfile
 from pathlib import Path
 
-from llm_iif.core.config import PreferenceDataConfig
+from llm_iif.recipes import PreferenceDataConfig
 from llm_iif.core.distributed import accelerate_state_kept
 from llm_iif.core.errors import MODEL_LOAD_ERRORS, UserError, model_load_problem
 from llm_iif.core.fileio import atomic_write_text, write_directory_atomically

@@ -22,7 +22,7 @@ from accelerate.tracking import TensorBoardTracker, TrackioTracker, WandBTracker
 from accelerate.utils import gather_object, is_trackio_available, is_wandb_available
 
 from llm_iif.core import ppo
-from llm_iif.core.config import Recipe
+from llm_iif.recipes import Recipe
 from llm_iif.core.errors import UserError, first_line
 from llm_iif.core.fileio import append_jsonl, atomic_write_text, read_jsonl, write_parquet
 from llm_iif.core.machine import cpu_model, package_versions

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llm_iif.core.config import GRPORecipe, Recipe, load_recipe
+from llm_iif.recipes import GRPORecipe, Recipe, load_recipe
 from llm_iif.core.errors import UserError, first_line
 from llm_iif.core.paths import RunPaths
 from llm_iif.core.fileio import write_directory_atomically

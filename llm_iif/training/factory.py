@@ -16,7 +16,7 @@ from accelerate.utils import set_seed
 
 from llm_iif.attribution.stage import IIFStage
 from llm_iif.core import ppo
-from llm_iif.core.config import Recipe
+from llm_iif.recipes import Recipe
 from llm_iif.core.distributed import check_scoring_supported, fsdp2_layer_classes, shard_with_fsdp2
 from llm_iif.core.errors import UserError
 from llm_iif.core.guards import NonfiniteGuard

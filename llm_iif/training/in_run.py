@@ -44,7 +44,7 @@ from llm_iif.attribution.gradients import RowGradients, scored_layers, scored_pa
 from llm_iif.attribution.influence import row_gradients
 from llm_iif.attribution.precondition import Preconditioner
 from llm_iif.attribution.stage import IIFStage, Selection, dropout_off
-from llm_iif.core.config import PPOConfig, Recipe
+from llm_iif.recipes import PPOConfig, Recipe
 from llm_iif.core.distributed import is_sharded
 from llm_iif.core.errors import UserError
 from llm_iif.core.records import Advantages, Rollout

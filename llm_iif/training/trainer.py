@@ -35,7 +35,7 @@ from llm_iif.attribution.influence import PerSampleLoss, PerSampleLossAndTarget
 from llm_iif.attribution.precondition import adam_preconditioner
 from llm_iif.attribution.stage import IIFStage, Selection
 from llm_iif.core import ppo
-from llm_iif.core.config import Recipe
+from llm_iif.recipes import Recipe
 from llm_iif.core.distributed import is_sharded, load_whole_state, rebalance, whole_state
 from llm_iif.core.errors import UserError
 from llm_iif.core.guards import NonfiniteGuard

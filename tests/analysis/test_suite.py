@@ -12,7 +12,7 @@ import yaml
 from llm_iif.analysis.scorecard import check_same_cpu, scorecard_markdown, standard_climb, task_scorecard
 from llm_iif.analysis.suite import claim_suite_directory, load_suite, run_suite, start_suite
 from llm_iif.analysis.summary import summarize
-from llm_iif.core.config import GRPORecipe
+from llm_iif.recipes import GRPORecipe
 from llm_iif.core.errors import UserError
 from llm_iif.core.machine import cpu_model
 from llm_iif.core.paths import SuitePaths
@@ -222,7 +222,7 @@ def test_the_grpo_suite_loads_with_every_method():
 def test_the_flawed_rewards_suite_loads_and_every_method_makes_a_valid_recipe():
     """benchmarks/suites/flawed-rewards.yaml: the three flaws on seeds 10-19, the same-data baselines and the
     trusted-set variants, each method's overrides a recipe that loads."""
-    from llm_iif.core.config import load_recipe
+    from llm_iif.recipes import load_recipe
 
     suite = load_suite(REPO / "benchmarks" / "suites" / "flawed-rewards.yaml")
     tasks = {task.name: task for task in suite.tasks}

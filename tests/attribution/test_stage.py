@@ -4,7 +4,7 @@ import torch
 from accelerate import Accelerator
 
 from llm_iif.attribution.stage import IIFStage
-from llm_iif.core.config import IIFConfig
+from llm_iif.recipes import IIFConfig
 from llm_iif.core.guards import NonfiniteGuard
 
 

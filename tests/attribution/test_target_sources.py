@@ -8,7 +8,7 @@ import torch
 
 from conftest import tiny_recipe_dict
 from llm_iif.attribution.gradients import LoraGradientCapture, lora_parameters
-from llm_iif.core.config import recipe_from_dict
+from llm_iif.recipes import recipe_from_dict
 from llm_iif.core.errors import UserError
 from llm_iif.lm.iif import importance_weights, ppo_sample_loss, ppo_sample_loss_and_target, rollout_target_rows
 from llm_iif.lm.rollouts import estimate_advantages

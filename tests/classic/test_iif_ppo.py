@@ -243,7 +243,7 @@ SHORT = ["ppo.n_steps=128", "ppo.batch_size=32", "ppo.n_epochs=2", "run.rounds=2
 @pytest.mark.parametrize("recipe", sorted((REPO / "recipes" / "classic").glob("*.yaml")), ids=lambda p: p.stem)
 def test_each_classic_recipe_runs_two_short_rounds(recipe, tmp_path):
     from llm_iif.classic.train import train_classic
-    from llm_iif.core.config import ClassicRecipe, load_recipe
+    from llm_iif.recipes import ClassicRecipe, load_recipe
 
     loaded = load_recipe(recipe, SHORT, kind=ClassicRecipe)
     history = train_classic(loaded, loaded.iif.mode, loaded.iif.p, tmp_path)
@@ -254,7 +254,7 @@ def test_each_classic_recipe_runs_two_short_rounds(recipe, tmp_path):
 
 def test_evaluation_does_not_change_training(tmp_path):
     from llm_iif.classic.train import train_classic
-    from llm_iif.core.config import ClassicRecipe, load_recipe
+    from llm_iif.recipes import ClassicRecipe, load_recipe
 
     def run(episodes):
         recipe = load_recipe(REPO / "recipes/classic/frozenlake.yaml",
@@ -269,7 +269,7 @@ def test_evaluation_does_not_change_training(tmp_path):
 
 def test_fewer_evaluation_episodes_are_a_prefix_of_more():
     from llm_iif.classic.train import evaluation_returns
-    from llm_iif.core.config import ClassicRecipe, load_recipe
+    from llm_iif.recipes import ClassicRecipe, load_recipe
 
     recipe = load_recipe(REPO / "recipes/classic/frozenlake.yaml", SHORT, kind=ClassicRecipe)
     model = frozen_lake_model()

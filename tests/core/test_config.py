@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from llm_iif.cli import main
-from llm_iif.core.config import ClassicRecipe, GRPORecipe, Recipe, RewardTrainRecipe, load_recipe, recipe_kind
+from llm_iif.recipes import ClassicRecipe, GRPORecipe, Recipe, RewardTrainRecipe, load_recipe, recipe_kind
 from llm_iif.core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]

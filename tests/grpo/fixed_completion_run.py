@@ -23,7 +23,7 @@ from accelerate.utils import gather_object
 import grpo_setup
 from grpo_setup import make_trainer
 
-from llm_iif.core.config import GRPOIIFConfig
+from llm_iif.recipes import GRPOIIFConfig
 from llm_iif.grpo import GroupFilter, IIFGRPOTrainer
 
 GLOBAL_BATCH = 16

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from llm_iif.core.config import GRPORecipe, load_recipe
+from llm_iif.recipes import GRPORecipe, load_recipe
 from llm_iif.grpo.run import accumulation_steps
 
 REPO = Path(__file__).resolve().parents[2]

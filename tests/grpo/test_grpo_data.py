@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from llm_iif.core.config import GRPODataConfig
+from llm_iif.recipes import GRPODataConfig
 from llm_iif.core.errors import UserError
 from llm_iif.grpo.data import (BUILTIN_ADDITION, BUILTIN_CHAIN_SUMS, SPLIT_SEEDS, check_chat_template,
                                grpo_datasets, is_conversational)

@@ -11,7 +11,7 @@ import torch
 from conftest import assert_gradients_close, brute_force_margin_gradient, cli_in_process, moved_off_zero
 from grpo_setup import make_trainer
 
-from llm_iif.core.config import GRPOIIFConfig, TrustedConfig
+from llm_iif.recipes import GRPOIIFConfig, TrustedConfig
 from llm_iif.core.errors import UserError
 from llm_iif.grpo.trusted import TrustedSet
 from llm_iif.lm.generation import tokenize_pairs

@@ -10,7 +10,7 @@ import yaml
 
 from conftest import cli_in_process
 
-from llm_iif.core.config import GRPORecipe, load_recipe
+from llm_iif.recipes import GRPORecipe, load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "tiny-addition-grpo.yaml"

@@ -19,7 +19,7 @@ import yaml
 from conftest import cli_in_process, launch_command
 from test_grpo_recipes import RECIPE, REPO, llm_iif, small
 
-from llm_iif.core.config import GRPORecipe, load_recipe
+from llm_iif.recipes import GRPORecipe, load_recipe
 from llm_iif.core.errors import UserError
 
 
@@ -218,7 +218,7 @@ def test_a_system_prompt_needs_a_chat_template(random_adder_dir, tmp_path, capsy
 def test_unsupported_sharded_launches_are_refused_with_iif(random_adder_dir, tmp_path, monkeypatch):
     from grpo_setup import make_trainer
 
-    from llm_iif.core.config import GRPOIIFConfig
+    from llm_iif.recipes import GRPOIIFConfig
     from llm_iif.core import distributed
 
     refusal = "DeepSpeed ZeRO-3 (zero_stage: 3) is not supported with influence scoring; use FSDP2, DDP or ZeRO-2"

@@ -12,7 +12,7 @@ from grpo_setup import grpo_args, make_trainer
 from trl import GRPOTrainer
 
 from llm_iif.attribution.gradients import scored_parameters
-from llm_iif.core.config import GRPOIIFConfig
+from llm_iif.recipes import GRPOIIFConfig
 from llm_iif.core.errors import UserError
 from llm_iif.grpo import GroupFilter
 from llm_iif.grpo.losses import SUPPORTED_LOSSES

@@ -12,7 +12,7 @@ from llm_iif.lm.addition import (HEDGED_COMPLETION_TOKENS, HEDGING_ADDER_CHARACT
                                  exact_match_reward, hackable_addition_triples, hedged_answer, hedging_adder_tokenizer,
                                  hedging_targets, hidden_exact_match, lenient_answer_reward, near_miss)
 from llm_iif.lm.builtin import EOS_TOKEN
-from llm_iif.core.config import TrustedConfig
+from llm_iif.recipes import TrustedConfig
 from llm_iif.lm.data import BUILTIN_SOURCES, check_tokenizable, read_trusted_triples
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "tiny-addition-hackable-grpo.yaml"

@@ -8,7 +8,7 @@ from grpo_setup import make_trainer
 from test_grpo_trainer import brute_force_scores, flat_grad
 
 from llm_iif.attribution.gradients import scored_parameters
-from llm_iif.core.config import GRPOIIFConfig
+from llm_iif.recipes import GRPOIIFConfig
 from llm_iif.core.errors import UserError
 
 WINDOW = dict(max_steps=1, steps_per_generation=2, gradient_accumulation_steps=2, per_device_train_batch_size=8)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from llm_iif.core.config import DataConfig
+from llm_iif.recipes import DataConfig
 from llm_iif.lm.data import load_prompts
 from llm_iif.core.errors import UserError
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from llm_iif.core.config import RewardConfig
+from llm_iif.recipes import RewardConfig
 from llm_iif.core.errors import UserError
 from llm_iif.models.builtins import resolve_reward_config
 from reward_models import load_reward_model

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from llm_iif.core.config import RewardConfig
+from llm_iif.recipes import RewardConfig
 from llm_iif.core.errors import UserError
 from reward_models import load_reward_model
 from reward_models.hf_classifier import label_score

@@ -14,7 +14,7 @@ import torch
 
 from llm_iif.core.distributed import is_sharded, whole_state, whole_tensor
 from llm_iif.training import build_trainer
-from llm_iif.core.config import load_recipe
+from llm_iif.recipes import load_recipe
 from llm_iif.lm.generation import tokenize_pairs
 
 RESPONSES = [" great and fun .", " dull but fine , really .", " awful and slow .", " good .", " bad"]

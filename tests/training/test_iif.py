@@ -13,7 +13,7 @@ from conftest import assert_scores_match, cli_in_process, tiny_recipe_dict
 from llm_iif.attribution.influence import influence_scores
 from llm_iif.attribution.gradients import grad_dot, lora_parameters
 from llm_iif.analysis.summary import efficiency, rounds_to_reach, summarize, trailing_mean
-from llm_iif.core.config import recipe_from_dict
+from llm_iif.recipes import recipe_from_dict
 from llm_iif.lm.iif import per_sample_ppo_losses, ppo_sample_loss
 from llm_iif.lm.rollouts import estimate_advantages
 from llm_iif.training import build_trainer

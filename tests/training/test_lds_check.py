@@ -7,7 +7,7 @@ import pytest
 
 from conftest import tiny_recipe_dict
 from llm_iif.analysis.report import write_report
-from llm_iif.core.config import recipe_from_dict
+from llm_iif.recipes import recipe_from_dict
 from llm_iif.training import build_trainer
 
 TRAINING_METRICS = ("reward_mean", "kl", "entropy", "policy_loss", "value_loss", "kept_fraction", "influence_mean")
@@ -55,7 +55,7 @@ def test_lds_rounds_need_one_process(tmp_path):
 
 
 def test_grpo_recipes_refuse_lds_rounds():
-    from llm_iif.core.config import GRPORecipe, load_recipe
+    from llm_iif.recipes import GRPORecipe, load_recipe
     from llm_iif.core.errors import UserError
 
     # GRPO's iif section has no LDS keys: the check runs in the PPO trainer only.

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import assert_scores_match, moved_off_zero, tiny_recipe_dict
-from llm_iif.core.config import recipe_from_dict
+from llm_iif.recipes import recipe_from_dict
 from llm_iif.core.errors import UserError
 from llm_iif.lm.iif import minibatch_loss, ppo_terms
 from llm_iif.lm.rollouts import estimate_advantages

@@ -12,7 +12,7 @@ import yaml
 from conftest import (assert_gradients_close, brute_force_margin_gradient, cli_in_process, moved_off_zero,
                       tiny_recipe_dict)
 
-from llm_iif.core.config import recipe_from_dict
+from llm_iif.recipes import recipe_from_dict
 from llm_iif.lm.builtin import trusted_preference_triples
 from llm_iif.lm.generation import tokenize_pairs
 from llm_iif.lm.rollouts import estimate_advantages
@@ -275,7 +275,7 @@ def fixed_rollout(trainer, prompts, responses):
 
 
 def test_trusted_rows_with_missing_values_drop_their_whole_triple(tmp_path, caplog):
-    from llm_iif.core.config import TrustedConfig
+    from llm_iif.recipes import TrustedConfig
     from llm_iif.lm.data import read_trusted_triples
 
     rows = [GOOD, {"prompt": "a", "chosen": None, "rejected": "c"}, {"q": "x", "prompt": "d", "chosen": "e",
@@ -295,7 +295,7 @@ def test_trusted_rows_with_missing_values_drop_their_whole_triple(tmp_path, capl
 
 
 def test_conversational_triples_read_as_trl_writes_them(tmp_path):
-    from llm_iif.core.config import TrustedConfig
+    from llm_iif.recipes import TrustedConfig
     from llm_iif.lm.data import read_trusted_triples
 
     user = [{"role": "user", "content": "How was it?"}]

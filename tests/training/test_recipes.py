@@ -11,7 +11,7 @@ import random
 import pytest
 import yaml
 
-from llm_iif.core.config import load_recipe
+from llm_iif.recipes import load_recipe
 from llm_iif.training import build_trainer
 
 WORDS = ("the movie was good bad awful great fun dull and but really quite slow plot acting it felt very "

@@ -293,7 +293,7 @@ def test_a_signal_in_the_last_round_stops_and_the_resume_saves_final(recipe, ref
 
 def test_a_signal_during_the_final_save_lets_it_finish_and_is_reported(recipe, tmp_path, monkeypatch,
                                                                        harmless_sigterm):
-    from llm_iif.core.config import load_recipe
+    from llm_iif.recipes import load_recipe
     from llm_iif.training import build_trainer
 
     save = PPOTrainer.save

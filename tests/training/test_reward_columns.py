@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from llm_iif.core.config import DataConfig, recipe_from_dict
+from llm_iif.recipes import DataConfig, recipe_from_dict
 from llm_iif.core.errors import UserError
 from llm_iif.lm.data import read_prompts
 from llm_iif.lm.generation import tokenize_pairs

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_iif.core.config import RewardConfig
+from llm_iif.recipes import RewardConfig
 from llm_iif.lm.builtin import hidden_preference_score, preference_pairs
 from reward_models import load_reward_model
 
@@ -100,7 +100,7 @@ def test_training_a_reward_model_leaves_later_runs_in_full_precision(tmp_path, t
     # a policy trained after it in the same process (a suite whose cache is cold) would inherit bf16.
     from accelerate import Accelerator
 
-    from llm_iif.core.config import RewardTrainRecipe, recipe_from_dict
+    from llm_iif.recipes import RewardTrainRecipe, recipe_from_dict
     from llm_iif.models.reward_model import train_reward_model
 
     before = Accelerator()
@@ -146,7 +146,7 @@ def base_with_chat_template(directory: Path, tiny_model_dir) -> Path:
 def test_conversational_pairs_are_written_through_the_chat_template(tmp_path, tiny_model_dir, implicit_prompt):
     from transformers import AutoTokenizer
 
-    from llm_iif.core.config import PreferenceDataConfig
+    from llm_iif.recipes import PreferenceDataConfig
     from llm_iif.core.errors import UserError
     from llm_iif.models.reward_model import _pair_texts
 

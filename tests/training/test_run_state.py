@@ -16,7 +16,7 @@ import yaml
 from conftest import accelerate_launch, tiny_recipe_dict
 from llm_iif.runs.state import load_training_state, resolve_resume, verify
 from llm_iif.cli import main
-from llm_iif.core.config import recipe_from_dict
+from llm_iif.recipes import recipe_from_dict
 from llm_iif.core.errors import UserError
 from llm_iif.training import build_trainer
 

@@ -11,7 +11,7 @@ from conftest import tiny_recipe_dict
 from llm_iif.attribution.influence import influence_scores
 from llm_iif.lm.iif import ppo_sample_loss
 from llm_iif.lm.rollouts import estimate_advantages
-from llm_iif.core.config import ModelConfig, PPOConfig, recipe_from_dict
+from llm_iif.recipes import ModelConfig, PPOConfig, recipe_from_dict
 from llm_iif.core.distributed import fsdp2_layer_classes
 from llm_iif.core.errors import UserError
 from llm_iif.lm.policy import quantization_kwargs

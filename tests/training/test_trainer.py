@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from conftest import launch_command, tiny_recipe_dict
-from llm_iif.core.config import recipe_from_dict
+from llm_iif.recipes import recipe_from_dict
 from llm_iif.core.errors import UserError
 from llm_iif.attribution.stage import IIFStage
 from llm_iif.training import PPOTrainer, build_trainer

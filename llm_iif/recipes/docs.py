@@ -1,12 +1,12 @@
-"""docs/recipes.md, generated from the recipe dataclasses in `llm_iif.core.config`.
+"""docs/recipes.md, generated from the recipe dataclasses of `llm_iif.recipes`.
 
 Every key of every section is one table row: its type, its default (the dataclass default; ``default_factory``
-is called) and its meaning, which is the string literal written under the field in config.py (an attribute
+is called) and its meaning, which is the string literal written under the field in its module (an attribute
 docstring, read with `ast`). A field without one gets an empty meaning. A section's class docstring is
 printed above its table.
 
-    python -m llm_iif.core.recipe_docs            # (re)write docs/recipes.md
-    python -m llm_iif.core.recipe_docs --check    # exit 1 if docs/recipes.md is stale
+    python -m llm_iif.recipes.docs            # (re)write docs/recipes.md
+    python -m llm_iif.recipes.docs --check    # exit 1 if docs/recipes.md is stale
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from llm_iif.core import config
+from llm_iif.recipes import RECIPE_MODULES, ClassicRecipe, GRPORecipe, Recipe, RewardTrainRecipe
 
-COMMAND = "python -m llm_iif.core.recipe_docs"
+COMMAND = "python -m llm_iif.recipes.docs"
 DEFAULT_PATH = Path(__file__).resolve().parents[2] / "docs" / "recipes.md"
 
 
@@ -41,16 +41,16 @@ class Kind:
 
 
 KINDS: tuple[Kind, ...] = (
-    Kind("LM PPO recipes", config.Recipe,
+    Kind("LM PPO recipes", Recipe,
          "`recipes/*.yaml`, read by `llm-iif train` and `llm-iif compare`: PPO (with IIF when `iif.enabled`) "
          "for a causal language model with a LoRA adapter."),
-    Kind("GRPO recipes", config.GRPORecipe,
+    Kind("GRPO recipes", GRPORecipe,
          "`recipes/*-grpo.yaml` (`algorithm: grpo`), read by `llm-iif train` and `llm-iif compare`: trl's "
          "GRPOTrainer through `IIFGRPOTrainer`, with IIF or a group filter (docs/grpo.md)."),
-    Kind("Reward-model recipes", config.RewardTrainRecipe,
+    Kind("Reward-model recipes", RewardTrainRecipe,
          "`recipes/reward/*.yaml`, read by `llm-iif reward train`: a sequence classifier trained on preference "
          "pairs, usable afterwards as an `hf-classifier` reward."),
-    Kind("Classic recipes", config.ClassicRecipe,
+    Kind("Classic recipes", ClassicRecipe,
          "`recipes/classic/*.yaml`, read by `llm-iif classic compare`, `llm-iif classic diagnose` and "
          "`llm-iif classic intervene`: Stable-Baselines3 PPO (with IIF) on a gymnasium environment."),
 )
@@ -58,16 +58,15 @@ KINDS: tuple[Kind, ...] = (
 TOP_LEVEL = "(top level)"  # the heading for recipe keys that are not sections (a GRPO recipe's algorithm, rewards, grpo)
 
 
-# ------------------------------------------------------------------------------------------- reading config.py
+# ------------------------------------------------------------------------------------ reading the recipe modules
 
 @functools.cache
 def _source_docs() -> tuple[dict[str, str], dict[str, dict[str, str]]]:
     """(class name -> class docstring, class name -> {field -> attribute docstring}) for the classes defined
-    at the top level of config.py."""
-    tree = ast.parse(inspect.getsource(config))
+    at the top level of the recipe modules (`RECIPE_MODULES`)."""
     class_docs: dict[str, str] = {}
     field_docs: dict[str, dict[str, str]] = {}
-    for node in tree.body:
+    for node in (node for module in RECIPE_MODULES for node in ast.parse(inspect.getsource(module)).body):
         if not isinstance(node, ast.ClassDef):
             continue
         doc = ast.get_docstring(node)
@@ -228,16 +227,16 @@ def _section_list(recipe: type) -> str:
 INTRO = f"""\
 # Recipe reference
 
-<!-- Generated from llm_iif/core/config.py by `{COMMAND}` (or `make docs`); do not edit by hand. -->
+<!-- Generated from llm_iif/recipes/ by `{COMMAND}` (or `make docs`); do not edit by hand. -->
 
 Recipes are YAML files made of sections, each a mapping of keys. A recipe lists only what it changes: a key
-that is left out takes the default below, which is the default of the dataclass in `llm_iif/core/config.py`;
+that is left out takes the default below, which is the default of the dataclass in `llm_iif/recipes/`;
 keys shown as *required* have none. On the command line, `--set section.key=value` overrides any key
 (repeatable; the value is parsed as YAML, and deeper keys work too, e.g. `--set eval.data.source=FILE`).
 An unknown key or a value of the wrong type is an error naming the file and the key.
 
 Types: `a | b` is one of the listed values; `X or null` also takes `null`; `list[X]` is a YAML list and
-`dict` a mapping. The meanings are the field docstrings in config.py (empty where a field has none).
+`dict` a mapping. The meanings are the field docstrings in `llm_iif/recipes/` (empty where a field has none).
 """
 
 
@@ -279,7 +278,7 @@ def render() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=COMMAND, description="Write the recipe reference generated from "
-                                     "llm_iif/core/config.py.")
+                                     "llm_iif/recipes/.")
     parser.add_argument("path", nargs="?", type=Path, default=DEFAULT_PATH,
                         help=f"where to write it (default: {DEFAULT_PATH.parent.name}/{DEFAULT_PATH.name} "
                              "in the repository)")
