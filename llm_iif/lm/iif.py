@@ -162,6 +162,15 @@ def policy_logprobs(temperature: float, reference: bool = False) -> SequenceLogp
     return logprobs
 
 
+def mean_response_length(rollout: Rollout, accelerator: Accelerator) -> float:
+    """The mean response length over every process's samples, which a sample's loss is divided by
+    (`per_sample_ppo_losses`)."""
+    tokens, samples = accelerator.reduce(torch.stack([rollout.response_mask.sum().float(),
+                                                      torch.tensor(float(len(rollout)), device=accelerator.device)]),
+                                         "sum").tolist()
+    return tokens / samples
+
+
 def per_sample_ppo_losses(policy, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor,
                           cfg: PPOConfig, train_grad: str, tokens_per_sample: float) -> torch.Tensor:
     """[B] PPO loss of each sample, exactly the loss the update's first step takes on it.

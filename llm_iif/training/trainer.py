@@ -43,13 +43,14 @@ from llm_iif.core.records import Advantages, Rollout, UpdateStats
 from llm_iif.core.timer import PhaseTimer
 from llm_iif.lm.data import PromptQueue
 from llm_iif.lm.evaluation import Evaluator
-from llm_iif.lm.iif import (STATISTICS, minibatch_loss, ppo_sample_loss, ppo_sample_loss_and_target, ppo_terms,
-                            rollout_target_rows)
+from llm_iif.lm.iif import (STATISTICS, mean_response_length, minibatch_loss, ppo_sample_loss,
+                            ppo_sample_loss_and_target, ppo_terms, rollout_target_rows)
 from llm_iif.lm.rollouts import RolloutCollector, drop_nonfinite_advantages, estimate_advantages
 from llm_iif.lm.trusted import TrustedTriples
 from llm_iif.runs import state as run_state
 from llm_iif.training.lds_check import linear_datamodeling_check
 from llm_iif.training.in_run import FirstEpoch, InRunScoring, check_in_run
+from llm_iif.training.metrics import report_metrics, round_metrics
 from llm_iif.runs.outputs import RunOutputs
 from llm_iif.runs.signals import FinishOnSignal
 
@@ -169,8 +170,8 @@ class PPOTrainer:
                 self.tokenizer.pad_token_id)
             update_stats = self.update(kept_rollout, kept_advantages, placeholder, first_epoch)
         # 5. Log: the whole batch's statistics; the KL controller sees every sample, kept or not, as in the paper.
-        metrics = {**self.round_metrics(k, rollout, advantages, update_stats, kl_coef),
-                   **self.report_metrics(rollout), **self.guard.end_round()}
+        metrics = {**round_metrics(k, rollout, advantages, update_stats, kl_coef, self.accelerator),
+                   **report_metrics(rollout, self.parts.report_rewards, self.accelerator), **self.guard.end_round()}
         self.kl_controller.update(metrics["kl"], self.recipe.run.batch_size)
         self.outputs.log_samples(k, rollout)
         self.outputs.write_records(k, rollout, advantages, selection.influence, selection.keep)
@@ -203,7 +204,7 @@ class PPOTrainer:
         if self.in_run is not None:
             weights = (rollout_target_rows(iif.target, rollout, advantages, acc).weights
                        if iif.target_source == "batch" else None)
-            return self.in_run.select(self.policy, rollout, advantages, self._tokens_per_sample(rollout), weights,
+            return self.in_run.select(self.policy, rollout, advantages, mean_response_length(rollout, acc), weights,
                                       precondition)
         return self.iif.select(self.policy, self.per_sample_losses(rollout, advantages), len(rollout),
                                precondition), None
@@ -211,20 +212,12 @@ class PPOTrainer:
     def per_sample_losses(self, rollout: Rollout, advantages: Advantages) -> PerSampleLoss | PerSampleLossAndTarget:
         """Each sample's PPO loss as the stage scores it (with its target term, for ``target_source: batch``)."""
         acc, iif = self.accelerator, self.recipe.iif
-        tokens_per_sample = self._tokens_per_sample(rollout)
+        tokens_per_sample = mean_response_length(rollout, acc)
         if iif.target_source == "batch":  # the batch is its own target: loss and target term from one forward
             weights = rollout_target_rows(iif.target, rollout, advantages, acc).weights
             return ppo_sample_loss_and_target(rollout, advantages, self.cfg, iif.train_grad, tokens_per_sample,
                                               weights)
         return ppo_sample_loss(rollout, advantages, self.cfg, iif.train_grad, tokens_per_sample)
-
-    def _tokens_per_sample(self, rollout: Rollout) -> float:
-        """The mean response length over every process's samples, which a sample's loss is divided by."""
-        acc = self.accelerator
-        tokens, samples = acc.reduce(torch.stack([rollout.response_mask.sum().float(),
-                                                  torch.tensor(float(len(rollout)), device=acc.device)]),
-                                     "sum").tolist()
-        return tokens / samples
 
     def check_scores(self, k: int, rollout: Rollout, advantages: Advantages) -> dict:
         """The LDS check of round ``k`` (`llm_iif.training.lds_check`): its metrics, with ``time_lds_s``; the
@@ -304,41 +297,6 @@ class PPOTrainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return skipped
-
-    # ------------------------------------------------------------------ metrics
-
-    def round_metrics(self, k: int, rollout: Rollout, advantages: Advantages, update_stats: UpdateStats,
-                      kl_coef: float) -> dict:
-        """The round's metrics over all processes' samples."""
-        acc, mask = self.accelerator, rollout.response_mask.float()
-        reward_mean, reward_var = ppo.mean_var_from_moments(
-            acc.reduce(ppo.masked_moments(rollout.rewards, torch.ones_like(rollout.rewards)), "sum"))
-        samples, kl_sum, tokens, entropy_sum = acc.reduce(torch.stack([
-            torch.tensor(float(len(rollout)), device=acc.device), advantages.kl.sum(), mask.sum(),
-            (rollout.entropy * mask).sum()]), "sum").tolist()
-        token_lists = gather_object([ids[m.bool()].tolist() for ids, m in zip(rollout.response_ids, mask)])
-        return {
-            "round": k,
-            "samples": int(samples),
-            "reward_mean": reward_mean.item(),
-            "reward_std": reward_var.sqrt().item(),
-            "kl": kl_sum / samples,
-            "kl_coef": kl_coef,
-            "entropy": entropy_sum / max(tokens, 1.0),
-            **{name: value for name, value in dataclasses.asdict(update_stats).items() if value is not None},
-            "response_len_mean": tokens / samples,
-            "distinct_2": ppo.distinct_n(token_lists, 2),
-        }
-
-    def report_metrics(self, rollout: Rollout) -> dict:
-        """reward/NAME: the mean of each `reward.report` function over all processes' samples."""
-        report_rewards = self.parts.report_rewards
-        if not report_rewards:
-            return {}
-        sums = torch.tensor([sum(reward(rollout.prompts, rollout.responses)) for reward in report_rewards.values()]
-                            + [float(len(rollout))], dtype=torch.float64, device=self.accelerator.device)
-        sums = self.accelerator.reduce(sums, "sum").tolist()
-        return {f"reward/{name}": total / max(sums[-1], 1.0) for name, total in zip(report_rewards, sums)}
 
     # ------------------------------------------------------------------ checkpoints
 
