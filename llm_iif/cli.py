@@ -312,7 +312,8 @@ def _compare(args) -> int:
             return 0
         accelerator = make_accelerator(load_recipe(args.recipe, args.overrides))
         try:
-            summary = run_compare(args.recipe, args.overrides, methods, seeds, output_dir, accelerator, args.overwrite)
+            summary = run_compare(args.recipe, args.overrides, methods, seeds, output_dir, accelerator,
+                                  build_trainer, args.overwrite)
             if accelerator.is_main_process:
                 _print_comparison(summary, output_dir)
         finally:
@@ -341,7 +342,7 @@ def _suite(args) -> int:
                *(["--output-dir", args.output_dir] if args.output_dir else [])]
     quiet_libraries()
     try:
-        run_suite(suite, shlex.join(command), args.overwrite, only, progress=not args.no_progress)
+        run_suite(suite, shlex.join(command), build_trainer, args.overwrite, only, progress=not args.no_progress)
     except RunStopped as err:
         return _stopped(f"suite {err}; run the same command again to continue (finished runs are kept)")
     paths = SuitePaths(suite.output_dir)

@@ -9,7 +9,7 @@ Layers, lowest first; a module imports only from its own layer or lower ones:
     2    llm_iif.lm, llm_iif.classic       (these two never import each other)
     2.75 llm_iif.models                    (built-in models and reward-model training)
     3    llm_iif.training, llm_iif.grpo    (the PPO and GRPO trainers, which never import each other)
-    4    llm_iif.analysis
+    4    llm_iif.analysis                  (never imports llm_iif.training: the CLI hands it build_trainer)
     5    llm_iif.cli, llm_iif.__main__, llm_iif (the top-level __init__, which may re-export)
 
 `reward_models` is a separate top-level package: it may import from llm_iif only `llm_iif.core.errors` and
@@ -56,7 +56,9 @@ LAYERS: dict[str, float] = {
 }
 # Units of the same layer that must not import each other (in either direction).
 SIBLINGS_APART: tuple[frozenset[str], ...] = (frozenset({"llm_iif.lm", "llm_iif.classic"}),
-                                              frozenset({"llm_iif.training", "llm_iif.grpo"}))
+                                              frozenset({"llm_iif.training", "llm_iif.grpo"}),
+                                              # analysis is handed the PPO trainer's builder by the CLI
+                                              frozenset({"llm_iif.analysis", "llm_iif.training"}))
 # Unit -> (a project package it is restricted in, the only modules of that package it may import).
 RESTRICTED: dict[str, tuple[str, frozenset[str]]] = {
     "reward_models": ("llm_iif", frozenset({"llm_iif.core.errors", "llm_iif.core.imports"})),

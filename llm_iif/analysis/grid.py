@@ -25,7 +25,6 @@ from llm_iif.core.distributed import accelerate_state_kept
 from llm_iif.core.errors import UserError
 from llm_iif.core.fileio import atomic_write_text
 from llm_iif.core.paths import GridPaths, RunPaths, check_inside
-from llm_iif.training import build_trainer
 from llm_iif.runs.outputs import check_writable_directory, delete_outputs, listed
 
 # `llm-iif compare`: the recipe overrides of each method.
@@ -68,6 +67,10 @@ CLASSIC_METHODS = {
 # have loaded and before it writes anything (the grid deletes an earlier comparison only then); returns its
 # per-round metrics.
 TrainOne = Callable[[str, int, RunPaths, Callable[[], None]], list[dict]]
+# (recipe, accelerator) -> a PPO trainer whose train() returns the metrics of each round and which says what stopped
+# it (`stopped_by`): `llm_iif.training.build_trainer`, passed in by the caller, so that analysis reaches into
+# no trainer's package for it
+BuildPPOTrainer = Callable[[Recipe, object], object]
 
 # The reward axis of a comparison's curves, by kind of recipe (PPO's is write_comparison's default).
 GRPO_CURVE = "held-out reward (first reward function)"
@@ -199,14 +202,14 @@ def write_comparison(output_dir: Path, histories: dict[str, dict[int, list[dict]
     return summary
 
 
-def lm_trainer(recipe_path: str, overrides: list[str], accelerator,
+def lm_trainer(recipe_path: str, overrides: list[str], accelerator, build: BuildPPOTrainer,
                methods: Mapping[str, list[str]] = LM_METHODS) -> TrainOne:
-    """A `TrainOne` for a PPO recipe: each of ``methods`` (name -> overrides) with our PPO trainer, each run
-    with its reward_curve.png."""
+    """A `TrainOne` for a PPO recipe: each of ``methods`` (name -> overrides) with the PPO trainer ``build``
+    makes, each run with its reward_curve.png."""
     def train_one(method: str, seed: int, run: RunPaths, ready: Callable[[], None]) -> list[dict]:
         recipe = load_recipe(recipe_path, [*overrides, *methods[method], f"run.seed={seed}",
                                            f"run.output_dir={run.root}"])
-        trainer = build_trainer(recipe, accelerator)
+        trainer = build(recipe, accelerator)
         ready()
         accelerator.wait_for_everyone()  # the main process has deleted what ready() deletes before any claims
         history = trainer.train()
@@ -264,13 +267,14 @@ class RunStopped(Exception):
 
 
 def run_compare(recipe_path: str, overrides: list[str], methods: list[str], seeds: list[int], output_dir: Path,
-                accelerator, overwrite: bool = False) -> dict:
+                accelerator, build: BuildPPOTrainer, overwrite: bool = False) -> dict:
     """`llm-iif compare` on a PPO recipe: the recipe with each of ``methods`` (see `LM_METHODS`) and ``seeds``
-    in turn, then the comparison's outputs; returns the summary."""
+    in turn, trained by the trainers ``build`` makes, then the comparison's outputs; returns the summary."""
     check_methods(methods, LM_METHODS)
     check_recipes(recipe_path, overrides, {method: LM_METHODS[method] for method in methods}, Recipe, "--methods")
-    histories = run_grid(LM_METHODS, methods, seeds, output_dir, lm_trainer(recipe_path, overrides, accelerator),
-                         overwrite, main_process=accelerator.is_main_process)
+    histories = run_grid(LM_METHODS, methods, seeds, output_dir,
+                         lm_trainer(recipe_path, overrides, accelerator, build), overwrite,
+                         main_process=accelerator.is_main_process)
     if not accelerator.is_main_process:
         return summarize(histories)
     return write_comparison(output_dir, histories)

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from llm_iif.analysis.grid import (CLASSIC_CURVE, CLASSIC_METHODS, GRPO_CURVE, GRPO_METHODS, LM_METHODS, TrainOne,
-                                   check_recipes, check_seeds, classic_trainer, grpo_trainer, lm_trainer, once,
+from llm_iif.analysis.grid import (CLASSIC_CURVE, CLASSIC_METHODS, GRPO_CURVE, GRPO_METHODS, LM_METHODS,
+                                   BuildPPOTrainer, TrainOne, check_recipes, check_seeds, classic_trainer, grpo_trainer, lm_trainer, once,
                                    write_comparison)
 from llm_iif.analysis.scorecard import task_histories, write_scorecard
 from llm_iif.recipes import ClassicRecipe, GRPORecipe, Recipe, read_yaml_mapping, recipe_kind
@@ -200,14 +200,15 @@ def _seeds(value, where: str) -> list[int]:
 # ---------------------------------------------------------------------------------------------- running
 
 
-def run_suite(suite: Suite, command: str, overwrite: bool = False, only: list[str] | None = None,
-              progress: bool = True) -> dict:
+def run_suite(suite: Suite, command: str, build_ppo: BuildPPOTrainer, overwrite: bool = False,
+              only: list[str] | None = None, progress: bool = True) -> dict:
     """Train every run of ``suite`` not yet finished (of the tasks in ``only``, when given), writing each task's
     comparison as soon as its runs are done and the scorecard after every task; returns the scorecard. Nothing
     is written or deleted before the first run to train has loaded (`start_suite` then). A run stopped by a
     signal raises `RunStopped` and is not logged: the same command runs it again.
 
-    command: the command line, for the scorecard's header.
+    command: the command line, for the scorecard's header; build_ppo: what builds a PPO recipe's trainer
+    (`llm_iif.training.build_trainer`).
     """
     tasks = _selected(suite, only)
     paths = SuitePaths(suite.output_dir)
@@ -222,7 +223,7 @@ def run_suite(suite: Suite, command: str, overwrite: bool = False, only: list[st
         to_run = [(method, seed) for method, seed in task.runs() if (task.name, method, seed) not in finished]
         if not to_run and grid.summary.exists() and (task.kind is ClassicRecipe or grid.report.exists()):
             continue  # finished before this restart, comparison written
-        train_one = _trainer(task) if to_run else None
+        train_one = _trainer(task, build_ppo) if to_run else None
         for method, seed in to_run:
             bar.set_postfix_str(f"{task.name}: {method}, seed {seed}; {eta.text(tasks)}")
             start = time.perf_counter()
@@ -346,14 +347,14 @@ def _selected(suite: Suite, only: list[str] | None) -> list[SuiteTask]:
     return [task for task in suite.tasks if task.name in only]
 
 
-def _trainer(task: SuiteTask) -> TrainOne:
+def _trainer(task: SuiteTask, build_ppo: BuildPPOTrainer) -> TrainOne:
     if task.kind is ClassicRecipe:
         return classic_trainer(str(task.recipe), task.overrides)
     if task.kind is GRPORecipe:
         return grpo_trainer(str(task.recipe), task.overrides, task.method_table())
     from accelerate import Accelerator
 
-    return lm_trainer(str(task.recipe), task.overrides, Accelerator(), task.method_table())
+    return lm_trainer(str(task.recipe), task.overrides, Accelerator(), build_ppo, task.method_table())
 
 
 class TimeLeft:

@@ -16,6 +16,7 @@ from llm_iif.recipes import GRPORecipe
 from llm_iif.core.errors import UserError
 from llm_iif.core.machine import cpu_model
 from llm_iif.core.paths import SuitePaths
+from llm_iif.training import build_trainer
 from conftest import cli_in_process
 
 REPO = Path(__file__).resolve().parents[2]
@@ -169,7 +170,7 @@ def test_a_suite_restarts_where_it_stopped_and_keeps_finished_runs(tmp_path, cap
     pytest.importorskip("stable_baselines3", reason="needs the classic extra: pip install 'llm_iif[classic]'")
     suite = load_suite(write_suite(tmp_path))
     paths = SuitePaths(suite.output_dir)
-    card = run_suite(suite, "llm-iif suite suite.yaml", progress=False)
+    card = run_suite(suite, "llm-iif suite suite.yaml", build_trainer, progress=False)
     task = card["tasks"]["frozenlake"]
     assert set(task["methods"]) == {"standard", "iif"} and task["seeds"] == [0, 1] and task["seconds"] > 0
     assert "iif vs standard" in task["verdicts"] and card["cpu_models"] == [cpu_model()]
