@@ -32,7 +32,7 @@ from llm_iif.analysis.grid import CLASSIC_METHODS
 from llm_iif.analysis.summary import mean_and_sem, rounds_to_reach, summarize, trailing_mean
 from llm_iif.classic.train import train_classic
 from llm_iif.recipes import ClassicRecipe, load_recipe
-from llm_iif.core.paths import GridPaths, RunPaths
+from llm_iif.runs.paths import GridPaths, RunPaths
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "classic" / "frozenlake.yaml"

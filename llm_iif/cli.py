@@ -34,7 +34,7 @@ from llm_iif.recipes import ClassicRecipe, GRPORecipe, RewardTrainRecipe, load_r
 from llm_iif.core.distributed import process_group_released
 from llm_iif.core.errors import UserError
 from llm_iif.core.imports import require_classic
-from llm_iif.core.paths import RunPaths, SuitePaths
+from llm_iif.runs.paths import RunPaths, SuitePaths
 from llm_iif.training import build_trainer
 from llm_iif.models.builtins import resolve_builtin
 from llm_iif.training.factory import make_accelerator

@@ -24,7 +24,7 @@ from llm_iif.recipes import (SEED_EXPECTED, TARGET_SOURCES, ClassicRecipe, GRPOR
 from llm_iif.core.distributed import accelerate_state_kept
 from llm_iif.core.errors import UserError
 from llm_iif.core.fileio import atomic_write_text
-from llm_iif.core.paths import GridPaths, RunPaths, check_inside
+from llm_iif.runs.paths import GridPaths, RunPaths, check_inside
 from llm_iif.runs.outputs import check_writable_directory, delete_outputs, listed
 
 # `llm-iif compare`: the recipe overrides of each method.

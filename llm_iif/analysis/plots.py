@@ -25,7 +25,7 @@ import numpy as np
 
 from llm_iif.analysis.summary import mean_and_sem, score_against_kl
 from llm_iif.core.fileio import atomic_path
-from llm_iif.core.paths import RunPaths
+from llm_iif.runs.paths import RunPaths
 
 PANEL_SIZE = (5.0, 3.6)  # inches per panel
 

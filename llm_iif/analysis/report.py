@@ -21,7 +21,7 @@ from llm_iif.analysis.statistics import interval_table
 from llm_iif.analysis.summary import BUDGET_FRACTIONS, reported_rewards
 from llm_iif.core.errors import UserError, first_line
 from llm_iif.core.fileio import atomic_write_text, read_jsonl
-from llm_iif.core.paths import GridPaths, RunPaths
+from llm_iif.runs.paths import GridPaths, RunPaths
 
 CURVES = (("reward_mean", "mean reward"), ("kl", "KL to the reference"), ("entropy", "entropy per token"),
           ("kept_fraction", "kept fraction"))

@@ -26,7 +26,7 @@ from llm_iif.analysis.summary import evaluated_rounds, rounds_to_reach, summariz
 from llm_iif.core.errors import UserError
 from llm_iif.core.fileio import atomic_write_text
 from llm_iif.core.machine import package_versions
-from llm_iif.core.paths import SuitePaths
+from llm_iif.runs.paths import SuitePaths
 
 if TYPE_CHECKING:
     from llm_iif.analysis.suite import Suite, SuiteTask

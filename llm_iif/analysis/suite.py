@@ -20,7 +20,7 @@ restartable: every finished run is logged in finished.jsonl, and running the sam
 same directory skips those and starts any unfinished run afresh. Each task's directory is an ordinary
 comparison (summary.json, reward_curves.png, report.html); `llm_iif.analysis.scorecard` writes the scorecard.
 
-Every key of the suite file is type-checked, task and method names are names (`llm_iif.core.paths.check_name`),
+Every key of the suite file is type-checked, task and method names are names (`llm_iif.runs.paths.check_name`),
 and nothing is written or deleted until the first run has loaded its model and data.
 """
 
@@ -41,7 +41,7 @@ from llm_iif.recipes import ClassicRecipe, GRPORecipe, Recipe, read_yaml_mapping
 from llm_iif.core.errors import UserError
 from llm_iif.core.fileio import append_jsonl, atomic_write_text, read_jsonl
 from llm_iif.core.machine import cpu_model
-from llm_iif.core.paths import SuitePaths, check_inside, check_name, is_name
+from llm_iif.runs.paths import SuitePaths, check_inside, check_name, is_name
 from llm_iif.runs.outputs import check_writable_directory, delete_outputs, listed
 
 SUITE_KEYS = ("output_dir", "seeds", "methods", "custom_methods", "tasks")

@@ -18,7 +18,7 @@ from llm_iif.classic.iif_ppo import IIFPPO, SmallCNN
 from llm_iif.core.errors import UserError
 from llm_iif.core.imports import import_object
 from llm_iif.core.fileio import append_jsonl
-from llm_iif.core.paths import RunPaths
+from llm_iif.runs.paths import RunPaths
 
 
 def build_model(recipe, iif_mode: str, iif_p: float) -> IIFPPO:
@@ -125,7 +125,7 @@ def fewer_episode_means(returns: np.ndarray) -> dict[str, float]:
 def train_classic(recipe, iif_mode: str, iif_p: float, output_dir: Path,
                   on_loaded: Callable[[], None] | None = None) -> list[dict]:
     """Train round by round, evaluating after each; writes the run's metrics.jsonl and final.zip into
-    ``output_dir`` (see `llm_iif.core.paths.RunPaths`). ``on_loaded`` is called once the model is built (the
+    ``output_dir`` (see `llm_iif.runs.paths.RunPaths`). ``on_loaded`` is called once the model is built (the
     environment and settings checked), before anything is written: a comparison deletes its earlier outputs
     then.
 

@@ -1,7 +1,7 @@
 """`llm-iif train` for a GRPO recipe: the recipe mapped onto trl's GRPOConfig and an `IIFGRPOTrainer`, on the
 run infrastructure the PPO trainer uses.
 
-The run directory has the PPO run's layout (`llm_iif.core.paths.RunPaths`), written by the same `RunOutputs`:
+The run directory has the PPO run's layout (`llm_iif.runs.paths.RunPaths`), written by the same `RunOutputs`:
 recipe.yaml, environment.json, metrics.jsonl (one line per optimiser step; ``round`` = step − 1),
 timings.jsonl, samples.jsonl, records/round_XXXX.parquet (every completion of the generation batch sampled at
 that step, with reward, advantage, influence and whether it was kept), tensorboard/, reward_curve.png,
@@ -30,7 +30,7 @@ from llm_iif.recipes import GRPORecipe, GRPORewardModel
 from llm_iif.core.errors import UserError, damaged_weight_files, first_line
 from llm_iif.core.imports import import_object
 from llm_iif.core.fileio import write_directory_atomically
-from llm_iif.core.paths import RunPaths
+from llm_iif.runs.paths import RunPaths
 from llm_iif.grpo.data import check_chat_template, grpo_datasets, is_conversational
 from llm_iif.grpo.trainer import GroupFilter, IIFGRPOTrainer
 from llm_iif.grpo.trusted import TrustedSet

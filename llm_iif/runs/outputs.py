@@ -1,6 +1,6 @@
 """Run outputs of an LM run: metrics, timings, samples, per-round records, trackers and the environment.
 
-Paths come from `llm_iif.core.paths.RunPaths`; every file is written through `llm_iif.core.fileio`. Only the
+Paths come from `llm_iif.runs.paths.RunPaths`; every file is written through `llm_iif.core.fileio`. Only the
 main process writes; methods that gather from every process must be called by all of them.
 """
 
@@ -26,7 +26,7 @@ from llm_iif.recipes import Recipe
 from llm_iif.core.errors import UserError, first_line
 from llm_iif.core.fileio import append_jsonl, atomic_write_text, read_jsonl, write_parquet
 from llm_iif.core.machine import cpu_model, package_versions
-from llm_iif.core.paths import RunPaths, check_inside
+from llm_iif.runs.paths import RunPaths, check_inside
 from llm_iif.core.records import Advantages, Rollout
 
 PACKAGES = ("llm_iif", "torch", "transformers", "peft", "trl", "accelerate", "datasets")

@@ -44,7 +44,7 @@ import torch
 
 from llm_iif.recipes import GRPORecipe, Recipe, load_recipe
 from llm_iif.core.errors import UserError, first_line
-from llm_iif.core.paths import RunPaths
+from llm_iif.runs.paths import RunPaths
 from llm_iif.core.fileio import write_directory_atomically
 
 logger = logging.getLogger(__name__)

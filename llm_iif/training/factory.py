@@ -20,7 +20,7 @@ from llm_iif.recipes import Recipe
 from llm_iif.core.distributed import check_scoring_supported, fsdp2_layer_classes, shard_with_fsdp2
 from llm_iif.core.errors import UserError
 from llm_iif.core.guards import NonfiniteGuard
-from llm_iif.core.paths import RunPaths
+from llm_iif.runs.paths import RunPaths
 from llm_iif.lm.data import (PromptColumns, PromptQueue, load_prompts, load_validation_set, read_prompts,
                              read_trusted_triples)
 from llm_iif.lm.evaluation import Evaluator

@@ -30,7 +30,7 @@ from llm_iif.analysis.scorecard import scorecard_figure, scorecard_markdown
 from llm_iif.analysis.summary import summarize
 from llm_iif.core.errors import UserError
 from llm_iif.core.fileio import read_jsonl
-from llm_iif.core.paths import GridPaths, RunPaths, SuitePaths, check_inside, check_name
+from llm_iif.runs.paths import GridPaths, RunPaths, SuitePaths, check_inside, check_name
 from llm_iif.runs.outputs import delete_outputs
 
 GRPO_RECIPE = REPO / "recipes" / "tiny-addition-grpo.yaml"

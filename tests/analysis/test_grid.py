@@ -12,7 +12,7 @@ from llm_iif.analysis.plots import run_title, write_run_figures
 from llm_iif.analysis.report import read_metrics, read_records, write_report
 from llm_iif.core.errors import UserError
 from llm_iif.core.fileio import write_parquet
-from llm_iif.core.paths import GridPaths, RunPaths
+from llm_iif.runs.paths import GridPaths, RunPaths
 
 
 def history(rounds: int, seed: int = 0, lm: bool = True) -> list[dict]:

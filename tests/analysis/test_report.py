@@ -12,7 +12,7 @@ from conftest import tiny_recipe_dict
 from llm_iif.analysis.report import write_report
 from llm_iif.cli import main
 from llm_iif.recipes import recipe_from_dict
-from llm_iif.core.paths import RunPaths
+from llm_iif.runs.paths import RunPaths
 from llm_iif.training import build_trainer
 
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")

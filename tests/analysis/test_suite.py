@@ -15,7 +15,7 @@ from llm_iif.analysis.summary import summarize
 from llm_iif.recipes import GRPORecipe
 from llm_iif.core.errors import UserError
 from llm_iif.core.machine import cpu_model
-from llm_iif.core.paths import SuitePaths
+from llm_iif.runs.paths import SuitePaths
 from llm_iif.training import build_trainer
 from conftest import cli_in_process
 
