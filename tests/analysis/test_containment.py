@@ -359,7 +359,7 @@ def fake_runs(monkeypatch, stop_at: tuple[str, int] | None = None) -> list:
             raise RunStopped("SIGINT", run)
         return lm_run(run)
 
-    monkeypatch.setattr(suite_module, "_trainer", lambda task: train_one)
+    monkeypatch.setattr(suite_module, "_trainer", lambda task, build_ppo: train_one)
     return started
 
 
