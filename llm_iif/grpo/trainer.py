@@ -244,8 +244,11 @@ class IIFGRPOTrainer(GRPOTrainer):
                     f"the same backward: expected 0 with in-run scoring{separate}")
         if self.use_vllm:
             return f"use_vllm: in-run scoring is not run with vLLM's importance-sampling ratios{separate}"
-        if is_sharded(model):
+        state = self.accelerator.state
+        if is_sharded(model) or getattr(state, "fsdp_plugin", None) is not None:  # Accelerate shards in train()
             return f"iif.scoring: in-run is not run under FSDP2 (its gradients are shards){separate}"
+        if getattr(state, "deepspeed_plugin", None) is not None:
+            return f"iif.scoring: in-run is not run under DeepSpeed, which owns the gradients{separate}"
         dropout = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
         if dropout and not args.disable_dropout:
             return (f"disable_dropout: false with dropout p={dropout[0].p} in the model; in-run scores would "

@@ -166,6 +166,8 @@ def check_in_run(recipe: Recipe, policy: nn.Module, accelerator: Accelerator) ->
                         f"without fp16's loss scaling: expected no or bf16{separate}")
     if is_sharded(policy):
         raise UserError(f"iif.scoring: in-run is not run under FSDP2 (its gradients are shards){separate}")
+    if accelerator.state.deepspeed_plugin is not None:
+        raise UserError(f"iif.scoring: in-run is not run under DeepSpeed, which owns the gradients{separate}")
     dropout = [m for m in policy.modules() if isinstance(m, nn.Dropout) and m.p > 0]
     if dropout:
         raise UserError(f"dropout p={dropout[0].p} in the model (or lora.dropout); in-run scoring makes the first "

@@ -116,3 +116,17 @@ def test_auto_scores_in_run_where_it_can_and_else_falls_back_saying_why(random_a
         fallback = in_run_trainer(random_adder_dir, tmp_path / "b", num_iterations=2, iif=dict(scoring="auto"))
     assert fallback._in_run is None
     assert "iif.scoring auto: the separate scoring pass, since num_iterations: 2" in caplog.text
+
+
+@pytest.mark.parametrize("plugin,message", [("fsdp_plugin", "FSDP2"), ("deepspeed_plugin", "DeepSpeed")])
+def test_auto_falls_back_under_a_launch_that_shards_at_train_time(random_adder_dir, tmp_path, monkeypatch, plugin,
+                                                                  message):
+    """Accelerate applies an FSDP2 or DeepSpeed launch's plugin when training starts, after the trainer is built:
+    the plugin itself is an obstacle, not only a model already sharded."""
+    trainer = in_run_trainer(random_adder_dir, tmp_path, iif=dict(scoring="auto"))
+    state = trainer.accelerator.state
+    if isinstance(getattr(type(state), plugin, None), property):  # deepspeed_plugin is read from the plugins held
+        monkeypatch.setattr(type(state), plugin, property(lambda self: object()))
+    else:
+        monkeypatch.setattr(state, plugin, object(), raising=False)
+    assert message in trainer._in_run_obstacle()

@@ -117,3 +117,16 @@ def test_settings_in_run_cannot_honour_are_refused_in_one_line(tmp_path, tiny_mo
     with pytest.raises(UserError) as error:
         in_run_trainer(tmp_path, lora=setting.pop("lora", None), trusted=setting.pop("trusted", None), **setting)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_deepspeed_launch_is_refused_in_one_line(tmp_path, tiny_model_dir, monkeypatch):
+    """In-run scoring sets the first epoch's gradients itself, which DeepSpeed's engine owns."""
+    from accelerate.state import AcceleratorState
+
+    from llm_iif.training.in_run import check_in_run
+
+    trainer = in_run_trainer(tmp_path)
+    monkeypatch.setattr(AcceleratorState, "deepspeed_plugin", property(lambda self: object()))
+    with pytest.raises(UserError) as error:
+        check_in_run(trainer.recipe, trainer.accelerator.unwrap_model(trainer.policy), trainer.accelerator)
+    assert "DeepSpeed" in str(error.value) and "\n" not in str(error.value)
