@@ -138,15 +138,16 @@ def _zero_group_sums(model: nn.Module, n_groups: int) -> dict[str, torch.Tensor]
 
 
 def _add_group_sums(capture: LayerGradientCapture, totals: dict[str, torch.Tensor], terms: torch.Tensor,
-                    groups: torch.Tensor, n_groups: int, retain_graph: bool = False) -> torch.Tensor:
+                    groups: torch.Tensor, n_groups: int, retain_graph: bool = False,
+                    allow_unused: bool = False) -> torch.Tensor:
     """Add the gradients of ``terms`` [b] (one forward's target terms), summed by ``groups`` [b] and by the
-    terms' sign, to ``totals`` in place (`_zero_group_sums`; layers the capture holds beyond them, which the
-    terms need not reach, are left out), leaving out the terms that are NaN or inf (no second pass: every
-    process runs the same passes); returns [b] bool (CPU), the terms that counted."""
+    terms' sign, to ``totals`` in place (`_zero_group_sums`; with ``allow_unused``, layers the capture holds
+    beyond them, which the terms need not reach, are left out), leaving out the terms that are NaN or inf (no
+    second pass: every process runs the same passes); returns [b] bool (CPU), the terms that counted."""
     finite = torch.isfinite(terms.detach()).cpu()
     signed = 2 * groups.long() + (terms.detach() < 0).long().cpu()
     capture.sum_by_group(signed.where(finite, -1), 2 * n_groups)
-    capture.backward(terms.sum(), retain_graph=retain_graph, allow_unused=True)
+    capture.backward(terms.sum(), retain_graph=retain_graph, allow_unused=allow_unused)
     sums = capture.group_sums()
     for name in totals:
         totals[name] += sums[name]
@@ -239,13 +240,13 @@ def cross_fitted_dots(model: nn.Module, loss_and_target: PerSampleLossAndTarget,
 RowTerms = Callable[[nn.Module, torch.Tensor], tuple[list[torch.Tensor], torch.Tensor | None]]
 
 
-def row_gradients(model: nn.Module, layers: dict[str, nn.Module], row_terms: RowTerms, batch_size: int,
-                  chunk_size: int, fold: torch.Tensor | None = None, n_folds: int = 0,
+def row_gradients(model: nn.Module, layers: dict[str, nn.Module], row_terms: RowTerms, n_terms: int,
+                  batch_size: int, chunk_size: int, fold: torch.Tensor | None = None, n_folds: int = 0,
                   ) -> tuple[list[dict[str, torch.Tensor]], GroupGradients | None, torch.Tensor]:
     """Every row's gradient of each of its terms, over the parameters of ``layers``, and the target terms'
     gradients summed per fold, from one forward per chunk of ``chunk_size`` rows.
 
-    ``row_terms(model, rows)`` gives the terms ([b] each) and, with ``fold`` [B] (each row's fold in
+    ``row_terms(model, rows)`` gives the ``n_terms`` terms ([b] each) and, with ``fold`` [B] (each row's fold in
     [0, n_folds)), the target terms [b]. Returns, per term, {name: [B, *param.shape]} (fp32); the folds'
     `GroupGradients` over the scored parameters (`scored_parameters`), or None without ``fold``; and [B] bool,
     the rows whose target term is finite, the only ones in the fold sums. A term need not reach every layer
@@ -254,22 +255,19 @@ def row_gradients(model: nn.Module, layers: dict[str, nn.Module], row_terms: Row
     device = next(model.parameters()).device
     totals = _zero_group_sums(model, n_folds) if fold is not None else None
     in_target = torch.ones(batch_size, dtype=torch.bool)
-    per_term: list[list[dict[str, torch.Tensor]]] = []
-    with LayerGradientCapture(model, layers) as capture:
+    capture = LayerGradientCapture(model, layers)
+    params = dict(model.named_parameters())
+    empty = {name: torch.zeros(0, *whole_shape(params[name]), device=device) for name in capture.parameter_names}
+    per_term: list[list[dict[str, torch.Tensor]]] = [[empty] for _ in range(n_terms)]  # a process may have no rows
+    with capture:
         for chunk in torch.split(torch.arange(batch_size, device=device), chunk_size):
             terms, target_terms = row_terms(model, chunk)
             if totals is not None:
                 in_target[chunk.cpu()] = _add_group_sums(capture, totals, target_terms, fold[chunk.cpu()], n_folds,
-                                                         retain_graph=True)
+                                                         retain_graph=True, allow_unused=True)
             capture.per_sample()
             for j, term in enumerate(terms):
                 capture.backward(term.sum(), retain_graph=j + 1 < len(terms), allow_unused=True)
-                if len(per_term) <= j:
-                    per_term.append([])
                 per_term[j].append(capture.per_sample_grads())
-    if not per_term:  # a process without rows: every term's gradients have no rows
-        params = dict(model.named_parameters())
-        empty = {name: torch.zeros(0, *whole_shape(params[name]), device=device) for name in capture.parameter_names}
-        per_term = [[empty] for _ in row_terms(model, torch.arange(0, device=device))[0]]
     gradients = [{name: torch.cat([chunk[name] for chunk in chunks]) for name in chunks[0]} for chunks in per_term]
     return gradients, (_group_gradients(totals, n_folds) if totals is not None else None), in_target

@@ -120,22 +120,26 @@ class InRunScoring:
             mask = batch.response_mask.to(step.policy.dtype)
             statistics.append(torch.stack([(term.detach() * mask).sum(dim=1) for term in step.statistics()], dim=1))
             policy_term, value_term = (step.policy * mask).sum(dim=1), (step.value * mask).sum(dim=1)
-            target_terms = (None if fold is None or target_weights is None
-                            else -(target_weights[rows] * step.logprobs * mask).sum(dim=1))
+            target_terms = None if fold is None else -(target_weights[rows] * step.logprobs * mask).sum(dim=1)
             if self.train_grad == "full":
                 return [policy_term + self.cfg.vf_coef * value_term], target_terms
             return [policy_term, value_term], target_terms
 
         layers = {**scored_layers(model), "value_head": model.value_head}
         folds = stage.config.folds
+        n_terms = 1 if self.train_grad == "full" else 2
         with stage.timer.phase("scoring"), acc.autocast(), dropout_off(model):
-            gradients, fold_sums, in_target = row_gradients(model, layers, terms, len(rollout), self.score_batch_size,
-                                                            fold, folds if fold is not None else 0)
-        names = [name for name, param in model.named_parameters() if name in gradients[0]]
+            gradients, fold_sums, in_target = row_gradients(model, layers, terms, n_terms, len(rollout),
+                                                            self.score_batch_size, fold, folds if fold is not None else 0)
+        # The scored (LoRA) columns first, so that the scores read a view of the update's matrix, not a copy.
+        scored_names = list(scored_parameters(model))
+        names = scored_names + [name for name, _ in model.value_head.named_parameters(prefix="value_head")
+                                if name in gradients[0]]
         update = RowGradients.of(gradients[0], names)
-        scored = RowGradients.of(gradients[0], list(scored_parameters(model)))
-        if len(gradients) == 2:  # train_grad policy: the scores are the policy term's, the update takes both
-            update.matrix = update.matrix + self.cfg.vf_coef * RowGradients.of(gradients[1], names).matrix
+        width = sum(shape.numel() for shape in update.shapes[:len(scored_names)])
+        scored = RowGradients(scored_names, update.shapes[:len(scored_names)], update.matrix[:, :width])
+        value_terms = RowGradients.of(gradients[1], names).matrix if n_terms == 2 else None
+        del gradients
         with stage.timer.phase("scoring"):
             if target is not None:
                 influence = scored.matrix @ scored.flatten(target) / tokens_per_sample
@@ -145,6 +149,8 @@ class InRunScoring:
                 influence, split_cos = stage.cross_fitted_influence(dots, parts, fold, in_target)
             else:  # the batch target had a fold without rows: nothing is dropped
                 influence = None
+        if value_terms is not None:  # train_grad policy: the scores are the policy term's, the update takes both
+            update.matrix.add_(value_terms, alpha=self.cfg.vf_coef)
         selection = stage.selection(influence, split_cos, len(rollout), preconditioned=precondition is not None)
         mask = rollout.response_mask
         first_epoch = FirstEpoch(update, mask.sum(dim=1).cpu(), torch.cat(statistics).cpu() if statistics
