@@ -5,7 +5,7 @@
 With ``iif.target_source: batch`` a completion is scored against the target built from the other folds. When
 folds follow the row index, half of a completion's groupmates sit in its target; a group's advantages sum to
 zero, so those groupmates' terms can add to its score a term that grows with Â_i². IIFGRPOTrainer folds whole
-groups instead (`IIFGRPOTrainer._group_ids`).
+groups instead (`llm_iif.grpo.groups.group_ids`).
 
 This trains IIF-GRPO from the recipe for ``--steps`` steps and, at every generation batch, scores the same
 completions at the same θ(k) both ways. Per batch it fits d_i = I_row,i − I_group,i ≈ a + b·Â_i² and prints the
@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from llm_iif.recipes import GRPORecipe, load_recipe
+from llm_iif.grpo import IIFGRPOTrainer
 from llm_iif.grpo.run import bare_trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,8 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def both_fold_layouts(trainer: IIFGRPOTrainer, found: list[dict]):
     """Wrap the stage's cross-fitted scoring so that each batch is also scored with folds by row."""
-    stage, scored = trainer._stage, trainer._stage.cross_fitted_scores
-    make_loss = trainer._loss_and_target
+    stage, scored = trainer._scoring.stage, trainer._scoring.stage.cross_fitted_scores
+    make_loss = trainer._scoring.loss_and_target
 
     def loss_and_target(batch):
         found.append({"advantages": batch["advantages"].detach().clone()})
@@ -44,7 +45,7 @@ def both_fold_layouts(trainer: IIFGRPOTrainer, found: list[dict]):
         found[-1].update(by_row=by_row.detach().cpu(), by_group=by_group.detach().cpu())
         return by_group, split_cos
 
-    trainer._loss_and_target = loss_and_target
+    trainer._scoring.loss_and_target = loss_and_target
     stage.cross_fitted_scores = cross_fitted_scores
 
 

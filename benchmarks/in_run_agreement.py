@@ -4,7 +4,7 @@
 
 Trains IIF-GRPO with ``iif.scoring: in-run`` (the recipe's IIF settings with the batch target, no group
 filter). At every generation batch the separate scoring pass also scores the same candidates at θ(k)
-(`IIFGRPOTrainer._influence_filtered`; its decision is not used), and at the end of the batch's accumulation
+(`GRPOScoring.decide`; its decision is not used), and at the end of the batch's accumulation
 window the two are compared: the share of candidates that both keep or both drop, and the largest difference
 between the two scores over the largest score. Prints one line per step, then the totals.
 """
@@ -15,7 +15,6 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import torch
 
 from llm_iif.recipes import GRPORecipe, load_recipe
 from llm_iif.grpo import IIFGRPOTrainer
@@ -46,29 +45,27 @@ def main() -> None:
 def compare_every_step(trainer: IIFGRPOTrainer) -> list[tuple[int, int, float]]:
     """Wrap the trainer's window so that every step is compared; returns the list it fills with (candidates
     both kept or both dropped, candidates, largest score difference over the largest score)."""
-    steps, separate = [], {}
-    open_window, close_window = trainer._open_window, trainer._close_window
+    steps, separate, scoring = [], {}, trainer._scoring
+    open_window, close_window = scoring.open_window, scoring.close_window
 
-    def open_and_score_separately(batch, candidates, groups, *rest):
-        keep, influence, _ = trainer._influence_filtered(batch, candidates, groups)
+    def open_and_score_separately(model, batch, candidates, groups, chunks):
+        keep, influence, _ = scoring.decide(model, batch, candidates, groups)
         separate.update(rows=candidates.nonzero().flatten().cpu(), keep=keep.cpu(), influence=influence)
-        return open_window(batch, candidates, groups, *rest)
+        return open_window(model, batch, candidates, groups, chunks)
 
-    def close_and_compare():
-        close_window()
+    def close_and_compare(model):
+        in_run_keep, in_run, metrics = close_window(model)
         rows = separate["rows"]
-        records = [trainer.generation_records[i] for i in rows.tolist()]
-        in_run_keep = torch.tensor([r["kept"] for r in records])
-        in_run = torch.tensor([r["influence"] for r in records])
         reference = separate["influence"][rows]
-        agreed = int((in_run_keep == separate["keep"][rows]).sum())
+        agreed = int((in_run_keep.cpu()[rows] == separate["keep"][rows]).sum())
         scale = reference.abs().max().clamp(min=1e-30)
-        difference = float(((in_run - reference).abs().max() / scale).item()) if len(rows) else 0.0
+        difference = float(((in_run[rows] - reference).abs().max() / scale).item()) if len(rows) else 0.0
         steps.append((agreed, len(rows), difference))
         print(f"step {len(steps):>3}: kept sets agree on {agreed}/{len(rows)}, largest score difference "
               f"{difference:.2e} of the largest score", flush=True)
+        return in_run_keep, in_run, metrics
 
-    trainer._open_window, trainer._close_window = open_and_score_separately, close_and_compare
+    scoring.open_window, scoring.close_window = open_and_score_separately, close_and_compare
     return steps
 
 

@@ -170,6 +170,26 @@ def gather_values(accelerator: Accelerator, local: torch.Tensor) -> tuple[torch.
     return everything, sum(counts[:accelerator.process_index])
 
 
+def global_sum(accelerator: Accelerator, values: torch.Tensor) -> float:
+    """The sum of ``values`` over every process."""
+    return accelerator.reduce(values.float().sum().to(accelerator.device), "sum").item()
+
+
+def global_max(accelerator: Accelerator, value: torch.Tensor) -> float:
+    """The largest of every process's one-element ``value``."""
+    return accelerator.reduce(value.float().reshape(1).to(accelerator.device), "max").item()
+
+
+def global_min(accelerator: Accelerator, value: torch.Tensor) -> float:
+    """The smallest of every process's one-element ``value``."""
+    return accelerator.gather(value.float().reshape(1).to(accelerator.device)).min().item()
+
+
+def global_mean(accelerator: Accelerator, values: torch.Tensor) -> float:
+    """The mean of ``values`` over every process's elements (0 when there are none)."""
+    return global_sum(accelerator, values) / max(global_sum(accelerator, torch.ones_like(values)), 1.0)
+
+
 def sum_gradients(accelerator: Accelerator, *gradients: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
     """Each {name: tensor} gradient summed over processes, in one all-reduce."""
     names = list(gradients[0])

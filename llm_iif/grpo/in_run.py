@@ -6,7 +6,7 @@ at the parameters θ(k) that sampled it. The hooks of `LayerGradientCapture` kee
 over the scored (LoRA) parameters from that backward, and at the end of the accumulation window, before
 clipping and the optimiser step:
 
-1. **Scores.** trl's loss (with `IIFGRPOTrainer._rescaled`) gives completion i the share P·κ·L_i of its
+1. **Scores.** trl's loss (with `llm_iif.grpo.losses.rescaled_to_kept`) gives completion i the share P·κ·L_i of its
    process's loss, L_i as in `llm_iif.grpo.losses` over the candidates, with P processes and κ = 1, except
    for dr_grpo and luspo, which trl normalises by the rows of a micro-batch, padding included (κ = candidates
    over all rows). So ∇L_i = g_i / (P κ). The fresh and preference targets are built before training, as the
@@ -44,7 +44,7 @@ from llm_iif.grpo.losses import ROW_MEAN_LOSSES
 
 @dataclass
 class WindowRows:
-    """This process's R rows of a generation batch cut to its candidates (`IIFGRPOTrainer._kept_rows`): the
+    """This process's R rows of a generation batch cut to its candidates (`llm_iif.grpo.batches.kept_rows`): the
     first ``candidates`` rows, then padding rows that train on nothing."""
     candidates: int
     groups: torch.Tensor        # [candidates] the batch target's group ids

@@ -18,7 +18,7 @@ normaliser:
 
 with N completions and Σ_j |y_j| tokens in the generation batch, over all processes. trl computes the
 `RESCALED_LOSSES` per micro-batch (bnpo as a token mean of the micro-batch); after filtering,
-`IIFGRPOTrainer._compute_loss` rescales them to the whole batch's kept completions or tokens, as above.
+`rescaled_to_kept` rescales them to the whole batch's kept completions or tokens, as above.
 """
 
 from __future__ import annotations
@@ -81,3 +81,20 @@ def completion_losses(token_loss: torch.Tensor, mask: torch.Tensor, normalisers:
 def group_target_terms(logps: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
     """[B] -Σ_t log π(y_{i,t}) · Â_i: each completion's term of -f_seq with group-relative advantages Â [B]."""
     return -(logps * mask).sum(dim=1) * advantages
+
+
+def rescaled_to_kept(loss: torch.Tensor, loss_type: str, rows: int, tokens: torch.Tensor, kept_rows: torch.Tensor,
+                     kept_tokens: torch.Tensor, micro_batches: int) -> torch.Tensor:
+    """trl's loss of one micro-batch of a filtered generation batch, rescaled to the mean over the whole batch's
+    kept completions (or, for bnpo, tokens), the way trl's dapo loss uses ``num_items_in_batch``.
+
+    trl averages the `RESCALED_LOSSES` over one micro-batch (its ``rows``, padding included, or bnpo's loss
+    ``tokens``), so after filtering, micro-batches and processes would weigh their completions unequally.
+    ``kept_rows`` and ``kept_tokens`` count the generation batch's kept completions and tokens over all
+    processes; ``micro_batches`` is processes × steps_per_generation. Other loss types are returned as they are.
+    """
+    if loss_type not in RESCALED_LOSSES:
+        return loss
+    if loss_type == "bnpo":
+        return loss * tokens.clamp(min=1) * micro_batches / kept_tokens.clamp(min=1)
+    return loss * rows * micro_batches / kept_rows.clamp(min=1)

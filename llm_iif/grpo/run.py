@@ -29,7 +29,8 @@ from llm_iif.core.imports import import_object
 from llm_iif.core.fileio import write_directory_atomically
 from llm_iif.runs.paths import RunPaths
 from llm_iif.grpo.data import check_chat_template, grpo_datasets, is_conversational
-from llm_iif.grpo.trainer import GroupFilter, IIFGRPOTrainer
+from llm_iif.grpo.groups import GroupFilter
+from llm_iif.grpo.trainer import IIFGRPOTrainer
 from llm_iif.grpo.trusted import TrustedSet
 from llm_iif.lm.data import check_tokenizable, read_trusted_triples
 from llm_iif.lm.policy import load_tokenizer

@@ -36,7 +36,7 @@ from llm_iif.attribution.precondition import adam_preconditioner
 from llm_iif.attribution.stage import IIFStage, Selection
 from llm_iif.core import ppo
 from llm_iif.recipes import Recipe
-from llm_iif.core.distributed import is_sharded, load_whole_state, rebalance, whole_state
+from llm_iif.core.distributed import global_max, is_sharded, load_whole_state, rebalance, whole_state
 from llm_iif.core.errors import UserError
 from llm_iif.core.guards import NonfiniteGuard
 from llm_iif.core.records import Advantages, Rollout, UpdateStats
@@ -240,7 +240,7 @@ class PPOTrainer:
         acc, cfg = self.accelerator, self.cfg
         n_local = len(rollout)
         # Every process must take the same number of optimiser steps, even with uneven sample counts.
-        n_max = int(acc.reduce(torch.tensor(n_local, device=acc.device), "max").item())
+        n_max = int(global_max(acc, torch.tensor(n_local)))
         n_minibatches = max(1, math.ceil(n_max / cfg.mini_batch_size))
         # Statistics stay on the device until the end: one host sync per round, not five per step.
         totals = torch.zeros(STATISTICS + 1, dtype=torch.float64, device=acc.device)  # + the step count

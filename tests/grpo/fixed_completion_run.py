@@ -57,21 +57,19 @@ def completion_length(prompts, completions, **kwargs):
 
 class RecordingTrainer(IIFGRPOTrainer):
     """Records every step's kept completions and their influence, by prompt and completion text, over all
-    processes, and this process's (rows, kept rows) before the cut."""
+    processes, and this process's (rows, kept rows) before the cut, from its generation records."""
     kept_by_step: list = []
     scores_by_step: list = []
     rows_by_step: list = []
 
-    def _kept_rows(self, batch, keep):
-        self.rows_by_step.append((len(keep), int(keep.sum())))
-        tokenizer = self.processing_class
-        texts = [tokenizer.decode(p, skip_special_tokens=True) + "|" + tokenizer.decode(c, skip_special_tokens=True)
-                 for p, c in zip(batch["prompt_ids"], batch["completion_ids"])]
-        everyone = gather_object([(t, bool(k)) for t, k in zip(texts, keep.tolist())])
-        self.kept_by_step.append(sorted(everyone))
+    def _log_filter_round(self, metrics, kept, batch_size, seconds):
+        records = self.generation_records  # this process's rows before the cut, refills included
+        self.rows_by_step.append((len(records), sum(r["kept"] for r in records)))
+        self.kept_by_step.append(sorted(gather_object([(r["prompt"] + "|" + r["response"], r["kept"])
+                                                       for r in records])))
         self.scores_by_step.append(sorted(gather_object([(r["prompt"] + "|" + r["response"], r["influence"])
-                                                         for r in self.generation_records])))
-        return super()._kept_rows(batch, keep)
+                                                         for r in records])))
+        super()._log_filter_round(metrics, kept, batch_size, seconds)
 
 
 class ShardedTrainer(RecordingTrainer):

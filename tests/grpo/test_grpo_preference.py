@@ -56,7 +56,7 @@ def test_grpo_preference_target_is_the_trusted_margins_gradient(random_adder_dir
     assert rows.query_ids[0].tolist() == expected_prompt and rows.query_ids[4].tolist() == expected_prompt
     model = trainer.accelerator.unwrap_model(trainer.model)
     moved_off_zero(model)
-    target, _ = trainer._stage.target_gradient(trainer.model)
+    target, _ = trainer._scoring.stage.target_gradient(trainer.model)
 
     def tokenize(prompts, responses):  # one row at a time: no padding
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompts[0]}], tokenize=False,
@@ -82,7 +82,7 @@ def test_a_drawn_grpo_target_is_the_margins_gradient_over_the_triples_drawn(rand
     drawn = torch.randperm(4, generator=replay)[:2].sort().values.tolist()
     model = trainer.accelerator.unwrap_model(trainer.model)
     moved_off_zero(model)
-    target, _ = trainer._stage.target_gradient(trainer.model)
+    target, _ = trainer._scoring.stage.target_gradient(trainer.model)
 
     def tokenize(prompts, responses):
         return tokenize_pairs(trainer.processing_class, prompts, responses, "cpu")
@@ -132,7 +132,7 @@ def test_samples_that_raise_the_trusted_margin_score_above_those_that_lower_it(r
     batch = {"prompt_ids": rows.query_ids, "prompt_mask": rows.query_mask, "completion_ids": rows.response_ids,
              "completion_mask": rows.response_mask, "advantages": torch.ones(len(rows)),
              "num_items_in_batch": rows.response_mask.sum()}
-    scores, _ = trainer._stage.influence(trainer.model, trainer._loss_and_target(batch), len(rows))
+    scores, _ = trainer._scoring.stage.influence(trainer.model, trainer._scoring.loss_and_target(batch), len(rows))
     chosen, rejected = scores[:4], scores[4:]
     assert (chosen > rejected).all() and chosen.mean() > 0 > rejected.mean(), scores
     assert (chosen > 0).sum() >= 3 and (rejected < 0).sum() >= 3, scores

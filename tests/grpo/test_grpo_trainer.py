@@ -15,8 +15,10 @@ from llm_iif.attribution.gradients import scored_parameters
 from llm_iif.recipes import GRPOIIFConfig
 from llm_iif.core.errors import UserError
 from llm_iif.grpo import GroupFilter
+from llm_iif.grpo.batches import kept_rows
+from llm_iif.grpo.checks import check_filter_settings
+from llm_iif.grpo.groups import group_ids, max_variance_subsets, subset_advantages, varied_groups
 from llm_iif.grpo.losses import SUPPORTED_LOSSES
-from llm_iif.grpo.groups import max_variance_subsets, subset_advantages, varied_groups
 
 
 def generation_batch(trainer, prompts=4):
@@ -30,8 +32,8 @@ def generation_batch(trainer, prompts=4):
 def select(trainer, batch):
     """The stage's selection over every row of a generation batch, folded by group as the trainer folds it."""
     size = len(batch["advantages"])
-    return trainer._stage.select(trainer.model, trainer._loss_and_target(batch), size,
-                                 groups=trainer._group_ids(size, generation=0))
+    return trainer._scoring.stage.select(trainer.model, trainer._scoring.loss_and_target(batch), size,
+                                 groups=group_ids(trainer.accelerator, size, trainer.num_generations))
 
 
 def flat_grad(value, params):
@@ -67,9 +69,9 @@ def test_completion_losses_sum_to_trls_loss(random_adder_dir, tmp_path, loss_typ
     off_the_reference(trainer)
     batch = generation_batch(trainer)
     params = list(scored_parameters(trainer.model).values())
-    ours, _ = trainer._loss_and_target(batch)(trainer.model, torch.arange(16))
+    ours, _ = trainer._scoring.loss_and_target(batch)(trainer.model, torch.arange(16))
     trainer.current_gradient_accumulation_steps = 2
-    trained = trainer._kept_rows(batch, torch.ones(16, dtype=torch.bool))
+    trained = kept_rows(batch, torch.ones(16, dtype=torch.bool), trainer.accelerator, trainer.args.steps_per_generation)
     theirs = sum(trainer._compute_loss(trainer.model, batch_rows(trained, rows, 16))
                  for rows in (slice(0, 8), slice(8, 16)))
     if loss_type not in ("cispo", "sapo", "vespo"):  # their values are not -A·r at r = 1; only gradients agree
@@ -93,7 +95,7 @@ def brute_force_scores(trainer, batch, target=None, folds=2, left_out=(), fold=N
     """Each completion's ⟨target gradient, ∇L_i⟩ from one autograd call per completion; without ``target``,
     the cross-fitted target of the other folds (a completion's whole group in one fold: group index mod folds),
     its terms rebuilt independently (`target_term`)."""
-    fn = trainer._loss_and_target(batch)
+    fn = trainer._scoring.loss_and_target(batch)
     params = list(scored_parameters(trainer.model).values())
     n = len(batch["advantages"])
     loss_grads, target_grads = [], []
@@ -155,8 +157,8 @@ def test_fresh_target_scores_equal_brute_force(random_adder_dir, tmp_path):
     trainer = make_trainer(random_adder_dir, tmp_path, validation_dataset=validation,
                            iif=GRPOIIFConfig(enabled=True, target_source="fresh", val_size=8))
     batch = generation_batch(trainer)
-    source, seen = trainer._stage.target_source, []
-    trainer._stage.target_source = lambda model: seen.append(source(model)) or seen[-1]
+    source, seen = trainer._scoring.stage.target_source, []
+    trainer._scoring.stage.target_source = lambda model: seen.append(source(model)) or seen[-1]
     selection = select(trainer, batch)
     rows = seen[0]
     assert len(rows) == 8 and rows.weights.shape == rows.response_mask.shape
@@ -177,7 +179,7 @@ def test_a_nan_row_of_the_fresh_target_is_left_out_and_counted(random_adder_dir,
                            validation_dataset=Dataset.from_list(addition_problems(8, seed=5)),
                            iif=GRPOIIFConfig(enabled=True, target_source="fresh", val_size=8))
     batch = generation_batch(trainer)
-    source, seen = trainer._stage.target_source, []
+    source, seen = trainer._scoring.stage.target_source, []
 
     def with_a_nan_row(model):
         rows = source(model)
@@ -186,7 +188,7 @@ def test_a_nan_row_of_the_fresh_target_is_left_out_and_counted(random_adder_dir,
         seen.append(rows)
         return rows
 
-    trainer._stage.target_source = with_a_nan_row
+    trainer._scoring.stage.target_source = with_a_nan_row
     trainer._guard.start_round()
     selection = select(trainer, batch)
     assert trainer._guard.end_round()["nonfinite_target"] == 1
@@ -242,7 +244,7 @@ def test_dropped_completions_leave_the_batch_and_the_normaliser(random_adder_dir
     batch = generation_batch(trainer)
     keep = torch.zeros(16, dtype=torch.bool)
     keep[[0, 3, 4, 9, 14]] = True  # 5 kept: one padding row makes 6, which splits into 2 chunks of 3
-    cut = trainer._kept_rows(batch, keep)
+    cut = kept_rows(batch, keep, trainer.accelerator, trainer.args.steps_per_generation)
     assert cut["completion_ids"].shape[0] == 6 and cut["iif_kept_rows"].item() == 5
     assert cut["completion_mask"][5].sum() == 0 and cut["advantages"][5] == 0
     assert cut["num_items_in_batch"].item() == batch["completion_mask"][keep].sum().item()
@@ -262,7 +264,7 @@ def test_bnpo_after_filtering_is_a_token_mean_over_the_kept_batch(random_adder_d
     batch = generation_batch(trainer)
     keep = torch.zeros(16, dtype=torch.bool)
     keep[[0, 3, 4, 9, 14]] = True
-    cut = trainer._kept_rows(batch, keep)
+    cut = kept_rows(batch, keep, trainer.accelerator, trainer.args.steps_per_generation)
     micro_batches = [batch_rows(cut, rows, 6) for rows in (slice(0, 3), slice(3, 6))]
     assert micro_batches[0]["completion_mask"].sum() != micro_batches[1]["completion_mask"].sum()
     trainer.current_gradient_accumulation_steps = 2
@@ -365,10 +367,10 @@ def test_iif_after_dapo_scores_the_informative_groups_only(random_adder_dir, tmp
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
     batch = GRPOTrainer._generate_and_score_completions(trainer, rows)
-    informative = varied_groups(trainer._rewards, 4)
-    groups = trainer._group_ids(32, generation=0)
+    informative = varied_groups(trainer._rewards.latest, 4)
+    groups = group_ids(trainer.accelerator, 32, trainer.num_generations)
     assert 0 < informative.sum() < 32 and len(set((groups[informative] % 2).tolist())) == 2
-    keep, influence, _ = trainer._influence_filtered(batch, informative, groups)
+    keep, influence, _ = trainer._scoring.decide(trainer.model, batch, informative, groups)
     assert not keep[~informative].any() and influence[~informative].isnan().all()
     sub = batch_rows(batch, informative, 32)
     expected = brute_force_scores(trainer, sub, fold=groups[informative] % 2)
@@ -381,7 +383,8 @@ def test_iif_keeps_everything_when_the_batch_has_fewer_prompts_than_folds(random
     batch = generation_batch(trainer)
     one_group = torch.zeros(16, dtype=torch.bool)
     one_group[4:8] = True
-    keep, influence, metrics = trainer._influence_filtered(batch, one_group, trainer._group_ids(16, generation=0))
+    groups = group_ids(trainer.accelerator, 16, trainer.num_generations)
+    keep, influence, metrics = trainer._scoring.decide(trainer.model, batch, one_group, groups)
     assert keep.equal(one_group) and influence.isnan().all() and metrics["filtered"] == 0
 
 
@@ -438,14 +441,14 @@ def test_refill_needs_whole_groups_on_every_process(random_adder_dir, tmp_path, 
 
 
 def test_an_async_callable_class_reward_is_left_to_trl():
-    from llm_iif.grpo.trainer import _checked_reward
+    from llm_iif.grpo.rewards import checked_reward
 
     class Judge:
         async def __call__(self, completions, **kwargs):
             return [1.0] * len(completions)
 
     judge = Judge()
-    assert _checked_reward(judge, set()) is judge  # wrapped, its coroutine would never be awaited
+    assert checked_reward(judge, set()) is judge  # wrapped, its coroutine would never be awaited
 
 
 def test_an_unchecked_trl_version_is_refused(random_adder_dir, tmp_path, monkeypatch):
@@ -460,7 +463,7 @@ def test_a_multimodal_model_is_refused_with_filtering(random_adder_dir, tmp_path
     trainer = make_trainer(random_adder_dir, tmp_path, iif=GRPOIIFConfig(enabled=True))
     trainer._is_vlm = True  # what trl sets for a ProcessorMixin processing class
     with pytest.raises(UserError, match="model: filtering supports text-only models"):
-        trainer._check_settings()
+        check_filter_settings(trainer)
 
 
 def test_validation_rows_are_copied_before_trl_writes_into_them(random_adder_dir, tmp_path):

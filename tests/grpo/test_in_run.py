@@ -10,6 +10,7 @@ from test_grpo_trainer import brute_force_scores, flat_grad
 from llm_iif.attribution.gradients import scored_parameters
 from llm_iif.recipes import GRPOIIFConfig
 from llm_iif.core.errors import UserError
+from llm_iif.grpo.checks import in_run_obstacle
 
 WINDOW = dict(max_steps=1, steps_per_generation=2, gradient_accumulation_steps=2, per_device_train_batch_size=8)
 
@@ -32,14 +33,14 @@ def in_run_trainer(model_dir, out, target_source="batch", loss_type="dapo", **kw
 def train_recording_the_window(trainer):
     """Train one step; returns (the generation batch as the window opened it, the parameters at θ(0))."""
     start = {name: p.detach().clone() for name, p in scored_parameters(trainer.model).items()}
-    opened, open_window = [], trainer._open_window
+    opened, open_window = [], trainer._scoring.open_window
 
     def recording(*args):
         batch = open_window(*args)
         opened.append({k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()})
         return batch
 
-    trainer._open_window = recording
+    trainer._scoring.open_window = recording
     trainer.train()
     assert len(opened) == 1
     return opened[0], start
@@ -58,7 +59,7 @@ def test_in_run_scores_equal_per_sample_autograd(random_adder_dir, tmp_path, tar
             param.copy_(start[name])
     target = None
     if target_source == "fresh":
-        rows = trainer._stage.target_rows
+        rows = trainer._scoring.stage.target_rows
         logps = trainer._sequence_logprobs(trainer.model, rows.query_ids, rows.query_mask, rows.response_ids,
                                            rows.response_mask)
         target = flat_grad(-(rows.weights * logps * rows.response_mask).sum() / len(rows),
@@ -129,4 +130,4 @@ def test_auto_falls_back_under_a_launch_that_shards_at_train_time(random_adder_d
         monkeypatch.setattr(type(state), plugin, property(lambda self: object()))
     else:
         monkeypatch.setattr(state, plugin, object(), raising=False)
-    assert message in trainer._in_run_obstacle()
+    assert message in in_run_obstacle(trainer)
