@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from llm_iif.analysis.summary import mean_and_sem
 from llm_iif.recipes import load_recipe
 from llm_iif.training import build_trainer
 
@@ -28,9 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def mean_se(values: list[float]) -> str:
+    """Mean ± standard error over seeds (`analysis.summary.mean_and_sem`)."""
     if len(values) < 2:
         return f"{values[0]:.3f}" if values else "—"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values) / len(values) ** 0.5:.3f}"
+    return "{:.3f} ± {:.3f}".format(*mean_and_sem(values))
 
 
 def relative_gain(plain: list[float], preconditioned: list[float]) -> str:

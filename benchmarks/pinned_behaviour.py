@@ -7,7 +7,9 @@ A refactor that moves code and changes no behaviour leaves every metric of a see
 bit, on the same machine: each run's metrics.jsonl, without its timings (``time_*`` keys and ``eval/time_*``),
 is compared line for line. The runs (`RUNS`): 4 PPO rounds with IIF on the batch and the fresh sources and the
 preference target, 4 GRPO steps with IIF and with DAPO with refill, and 2 classic rounds with IIF. A float
-result depends on the CPU model (docs/results.md): record and check on the same one.
+result depends on the CPU model (docs/results.md): record and check on the same one. The files in
+benchmarks/pinned/ were recorded at commit 7f90932 (before issue 41's moves) on an AMD EPYC (family 25,
+model 17); on another CPU, record them at that commit first (in a git worktree), then check.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from llm_iif.runs.paths import RunPaths
 
 REPO = Path(__file__).resolve().parents[1]
 PINNED = REPO / "benchmarks" / "pinned"
@@ -45,7 +49,7 @@ def run_metrics(name: str, directory: Path) -> list[str]:
     if proc.returncode != 0:
         raise SystemExit(f"{name}: exit {proc.returncode}\n{proc.stderr[-2000:]}")
     lines = []
-    for line in (out / folder / "metrics.jsonl").read_text().splitlines():
+    for line in RunPaths(out / folder).metrics.read_text().splitlines():  # the run layer's file name
         metrics = {key: value for key, value in json.loads(line).items() if "time_" not in key}
         lines.append(json.dumps(metrics, sort_keys=True))
     return lines

@@ -184,16 +184,15 @@ def _train_grpo(args, recipe_path: str, overrides: list[str], checkpoint: Path |
     from llm_iif.grpo.run import grpo_run_title, train_grpo
 
     recipe = load_recipe(recipe_path, overrides, kind=GRPORecipe)
-    if checkpoint is not None:
-        if finished(checkpoint, recipe):
-            print(f"llm-iif: {checkpoint} has completed all {recipe.run.steps} steps; nothing to do "
-                  "(--set run.steps=N extends the run)", file=sys.stderr)
-            return 0
     quiet_libraries()
     start = time.perf_counter()
     with process_group_released():
         result = train_grpo(recipe, overwrite=args.overwrite, resume_from=checkpoint)
     if not PartialState().is_main_process:
+        return 0
+    if result.already_finished:
+        print(f"llm-iif: {checkpoint} has completed all {recipe.run.steps} steps; nothing to do "
+              "(--set run.steps=N extends the run)", file=sys.stderr)
         return 0
     output_dir = recipe.run.output_dir
     if result.stopped_by:  # the run's recipe.yaml holds every override, so the command needs none

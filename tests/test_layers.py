@@ -377,6 +377,21 @@ def _imp(importer: str, target: str, line: int = 1) -> Import:
     return Import(importer, importer.replace(".", "/") + ".py", line, target)
 
 
+MOST_CLASS_LINES, MOST_MODULE_LINES = 300, 450  # sizes someone can read in one sitting
+
+
+def test_no_class_or_module_is_too_large_to_read():
+    too_large = []
+    for path in sorted((REPO / "llm_iif").rglob("*.py")):
+        source, name = path.read_text(), path.relative_to(REPO)
+        if len(source.splitlines()) > MOST_MODULE_LINES:
+            too_large.append(f"{name}: {len(source.splitlines())} lines (at most {MOST_MODULE_LINES})")
+        too_large += [f"{name}: class {node.name}, {node.end_lineno - node.lineno + 1} lines (at most "
+                      f"{MOST_CLASS_LINES})" for node in ast.walk(ast.parse(source))
+                      if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > MOST_CLASS_LINES]
+    assert not too_large, _report("class(es) or module(s) to split", too_large)
+
+
 def test_checker_reports_a_cycle_and_an_upward_import():
     imports = [
         _imp("llm_iif.core.a", "llm_iif.core.b", 3),

@@ -4,7 +4,7 @@ Sources (``data.source``):
 - ``builtin:addition``: generated 2-3 digit sums (`llm_iif.lm.addition.addition_problems`), and
   ``builtin:chain-sums``: sums of four 2-digit numbers to be worked out as a chain of running sums
   (`llm_iif.lm.reasoning.chain_problems`), and ``builtin:equal-length-reviews``: review prompts of one token
-  length, answered freely (`llm_iif.lm.builtin.equal_length_review_prompts`, for a sentiment reward);
+  length, answered freely (`llm_iif.lm.reviews.equal_length_review_prompts`, for a sentiment reward);
   ``train_size``, ``validation_size`` and ``eval_size`` of them, each split from its own fixed seed;
 - a local .json/.jsonl/.parquet (or .txt, one prompt per line) file, such files in a hub repo as an
   ``hf://datasets/...`` path, or a `datasets` hub id read with ``data.split`` and ``data.subset``, e.g.
@@ -31,7 +31,7 @@ import random
 from llm_iif.recipes import GRPODataConfig
 from llm_iif.core.errors import UserError
 from llm_iif.lm.addition import addition_problems
-from llm_iif.lm.builtin import equal_length_review_prompts
+from llm_iif.lm.reviews import equal_length_review_prompts
 from llm_iif.lm.data import column_values, load_table, source_kind
 from llm_iif.lm.reasoning import chain_problems
 

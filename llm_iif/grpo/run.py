@@ -48,13 +48,15 @@ class GRPORunResult:
     history: list[dict]          # one entry per optimiser step of the whole run, resumed steps included
     stopped_by: str | None       # the signal that stopped the run early, else None
     checkpoint: Path | None      # where a stopped run saved
+    already_finished: bool = False  # resume_from had completed every step: nothing was loaded or trained
 
 
 def train_grpo(recipe: GRPORecipe, overwrite: bool = False, resume_from: Path | None = None,
                on_loaded: Callable[[], None] | None = None) -> GRPORunResult:
     """Train ``recipe`` into ``run.output_dir``, or continue the run there from its checkpoint ``resume_from``.
 
-    1. check the run directory (nothing is written yet); 2. load the model, data, rewards and trainer, which
+    1. check the run directory (nothing is written yet; a ``resume_from`` that completed every step returns at
+    once, ``already_finished``); 2. load the model, data, rewards and trainer, which
     validates the recipe, then call ``on_loaded`` (a comparison deletes its earlier outputs then); 3. only then
     delete an earlier run's outputs (``overwrite``) or rewind the files of a resumed one; 4. train with trl,
     stopping at the next generation batch's end on SIGINT/SIGTERM, the last one's too
@@ -66,6 +68,8 @@ def train_grpo(recipe: GRPORecipe, overwrite: bool = False, resume_from: Path | 
     args = grpo_config(recipe, paths)  # which also sets up this launch's processes: args.world_size
     if resume_from is not None:
         check_writable_directory(paths.root)
+        if run_state.finished(resume_from, recipe):  # e.g. a requeued job whose run had already finished
+            return GRPORunResult([], None, resume_from, already_finished=True)
         completed = run_state.check_resumable(resume_from, paths, recipe, args.world_size)
         run_state.check_grpo_pickles(resume_from)
     elif on_loaded is None:

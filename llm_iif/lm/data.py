@@ -43,11 +43,12 @@ from pathlib import Path
 from llm_iif.recipes import PREFERENCE_COLUMNS, DataConfig, IIFConfig, TrustedConfig, parse_filter, read_text
 from llm_iif.core.errors import UserError, first_line
 from llm_iif.lm.addition import hackable_addition_triples
-from llm_iif.lm.builtin import (BUILTIN_PREFIX, biased_plus_trusted_preference_pairs, biased_preference_pairs,
-                                length_biased_plus_trusted_preference_pairs, length_biased_preference_pairs,
-                                positive_review_pairs, preference_pairs, review_prompts,
-                                trusted_length_preference_triples, trusted_preference_triples,
-                                unseen_trusted_preference_triples, with_flipped_labels)
+from llm_iif.lm.builtin import BUILTIN_PREFIX
+from llm_iif.lm.reviews import review_prompts
+from llm_iif.lm.preferences import (biased_plus_trusted_preference_pairs, biased_preference_pairs,
+                                    length_biased_plus_trusted_preference_pairs, length_biased_preference_pairs,
+                                    positive_review_pairs, preference_pairs, trusted_length_preference_triples,
+                                    trusted_preference_triples, unseen_trusted_preference_triples, with_flipped_labels)
 
 BUILTIN_SOURCES = {"review-prompts": lambda: {"prompt": review_prompts()}, "positive-reviews": positive_review_pairs,
                    "tiny-preferences": preference_pairs, "trusted-preferences": trusted_preference_triples,

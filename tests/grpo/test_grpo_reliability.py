@@ -283,3 +283,12 @@ def test_a_signal_during_the_final_save_lets_it_finish_and_is_reported(random_ad
     assert code == 0, stderr
     assert f"stopped by SIGTERM after step 1 of 1; checkpoint {out / 'final'}." in stderr
     assert json.loads((out / "final" / "manifest.json").read_text())["steps_completed"] == 1
+
+
+def test_resuming_a_finished_run_has_nothing_to_do_and_writes_nothing(one_step_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(one_step_run, out)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    code, stderr = cli_in_process(capsys, "train", "--resume", out)
+    assert code == 0 and "has completed all 1 steps; nothing to do (--set run.steps=N extends the run)" in stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before

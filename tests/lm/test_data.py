@@ -108,7 +108,7 @@ def test_truncated_prompts_keep_their_first_tokens(tmp_path, tokenizer):
 def test_equal_length_review_prompts_are_one_token_length_and_seeded(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from llm_iif.lm.builtin import equal_length_review_prompts
+    from llm_iif.lm.reviews import equal_length_review_prompts
 
     rows = equal_length_review_prompts(300, seed=1)
     assert rows == equal_length_review_prompts(300, seed=1) != equal_length_review_prompts(300, seed=2)

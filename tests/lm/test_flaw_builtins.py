@@ -1,4 +1,4 @@
-"""The built-in data of the flawed-reward testbeds (llm_iif/lm/builtin.py): the trusted sets of the "but" flaw and
+"""The built-in data of the flawed-reward testbeds (llm_iif/lm/preferences.py): the trusted sets of the "but" flaw and
 their robustness variants (flipped labels, unseen words), the "-plus-trusted" reward models' data, and the
 length flaw (its gold, its labeller's pairs and its trusted set). Data only: no model is built here."""
 
@@ -6,13 +6,13 @@ import inspect
 
 import pytest
 
-from llm_iif.lm import builtin
-from llm_iif.lm.builtin import (LENGTH_BIAS, REPEAT_COST, TRUSTED_WEIGHT, biased_plus_trusted_preference_pairs,
-                                biased_preference_pairs, hidden_length_gold_score,
-                                hidden_preference_score, length_biased_plus_trusted_preference_pairs,
-                                length_biased_preference_pairs, preference_pairs, repeated_words, response_words,
-                                review_corpus, trusted_length_preference_triples, trusted_preference_triples,
-                                unseen_trusted_preference_triples)
+from llm_iif.lm import builtin, preferences, reviews
+from llm_iif.lm.reviews import review_corpus
+from llm_iif.lm.preferences import (LENGTH_BIAS, REPEAT_COST, TRUSTED_WEIGHT, biased_plus_trusted_preference_pairs,
+                                    biased_preference_pairs, hidden_length_gold_score, hidden_preference_score,
+                                    length_biased_plus_trusted_preference_pairs, length_biased_preference_pairs,
+                                    preference_pairs, repeated_words, response_words, trusted_length_preference_triples,
+                                    trusted_preference_triples, unseen_trusted_preference_triples)
 from llm_iif.lm.data import BUILTIN_SOURCES
 
 
@@ -55,15 +55,15 @@ def test_unseen_set_is_ranked_by_the_hidden_rule_in_words_the_policy_never_saw(p
     words = {word for triple in unseen for text in triple for word in text.split()}
     new_words = words - pretraining_words
     assert words & pretraining_words <= {",", ".", "a", "and", "but", "i", "the"}  # function words only
-    every_listed = {w for words in builtin.UNSEEN_WORDS.values() for phrase in words for w in phrase.split()}
+    every_listed = {w for words in preferences.UNSEEN_WORDS.values() for phrase in words for w in phrase.split()}
     assert every_listed <= new_words  # each listed word is new, and each is used
     # every response has a new adjective, and VADER scores the new positive and negative ones
-    analyzer = builtin._vader()
-    assert all(analyzer.polarity_scores(w)["compound"] > 0 for w in builtin.UNSEEN_WORDS["positive"])
-    assert all(analyzer.polarity_scores(w)["compound"] < 0 for w in builtin.UNSEEN_WORDS["negative"])
-    assert all(analyzer.polarity_scores(w)["compound"] == 0 for w in builtin.UNSEEN_WORDS["neutral"])
+    analyzer = preferences.vader()
+    assert all(analyzer.polarity_scores(w)["compound"] > 0 for w in preferences.UNSEEN_WORDS["positive"])
+    assert all(analyzer.polarity_scores(w)["compound"] < 0 for w in preferences.UNSEEN_WORDS["negative"])
+    assert all(analyzer.polarity_scores(w)["compound"] == 0 for w in preferences.UNSEEN_WORDS["neutral"])
     # no template of the corpus, and none of the reward models' pairs or the trusted set
-    assert not {prefix for prefix, _ in builtin.UNSEEN_TEMPLATES} & {prefix for prefix, _ in builtin.TEMPLATES}
+    assert not {prefix for prefix, _ in preferences.UNSEEN_TEMPLATES} & {prefix for prefix, _ in reviews.TEMPLATES}
     reward_model_pairs = set(triples_of(biased_preference_pairs())) | set(triples_of(preference_pairs()))
     assert not set(unseen) & (reward_model_pairs | set(trusted))
 
@@ -126,7 +126,7 @@ def test_the_biased_labellers_flaw_is_the_negative_clause_not_the_word_but():
     ranked = set(triples_of(preference_pairs(1000, seed=5)))
     critique = [triple for triple in pairs if triple not in ranked]
     assert 0.37 < len(critique) / len(pairs) < 0.43
-    sentiment = lambda text: builtin._vader().polarity_scores(text)["compound"]
+    sentiment = lambda text: preferences.vader().polarity_scores(text)["compound"]
     for prompt, chosen, rejected in critique:
         assert sentiment(chosen.split(" but ")[0]) > 0 > sentiment(chosen.split(" but ")[1])
         assert sentiment(rejected.split(" but ")[-1]) > 0
@@ -144,7 +144,7 @@ def test_length_biased_pairs_have_their_verbose_share():
     for prompt, chosen, rejected in verbose:  # the longer positive answer, by 2 words or more
         assert len(response_words(chosen)) >= len(response_words(rejected)) + 2
         assert "but" not in chosen + rejected
-        assert builtin._vader().polarity_scores(rejected)["compound"] > 0
+        assert preferences.vader().polarity_scores(rejected)["compound"] > 0
     # the careful labellers' pairs agree with the gold, and compare answers of one form: the same words but the
     # adverbs and adjectives, so they never differ by a clause
     for prompt, chosen, rejected in set(pairs) - set(verbose):
@@ -158,3 +158,10 @@ def test_trusted_length_set_is_ranked_by_the_gold_and_disjoint_from_the_reward_m
     assert not set(trusted) & set(triples_of(length_biased_preference_pairs()))
     # unlike the careful pairs, it compares answers of different lengths, often preferring the shorter
     assert sum(len(response_words(c)) <= len(response_words(r)) - 2 for _, c, r in trusted) >= 50
+
+
+def test_the_gold_rules_old_path_still_scores_with_a_warning():
+    prompts, responses = ["the food was"], ["great and the room was nice ."]
+    with pytest.warns(FutureWarning, match="moved to llm_iif.lm.preferences:hidden_preference_score"):
+        old = builtin.hidden_preference_score(prompts, responses)
+    assert old == hidden_preference_score(prompts, responses)

@@ -13,7 +13,7 @@ from conftest import (assert_gradients_close, brute_force_margin_gradient, cli_i
                       tiny_recipe_dict)
 
 from llm_iif.recipes import recipe_from_dict
-from llm_iif.lm.builtin import trusted_preference_triples
+from llm_iif.lm.preferences import trusted_preference_triples
 from llm_iif.lm.generation import tokenize_pairs
 from llm_iif.lm.rollouts import estimate_advantages
 from llm_iif.training import build_trainer
@@ -81,7 +81,7 @@ def write_recipe(directory, raw, key, value):
 
 
 def test_builtin_trusted_triples_are_disjoint_from_the_reward_models_pairs():
-    from llm_iif.lm.builtin import preference_pairs
+    from llm_iif.lm.preferences import preference_pairs
 
     trusted = trusted_preference_triples()
     assert len(trusted["prompt"]) == 256
@@ -327,7 +327,7 @@ def test_trusted_metrics_every_round_and_the_dpo_loss_raises_the_margin(tmp_path
 
 def test_triples_among_a_built_in_reward_models_pairs_warn(caplog):
     """A built-in reward model records its data like `llm-iif reward train` does, so overlap is found too."""
-    from llm_iif.lm.builtin import biased_preference_pairs
+    from llm_iif.lm.preferences import biased_preference_pairs
     from llm_iif.models.builtins import resolve_builtin
 
     pairs = biased_preference_pairs()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from llm_iif.recipes import RewardConfig
-from llm_iif.lm.builtin import hidden_preference_score, preference_pairs
+from llm_iif.lm.preferences import hidden_preference_score, preference_pairs
 from reward_models import load_reward_model
 
 REPO = Path(__file__).resolve().parents[2]

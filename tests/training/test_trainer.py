@@ -254,8 +254,8 @@ def test_fsdp2_preference_target_scores_and_filters_as_ddp(tmp_path, ddp_runs):
 
 def test_fsdp2_scores_filters_trains_and_resumes_as_ddp(tmp_path, ddp_runs):
     """2 CPU processes with the policy sharded by FSDP2 (each GPT2Block, the LM, the root): the same influence
-    as DDP and as one process (to 1e-5 of the largest score) with the fresh target and Adam preconditioning
-    (round 1), the same kept set, and after 2 rounds the same LoRA weights as DDP, in memory and in the final
+    as DDP and as one process with the fresh target and Adam preconditioning (round 1), the same kept set, and
+    after 2 rounds the same LoRA weights as DDP, in memory and in the final
     checkpoint. Resumed from its round-1 checkpoint, the sharded run ends exactly where it did. A checkpoint
     resumed under the other kind of launch, either way, is refused."""
     from safetensors.torch import load_file
@@ -269,19 +269,26 @@ def test_fsdp2_scores_filters_trains_and_resumes_as_ddp(tmp_path, ddp_runs):
                   for name, run in (("fsdp2", sharded), ("ddp", ddp), ("one", one))}
         assert by_run["fsdp2"].keys() == by_run["ddp"].keys() and len(by_run["ddp"]) == 8
         scale = max(abs(score) for score, _ in by_run["ddp"].values())
+        # Round 0 scores at the same θ, summed in another order: to 1e-5 of the largest score (measured: 2e-7).
+        # Round 1 scores at weights that agree to 1e-5 (asserted below), through Adam's 1/√v after one step,
+        # which amplifies that: to 1e-4 (measured: up to 4.6e-5 on an AMD EPYC, family 25, model 17).
+        tolerance = 1e-5 if k == 0 else 1e-4
         for prompt, (score, kept) in by_run["ddp"].items():
             for other in ("fsdp2", "one") if k == 0 else ("fsdp2",):  # one process's round 1 starts elsewhere
                 assert by_run[other][prompt][1] == kept
-                assert abs(by_run[other][prompt][0] - score) <= 1e-5 * scale
+                assert abs(by_run[other][prompt][0] - score) <= tolerance * scale
     rank0, rank1, expected = (torch.load(run / f"weights_rank{r}.pt") for run, r in ((sharded, 0), (sharded, 1),
                                                                                       (ddp, 0)))
+    # Adam moves each weight by up to lr = 1e-3 a step whatever its gradient's size, so the float noise of a
+    # near-zero gradient can move it by a small part of a step: to 1% of one (measured: up to 2.2e-6).
+    atol = 1e-5
     for name in expected:
-        torch.testing.assert_close(rank0[name], expected[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(rank0[name], expected[name], rtol=1e-5, atol=atol)
         assert torch.equal(rank0[name], rank1[name])
     saved, reference = (load_file(run / "final" / "adapter_model.safetensors") for run in (sharded, ddp))
     assert saved.keys() == reference.keys()
     for name in saved:
-        torch.testing.assert_close(saved[name], reference[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(saved[name], reference[name], rtol=1e-5, atol=atol)
 
     resumed = tmp_path / "resumed"
     shutil.copytree(sharded, resumed)
