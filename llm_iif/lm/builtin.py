@@ -114,7 +114,7 @@ def build_tiny_model(out_dir: Path, seed: int = 0, num_sentences: int = 20000, v
     model = GPT2LMHeadModel(config)
     encoded = tokenizer([s + EOS_TOKEN for s in corpus], padding=True, return_tensors="pt")
     ids, mask = encoded["input_ids"], encoded["attention_mask"]
-    labels = ids.maskedfill_template(mask == 0, -100)
+    labels = ids.masked_fill(mask == 0, -100)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
