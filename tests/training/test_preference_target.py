@@ -236,9 +236,11 @@ def test_the_target_with_a_chat_template_is_the_margins_gradient(tmp_path, tiny_
 
 
 def test_samples_that_raise_the_trusted_margin_score_above_those_that_lower_it(tmp_path, tiny_model_dir):
-    """The target's sign: a training sample that is a trusted chosen response, with a positive advantage (PPO
-    raises its log-prob), helps the margin and scores positive; one that is the rejected response scores
-    negative. Flipping the target's sign flips both."""
+    """The target's sign: training samples that are the trusted chosen responses, with a positive advantage (PPO
+    raises their log-probs), help the margin and score positive on average; the rejected ones score negative
+    on average (with the target's sign flipped, both would turn). Single samples may not: a share of 6 in 8 of
+    each sign, asserted before, held for one build of the tiny model and not for another (5 in 8 rejected
+    ones), so it was the model's property, not the target's."""
     from llm_iif.attribution.influence import influence_scores
     from llm_iif.core.records import Advantages
     from llm_iif.lm.iif import ppo_sample_loss
@@ -259,7 +261,6 @@ def test_samples_that_raise_the_trusted_margin_score_above_those_that_lower_it(t
     scores = influence_scores(policy, ppo_sample_loss(rollout, advantages, trainer.cfg, "policy", 5.0),
                               len(rollout), target, 8, "cpu")
     chosen, rejected = scores[:TRIPLES], scores[TRIPLES:]
-    assert (chosen > 0).float().mean() >= 0.75 and (rejected < 0).float().mean() >= 0.75
     assert chosen.mean() > 0 > rejected.mean()
 
 
