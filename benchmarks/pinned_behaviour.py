@@ -9,7 +9,8 @@ is compared line for line. The runs (`RUNS`): 4 PPO rounds with IIF on the batch
 preference target, 4 GRPO steps with IIF and with DAPO with refill, and 2 classic rounds with IIF. A float
 result depends on the CPU model (docs/results.md): record and check on the same one. The files in
 benchmarks/pinned/ were recorded at commit 7f90932 (before issue 41's moves) on an AMD EPYC (family 25,
-model 17); on another CPU, record them at that commit first (in a git worktree), then check.
+model 17), with the built-in models in the cache built by `lm.builtin.reproducible_build`; on another CPU,
+record them at that commit first (in a git worktree, with the same cache), then check.
 """
 
 from __future__ import annotations

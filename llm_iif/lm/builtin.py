@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -66,6 +67,25 @@ def ensure_tiny_model(seed: int = 0) -> Path:
     return ensure_built(f"{TINY_MODEL_NAME}-{TINY_MODEL_VERSION}", lambda out: build_tiny_model(out, seed=seed))
 
 
+# A built model's weights depend on torch's intra-op thread count (float sums split differently): the builds
+# use a fixed count, the default of 2 cores, so that a machine with more cores or OMP_NUM_THREADS=1 builds
+# the same model as a 2-core one with the same CPU model and torch.
+BUILD_THREADS = 2
+
+
+@contextmanager
+def reproducible_build():
+    """While a built-in model is built: ``BUILD_THREADS`` torch threads, and the caller's RNG left as it was
+    (so that a first run, which builds, and a cached run train alike); both restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(BUILD_THREADS)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def ensure_built(name: str, build) -> Path:
     """``cache_dir() / name``, made by ``build(directory)`` into a temporary directory and renamed into place
     when it is missing, so a crash or a concurrent build never leaves a half-built model behind."""
@@ -75,8 +95,7 @@ def ensure_built(name: str, build) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        # Leave the caller's RNG as it was, so a first run (which builds) and a cached run train alike.
-        with torch.random.fork_rng(devices=[]):
+        with reproducible_build():
             build(tmp)
         try:
             os.rename(tmp, target)

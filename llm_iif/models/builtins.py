@@ -11,13 +11,12 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 
 from llm_iif.recipes import RewardConfig, RewardTrainRecipe, recipe_from_dict
 from llm_iif.core.errors import UserError
 from llm_iif.lm.addition import ADDER_MODEL_NAME, HEDGING_ADDER_MODEL_NAME, ensure_tiny_adder, ensure_tiny_adder_hedging
 from llm_iif.lm.builtin import (BUILTIN_PREFIX, TINY_MODEL_NAME, TINY_REWARD_MODEL_VERSION, TINY_REWARD_MODELS,
-                                cache_dir, ensure_tiny_model)
+                                cache_dir, ensure_tiny_model, reproducible_build)
 from llm_iif.lm.reasoning import REASONER_MODEL_NAME, ensure_tiny_reasoner
 from llm_iif.models.reward_model import train_reward_model
 
@@ -69,8 +68,9 @@ def ensure_tiny_reward_model(name: str) -> Path:
                                    "run": {"output_dir": str(target), "seed": seed}}, source=BUILTIN_PREFIX + name,
                                   kind=RewardTrainRecipe)
         logger.warning("building %s%s (once; cached in %s)", BUILTIN_PREFIX, name, target)
-        with torch.random.fork_rng(devices=[]):
-            train_reward_model(recipe, base_model=str(ensure_tiny_model()))
+        base_model = str(ensure_tiny_model())
+        with reproducible_build():
+            train_reward_model(recipe, base_model=base_model)
     return target / "model"
 
 

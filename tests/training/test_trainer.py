@@ -343,6 +343,24 @@ def test_building_the_tiny_model_leaves_the_global_rng_alone(tmp_path, monkeypat
     torch.testing.assert_close(torch.rand(3), after_build)
 
 
+def test_built_in_models_build_with_a_fixed_thread_count(tmp_path, monkeypatch):
+    """A built model's weights depend on torch's thread count (with 1 thread and with 2, the tiny GPT-2's
+    differ): every build uses BUILD_THREADS, and the caller's count comes back afterwards."""
+    from llm_iif.lm import builtin as tiny
+
+    monkeypatch.setenv("LLM_IIF_CACHE", str(tmp_path))
+    seen = []
+    monkeypatch.setattr(tiny, "build_tiny_model",
+                        lambda out, seed: (seen.append(torch.get_num_threads()), (out / "config.json").touch()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as under OMP_NUM_THREADS=1, or one pytest worker's share
+    try:
+        tiny.ensure_tiny_model()
+        assert seen == [tiny.BUILD_THREADS] == [2] and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_rows_padded_to_common_widths_stack_without_changing_masked_values():
     from llm_iif.core.records import Rollout, concat_rows, pad_to_widths
 
