@@ -41,7 +41,6 @@ import trl
 from packaging.specifiers import SpecifierSet
 from trl import GRPOTrainer
 from trl.data_utils import is_conversational
-from trl.trainer.utils import use_adapter
 
 from llm_iif.attribution.stage import IIFStage
 from llm_iif.core.distributed import global_sum
@@ -56,7 +55,8 @@ from llm_iif.grpo.losses import rescaled_to_kept
 from llm_iif.grpo.rewards import BatchRewards
 from llm_iif.grpo.scoring import GRPOScoring, TrlLoss
 from llm_iif.grpo.targets import FreshGroupTarget, PreferenceTarget
-from llm_iif.grpo.trusted import TrustedSet, grpo_trusted_triples, trusted_prompt_ids
+from llm_iif.grpo.trusted import (TrustedSet, grpo_trusted_triples, set_reference_at_first_use, trusted_metrics,
+                                  trusted_prompt_ids)
 from llm_iif.lm.trusted import TrustedTriples
 from llm_iif.recipes import GRPOIIFConfig
 
@@ -177,20 +177,6 @@ class IIFGRPOTrainer(GRPOTrainer):
             triples.set_reference(self.model)
         return triples
 
-    def _trusted_reference(self) -> None:
-        """With peft, the reference margins at their first use: the adapter disabled (trl's "ref" one, if any),
-        as trl computes its reference log-probs."""
-        if self._trusted.reference_margins is None:
-            model = self.accelerator.unwrap_model(self.model)
-            with use_adapter(model, adapter_name="ref" if "ref" in model.peft_config else None):
-                self._trusted.set_reference(self.model)
-
-    def _trusted_metrics(self) -> dict[str, float]:
-        """The policy's margin and accuracy on the trusted triples at θ(k), with ``time_trusted_s``."""
-        start = time.perf_counter()
-        self._trusted_reference()
-        return {**self._trusted.metrics(self.model), "time_trusted_s": time.perf_counter() - start}
-
     @property
     def dpo_coef(self) -> float:
         """``trusted.dpo_coef``, 0 without trusted triples."""
@@ -209,7 +195,7 @@ class IIFGRPOTrainer(GRPOTrainer):
         if not self.model.training:
             return batch
         if self._trusted is not None:  # at θ(k), the parameters that sampled this batch
-            for name, value in self._trusted_metrics().items():
+            for name, value in trusted_metrics(self._trusted, self.model, self.accelerator).items():
                 self._metrics["train"][name].append(value)
         acc, size = self.accelerator, len(inputs)
         rewards = self._rewards.latest[process_slice(acc, size)]
@@ -310,7 +296,7 @@ class IIFGRPOTrainer(GRPOTrainer):
             # Through the unwrapped model: DDP reduces the summed gradient of both terms once. Divided by the
             # accumulation steps as trl divides its loss (loss_is_scaled_for_ga), so that an optimiser step adds
             # dpo_coef × the mean DPO loss of its micro-batches.
-            self._trusted_reference()
+            set_reference_at_first_use(self._trusted, self.model, self.accelerator)
             dpo = self._trusted.dpo_loss(self.accelerator.unwrap_model(model), self.args.per_device_train_batch_size)
             self._metrics["train"]["dpo_loss"].append(self.accelerator.gather(dpo.detach()[None]).mean().item())
             loss = loss + self.dpo_coef * dpo / self.current_gradient_accumulation_steps

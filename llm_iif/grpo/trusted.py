@@ -5,9 +5,11 @@ both trainers share.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
+from trl.trainer.utils import use_adapter
 
 from llm_iif.attribution.influence import SequenceLogprobs, preference_target_rows
 from llm_iif.recipes import PREFERENCE_COLUMNS, TrustedConfig
@@ -79,3 +81,20 @@ def grpo_trusted_triples(trusted: TrustedSet, tokenizer, prompt_ids_of, sequence
                                   prompt_ids_of(mine["prompt"]), mine["chosen"], mine["rejected"],
                                   trusted.config.length_normalised)
     return TrustedTriples(trusted.config, rows, sequence_logprobs, accelerator, generator, chunk_size)
+
+
+def set_reference_at_first_use(triples: TrustedTriples, model, accelerator) -> None:
+    """With peft, the reference margins at their first use: the adapter disabled (trl's "ref" one, if any), as
+    trl computes its reference log-probs. Without peft they were set when the triples were built."""
+    if triples.reference_margins is None:
+        unwrapped = accelerator.unwrap_model(model)
+        with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
+            triples.set_reference(model)
+
+
+def trusted_metrics(triples: TrustedTriples, model, accelerator) -> dict[str, float]:
+    """The policy's margin and accuracy on the trusted triples (`TrustedTriples.metrics`), with
+    ``time_trusted_s``."""
+    start = time.perf_counter()
+    set_reference_at_first_use(triples, model, accelerator)
+    return {**triples.metrics(model), "time_trusted_s": time.perf_counter() - start}
