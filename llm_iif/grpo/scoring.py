@@ -48,7 +48,7 @@ class GRPOScoring:
                  optimizer: Callable[[], torch.optim.Optimizer], in_run: InRunScoring | None = None):
         self.stage, self.accelerator, self.loss = stage, accelerator, loss
         self.sequence_logprobs, self.optimizer, self.in_run = sequence_logprobs, optimizer, in_run
-        self._window: tuple[torch.Tensor, int] | None = None  # the open window's candidate rows, and B
+        self._window: tuple[torch.Tensor, torch.Tensor] | None = None  # the open window's [B] candidates, their rows
 
     def preconditioner(self, model: nn.Module) -> Preconditioner | None:
         """P from trl's optimiser at θ(k) with ``iif.precondition: adam`` (None before its first step)."""
