@@ -275,6 +275,12 @@ def scored_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return _parameters_of(model, scored_layers(model))
 
 
+def trainable_outside(model: nn.Module, covered) -> list[str]:
+    """Names of ``model``'s trainable parameters that are not among the parameters ``covered``."""
+    ids = {id(p) for p in covered}
+    return [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in ids]
+
+
 def _parameters_of(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
     wanted = {id(p) for layer in layers.values() for p in layer.parameters() if p.requires_grad}
     return {n: p for n, p in model.named_parameters() if id(p) in wanted}

@@ -310,6 +310,11 @@ def dropout_off(model: nn.Module):
             module.training = training
 
 
+def active_dropout(model: nn.Module) -> float | None:
+    """The rate of ``model``'s first dropout module that drops anything, or None."""
+    return next((m.p for m in model.modules() if isinstance(m, nn.Dropout) and m.p > 0), None)
+
+
 def _summed(gradients: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {name: sum(g[name] for g in gradients) for name in gradients[0]}
 

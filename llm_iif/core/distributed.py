@@ -93,6 +93,18 @@ def is_sharded(model: nn.Module) -> bool:
     return any(is_dtensor(p) for p in model.parameters())
 
 
+def gradients_held_elsewhere(accelerator: Accelerator, model: nn.Module) -> str | None:
+    """Why this process cannot set ``model``'s whole gradients itself, as in-run scoring does: FSDP2 shards
+    them (a sharded model, or Accelerate's FSDP2 plugin, which shards when training starts) and DeepSpeed owns
+    them. None when it can."""
+    state = accelerator.state
+    if is_sharded(model) or getattr(state, "fsdp_plugin", None) is not None:
+        return "iif.scoring: in-run is not run under FSDP2 (its gradients are shards)"
+    if getattr(state, "deepspeed_plugin", None) is not None:
+        return "iif.scoring: in-run is not run under DeepSpeed, which owns the gradients"
+    return None
+
+
 def whole_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor``, or the whole tensor gathered from an FSDP2 DTensor's shards (then every process must call
     this)."""

@@ -3,10 +3,9 @@ in-run scoring, cannot honour. They read the trainer's trl settings once trl's `
 
 from __future__ import annotations
 
-import torch
-
-from llm_iif.attribution.gradients import scored_layers, scored_parameters
-from llm_iif.core.distributed import check_scoring_supported, is_sharded
+from llm_iif.attribution.gradients import scored_layers, scored_parameters, trainable_outside
+from llm_iif.attribution.stage import active_dropout
+from llm_iif.core.distributed import check_scoring_supported, gradients_held_elsewhere
 from llm_iif.core.errors import UserError
 from llm_iif.grpo.losses import RESCALED_LOSSES, SUPPORTED_LOSSES
 from llm_iif.lm.trusted import TrustedTriples
@@ -105,17 +104,14 @@ def in_run_obstacle(trainer) -> str | None:
                 f"the same backward: expected 0 with in-run scoring{separate}")
     if trainer.use_vllm:
         return f"use_vllm: in-run scoring is not run with vLLM's importance-sampling ratios{separate}"
-    state = trainer.accelerator.state
-    if is_sharded(model) or getattr(state, "fsdp_plugin", None) is not None:  # Accelerate shards in train()
-        return f"iif.scoring: in-run is not run under FSDP2 (its gradients are shards){separate}"
-    if getattr(state, "deepspeed_plugin", None) is not None:
-        return f"iif.scoring: in-run is not run under DeepSpeed, which owns the gradients{separate}"
-    dropout = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    held_elsewhere = gradients_held_elsewhere(trainer.accelerator, model)
+    if held_elsewhere:
+        return held_elsewhere + separate
+    dropout = active_dropout(model)
     if dropout and not args.disable_dropout:
-        return (f"disable_dropout: false with dropout p={dropout[0].p} in the model; in-run scores would "
+        return (f"disable_dropout: false with dropout p={dropout} in the model; in-run scores would "
                 f"carry the update's dropout noise: expected disable_dropout: true{separate}")
-    scored = {id(p) for p in scored_parameters(model).values()}
-    unscored = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in scored]
+    unscored = trainable_outside(model, scored_parameters(model).values())
     if unscored:
         return (f"iif.scoring: in-run corrects the scored (LoRA) parameters' gradient only, and "
                 f"'{unscored[0]}' is trainable too ({len(unscored)} such){separate}")

@@ -38,21 +38,24 @@ class BatchRewards:
         """Keep the weighted rewards of trl's ``rewards_per_func`` [N, F] (all processes; ``batch_size`` rows
         per process) as ``latest``."""
         self.latest = (rewards_per_func * weights.to(rewards_per_func.device)).nansum(dim=1)
-        flagged = torch.zeros(batch_size, dtype=torch.bool, device=rewards_per_func.device)
-        flagged[sorted(self._nonfinite_rows)] = True
+        flagged = self._flagged(batch_size, rewards_per_func.device)
         unrewarded = rewards_per_func.isnan().all(dim=1) | self.accelerator.gather(flagged)
         self.latest[unrewarded] = torch.nan
 
     def nonfinite_mask(self, batch_size: int) -> torch.Tensor:
         """[B] True for this process's completions with a NaN or inf reward; reports them to the guard."""
         acc = self.accelerator
-        bad = torch.zeros(batch_size, dtype=torch.bool, device=acc.device)
-        bad[sorted(self._nonfinite_rows)] = True
+        bad = self._flagged(batch_size, acc.device)
         count, total = int(global_sum(acc, bad)), int(global_sum(acc, torch.ones_like(bad)))
         self.guard.flag("reward", count, f"reward: NaN or inf for {count} of {total} completions",
                         nothing_left=count == total)
         return bad
 
+    def _flagged(self, batch_size: int, device) -> torch.Tensor:
+        """[B] True for this process's rows whose reward was NaN or inf."""
+        flagged = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        flagged[sorted(self._nonfinite_rows)] = True
+        return flagged
 
 def checked_reward(func, nonfinite_rows: set[int]):
     """A synchronous reward function whose NaN or inf rewards are recorded in ``nonfinite_rows`` and handed

@@ -17,6 +17,7 @@ from llm_iif.attribution.gradients import scored_parameters
 from llm_iif.attribution.influence import SequenceLogprobs
 from llm_iif.attribution.precondition import Preconditioner, adam_preconditioner, check_second_moments
 from llm_iif.attribution.stage import IIFStage, Selection
+from llm_iif.core.distributed import global_sum
 from llm_iif.core.timer import PhaseTimer
 from llm_iif.grpo.batches import kept_rows, loss_mask, rows_of
 from llm_iif.grpo.in_run import InRunScoring, WindowRows
@@ -48,7 +49,7 @@ class GRPOScoring:
                  optimizer: Callable[[], torch.optim.Optimizer], in_run: InRunScoring | None = None):
         self.stage, self.accelerator, self.loss = stage, accelerator, loss
         self.sequence_logprobs, self.optimizer, self.in_run = sequence_logprobs, optimizer, in_run
-        self._window: tuple[torch.Tensor, torch.Tensor] | None = None  # the open window's [B] candidates, their rows
+        self._candidates: torch.Tensor | None = None  # [B] the open window's candidates
 
     def preconditioner(self, model: nn.Module) -> Preconditioner | None:
         """P from trl's optimiser at θ(k) with ``iif.precondition: adam`` (None before its first step)."""
@@ -63,7 +64,7 @@ class GRPOScoring:
         loss, acc = self.loss, self.accelerator
         mask = loss_mask(batch).float()
         advantages = batch["advantages"]
-        num_completions = acc.reduce(torch.tensor(float(len(mask)), device=mask.device), "sum").item()
+        num_completions = global_sum(acc, torch.tensor(float(len(mask))))
         normalisers = completion_normalisers(loss.loss_type, mask, num_completions, batch["num_items_in_batch"].item(),
                                              loss.max_completion_length)
         ratio = batch.get("importance_sampling_ratio") if loss.loss_type != "vespo" else None
@@ -91,7 +92,7 @@ class GRPOScoring:
         scored = batch if len(rows) == len(candidates) else rows_of(batch, rows)
         selection = self.stage.select(model, self.loss_and_target(scored), len(rows), self.preconditioner(model),
                                       groups=groups[rows.cpu()])
-        return self._spread(selection, rows, candidates)
+        return self._spread(selection, candidates)
 
     def open_window(self, model: nn.Module, batch: dict, candidates: torch.Tensor, groups: torch.Tensor,
                     chunks: int) -> dict:
@@ -109,27 +110,27 @@ class GRPOScoring:
         batch = kept_rows(batch, candidates, acc, chunks)
         count = len(rows)
         mask = loss_mask(batch)[:count].float()
-        total_rows = acc.reduce(torch.tensor(float(len(batch["advantages"])), device=acc.device), "sum").item()
+        total_rows = global_sum(acc, torch.tensor(float(len(batch["advantages"]))))
         kappa = float(batch["iif_kept_rows"]) / total_rows if loss.loss_type in ("dr_grpo", "luspo") else 1.0
         normalisers = completion_normalisers(loss.loss_type, mask, int(batch["iif_kept_rows"]),
                                              batch["num_items_in_batch"].item(), loss.max_completion_length)
         self.in_run.open(WindowRows(count, groups[rows.cpu()], batch["advantages"][:count].float(), normalisers,
                                     mask.sum(dim=1), kappa, loss.policy_scale), target, split_cos)
         batch["iif_row"] = torch.arange(len(batch["advantages"]), device=batch["advantages"].device)
-        self._window = (candidates, rows)
+        self._candidates = candidates
         return batch
 
     def close_window(self, model: nn.Module):
         """In-run scoring at the end of the window's accumulation, before clipping and the optimiser step: the
         decision, with the accumulated gradient corrected to the kept completions'. Returns what `decide`
         returns, over the rows of the batch `open_window` was given."""
-        candidates, rows = self._window
-        self._window = None
-        return self._spread(self.in_run.close(model, self.preconditioner(model)), rows, candidates)
+        candidates, self._candidates = self._candidates, None
+        return self._spread(self.in_run.close(model, self.preconditioner(model)), candidates)
 
     @staticmethod
-    def _spread(selection: Selection, rows: torch.Tensor, candidates: torch.Tensor):
-        """The selection over the scored ``rows`` spread to every row of ``candidates`` [B]."""
+    def _spread(selection: Selection, candidates: torch.Tensor):
+        """The selection over the ``candidates`` [B] spread to every row of the batch."""
+        rows = candidates.nonzero().flatten()
         keep = torch.zeros_like(candidates)
         keep[rows] = selection.keep.to(keep.device)
         influence = torch.full(candidates.shape, torch.nan)

@@ -122,12 +122,16 @@ class IIFGRPOTrainer(GRPOTrainer):
             group_filter, self.accelerator, self.num_generations, self.scale_rewards, self.train_dataset,
             refill_generator, self._tokenizer.pad_token_id, self._generated)
         self._scoring = None if iif is None else self._iif_scoring(iif)
-        self._in_run = self._scoring.in_run if self._scoring is not None else None
         self._filter_state = FilterState(self.accelerator, refill_generator, self._guard,
                                          self._scoring.stage if self._scoring is not None else None, self._trusted)
         self._kept_rows_in_window = 0.0  # kept completions behind the optimiser step being accumulated
         self._window = None  # in-run scoring: the open window's records, metrics, batch size and seconds so far
         self.generation_records: list[dict] = []
+
+    @property
+    def _in_run(self) -> InRunScoring | None:
+        """In-run scoring's window, when IIF scores in-run."""
+        return self._scoring.in_run if self._scoring is not None else None
 
     def _iif_scoring(self, iif: GRPOIIFConfig) -> GRPOScoring:
         """The IIF stage with its target source, scoring in-run where ``iif.scoring`` asks and the settings

@@ -40,12 +40,12 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from llm_iif.attribution.gradients import RowGradients, scored_layers, scored_parameters
+from llm_iif.attribution.gradients import RowGradients, scored_layers, scored_parameters, trainable_outside
 from llm_iif.attribution.influence import row_gradients
 from llm_iif.attribution.precondition import Preconditioner
-from llm_iif.attribution.stage import IIFStage, Selection, dropout_off
+from llm_iif.attribution.stage import IIFStage, Selection, active_dropout, dropout_off
 from llm_iif.recipes import PPOConfig, Recipe
-from llm_iif.core.distributed import is_sharded
+from llm_iif.core.distributed import gradients_held_elsewhere
 from llm_iif.core.errors import UserError
 from llm_iif.core.records import Advantages, Rollout
 from llm_iif.core.timer import PhaseTimer
@@ -170,16 +170,14 @@ def check_in_run(recipe: Recipe, policy: nn.Module, accelerator: Accelerator) ->
     if accelerator.scaler is not None:
         raise UserError(f"run.mixed_precision: fp16; in-run scoring sets the first epoch's gradients itself, "
                         f"without fp16's loss scaling: expected no or bf16{separate}")
-    if is_sharded(policy):
-        raise UserError(f"iif.scoring: in-run is not run under FSDP2 (its gradients are shards){separate}")
-    if accelerator.state.deepspeed_plugin is not None:
-        raise UserError(f"iif.scoring: in-run is not run under DeepSpeed, which owns the gradients{separate}")
-    dropout = [m for m in policy.modules() if isinstance(m, nn.Dropout) and m.p > 0]
+    held_elsewhere = gradients_held_elsewhere(accelerator, policy)
+    if held_elsewhere:
+        raise UserError(held_elsewhere + separate)
+    dropout = active_dropout(policy)
     if dropout:
-        raise UserError(f"dropout p={dropout[0].p} in the model (or lora.dropout); in-run scoring makes the first "
+        raise UserError(f"dropout p={dropout} in the model (or lora.dropout); in-run scoring makes the first "
                         f"epoch without dropout, as it scores: expected a model without dropout{separate}")
-    covered = {id(p) for p in scored_parameters(policy).values()} | {id(p) for p in policy.value_head.parameters()}
-    unscored = [n for n, p in policy.named_parameters() if p.requires_grad and id(p) not in covered]
+    unscored = trainable_outside(policy, [*scored_parameters(policy).values(), *policy.value_head.parameters()])
     if unscored:
         raise UserError(f"iif.scoring: in-run makes gradients for the LoRA layers and the value head only, and "
                         f"'{unscored[0]}' is trainable too ({len(unscored)} such){separate}")
